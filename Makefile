@@ -1,0 +1,47 @@
+# The canonical commands. Each sets up what is missing first: a virtual environment in .venv,
+# PyTorch's CPU build from the local wheel (never a bare `torch`, which pulls CUDA packages),
+# the pinned dependencies, and the compiled extension moefast._C.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+TORCH  := torch==2.13.0
+DEPS_STAMP  := $(VENV)/.deps-stamp
+BUILD_STAMP := $(VENV)/.build-stamp
+NATIVE_SRC  := pyproject.toml CMakeLists.txt $(wildcard csrc/*.cpp csrc/*.h)
+BENCH_NAME  ?= cpu-$(shell uname -m)
+
+.PHONY: setup run test lint bench stubs clean
+
+setup: $(BUILD_STAMP)
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(DEPS_STAMP): requirements-dev.txt | $(BIN)/python
+	$(BIN)/pip install -q $(TORCH) numpy
+	$(BIN)/pip install -q -r requirements-dev.txt
+	touch $@
+
+$(BUILD_STAMP): $(DEPS_STAMP) $(NATIVE_SRC)
+	$(BIN)/pip install -q --no-build-isolation --no-deps -e .
+	touch $@
+
+run: setup
+	$(BIN)/moefast train $(ARGS)
+
+lint: setup
+	$(BIN)/ruff check moefast kernels tests bench
+	$(BIN)/mypy
+
+test: setup lint
+	$(BIN)/python -m pytest -q tests
+
+bench: setup
+	mkdir -p bench/results
+	$(BIN)/python -m pytest bench/ --benchmark-only --benchmark-json=bench/results/$(BENCH_NAME).json $(ARGS)
+
+stubs: setup
+	$(BIN)/python -m nanobind.stubgen -q -m moefast._C -o moefast/_C.pyi
+
+clean:
+	rm -rf build $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,25 @@
+"""moefast: multi-domain CTR prediction with MLoRA and MoE-MLoRA, reference and fast paths.
+
+Importing moefast never imports triton and never queries CUDA: the Triton kernels live in
+``moefast.kernels`` and are imported lazily by the ops that launch them.
+"""
+
+from __future__ import annotations
+
+from moefast import config, data, models, nn, ops, reference, train
+from moefast.config import FeatureSpec, Pooling
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "FeatureSpec",
+    "Pooling",
+    "__version__",
+    "config",
+    "data",
+    "models",
+    "nn",
+    "ops",
+    "reference",
+    "train",
+]

@@ -1,0 +1,5 @@
+"""moefast.data."""
+
+from __future__ import annotations
+
+__all__: list[str] = []

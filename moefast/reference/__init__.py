@@ -1,0 +1,5 @@
+"""moefast.reference."""
+
+from __future__ import annotations
+
+__all__: list[str] = []
