@@ -1,5 +1,7 @@
-"""moefast.data."""
+"""moefast.data: multi-domain datasets, generators, loaders and batching."""
 
 from __future__ import annotations
 
-__all__: list[str] = []
+from moefast.data.dataset import Batch, MultiDomainDataset, Split
+
+__all__: list[str] = ["Batch", "MultiDomainDataset", "Split"]

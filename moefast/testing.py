@@ -1,0 +1,61 @@
+"""Parity tolerances shared by the tests and the benchmarks (STYLE.md habit 3).
+
+One table per dtype. Low-precision parity is judged against an fp32/fp64 reference; for bf16
+the kernel's error is bounded by a small multiple of the reference's own bf16 error
+(:func:`assert_close_relative_to_reference`), as flash-attention does.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["TOLERANCES", "Tolerance", "assert_close_relative_to_reference", "tolerance"]
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    rtol: float
+    atol: float
+
+
+# fp32: sums of a few hundred products in a different order (blocked dot products, pooled
+# bags) differ from torch by a few ulps of the running sum.
+TOLERANCES: dict[torch.dtype, Tolerance] = {
+    torch.float64: Tolerance(rtol=1e-10, atol=1e-12),
+    torch.float32: Tolerance(rtol=1e-5, atol=1e-5),
+    torch.float16: Tolerance(rtol=1e-3, atol=1e-3),
+    torch.bfloat16: Tolerance(rtol=1.6e-2, atol=1e-2),
+}
+
+# A low-precision kernel may be at most this many times further from the exact answer than
+# the reference computed in the same low precision.
+LOW_PRECISION_ERROR_FACTOR = 3.0
+
+
+def tolerance(dtype: torch.dtype) -> Tolerance:
+    try:
+        return TOLERANCES[dtype]
+    except KeyError:
+        raise ValueError(f"no parity tolerance defined for dtype {dtype}") from None
+
+
+def assert_close_relative_to_reference(
+    actual: torch.Tensor, reference_low: torch.Tensor, exact: torch.Tensor, *, name: str = ""
+) -> None:
+    """Bound ``|actual - exact|`` by a small multiple of ``|reference_low - exact|``.
+
+    ``exact`` is the fp32/fp64 answer, ``reference_low`` the reference computed in the same low
+    precision as ``actual``. An absolute floor from the dtype's table keeps exact zeros fair.
+    """
+    exact = exact.double()
+    err = (actual.double() - exact).abs().max().item() if actual.numel() else 0.0
+    ref_err = (reference_low.double() - exact).abs().max().item() if exact.numel() else 0.0
+    floor = tolerance(actual.dtype).atol
+    bound = LOW_PRECISION_ERROR_FACTOR * ref_err + floor
+    if err > bound:
+        raise AssertionError(
+            f"{name or 'tensor'}: max error {err:.3g} exceeds {LOW_PRECISION_ERROR_FACTOR} x "
+            f"reference error {ref_err:.3g} + {floor:.3g}"
+        )
