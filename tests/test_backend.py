@@ -26,7 +26,7 @@ def test_order_explicit_then_module_then_env(monkeypatch: pytest.MonkeyPatch) ->
 
 
 def test_explicit_fast_never_falls_back() -> None:
-    with pytest.raises(BackendUnavailableError, match="my_op.*no CUDA"):
+    with pytest.raises(BackendUnavailableError, match=r"my_op.*no CUDA"):
         resolve_backend("my_op", "no CUDA", explicit=Backend.FAST)
 
 
