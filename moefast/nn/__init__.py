@@ -2,4 +2,6 @@
 
 from __future__ import annotations
 
-__all__: list[str] = []
+from moefast.nn.adapter import Activation, AdapterLinear
+
+__all__ = ["Activation", "AdapterLinear"]

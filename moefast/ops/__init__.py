@@ -2,4 +2,6 @@
 
 from __future__ import annotations
 
-__all__: list[str] = []
+from moefast.ops.adapter import adapter_linear
+
+__all__ = ["adapter_linear"]

@@ -1,0 +1,111 @@
+"""``AdapterLinear``: one tower layer with MLoRA / MoE-MLoRA adapters (DESIGN.md section 2).
+
+The module holds parameters only and calls :func:`moefast.ops.adapter_linear`; the parameters are
+the same under every backend, so a checkpoint moves between a CPU reference run and a GPU fast
+run unchanged.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from moefast.ops._backend import Backend, BackendLike, parse_backend
+from moefast.ops.adapter import adapter_linear
+from moefast.reference.adapter import Activation
+
+__all__ = ["Activation", "AdapterLinear"]
+
+
+class AdapterLinear(torch.nn.Module):
+    """``y = act(dropout(x W^T + b) + adapter_term)`` with E low-rank experts.
+
+    Args:
+        in_features, out_features: the layer's widths.
+        num_experts: E, the number of adapters (MLoRA: one per domain; MoE-MLoRA: all experts).
+        rank: r, the adapters' rank (``max(units // alpha, 1)`` in the seeds).
+        activation: ``Activation.RELU`` (hidden tower layers) or ``Activation.NONE``.
+        dropout: probability p of zeroing an element of the shared path (training mode only).
+        backend: ``"reference"``, ``"fast"``, ``"auto"`` or None (then ``MOEFAST_BACKEND``,
+            then auto); may be changed later through the ``backend`` attribute.
+
+    Parameters (identical under every backend):
+        weight ``[out, in]`` (``torch.nn.Linear`` layout, so a Linear's weights load), bias
+        ``[out]``, lora_A ``[E, in, r]``, lora_B ``[E, r, out]``, lora_c ``[E, out]``.
+
+    Forward: ``layer(x, gate=None, domain=None, expert=None)`` with x ``[N, in]``; gate ``[N, E]``
+    float (MoE-MLoRA), domain ``[N]`` int64 (MLoRA) or expert int (the expert stage); at most
+    one; none means the base layer only. Returns ``[N, out]`` in x's dtype.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        num_experts: int,
+        rank: int,
+        *,
+        activation: Activation = Activation.RELU,
+        dropout: float = 0.0,
+        backend: BackendLike = None,
+    ) -> None:
+        super().__init__()
+        for name, value in (("in_features", in_features), ("out_features", out_features),
+                            ("num_experts", num_experts), ("rank", rank)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if not isinstance(activation, Activation):
+            raise TypeError(f"activation must be an Activation, got {activation!r}")
+        if not 0.0 <= dropout <= 1.0:
+            raise ValueError(f"dropout must lie in [0, 1], got {dropout!r}")
+        self.in_features = in_features
+        self.out_features = out_features
+        self.num_experts = num_experts
+        self.rank = rank
+        self.activation = activation
+        self.dropout = float(dropout)
+        self.backend: Backend | None = None if backend is None else parse_backend(backend)
+        self.weight = torch.nn.Parameter(torch.empty(out_features, in_features))
+        self.bias = torch.nn.Parameter(torch.empty(out_features))
+        self.lora_A = torch.nn.Parameter(torch.empty(num_experts, in_features, rank))
+        self.lora_B = torch.nn.Parameter(torch.empty(num_experts, rank, out_features))
+        self.lora_c = torch.nn.Parameter(torch.empty(num_experts, out_features))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """The seeds' init: W and every A_e Glorot uniform, b, B and c zeros (a no-op adapter)."""
+        torch.nn.init.xavier_uniform_(self.weight)
+        torch.nn.init.zeros_(self.bias)
+        # Glorot per expert with fan_in = in, fan_out = r, as a Keras Dense(in -> r) would be.
+        bound = math.sqrt(6.0 / (self.in_features + self.rank))
+        torch.nn.init.uniform_(self.lora_A, -bound, bound)
+        torch.nn.init.zeros_(self.lora_B)
+        torch.nn.init.zeros_(self.lora_c)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        gate: torch.Tensor | None = None,
+        domain: torch.Tensor | None = None,
+        expert: int | None = None,
+    ) -> torch.Tensor:
+        mask = None
+        if self.training and self.dropout > 0.0 and x.dim() == 2:
+            keep = 1.0 - self.dropout
+            shape = (x.shape[0], self.out_features)
+            if keep == 0.0:
+                mask = x.new_zeros(shape)
+            else:
+                # The factor F.dropout would multiply by: 0 or 1 / keep.
+                mask = x.new_empty(shape).bernoulli_(keep).div_(keep)
+        return adapter_linear(
+            x, self.weight, self.bias, self.lora_A, self.lora_B, self.lora_c,
+            gate=gate, domain=domain, expert=expert, dropout_mask=mask,
+            activation=self.activation, backend=self.backend,
+        )
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"num_experts={self.num_experts}, rank={self.rank}, "
+                f"activation={self.activation.name}, dropout={self.dropout}")
