@@ -3,5 +3,6 @@
 from __future__ import annotations
 
 from moefast.nn.adapter import Activation, AdapterLinear
+from moefast.nn.embedding import EmbeddingCollection
 
-__all__ = ["Activation", "AdapterLinear"]
+__all__ = ["Activation", "AdapterLinear", "EmbeddingCollection"]

@@ -3,5 +3,6 @@
 from __future__ import annotations
 
 from moefast.ops.adapter import adapter_linear
+from moefast.ops.embedding import embedding_collection
 
-__all__ = ["adapter_linear"]
+__all__ = ["adapter_linear", "embedding_collection"]

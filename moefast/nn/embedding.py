@@ -1,0 +1,169 @@
+"""EmbeddingCollection: every categorical field of a model in one module, one lookup call.
+
+A drop-in for a collection of ``torch.nn.Embedding`` / ``torch.nn.EmbeddingBag``: one float32
+``[vocab_size, dim]`` table per feature under ``tables.<name>`` (the same parameters and the same
+``state_dict`` under every backend), initialised as ``torch.nn.Embedding`` does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import nn
+
+from moefast.config import FeatureSpec, Pooling
+from moefast.ops._backend import BackendLike, parse_backend
+from moefast.ops.embedding import embedding_collection
+from moefast.reference.embedding_optim import FusedOptimizer
+
+__all__ = ["EmbeddingCollection"]
+
+
+class EmbeddingCollection(nn.Module):
+    """Look up all fields of a batch and concatenate them: float32 ``[B, sum of dims]``.
+
+    Args:
+        features: one :class:`FeatureSpec` per field, in output order.
+        init_std: ``None`` initialises tables like ``torch.nn.Embedding`` (N(0, 1)); a float
+            draws N(0, init_std) (CTR models use 1e-4, as DeepCTR-Torch does).
+        backend: ``"reference"``, ``"fast"`` or ``"auto"`` (``None``: ``MOEFAST_BACKEND``, then auto).
+        optimizer: a fused sparse optimizer (:class:`~moefast.ops.embedding.RowwiseAdagrad` or
+            :class:`~moefast.ops.embedding.LazyAdam`) applied inside backward to the rows of the
+            batch; the tables then get no ``.grad`` and must be left out of any torch optimizer.
+            Its state lives in buffers ``optimizer_state.<name>.<slot>`` (saved in the state_dict).
+        sparse: without a fused optimizer, give the tables sparse COO gradients (for
+            ``torch.optim.SparseAdam``) instead of dense ones (for ``torch.optim.Adam``).
+
+    Input of :meth:`forward`: a mapping from feature name to ids. A single-valued field is int64
+    (or int32) ``[B]``; a multi-valued one is ``[B, L]`` padded on the right with id 0, which is
+    never pooled (the dataset contract). Keys that are not features are ignored.
+    """
+
+    def __init__(
+        self,
+        features: Sequence[FeatureSpec],
+        *,
+        init_std: float | None = None,
+        backend: BackendLike = None,
+        optimizer: FusedOptimizer | None = None,
+        sparse: bool = False,
+    ) -> None:
+        super().__init__()
+        features = tuple(features)
+        if not features:
+            raise ValueError("EmbeddingCollection needs at least one feature")
+        names = [f.name for f in features]
+        if len(set(names)) != len(names):
+            raise ValueError(f"duplicate feature names: {names}")
+        if init_std is not None and not init_std > 0:
+            raise ValueError(f"init_std must be > 0 or None, got {init_std}")
+        if optimizer is not None and sparse:
+            raise ValueError("sparse=True asks for a gradient, but a fused optimizer consumes it")
+        self._features = features
+        self.backend = parse_backend(backend) if backend is not None else None
+        self.optimizer = optimizer
+        self.sparse = sparse
+        self.tables = nn.ParameterDict()
+        for spec in features:
+            weight = torch.empty(spec.vocab_size, spec.dim)
+            nn.init.normal_(weight, 0.0, 1.0 if init_std is None else init_std)
+            self.tables[spec.name] = nn.Parameter(weight)
+        self.optimizer_state = nn.ModuleDict()
+        if optimizer is not None:
+            for spec in features:
+                holder = nn.Module()
+                for slot, value in optimizer.init_state(self.tables[spec.name]).items():
+                    holder.register_buffer(slot, value)
+                self.optimizer_state[spec.name] = holder
+
+    @property
+    def features(self) -> tuple[FeatureSpec, ...]:
+        return self._features
+
+    @property
+    def output_dims(self) -> list[int]:
+        """The dim of each field's slice of the output, in feature order."""
+        return [f.dim for f in self._features]
+
+    def _states(self) -> list[dict[str, torch.Tensor]] | None:
+        if self.optimizer is None:
+            return None
+        return [dict(self.optimizer_state[f.name].named_buffers()) for f in self._features]
+
+    def forward(self, features: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """float32 ``[B, sum of dims]`` from ``features[name]`` (``[B]`` or ``[B, L]`` ids)."""
+        indices: list[torch.Tensor] = []
+        offsets: list[torch.Tensor | None] = []
+        padding: list[int | None] = []
+        for spec in self._features:
+            if spec.name not in features:
+                raise ValueError(f"missing feature {spec.name!r}; got keys {sorted(features)}")
+            ids = features[spec.name]
+            if not isinstance(ids, torch.Tensor):
+                raise TypeError(f"feature {spec.name!r} must be a tensor, got {type(ids).__name__}")
+            if spec.multi_valued:
+                if ids.dim() != 2:
+                    raise ValueError(f"multi-valued feature {spec.name!r} must be [B, L], got {tuple(ids.shape)}")
+                if not ids.is_contiguous():
+                    raise TypeError(f"feature {spec.name!r} must be contiguous (it is never copied silently)")
+                rows, width = ids.shape
+                indices.append(ids.view(-1))
+                # Fixed-width bags; the padding id 0 is skipped by the op.
+                offsets.append(torch.arange(0, rows * width + 1, max(width, 1), dtype=ids.dtype, device=ids.device)
+                               if width > 0 else torch.zeros(rows + 1, dtype=ids.dtype, device=ids.device))
+                padding.append(0)
+            else:
+                if ids.dim() != 1:
+                    raise ValueError(f"single-valued feature {spec.name!r} must be [B], got {tuple(ids.shape)}")
+                indices.append(ids)
+                offsets.append(None)
+                padding.append(None)
+        return embedding_collection(
+            [self.tables[f.name] for f in self._features],
+            indices,
+            offsets,
+            [f.pooling for f in self._features],
+            padding_idx=padding,
+            names=[f.name for f in self._features],
+            sparse=self.sparse,
+            optimizer=self.optimizer,
+            optimizer_states=self._states(),
+            backend=self.backend,
+        )
+
+    @classmethod
+    def from_torch(
+        cls,
+        modules: Sequence[nn.Module] | Mapping[str, nn.Module],
+        *,
+        backend: BackendLike = None,
+        optimizer: FusedOptimizer | None = None,
+        sparse: bool = False,
+    ) -> EmbeddingCollection:
+        """Convert ``torch.nn.Embedding`` / ``EmbeddingBag`` (sum or mean) modules, keeping weights.
+
+        A mapping gives the feature names; a sequence names them ``f0, f1, ...``. The result
+        takes moefast's input contract (``[B]`` ids, or ``[B, L]`` padded with id 0 for a bag).
+        """
+        items = list(modules.items()) if isinstance(modules, Mapping) else [
+            (f"f{i}", m) for i, m in enumerate(modules)
+        ]
+        specs: list[FeatureSpec] = []
+        for name, module in items:
+            if isinstance(module, nn.EmbeddingBag):
+                if module.mode not in ("sum", "mean"):
+                    raise ValueError(f"{name!r}: EmbeddingBag mode {module.mode!r} is not supported (sum, mean)")
+                pooling = Pooling.SUM if module.mode == "sum" else Pooling.MEAN
+            elif isinstance(module, nn.Embedding):
+                pooling = Pooling.NONE
+            else:
+                raise TypeError(f"{name!r}: expected nn.Embedding or nn.EmbeddingBag, got {type(module).__name__}")
+            if module.weight.dtype != torch.float32:
+                raise TypeError(f"{name!r}: weight must be float32, got {module.weight.dtype}")
+            specs.append(FeatureSpec(name, module.num_embeddings, module.embedding_dim, pooling))
+        out = cls(specs, backend=backend, optimizer=optimizer, sparse=sparse)
+        with torch.no_grad():
+            for name, module in items:
+                out.tables[name].copy_(module.weight)
+        return out

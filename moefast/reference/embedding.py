@@ -1,0 +1,304 @@
+"""Table-batched embedding lookup in plain PyTorch: the specification of the C++ engine.
+
+One call looks up every categorical field of a batch (as FBGEMM's table-batched embedding
+does). Field ``t`` has a table ``weights[t]`` (float32 ``[V_t, D_t]``) and jagged input:
+
+- ``indices[t]``: int32 or int64 ``[N_t]``, ids in ``[0, V_t)``;
+- ``offsets[t]``: ``None`` for a single-valued field (``N_t == B``, a plain gather), else int32 or
+  int64 ``[B + 1]`` with ``offsets[0] == 0``, non-decreasing, ``offsets[B] == N_t``: bag ``b``
+  holds ``indices[t][offsets[b]:offsets[b + 1]]`` (an empty bag gives a zero vector);
+- ``per_sample_weights[t]``: ``None`` or float32 ``[N_t]`` multiplying each looked-up row
+  (sum pooling and single-valued fields only, as in ``torch.nn.functional.embedding_bag``);
+- ``padding_idx[t]``: ``None`` or an id that is skipped: it contributes nothing, receives no
+  gradient, and does not count towards a mean.
+
+The output is float32 ``[B, sum_t D_t]``: the fields' vectors concatenated in field order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from moefast.config import Pooling
+from moefast.reference.embedding_optim import FusedOptimizer, sparse_update_
+
+__all__ = ["FieldLayout", "check_inputs", "embedding_collection", "embedding_collection_row_grads"]
+
+_INDEX_DTYPES = (torch.int32, torch.int64)
+
+
+class FieldLayout:
+    """The validated, per-call description of every field (no tensor data is copied)."""
+
+    __slots__ = (
+        "batch_size",
+        "dims",
+        "indices",
+        "names",
+        "offsets",
+        "padding_idx",
+        "per_sample_weights",
+        "poolings",
+        "vocab_sizes",
+    )
+
+    def __init__(
+        self,
+        batch_size: int,
+        names: list[str],
+        vocab_sizes: list[int],
+        dims: list[int],
+        indices: list[torch.Tensor],
+        offsets: list[torch.Tensor | None],
+        poolings: list[Pooling],
+        per_sample_weights: list[torch.Tensor | None],
+        padding_idx: list[int | None],
+    ) -> None:
+        self.batch_size = batch_size
+        self.names = names
+        self.vocab_sizes = vocab_sizes
+        self.dims = dims
+        self.indices = indices
+        self.offsets = offsets
+        self.poolings = poolings
+        self.per_sample_weights = per_sample_weights
+        self.padding_idx = padding_idx
+
+
+def _check_tensor(
+    t: Any, what: str, dtypes: tuple[torch.dtype, ...], ndim: int, device: torch.device
+) -> torch.Tensor:
+    """TypeError unless ``t`` is a contiguous tensor of one of ``dtypes``, ``ndim`` dims, on ``device``."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{what} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in dtypes:
+        names = " or ".join(str(d) for d in dtypes)
+        raise TypeError(f"{what} must be {names}, got {t.dtype}")
+    if t.dim() != ndim:
+        raise TypeError(f"{what} must have {ndim} dimension(s), got shape {tuple(t.shape)}")
+    if t.device != device:
+        raise TypeError(f"{what} is on {t.device}, but its table is on {device}")
+    if not t.is_contiguous():
+        raise TypeError(f"{what} must be contiguous (it is never copied silently)")
+    return t
+
+
+def check_inputs(
+    weights: Sequence[torch.Tensor],
+    indices: Sequence[torch.Tensor],
+    offsets: Sequence[torch.Tensor | None],
+    poolings: Sequence[Pooling],
+    per_sample_weights: Sequence[torch.Tensor | None] | None,
+    padding_idx: Sequence[int | None] | None,
+    names: Sequence[str] | None,
+) -> FieldLayout:
+    """Check types, shapes and devices of every field; ``TypeError`` / ``ValueError`` naming it.
+
+    Value checks that need the data (ids in range, offsets consistent) are left to the caller:
+    :func:`check_values` in the reference path, the C++ engine in the fast path.
+    """
+    n = len(weights)
+    if n == 0:
+        raise ValueError("embedding_collection needs at least one field")
+    names = list(names) if names is not None else [f"field{t}" for t in range(n)]
+    psw: list[torch.Tensor | None] = list(per_sample_weights) if per_sample_weights is not None else [None] * n
+    pads: list[int | None] = list(padding_idx) if padding_idx is not None else [None] * n
+    for what, seq in (
+        ("indices", indices), ("offsets", offsets), ("poolings", poolings),
+        ("per_sample_weights", psw), ("padding_idx", pads), ("names", names),
+    ):
+        if len(seq) != n:
+            raise ValueError(f"{what} has {len(seq)} entries for {n} tables")
+    batch_size: int | None = None
+    for t in range(n):
+        name = names[t]
+        w = weights[t]
+        if not isinstance(w, torch.Tensor) or w.dtype != torch.float32 or w.dim() != 2:
+            desc = f"{w.dtype} {tuple(w.shape)}" if isinstance(w, torch.Tensor) else type(w).__name__
+            raise TypeError(f"field {name!r}: table must be a float32 [V, D] tensor, got {desc}")
+        if not w.is_contiguous():
+            raise TypeError(f"field {name!r}: table must be contiguous (it is never copied silently)")
+        idx = _check_tensor(indices[t], f"field {name!r}: indices", _INDEX_DTYPES, 1, w.device)
+        pooling = poolings[t]
+        if not isinstance(pooling, Pooling):
+            raise TypeError(f"field {name!r}: pooling must be a Pooling, got {pooling!r}")
+        off = offsets[t]
+        if pooling is Pooling.NONE:
+            if off is not None:
+                raise ValueError(f"field {name!r}: a single-valued field (Pooling.NONE) takes no offsets")
+            bags = int(idx.shape[0])
+        else:
+            if off is None:
+                raise ValueError(f"field {name!r}: a pooled field ({pooling}) needs offsets [B + 1]")
+            off = _check_tensor(off, f"field {name!r}: offsets", _INDEX_DTYPES, 1, w.device)
+            if off.shape[0] < 1:
+                raise ValueError(f"field {name!r}: offsets must have B + 1 >= 1 entries, got 0")
+            bags = int(off.shape[0]) - 1
+        if batch_size is None:
+            batch_size = bags
+        elif bags != batch_size:
+            raise ValueError(f"field {name!r} has {bags} samples, field {names[0]!r} has {batch_size}")
+        p = psw[t]
+        if p is not None:
+            _check_tensor(p, f"field {name!r}: per_sample_weights", (torch.float32,), 1, w.device)
+            if pooling is Pooling.MEAN:
+                raise ValueError(f"field {name!r}: per_sample_weights need sum pooling, not mean")
+            if p.shape[0] != idx.shape[0]:
+                raise ValueError(
+                    f"field {name!r}: per_sample_weights has {p.shape[0]} entries for {idx.shape[0]} indices"
+                )
+        pad = pads[t]
+        if pad is not None and not 0 <= pad < w.shape[0]:
+            raise ValueError(f"field {name!r}: padding_idx {pad} outside [0, {w.shape[0]})")
+    assert batch_size is not None
+    return FieldLayout(
+        batch_size,
+        names,
+        [int(w.shape[0]) for w in weights],
+        [int(w.shape[1]) for w in weights],
+        list(indices),
+        list(offsets),
+        list(poolings),
+        psw,
+        pads,
+    )
+
+
+def check_values(layout: FieldLayout) -> None:
+    """``ValueError`` naming the field and value for an id out of range or inconsistent offsets."""
+    for t, name in enumerate(layout.names):
+        idx = layout.indices[t]
+        vocab = layout.vocab_sizes[t]
+        if idx.numel():
+            lo, hi = int(idx.min()), int(idx.max())
+            if lo < 0 or hi >= vocab:
+                raise ValueError(f"field {name!r}: id {lo if lo < 0 else hi} outside [0, {vocab})")
+        off = layout.offsets[t]
+        if off is not None:
+            n = int(idx.shape[0])
+            if int(off[0]) != 0 or int(off[-1]) != n or bool((off[1:] < off[:-1]).any()):
+                raise ValueError(
+                    f"field {name!r}: offsets must start at 0, never decrease and end at "
+                    f"len(indices) = {n}; got first {int(off[0])}, last {int(off[-1])}"
+                )
+
+
+def _bag_of(layout: FieldLayout, t: int) -> torch.Tensor:
+    """int64 ``[N_t]``: the sample each index of field ``t`` belongs to."""
+    idx = layout.indices[t]
+    off = layout.offsets[t]
+    samples = torch.arange(layout.batch_size, device=idx.device)
+    if off is None:
+        return samples
+    return torch.repeat_interleave(samples, (off[1:] - off[:-1]).long())
+
+
+def _scales(layout: FieldLayout, t: int, bag_of: torch.Tensor) -> torch.Tensor:
+    """float32 ``[N_t]``: what each looked-up row is multiplied by before the bag sum."""
+    idx = layout.indices[t]
+    p = layout.per_sample_weights[t]
+    scale = p.clone() if p is not None else torch.ones(idx.shape[0], device=idx.device)
+    pad = layout.padding_idx[t]
+    kept = (idx != pad).float() if pad is not None else torch.ones_like(scale)
+    scale = scale * kept
+    if layout.poolings[t] is Pooling.MEAN:
+        counts = torch.zeros(layout.batch_size, device=idx.device).index_add_(0, bag_of, kept)
+        scale = scale / counts.clamp(min=1)[bag_of]  # an all-padding bag stays a zero vector
+    return scale
+
+
+def _lookup(
+    weights: Sequence[torch.Tensor], layout: FieldLayout, sparse: bool
+) -> torch.Tensor:
+    """The forward: float32 ``[B, sum D]``, differentiable w.r.t. ``weights``."""
+    outs = []
+    for t, w in enumerate(weights):
+        bag_of = _bag_of(layout, t)
+        rows = F.embedding(layout.indices[t].long(), w, sparse=sparse)  # [N_t, D_t]
+        contrib = rows * _scales(layout, t, bag_of)[:, None]
+        outs.append(w.new_zeros(layout.batch_size, w.shape[1]).index_add(0, bag_of, contrib))
+    return torch.cat(outs, dim=1)
+
+
+def embedding_collection_row_grads(
+    grad_out: torch.Tensor, layout: FieldLayout
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The backward as unique rows: per field, ``(rows int64 [U_t], grads float32 [U_t, D_t])``.
+
+    ``grad_out`` is float32 ``[B, sum D]``. ``rows`` is sorted ascending without repeats (ids
+    equal to ``padding_idx`` left out); ``grads[u]`` sums every lookup of ``rows[u]`` in the batch.
+    """
+    result = []
+    col = 0
+    for t, dim in enumerate(layout.dims):
+        idx = layout.indices[t].long()
+        bag_of = _bag_of(layout, t)
+        scale = _scales(layout, t, bag_of)
+        contrib = grad_out[bag_of, col : col + dim] * scale[:, None]  # [N_t, D_t]
+        keep = idx != layout.padding_idx[t] if layout.padding_idx[t] is not None else slice(None)
+        rows, inverse = torch.unique(idx[keep], sorted=True, return_inverse=True)
+        grads = grad_out.new_zeros(rows.shape[0], dim).index_add_(0, inverse, contrib[keep])
+        result.append((rows, grads))
+        col += dim
+    return result
+
+
+class _FusedUpdateFunction(torch.autograd.Function):
+    """Forward: the lookup. Backward: the optimizer step on the rows seen; no weight gradient."""
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        layout: FieldLayout,
+        optimizer: FusedOptimizer,
+        states: Sequence[dict[str, torch.Tensor]],
+        *weights: torch.Tensor,
+    ) -> torch.Tensor:
+        ctx.layout, ctx.optimizer, ctx.states, ctx.weights = layout, optimizer, states, weights
+        with torch.no_grad():
+            return _lookup(weights, layout, sparse=False)
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[None, ...]:
+        row_grads = embedding_collection_row_grads(grad_out.contiguous(), ctx.layout)
+        for t, (rows, grads) in enumerate(row_grads):
+            if ctx.needs_input_grad[3 + t]:  # frozen tables are not updated
+                sparse_update_(ctx.weights[t].data, ctx.states[t], rows, grads, ctx.optimizer)
+        return (None,) * (3 + len(ctx.weights))
+
+
+def embedding_collection(
+    weights: Sequence[torch.Tensor],
+    indices: Sequence[torch.Tensor],
+    offsets: Sequence[torch.Tensor | None],
+    poolings: Sequence[Pooling],
+    per_sample_weights: Sequence[torch.Tensor | None] | None = None,
+    *,
+    padding_idx: Sequence[int | None] | None = None,
+    names: Sequence[str] | None = None,
+    sparse: bool = False,
+    optimizer: FusedOptimizer | None = None,
+    optimizer_states: Sequence[dict[str, torch.Tensor]] | None = None,
+) -> torch.Tensor:
+    """Look up every field of a batch; float32 ``[B, sum_t D_t]`` (see the module docstring).
+
+    Without ``optimizer``, ``weights`` get an ordinary autograd gradient: dense ``[V, D]``, or a
+    sparse COO tensor when ``sparse``. With ``optimizer`` (and ``optimizer_states``: one
+    ``optimizer.init_state(w)`` dict per table), backward applies the update in place to the
+    rows of the batch and leaves ``weights[t].grad`` untouched; tables that do not require grad
+    are not updated.
+    """
+    layout = check_inputs(weights, indices, offsets, poolings, per_sample_weights, padding_idx, names)
+    check_values(layout)
+    if optimizer is None:
+        return _lookup(weights, layout, sparse)
+    if sparse:
+        raise ValueError("sparse=True asks for a gradient, but a fused optimizer consumes it")
+    if optimizer_states is None or len(optimizer_states) != len(weights):
+        raise ValueError("a fused optimizer needs optimizer_states: one state dict per table")
+    out: torch.Tensor = _FusedUpdateFunction.apply(layout, optimizer, list(optimizer_states), *weights)
+    return out
