@@ -1,0 +1,161 @@
+"""The processed-dataset cache: one ``.npz`` per (source files, options) fingerprint.
+
+The key is a SHA-256 over the cache format version, the source name, the options (as sorted
+JSON) and, for every raw input file, its name and the SHA-256 of its *content*: editing,
+replacing or truncating a raw file changes the key, while moving the directory does not. A hit
+loads the arrays and skips parsing, negative sampling and splitting. Files are written to a
+temporary name and renamed, so a crash never leaves a half-written entry that a later run
+would trust.
+
+Location: the ``cache_dir`` argument, else ``$MOEFAST_CACHE``, else ``~/.cache/moefast``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from moefast.config import FeatureSpec, Pooling
+from moefast.data.dataset import MultiDomainDataset, Split
+
+__all__ = ["CACHE_ENV", "FORMAT_VERSION", "cached", "fingerprint", "read", "resolve_cache_dir", "write"]
+
+CACHE_ENV = "MOEFAST_CACHE"
+# Bump when a loader's output for the same inputs changes, so stale entries are never reused.
+FORMAT_VERSION = 1
+_SPLITS = ("train", "val", "test")
+
+
+def resolve_cache_dir(cache_dir: str | os.PathLike[str] | None = None) -> Path:
+    """``cache_dir`` if given, else ``$MOEFAST_CACHE``, else ``~/.cache/moefast``."""
+    if cache_dir is not None:
+        return Path(cache_dir)
+    env = os.environ.get(CACHE_ENV)
+    return Path(env) if env else Path.home() / ".cache" / "moefast"
+
+
+def _file_digest(path: Path) -> str:
+    with path.open("rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def fingerprint(source: str, files: Sequence[Path], options: Mapping[str, object]) -> str:
+    """Hex key (24 chars) of a source, its raw files' names and contents, and its options."""
+    h = hashlib.sha256()
+    h.update(json.dumps([FORMAT_VERSION, source, dict(options)], sort_keys=True, default=str).encode())
+    for path in sorted(files, key=lambda p: p.name):
+        h.update(f"\0{path.name}\0{_file_digest(path)}".encode())
+    return h.hexdigest()[:24]
+
+
+def _split_info(info: object, arrays: dict[str, np.ndarray], prefix: str) -> object:
+    """Info as JSON, with tensors moved into ``arrays`` under ``info/<path>``."""
+    if isinstance(info, torch.Tensor):
+        key = f"info/{prefix}"
+        arrays[key] = info.numpy()
+        return {"__tensor__": key}
+    if isinstance(info, Mapping):
+        return {str(k): _split_info(v, arrays, f"{prefix}/{k}") for k, v in info.items()}
+    if isinstance(info, list | tuple):
+        return [_split_info(v, arrays, f"{prefix}/{i}") for i, v in enumerate(info)]
+    return info
+
+
+def _join_info(info: object, arrays: Mapping[str, np.ndarray]) -> object:
+    if isinstance(info, dict):
+        if set(info) == {"__tensor__"}:
+            return torch.from_numpy(arrays[info["__tensor__"]])
+        return {k: _join_info(v, arrays) for k, v in info.items()}
+    if isinstance(info, list):
+        return [_join_info(v, arrays) for v in info]
+    return info
+
+
+def write(path: Path, dataset: MultiDomainDataset) -> None:
+    """Write ``dataset`` to ``path`` (an ``.npz``) atomically: temporary file, then rename."""
+    arrays: dict[str, np.ndarray] = {}
+    for split_name in _SPLITS:
+        split: Split = getattr(dataset, split_name)
+        arrays[f"{split_name}/domain"] = split.domain.numpy()
+        arrays[f"{split_name}/label"] = split.label.numpy()
+        for name, col in split.features.items():
+            arrays[f"{split_name}/features/{name}"] = col.numpy()
+    meta = {
+        "name": dataset.name,
+        "features": [[f.name, f.vocab_size, f.dim, f.pooling.value] for f in dataset.features],
+        "domain_names": list(dataset.domain_names),
+        "info": _split_info(dict(dataset.info), arrays, ""),
+    }
+    arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, **arrays)  # type: ignore[arg-type]
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def read(path: Path) -> MultiDomainDataset:
+    """Load a dataset written by :func:`write`."""
+    with np.load(path, allow_pickle=False) as npz:
+        arrays = {k: npz[k] for k in npz.files}
+    meta = json.loads(arrays.pop("meta").tobytes().decode())
+    features = tuple(FeatureSpec(n, v, d, Pooling(p)) for n, v, d, p in meta["features"])
+    splits = {}
+    for split_name in _SPLITS:
+        splits[split_name] = Split(
+            {f.name: torch.from_numpy(arrays[f"{split_name}/features/{f.name}"]) for f in features},
+            torch.from_numpy(arrays[f"{split_name}/domain"]),
+            torch.from_numpy(arrays[f"{split_name}/label"]),
+        )
+    info = _join_info(meta["info"], arrays)
+    assert isinstance(info, dict)
+    return MultiDomainDataset(
+        name=meta["name"],
+        features=features,
+        domain_names=tuple(meta["domain_names"]),
+        info=info,
+        **splits,
+    )
+
+
+def cached(
+    source: str,
+    files: Sequence[Path],
+    options: Mapping[str, object],
+    build: Callable[[], MultiDomainDataset],
+    cache_dir: str | os.PathLike[str] | None = None,
+) -> MultiDomainDataset:
+    """Return the cached dataset for this fingerprint, or ``build()`` it and cache the result.
+
+    ``info["cache"]`` tells which happened: ``{"key", "path", "hit"}``.
+    """
+    key = fingerprint(source, files, options)
+    path = resolve_cache_dir(cache_dir) / f"{source}-{key}.npz"
+    hit = path.exists()
+    if hit:
+        dataset = read(path)
+    else:
+        dataset = build()
+        write(path, dataset)
+    info = dict(dataset.info)
+    info["cache"] = {"key": key, "path": str(path), "hit": hit}
+    return MultiDomainDataset(
+        name=dataset.name,
+        features=dataset.features,
+        domain_names=dataset.domain_names,
+        train=dataset.train,
+        val=dataset.val,
+        test=dataset.test,
+        info=info,
+    )
