@@ -37,7 +37,9 @@ def _load_synthetic(*, preset: str = "paper", cache_dir: object = None, **knobs:
 
 
 def _registry() -> dict[str, Callable[..., MultiDomainDataset]]:
-    return {"synthetic": _load_synthetic}
+    from moefast.data.movielens import load_movielens
+
+    return {"synthetic": _load_synthetic, "movielens-1m": load_movielens}
 
 
 def sources() -> list[str]:
@@ -52,6 +54,9 @@ def load(name: str, **options: object) -> MultiDomainDataset:
 
     - ``"synthetic"``: ``preset="paper"|"wide"`` and any :class:`SyntheticConfig` knob
       (``seed=123``, ``rows``, ``num_domains``, ``diversity``, ``imbalance``, ...). Never cached.
+
+    - ``"movielens-1m"``: ``raw_dir``, ``domain="gender"|"age"|"occupation"``,
+      ``embedding_dim=8``, ``split_seed=123``, ``cache_dir``.
 
     Real sources read local raw files only (never download) and cache the processed dataset
     under ``cache_dir`` (default ``$MOEFAST_CACHE`` or ``~/.cache/moefast``).
