@@ -7,13 +7,14 @@ Importing moefast never imports triton and never queries CUDA: the Triton kernel
 from __future__ import annotations
 
 from moefast import config, data, models, nn, ops, reference, train
-from moefast.config import FeatureSpec, Pooling
+from moefast.config import FeatureSpec, Pooling, TrainConfig
 
 __version__ = "0.1.0"
 
 __all__ = [
     "FeatureSpec",
     "Pooling",
+    "TrainConfig",
     "__version__",
     "config",
     "data",

@@ -5,7 +5,18 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
-__all__ = ["FeatureSpec", "Pooling"]
+__all__ = [
+    "BatchMode",
+    "DataConfig",
+    "ExpertStopRule",
+    "FeatureSpec",
+    "MLoRAMode",
+    "Pooling",
+    "RunConfig",
+    "TowerConfig",
+    "TowerKind",
+    "TrainConfig",
+]
 
 
 class Pooling(enum.Enum):
@@ -46,3 +57,211 @@ class FeatureSpec:
     @property
     def multi_valued(self) -> bool:
         return self.pooling is not Pooling.NONE
+
+
+# --------------------------------------------------------------------------------------------
+# Towers, models and training (DESIGN.md section 2). The CLI and its TOML file map onto these.
+# --------------------------------------------------------------------------------------------
+
+
+class TowerKind(enum.Enum):
+    """Which DNN tower a backbone carries.
+
+    ``BASE`` is the plain tower; ``MLORA`` adds one LoRA adapter per domain to every hidden
+    layer; ``MOE_MLORA`` adds ``experts_per_domain * D`` LoRA experts per layer, mixed by a gate
+    that sees the domain id.
+    """
+
+    BASE = "base"
+    MLORA = "mlora"
+    MOE_MLORA = "moe-mlora"
+
+
+class BatchMode(enum.Enum):
+    """How training batches are drawn.
+
+    ``SINGLE_DOMAIN`` (the method's default): every batch holds one domain; each epoch shuffles
+    the order of domains and runs each domain's batches in turn. ``MIXED``: batches mix domains
+    and each sample is routed by its own domain id.
+    """
+
+    SINGLE_DOMAIN = "single-domain"
+    MIXED = "mixed"
+
+
+class ExpertStopRule(enum.Enum):
+    """What expert ``i``'s stage early-stops on.
+
+    ``OWN_DOMAIN`` (moefast's default): the validation AUC of its own domain ``i % D``.
+    ``ALL_DOMAINS`` (the seeds' code): the mean validation AUC over all domains, with expert
+    ``i`` applied to every domain.
+    """
+
+    OWN_DOMAIN = "own-domain"
+    ALL_DOMAINS = "all-domains"
+
+
+class MLoRAMode(enum.Enum):
+    """How an MLoRA model trains: ``JOINT`` (the method: shared and adapter weights together,
+    from scratch, one stage) or ``PRETRAIN_FREEZE`` (train the shared model first, then only the
+    adapters on the frozen backbone)."""
+
+    JOINT = "joint"
+    PRETRAIN_FREEZE = "pretrain-freeze"
+
+
+def _positive(owner: str, name: str, value: float) -> None:
+    if not value > 0:
+        raise ValueError(f"{owner}.{name} must be > 0, got {value!r}")
+
+
+@dataclass(frozen=True)
+class TowerConfig:
+    """The DNN tower of a backbone (DESIGN.md section 2).
+
+    ``ranks`` gives one LoRA rank per hidden layer; when ``None`` it is derived from ``alpha``
+    as ``r = max(units // alpha, 1)`` (no ``alpha / r`` scaling anywhere). ``alpha=None`` means
+    the seeds' table entry for the backbone and dataset, filled in by
+    :func:`moefast.models.build`. ``gate_dim`` is the width of the gate's domain embedding (4 in
+    the method).
+    """
+
+    kind: TowerKind = TowerKind.BASE
+    hidden_units: tuple[int, ...] = (256, 128, 64)
+    dropout: float = 0.5
+    alpha: int | None = None
+    ranks: tuple[int, ...] | None = None
+    experts_per_domain: int = 1
+    gate_dim: int = 4
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.kind, TowerKind):
+            raise TypeError(f"TowerConfig.kind must be a TowerKind, got {self.kind!r}")
+        if not self.hidden_units or any(u < 1 for u in self.hidden_units):
+            raise ValueError(f"TowerConfig.hidden_units must be positive, got {self.hidden_units!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"TowerConfig.dropout must be in [0, 1), got {self.dropout!r}")
+        if self.alpha is not None:
+            _positive("TowerConfig", "alpha", self.alpha)
+        _positive("TowerConfig", "experts_per_domain", self.experts_per_domain)
+        _positive("TowerConfig", "gate_dim", self.gate_dim)
+        if self.ranks is not None:
+            if len(self.ranks) != len(self.hidden_units):
+                raise ValueError(
+                    f"TowerConfig.ranks {self.ranks!r} needs one rank per hidden layer "
+                    f"{self.hidden_units!r}"
+                )
+            if any(r < 1 for r in self.ranks):
+                raise ValueError(f"TowerConfig.ranks must be >= 1, got {self.ranks!r}")
+
+    @property
+    def layer_ranks(self) -> tuple[int, ...]:
+        """One rank per hidden layer: ``ranks`` if given, else ``max(units // alpha, 1)``."""
+        if self.ranks is not None:
+            return self.ranks
+        if self.alpha is None:
+            raise ValueError("TowerConfig needs alpha or ranks to size its adapters")
+        return tuple(max(u // self.alpha, 1) for u in self.hidden_units)
+
+    def num_experts(self, num_domains: int) -> int:
+        """Adapters per layer: 0 (base), ``D`` (MLoRA) or ``experts_per_domain * D``."""
+        if self.kind is TowerKind.BASE:
+            return 0
+        if self.kind is TowerKind.MLORA:
+            return num_domains
+        return self.experts_per_domain * num_domains
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation, staging and early stopping (DESIGN.md section 2, "Loop and hyperparameters").
+
+    ``max_epochs`` caps every stage; ``expert_max_epochs`` / ``gate_max_epochs`` override it for
+    the MoE-MLoRA expert and gate stages. ``train_backbone_in_later_stages`` keeps embeddings and
+    the non-tower parts trainable in the expert and gate stages (the public code's behaviour;
+    the method freezes them). ``seed`` seeds model-independent randomness of the loop (batch
+    order, dropout); the model's initial weights come from :func:`moefast.models.build`'s seed.
+    """
+
+    lr: float = 1e-3
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    batch_size: int = 1024
+    eval_batch_size: int = 32768
+    l2: float = 1e-5
+    max_epochs: int = 10
+    expert_max_epochs: int | None = None
+    gate_max_epochs: int | None = None
+    patience: int = 3
+    batch_mode: BatchMode = BatchMode.SINGLE_DOMAIN
+    expert_stop: ExpertStopRule = ExpertStopRule.OWN_DOMAIN
+    mlora_mode: MLoRAMode = MLoRAMode.JOINT
+    train_backbone_in_later_stages: bool = False
+    seed: int = 1024
+    device: str = "cpu"
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        _positive("TrainConfig", "lr", self.lr)
+        _positive("TrainConfig", "eps", self.eps)
+        _positive("TrainConfig", "batch_size", self.batch_size)
+        _positive("TrainConfig", "eval_batch_size", self.eval_batch_size)
+        _positive("TrainConfig", "max_epochs", self.max_epochs)
+        _positive("TrainConfig", "patience", self.patience)
+        for name in ("expert_max_epochs", "gate_max_epochs"):
+            value = getattr(self, name)
+            if value is not None:
+                _positive("TrainConfig", name, value)
+        if self.l2 < 0:
+            raise ValueError(f"TrainConfig.l2 must be >= 0, got {self.l2!r}")
+        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ValueError(f"TrainConfig.betas must be two numbers in [0, 1), got {self.betas!r}")
+        for name, kind in (
+            ("batch_mode", BatchMode),
+            ("expert_stop", ExpertStopRule),
+            ("mlora_mode", MLoRAMode),
+        ):
+            if not isinstance(getattr(self, name), kind):
+                raise TypeError(f"TrainConfig.{name} must be a {kind.__name__}, got {getattr(self, name)!r}")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Which dataset a run loads (``moefast.data.load``'s name and options).
+
+    ``None`` leaves an option to the source's default. ``preset``, ``rows``, ``num_domains``,
+    ``diversity``, ``imbalance`` and ``data_seed`` apply to ``synthetic``; ``domain`` and
+    ``data_dir`` to the real sources.
+    """
+
+    dataset: str = "synthetic"
+    preset: str | None = None
+    domain: str | None = None
+    data_dir: str | None = None
+    rows: int | None = None
+    num_domains: int | None = None
+    diversity: float | None = None
+    imbalance: float | None = None
+    data_seed: int | None = None
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """One ``moefast train`` invocation: data, backbone, methods and training.
+
+    ``methods`` are trained one after another on the same data, each into its own
+    subdirectory of ``out`` when there are several.
+    """
+
+    data: DataConfig = DataConfig()
+    model: str = "deepfm"
+    methods: tuple[TowerKind, ...] = (TowerKind.BASE, TowerKind.MLORA, TowerKind.MOE_MLORA)
+    experts_per_domain: int = 1
+    backend: str | None = None
+    out: str | None = None
+    train: TrainConfig = TrainConfig()
+
+    def __post_init__(self) -> None:
+        if not self.methods:
+            raise ValueError("RunConfig.methods must name at least one method")
+        _positive("RunConfig", "experts_per_domain", self.experts_per_domain)

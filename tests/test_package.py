@@ -19,6 +19,7 @@ def test_public_surface_is_pinned() -> None:
         [
             "FeatureSpec",
             "Pooling",
+            "TrainConfig",
             "__version__",
             "config",
             "data",

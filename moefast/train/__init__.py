@@ -1,5 +1,26 @@
-"""moefast.train."""
+"""moefast.train: stages, the training loop, metrics, checkpoints and the run directory."""
 
 from __future__ import annotations
 
-__all__: list[str] = []
+from moefast.train.checkpoint import load_checkpoint, save_checkpoint
+from moefast.train.loop import FitResult, StageRecord, fit, predict
+from moefast.train.metrics import EvalMetrics, auc, evaluate_scores, logloss
+from moefast.train.stages import Stage, StageStep, mask_gradients, plan_stages, set_stage
+
+__all__ = [
+    "EvalMetrics",
+    "FitResult",
+    "Stage",
+    "StageRecord",
+    "StageStep",
+    "auc",
+    "evaluate_scores",
+    "fit",
+    "load_checkpoint",
+    "logloss",
+    "mask_gradients",
+    "plan_stages",
+    "predict",
+    "save_checkpoint",
+    "set_stage",
+]

@@ -1,0 +1,115 @@
+"""What every backbone shares: embeddings, an interaction part and the adapter tower.
+
+A backbone computes ``logit = interaction_logit(features, e) + tower(tower_input(e), domain)``
+where ``e = embedding(features)`` is the ``[B, sum of dims]`` concatenation of all fields. A new
+backbone (AutoInt, NFM, PNN, DCN, xDeepFM, FiBiNET) subclasses :class:`CTRModel`, builds its
+interaction modules in ``__init__`` after ``super().__init__`` and overrides
+:meth:`CTRModel.interaction_logit` (and :meth:`CTRModel.tower_input` if the tower does not read
+the plain embeddings), then registers itself with :func:`register`.
+
+Parameter groups used by the training stages:
+
+- the tower's shared path, its adapters and its gate (``self.tower``);
+- everything else (embeddings, first-order weights, interaction layers): ``backbone_parameters``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import ClassVar, TypeVar
+
+import torch
+from torch import nn
+
+from moefast.config import FeatureSpec, TowerConfig
+from moefast.nn.embedding import EmbeddingCollection
+from moefast.nn.tower import Tower
+from moefast.ops._backend import BackendLike
+
+__all__ = ["MODELS", "CTRModel", "register"]
+
+# DeepCTR-Torch (which the seeds' code builds on) initialises embeddings N(0, 1e-4^2).
+EMBEDDING_INIT_STD = 1e-4
+
+
+class CTRModel(nn.Module):
+    """Base class of the backbones.
+
+    Args:
+        features: the dataset's categorical fields (their dims are the embedding dims).
+        num_domains: ``D``.
+        tower: the tower's configuration (its ``kind`` chooses base / MLoRA / MoE-MLoRA).
+        backend: passed to every moefast layer (``reference`` | ``fast`` | ``auto``).
+    """
+
+    name: ClassVar[str] = ""
+
+    def __init__(
+        self,
+        features: Sequence[FeatureSpec],
+        num_domains: int,
+        tower: TowerConfig,
+        *,
+        backend: BackendLike = None,
+    ) -> None:
+        super().__init__()
+        if not features:
+            raise ValueError(f"{type(self).__name__} needs at least one feature")
+        self.features = tuple(features)
+        self.num_domains = num_domains
+        self.tower_config = tower
+        self.embedding = EmbeddingCollection(self.features, init_std=EMBEDDING_INIT_STD, backend=backend)
+        self.tower = Tower(self.tower_in_features(), tower, num_domains, backend=backend)
+
+    @property
+    def embedding_width(self) -> int:
+        """Width of ``embedding(features)``: the sum of the field dims."""
+        return sum(f.dim for f in self.features)
+
+    def tower_in_features(self) -> int:
+        """Width of :meth:`tower_input`'s output (override together with it)."""
+        return self.embedding_width
+
+    def tower_input(self, embedded: torch.Tensor) -> torch.Tensor:
+        """``[B, embedding_width]`` -> the tower input ``[B, tower_in_features()]``."""
+        return embedded
+
+    def interaction_logit(
+        self, features: Mapping[str, torch.Tensor], embedded: torch.Tensor
+    ) -> torch.Tensor:
+        """The non-tower part's logit ``[B]`` (zero for a plain DNN)."""
+        return embedded.new_zeros(embedded.shape[0])
+
+    def forward(self, features: Mapping[str, torch.Tensor], domain: torch.Tensor) -> torch.Tensor:
+        """``features[name]`` int64 ``[B]`` or ``[B, L]``, ``domain`` int64 ``[B]`` -> logits float32 ``[B]``."""
+        embedded = self.embedding(features)  # [B, sum of dims]
+        return self.interaction_logit(features, embedded) + self.tower(self.tower_input(embedded), domain)
+
+    def backbone_parameters(self) -> list[nn.Parameter]:
+        """Every parameter outside the tower: embeddings, first-order weights, interactions."""
+        return [p for name, p in self.named_parameters() if not name.startswith("tower.")]
+
+    def regularized_parameters(self) -> list[nn.Parameter]:
+        """The tensors under the L2 penalty: embedding tables and linear (first-order) parts.
+
+        Backbones with first-order weights extend this list.
+        """
+        return list(self.embedding.parameters())
+
+
+M = TypeVar("M", bound=type[CTRModel])
+
+MODELS: dict[str, type[CTRModel]] = {}
+
+
+def register(name: str) -> Callable[[M], M]:
+    """Class decorator adding a backbone to :data:`MODELS` under ``name``."""
+
+    def add(cls: M) -> M:
+        if name in MODELS:
+            raise ValueError(f"backbone {name!r} registered twice")
+        cls.name = name
+        MODELS[name] = cls
+        return cls
+
+    return add

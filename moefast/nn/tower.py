@@ -1,0 +1,168 @@
+"""The DNN tower of every backbone: base, MLoRA and MoE-MLoRA (DESIGN.md section 2).
+
+Each hidden layer is an :class:`~moefast.nn.adapter.AdapterLinear` (ReLU, dropout on the shared
+path only, then the adapter term); the output is ``Linear(last, 1)`` giving one logit per
+sample. What the adapters contribute is set by the tower's :class:`Routing`, which the training
+stages choose (``moefast.train.set_stage``); the module never switches on strings.
+
+- base: no adapters; routing is always ``SHARED``.
+- MLoRA: ``D`` adapters per layer; ``DOMAIN`` routes each sample to its own domain's adapter.
+- MoE-MLoRA: ``E = experts_per_domain * D`` experts per layer, expert ``i`` belonging to domain
+  ``i % D``; ``EXPERT`` applies one expert to every sample (that expert's training stage) and
+  ``MIXTURE`` mixes all experts with the :class:`DomainGate`, computed once per sample and shared
+  by every layer.
+"""
+
+from __future__ import annotations
+
+import enum
+
+import torch
+from torch import nn
+
+from moefast.config import TowerConfig, TowerKind
+from moefast.nn.adapter import AdapterLinear
+from moefast.ops._backend import BackendLike
+
+__all__ = ["DomainGate", "Routing", "Tower"]
+
+
+class Routing(enum.Enum):
+    """What the adapter term of every hidden layer is (see the module docstring)."""
+
+    SHARED = "shared"
+    DOMAIN = "domain"
+    EXPERT = "expert"
+    MIXTURE = "mixture"
+
+
+_ALLOWED: dict[TowerKind, frozenset[Routing]] = {
+    TowerKind.BASE: frozenset({Routing.SHARED}),
+    TowerKind.MLORA: frozenset({Routing.SHARED, Routing.DOMAIN}),
+    TowerKind.MOE_MLORA: frozenset({Routing.SHARED, Routing.EXPERT, Routing.MIXTURE}),
+}
+
+# What a freshly built tower computes: the method's full model.
+_DEFAULT_ROUTING = {
+    TowerKind.BASE: Routing.SHARED,
+    TowerKind.MLORA: Routing.DOMAIN,
+    TowerKind.MOE_MLORA: Routing.MIXTURE,
+}
+
+
+class DomainGate(nn.Module):
+    """``g = softmax(Linear(dim -> E)(Embedding(D, dim)(domain)))``: a per-domain expert mixture.
+
+    It sees only the domain id, so every sample of one domain gets the same weights.
+    """
+
+    def __init__(self, num_domains: int, num_experts: int, dim: int = 4) -> None:
+        super().__init__()
+        self.embedding = nn.Embedding(num_domains, dim)
+        self.linear = nn.Linear(dim, num_experts)
+
+    def forward(self, domain: torch.Tensor) -> torch.Tensor:
+        """``domain`` int64 ``[N]`` -> gate weights float32 ``[N, E]`` (rows sum to 1)."""
+        return torch.softmax(self.linear(self.embedding(domain)), dim=-1)
+
+
+class Tower(nn.Module):
+    """Hidden layers of :class:`AdapterLinear` plus ``Linear(last, 1)``.
+
+    Args:
+        in_features: width of the tower input.
+        config: units, dropout, ranks, kind and experts per domain.
+        num_domains: ``D``.
+        backend: passed to every :class:`AdapterLinear` (``reference`` | ``fast`` | ``auto``).
+    """
+
+    def __init__(
+        self, in_features: int, config: TowerConfig, num_domains: int, *, backend: BackendLike = None
+    ) -> None:
+        super().__init__()
+        if num_domains < 1:
+            raise ValueError(f"a tower needs at least one domain, got num_domains={num_domains}")
+        self.config = config
+        self.kind = config.kind
+        self.num_domains = num_domains
+        self.num_experts = config.num_experts(num_domains)
+        widths = (in_features, *config.hidden_units)
+        # AdapterLinear needs E >= 1. The base tower's layers carry one rank-1 adapter that is
+        # never routed to and never trained (B = c = 0, so it would be a no-op anyway): the base
+        # tower keeps the same layer and the same fused kernel as the adapter towers.
+        ranks = config.layer_ranks if self.num_experts else (1,) * len(config.hidden_units)
+        self.layers = nn.ModuleList(
+            AdapterLinear(
+                widths[k], widths[k + 1], max(self.num_experts, 1), rank,
+                dropout=config.dropout, backend=backend,
+            )
+            for k, rank in enumerate(ranks)
+        )
+        self.output = nn.Linear(widths[-1], 1)
+        self.gate = (
+            DomainGate(num_domains, self.num_experts, config.gate_dim)
+            if config.kind is TowerKind.MOE_MLORA
+            else None
+        )
+        self.routing = _DEFAULT_ROUTING[config.kind]
+        self.active_expert: int | None = None
+
+    def set_routing(self, routing: Routing, expert: int | None = None) -> None:
+        """Choose the adapter term; ``expert`` is required for (and only for) ``EXPERT``."""
+        if routing not in _ALLOWED[self.kind]:
+            raise ValueError(f"a {self.kind.value} tower has no {routing.value!r} routing")
+        if (routing is Routing.EXPERT) != (expert is not None):
+            raise ValueError(f"routing {routing.value!r} with expert={expert!r}")
+        if expert is not None and not 0 <= expert < self.num_experts:
+            raise ValueError(f"expert {expert} outside [0, {self.num_experts})")
+        self.routing = routing
+        self.active_expert = expert
+
+    def expert_domain(self, expert: int) -> int:
+        """The domain expert ``expert`` belongs to: ``expert % D``."""
+        return expert % self.num_domains
+
+    def gate_weights(self, domain: torch.Tensor) -> torch.Tensor:
+        """``[N, E]`` mixture weights for int64 ``domain [N]`` (MoE-MLoRA only)."""
+        if self.gate is None:
+            raise ValueError(f"a {self.kind.value} tower has no gate")
+        return self.gate(domain)
+
+    def forward(self, x: torch.Tensor, domain: torch.Tensor) -> torch.Tensor:
+        """``x`` float32 ``[N, in]``, ``domain`` int64 ``[N]`` -> logits float32 ``[N]``."""
+        h = x
+        if self.routing is Routing.SHARED:
+            for layer in self.layers:
+                h = layer(h)
+        elif self.routing is Routing.DOMAIN:
+            for layer in self.layers:
+                h = layer(h, domain=domain)
+        elif self.routing is Routing.EXPERT:
+            for layer in self.layers:
+                h = layer(h, expert=self.active_expert)
+        else:
+            g = self.gate_weights(domain)  # [N, E], once per sample, shared by all layers
+            for layer in self.layers:
+                h = layer(h, gate=g)
+        return self.output(h).squeeze(-1)
+
+    def hidden_layers(self) -> list[AdapterLinear]:
+        layers = []
+        for layer in self.layers:
+            assert isinstance(layer, AdapterLinear)
+            layers.append(layer)
+        return layers
+
+    def adapter_parameters(self) -> list[nn.Parameter]:
+        """Every layer's ``lora_A``, ``lora_B``, ``lora_c`` (empty for the base tower)."""
+        if self.num_experts == 0:
+            return []
+        return [p for layer in self.hidden_layers() for p in (layer.lora_A, layer.lora_B, layer.lora_c)]
+
+    def shared_parameters(self) -> list[nn.Parameter]:
+        """The shared path: every layer's ``weight`` and ``bias`` and the output layer."""
+        params = [p for layer in self.hidden_layers() for p in (layer.weight, layer.bias)]
+        return [*params, *self.output.parameters()]
+
+    def gate_parameters(self) -> list[nn.Parameter]:
+        return [] if self.gate is None else list(self.gate.parameters())

@@ -1,0 +1,353 @@
+"""``fit``: staged training with early stopping, checkpoints and the run directory.
+
+Per stage (see :mod:`moefast.train.stages`): a fresh Adam over exactly the stage's parameters;
+epochs of single-domain batches (the order of domains shuffled each epoch) or mixed batches;
+after every epoch the validation AUC decides early stopping (strict improvement, patience
+``TrainConfig.patience``, at most ``max_epochs``); the stage ends restored to its best weights
+and writes its checkpoint, which the next stage loads strictly.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from moefast.config import BatchMode, ExpertStopRule, TrainConfig
+from moefast.data.batching import BatchLoader, BatchOrder
+from moefast.data.dataset import Batch, MultiDomainDataset, Split
+from moefast.models.base import CTRModel
+from moefast.nn.adapter import AdapterLinear
+from moefast.nn.embedding import EmbeddingCollection
+from moefast.ops._backend import Backend, BackendLike, parse_backend
+from moefast.train.checkpoint import load_checkpoint, save_checkpoint
+from moefast.train.metrics import EvalMetrics, evaluate_scores
+from moefast.train.stages import Stage, StageStep, mask_gradients, plan_stages, set_stage
+
+__all__ = ["EarlyStopping", "FitResult", "StageRecord", "fit", "predict", "train_step"]
+
+
+class EarlyStopping:
+    """Strict-improvement early stopping with patience.
+
+    ``update(value)`` returns ``True`` when ``value`` beats the best so far (strictly; NaN never
+    does); ``should_stop`` turns ``True`` after ``patience`` updates in a row without one.
+    """
+
+    def __init__(self, patience: int) -> None:
+        if patience < 1:
+            raise ValueError(f"patience must be >= 1, got {patience}")
+        self.patience = patience
+        self.best = -math.inf
+        self.stale = 0
+
+    def update(self, value: float) -> bool:
+        if value > self.best:
+            self.best = value
+            self.stale = 0
+            return True
+        self.stale += 1
+        return False
+
+    @property
+    def should_stop(self) -> bool:
+        return self.stale >= self.patience
+
+
+@dataclass
+class StageRecord:
+    """What one stage did. ``val_history`` holds the early-stopping AUC after each epoch."""
+
+    label: str
+    epochs: int
+    best_val_mean_auc: float
+    seconds: float
+    train_samples: int
+    train_seconds: float
+    val_history: list[float] = field(default_factory=list)
+    checkpoint: Path | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """One entry of ``metrics.json``'s ``stages``."""
+        best = None if math.isnan(self.best_val_mean_auc) else self.best_val_mean_auc
+        return {
+            "stage": self.label,
+            "epochs": self.epochs,
+            "best_val_mean_auc": best,
+            "seconds": self.seconds,
+            "val_history": [None if math.isnan(v) else v for v in self.val_history],
+        }
+
+
+@dataclass
+class FitResult:
+    """``metrics`` is the ``metrics.json`` dict; ``test_logits`` are in test-split row order."""
+
+    metrics: dict[str, Any]
+    test: EvalMetrics
+    stages: list[StageRecord]
+    test_logits: torch.Tensor
+    gate_weights: torch.Tensor | None
+    run_dir: Path | None
+
+
+def method_name(model: CTRModel) -> str:
+    return model.tower.kind.value
+
+
+def _set_backend(model: CTRModel, backend: BackendLike) -> str:
+    """Point every moefast layer at ``backend``; return the name recorded in metrics.json."""
+    if backend is None:
+        return os.environ.get("MOEFAST_BACKEND", Backend.AUTO.value)
+    chosen = parse_backend(backend)
+    for module in model.modules():
+        if isinstance(module, AdapterLinear | EmbeddingCollection):
+            module.backend = chosen
+    return chosen.value
+
+
+_ORDER = {BatchMode.SINGLE_DOMAIN: BatchOrder.BY_DOMAIN, BatchMode.MIXED: BatchOrder.MIXED}
+
+
+def predict(
+    model: CTRModel, split: Split, *, batch_size: int = 32768, device: torch.device | str = "cpu"
+) -> torch.Tensor:
+    """Logits float32 ``[len(split)]`` in eval mode under the tower's current routing."""
+    was_training = model.training
+    model.eval()
+    out = []
+    with torch.no_grad():
+        for cpu_batch in BatchLoader(split, batch_size, BatchOrder.SEQUENTIAL):
+            batch = cpu_batch.to(device)
+            out.append(model(batch.features, batch.domain).float().cpu())
+    model.train(was_training)
+    return torch.cat(out) if out else torch.zeros(0)
+
+
+def _l2(model: CTRModel) -> torch.Tensor | None:
+    terms = [p.pow(2).sum() for p in model.regularized_parameters() if p.requires_grad]
+    return torch.stack(terms).sum() if terms else None
+
+
+def train_step(
+    model: CTRModel, batch: Batch, step: StageStep, optimizer: torch.optim.Optimizer, l2: float
+) -> float:
+    """One optimizer step on ``batch``: BCE + ``l2`` * (squared norm of the regularised
+    tensors that train in this stage); returns the loss."""
+    logits = model(batch.features, batch.domain)
+    loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, batch.label)
+    if l2 > 0:
+        reg = _l2(model)
+        if reg is not None:
+            loss = loss + l2 * reg
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    mask_gradients(model, step)
+    optimizer.step()
+    return float(loss.detach())
+
+
+def _train_epoch(
+    model: CTRModel,
+    loader: BatchLoader,
+    step: StageStep,
+    optimizer: torch.optim.Optimizer,
+    config: TrainConfig,
+    device: torch.device,
+    desc: str,
+) -> int:
+    model.train()
+    samples = 0
+    bar = tqdm(total=loader.num_rows, desc=desc, unit="row", leave=False, disable=not config.progress)
+    for cpu_batch in loader:
+        batch = cpu_batch.to(device)
+        train_step(model, batch, step, optimizer, config.l2)
+        samples += len(batch)
+        bar.update(len(batch))
+    bar.close()
+    return samples
+
+
+def fit(
+    model: CTRModel,
+    dataset: MultiDomainDataset,
+    config: TrainConfig,
+    *,
+    backend: BackendLike = None,
+    out_dir: str | os.PathLike[str] | None = None,
+) -> FitResult:
+    """Train ``model`` on ``dataset`` through its stages; evaluate on the test split.
+
+    Args:
+        model: from :func:`moefast.models.build` (fresh weights; the stages start from them).
+        dataset: the splits; ``train`` trains, ``val`` early-stops, ``test`` is reported.
+        config: optimisation, batching, staging and early stopping.
+        backend: ``reference`` | ``fast`` | ``auto``, set on every moefast layer (``None``
+            leaves the layers as built). Parameters are the same under every backend.
+        out_dir: the run directory (checkpoints, ``metrics.json``, ``predictions.csv``,
+            ``config.json``, plots); ``None`` keeps the checkpoints in a temporary folder.
+
+    Returns:
+        A :class:`FitResult` whose ``metrics`` follow DESIGN.md section 5's schema.
+    """
+    if model.num_domains != dataset.num_domains:
+        raise ValueError(
+            f"model built for {model.num_domains} domains, dataset {dataset.name!r} has {dataset.num_domains}"
+        )
+    backend_name = _set_backend(model, backend)
+    device = torch.device(config.device)
+    model.to(device)
+    torch.manual_seed(config.seed)  # dropout masks
+    generator = torch.Generator().manual_seed(config.seed)  # batch and domain order
+    plan = plan_stages(model, config.mlora_mode)
+    all_domains = list(range(dataset.num_domains))
+
+    tmp: tempfile.TemporaryDirectory[str] | None = None
+    if out_dir is None:
+        tmp = tempfile.TemporaryDirectory(prefix="moefast-")
+        ckpt_dir = Path(tmp.name)
+    else:
+        run_dir = Path(out_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        ckpt_dir = run_dir / "checkpoints"
+    try:
+        records: list[StageRecord] = []
+        for index, step in enumerate(plan):
+            if records:
+                previous = records[-1]
+                assert previous.checkpoint is not None
+                load_checkpoint(previous.checkpoint, model, expected_stage=previous.label)
+            records.append(
+                _run_stage(model, dataset, config, step, index, len(plan), all_domains,
+                           generator, device, ckpt_dir)
+            )
+        test_logits = predict(model, dataset.test, batch_size=config.eval_batch_size, device=device)
+    finally:
+        if tmp is not None:
+            tmp.cleanup()
+            for record in records:
+                record.checkpoint = None
+
+    test = evaluate_scores(test_logits, dataset.test.label, dataset.test.domain, dataset.domain_names)
+    gate = None
+    if model.tower.gate is not None:
+        with torch.no_grad():
+            gate = model.tower.gate_weights(torch.arange(dataset.num_domains, device=device)).cpu()
+    train_samples = sum(r.train_samples for r in records)
+    train_seconds = sum(r.train_seconds for r in records)
+    metrics: dict[str, Any] = {
+        "dataset": dataset.name,
+        "model": model.name,
+        "method": method_name(model),
+        "backend": backend_name,
+        "device": str(device),
+        "seed": config.seed,
+        "test": test.to_dict(),
+        "stages": [r.to_dict() for r in records],
+        "train_samples_per_second": train_samples / train_seconds if train_seconds > 0 else 0.0,
+    }
+    result = FitResult(metrics, test, records, test_logits, gate, None if out_dir is None else Path(out_dir))
+    if out_dir is not None:
+        from moefast.train.rundir import write_run
+
+        write_run(Path(out_dir), result, dataset, model, config)
+    return result
+
+
+def _run_stage(
+    model: CTRModel,
+    dataset: MultiDomainDataset,
+    config: TrainConfig,
+    step: StageStep,
+    index: int,
+    total: int,
+    all_domains: list[int],
+    generator: torch.Generator,
+    device: torch.device,
+    ckpt_dir: Path,
+) -> StageRecord:
+    start = time.perf_counter()
+    params = set_stage(model, step, train_backbone=config.train_backbone_in_later_stages)
+    optimizer = torch.optim.Adam(params, lr=config.lr, betas=config.betas, eps=config.eps)
+    max_epochs = config.max_epochs
+    train_domains = all_domains
+    val_domains: list[int] = all_domains
+    if step.stage is Stage.EXPERT:
+        assert step.expert is not None
+        own = model.tower.expert_domain(step.expert)
+        train_domains = [own]
+        if config.expert_stop is ExpertStopRule.OWN_DOMAIN:
+            val_domains = [own]
+        max_epochs = config.expert_max_epochs or max_epochs
+    elif step.stage is Stage.GATE:
+        max_epochs = config.gate_max_epochs or max_epochs
+
+    stopper = EarlyStopping(config.patience)
+    best_state: dict[int, torch.Tensor] | None = None
+    history: list[float] = []
+    samples = 0
+    train_seconds = 0.0
+    epochs = 0
+    loader = BatchLoader(
+        dataset.train, config.batch_size, _ORDER[config.batch_mode], domains=train_domains,
+        generator=generator,
+    )
+    for epoch in range(1, max_epochs + 1):
+        epochs = epoch
+        t0 = time.perf_counter()
+        samples += _train_epoch(
+            model, loader, step, optimizer, config, device,
+            desc=f"[{index + 1}/{total}] {step.label} epoch {epoch}",
+        )
+        train_seconds += time.perf_counter() - t0
+        val_logits = predict(model, dataset.val, batch_size=config.eval_batch_size, device=device)
+        val = evaluate_scores(
+            val_logits, dataset.val.label, dataset.val.domain, dataset.domain_names, domains=val_domains
+        )
+        history.append(val.mean_auc)
+        if config.progress:
+            tqdm.write(f"[{index + 1}/{total}] {step.label} epoch {epoch}: val mean AUC {val.mean_auc:.5f}")
+        if stopper.update(val.mean_auc):
+            best_state = {id(p): p.detach().clone() for p in params}
+        elif stopper.should_stop:
+            break
+    # With no AUC at all (every validation domain one-class) nothing improves: keep the last
+    # weights rather than the untrained ones.
+    best = stopper.best
+    if best_state is not None:
+        with torch.no_grad():
+            for p in params:
+                p.copy_(best_state[id(p)])
+    path = ckpt_dir / f"{index:02d}_{step.label}.pt"
+    save_checkpoint(
+        path, model, step.label,
+        {"model": model.name, "tower": model.tower.kind.value, "index": index,
+         "best_val_mean_auc": best if best > -math.inf else None},
+    )
+    return StageRecord(
+        label=step.label,
+        epochs=epochs,
+        best_val_mean_auc=best if best > -math.inf else math.nan,
+        seconds=time.perf_counter() - start,
+        train_samples=samples,
+        train_seconds=train_seconds,
+        val_history=history,
+        checkpoint=path,
+    )
+
+
+def config_dict(config: TrainConfig) -> dict[str, Any]:
+    """``TrainConfig`` as plain JSON values (enums by value)."""
+    out = {}
+    for key, value in asdict(config).items():
+        out[key] = value.value if hasattr(value, "value") else value
+    return out
+
+

@@ -1,0 +1,134 @@
+"""Training stages and the one function that decides what trains (DESIGN.md section 2).
+
+- base: ``JOINT`` (everything but the unused adapter trains; shared routing).
+- MLoRA: ``JOINT`` (shared and adapter weights together, each sample through its domain's
+  adapter); or, in ``pretrain-freeze`` mode, ``BACKBONE`` then ``ADAPTERS``.
+- MoE-MLoRA: ``BACKBONE`` (no adapters), ``EXPERT i`` for every expert (only expert ``i``, on
+  domain ``i % D``, forward = base + expert ``i``), ``GATE`` (only the gate, full mixture).
+
+Freezing is real: :func:`set_stage` sets ``requires_grad`` on every parameter and returns
+exactly the stage's tensors for the optimizer. Experts are slices of stacked tensors
+(``lora_A [E, in, r]``...), so the ``EXPERT i`` stage hands the optimizer the stacked tensors and
+:func:`mask_gradients` zeroes every other expert's slice of their gradients before each step;
+with Adam's fresh state a zero gradient moves nothing, so those slices stay bitwise unchanged.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+from torch import nn
+
+from moefast.config import MLoRAMode, TowerKind
+from moefast.models.base import CTRModel
+from moefast.nn.tower import Routing
+
+__all__ = ["Stage", "StageStep", "mask_gradients", "plan_stages", "set_stage"]
+
+
+class Stage(enum.Enum):
+    JOINT = "joint"
+    BACKBONE = "backbone"
+    ADAPTERS = "adapters"
+    EXPERT = "expert"
+    GATE = "gate"
+
+
+@dataclass(frozen=True)
+class StageStep:
+    """One stage of a plan; ``expert`` is set for (and only for) ``Stage.EXPERT``."""
+
+    stage: Stage
+    expert: int | None = None
+
+    def __post_init__(self) -> None:
+        if (self.stage is Stage.EXPERT) != (self.expert is not None):
+            raise ValueError(f"stage {self.stage.value!r} with expert={self.expert!r}")
+
+    @property
+    def label(self) -> str:
+        """``"backbone"``, ``"expert_3"``, ...: the name in checkpoints and metrics.json."""
+        return self.stage.value if self.expert is None else f"{self.stage.value}_{self.expert}"
+
+
+def plan_stages(model: CTRModel, mlora_mode: MLoRAMode = MLoRAMode.JOINT) -> list[StageStep]:
+    """The stages that train ``model`` from scratch, in order."""
+    kind = model.tower.kind
+    if kind is TowerKind.BASE:
+        return [StageStep(Stage.JOINT)]
+    if kind is TowerKind.MLORA:
+        if mlora_mode is MLoRAMode.JOINT:
+            return [StageStep(Stage.JOINT)]
+        return [StageStep(Stage.BACKBONE), StageStep(Stage.ADAPTERS)]
+    experts = [StageStep(Stage.EXPERT, i) for i in range(model.tower.num_experts)]
+    return [StageStep(Stage.BACKBONE), *experts, StageStep(Stage.GATE)]
+
+
+_ROUTING: dict[tuple[TowerKind, Stage], Routing] = {
+    (TowerKind.BASE, Stage.JOINT): Routing.SHARED,
+    (TowerKind.MLORA, Stage.JOINT): Routing.DOMAIN,
+    (TowerKind.MLORA, Stage.BACKBONE): Routing.SHARED,
+    (TowerKind.MLORA, Stage.ADAPTERS): Routing.DOMAIN,
+    (TowerKind.MOE_MLORA, Stage.BACKBONE): Routing.SHARED,
+    (TowerKind.MOE_MLORA, Stage.EXPERT): Routing.EXPERT,
+    (TowerKind.MOE_MLORA, Stage.GATE): Routing.MIXTURE,
+}
+
+
+def set_stage(
+    model: CTRModel, step: StageStep, *, train_backbone: bool = False
+) -> list[nn.Parameter]:
+    """Route the tower for ``step``, freeze everything outside it, return its parameters.
+
+    Args:
+        model: the model; its tower's routing and every parameter's ``requires_grad`` change.
+        step: the stage (and expert).
+        train_backbone: in the ``ADAPTERS``, ``EXPERT`` and ``GATE`` stages, keep the
+            embeddings and every other non-tower parameter trainable (the public code's
+            behaviour); by default they are frozen, as the method describes.
+
+    Returns:
+        The tensors the stage's optimizer must hold, in ``model.parameters()`` order.
+    """
+    tower = model.tower
+    routing = _ROUTING.get((tower.kind, step.stage))
+    if routing is None:
+        raise ValueError(f"a {tower.kind.value} model has no {step.stage.value!r} stage")
+    tower.set_routing(routing, step.expert)
+
+    backbone = model.backbone_parameters()
+    shared = tower.shared_parameters()
+    adapters = tower.adapter_parameters()
+    gate = tower.gate_parameters()
+    if step.stage is Stage.JOINT:
+        chosen = [*backbone, *shared, *adapters]
+    elif step.stage is Stage.BACKBONE:
+        chosen = [*backbone, *shared]
+    else:
+        chosen = gate if step.stage is Stage.GATE else adapters
+        if train_backbone:
+            chosen = [*backbone, *chosen]
+
+    ids = {id(p) for p in chosen}
+    trainable = []
+    for p in model.parameters():
+        p.requires_grad_(id(p) in ids)
+        if id(p) in ids:
+            trainable.append(p)
+    return trainable
+
+
+def mask_gradients(model: CTRModel, step: StageStep) -> None:
+    """In an ``EXPERT i`` stage, zero the gradient slices of every expert but ``i``.
+
+    The forward only reads expert ``i``, so those slices are zero already on the reference
+    path; this makes the guarantee independent of how a backend fills them.
+    """
+    if step.stage is not Stage.EXPERT:
+        return
+    for p in model.tower.adapter_parameters():
+        if p.grad is not None:
+            keep = p.grad[step.expert].clone()
+            p.grad.zero_()
+            p.grad[step.expert] = keep
