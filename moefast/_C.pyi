@@ -1,8 +1,28 @@
 """moefast native CPU kernels (sparse embedding engine)."""
 
+from collections.abc import Sequence
+from typing import Annotated
+
+import numpy
+from numpy.typing import NDArray
 
 
 def core_build_info() -> str:
     """
     How the hot static library was compiled, e.g. 'opt=-O3;optimize=speed;...'.
+    """
+
+def embedding_forward(weights: Sequence[Annotated[NDArray[numpy.float32], dict(shape=(None, None), order='C', device='cpu')]], indices: Sequence[Annotated[NDArray, dict(shape=(None,), order='C', device='cpu')]], offsets: Sequence[Annotated[NDArray, dict(shape=(None,), order='C', device='cpu')] | None], per_sample_weights: Sequence[Annotated[NDArray[numpy.float32], dict(shape=(None,), order='C', device='cpu')] | None], poolings: Sequence[int], padding_idx: Sequence[int], names: Sequence[str], batch: int, out: Annotated[NDArray[numpy.float32], dict(shape=(None, None), order='C', device='cpu')], num_threads: int) -> None:
+    """
+    Table-batched lookup into out [batch, >= sum of dims] (float32). Spec: moefast.reference.embedding.embedding_collection. Pooling codes: 0 none, 1 sum, 2 mean; padding_idx -1 for none. ValueError names the field for an id out of range or bad offsets.
+    """
+
+def embedding_backward_rows(weights: Sequence[Annotated[NDArray[numpy.float32], dict(shape=(None, None), order='C', device='cpu')]], indices: Sequence[Annotated[NDArray, dict(shape=(None,), order='C', device='cpu')]], offsets: Sequence[Annotated[NDArray, dict(shape=(None,), order='C', device='cpu')] | None], per_sample_weights: Sequence[Annotated[NDArray[numpy.float32], dict(shape=(None,), order='C', device='cpu')] | None], poolings: Sequence[int], padding_idx: Sequence[int], names: Sequence[str], batch: int, grad_out: Annotated[NDArray[numpy.float32], dict(shape=(None, None), order='C', device='cpu')], need: Sequence[bool], rows_out: Annotated[NDArray[numpy.int64], dict(shape=(None,), order='C', device='cpu')], grads_out: Annotated[NDArray[numpy.float32], dict(shape=(None,), order='C', device='cpu')], num_threads: int) -> list[int]:
+    """
+    Backward as unique rows: field t's sorted unique ids go to rows_out[sum of previous N:] and their summed gradients to grads_out[sum of previous N * dim:]; returns the count per field. Spec: moefast.reference.embedding.embedding_collection_row_grads.
+    """
+
+def embedding_backward_update(weights: Sequence[Annotated[NDArray[numpy.float32], dict(shape=(None, None), order='C', device='cpu')]], indices: Sequence[Annotated[NDArray, dict(shape=(None,), order='C', device='cpu')]], offsets: Sequence[Annotated[NDArray, dict(shape=(None,), order='C', device='cpu')] | None], per_sample_weights: Sequence[Annotated[NDArray[numpy.float32], dict(shape=(None,), order='C', device='cpu')] | None], poolings: Sequence[int], padding_idx: Sequence[int], names: Sequence[str], batch: int, grad_out: Annotated[NDArray[numpy.float32], dict(shape=(None, None), order='C', device='cpu')], need: Sequence[bool], kind: int, lr: float, eps: float, beta1: float, beta2: float, state_sum: Sequence[Annotated[NDArray[numpy.float32], dict(shape=(None,), order='C', device='cpu')] | None], state_exp_avg: Sequence[Annotated[NDArray[numpy.float32], dict(shape=(None, None), order='C', device='cpu')] | None], state_exp_avg_sq: Sequence[Annotated[NDArray[numpy.float32], dict(shape=(None, None), order='C', device='cpu')] | None], state_step: Sequence[Annotated[NDArray[numpy.int64], dict(shape=(None,), order='C', device='cpu')] | None], num_threads: int) -> None:
+    """
+    Backward fused with a sparse optimizer (kind 0: row-wise Adagrad, 1: lazy Adam) that updates the rows seen in place. Spec: moefast.reference.embedding_optim.
     """

@@ -30,7 +30,7 @@ from moefast.testing import tolerance
 FAST = pytest.param(
     "fast", marks=pytest.mark.skipif(not _ext.available(), reason="moefast._C not built")
 )
-BACKENDS = ["reference"]  # "fast" joins when the engine lands
+BACKENDS = ["reference", FAST]
 TOL = tolerance(torch.float32)
 
 
@@ -249,7 +249,7 @@ def test_module_backends_share_state_and_results() -> None:
     config = LazyAdam(lr=0.01)
     torch.manual_seed(1)
     ref = EmbeddingCollection(SPECS, backend="reference", optimizer=config)
-    backends: list[str] = []
+    backends = ["fast"] if _ext.available() else []
     for backend in backends:
         fast = EmbeddingCollection(SPECS, backend=backend, optimizer=config)
         fast.load_state_dict(ref.state_dict())

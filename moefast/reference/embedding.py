@@ -4,8 +4,9 @@ One call looks up every categorical field of a batch (as FBGEMM's table-batched 
 does). Field ``t`` has a table ``weights[t]`` (float32 ``[V_t, D_t]``) and jagged input:
 
 - ``indices[t]``: int32 or int64 ``[N_t]``, ids in ``[0, V_t)``;
-- ``offsets[t]``: ``None`` for a single-valued field (``N_t == B``, a plain gather), else int32 or
-  int64 ``[B + 1]`` with ``offsets[0] == 0``, non-decreasing, ``offsets[B] == N_t``: bag ``b``
+- ``offsets[t]``: ``None`` for a single-valued field (``N_t == B``, a plain gather), else
+  ``[B + 1]`` of the dtype of ``indices[t]`` with ``offsets[0] == 0``, non-decreasing,
+  ``offsets[B] == N_t``: bag ``b``
   holds ``indices[t][offsets[b]:offsets[b + 1]]`` (an empty bag gives a zero vector);
 - ``per_sample_weights[t]``: ``None`` or float32 ``[N_t]`` multiplying each looked-up row
   (sum pooling and single-valued fields only, as in ``torch.nn.functional.embedding_bag``);
@@ -134,7 +135,7 @@ def check_inputs(
         else:
             if off is None:
                 raise ValueError(f"field {name!r}: a pooled field ({pooling}) needs offsets [B + 1]")
-            off = _check_tensor(off, f"field {name!r}: offsets", _INDEX_DTYPES, 1, w.device)
+            off = _check_tensor(off, f"field {name!r}: offsets", (idx.dtype,), 1, w.device)
             if off.shape[0] < 1:
                 raise ValueError(f"field {name!r}: offsets must have B + 1 >= 1 entries, got 0")
             bags = int(off.shape[0]) - 1

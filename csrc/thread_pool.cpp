@@ -1,0 +1,109 @@
+#include "thread_pool.h"
+
+#include <algorithm>
+#include <atomic>
+
+#include <unistd.h>
+
+namespace moefast {
+
+ThreadPool& ThreadPool::instance() {
+  static ThreadPool pool;
+  return pool;
+}
+
+ThreadPool::~ThreadPool() {
+  if (static_cast<long>(getpid()) != owner_pid_) {  // forked child: the threads are not ours
+    if (!workers_.empty()) new std::vector<std::thread>(std::move(workers_));
+    return;
+  }
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    stop_ = true;
+  }
+  wake_.notify_all();
+  for (auto& t : workers_) t.join();
+}
+
+void ThreadPool::ensure_workers(int count) {
+  // Called under call_mutex_ only, with no generation in flight.
+  const long pid = static_cast<long>(getpid());
+  if (pid != owner_pid_) {
+    // After fork() the child has none of the parent's threads: leak their handles (joining or
+    // destroying them would abort) and start afresh.
+    if (!workers_.empty()) new std::vector<std::thread>(std::move(workers_));
+    workers_.clear();
+    owner_pid_ = pid;
+  }
+  while (static_cast<int>(workers_.size()) < count) {
+    const int id = static_cast<int>(workers_.size());
+    workers_.emplace_back([this, id] { worker_loop(id); });
+  }
+}
+
+void ThreadPool::run_tasks() {
+  for (;;) {
+    const int64_t task = next_task_.fetch_add(1, std::memory_order_relaxed);
+    if (task >= num_tasks_) return;
+    try {
+      (*fn_)(task);
+    } catch (...) {
+      std::lock_guard<std::mutex> lock(mutex_);
+      if (!error_) error_ = std::current_exception();
+    }
+  }
+}
+
+void ThreadPool::worker_loop(int worker_id) {
+  uint64_t seen = 0;
+  for (;;) {
+    {
+      std::unique_lock<std::mutex> lock(mutex_);
+      wake_.wait(lock, [&] { return stop_ || (generation_ != seen && worker_id < active_workers_); });
+      if (stop_) return;
+      seen = generation_;
+    }
+    run_tasks();
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      ++finished_workers_;
+    }
+    done_.notify_one();
+  }
+}
+
+void ThreadPool::parallel_for(int64_t num_tasks, int num_threads,
+                              const std::function<void(int64_t)>& fn) {
+  if (num_tasks <= 0) return;
+  const int helpers = static_cast<int>(
+      std::min<int64_t>(std::max(num_threads, 1) - 1, num_tasks - 1));
+  if (helpers == 0) {
+    for (int64_t t = 0; t < num_tasks; ++t) fn(t);
+    return;
+  }
+  std::lock_guard<std::mutex> call_lock(call_mutex_);
+  ensure_workers(helpers);
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    fn_ = &fn;
+    num_tasks_ = num_tasks;
+    next_task_.store(0, std::memory_order_relaxed);
+    error_ = nullptr;
+    active_workers_ = helpers;
+    finished_workers_ = 0;
+    ++generation_;
+  }
+  wake_.notify_all();
+  run_tasks();
+  std::exception_ptr error;
+  {
+    std::unique_lock<std::mutex> lock(mutex_);
+    done_.wait(lock, [&] { return finished_workers_ == active_workers_; });
+    active_workers_ = 0;
+    fn_ = nullptr;
+    error = error_;
+  }
+  if (error) std::rethrow_exception(error);
+}
+
+}  // namespace moefast
