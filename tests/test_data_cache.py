@@ -13,7 +13,8 @@ from moefast.data import cache
 
 
 def _small() -> moefast.data.MultiDomainDataset:
-    ds = moefast.data.load("synthetic", preset="wide", rows=500, context_fields=2, multi_fields=1)
+    ds = moefast.data.load("synthetic", preset="wide", rows=500, num_users=1_000, num_items=1_000,
+                           context_fields=2, context_vocab_max=1_000, multi_fields=1)
     info = dict(ds.info, pretrained={"uid": torch.randn(3, 4)}, names=["a", "b"])
     return dataclasses.replace(ds, info=info)
 

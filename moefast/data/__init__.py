@@ -37,9 +37,12 @@ def _load_synthetic(*, preset: str = "paper", cache_dir: object = None, **knobs:
 
 
 def _registry() -> dict[str, Callable[..., MultiDomainDataset]]:
+    from moefast.data.amazon import load_amazon
     from moefast.data.movielens import load_movielens
+    from moefast.data.taobao import load_taobao
 
-    return {"synthetic": _load_synthetic, "movielens-1m": load_movielens}
+    return {"synthetic": _load_synthetic, "movielens-1m": load_movielens, "taobao": load_taobao,
+            "amazon-6": load_amazon}
 
 
 def sources() -> list[str]:
@@ -57,6 +60,10 @@ def load(name: str, **options: object) -> MultiDomainDataset:
 
     - ``"movielens-1m"``: ``raw_dir``, ``domain="gender"|"age"|"occupation"``,
       ``embedding_dim=8``, ``split_seed=123``, ``cache_dir``.
+    - ``"taobao"``: ``raw_dir``, ``num_themes=10``, ``embedding_dim=None`` (the pretrained
+      vectors' dim, else 128), ``negative_seed=123``, ``split_seed=123``, ``cache_dir``.
+    - ``"amazon-6"``: ``raw_dir``, ``categories=None`` (the six files found), ``embedding_dim=8``,
+      ``negative_seed=123``, ``split_seed=123``, ``cache_dir``.
 
     Real sources read local raw files only (never download) and cache the processed dataset
     under ``cache_dir`` (default ``$MOEFAST_CACHE`` or ``~/.cache/moefast``).
