@@ -69,12 +69,12 @@ def test_auto_on_cpu_never_picks_the_interpreter(fast_calls: list[int],
 @pytest.mark.skipif(not ON_CPU, reason="CPU resolution rules")
 def test_explicit_fast_on_cpu_says_why_it_cannot_serve(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    with pytest.raises(BackendUnavailableError, match="adapter_linear.*TRITON_INTERPRET=1"):
+    with pytest.raises(BackendUnavailableError, match=r"adapter_linear.*TRITON_INTERPRET=1"):
         adapter_linear(**_inputs(), backend="fast")
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    with pytest.raises(BackendUnavailableError, match="torch.bfloat16 under the Triton interp"):
+    with pytest.raises(BackendUnavailableError, match=r"torch\.bfloat16 under the Triton interp"):
         adapter_linear(**_inputs(dtype=torch.bfloat16), backend="fast")
-    with pytest.raises(BackendUnavailableError, match="torch.float64"):
+    with pytest.raises(BackendUnavailableError, match=r"torch\.float64"):
         adapter_linear(**_inputs(dtype=torch.float64), backend="fast")
 
 
