@@ -117,15 +117,22 @@ _ORDER = {BatchMode.SINGLE_DOMAIN: BatchOrder.BY_DOMAIN, BatchMode.MIXED: BatchO
 
 
 def predict(
-    model: CTRModel, split: Split, *, batch_size: int = 32768, device: torch.device | str = "cpu"
+    model: CTRModel,
+    split: Split,
+    *,
+    rows: torch.Tensor | None = None,
+    batch_size: int = 32768,
+    device: torch.device | str = "cpu",
 ) -> torch.Tensor:
-    """Logits float32 ``[len(split)]`` in eval mode under the tower's current routing."""
+    """Logits float32 ``[len(rows)]`` (default: every row of ``split``, in order) in eval mode,
+    under the tower's current routing."""
+    index = torch.arange(len(split)) if rows is None else rows
     was_training = model.training
     model.eval()
     out = []
     with torch.no_grad():
-        for cpu_batch in BatchLoader(split, batch_size, BatchOrder.SEQUENTIAL):
-            batch = cpu_batch.to(device)
+        for chunk in index.split(batch_size):
+            batch = split.rows(chunk).to(device)
             out.append(model(batch.features, batch.domain).float().cpu())
     model.train(was_training)
     return torch.cat(out) if out else torch.zeros(0)
@@ -289,6 +296,8 @@ def _run_stage(
     elif step.stage is Stage.GATE:
         max_epochs = config.gate_max_epochs or max_epochs
 
+    # Only the rows that decide early stopping are evaluated (one domain for an expert).
+    val_rows = torch.nonzero(torch.isin(dataset.val.domain, torch.tensor(val_domains))).squeeze(1)
     stopper = EarlyStopping(config.patience)
     best_state: dict[int, torch.Tensor] | None = None
     history: list[float] = []
@@ -307,9 +316,10 @@ def _run_stage(
             desc=f"[{index + 1}/{total}] {step.label} epoch {epoch}",
         )
         train_seconds += time.perf_counter() - t0
-        val_logits = predict(model, dataset.val, batch_size=config.eval_batch_size, device=device)
+        val_logits = predict(model, dataset.val, rows=val_rows, batch_size=config.eval_batch_size, device=device)
         val = evaluate_scores(
-            val_logits, dataset.val.label, dataset.val.domain, dataset.domain_names, domains=val_domains
+            val_logits, dataset.val.label[val_rows], dataset.val.domain[val_rows], dataset.domain_names,
+            domains=val_domains,
         )
         history.append(val.mean_auc)
         if config.progress:
