@@ -1,16 +1,16 @@
 // The nanobind module moefast._C: bindings only; the logic lives in the other csrc/ files.
 //
-// Array contracts are declared in the signatures with .noconvert(): a tensor of the wrong
-// dtype, rank or device, or a non-contiguous one, is a TypeError before any C++ runs (never a
-// silent copy). Shape and value problems raise std::invalid_argument, which nanobind maps to
-// ValueError. The GIL is released around the work.
+// Whole-batch tensors (out, grad_out, the row-gradient buffers) have their contracts declared in
+// the signatures with .noconvert(): a wrong dtype, rank or device, or a non-contiguous tensor,
+// is a TypeError before any C++ runs (never a silent copy). Per-field tensors arrive as
+// pointers (see unpack_fields). Shape and value problems raise std::invalid_argument, which
+// nanobind maps to ValueError. The GIL is released around the work.
 #include <nanobind/nanobind.h>
 #include <nanobind/ndarray.h>
-#include <nanobind/stl/optional.h>
 #include <nanobind/stl/string.h>
 #include <nanobind/stl/vector.h>
 
-#include <optional>
+#include <cstdint>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -26,68 +26,59 @@ namespace {
 using Table = nb::ndarray<float, nb::ndim<2>, nb::c_contig, nb::device::cpu>;
 using FloatVector = nb::ndarray<float, nb::ndim<1>, nb::c_contig, nb::device::cpu>;
 using Int64Vector = nb::ndarray<int64_t, nb::ndim<1>, nb::c_contig, nb::device::cpu>;
-using IdVector = nb::ndarray<nb::ndim<1>, nb::c_contig, nb::device::cpu>;  // int32 or int64
 
 constexpr int64_t kMaxRowsOrIds = int64_t{1} << 32;  // ids and positions are packed in 32 bits
+constexpr size_t kPointersPerField = 4;  // weight, indices, offsets, per_sample_weights
+constexpr size_t kMetaPerField = 6;      // rows, dim, num_indices, index_is_64, pooling, padding_idx
 
-bool is_int(const IdVector& a, int bits) {
-  return a.dtype() == nb::dtype<int32_t>() ? bits == 32
-         : a.dtype() == nb::dtype<int64_t>() ? bits == 64 : false;
-}
-
-// Validates the per-field lists and describes them for the engine.
-std::vector<moefast::EmbeddingField> make_fields(
-    const std::vector<Table>& weights, const std::vector<IdVector>& indices,
-    const std::vector<std::optional<IdVector>>& offsets,
-    const std::vector<std::optional<FloatVector>>& per_sample_weights,
-    const std::vector<int>& poolings, const std::vector<int64_t>& padding_idx,
-    const std::vector<std::string>& names, int64_t batch) {
-  const size_t n = weights.size();
-  if (indices.size() != n || offsets.size() != n || per_sample_weights.size() != n ||
-      poolings.size() != n || padding_idx.size() != n || names.size() != n) {
-    throw std::invalid_argument("every per-field list must have one entry per table");
+// Why raw pointers for the per-field tensors: importing a torch tensor as an nb::ndarray costs
+// about 3 us (DLPack), 150 us for the 52 tensors of a 26-field batch, as much as a 4096-row
+// lookup; reading data_ptr() and checking dtype/contiguity/device in Python costs a tenth of
+// that. moefast.ops.embedding packs and checks them (the only caller); the engine re-checks
+// every value it reads through them (ids, offsets) and every size here.
+std::vector<moefast::EmbeddingField> unpack_fields(const std::vector<uintptr_t>& pointers,
+                                                   const std::vector<int64_t>& meta,
+                                                   const std::vector<std::string>& names,
+                                                   int64_t batch) {
+  const size_t n = names.size();
+  if (pointers.size() != n * kPointersPerField || meta.size() != n * kMetaPerField) {
+    throw std::invalid_argument("pointers / meta must hold 4 / 6 entries per field");
   }
   if (batch < 0) throw std::invalid_argument("batch must be >= 0");
   std::vector<moefast::EmbeddingField> fields(n);
   for (size_t t = 0; t < n; ++t) {
     moefast::EmbeddingField& f = fields[t];
+    const uintptr_t* p = pointers.data() + t * kPointersPerField;
+    const int64_t* m = meta.data() + t * kMetaPerField;
     f.name = names[t];
     const std::string where = "field '" + f.name + "': ";
-    f.weight = weights[t].data();
-    f.rows = static_cast<int64_t>(weights[t].shape(0));
-    f.dim = static_cast<int64_t>(weights[t].shape(1));
-    if (f.dim < 1) throw std::invalid_argument(where + "table dim must be >= 1");
+    f.weight = reinterpret_cast<float*>(p[0]);
+    f.indices = reinterpret_cast<const void*>(p[1]);
+    f.offsets = reinterpret_cast<const void*>(p[2]);
+    f.per_sample_weights = reinterpret_cast<const float*>(p[3]);
+    f.rows = m[0];
+    f.dim = m[1];
+    f.num_indices = m[2];
+    f.index_is_64 = m[3] != 0;
+    if (f.weight == nullptr || f.rows < 1 || f.dim < 1) throw std::invalid_argument(where + "empty table");
     if (f.rows >= kMaxRowsOrIds) throw std::invalid_argument(where + "tables of 2^32 rows or more are not supported");
-    const IdVector& ids = indices[t];
-    if (!is_int(ids, 32) && !is_int(ids, 64)) throw nb::type_error((where + "indices must be int32 or int64").c_str());
-    f.index_is_64 = is_int(ids, 64);
-    f.indices = ids.data();
-    f.num_indices = static_cast<int64_t>(ids.shape(0));
-    if (f.num_indices >= kMaxRowsOrIds) throw std::invalid_argument(where + "2^32 or more ids in one call are not supported");
-    if (poolings[t] < 0 || poolings[t] > 2) throw std::invalid_argument(where + "unknown pooling");
-    f.pooling = static_cast<moefast::Pooling>(poolings[t]);
-    if (offsets[t].has_value()) {
-      const IdVector& off = *offsets[t];
-      if (f.pooling == moefast::Pooling::kNone) throw std::invalid_argument(where + "a single-valued field takes no offsets");
-      if (off.dtype() != ids.dtype()) throw nb::type_error((where + "offsets must have the dtype of indices").c_str());
-      if (static_cast<int64_t>(off.shape(0)) != batch + 1) {
-        throw std::invalid_argument(where + "offsets must have batch + 1 = " + std::to_string(batch + 1) + " entries");
-      }
-      f.offsets = off.data();
-    } else {
-      if (f.pooling != moefast::Pooling::kNone) throw std::invalid_argument(where + "a pooled field needs offsets");
-      if (f.num_indices != batch) throw std::invalid_argument(where + "a single-valued field needs one id per sample");
+    if (f.num_indices < 0 || f.num_indices >= kMaxRowsOrIds) {
+      throw std::invalid_argument(where + "2^32 or more ids in one call are not supported");
     }
-    if (per_sample_weights[t].has_value()) {
-      const FloatVector& w = *per_sample_weights[t];
-      if (static_cast<int64_t>(w.shape(0)) != f.num_indices) {
-        throw std::invalid_argument(where + "per_sample_weights must have one entry per id");
-      }
-      if (f.pooling == moefast::Pooling::kMean) throw std::invalid_argument(where + "per_sample_weights need sum pooling");
-      f.per_sample_weights = w.data();
+    if (f.indices == nullptr && f.num_indices > 0) throw std::invalid_argument(where + "no indices");
+    if (m[4] < 0 || m[4] > 2) throw std::invalid_argument(where + "unknown pooling");
+    f.pooling = static_cast<moefast::Pooling>(m[4]);
+    if ((f.pooling == moefast::Pooling::kNone) != (f.offsets == nullptr)) {
+      throw std::invalid_argument(where + "offsets are needed exactly for pooled fields");
     }
-    if (padding_idx[t] < -1 || padding_idx[t] >= f.rows) throw std::invalid_argument(where + "padding_idx out of range");
-    f.padding_idx = padding_idx[t];
+    if (f.offsets == nullptr && f.num_indices != batch) {
+      throw std::invalid_argument(where + "a single-valued field needs one id per sample");
+    }
+    if (f.per_sample_weights != nullptr && f.pooling == moefast::Pooling::kMean) {
+      throw std::invalid_argument(where + "per_sample_weights need sum pooling");
+    }
+    if (m[5] < -1 || m[5] >= f.rows) throw std::invalid_argument(where + "padding_idx out of range");
+    f.padding_idx = m[5];
   }
   return fields;
 }
@@ -104,28 +95,23 @@ void check_out(const Table& out, int64_t batch, int64_t dims, const char* what) 
   }
 }
 
-void forward(const std::vector<Table>& weights, const std::vector<IdVector>& indices,
-             const std::vector<std::optional<IdVector>>& offsets,
-             const std::vector<std::optional<FloatVector>>& per_sample_weights,
-             const std::vector<int>& poolings, const std::vector<int64_t>& padding_idx,
+void forward(const std::vector<uintptr_t>& pointers, const std::vector<int64_t>& meta,
              const std::vector<std::string>& names, int64_t batch, Table out, int num_threads) {
-  auto fields = make_fields(weights, indices, offsets, per_sample_weights, poolings, padding_idx, names, batch);
+  auto fields = unpack_fields(pointers, meta, names, batch);
   check_out(out, batch, total_dim(fields), "out");
   const auto stride = static_cast<int64_t>(out.shape(1));
   nb::gil_scoped_release release;
   moefast::embedding_forward(fields, batch, out.data(), stride, num_threads);
 }
 
-std::vector<int64_t> backward_rows(
-    const std::vector<Table>& weights, const std::vector<IdVector>& indices,
-    const std::vector<std::optional<IdVector>>& offsets,
-    const std::vector<std::optional<FloatVector>>& per_sample_weights,
-    const std::vector<int>& poolings, const std::vector<int64_t>& padding_idx,
-    const std::vector<std::string>& names, int64_t batch, Table grad_out,
-    const std::vector<bool>& need, Int64Vector rows_out, FloatVector grads_out, int num_threads) {
-  auto fields = make_fields(weights, indices, offsets, per_sample_weights, poolings, padding_idx, names, batch);
+std::vector<int64_t> backward_rows(const std::vector<uintptr_t>& pointers,
+                                   const std::vector<int64_t>& meta,
+                                   const std::vector<std::string>& names, int64_t batch,
+                                   Table grad_out, const std::vector<bool>& need,
+                                   Int64Vector rows_out, FloatVector grads_out, int num_threads) {
+  auto fields = unpack_fields(pointers, meta, names, batch);
   check_out(grad_out, batch, total_dim(fields), "grad_out");
-  if (need.size() != fields.size()) throw std::invalid_argument("need must have one entry per table");
+  if (need.size() != fields.size()) throw std::invalid_argument("need must have one entry per field");
   int64_t ids = 0, values = 0;
   for (const auto& f : fields) {
     ids += f.num_indices;
@@ -140,23 +126,16 @@ std::vector<int64_t> backward_rows(
                                           rows_out.data(), grads_out.data(), num_threads);
 }
 
-void backward_update(
-    const std::vector<Table>& weights, const std::vector<IdVector>& indices,
-    const std::vector<std::optional<IdVector>>& offsets,
-    const std::vector<std::optional<FloatVector>>& per_sample_weights,
-    const std::vector<int>& poolings, const std::vector<int64_t>& padding_idx,
-    const std::vector<std::string>& names, int64_t batch, Table grad_out,
-    const std::vector<bool>& need, int kind, double lr, double eps, double beta1, double beta2,
-    const std::vector<std::optional<FloatVector>>& state_sum,
-    const std::vector<std::optional<Table>>& state_exp_avg,
-    const std::vector<std::optional<Table>>& state_exp_avg_sq,
-    const std::vector<std::optional<Int64Vector>>& state_step, int num_threads) {
-  auto fields = make_fields(weights, indices, offsets, per_sample_weights, poolings, padding_idx, names, batch);
+void backward_update(const std::vector<uintptr_t>& pointers, const std::vector<int64_t>& meta,
+                     const std::vector<std::string>& names, int64_t batch, Table grad_out,
+                     const std::vector<bool>& need, int kind, double lr, double eps,
+                     double beta1, double beta2, const std::vector<uintptr_t>& state_pointers,
+                     int num_threads) {
+  auto fields = unpack_fields(pointers, meta, names, batch);
   check_out(grad_out, batch, total_dim(fields), "grad_out");
   const size_t n = fields.size();
-  if (need.size() != n || state_sum.size() != n || state_exp_avg.size() != n ||
-      state_exp_avg_sq.size() != n || state_step.size() != n) {
-    throw std::invalid_argument("need and the state lists must have one entry per table");
+  if (need.size() != n || state_pointers.size() != 4 * n) {
+    throw std::invalid_argument("need / state_pointers must hold 1 / 4 entries per field");
   }
   if (kind != 0 && kind != 1) throw std::invalid_argument("unknown optimizer kind");
   moefast::OptimizerConfig config;
@@ -168,27 +147,15 @@ void backward_update(
   std::vector<moefast::OptimizerState> states(n);
   for (size_t t = 0; t < n; ++t) {
     if (!need[t]) continue;
-    const auto& f = fields[t];
-    const std::string where = "field '" + f.name + "': optimizer state ";
-    auto check_table = [&](const std::optional<Table>& a, const char* slot) -> float* {
-      if (!a.has_value() || static_cast<int64_t>(a->shape(0)) != f.rows || static_cast<int64_t>(a->shape(1)) != f.dim) {
-        throw std::invalid_argument(where + slot + " must be [rows, dim]");
-      }
-      return a->data();
-    };
-    if (config.kind == moefast::OptimizerKind::kRowwiseAdagrad) {
-      if (!state_sum[t].has_value() || static_cast<int64_t>(state_sum[t]->shape(0)) != f.rows) {
-        throw std::invalid_argument(where + "'sum' must be [rows]");
-      }
-      states[t].sum = state_sum[t]->data();
-    } else {
-      states[t].exp_avg = check_table(state_exp_avg[t], "'exp_avg'");
-      states[t].exp_avg_sq = check_table(state_exp_avg_sq[t], "'exp_avg_sq'");
-      if (!state_step[t].has_value() || static_cast<int64_t>(state_step[t]->shape(0)) != f.rows) {
-        throw std::invalid_argument(where + "'step' must be [rows]");
-      }
-      states[t].step = state_step[t]->data();
-    }
+    const uintptr_t* p = state_pointers.data() + 4 * t;
+    states[t].sum = reinterpret_cast<float*>(p[0]);
+    states[t].exp_avg = reinterpret_cast<float*>(p[1]);
+    states[t].exp_avg_sq = reinterpret_cast<float*>(p[2]);
+    states[t].step = reinterpret_cast<int64_t*>(p[3]);
+    const bool ok = config.kind == moefast::OptimizerKind::kRowwiseAdagrad
+                        ? states[t].sum != nullptr
+                        : states[t].exp_avg && states[t].exp_avg_sq && states[t].step;
+    if (!ok) throw std::invalid_argument("field '" + fields[t].name + "': missing optimizer state");
   }
   const auto stride = static_cast<int64_t>(grad_out.shape(1));
   nb::gil_scoped_release release;
@@ -203,25 +170,25 @@ NB_MODULE(_C, m) {
   m.def("core_build_info", &moefast::core_build_info,
         "How the hot static library was compiled, e.g. 'opt=-O3;optimize=speed;...'.");
 
-  m.def("embedding_forward", &forward, "weights"_a.noconvert(), "indices"_a.noconvert(),
-        "offsets"_a.noconvert(), "per_sample_weights"_a.noconvert(), "poolings"_a,
-        "padding_idx"_a, "names"_a, "batch"_a, "out"_a.noconvert(), "num_threads"_a,
+  // Per-field tensors arrive as data pointers plus sizes (see unpack_fields); only
+  // moefast.ops.embedding calls these, after checking dtype, contiguity and device.
+  m.def("embedding_forward", &forward, "pointers"_a, "meta"_a, "names"_a, "batch"_a,
+        "out"_a.noconvert(), "num_threads"_a,
         "Table-batched lookup into out [batch, >= sum of dims] (float32). Spec: "
-        "moefast.reference.embedding.embedding_collection. Pooling codes: 0 none, 1 sum, 2 mean; "
-        "padding_idx -1 for none. ValueError names the field for an id out of range or bad offsets.");
-  m.def("embedding_backward_rows", &backward_rows, "weights"_a.noconvert(),
-        "indices"_a.noconvert(), "offsets"_a.noconvert(), "per_sample_weights"_a.noconvert(),
-        "poolings"_a, "padding_idx"_a, "names"_a, "batch"_a, "grad_out"_a.noconvert(), "need"_a,
-        "rows_out"_a.noconvert(), "grads_out"_a.noconvert(), "num_threads"_a,
+        "moefast.reference.embedding.embedding_collection. Per field, pointers = (weight, "
+        "indices, offsets or 0, per_sample_weights or 0) and meta = (rows, dim, num_indices, "
+        "index_is_64, pooling 0 none / 1 sum / 2 mean, padding_idx or -1). ValueError names the "
+        "field for an id out of range or inconsistent offsets.");
+  m.def("embedding_backward_rows", &backward_rows, "pointers"_a, "meta"_a, "names"_a, "batch"_a,
+        "grad_out"_a.noconvert(), "need"_a, "rows_out"_a.noconvert(), "grads_out"_a.noconvert(),
+        "num_threads"_a,
         "Backward as unique rows: field t's sorted unique ids go to rows_out[sum of previous N:] "
         "and their summed gradients to grads_out[sum of previous N * dim:]; returns the count "
         "per field. Spec: moefast.reference.embedding.embedding_collection_row_grads.");
-  m.def("embedding_backward_update", &backward_update, "weights"_a.noconvert(),
-        "indices"_a.noconvert(), "offsets"_a.noconvert(), "per_sample_weights"_a.noconvert(),
-        "poolings"_a, "padding_idx"_a, "names"_a, "batch"_a, "grad_out"_a.noconvert(), "need"_a,
-        "kind"_a, "lr"_a, "eps"_a, "beta1"_a, "beta2"_a, "state_sum"_a.noconvert(),
-        "state_exp_avg"_a.noconvert(), "state_exp_avg_sq"_a.noconvert(),
-        "state_step"_a.noconvert(), "num_threads"_a,
-        "Backward fused with a sparse optimizer (kind 0: row-wise Adagrad, 1: lazy Adam) that "
+  m.def("embedding_backward_update", &backward_update, "pointers"_a, "meta"_a, "names"_a,
+        "batch"_a, "grad_out"_a.noconvert(), "need"_a, "kind"_a, "lr"_a, "eps"_a, "beta1"_a,
+        "beta2"_a, "state_pointers"_a, "num_threads"_a,
+        "Backward fused with a sparse optimizer (kind 0: row-wise Adagrad with state_pointers "
+        "(sum, 0, 0, 0) per field; 1: lazy Adam with (0, exp_avg, exp_avg_sq, step)) that "
         "updates the rows seen in place. Spec: moefast.reference.embedding_optim.");
 }

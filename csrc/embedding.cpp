@@ -12,9 +12,11 @@ namespace moefast {
 namespace {
 
 // Rows prefetched ahead of the one being summed. A plain gather loop ran about 3x slower than
-// torch's FBGEMM kernel on a 1e6 x 16 table until rows were prefetched (NOTES.md); 16 is what
-// FBGEMM's JIT kernel uses.
-constexpr int64_t kPrefetchDistance = 16;
+// torch's FBGEMM kernel on a 1e6 x 16 table until rows were prefetched (NOTES.md). FBGEMM uses
+// 16; on the 26-field benchmark (tables up to 1e7 rows, one thread, interleaved with torch)
+// 32 and 64 ran 1.09x torch's kernel and 128 1.18x, on a loaded machine: 64 keeps more misses
+// in flight without prefetching far past short bags.
+constexpr int64_t kPrefetchDistance = 64;
 // Lookups per forward task: small enough to balance 26 uneven fields over the threads, large
 // enough that the dynamic hand-out (one atomic add) costs nothing.
 constexpr int64_t kLookupsPerTask = 2048;

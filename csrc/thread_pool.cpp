@@ -62,11 +62,15 @@ void ThreadPool::worker_loop(int worker_id) {
       wake_.wait(lock, [&] { return stop_ || (generation_ != seen && worker_id < active_workers_); });
       if (stop_) return;
       seen = generation_;
+      // A worker that wakes after the caller has taken every task stays out: the caller never
+      // waits for a sleeping thread to be scheduled (on a loaded machine that costs a time slice).
+      if (!open_) continue;
+      ++joined_;
     }
     run_tasks();
     {
       std::lock_guard<std::mutex> lock(mutex_);
-      ++finished_workers_;
+      --joined_;
     }
     done_.notify_one();
   }
@@ -90,15 +94,18 @@ void ThreadPool::parallel_for(int64_t num_tasks, int num_threads,
     next_task_.store(0, std::memory_order_relaxed);
     error_ = nullptr;
     active_workers_ = helpers;
-    finished_workers_ = 0;
+    open_ = true;
+    joined_ = 0;
     ++generation_;
   }
   wake_.notify_all();
-  run_tasks();
+  run_tasks();  // returns once every task has been handed out
   std::exception_ptr error;
   {
     std::unique_lock<std::mutex> lock(mutex_);
-    done_.wait(lock, [&] { return finished_workers_ == active_workers_; });
+    open_ = false;
+    // Tasks still running belong to joined workers: wait for them only.
+    done_.wait(lock, [&] { return joined_ == 0; });
     active_workers_ = 0;
     fn_ = nullptr;
     error = error_;

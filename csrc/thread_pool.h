@@ -42,8 +42,9 @@ class ThreadPool {
   std::vector<std::thread> workers_;
   bool stop_ = false;
   uint64_t generation_ = 0;
-  int active_workers_ = 0;    // workers asked to join the current generation
-  int finished_workers_ = 0;  // of those, how many are done
+  int active_workers_ = 0;  // workers 0 .. active_workers_ - 1 may join the current generation
+  bool open_ = false;       // whether a worker that wakes now may still join
+  int joined_ = 0;          // workers inside the current generation
   const std::function<void(int64_t)>* fn_ = nullptr;
   int64_t num_tasks_ = 0;
   std::atomic<int64_t> next_task_{0};
