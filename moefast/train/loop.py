@@ -323,7 +323,8 @@ def _run_stage(
         )
         history.append(val.mean_auc)
         if config.progress:
-            tqdm.write(f"[{index + 1}/{total}] {step.label} epoch {epoch}: val mean AUC {val.mean_auc:.5f}")
+            what = "val mean AUC" if len(val_domains) > 1 else f"val AUC of {dataset.domain_names[val_domains[0]]}"
+            tqdm.write(f"[{index + 1}/{total}] {step.label} epoch {epoch}: {what} {val.mean_auc:.5f}")
         if stopper.update(val.mean_auc):
             best_state = {id(p): p.detach().clone() for p in params}
         elif stopper.should_stop:

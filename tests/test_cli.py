@@ -1,0 +1,96 @@
+"""`moefast train`: one end-to-end run on a tiny synthetic dataset; TOML; one-line errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from moefast import cli
+from moefast.config import BatchMode, TowerKind
+
+TINY = ["--rows", "1500", "--num-domains", "3", "--max-epochs", "1", "--batch-size", "256"]
+
+
+def test_train_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "run"
+    assert cli.main(["train", *TINY, "--quiet", "--out", str(out)]) == 0
+    printed = capsys.readouterr()
+    assert printed.err == "", "--quiet prints nothing to stderr"
+    table = printed.out
+    header = next(line for line in table.splitlines() if line.startswith("domain "))
+    assert header.split()[-3:] == ["base", "mlora", "moe-mlora"]
+    for label in ("mean AUC", "WAUC"):
+        assert any(line.startswith(label) for line in table.splitlines()), label
+    combined = json.loads((out / "metrics.json").read_text())["methods"]
+    assert list(combined) == ["base", "mlora", "moe-mlora"]
+    for method in combined:
+        run = out / method
+        metrics = json.loads((run / "metrics.json").read_text())
+        assert metrics["method"] == method and metrics["model"] == "deepfm"
+        assert metrics == combined[method]
+        wauc = f"{metrics['test']['wauc']:.4f}"
+        assert wauc in next(line for line in table.splitlines() if line.startswith("WAUC"))
+        for name in ("config.toml", "config.json", "predictions.csv", "val_auc.png", "per_domain_auc.png"):
+            assert (run / name).is_file(), (method, name)
+        assert list((run / "checkpoints").glob("*.pt"))
+    assert (out / "moe-mlora" / "gate_weights.png").is_file()
+    assert (out / "per_domain_auc.png").is_file() and (out / "table.txt").is_file()
+    # The resolved config reads back to the same configuration.
+    config, quiet = cli.resolve_config(cli._read_toml(str(out / "config.toml")))
+    assert config.data.rows == 1500 and config.data.num_domains == 3
+    assert config.train.max_epochs == 1 and config.methods == tuple(TowerKind)
+
+
+def test_toml_keys_mirror_flags_and_flags_win(tmp_path: Path) -> None:
+    path = tmp_path / "run.toml"
+    path.write_text(
+        'model = "wdl"\nmethod = "mlora"\nmax-epochs = 4\nbatch_mode = "mixed"\n'
+        "experts-per-domain = 2\nquiet = true\ntrain_backbone_in_later_stages = true\n"
+    )
+    options = cli._read_toml(str(path))
+    options.update({"max_epochs": 7})  # as if --max-epochs 7 were given
+    config, quiet = cli.resolve_config(options)
+    assert (config.model, config.methods, config.experts_per_domain) == ("wdl", (TowerKind.MLORA,), 2)
+    assert config.train.max_epochs == 7 and config.train.batch_mode is BatchMode.MIXED
+    assert config.train.train_backbone_in_later_stages and quiet and not config.train.progress
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--model", "nope"], "unknown model 'nope'"),
+        (["--config", "/no/such/file.toml"], "config file '/no/such/file.toml' does not exist"),
+        (["--method", "lora"], "unknown method 'lora'"),
+        (["--experts-per-domain", "0"], "experts_per_domain must be > 0"),
+        (["--dataset", "movielens-1m", "--data-dir", "/no/such/dir"], "is not a directory"),
+        (["--dataset", "nope", "--data-dir", "."], "unknown dataset 'nope'"),
+        (["--domain", "age"], "does not apply to the synthetic dataset"),
+        (["--backend", "gpu"], "unknown backend 'gpu'"),
+        (["--max-epochs", "zero"], "invalid int value"),
+    ],
+)
+def test_user_mistakes_are_one_line(argv: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
+    try:
+        code = cli.main(["train", *argv])
+    except SystemExit as exc:  # argparse's own errors
+        code = int(exc.code or 0)
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.count("\n") == 1 and err.startswith("moefast"), err
+    assert message in err
+
+
+def test_bad_toml_key_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text("learning_rate = 0.1\n")
+    assert cli.main(["train", "--config", str(path)]) == 2
+    assert "unknown key 'learning_rate'" in capsys.readouterr().err
+
+
+def test_console_script_help() -> None:
+    done = subprocess.run([sys.executable, "-m", "moefast.cli", "train", "--help"], capture_output=True, text=True)
+    assert done.returncode == 0 and "--experts-per-domain" in done.stdout and "--quiet" in done.stdout
