@@ -40,7 +40,7 @@ def test_train_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
     assert (out / "moe-mlora" / "gate_weights.png").is_file()
     assert (out / "per_domain_auc.png").is_file() and (out / "table.txt").is_file()
     # The resolved config reads back to the same configuration.
-    config, quiet = cli.resolve_config(cli._read_toml(str(out / "config.toml")))
+    config, _ = cli.resolve_config(cli._read_toml(str(out / "config.toml")))
     assert config.data.rows == 1500 and config.data.num_domains == 3
     assert config.train.max_epochs == 1 and config.methods == tuple(TowerKind)
 
