@@ -166,6 +166,10 @@ def _read_toml(path: str) -> dict[str, Any]:
         if dest not in _ALL_OPTIONS:
             raise UserError(f"config file {path!r}: unknown key {key!r}")
         conv = _ALL_OPTIONS[dest]
+        if isinstance(value, list):  # method = ["base", "mlora"]
+            value = ",".join(str(v) for v in value)
+        if conv is int and (isinstance(value, bool) or not isinstance(value, int | str)):
+            raise UserError(f"config file {path!r}: key {key!r} must be an integer, got {value!r}")
         try:
             out[dest] = conv(value) if isinstance(value, str) or conv in (int, float) else conv(str(value))
         except (ValueError, TypeError, argparse.ArgumentTypeError) as exc:
@@ -283,9 +287,11 @@ def _train(config: RunConfig, quiet: bool) -> int:
         except ValueError as exc:
             raise UserError(str(exc)) from None
     try:
-        torch.device(config.train.device)
+        device = torch.device(config.train.device)
     except RuntimeError as exc:
         raise UserError(f"--device {config.train.device!r}: {exc}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {config.train.device!r}: no CUDA device is available here")
     if config.model.lower() not in models.MODELS:
         raise UserError(f"unknown model {config.model!r}; choose one of {', '.join(sorted(models.MODELS))}")
     out = Path(config.out or Path("runs") / datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))

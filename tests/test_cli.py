@@ -48,7 +48,7 @@ def test_train_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
 def test_toml_keys_mirror_flags_and_flags_win(tmp_path: Path) -> None:
     path = tmp_path / "run.toml"
     path.write_text(
-        'model = "wdl"\nmethod = "mlora"\nmax-epochs = 4\nbatch_mode = "mixed"\n'
+        'model = "wdl"\nmethod = ["mlora"]\nmax-epochs = 4\nbatch_mode = "mixed"\n'
         "experts-per-domain = 2\nquiet = true\ntrain_backbone_in_later_stages = true\n"
     )
     options = cli._read_toml(str(path))
@@ -70,6 +70,7 @@ def test_toml_keys_mirror_flags_and_flags_win(tmp_path: Path) -> None:
         (["--dataset", "nope", "--data-dir", "."], "unknown dataset 'nope'"),
         (["--domain", "age"], "does not apply to the synthetic dataset"),
         (["--backend", "gpu"], "unknown backend 'gpu'"),
+        (["--device", "tpu:x"], "--device 'tpu:x'"),
         (["--max-epochs", "zero"], "invalid int value"),
     ],
 )
@@ -89,6 +90,9 @@ def test_bad_toml_key_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[
     path.write_text("learning_rate = 0.1\n")
     assert cli.main(["train", "--config", str(path)]) == 2
     assert "unknown key 'learning_rate'" in capsys.readouterr().err
+    path.write_text("max_epochs = 2.5\n")
+    assert cli.main(["train", "--config", str(path)]) == 2
+    assert "key 'max_epochs' must be an integer, got 2.5" in capsys.readouterr().err
 
 
 def test_console_script_help() -> None:

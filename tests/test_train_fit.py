@@ -142,3 +142,14 @@ def test_fit_rejects_a_model_for_other_domains(ds: MultiDomainDataset) -> None:
     model = models.build("deepfm", other, "mlora", tower_config=SMALL)
     with pytest.raises(ValueError, match="built for 2 domains"):
         fit(model, ds, QUICK)
+
+
+def test_backend_reaches_every_layer_and_keeps_the_parameters(ds: MultiDomainDataset) -> None:
+    model = models.build("deepfm", ds, "mlora", tower_config=SMALL)
+    result = fit(model, ds, TrainConfig(max_epochs=1, batch_size=512, progress=False), backend="reference")
+    assert result.metrics["backend"] == "reference"
+    layers = [m for m in model.modules() if hasattr(m, "backend") and not isinstance(m, models.CTRModel)]
+    assert len(layers) == 2 + 2  # two tower layers, embeddings, first-order weights
+    assert all(m.backend is not None and m.backend.value == "reference" for m in layers)
+    fast = models.build("deepfm", ds, "mlora", tower_config=SMALL, backend="fast")
+    assert {k: v.shape for k, v in fast.state_dict().items()} == {k: v.shape for k, v in model.state_dict().items()}
