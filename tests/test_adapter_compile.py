@@ -1,9 +1,10 @@
 """Every adapter kernel compiles for a Hopper GPU (sm_90), fp32 and bf16, without a GPU.
 
 The interpreter runs kernels as numpy and accepts programs the GPU compiler rejects (a
-``tl.dot`` under 16 wide, mismatched types across branches, too much shared memory). This test
-records the launches the host launchers make for every routing, both activations and dropout,
-in fp32 and bf16, then compiles each distinct kernel configuration through Triton's full NVIDIA
+``tl.dot`` under 16 wide, layouts the tensor-core lowering cannot take, mismatched types
+across branches). This test
+records the launches the host launchers make (see the routings chosen below) in fp32 and
+bf16, then compiles each distinct kernel configuration through Triton's full NVIDIA
 pipeline (TTIR, TTGIR, LLVM, PTX, ptxas to a cubin) for ``GPUTarget("cuda", 90, 32)``.
 
 It runs in a subprocess because conftest.py sets ``TRITON_INTERPRET=1`` for this process, and
@@ -13,7 +14,6 @@ of configurations and whether their products use tensor cores.
 
 from __future__ import annotations
 
-import itertools
 import os
 import pathlib
 import subprocess
@@ -49,9 +49,14 @@ def _record_and_compile(verbose: bool) -> int:
         if isinstance(obj, triton.runtime.jit.JITFunction) and name.endswith("_kernel"):
             setattr(kernels, name, Recorder(obj))
 
+    # GATE with ReLU and dropout (gate loads, the c-product, dg) and DOMAIN without (one-hot
+    # gates in registers, block skipping, the c gather) cover every branch that differs in
+    # compiled code; EXPERT and NONE only drop code from these. bf16 takes both (tensor-core
+    # products: where the GPU's layout and 16-wide constraints bite), fp32 the first. Each
+    # compilation costs about a second of CPU; this keeps the test near 20 s with a cold cache.
     n, k, o, e, r = 100, 40, 70, 10, 4
-    configs = itertools.product((torch.float32, torch.bfloat16),
-                                ("gate", "domain", "expert", "none"), (True, False))
+    configs = [(torch.bfloat16, "gate", True), (torch.bfloat16, "domain", False),
+               (torch.float32, "gate", True)]
     for dtype, routing, relu in configs:
         x = torch.randn(n, k, dtype=dtype)
         w, b = torch.randn(o, k, dtype=dtype), torch.randn(o, dtype=dtype)
@@ -59,11 +64,10 @@ def _record_and_compile(verbose: bool) -> int:
         c = torch.randn(e, o, dtype=dtype)
         gate = torch.rand(n, e, dtype=dtype) if routing == "gate" else None
         domain = torch.randint(0, e, (n,)) if routing == "domain" else None
-        expert = 3 if routing == "expert" else None
-        mask = torch.ones(n, o, dtype=dtype) if relu else None  # dropout with ReLU only: enough
-        y, u = kernels.adapter_linear_fwd(x, w, b, a, bm, c, gate, domain, expert, mask, relu)
+        mask = torch.ones(n, o, dtype=dtype) if relu else None
+        y, u = kernels.adapter_linear_fwd(x, w, b, a, bm, c, gate, domain, None, mask, relu)
         kernels.adapter_linear_bwd(torch.randn(n, o, dtype=dtype), x, y, u, w, a, bm, c, gate,
-                                   domain, expert, mask, relu, (True,) * 7)
+                                   domain, None, mask, relu, (True,) * 7)
 
     type_names = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.int64: "i64"}
     seen: dict[str, Any] = {}
