@@ -260,3 +260,29 @@ def test_module_backends_share_state_and_results() -> None:
             fast(batch).square().sum().backward()
         for key, value in ref.state_dict().items():
             torch.testing.assert_close(fast.state_dict()[key], value, rtol=TOL.rtol, atol=TOL.atol, msg=key)
+
+
+@pytest.mark.skipif(not _ext.available(), reason="moefast._C not built")
+def test_fast_results_do_not_depend_on_thread_count() -> None:
+    """Each row's gradient is summed by one task in a fixed order: bitwise equal results."""
+    fields = make_fields(512, seed=7)
+    grad_out = torch.randn(512, sum(f.weight.shape[1] for f in fields))
+    config = LazyAdam(lr=0.1)
+    results = []
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            dense = [f.weight.clone().requires_grad_() for f in fields]
+            out = run_op(fields, dense, "fast")
+            out.backward(grad_out)
+            fused = [f.weight.clone().requires_grad_() for f in fields]
+            states = [config.init_state(w) for w in fused]
+            for _ in range(2):
+                run_op(fields, fused, "fast", optimizer=config, optimizer_states=states).backward(grad_out)
+            results.append([out.detach(), *(w.grad for w in dense), *(w.detach() for w in fused)])
+    finally:
+        torch.set_num_threads(before)
+    for other in results[1:]:
+        for a, b in zip(results[0], other, strict=True):
+            assert a is not None and b is not None and torch.equal(a, b)
