@@ -30,7 +30,8 @@ Two launches forward: ``u = x A_cat`` (fp32, kept for backward), then
 ``dx = (dz * mask) W + du A_cat^T``, and the weight gradients ``dW = (dz*mask)^T x``,
 ``db = sum (dz*mask)``, ``dA_e = x^T du_e``, ``dB_e = (g_e u_e)^T dz``, ``dc = g^T dz``, each
 launched only when needed. Weight gradients reduce over N in ``S`` row splits written as fp32
-partials and summed on the host: deterministic (no atomics) and parallel at small tile counts.
+partials and summed by torch in a fixed order: deterministic (no atomics) and parallel at small
+tile counts; with one split (large weights, or few rows) the kernel writes the gradient itself.
 
 Numerics: every accumulator is fp32; the rank-space intermediate ``u`` stays fp32 and the gate
 is applied in fp32 before the single downcast feeding a bf16 tensor-core product. fp32 inputs
@@ -40,6 +41,7 @@ use ``input_precision="ieee"`` (NVIDIA defaults to tf32) so results match torch'
 from __future__ import annotations
 
 import enum
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -297,8 +299,8 @@ def _adapter_bwd_rank_kernel(
             # >= 16 where a reshape to [BLOCK_M, EB, RP] would not.
             seg = tl.where((cols[:, None] // RP) == t[None, :], 1.0, 0.0)
             dg = tl.dot(u * dv, seg, dgc, input_precision="ieee")
-            tl.store(dg_ptr + offs_m64[:, None] * stride_dgm + e_t[None, :] * stride_dge, dg,
-                     mask=row_ok[:, None] & t_ok[None, :])
+            tl.store(dg_ptr + offs_m64[:, None] * stride_dgm + e_t[None, :] * stride_dge,
+                     dg.to(dg_ptr.dtype.element_ty), mask=row_ok[:, None] & t_ok[None, :])
 
 
 @triton.jit
@@ -370,7 +372,7 @@ def _adapter_bwd_weight_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    """fp32 partials of ``dW = (dz*mask)^T x`` and ``db = sum(dz*mask)`` over one row split."""
+    """Partials of ``dW = (dz*mask)^T x`` and ``db = sum(dz*mask)`` over one row split."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     pid_s = tl.program_id(2)
@@ -402,10 +404,12 @@ def _adapter_bwd_weight_kernel(
             acc_b += tl.sum(dzt, axis=1)
     if NEED_DW:
         tl.store(dw_ptr + pid_s * stride_dws + offs_n[:, None] * stride_dwo
-                 + offs_k[None, :] * stride_dwk, acc, mask=n_ok[:, None] & k_ok[None, :])
+                 + offs_k[None, :] * stride_dwk, acc.to(dw_ptr.dtype.element_ty),
+                 mask=n_ok[:, None] & k_ok[None, :])
     if NEED_DB:
         if pid_k == 0:
-            tl.store(db_ptr + pid_s * stride_dbs + offs_n * stride_dbo, acc_b, mask=n_ok)
+            tl.store(db_ptr + pid_s * stride_dbs + offs_n * stride_dbo,
+                     acc_b.to(db_ptr.dtype.element_ty), mask=n_ok)
 
 
 @triton.jit
@@ -417,7 +421,7 @@ def _adapter_bwd_a_kernel(
     MODE: tl.constexpr, RP: tl.constexpr, EB: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    """fp32 partials of ``dA_e = x^T du_e`` for a block of K, a block of experts, a row split."""
+    """Partials of ``dA_e = x^T du_e`` for a block of K, a block of experts, a row split."""
     BR: tl.constexpr = EB * RP
     pid_k = tl.program_id(0)
     pid_e = tl.program_id(1)
@@ -447,8 +451,8 @@ def _adapter_bwd_a_kernel(
             du = tl.where(g != 0.0, du, 0.0)
             acc = tl.dot(xt, du.to(xt.dtype), acc, input_precision=DOT_PRECISION)
     tl.store(da_ptr + pid_s * stride_das + (e_col - E_LO)[None, :] * stride_dae
-             + offs_k[:, None] * stride_dak + j_col[None, :] * stride_dar, acc,
-             mask=k_ok[:, None] & col_ok[None, :])
+             + offs_k[:, None] * stride_dak + j_col[None, :] * stride_dar,
+             acc.to(da_ptr.dtype.element_ty), mask=k_ok[:, None] & col_ok[None, :])
 
 
 @triton.jit
@@ -462,7 +466,7 @@ def _adapter_bwd_b_kernel(
     EBP: tl.constexpr, NEED_DBM: tl.constexpr, NEED_DC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    """fp32 partials of ``dB_e = (g_e u_e)^T dz`` and ``dc = g^T dz`` over one row split."""
+    """Partials of ``dB_e = (g_e u_e)^T dz`` and ``dc = g^T dz`` over one row split."""
     BR: tl.constexpr = EB * RP
     pid_e = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -505,11 +509,12 @@ def _adapter_bwd_b_kernel(
                 acc_c = tl.dot(tl.trans(gt), dz, acc_c, input_precision="ieee")
     if NEED_DBM:
         tl.store(dbm_ptr + pid_s * stride_dbs + (e_col - E_LO)[:, None] * stride_dbe
-                 + j_col[:, None] * stride_dbr + offs_n[None, :] * stride_dbo, acc,
-                 mask=col_ok[:, None] & n_ok[None, :])
+                 + j_col[:, None] * stride_dbr + offs_n[None, :] * stride_dbo,
+                 acc.to(dbm_ptr.dtype.element_ty), mask=col_ok[:, None] & n_ok[None, :])
     if NEED_DC:
         tl.store(dc_ptr + pid_s * stride_dcs + (e_t - E_LO)[:, None] * stride_dce
-                 + offs_n[None, :] * stride_dco, acc_c, mask=t_ok[:, None] & n_ok[None, :])
+                 + offs_n[None, :] * stride_dco, acc_c.to(dc_ptr.dtype.element_ty),
+                 mask=t_ok[:, None] & n_ok[None, :])
 
 
 # --------------------------------------------------------------------------------------------
@@ -563,16 +568,21 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "ieee"
 
 
+@functools.cache
+def _sm_count(device_index: int) -> int:
+    return int(torch.cuda.get_device_properties(device_index).multi_processor_count)
+
+
 def _num_splits(rows: int, tiles: int, device: torch.device) -> int:
     """Row splits for the weight gradients, so that small weights still fill the GPU.
 
-    Aim for about two programs per SM, but keep at least 8 row tiles per split (each split
-    costs one fp32 partial of the weight). Under the interpreter programs run one after another:
+    Aim for about two programs per SM, but keep at least 8 row tiles per split (each extra
+    split costs one fp32 partial of the weight and a reduction). Under the interpreter programs run one after another:
     one split.
     """
     if device.type != "cuda":
         return 1
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
     want = triton.cdiv(2 * sms, max(tiles, 1))
     most = max(1, triton.cdiv(rows, 8 * BLOCK_M))
     return max(1, min(want, most))
@@ -584,6 +594,36 @@ def _strides(t: torch.Tensor | None, ndim: int) -> tuple[int, ...]:
 
 def _act(relu: bool) -> int:
     return 1 if relu else 0
+
+
+def _rows_per_split(row_tiles: int, splits: int) -> int:
+    return triton.cdiv(row_tiles, splits) * BLOCK_M
+
+
+def _partials(splits: int, shape: tuple[int, ...], dtype: torch.dtype,
+              device: torch.device) -> torch.Tensor:
+    """``[splits, *shape]`` buffer for a gradient reduced over row splits.
+
+    With one split the kernel writes the final gradient in the parameter's dtype (no reduction
+    launch, no cast); with several, fp32 partials that :func:`_reduce` sums in a fixed order.
+    """
+    return torch.empty((splits, *shape), dtype=dtype if splits == 1 else torch.float32,
+                       device=device)
+
+
+def _reduce(partials: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    if partials.shape[0] == 1:
+        return partials[0]
+    return partials.sum(0).to(dtype)
+
+
+def _scatter_experts(visited: torch.Tensor, plan: _Plan, num_experts: int) -> torch.Tensor:
+    """The full ``[E, ...]`` stack from the visited experts' gradients (zero elsewhere)."""
+    if plan.e_lo == 0 and plan.e_hi == num_experts:
+        return visited
+    full = visited.new_zeros((num_experts, *visited.shape[1:]))
+    full[plan.e_lo : plan.e_hi] = visited
+    return full
 
 
 def adapter_linear_fwd(
@@ -669,24 +709,17 @@ def adapter_linear_bwd(
     num_experts, _, rank = lora_A.shape
     plan = _plan(num_experts, rank, gate, domain, expert)
     adapter = plan.mode is not Routing.NONE
-    need_dg = need_dg and plan.mode is Routing.GATE
+    need_dg = need_dg and gate is not None
     dev = x.device
-    f32 = torch.float32
     grads: list[torch.Tensor | None] = [None] * 7
-
-    if need_dx:
-        grads[0] = torch.empty_like(x, memory_format=torch.contiguous_format)
-    if need_dw:
-        grads[1] = torch.zeros_like(weight, memory_format=torch.contiguous_format)
-    if need_db:
-        grads[2] = torch.zeros((out,), dtype=x.dtype, device=dev)
-    for i, (flag, like) in enumerate(((need_da, lora_A), (need_dbm, lora_B), (need_dc, lora_c)), 3):
-        if flag:
-            grads[i] = torch.zeros_like(like, memory_format=torch.contiguous_format)
-    if needs[6] and gate is not None:
-        grads[6] = torch.zeros_like(gate, memory_format=torch.contiguous_format)
-    if n == 0:
-        return grads
+    if n == 0 or not adapter:
+        # Nothing to reduce, or an adapter this call did not use: its gradient is zero.
+        for i, (flag, like) in enumerate(zip(needs, (x, weight, weight[:, 0], lora_A, lora_B,
+                                                     lora_c, gate), strict=True)):
+            if flag and like is not None and (i >= 3 or n == 0):
+                grads[i] = torch.zeros(like.shape, dtype=like.dtype, device=dev)
+        if n == 0:
+            return grads
 
     prec = _dot_precision(x.dtype)
     act = _act(relu)
@@ -700,9 +733,12 @@ def adapter_linear_bwd(
     row_tiles = triton.cdiv(n, BLOCK_M)
 
     need_du = adapter and (need_dx or need_da)
-    du = torch.empty((n, plan.num_visited, rank), dtype=f32, device=dev)
+    du = torch.empty((n, plan.num_visited, rank), dtype=torch.float32, device=dev)
     if need_du or need_dg:
-        dg = torch.empty((n, num_experts), dtype=f32, device=dev) if need_dg else du
+        dg = du  # a placeholder pointer unless dg is needed
+        if need_dg:
+            assert gate is not None
+            dg = torch.empty_like(gate, memory_format=torch.contiguous_format)
         _adapter_bwd_rank_kernel[(row_tiles, plan.num_blocks)](
             dy, y, u, lora_B, lora_c, g_t, d_t, du, dg,
             n, out, rank, plan.e_lo, plan.e_hi,
@@ -713,11 +749,10 @@ def adapter_linear_bwd(
             BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, DOT_PRECISION=prec, num_warps=NUM_WARPS,
         )
         if need_dg:
-            grads[6] = dg.to(gate.dtype) if gate is not None else None
+            grads[6] = dg
 
     if need_dx:
-        dx = grads[0]
-        assert dx is not None
+        dx = torch.empty((n, k), dtype=x.dtype, device=dev)
         _adapter_bwd_input_kernel[(row_tiles, triton.cdiv(k, BLOCK_K))](
             dy, y, m_t, weight, du, lora_A, g_t, d_t, dx,
             n, k, out, rank, plan.e_lo, plan.e_hi,
@@ -727,54 +762,46 @@ def adapter_linear_bwd(
             BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, DOT_PRECISION=prec,
             num_warps=NUM_WARPS,
         )
+        grads[0] = dx
 
     if need_dw or need_db:
         k_tiles = triton.cdiv(k, BLOCK_K) if need_dw else 1
-        tiles = triton.cdiv(out, BLOCK_N) * k_tiles
-        splits = _num_splits(n, tiles, dev)
-        rows_per_split = triton.cdiv(row_tiles, splits) * BLOCK_M
-        dw_part = torch.empty((splits, out, k) if need_dw else (1, 1, 1), dtype=f32, device=dev)
-        db_part = torch.empty((splits, out) if need_db else (1, 1), dtype=f32, device=dev)
+        splits = _num_splits(n, triton.cdiv(out, BLOCK_N) * k_tiles, dev)
+        dw_part = _partials(splits, (out, k) if need_dw else (1, 1), x.dtype, dev)
+        db_part = _partials(splits, (out,) if need_db else (1,), x.dtype, dev)
         _adapter_bwd_weight_kernel[(triton.cdiv(out, BLOCK_N), k_tiles, splits)](
             dy, y, m_t, x, dw_part, db_part,
-            n, k, out, rows_per_split,
+            n, k, out, _rows_per_split(row_tiles, splits),
             *dy.stride(), *y.stride(), *sm, *x.stride(), *dw_part.stride(), *db_part.stride(),
             ACT=act, HAS_MASK=has_mask, NEED_DW=need_dw, NEED_DB=need_db,
             BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, DOT_PRECISION=prec,
             num_warps=NUM_WARPS,
         )
         if need_dw:
-            grads[1] = dw_part.sum(0).to(x.dtype)
+            grads[1] = _reduce(dw_part, x.dtype)
         if need_db:
-            grads[2] = db_part.sum(0).to(x.dtype)
+            grads[2] = _reduce(db_part, x.dtype)
 
     if adapter and need_da:
-        da = grads[3]
-        assert da is not None
-        tiles = triton.cdiv(k, BLOCK_K) * plan.num_blocks
-        splits = _num_splits(n, tiles, dev)
-        rows_per_split = triton.cdiv(row_tiles, splits) * BLOCK_M
-        da_part = torch.empty((splits, plan.num_visited, k, rank), dtype=f32, device=dev)
+        splits = _num_splits(n, triton.cdiv(k, BLOCK_K) * plan.num_blocks, dev)
+        da_part = _partials(splits, (plan.num_visited, k, rank), x.dtype, dev)
         _adapter_bwd_a_kernel[(triton.cdiv(k, BLOCK_K), plan.num_blocks, splits)](
             x, du, g_t, d_t, da_part,
-            n, k, rank, plan.e_lo, plan.e_hi, rows_per_split,
+            n, k, rank, plan.e_lo, plan.e_hi, _rows_per_split(row_tiles, splits),
             *x.stride(), *du.stride(), *sg, *sd, *da_part.stride(),
             MODE=int(plan.mode), RP=rp, EB=eb,
             BLOCK_M=BLOCK_M, BLOCK_K=BLOCK_K, DOT_PRECISION=prec, num_warps=NUM_WARPS,
         )
-        da[plan.e_lo : plan.e_hi] = da_part.sum(0).to(x.dtype)
+        grads[3] = _scatter_experts(_reduce(da_part, x.dtype), plan, num_experts)
 
     if adapter and (need_dbm or need_dc):
-        tiles = plan.num_blocks * triton.cdiv(out, BLOCK_N)
-        splits = _num_splits(n, tiles, dev)
-        rows_per_split = triton.cdiv(row_tiles, splits) * BLOCK_M
+        splits = _num_splits(n, plan.num_blocks * triton.cdiv(out, BLOCK_N), dev)
         nv = plan.num_visited
-        dbm_part = torch.empty((splits, nv, rank, out) if need_dbm else (1, 1, 1, 1),
-                               dtype=f32, device=dev)
-        dc_part = torch.empty((splits, nv, out) if need_dc else (1, 1, 1), dtype=f32, device=dev)
+        dbm_part = _partials(splits, (nv, rank, out) if need_dbm else (1, 1, 1), x.dtype, dev)
+        dc_part = _partials(splits, (nv, out) if need_dc else (1, 1), x.dtype, dev)
         _adapter_bwd_b_kernel[(plan.num_blocks, triton.cdiv(out, BLOCK_N), splits)](
             dy, y, u, g_t, d_t, dbm_part, dc_part,
-            n, out, rank, plan.e_lo, plan.e_hi, rows_per_split,
+            n, out, rank, plan.e_lo, plan.e_hi, _rows_per_split(row_tiles, splits),
             *dy.stride(), *y.stride(), *u.stride(), *sg, *sd,
             *dbm_part.stride(), *dc_part.stride(),
             MODE=int(plan.mode), ACT=act, RP=rp, EB=eb, EBP=plan.gate_block,
@@ -782,12 +809,8 @@ def adapter_linear_bwd(
             BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, DOT_PRECISION=prec, num_warps=NUM_WARPS,
         )
         if need_dbm:
-            dbm = grads[4]
-            assert dbm is not None
-            dbm[plan.e_lo : plan.e_hi] = dbm_part.sum(0).to(x.dtype)
+            grads[4] = _scatter_experts(_reduce(dbm_part, x.dtype), plan, num_experts)
         if need_dc:
-            dc = grads[5]
-            assert dc is not None
-            dc[plan.e_lo : plan.e_hi] = dc_part.sum(0).to(x.dtype)
+            grads[5] = _scatter_experts(_reduce(dc_part, x.dtype), plan, num_experts)
     return grads
 
