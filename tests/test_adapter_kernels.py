@@ -221,7 +221,8 @@ def test_weight_gradients_reduced_over_row_splits(n: int, monkeypatch: pytest.Mo
 
 @settings(max_examples=6, deadline=None, derandomize=True)
 @given(
-    n=st.integers(1, 130),  # n = 0 is test_empty_batch d_in=st.integers(1, 70), d_out=st.integers(1, 70),
+    n=st.integers(1, 130),  # n = 0 is test_empty_batch
+    d_in=st.integers(1, 70), d_out=st.integers(1, 70),
     experts=st.integers(1, 12), rank=st.integers(1, 20),
     routing=st.sampled_from(ROUTINGS), dropout=st.booleans(),
 )
