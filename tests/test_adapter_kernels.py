@@ -219,11 +219,11 @@ def test_weight_gradients_reduced_over_row_splits(n: int, monkeypatch: pytest.Mo
     check_parity(Shape(n, 20, 30, 3, 4), "expert")
 
 
-@settings(max_examples=6, deadline=None, derandomize=True)
+@settings(max_examples=5, deadline=None, derandomize=True)
 @given(
-    n=st.integers(1, 130),  # n = 0 is test_empty_batch
-    d_in=st.integers(1, 70), d_out=st.integers(1, 70),
-    experts=st.integers(1, 12), rank=st.integers(1, 20),
+    n=st.integers(1, 80),  # n = 0 is test_empty_batch
+    d_in=st.integers(1, 48), d_out=st.integers(1, 48),
+    experts=st.integers(1, 9), rank=st.integers(1, 12),
     routing=st.sampled_from(ROUTINGS), dropout=st.booleans(),
 )
 def test_random_shapes(n: int, d_in: int, d_out: int, experts: int, rank: int, routing: str,
