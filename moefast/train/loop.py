@@ -29,6 +29,7 @@ from moefast.nn.embedding import EmbeddingCollection
 from moefast.ops._backend import Backend, BackendLike, parse_backend
 from moefast.train.checkpoint import load_checkpoint, save_checkpoint
 from moefast.train.metrics import EvalMetrics, evaluate_scores
+from moefast.train.rundir import write_run
 from moefast.train.stages import Stage, StageStep, mask_gradients, plan_stages, set_stage
 
 __all__ = ["EarlyStopping", "FitResult", "StageRecord", "fit", "predict", "train_step"]
@@ -262,8 +263,6 @@ def fit(
     }
     result = FitResult(metrics, test, records, test_logits, gate, None if out_dir is None else Path(out_dir))
     if out_dir is not None:
-        from moefast.train.rundir import write_run
-
         write_run(Path(out_dir), result, dataset, model, config)
     return result
 
