@@ -6,13 +6,13 @@ import re
 
 import pytest
 import torch
+from test_models import D, tiny_dataset
 
 from moefast import models
 from moefast.config import MLoRAMode, TowerConfig
 from moefast.models.base import CTRModel
 from moefast.train.loop import train_step
 from moefast.train.stages import Stage, StageStep, plan_stages, set_stage
-from tests.test_models import D, tiny_dataset
 
 SMALL = TowerConfig(hidden_units=(8, 6), ranks=(2, 1))
 ADAPTER = re.compile(r"^tower\.layers\.\d+\.lora_[ABc]$")
