@@ -77,14 +77,25 @@ def per_sample_tower(tower: Tower, x: torch.Tensor, domain: torch.Tensor) -> tor
         (TowerKind.MOE_MLORA, Routing.SHARED, None),
     ],
 )
-def test_tower_equals_per_sample_computation(kind: TowerKind, routing: Routing, expert: int | None) -> None:
+@pytest.mark.parametrize(
+    "rows",
+    [
+        "mixed-13",  # 13 rows of random domains: not a multiple of anything
+        "one-row",  # a single sample
+        "one-domain",  # every row in domain 2, domains 0 and 1 absent
+    ],
+)
+def test_tower_equals_per_sample_computation(
+    kind: TowerKind, routing: Routing, expert: int | None, rows: str
+) -> None:
     config = TowerConfig(kind=kind, hidden_units=(16, 12, 8), ranks=(4, 3, 1), experts_per_domain=2)
     tower = Tower(10, config, D, backend="reference").double().eval()
     randomise(tower)
     tower.set_routing(routing, expert)
     gen = torch.Generator().manual_seed(1)
-    x = torch.randn(13, 10, generator=gen, dtype=torch.float64)  # 13: not a multiple of anything
-    domain = torch.randint(0, D, (13,), generator=gen)
+    n = 1 if rows == "one-row" else 13
+    x = torch.randn(n, 10, generator=gen, dtype=torch.float64)
+    domain = torch.full((n,), 2) if rows == "one-domain" else torch.randint(0, D, (n,), generator=gen)
     tol = tolerance(torch.float64)
     torch.testing.assert_close(tower(x, domain), per_sample_tower(tower, x, domain), rtol=tol.rtol, atol=tol.atol)
 
