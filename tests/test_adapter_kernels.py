@@ -1,8 +1,9 @@
 """The fused Triton adapter layer against a float64 reference: output and every gradient.
 
-On CPU these run through the Triton interpreter (``TRITON_INTERPRET=1``, set by conftest.py) on
-small fp32 shapes, with an explicit ``backend="fast"`` (``auto`` never picks the interpreter);
-on a CUDA machine the same tests run compiled. bf16 and larger compiled shapes are ``gpu`` tests.
+On CPU these run through the Triton interpreter on small fp32 shapes: conftest.py sets
+``TRITON_INTERPRET=1`` and the fixture below ``MOEFAST_TRITON_CPU=1``, without which ``fast`` on
+CPU runs the concatenated plain form (moefast/ops/adapter.py). On a CUDA machine the same tests
+run compiled. bf16 and larger compiled shapes are ``gpu`` tests.
 """
 
 from __future__ import annotations
@@ -13,10 +14,11 @@ from typing import Any
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from moefast.ops import adapter_linear
+from moefast.ops.adapter import TRITON_CPU_ENV
 from moefast.reference.adapter import Activation
 from moefast.reference.adapter import adapter_linear as reference_adapter_linear
 from moefast.testing import assert_close_relative_to_reference, tolerance
@@ -25,6 +27,13 @@ pytestmark = pytest.mark.interpret
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 NAMES = ["x", "weight", "bias", "lora_A", "lora_B", "lora_c", "gate"]
+
+
+@pytest.fixture(autouse=True)
+def _triton_on_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Route ``backend="fast"`` on CPU tensors to the interpreted Triton kernels."""
+    if DEVICE == "cpu":
+        monkeypatch.setenv(TRITON_CPU_ENV, "1")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -219,7 +228,9 @@ def test_weight_gradients_reduced_over_row_splits(n: int, monkeypatch: pytest.Mo
     check_parity(Shape(n, 20, 30, 3, 4), "expert")
 
 
-@settings(max_examples=5, deadline=None, derandomize=True)
+# The autouse fixture only sets an environment variable: safe to share between examples.
+@settings(max_examples=5, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
     n=st.integers(1, 80),  # n = 0 is test_empty_batch
     d_in=st.integers(1, 48), d_out=st.integers(1, 48),

@@ -17,6 +17,7 @@ import moefast.ops.adapter as ops_adapter
 from moefast.nn import AdapterLinear
 from moefast.ops import adapter_linear
 from moefast.ops._backend import ENV_VAR, Backend, BackendUnavailableError
+from moefast.ops.adapter import TRITON_CPU_ENV, FastImpl
 from moefast.testing import tolerance
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -38,54 +39,84 @@ def _inputs(n: int = 20, k: int = 12, o: int = 10, e: int = 3, r: int = 4,
 
 
 @pytest.fixture
-def fast_calls(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[int]]:
-    """Counts calls that reach the Triton kernels module."""
-    calls: list[int] = []
-    real = ops_adapter._kernels
+def calls(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[str]]:
+    """Records which implementation each call ran: "triton", "concat" or "loop"."""
+    seen: list[str] = []
+    real_kernels = ops_adapter._kernels
+    real_concat = ops_adapter._reference.adapter_linear_concat
+    real_loop = ops_adapter._reference.adapter_linear
 
-    def counting() -> Any:
-        calls.append(1)
-        return real()
+    def kernels() -> Any:
+        seen.append("triton")
+        return real_kernels()
 
-    monkeypatch.setattr(ops_adapter, "_kernels", counting)
-    yield calls
+    def concat(*args: Any, **kwargs: Any) -> torch.Tensor:
+        seen.append("concat")
+        return real_concat(*args, **kwargs)
+
+    def loop(*args: Any, **kwargs: Any) -> torch.Tensor:
+        seen.append("loop")
+        return real_loop(*args, **kwargs)
+
+    monkeypatch.setattr(ops_adapter, "_kernels", kernels)
+    monkeypatch.setattr(ops_adapter._reference, "adapter_linear_concat", concat)
+    monkeypatch.setattr(ops_adapter._reference, "adapter_linear", loop)
+    yield seen
+
+
+@pytest.fixture
+def triton_on_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    if ON_CPU:
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+        monkeypatch.setenv(TRITON_CPU_ENV, "1")
 
 
 @pytest.mark.skipif(not ON_CPU, reason="CPU resolution rules")
-def test_auto_on_cpu_never_picks_the_interpreter(fast_calls: list[int],
-                                                 monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
+def test_cpu_fast_is_the_concatenated_form_and_triton_needs_the_opt_in(
+    calls: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # as in the tests: not enough on its own
+    monkeypatch.delenv(TRITON_CPU_ENV, raising=False)
     monkeypatch.delenv(ENV_VAR, raising=False)
-    adapter_linear(**_inputs(), expert=0)
-    adapter_linear(**_inputs(), expert=0, backend="auto")
-    assert fast_calls == []
+    for backend in (None, "auto", "fast", "reference"):
+        adapter_linear(**_inputs(), expert=0, backend=backend)
+    assert calls == ["concat", "concat", "concat", "loop"]
+    # bf16 and float64 have a CPU fast path too (plain torch).
+    adapter_linear(**_inputs(dtype=torch.bfloat16), expert=0, backend="fast")
+    adapter_linear(**_inputs(dtype=torch.float64), expert=0, backend="fast")
+    assert calls[4:] == ["concat", "concat"]
+    calls.clear()
+    monkeypatch.setenv(TRITON_CPU_ENV, "1")
     adapter_linear(**_inputs(), expert=0, backend="fast")
-    assert fast_calls == [1]
     monkeypatch.setenv(ENV_VAR, "fast")  # the environment variable is a request too
     adapter_linear(**_inputs(), expert=0)
-    assert fast_calls == [1, 1]
+    assert calls == ["triton", "triton"]
 
 
 @pytest.mark.skipif(not ON_CPU, reason="CPU resolution rules")
-def test_explicit_fast_on_cpu_says_why_it_cannot_serve(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_triton_on_cpu_says_why_it_cannot_serve(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(TRITON_CPU_ENV, "1")
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(BackendUnavailableError, match=r"adapter_linear.*TRITON_INTERPRET=1"):
         adapter_linear(**_inputs(), backend="fast")
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     with pytest.raises(BackendUnavailableError, match=r"torch\.bfloat16 under the Triton interp"):
         adapter_linear(**_inputs(dtype=torch.bfloat16), backend="fast")
-    with pytest.raises(BackendUnavailableError, match=r"torch\.float64"):
-        adapter_linear(**_inputs(dtype=torch.float64), backend="fast")
+    # auto falls back to the reference where the requested kernels cannot serve, and says so
+    # only on an explicit request.
+    assert ops_adapter.why_not_fast(_inputs(dtype=torch.float64)["x"]) is not None
+    adapter_linear(**_inputs(dtype=torch.float64), backend="auto")
 
 
-def test_why_not_fast_on_cuda_tensors_needs_no_request() -> None:
+def test_why_not_fast_on_cuda_tensors() -> None:
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA device")
-    assert ops_adapter.why_not_fast(torch.zeros(1, device="cuda")) is None
+    assert ops_adapter.fast_implementation(torch.zeros(1, device="cuda")) == (FastImpl.TRITON,
+                                                                              None)
     assert "float64" in str(ops_adapter.why_not_fast(torch.zeros(1, device="cuda").double()))
 
 
-def test_fast_path_validates_like_the_reference() -> None:
+def test_fast_path_validates_like_the_reference(triton_on_cpu: None) -> None:
     with pytest.raises(ValueError, match="at most one of gate, domain, expert"):
         adapter_linear(**_inputs(), expert=0, domain=torch.zeros(20, dtype=torch.int64,
                                                                  device=DEVICE), backend="fast")
@@ -93,8 +124,8 @@ def test_fast_path_validates_like_the_reference() -> None:
         adapter_linear(**_inputs(), expert=3, backend="fast")
 
 
-def test_module_backend_attribute(fast_calls: list[int], monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
+def test_module_backend_attribute(calls: list[str], triton_on_cpu: None,
+                                  monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv(ENV_VAR, raising=False)
     torch.manual_seed(0)
     layer = AdapterLinear(12, 10, 3, 4, backend="fast").to(DEVICE)
@@ -105,10 +136,9 @@ def test_module_backend_attribute(fast_calls: list[int], monkeypatch: pytest.Mon
     x = torch.randn(20, 12, device=DEVICE)
     domain = torch.tensor([0, 1, 2, 1] * 5, device=DEVICE)
     fast = layer(x, domain=domain)
-    assert fast_calls == [1]
     layer.backend = Backend.REFERENCE
     reference = layer(x, domain=domain)
-    assert fast_calls == [1]
+    assert calls == ["triton", "loop"]
     tol = tolerance(torch.float32)
     torch.testing.assert_close(fast, reference, rtol=tol.rtol, atol=tol.atol)
 
@@ -156,7 +186,7 @@ def test_opcheck_backward() -> None:
 
 
 @pytest.mark.interpret
-def test_compile_traces_without_graph_breaks() -> None:
+def test_compile_traces_without_graph_breaks(triton_on_cpu: None) -> None:
     torch.manual_seed(0)
     layer = AdapterLinear(12, 10, 3, 4, backend="fast").to(DEVICE)
     with torch.no_grad():

@@ -2,29 +2,33 @@
 
 Same signature as :func:`moefast.reference.adapter.adapter_linear`, plus ``backend``.
 
-Backends:
+Backends and what ``fast`` runs:
 
-- ``reference``: the plain-PyTorch loop over experts (:mod:`moefast.reference.adapter`).
-- ``fast``: the fused Triton kernels (:mod:`moefast.kernels.adapter_linear`), through the custom
-  ops ``moefast::adapter_linear_fwd`` / ``moefast::adapter_linear_bwd`` (registered with
-  ``torch.library``, with fake implementations, so ``torch.compile`` traces them without graph
-  breaks; the autograd formula is registered on the forward op and plays the role of the
-  op's ``autograd.Function``).
-
-Where the fast path applies:
-
-- CUDA tensors of dtype float32 or bfloat16, with triton installed: ``auto`` picks it.
-- CPU tensors run the Triton kernels only through Triton's interpreter, and only on an explicit
-  ``fast`` request with ``TRITON_INTERPRET=1`` set and float32 data (the interpreter mishandles
-  bf16 products). This exists for the test suite, which checks the kernels on CPU this way.
-  ``auto`` never picks the interpreter, so a CPU model under ``auto`` stays on the reference
-  path even where the tests set ``TRITON_INTERPRET=1``.
+- ``reference``: the plain-PyTorch loop over experts, the specification
+  (:func:`moefast.reference.adapter.adapter_linear`).
+- ``fast`` on CUDA tensors (float32 or bfloat16, triton installed): the fused Triton kernels
+  (:mod:`moefast.kernels.adapter_linear`) through the custom ops
+  ``moefast::adapter_linear_fwd`` / ``moefast::adapter_linear_bwd``, registered with
+  ``torch.library`` with fake implementations, so ``torch.compile`` traces them without graph
+  breaks; the autograd formula registered on the forward op plays the role of the op's
+  ``autograd.Function``. Other dtypes on CUDA: ``auto`` takes the reference, an explicit
+  ``fast`` raises.
+- ``fast`` on CPU tensors: the concatenated plain-PyTorch form
+  (:func:`moefast.reference.adapter.adapter_linear_concat`: two products instead of a loop
+  over experts). There is no CPU kernel for this op; this is its fastest CPU form, so
+  ``backend="fast"`` on a CPU model works and helps. ``auto`` picks it too.
+- The Triton kernels on CPU tensors, through Triton's interpreter: only when both
+  ``TRITON_INTERPRET=1`` and ``MOEFAST_TRITON_CPU=1`` are set, on float32 data (the interpreter
+  mishandles bf16 products). This is how the test suite checks the kernels without a GPU; it is
+  never chosen otherwise, so CPU models stay off the (slow) interpreter even in the tests,
+  where conftest.py sets ``TRITON_INTERPRET=1`` for the whole session.
 
 Import cost: nothing here imports triton; the kernels module is imported on the first fast call.
 """
 
 from __future__ import annotations
 
+import enum
 import importlib
 import importlib.util
 import os
@@ -33,41 +37,49 @@ from typing import Any
 
 import torch
 
-from moefast.ops._backend import Backend, BackendLike, requested_backend, resolve_backend
+from moefast.ops._backend import Backend, BackendLike, resolve_backend
 from moefast.reference import adapter as _reference
 from moefast.reference.adapter import Activation, check_adapter_inputs
 
-__all__ = ["adapter_linear", "why_not_fast"]
+__all__ = ["TRITON_CPU_ENV", "FastImpl", "adapter_linear", "fast_implementation", "why_not_fast"]
 
 _FAST_DTYPES = (torch.float32, torch.bfloat16)
+TRITON_CPU_ENV = "MOEFAST_TRITON_CPU"
+
+
+class FastImpl(enum.Enum):
+    """What ``fast`` runs for one call."""
+
+    TRITON = "triton"  # the fused kernels (compiled on CUDA, interpreted on CPU in tests)
+    CONCAT = "concat"  # the concatenated plain-PyTorch form (CPU)
 
 
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def why_not_fast(x: torch.Tensor, wanted: Backend = Backend.AUTO) -> str | None:
-    """None when the fused Triton kernels can serve a call with input ``x``, else the reason.
-
-    ``wanted`` is the requested backend: the interpreter on CPU serves explicit ``fast``
-    requests only (see the module docstring).
-    """
-    if importlib.util.find_spec("triton") is None:
-        return "triton is not installed"
-    if x.device.type == "cuda":
-        if x.dtype not in _FAST_DTYPES:
-            return f"dtype {x.dtype} is not supported (float32 or bfloat16)"
-        return None
+def fast_implementation(x: torch.Tensor) -> tuple[FastImpl | None, str | None]:
+    """``(implementation, None)`` where ``fast`` can serve input ``x``, else ``(None, reason)``."""
     if x.device.type == "cpu":
+        if os.environ.get(TRITON_CPU_ENV, "0") in ("", "0"):
+            return FastImpl.CONCAT, None
         if not _interpreting():
-            return ("the Triton kernels run on CUDA tensors; CPU tensors only through the "
-                    "Triton interpreter (TRITON_INTERPRET=1)")
-        if wanted is not Backend.FAST:
-            return "the Triton interpreter on CPU is used only on an explicit fast request"
+            return None, f"{TRITON_CPU_ENV}=1 runs the Triton kernels on CPU only with TRITON_INTERPRET=1"
         if x.dtype != torch.float32:
-            return f"dtype {x.dtype} under the Triton interpreter (float32 only)"
-        return None
-    return f"device {x.device} is not supported"
+            return None, f"dtype {x.dtype} under the Triton interpreter (float32 only)"
+    elif x.device.type == "cuda":
+        if x.dtype not in _FAST_DTYPES:
+            return None, f"dtype {x.dtype} is not supported on CUDA (float32 or bfloat16)"
+    else:
+        return None, f"device {x.device} is not supported"
+    if importlib.util.find_spec("triton") is None:
+        return None, "triton is not installed"
+    return FastImpl.TRITON, None
+
+
+def why_not_fast(x: torch.Tensor) -> str | None:
+    """None when ``fast`` can serve a call with input ``x``, else the reason it cannot."""
+    return fast_implementation(x)[1]
 
 
 # --------------------------------------------------------------------------------------------
@@ -220,13 +232,19 @@ def adapter_linear(
     ``MOEFAST_BACKEND``, then ``auto``); an explicit ``fast`` that cannot serve these inputs
     raises :class:`moefast.ops._backend.BackendUnavailableError` saying why.
 
-    On the fast path on CUDA, domain ids are not range-checked (that would synchronise with the
+    What ``fast`` runs depends on the device (module docstring). On the fast path on CUDA,
+    domain ids are not range-checked (that would synchronise with the
     host); an id outside ``[0, E)`` selects no adapter.
     """
-    wanted = requested_backend(backend)
-    chosen = resolve_backend("adapter_linear", why_not_fast(x, wanted), explicit=wanted)
+    impl, why_not = fast_implementation(x)
+    chosen = resolve_backend("adapter_linear", why_not, explicit=backend)
     if chosen is Backend.REFERENCE:
         return _reference.adapter_linear(
+            x, weight, bias, lora_A, lora_B, lora_c, gate=gate, domain=domain, expert=expert,
+            dropout_mask=dropout_mask, activation=activation,
+        )
+    if impl is FastImpl.CONCAT:
+        return _reference.adapter_linear_concat(
             x, weight, bias, lora_A, lora_B, lora_c, gate=gate, domain=domain, expert=expert,
             dropout_mask=dropout_mask, activation=activation,
         )
