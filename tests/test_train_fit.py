@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from moefast import data, models
-from moefast.config import TowerConfig, TrainConfig
+from moefast.config import ExpertStopRule, TowerConfig, TrainConfig
 from moefast.data.dataset import MultiDomainDataset
+from moefast.nn.tower import Routing
 from moefast.train import fit, load_checkpoint, predict, save_checkpoint
 from moefast.train.loop import EarlyStopping
 from moefast.train.metrics import evaluate_scores
@@ -155,3 +156,25 @@ def test_backend_reaches_every_layer_and_keeps_the_parameters(ds: MultiDomainDat
     assert all(m.backend is not None and m.backend.value == "reference" for m in layers)
     fast = models.build("deepfm", ds, "mlora", tower_config=SMALL, backend="fast")
     assert {k: v.shape for k, v in fast.state_dict().items()} == {k: v.shape for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("rule", list(ExpertStopRule))
+def test_expert_early_stopping_rule(ds: MultiDomainDataset, tmp_path: Path, rule: ExpertStopRule) -> None:
+    """Own domain (default): expert i's AUC on domain i % D; all domains: the seeds' mean."""
+    model = models.build("deepfm", ds, "moe-mlora", tower_config=SMALL)
+    config = TrainConfig(max_epochs=1, batch_size=512, progress=False, expert_stop=rule)
+    result = fit(model, ds, config, out_dir=tmp_path)
+    expert = 1
+    record = next(r for r in result.stages if r.label == f"expert_{expert}")
+    assert record.checkpoint is not None
+    load_checkpoint(record.checkpoint, model, expected_stage=record.label)
+    model.tower.set_routing(Routing.EXPERT, expert)
+    if rule is ExpertStopRule.OWN_DOMAIN:
+        # The same rows in the same batches as fit() evaluated, so the logits are bitwise equal.
+        rows = torch.nonzero(ds.val.domain == expert % ds.num_domains).squeeze(1)
+        own = evaluate_scores(predict(model, ds.val, rows=rows), ds.val.label[rows], ds.val.domain[rows],
+                              ds.domain_names, domains=[expert % ds.num_domains])
+        assert record.best_val_mean_auc == own.mean_auc == own.per_domain[0].auc
+    else:
+        val = evaluate_scores(predict(model, ds.val), ds.val.label, ds.val.domain, ds.domain_names)
+        assert record.best_val_mean_auc == val.mean_auc
