@@ -9,13 +9,14 @@ latent dimension ``k``:
 
 - truth: user factors ``p_u ~ N(0, I_k)``, item factors ``q_i ~ N(0, I_k)``, user and item
   biases ``b_u, b_i ~ N(0, bias_scale^2)``, domain biases ``b_d ~ N(0, domain_bias_scale^2)``, and
-  one domain transform per domain ``M_d`` with entries ``N(0, 1/k)``;
+  one rank-``r`` transform per domain ``M_d = sum_j a_dj b_djᵀ / sqrt(r)`` with
+  ``a_dj, b_dj ~ N(0, I_k / k)`` (``r = domain_rank``: the domain-specific taste directions);
 - a row: its domain ``d ~ Categorical(pi)`` with ``pi_d ∝ (d + 1)^-imbalance`` (``imbalance=0``
   gives equal domains, larger values a long tail of small domains), its user and item drawn
   with Zipf popularity ``P(rank r) ∝ r^-popularity`` over a random permutation of the ids;
 - the click logit
 
-      z = mu + b_d + b_u + b_i + s * (sqrt(1 - λ²) * p_u·q_i + λ * p_uᵀ M_d q_i) / sqrt(k)
+      z = mu + b_d + b_u + b_i + s * (sqrt(1 - λ²) * p_u·q_i / sqrt(k) + λ * p_uᵀ M_d q_i)
           + context
 
   with ``λ = diversity`` in [0, 1] and ``s = interaction_scale``; the label is
@@ -75,6 +76,8 @@ class SyntheticConfig:
     num_items: int = 1_000
     embedding_dim: int = 8
     latent_dim: int = 4
+    # Rank of each domain's transform M_d: the number of domain-specific taste directions.
+    domain_rank: int = 2
     # λ: how far each domain's click function departs from the shared one (0 = identical).
     diversity: float = 0.8
     # Exponent of the domain-size power law (0 = equal domain sizes).
@@ -97,7 +100,8 @@ class SyntheticConfig:
     context_scale: float = 0.5
 
     def __post_init__(self) -> None:
-        positive = ("rows", "num_domains", "num_users", "num_items", "embedding_dim", "latent_dim")
+        positive = ("rows", "num_domains", "num_users", "num_items", "embedding_dim", "latent_dim",
+                    "domain_rank")
         for knob in positive:
             value = getattr(self, knob)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -219,7 +223,7 @@ class SyntheticTruth:
                 rows = np.flatnonzero(dom == d)
                 if rows.size:
                     specific[rows] = np.einsum("nk,nk->n", p[rows] @ self.domain_transforms[d], q[rows])
-        interaction = (math.sqrt(1.0 - lam * lam) * shared + lam * specific) / math.sqrt(cfg.latent_dim)
+        interaction = math.sqrt(1.0 - lam * lam) * shared / math.sqrt(cfg.latent_dim) + lam * specific
         z = (cfg.global_bias + self.domain_bias[dom] + self.user_bias[uid] + self.item_bias[item]
              + cfg.interaction_scale * interaction)
         for f, effects in enumerate(self.context_effects[: cfg.context_fields]):
@@ -247,9 +251,22 @@ def ground_truth(config: SyntheticConfig) -> SyntheticTruth:
         user_bias=truth_rng.normal(0.0, config.bias_scale, config.num_users),
         item_bias=truth_rng.normal(0.0, config.bias_scale, config.num_items),
         domain_bias=truth_rng.normal(0.0, config.domain_bias_scale, config.num_domains),
-        domain_transforms=truth_rng.normal(0.0, 1.0 / math.sqrt(k), (config.num_domains, k, k)),
+        domain_transforms=_domain_transforms(truth_rng, config),
         context_effects=tuple(truth_rng.normal(0.0, context_sd, v) for v in vocabs),
     )
+
+
+def _domain_transforms(rng: np.random.Generator, config: SyntheticConfig) -> np.ndarray:
+    """``M_d = sum_j a_dj b_djᵀ / sqrt(r)`` for ``r = domain_rank``, ``a, b ~ N(0, I_k / k)``.
+
+    Each rank-one term contributes ``(a·p)(b·q)``, a product of two unit-variance projections,
+    so ``p_uᵀ M_d q_i`` has unit variance for every ``r``.
+    """
+    k, r, num = config.latent_dim, config.domain_rank, config.num_domains
+    a = rng.normal(0.0, 1.0 / math.sqrt(k), (num, r, k))
+    b = rng.normal(0.0, 1.0 / math.sqrt(k), (num, r, k))
+    out: np.ndarray = np.einsum("drk,drl->dkl", a, b) / math.sqrt(r)
+    return out
 
 
 def _streams(seed: int) -> tuple[np.random.Generator, np.random.Generator]:
