@@ -11,21 +11,28 @@
 namespace moefast {
 namespace {
 
-// Rows prefetched ahead of the one being summed. A plain gather loop ran about 3x slower than
-// torch's FBGEMM kernel on a 1e6 x 16 table until rows were prefetched (NOTES.md). FBGEMM uses
-// 16; on the 26-field benchmark (tables up to 1e7 rows, one thread, interleaved with torch)
-// 32 and 64 ran 1.09x torch's kernel and 128 1.18x, on a loaded machine: 64 keeps more misses
-// in flight without prefetching far past short bags.
-constexpr int64_t kPrefetchDistance = 64;
+// How far ahead rows are prefetched, in bytes of rows (so in rows: bytes / row size, at least
+// kMinRowsAhead). A plain gather loop ran about 3x slower than torch's FBGEMM kernel on a 1e6 x 16
+// table until rows were prefetched (NOTES.md). On the 26-field benchmark (one thread,
+// interleaved with torch, loaded machine) dim 16 ran best 64 rows ahead (4 KiB); counting in
+// rows, dim 64 at 64 rows ahead (16 KiB, far more lines than the core tracks) ran 2x slower
+// than torch.
+constexpr int64_t kForwardPrefetchBytes = 4096;
+constexpr int64_t kMinRowsAhead = 4;
+
+inline int64_t rows_ahead(int64_t bytes, int64_t dim) {
+  return std::max<int64_t>(kMinRowsAhead, bytes / (dim * static_cast<int64_t>(sizeof(float))));
+}
+
 // Lookups per forward task: small enough to balance 26 uneven fields over the threads, large
 // enough that the dynamic hand-out (one atomic add) costs nothing.
 constexpr int64_t kLookupsPerTask = 2048;
 constexpr int64_t kCacheLine = 64;
-// Backward: unique rows ahead of the current one whose weight and state rows are prefetched
-// (32 ran 1.07x FBGEMM's fused row-wise Adagrad step on one thread where 16 ran 0.97x).
-constexpr int64_t kUpdatePrefetchDistance = 32;
-// Backward: positions ahead of the current one whose gradient row is prefetched.
-constexpr int64_t kGradPrefetchDistance = 16;
+// Backward: bytes of rows ahead of the current unique row whose weight and state rows are
+// prefetched (at dim 16, 32 rows ran 1.07x FBGEMM's fused row-wise Adagrad step on one thread
+// where 16 rows ran 0.97x), and of gradient rows ahead of the current position.
+constexpr int64_t kUpdatePrefetchBytes = 2048;
+constexpr int64_t kGradPrefetchBytes = 1024;
 
 template <typename Idx>
 inline int64_t load(const void* p, int64_t i) {
@@ -44,6 +51,27 @@ inline void prefetch_row_for_write(const float* row, int64_t dim) {
   for (int64_t byte = 0; byte < dim * static_cast<int64_t>(sizeof(float)); byte += kCacheLine) {
     __builtin_prefetch(p + byte, 1, 3);
   }
+}
+
+// The forward accumulates each bag in Vec4 lanes (16-byte vectors: SSE2, in every x86-64 and
+// aarch64 build). Why explicit vectors: with a float[kDim] accumulator, zeroed by narrower
+// stores and read back by 16-byte loads, every row of dim 32 or 64 paid store-to-load
+// forwarding stalls (about 24 ns per row against torch's 6 ns); dim 16 stayed in registers.
+typedef float Vec4 __attribute__((vector_size(16)));
+
+inline Vec4 load4(const float* p) {
+  Vec4 v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+inline void store4(float* p, Vec4 v) { std::memcpy(p, &v, sizeof(v)); }
+
+// acc[0:dim] += w * row[0:dim], for the generic (runtime dim) paths.
+template <int kDim>
+inline void axpy(float* __restrict__ acc, const float* __restrict__ row, float w, int64_t dim) {
+  const int64_t n = kDim > 0 ? kDim : dim;
+  for (int64_t d = 0; d < n; ++d) acc[d] += w * row[d];
 }
 
 // The first error seen per field; reported in field order after the parallel region.
@@ -144,22 +172,22 @@ bool pool_bags(const EmbeddingField& f, int64_t b0, int64_t b1, float* out, int6
   const bool mean = f.pooling == Pooling::kMean;
   if (f.offsets != nullptr && !check_offset_range<Idx>(f, b0, b1, error)) return false;
   const int64_t j_end = f.offsets != nullptr ? load<Idx>(f.offsets, b1) : b1;
+  const int64_t ahead_rows = rows_ahead(kForwardPrefetchBytes, dim);
 
+  // kDim > 0 (a multiple of 4): the accumulator is kDim / 4 Vec4 lanes; kDim == 0: scalars.
+  constexpr int kLanes = kDim > 0 ? kDim / 4 : 1;
   thread_local std::vector<float> dynamic_acc;
-  float fixed_acc[kDim > 0 ? kDim : 1];
-  float* acc = fixed_acc;
-  if (kDim == 0) {
-    dynamic_acc.resize(static_cast<size_t>(dim));
-    acc = dynamic_acc.data();
-  }
+  if (kDim == 0) dynamic_acc.resize(static_cast<size_t>(dim));
   for (int64_t b = b0; b < b1; ++b) {
     const int64_t start = f.offsets != nullptr ? load<Idx>(f.offsets, b) : b;
     const int64_t end = f.offsets != nullptr ? load<Idx>(f.offsets, b + 1) : b + 1;
-    for (int64_t d = 0; d < dim; ++d) acc[d] = 0.0f;
+    Vec4 acc[kLanes];
+    for (int l = 0; l < kLanes; ++l) acc[l] = Vec4{0.0f, 0.0f, 0.0f, 0.0f};
+    if (kDim == 0) std::fill(dynamic_acc.begin(), dynamic_acc.end(), 0.0f);
     int64_t count = 0;
     for (int64_t j = start; j < end; ++j) {
-      if (j + kPrefetchDistance < j_end) {
-        const auto ahead = static_cast<uint64_t>(load<Idx>(f.indices, j + kPrefetchDistance));
+      if (j + ahead_rows < j_end) {
+        const auto ahead = static_cast<uint64_t>(load<Idx>(f.indices, j + ahead_rows));
         if (ahead < rows) prefetch_row(weight + ahead * dim, dim);
       }
       const int64_t id = load<Idx>(f.indices, j);
@@ -170,12 +198,20 @@ bool pool_bags(const EmbeddingField& f, int64_t b0, int64_t b1, float* out, int6
       if (id == f.padding_idx) continue;
       const float w = psw != nullptr ? psw[j] : 1.0f;
       const float* row = weight + id * dim;
-      for (int64_t d = 0; d < dim; ++d) acc[d] += w * row[d];
+      if (kDim > 0) {
+        for (int l = 0; l < kLanes; ++l) acc[l] += w * load4(row + 4 * l);
+      } else {
+        axpy<0>(dynamic_acc.data(), row, w, dim);
+      }
       ++count;
     }
     const float scale = (mean && count > 0) ? 1.0f / static_cast<float>(count) : 1.0f;
     float* o = out + b * stride;
-    for (int64_t d = 0; d < dim; ++d) o[d] = acc[d] * scale;
+    if (kDim > 0) {
+      for (int l = 0; l < kLanes; ++l) store4(o + 4 * l, acc[l] * scale);
+    } else {
+      for (int64_t d = 0; d < dim; ++d) o[d] = dynamic_acc[d] * scale;
+    }
   }
   return true;
 }
@@ -300,11 +336,12 @@ int64_t sum_rows(const EmbeddingField& f, Scratch& s, int64_t n, const float* gr
   }
   const auto unique = static_cast<int64_t>(s.unique_ids.size());
   std::memset(sums, 0, static_cast<size_t>(unique * dim) * sizeof(float));
+  const int64_t grad_ahead = rows_ahead(kGradPrefetchBytes, dim);
   for (int64_t j = 0; j < f.num_indices; ++j) {
-    if (j + kGradPrefetchDistance < f.num_indices) {
+    if (j + grad_ahead < f.num_indices) {
       // grad_out rows are strided by the whole output width (1.6 KB for 26 x 16 floats), which
       // the hardware prefetcher does not follow across pages.
-      const int64_t ahead = j + kGradPrefetchDistance;
+      const int64_t ahead = j + grad_ahead;
       prefetch_row(grad_out + (pooled ? static_cast<int64_t>(s.bag_of[ahead]) : ahead) * stride, dim);
     }
     const uint32_t u = s.slot_of[j];
@@ -312,9 +349,7 @@ int64_t sum_rows(const EmbeddingField& f, Scratch& s, int64_t n, const float* gr
     const int64_t b = pooled ? static_cast<int64_t>(s.bag_of[j]) : j;
     float scale = psw != nullptr ? psw[j] : 1.0f;
     if (mean) scale *= s.inv_count[b];
-    const float* g = grad_out + b * stride;
-    float* acc = sums + static_cast<int64_t>(u) * dim;
-    for (int64_t d = 0; d < dim; ++d) acc[d] += scale * g[d];
+    axpy<kDim>(sums + static_cast<int64_t>(u) * dim, grad_out + b * stride, scale, dim);
   }
   return unique;
 }
@@ -336,8 +371,9 @@ int64_t sum_rows_dispatch(const EmbeddingField& f, Scratch& s, int64_t n, const 
 // random rows of tables of up to 1e7 rows, ascending).
 template <typename Update>
 void apply_rows(const Scratch& s, int64_t unique, int64_t dim, const float* sums, const Update& update) {
+  const int64_t ahead = rows_ahead(kUpdatePrefetchBytes, dim);
   for (int64_t u = 0; u < unique; ++u) {
-    if (u + kUpdatePrefetchDistance < unique) update.prefetch(s.unique_ids[u + kUpdatePrefetchDistance]);
+    if (u + ahead < unique) update.prefetch(s.unique_ids[u + ahead]);
     update(s.unique_ids[u], sums + u * dim);
   }
 }
