@@ -25,7 +25,9 @@ and ``roofline_fraction = max(bytes / bandwidth, flops / matmul) / time``: 1.0 i
 The fused provider, parametrised last, also records its speedups over the two peers measured
 just before it on the same workload.
 
-Run on a CUDA machine: ``make bench ARGS="-k adapter"``. Everything skips without CUDA.
+Run on a CUDA machine: ``make bench ARGS="-k adapter"``. The GPU benchmarks skip without CUDA;
+``test_adapter_tower_cpu`` (CPU: what ``fast`` runs there, the concatenated form, against the
+loop, on a few of the seeds' shapes) runs anywhere.
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ from moefast.ops import adapter_linear
 from moefast.reference.adapter import Activation, adapter_linear_concat
 from moefast.reference.adapter import adapter_linear as loop_adapter_linear
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 DEVICE = "cuda"
 ROUNDS = 20
@@ -146,11 +148,11 @@ class Prepared:
     grad_out: torch.Tensor
 
 
-def _prepare(w: Workload) -> Prepared:
-    g = torch.Generator(device=DEVICE).manual_seed(0)
+def _prepare(w: Workload, device: str = DEVICE) -> Prepared:
+    g = torch.Generator(device=device).manual_seed(0)
 
     def randn(*shape: int, scale: float = 1.0) -> torch.Tensor:
-        t = torch.randn(*shape, generator=g, device=DEVICE) * scale
+        t = torch.randn(*shape, generator=g, device=device) * scale
         return t.to(w.dtype).requires_grad_()
 
     params, masks = [], []
@@ -161,15 +163,15 @@ def _prepare(w: Workload) -> Prepared:
             "lora_A": randn(e, k, r, scale=k**-0.5), "lora_B": randn(e, r, o, scale=r**-0.5),
             "lora_c": randn(e, o, scale=0.1),
         })
-        keep = torch.rand(w.batch, o, generator=g, device=DEVICE) >= DROPOUT
+        keep = torch.rand(w.batch, o, generator=g, device=device) >= DROPOUT
         masks.append(keep.to(w.dtype) / (1.0 - DROPOUT))
     x = randn(w.batch, w.layers[0].d_in)
     if w.routing == "gate":
-        logits = torch.randn(w.batch, w.experts, generator=g, device=DEVICE)
+        logits = torch.randn(w.batch, w.experts, generator=g, device=device)
         route: dict[str, Any] = {"gate": torch.softmax(logits, 1).to(w.dtype).requires_grad_()}
     else:
-        route = {"domain": torch.randint(0, w.experts, (w.batch,), generator=g, device=DEVICE)}
-    grad_out = torch.randn(w.batch, w.layers[-1].d_out, generator=g, device=DEVICE).to(w.dtype)
+        route = {"domain": torch.randint(0, w.experts, (w.batch,), generator=g, device=device)}
+    grad_out = torch.randn(w.batch, w.layers[-1].d_out, generator=g, device=device).to(w.dtype)
     return Prepared(params, masks, x, route, grad_out)
 
 
@@ -181,7 +183,7 @@ def _provider_fn(provider: str) -> Callable[..., torch.Tensor]:
     return lambda *a, **kw: adapter_linear(*a, **kw, backend="fast")
 
 
-def _step(provider: str, mode: str, p: Prepared) -> Callable[[], None]:
+def _step(provider: str, mode: str, p: Prepared, sync: bool = True) -> Callable[[], None]:
     fn = _provider_fn(provider)
     inputs = [p.x, *(t for layer in p.params for t in layer.values())]
     if "gate" in p.route:
@@ -198,11 +200,13 @@ def _step(provider: str, mode: str, p: Prepared) -> Callable[[], None]:
         def run() -> None:
             with torch.no_grad():
                 forward()
-            _sync()
+            if sync:
+                _sync()
     else:
         def run() -> None:
             torch.autograd.grad(forward(), inputs, p.grad_out)
-            _sync()
+            if sync:
+                _sync()
     return run
 
 
@@ -245,6 +249,7 @@ def _ceilings(dtype: torch.dtype) -> dict[str, float]:
 _MEDIANS: dict[tuple[str, str, str], float] = {}
 
 
+@needs_cuda
 @pytest.mark.parametrize("provider", PROVIDERS)
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("workload", WORKLOADS, ids=[w.name for w in WORKLOADS])
@@ -280,4 +285,40 @@ def test_adapter_tower(benchmark: Any, workload: Workload, mode: str, provider: 
         for peer in ("loop", "concat"):
             peer_s = _MEDIANS.get((workload.name, mode, peer))
             info[f"speedup_vs_{peer}"] = peer_s / seconds if peer_s else math.nan
+    benchmark.extra_info.update(info)
+
+
+# --------------------------------------------------------------------------------------------
+# CPU: what ``fast`` means there (the concatenated form) against the seeds' loop.
+# --------------------------------------------------------------------------------------------
+
+CPU_WORKLOADS = [w for w in _seeds_workloads()
+                 if w.batch == 1024 and w.experts in (7, 30) and any(
+                     f"alpha{a}" in w.name for a in (4, 32))]
+
+
+@pytest.mark.parametrize("provider", ["loop", "fast"])
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("workload", CPU_WORKLOADS, ids=[w.name for w in CPU_WORKLOADS])
+def test_adapter_tower_cpu(benchmark: Any, workload: Workload, mode: str, provider: str) -> None:
+    """The seeds' tower on CPU: the reference loop vs ``backend="fast"`` (the concatenated form).
+
+    Run: ``make bench ARGS="-k adapter_tower_cpu"``. Threads: torch's default
+    (``torch.get_num_threads()``, recorded in the machine info).
+    """
+    prepared = _prepare(workload, device="cpu")
+    run = _step("concat" if provider == "fast" else "loop", mode, prepared, sync=False)
+    benchmark.group = f"adapter cpu {workload.name} {mode}"
+    benchmark.pedantic(run, rounds=ROUNDS, warmup_rounds=WARMUP_ROUNDS, iterations=1)
+    seconds = benchmark.stats.stats.median
+    _MEDIANS[(workload.name, mode, f"cpu-{provider}")] = seconds
+    info: dict[str, Any] = {
+        "device": "cpu", "provider": provider, "mode": mode, "dtype": str(workload.dtype),
+        "batch": workload.batch, "experts": workload.experts, "routing": workload.routing,
+        "layers": [(layer.d_in, layer.d_out, layer.rank) for layer in workload.layers],
+        "median_s": seconds, "gflops": workload.flops(mode) / seconds / 1e9,
+    }
+    if provider == "fast":
+        loop_s = _MEDIANS.get((workload.name, mode, "cpu-loop"))
+        info["speedup_vs_loop"] = loop_s / seconds if loop_s else math.nan
     benchmark.extra_info.update(info)
