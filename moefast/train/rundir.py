@@ -139,7 +139,7 @@ def plot_methods(path: Path, metrics_by_method: Mapping[str, Mapping[str, Any]])
     first = metrics_by_method[methods[0]]["test"]["per_domain"]
     names = [str(row["name"]) for row in first]
     width = 0.8 / len(methods)
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.6 * len(names) * len(methods) + 2), 4))
+    fig, ax = plt.subplots(figsize=(min(14.0, max(6.0, 0.3 * len(names) * len(methods) + 3)), 4.5))
     lows = []
     for k, method in enumerate(methods):
         rows = metrics_by_method[method]["test"]["per_domain"]
