@@ -200,8 +200,19 @@ def test_compile_traces_without_graph_breaks(triton_on_cpu: None) -> None:
 
     # fullgraph=True turns any graph break into an error. On CPU, aot_eager traces the
     # custom ops (forward and backward) without generating C++; on CUDA, inductor compiles.
-    compiled = torch.compile(loss, fullgraph=True, backend="aot_eager" if ON_CPU else "inductor")
+    inner = torch._dynamo.lookup_backend("aot_eager" if ON_CPU else "inductor")
+    graphs: list[torch.fx.GraphModule] = []
+
+    def recording(gm: torch.fx.GraphModule, example_inputs: Any) -> Any:
+        graphs.append(gm)
+        return inner(gm, example_inputs)
+
+    compiled = torch.compile(loss, fullgraph=True, backend=recording)
     got = compiled(x, gate)
+    (graph,) = graphs
+    targets = [str(node.target) for node in graph.graph.nodes]
+    # Traced as the custom op (one node), not through the eager autograd.Function.
+    assert targets.count("moefast.adapter_linear_fwd.default") == 1, targets
     got_grads = torch.autograd.grad(got, [x, gate, layer.weight, layer.lora_A])
     want = loss(x, gate)
     want_grads = torch.autograd.grad(want, [x, gate, layer.weight, layer.lora_A])

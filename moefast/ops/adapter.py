@@ -10,8 +10,8 @@ Backends and what ``fast`` runs:
   (:mod:`moefast.kernels.adapter_linear`) through the custom ops
   ``moefast::adapter_linear_fwd`` / ``moefast::adapter_linear_bwd``, registered with
   ``torch.library`` with fake implementations, so ``torch.compile`` traces them without graph
-  breaks; the autograd formula registered on the forward op plays the role of the op's
-  ``autograd.Function``. Other dtypes on CUDA: ``auto`` takes the reference, an explicit
+  breaks; eager calls go through :class:`AdapterLinearFunction`, which launches the same
+  kernels with less dispatch overhead. Other dtypes on CUDA: ``auto`` takes the reference, an explicit
   ``fast`` raises.
 - ``fast`` on CPU tensors: the concatenated plain-PyTorch form
   (:func:`moefast.reference.adapter.adapter_linear_concat`: two products instead of a loop
@@ -41,7 +41,14 @@ from moefast.ops._backend import Backend, BackendLike, resolve_backend
 from moefast.reference import adapter as _reference
 from moefast.reference.adapter import Activation, check_adapter_inputs
 
-__all__ = ["TRITON_CPU_ENV", "FastImpl", "adapter_linear", "fast_implementation", "why_not_fast"]
+__all__ = [
+    "TRITON_CPU_ENV",
+    "AdapterLinearFunction",
+    "FastImpl",
+    "adapter_linear",
+    "fast_implementation",
+    "why_not_fast",
+]
 
 _FAST_DTYPES = (torch.float32, torch.bfloat16)
 TRITON_CPU_ENV = "MOEFAST_TRITON_CPU"
@@ -205,6 +212,49 @@ torch.library.register_autograd("moefast::adapter_linear_fwd", _backward,
                                 setup_context=_setup_context)
 
 
+class AdapterLinearFunction(torch.autograd.Function):
+    """The fused op for eager autograd: the same launchers and the same backward as the custom ops.
+
+    Eager calls take this path because a ``torch.library`` custom op adds several times the
+    Python dispatch cost of an ``autograd.Function`` per call (measured with empty bodies on the
+    development machine), which matters at CTR sizes, where a layer's GPU work takes
+    microseconds. Under ``torch.compile`` the custom ops are used instead (one opaque graph node
+    each, with fake implementations). Backward: see ``_backward`` above.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor,
+        lora_A: torch.Tensor,
+        lora_B: torch.Tensor,
+        lora_c: torch.Tensor,
+        gate: torch.Tensor | None,
+        domain: torch.Tensor | None,
+        expert: int | None,
+        dropout_mask: torch.Tensor | None,
+        relu: bool,
+    ) -> torch.Tensor:
+        y, u = _kernels().adapter_linear_fwd(x, weight, bias, lora_A, lora_B, lora_c, gate,
+                                             domain, expert, dropout_mask, relu)
+        ctx.save_for_backward(x, y, u, weight, lora_A, lora_B, lora_c, gate, domain, dropout_mask)
+        ctx.expert = expert
+        ctx.relu = relu
+        return y
+
+    @staticmethod
+    def backward(ctx: Any, dy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x, y, u, weight, lora_A, lora_B, lora_c, gate, domain, dropout_mask = ctx.saved_tensors
+        flags = tuple(bool(f) for f in ctx.needs_input_grad[:7])
+        if not any(flags):
+            return (None,) * 11
+        grads = _kernels().adapter_linear_bwd(dy, x, y, u, weight, lora_A, lora_B, lora_c, gate,
+                                              domain, ctx.expert, dropout_mask, ctx.relu, flags)
+        return (*grads, None, None, None, None)
+
+
 # --------------------------------------------------------------------------------------------
 # Functional entry point
 # --------------------------------------------------------------------------------------------
@@ -251,9 +301,11 @@ def adapter_linear(
     check_adapter_inputs(x, weight, bias, lora_A, lora_B, lora_c, gate=gate, domain=domain,
                          expert=expert, dropout_mask=dropout_mask, activation=activation,
                          check_values=x.device.type != "cuda")
-    y, _ = _adapter_linear_fwd(
-        x, weight, bias, lora_A, lora_B, lora_c, gate, domain,
-        expert, dropout_mask,
-        activation is Activation.RELU,
-    )
-    return y
+    relu = activation is Activation.RELU
+    if torch.compiler.is_compiling():
+        y, _ = _adapter_linear_fwd(x, weight, bias, lora_A, lora_B, lora_c, gate, domain, expert,
+                                   dropout_mask, relu)
+        return y
+    out: torch.Tensor = AdapterLinearFunction.apply(x, weight, bias, lora_A, lora_B, lora_c, gate,
+                                                    domain, expert, dropout_mask, relu)
+    return out
