@@ -128,3 +128,18 @@ def test_splits_are_stratified_per_domain_and_label() -> None:
             got = [int(((s.domain == d) & (s.label == y)).sum()) for s in (ds.train, ds.val, ds.test)]
             want_train, want_val_end = math.floor(0.6 * m + 0.5), math.floor(0.8 * m + 0.5)
             assert got == [want_train, want_val_end - want_train, m - want_val_end], (d, y)
+
+
+def test_domain_term_has_no_pairwise_part() -> None:
+    # g_d is even in (p_u, q_i): no user-domain or item-domain linear term (what an FM's
+    # pairwise products model) explains any of it, so adapters have something to add.
+    # Many users and items, so that the sample of factors is close to its symmetric law.
+    cfg = synthetic.preset("paper", num_users=20_000, num_items=20_000, num_domains=4)
+    truth = synthetic.ground_truth(cfg)
+    rng = np.random.default_rng(0)
+    uid, item = rng.integers(0, cfg.num_users, 20_000), rng.integers(0, cfg.num_items, 20_000)
+    x = np.hstack([np.ones((20_000, 1)), truth.user_factors[uid], truth.item_factors[item]])
+    for d in range(cfg.num_domains):
+        g = truth.domain_term(uid, item, np.full(20_000, d))
+        residual = g - x @ np.linalg.lstsq(x, g, rcond=None)[0]
+        assert 1 - residual.var() / g.var() < 0.01, d

@@ -9,27 +9,28 @@ latent dimension ``k``:
 
 - truth: user factors ``p_u ~ N(0, I_k)``, item factors ``q_i ~ N(0, I_k)``, user and item
   biases ``b_u, b_i ~ N(0, bias_scale^2)``, domain biases ``b_d ~ N(0, domain_bias_scale^2)``, and
-  one rank-``r`` transform per domain ``M_d = sum_j a_dj b_djᵀ / sqrt(r)`` with
-  ``a_dj, b_dj ~ N(0, I_k / k)`` (``r = domain_rank``: the domain-specific taste directions);
+  per domain ``r = domain_rank`` pairs of taste directions ``a_dj, b_dj ~ N(0, I_k / k)``;
 - a row: its domain ``d ~ Categorical(pi)`` with ``pi_d ∝ (d + 1)^-imbalance`` (``imbalance=0``
   gives equal domains, larger values a long tail of small domains), its user and item drawn
   with Zipf popularity ``P(rank r) ∝ r^-popularity`` over a random permutation of the ids;
 - the click logit
 
-      z = mu + b_d + b_u + b_i + s * (sqrt(1 - λ²) * p_u·q_i / sqrt(k) + λ * p_uᵀ M_d q_i)
-          + context
+      z = mu + b_d + b_u + b_i + s * (sqrt(1 - λ²) * p_u·q_i / sqrt(k) + λ * g_d(u, i)) + context
+      g_d(u, i) = sum_j (|x_dj| - sqrt(2/π)) / sqrt(r (1 - 2/π)),  x_dj = (a_dj·p_u + b_dj·q_i) / sqrt(2)
 
   with ``λ = diversity`` in [0, 1] and ``s = interaction_scale``; the label is
   ``y ~ Bernoulli(sigmoid(z))``, so even the true logit has a bounded AUC.
 
 Both interaction terms have unit variance, so ``diversity`` changes *how the click function is
-shared*, not how much signal there is: the interaction of two different domains correlates by
-``1 - λ²``, and a domain's interaction correlates with the shared one by ``sqrt(1 - λ²)``. At
-``λ = 0`` all domains share one click function (up to the bias ``b_d``, which a domain
-embedding captures), so domain-specific adapters have nothing to add; as ``λ`` grows, each
-domain's user-item interaction is a different bilinear form of the same user and item
-factors: exactly what a per-domain adapter on a shared tower can represent and a shared tower
-must approximate. Users and items are shared by all domains.
+shared*, not how much signal there is: a domain's interaction correlates with the shared one by
+``sqrt(1 - λ²)``. At ``λ = 0`` all domains share one click function (up to the bias ``b_d``,
+which a domain embedding captures), so domain-specific adapters have nothing to add. As ``λ``
+grows, each domain rewards users and items that sit far out along its own taste directions of
+the same shared factors. ``|x|`` has no linear part, so no sum of pairwise terms (user-item,
+user-domain, item-domain: what a factorisation machine models) reproduces ``g_d``; a model needs
+a domain-specific projection of the user and item vectors followed by a non-linearity, which a
+per-domain low-rank adapter on a ReLU tower provides directly and a shared tower must emulate.
+Users and items are shared by all domains.
 
 ``context`` (the ``wide`` preset only): every extra field ``f`` has per-id effects
 ``w_f[id] ~ N(0, context_scale^2 / F)``; a single-valued field adds ``w_f[id]``, a multi-valued
@@ -76,7 +77,7 @@ class SyntheticConfig:
     num_items: int = 1_000
     embedding_dim: int = 8
     latent_dim: int = 4
-    # Rank of each domain's transform M_d: the number of domain-specific taste directions.
+    # r: the number of domain-specific taste directions per domain.
     domain_rank: int = 2
     # λ: how far each domain's click function departs from the shared one (0 = identical).
     diversity: float = 0.8
@@ -198,7 +199,8 @@ class SyntheticTruth:
     user_bias: np.ndarray  # float64 [U]
     item_bias: np.ndarray  # float64 [I]
     domain_bias: np.ndarray  # float64 [D]
-    domain_transforms: np.ndarray  # float64 [D, k, k]
+    domain_user_directions: np.ndarray  # float64 [D, r, k]
+    domain_item_directions: np.ndarray  # float64 [D, r, k]
     context_effects: tuple[np.ndarray, ...]  # float64 [V_f] per context field, then multi field
 
     def logits(self, features: Mapping[str, torch.Tensor | np.ndarray], domain: torch.Tensor | np.ndarray,
@@ -218,11 +220,7 @@ class SyntheticTruth:
         shared = np.einsum("nk,nk->n", p, q)
         specific = np.zeros_like(shared)
         if lam > 0:
-            # p_uᵀ M_d q_i, grouped by domain so each M_d is applied as one matrix product.
-            for d in range(cfg.num_domains):
-                rows = np.flatnonzero(dom == d)
-                if rows.size:
-                    specific[rows] = np.einsum("nk,nk->n", p[rows] @ self.domain_transforms[d], q[rows])
+            specific = self.domain_term(uid, item, dom)
         interaction = math.sqrt(1.0 - lam * lam) * shared / math.sqrt(cfg.latent_dim) + lam * specific
         z = (cfg.global_bias + self.domain_bias[dom] + self.user_bias[uid] + self.item_bias[item]
              + cfg.interaction_scale * interaction)
@@ -234,6 +232,26 @@ class SyntheticTruth:
             total = np.where(filled, effects[bag], 0.0).sum(axis=1)
             z = z + total / np.maximum(filled.sum(axis=1), 1)
         out: np.ndarray = z
+        return out
+
+
+    def domain_term(self, uid: np.ndarray, item: np.ndarray, domain: np.ndarray) -> np.ndarray:
+        """The domain-specific interaction ``g_d(u, i)`` (float64 ``[n]``, unit variance).
+
+        ``g_d(u, i) = sum_j (|x_dj| - sqrt(2/π)) / sqrt(r (1 - 2/π))`` with
+        ``x_dj = (a_dj·p_u + b_dj·q_i) / sqrt(2)``: each domain rewards users and items far from
+        zero along its own ``r`` taste directions. ``|x|`` has no linear part, so no sum of
+        pairwise (user-domain, item-domain) terms reproduces it: a model must compute a
+        domain-specific projection of the user and item vectors and then a non-linearity, which
+        is what a per-domain adapter on the first tower layer followed by ReLU provides.
+        """
+        cfg = self.config
+        a = self.domain_user_directions[domain]  # [n, r, k]
+        b = self.domain_item_directions[domain]  # [n, r, k]
+        x = (np.einsum("nrk,nk->nr", a, self.user_factors[uid])
+             + np.einsum("nrk,nk->nr", b, self.item_factors[item])) / math.sqrt(2.0)
+        mean_abs, var_abs = math.sqrt(2.0 / math.pi), 1.0 - 2.0 / math.pi
+        out: np.ndarray = (np.abs(x) - mean_abs).sum(axis=1) / math.sqrt(cfg.domain_rank * var_abs)
         return out
 
 
@@ -251,22 +269,10 @@ def ground_truth(config: SyntheticConfig) -> SyntheticTruth:
         user_bias=truth_rng.normal(0.0, config.bias_scale, config.num_users),
         item_bias=truth_rng.normal(0.0, config.bias_scale, config.num_items),
         domain_bias=truth_rng.normal(0.0, config.domain_bias_scale, config.num_domains),
-        domain_transforms=_domain_transforms(truth_rng, config),
+        domain_user_directions=truth_rng.normal(0.0, 1.0 / math.sqrt(k), (config.num_domains, config.domain_rank, k)),
+        domain_item_directions=truth_rng.normal(0.0, 1.0 / math.sqrt(k), (config.num_domains, config.domain_rank, k)),
         context_effects=tuple(truth_rng.normal(0.0, context_sd, v) for v in vocabs),
     )
-
-
-def _domain_transforms(rng: np.random.Generator, config: SyntheticConfig) -> np.ndarray:
-    """``M_d = sum_j a_dj b_djᵀ / sqrt(r)`` for ``r = domain_rank``, ``a, b ~ N(0, I_k / k)``.
-
-    Each rank-one term contributes ``(a·p)(b·q)``, a product of two unit-variance projections,
-    so ``p_uᵀ M_d q_i`` has unit variance for every ``r``.
-    """
-    k, r, num = config.latent_dim, config.domain_rank, config.num_domains
-    a = rng.normal(0.0, 1.0 / math.sqrt(k), (num, r, k))
-    b = rng.normal(0.0, 1.0 / math.sqrt(k), (num, r, k))
-    out: np.ndarray = np.einsum("drk,drl->dkl", a, b) / math.sqrt(r)
-    return out
 
 
 def _streams(seed: int) -> tuple[np.random.Generator, np.random.Generator]:
