@@ -13,12 +13,33 @@ import torch
 from moefast.config import TowerConfig, TowerKind
 from moefast.data.dataset import MultiDomainDataset
 from moefast.models.alpha import ALPHA, alpha_for
+from moefast.models.autoint import AutoInt
 from moefast.models.base import MODELS, CTRModel, register
+from moefast.models.dcn import DCN
 from moefast.models.deepfm import DeepFM
+from moefast.models.fibinet import FiBiNET
+from moefast.models.nfm import NFM
+from moefast.models.pnn import PNN
 from moefast.models.wdl import WDL
+from moefast.models.xdeepfm import XDeepFM
 from moefast.ops._backend import BackendLike
 
-__all__ = ["ALPHA", "MODELS", "WDL", "CTRModel", "DeepFM", "alpha_for", "build", "register"]
+__all__ = [
+    "ALPHA",
+    "DCN",
+    "MODELS",
+    "NFM",
+    "PNN",
+    "WDL",
+    "AutoInt",
+    "CTRModel",
+    "DeepFM",
+    "FiBiNET",
+    "XDeepFM",
+    "alpha_for",
+    "build",
+    "register",
+]
 
 # The seeds initialise layers after torch.manual_seed(1024).
 DEFAULT_MODEL_SEED = 1024

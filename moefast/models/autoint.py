@@ -1,0 +1,54 @@
+"""AutoInt: first-order weights + stacked multi-head self-attention + the DNN tower (Song et al., 2019)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import nn
+
+from moefast.config import FeatureSpec, TowerConfig
+from moefast.models._fields import as_fields, shared_dim
+from moefast.models.base import EMBEDDING_INIT_STD, CTRModel, register
+from moefast.models.linear import FirstOrder
+from moefast.nn.interaction import InteractingLayer
+from moefast.ops._backend import BackendLike
+
+__all__ = ["AutoInt"]
+
+
+@register("autoint")
+class AutoInt(CTRModel):
+    """``logit = first_order + w . flatten(attention^L(v)) + tower(e)``.
+
+    DeepCTR-Torch (the seeds' base) concatenates the attention output with the DNN output
+    before one final linear layer; that equals the sum of two linear maps used here (the
+    tower's output layer carries the one bias). Defaults: 3 layers of 2 heads with residuals.
+    """
+
+    def __init__(
+        self,
+        features: Sequence[FeatureSpec],
+        num_domains: int,
+        tower: TowerConfig,
+        *,
+        backend: BackendLike = None,
+        attention_layers: int = 3,
+        heads: int = 2,
+    ) -> None:
+        dim = shared_dim("AutoInt", features)
+        super().__init__(features, num_domains, tower, backend=backend)
+        self.linear = FirstOrder(self.features, init_std=EMBEDDING_INIT_STD, backend=backend)
+        self.attention = nn.ModuleList(InteractingLayer(dim, heads) for _ in range(attention_layers))
+        self.attention_output = nn.Linear(len(self.features) * dim, 1, bias=False)
+
+    def interaction_logit(
+        self, features: Mapping[str, torch.Tensor], embedded: torch.Tensor
+    ) -> torch.Tensor:
+        h = as_fields(embedded, len(self.features))  # [B, F, k]
+        for layer in self.attention:
+            h = layer(h)
+        return self.linear(features) + self.attention_output(h.flatten(1)).squeeze(-1)
+
+    def regularized_parameters(self) -> list[nn.Parameter]:
+        return [*super().regularized_parameters(), *self.linear.parameters()]

@@ -1,0 +1,47 @@
+"""xDeepFM: first-order weights + compressed interaction network + the DNN tower (Lian et al., 2018)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import nn
+
+from moefast.config import FeatureSpec, TowerConfig
+from moefast.models._fields import as_fields, shared_dim
+from moefast.models.base import EMBEDDING_INIT_STD, CTRModel, register
+from moefast.models.linear import FirstOrder
+from moefast.nn.interaction import CIN
+from moefast.ops._backend import BackendLike
+
+__all__ = ["XDeepFM"]
+
+
+@register("xdeepfm")
+class XDeepFM(CTRModel):
+    """``logit = first_order + w . CIN(v) + tower(e)``; CIN sizes (256, 128) with split-half,
+    DeepCTR-Torch's defaults."""
+
+    def __init__(
+        self,
+        features: Sequence[FeatureSpec],
+        num_domains: int,
+        tower: TowerConfig,
+        *,
+        backend: BackendLike = None,
+        cin_sizes: Sequence[int] = (256, 128),
+    ) -> None:
+        shared_dim("xDeepFM", features)
+        super().__init__(features, num_domains, tower, backend=backend)
+        self.linear = FirstOrder(self.features, init_std=EMBEDDING_INIT_STD, backend=backend)
+        self.cin = CIN(len(self.features), cin_sizes)
+        self.cin_output = nn.Linear(self.cin.output_width, 1, bias=False)
+
+    def interaction_logit(
+        self, features: Mapping[str, torch.Tensor], embedded: torch.Tensor
+    ) -> torch.Tensor:
+        cin = self.cin(as_fields(embedded, len(self.features)))  # [B, output_width]
+        return self.linear(features) + self.cin_output(cin).squeeze(-1)
+
+    def regularized_parameters(self) -> list[nn.Parameter]:
+        return [*super().regularized_parameters(), *self.linear.parameters()]
