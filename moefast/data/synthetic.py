@@ -40,8 +40,8 @@ independent of the user, item and domain.
 Presets
 -------
 ``paper``: features ``uid``, ``item``, ``domain`` (the domain id is also an input, like the
-seeds'), embedding dim 8, 200,000 rows, 10 domains, 2,000 users, 1,000 items: vocabularies small
-enough that the signal is learnable from ids. ``wide``: the throughput workload: 26 fields
+seeds'), embedding dim 8, 200,000 rows, 10 domains, 300 users, 150 items: vocabularies small
+enough that the signal is learnable from ids within a few epochs (see ``num_users``). ``wide``: the throughput workload: 26 fields
 (uid 2,000,000, item 1,000,000, domain, 20 single-valued context fields with vocabularies
 log-spaced from 10 to 1,000,000, 3 multi-valued fields of up to 8 ids), embedding dim 16,
 1,000,000 rows.
@@ -73,8 +73,13 @@ class SyntheticConfig:
     split_seed: int = SPLIT_SEED
     rows: int = 200_000
     num_domains: int = 10
-    num_users: int = 2_000
-    num_items: int = 1_000
+    # Small on purpose: the models learn users and items from their ids alone, at Adam lr 1e-3,
+    # batch 1024 and embeddings initialised at std 1e-4. Measured with DeepFM on 200,000 rows:
+    # with 2,000 users and 1,000 items no tower learned the interaction within 10 epochs (test
+    # WAUC about 0.63 for base, MLoRA and MoE-MLoRA alike, at any diversity); with 300 and 150,
+    # base reaches 0.76 in 15 epochs at diversity 0 (oracle 0.81).
+    num_users: int = 300
+    num_items: int = 150
     embedding_dim: int = 8
     latent_dim: int = 4
     # r: the number of domain-specific taste directions per domain.
