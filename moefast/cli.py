@@ -87,6 +87,8 @@ _DATA_OPTIONS: list[tuple[str, type | _Conv, str]] = [
     ("data-dir", str, "folder of a real dataset's raw files"),
     ("rows", int, "synthetic: number of rows"),
     ("num-domains", int, "synthetic: number of domains"),
+    ("num-users", int, "synthetic: number of users"),
+    ("num-items", int, "synthetic: number of items"),
     ("diversity", float, "synthetic: how far each domain's click function departs from the shared one"),
     ("imbalance", float, "synthetic: domain-size imbalance"),
     ("data-seed", int, "synthetic: generator seed"),
@@ -114,8 +116,10 @@ _TRAIN_OPTIONS: list[tuple[str, type | _Conv, str]] = [
     ("mlora-mode", _choice(MLoRAMode), "joint (default) or pretrain-freeze"),
     ("train-backbone-in-later-stages", _bool,
      "keep embeddings and non-tower parts trainable in the expert and gate stages"),
+    ("seeds-compat", _bool, "behave like the seeds' public code (see README): backbone trainable in every "
+     "stage, best validation score carried across stages, weights reverted to the best after every epoch"),
 ]
-_FLAGS_WITHOUT_VALUE = {"train-backbone-in-later-stages"}
+_FLAGS_WITHOUT_VALUE = {"train-backbone-in-later-stages", "seeds-compat"}
 _ALL_OPTIONS = {name.replace("-", "_"): conv for name, conv, _ in _DATA_OPTIONS + _RUN_OPTIONS + _TRAIN_OPTIONS}
 
 
@@ -146,6 +150,9 @@ def build_parser() -> argparse.ArgumentParser:
                 group.add_argument(f"--{name}", action="store_true", default=argparse.SUPPRESS, help=text)
             else:
                 group.add_argument(f"--{name}", type=conv, default=argparse.SUPPRESS, help=text)
+    from moefast import cli_grid  # imported here: it imports this module
+
+    cli_grid.add_parser(commands)
     return parser
 
 
@@ -226,6 +233,7 @@ def _load_dataset(data: DataConfig) -> Any:
     options: dict[str, Any] = {}
     if data.dataset == "synthetic":
         for key, dest in (("preset", "preset"), ("rows", "rows"), ("num_domains", "num_domains"),
+                          ("num_users", "num_users"), ("num_items", "num_items"),
                           ("diversity", "diversity"), ("imbalance", "imbalance"), ("data_seed", "seed")):
             value = getattr(data, key)
             if value is not None:
@@ -234,7 +242,8 @@ def _load_dataset(data: DataConfig) -> Any:
             if getattr(data, key) is not None:
                 raise UserError(f"--{key.replace('_', '-')} does not apply to the synthetic dataset")
     else:
-        for key in ("preset", "rows", "num_domains", "diversity", "imbalance", "data_seed"):
+        for key in ("preset", "rows", "num_domains", "num_users", "num_items", "diversity", "imbalance",
+                    "data_seed"):
             if getattr(data, key) is not None:
                 raise UserError(f"--{key.replace('_', '-')} applies to the synthetic dataset only")
         if data.data_dir is None:
@@ -338,6 +347,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     given = {k: v for k, v in vars(args).items() if k not in ("command", "config") and v is not None}
     try:
+        if args.command == "grid":
+            from moefast import cli_grid
+
+            return cli_grid.main(args)
         options = _read_toml(args.config) if args.config else {}
         options.update(given)  # flags win over the file
         try:

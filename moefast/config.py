@@ -179,7 +179,12 @@ class TrainConfig:
     ``max_epochs`` caps every stage; ``expert_max_epochs`` / ``gate_max_epochs`` override it for
     the MoE-MLoRA expert and gate stages. ``train_backbone_in_later_stages`` keeps embeddings and
     the non-tower parts trainable in the expert and gate stages (the public code's behaviour;
-    the method freezes them). ``seed`` seeds model-independent randomness of the loop (batch
+    the method freezes them). ``seeds_compat`` reproduces the seeds' public code where it departs
+    from the paper: non-tower parts trainable in every stage, the best validation score carried
+    from one stage into the next (a stage keeps its new weights only if it beats every earlier
+    stage), the weights reverted to the best checkpoint after every epoch that does not improve,
+    and (so that the carried score compares like with like) experts early-stopped on the mean
+    validation AUC over all domains. ``seed`` seeds model-independent randomness of the loop (batch
     order, dropout); the model's initial weights come from :func:`moefast.models.build`'s seed.
     """
 
@@ -197,6 +202,7 @@ class TrainConfig:
     expert_stop: ExpertStopRule = ExpertStopRule.OWN_DOMAIN
     mlora_mode: MLoRAMode = MLoRAMode.JOINT
     train_backbone_in_later_stages: bool = False
+    seeds_compat: bool = False
     seed: int = 1024
     device: str = "cpu"
     progress: bool = True
@@ -230,7 +236,8 @@ class DataConfig:
     """Which dataset a run loads (``moefast.data.load``'s name and options).
 
     ``None`` leaves an option to the source's default. ``preset``, ``rows``, ``num_domains``,
-    ``diversity``, ``imbalance`` and ``data_seed`` apply to ``synthetic``; ``domain`` and
+    ``num_users``, ``num_items``, ``diversity``, ``imbalance`` and ``data_seed`` apply to
+    ``synthetic``; ``domain`` and
     ``data_dir`` to the real sources.
     """
 
@@ -240,6 +247,8 @@ class DataConfig:
     data_dir: str | None = None
     rows: int | None = None
     num_domains: int | None = None
+    num_users: int | None = None
+    num_items: int | None = None
     diversity: float | None = None
     imbalance: float | None = None
     data_seed: int | None = None

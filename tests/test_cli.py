@@ -12,7 +12,8 @@ import pytest
 from moefast import cli
 from moefast.config import BatchMode, TowerKind
 
-TINY = ["--rows", "1500", "--num-domains", "3", "--max-epochs", "1", "--batch-size", "256"]
+TINY = ["--rows", "1500", "--num-domains", "3", "--num-users", "100", "--num-items", "50",
+        "--max-epochs", "1", "--batch-size", "256"]
 
 
 def test_train_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -32,6 +33,7 @@ def test_train_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
         metrics = json.loads((run / "metrics.json").read_text())
         assert metrics["method"] == method and metrics["model"] == "deepfm"
         assert metrics == combined[method]
+        assert json.loads((run / "config.json").read_text())["dataset"] == "synthetic-paper"
         wauc = f"{metrics['test']['wauc']:.4f}"
         assert wauc in next(line for line in table.splitlines() if line.startswith("WAUC"))
         for name in ("config.toml", "config.json", "predictions.csv", "val_auc.png", "per_domain_auc.png"):
@@ -41,7 +43,7 @@ def test_train_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
     assert (out / "per_domain_auc.png").is_file() and (out / "table.txt").is_file()
     # The resolved config reads back to the same configuration.
     config, _ = cli.resolve_config(cli._read_toml(str(out / "config.toml")))
-    assert config.data.rows == 1500 and config.data.num_domains == 3
+    assert config.data.rows == 1500 and config.data.num_domains == 3 and config.data.num_users == 100
     assert config.train.max_epochs == 1 and config.methods == tuple(TowerKind)
 
 
