@@ -114,3 +114,24 @@ def test_methods_without_moe_have_one_cell_each() -> None:
     assert [(c.model, c.method_label) for c in plan_grid(config)] == [
         ("deepfm", "base"), ("deepfm", "mlora"), ("nfm", "base"), ("nfm", "mlora"),
     ]
+
+
+def test_grid_command_line_and_toml(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from moefast.cli import main
+    from moefast.cli_grid import resolve_grid
+
+    toml = tmp_path / "grid.toml"
+    toml.write_text('model = ["wdl"]\nmethod = "base,mlora"\nseeds = [3]\nrows = 400\nnum-domains = 2\n'
+                    "max-epochs = 1\nbatch-size = 256\n")
+    out = tmp_path / "grid"
+    assert main(["grid", "--config", str(toml), "--diversity", "0.9,0.1", "--quiet", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "## synthetic_rows-400_num-domains-2_diversity-0.9" in printed and "| wdl |" in printed
+    assert len(pd.read_csv(out / "runs.csv")) == 2 * 2  # two diversities x (base, mlora)
+
+    config, quiet = resolve_grid({"model": ("nfm",), "experts_per_domain": (2, 4), "seeds_compat": True})
+    assert quiet is False and config.train.seeds_compat and config.experts_per_domain == (2, 4)
+    assert [d.dataset for d in config.data] == ["synthetic"]
+
+    assert main(["grid", "--model", "nope", "--out", str(out)]) == 2
+    assert "moefast: error: unknown model 'nope'" in capsys.readouterr().err

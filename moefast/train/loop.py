@@ -232,9 +232,11 @@ def fit(
                 previous = records[-1]
                 assert previous.checkpoint is not None
                 load_checkpoint(previous.checkpoint, model, expected_stage=previous.label)
+            # seeds_compat: the best validation score so far is carried into the next stage.
+            carried = records[-1].best_val_mean_auc if config.seeds_compat and records else -math.inf
             records.append(
                 _run_stage(model, dataset, config, step, index, len(plan), all_domains,
-                           generator, device, ckpt_dir)
+                           generator, device, ckpt_dir, carried_best=-math.inf if math.isnan(carried) else carried)
             )
         test_logits = predict(model, dataset.test, batch_size=config.eval_batch_size, device=device)
     finally:
@@ -278,9 +280,12 @@ def _run_stage(
     generator: torch.Generator,
     device: torch.device,
     ckpt_dir: Path,
+    *,
+    carried_best: float = -math.inf,
 ) -> StageRecord:
     start = time.perf_counter()
-    params = set_stage(model, step, train_backbone=config.train_backbone_in_later_stages)
+    compat = config.seeds_compat
+    params = set_stage(model, step, train_backbone=config.train_backbone_in_later_stages or compat)
     optimizer = torch.optim.Adam(params, lr=config.lr, betas=config.betas, eps=config.eps)
     max_epochs = config.max_epochs
     train_domains = all_domains
@@ -289,7 +294,7 @@ def _run_stage(
         assert step.expert is not None
         own = model.tower.expert_domain(step.expert)
         train_domains = [own]
-        if config.expert_stop is ExpertStopRule.OWN_DOMAIN:
+        if config.expert_stop is ExpertStopRule.OWN_DOMAIN and not compat:
             val_domains = [own]
         max_epochs = config.expert_max_epochs or max_epochs
     elif step.stage is Stage.GATE:
@@ -299,6 +304,10 @@ def _run_stage(
     val_rows = torch.nonzero(torch.isin(dataset.val.domain, torch.tensor(val_domains))).squeeze(1)
     stopper = EarlyStopping(config.patience)
     best_state: dict[int, torch.Tensor] | None = None
+    if carried_best > -math.inf:
+        # seeds_compat: the stage starts from the best checkpoint so far and must beat its score.
+        stopper.best = carried_best
+        best_state = {id(p): p.detach().clone() for p in params}
     history: list[float] = []
     samples = 0
     train_seconds = 0.0
@@ -326,8 +335,14 @@ def _run_stage(
             tqdm.write(f"[{index + 1}/{total}] {step.label} epoch {epoch}: {what} {val.mean_auc:.5f}")
         if stopper.update(val.mean_auc):
             best_state = {id(p): p.detach().clone() for p in params}
-        elif stopper.should_stop:
-            break
+        else:
+            if compat and best_state is not None:
+                # seeds_compat: the next epoch starts again from the best checkpoint.
+                with torch.no_grad():
+                    for p in params:
+                        p.copy_(best_state[id(p)])
+            if stopper.should_stop:
+                break
     # With no AUC at all (every validation domain one-class) nothing improves: keep the last
     # weights rather than the untrained ones.
     best = stopper.best

@@ -1,0 +1,168 @@
+"""``moefast grid``: the experiment grid from the command line (see :mod:`moefast.train.grid`).
+
+List-valued flags take comma-separated values (``--model deepfm,nfm``, ``--diversity 0.9,0.1``,
+``--seeds 1024,1025``); in the TOML file (``--config``) they may also be arrays. A flag given on
+the command line wins over the file. Every data setting is ``dataset x domain x diversity``;
+the other data options apply to all of them. Rerunning the same command resumes the grid.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tomllib
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from moefast.cli import _TRAIN_OPTIONS, UserError, _bool, _load_dataset, _methods
+from moefast.config import DataConfig, TrainConfig
+
+__all__ = ["add_parser", "main", "resolve_grid"]
+
+
+def _strings(text: str) -> tuple[str, ...]:
+    parts = tuple(p.strip() for p in str(text).split(",") if p.strip())
+    if not parts:
+        raise argparse.ArgumentTypeError(f"{text!r} names nothing")
+    return parts
+
+
+def _list_of(conv: Callable[[str], Any]) -> Callable[[str], tuple[Any, ...]]:
+    def parse(text: str) -> tuple[Any, ...]:
+        try:
+            return tuple(conv(p) for p in _strings(text))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of {conv.__name__}") from None
+
+    parse.__name__ = f"list of {conv.__name__}"
+    return parse
+
+
+def _models(text: str) -> tuple[str, ...]:
+    from moefast.train.grid import BACKBONES
+
+    return BACKBONES if str(text).lower() == "all" else tuple(m.lower() for m in _strings(text))
+
+
+_DATA: list[tuple[str, Callable[[str], Any], str]] = [
+    ("dataset", _strings, "datasets, comma-separated (default synthetic)"),
+    ("domain", _strings, "domain columns of the real datasets, comma-separated (MovieLens: gender,age,occupation)"),
+    ("diversity", _list_of(float), "synthetic domain diversities, comma-separated (e.g. 0.9,0.1)"),
+    ("preset", str, "synthetic preset: paper (default) or wide"),
+    ("data-dir", str, "folder of a real dataset's raw files"),
+    ("rows", int, "synthetic: number of rows"),
+    ("num-domains", int, "synthetic: number of domains"),
+    ("imbalance", float, "synthetic: domain-size imbalance"),
+    ("data-seed", int, "synthetic: generator seed"),
+]
+_GRID: list[tuple[str, Callable[[str], Any], str]] = [
+    ("model", _models, "backbones, comma-separated, or all (default all eight)"),
+    ("method", _methods, "base | mlora | moe-mlora | all (default), comma-separated"),
+    ("experts-per-domain", _list_of(int), "MoE-MLoRA experts per domain k, one cell each (default 1,2,3,4)"),
+    ("seeds", _list_of(int), "seeds, one run each (default 1024,1025)"),
+    ("backend", str, "reference | fast | auto"),
+    ("out", str, "grid directory (default runs/grid); rerun to resume"),
+]
+# The grid's --seeds replaces train's --seed.
+_TRAINING = [option for option in _TRAIN_OPTIONS if option[0] != "seed"]
+_ALL = {name.replace("-", "_"): conv for name, conv, _ in _DATA + _GRID + _TRAINING}
+_DATA_LISTS = ("dataset", "domain", "diversity")
+
+
+def add_parser(commands: Any) -> None:
+    """Add the ``grid`` subcommand to ``moefast``'s subparsers."""
+    grid = commands.add_parser(
+        "grid",
+        help="run an experiment grid (data x backbone x method x seed), resumable",
+        description=(__doc__ or "").split("\n\n")[1].replace("\n", " "),
+    )
+    grid.add_argument("--config", help="TOML file whose keys mirror the flags")
+    grid.add_argument("--quiet", "-q", action="store_true", default=None, help="no progress bars or per-cell lines")
+    for title, options in (("data", _DATA), ("grid", _GRID), ("training", _TRAINING)):
+        group = grid.add_argument_group(title)
+        for name, conv, text in options:
+            if conv is _bool:
+                group.add_argument(f"--{name}", action="store_true", default=argparse.SUPPRESS, help=text)
+            else:
+                group.add_argument(f"--{name}", type=conv, default=argparse.SUPPRESS, help=text)
+
+
+def _read_toml(path: str) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as handle:
+            raw = tomllib.load(handle)
+    except FileNotFoundError:
+        raise UserError(f"config file {path!r} does not exist") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise UserError(f"config file {path!r} is not valid TOML: {exc}") from None
+    out: dict[str, Any] = {}
+    for key, value in raw.items():
+        dest = key.replace("-", "_")
+        if dest == "quiet":
+            out[dest] = _bool(str(value))
+            continue
+        if dest not in _ALL:
+            raise UserError(f"config file {path!r}: unknown key {key!r}")
+        if isinstance(value, list):
+            value = ",".join(str(v) for v in value)
+        if isinstance(value, bool):
+            value = str(value).lower()
+        try:
+            out[dest] = _ALL[dest](str(value))
+        except (ValueError, TypeError, argparse.ArgumentTypeError) as exc:
+            raise UserError(f"config file {path!r}: key {key!r}: {exc}") from None
+    return out
+
+
+def resolve_grid(options: Mapping[str, Any]) -> tuple[Any, bool]:
+    """Merged options (TOML keys / flag dests) -> (:class:`~moefast.train.grid.GridConfig`, quiet)."""
+    from moefast.train.grid import GridConfig
+
+    values = dict(options)
+    quiet = bool(values.pop("quiet", False))
+    lists = {key: values.pop(key, (None,)) for key in _DATA_LISTS}
+    common = {k: values.pop(k) for k in list(values) if k in DataConfig.__dataclass_fields__}
+    data = tuple(
+        DataConfig(dataset=dataset or "synthetic", domain=domain, diversity=diversity, **common)
+        for dataset in lists["dataset"] for domain in lists["domain"] for diversity in lists["diversity"]
+    )
+    train = TrainConfig(**{k: values.pop(k) for k in list(values) if k in TrainConfig.__dataclass_fields__},
+                        progress=not quiet)
+    grid: dict[str, Any] = {}
+    for dest, field in (("model", "models"), ("method", "methods"), ("experts_per_domain", "experts_per_domain"),
+                        ("seeds", "seeds"), ("backend", "backend"), ("out", "out")):
+        if dest in values:
+            grid[field] = values.pop(dest)
+    assert not values, f"unmapped options {values}"
+    return GridConfig(data=data, train=train, **grid), quiet
+
+
+def _load(data: DataConfig) -> Any:
+    return _load_dataset(data)
+
+
+def main(args: argparse.Namespace) -> int:
+    """Run ``moefast grid`` for parsed ``args``; user mistakes raise :class:`UserError`."""
+    from moefast.ops._backend import BackendUnavailableError, parse_backend
+    from moefast.train.grid import run_grid
+
+    given = {k: v for k, v in vars(args).items() if k not in ("command", "config") and v is not None}
+    options = _read_toml(args.config) if args.config else {}
+    options.update(given)
+    try:
+        config, quiet = resolve_grid(options)
+    except (TypeError, ValueError) as exc:
+        raise UserError(str(exc)) from None
+    if config.backend is not None:
+        try:
+            parse_backend(config.backend)
+        except ValueError as exc:
+            raise UserError(str(exc)) from None
+    say = (lambda _msg: None) if quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
+    try:
+        paths = run_grid(config, load=_load, say=say)
+    except BackendUnavailableError as exc:
+        raise UserError(str(exc)) from None
+    print(paths["results.md"].read_text(), end="")
+    print(f"grid directory: {config.out} (results.csv, results.md, results.png, runs.csv)")
+    return 0
