@@ -41,7 +41,7 @@ MULTI_VALUED = (3, 9, 15, 21)  # field positions with bags (spread over small an
 MAX_BAG = 20
 ZIPF_SEED = 0
 NUM_BATCHES = 4  # distinct batches cycled through, so no round replays the previous one's cache
-ROUNDS = 10
+ROUNDS = 20
 LR = 0.01
 
 

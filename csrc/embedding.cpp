@@ -198,7 +198,9 @@ bool pool_bags(const EmbeddingField& f, int64_t b0, int64_t b1, float* out, int6
       if (id == f.padding_idx) continue;
       const float w = psw != nullptr ? psw[j] : 1.0f;
       const float* row = weight + id * dim;
-      if (kDim > 0) {
+      if (kDim > 0 && psw == nullptr) {  // unweighted: no multiply (16 fewer per row at dim 64)
+        for (int l = 0; l < kLanes; ++l) acc[l] += load4(row + 4 * l);
+      } else if (kDim > 0) {
         for (int l = 0; l < kLanes; ++l) acc[l] += w * load4(row + 4 * l);
       } else {
         axpy<0>(dynamic_acc.data(), row, w, dim);
