@@ -18,7 +18,7 @@ TINY_DATA = (DataConfig(preset="paper", rows=600, num_domains=2, diversity=0.9, 
 
 def tiny_grid(out: Path) -> GridConfig:
     return GridConfig(
-        data=TINY_DATA, models=("wdl",), experts_per_domain=(1, 2), seeds=(1, 2),
+        data=TINY_DATA, models=("wdl",), experts_per_domain=(1,), seeds=(1, 2),
         train=TrainConfig(max_epochs=1, batch_size=256, progress=False), out=str(out),
         tower=TowerConfig(hidden_units=(16, 8), ranks=(2, 1)),
     )
@@ -31,9 +31,9 @@ class Interrupted(RuntimeError):
 def test_grid_runs_resumes_and_tabulates(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     config = tiny_grid(tmp_path / "grid")
     cells = plan_grid(config)
-    # 1 data setting x 1 backbone x (base, mlora, moe k=1, moe k=2) x 2 seeds
-    assert len(cells) == 8
-    assert len({c.directory(Path(config.out)) for c in cells}) == 8
+    # 1 data setting x 1 backbone x (base, mlora, moe-mlora k=1) x 2 seeds
+    assert len(cells) == 6
+    assert len({c.directory(Path(config.out)) for c in cells}) == 6
 
     real_fit = grid_module_fit()
     calls: list[str] = []
@@ -67,14 +67,14 @@ def test_grid_runs_resumes_and_tabulates(tmp_path: Path, monkeypatch: pytest.Mon
 
     monkeypatch.setattr("moefast.train.loop.fit", counting_fit)
     paths = run_grid(config)
-    assert len(counted) == 8 - 3  # the finished cells are not run again
+    assert len(counted) == 6 - 3  # the finished cells are not run again
     assert not (broken / "partial.pt").exists() and (broken / DONE_FILE).exists()  # rerun from scratch
     assert all((c.directory(out) / DONE_FILE).stat().st_mtime_ns == stamps[c] for c in done)
 
     runs = pd.read_csv(paths["runs.csv"])
-    assert len(runs) == 8
+    assert len(runs) == 6
     table = pd.read_csv(paths["results.csv"])
-    assert len(table) == 4 and set(table["seeds"]) == {2}
+    assert len(table) == 3 and set(table["seeds"]) == {2}
     for row in table.itertuples():
         group = runs[(runs["data"] == row.data) & (runs["method_label"] == row.method)]["wauc"]
         assert row.wauc_mean == pytest.approx(group.mean())
@@ -87,7 +87,7 @@ def test_grid_runs_resumes_and_tabulates(tmp_path: Path, monkeypatch: pytest.Mon
     markdown = paths["results.md"].read_text()
     for data in TINY_DATA:
         assert f"## {data_label(data)}" in markdown
-    assert "| wdl |" in markdown and "Δ k2" in markdown
+    assert "| wdl |" in markdown and "Δ k1" in markdown
     assert paths["results.png"].stat().st_size > 0
 
 
@@ -121,17 +121,20 @@ def test_grid_command_line_and_toml(tmp_path: Path, capsys: pytest.CaptureFixtur
     from moefast.cli_grid import resolve_grid
 
     toml = tmp_path / "grid.toml"
-    toml.write_text('model = ["wdl"]\nmethod = "base,mlora"\nseeds = [3]\nrows = 400\nnum-domains = 2\n'
+    toml.write_text('model = ["wdl"]\nmethod = "base"\nseeds = [3]\nrows = 400\nnum-domains = 2\n'
                     "max-epochs = 1\nbatch-size = 256\n")
     out = tmp_path / "grid"
     assert main(["grid", "--config", str(toml), "--diversity", "0.9,0.1", "--quiet", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "## synthetic_rows-400_num-domains-2_diversity-0.9" in printed and "| wdl |" in printed
-    assert len(pd.read_csv(out / "runs.csv")) == 2 * 2  # two diversities x (base, mlora)
+    assert len(pd.read_csv(out / "runs.csv")) == 2  # two diversities x base
 
-    config, quiet = resolve_grid({"model": ("nfm",), "experts_per_domain": (2, 4), "seeds_compat": True})
+    config, quiet = resolve_grid({"model": ("nfm",), "experts_per_domain": (2, 4), "seeds_compat": True,
+                                  "dataset": ("movielens-1m",), "domain": ("gender", "age"), "data_dir": "x"})
     assert quiet is False and config.train.seeds_compat and config.experts_per_domain == (2, 4)
-    assert [d.dataset for d in config.data] == ["synthetic"]
+    assert [(d.dataset, d.domain, d.data_dir) for d in config.data] == [
+        ("movielens-1m", "gender", "x"), ("movielens-1m", "age", "x"),
+    ]
 
     assert main(["grid", "--model", "nope", "--out", str(out)]) == 2
     assert "moefast: error: unknown model 'nope'" in capsys.readouterr().err
