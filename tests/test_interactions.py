@@ -58,13 +58,14 @@ def test_cin_two_layers_split_half() -> None:
     assert cin.output_width == 2  # 1 map kept of layer 1, 1 of layer 2
     with torch.no_grad():
         # Layer 1 reads Z = [v1*v1, v1*v2, v2*v1, v2*v2] = [(1,4), (3,-2), (3,-2), (9,1)].
-        cin.convs[0].weight.copy_(torch.tensor([[1.0, 0.0, 0.0, 1.0], [0.0, 1.0, 0.0, 0.0]]).unsqueeze(2))
+        cin.convs[0].weight.copy_(torch.tensor([[0.0, 1.0, 0.0, 0.0], [1.0, 0.0, 0.0, 1.0]]).unsqueeze(2))
         cin.convs[0].bias.zero_()
         # Layer 2 reads [h*v1, h*v2] with h = relu(3, -2) = (3, 0): [(3, 0), (9, 0)].
         cin.convs[1].weight.copy_(torch.tensor([[[1.0], [-1.0]]]))
         cin.convs[1].bias.fill_(1.0)
     fields = torch.tensor([[[1.0, 2.0], [3.0, -1.0]]], dtype=torch.float64)
-    # map 0 of layer 1: relu((1,4) + (9,1)) summed = 15 (kept); map 1 = relu(3,-2) goes on.
+    # Layer 1: map 0 = relu(3, -2) goes on (the first half); map 1 = relu((1,4) + (9,1)),
+    # summed = 15, is kept (the second half).
     # layer 2: relu((3,0) - (9,0) + 1) = (0, 1), summed = 1.
     close(cin(fields), [[15.0, 1.0]])
 

@@ -91,8 +91,8 @@ class CIN(nn.Module):
 
     Layer ``l``: ``Z[b, h, m, :] = X^{l-1}[b, h, :] * X^0[b, m, :]`` (``[B, H_{l-1} F, k]``),
     then a 1x1 convolution (with bias) to ``H_l`` feature maps and ReLU. With ``split_half``
-    (DeepCTR-Torch's default) every layer but the last sends half of its maps to the output
-    and half to the next layer. The output sums each kept map over ``k``: ``[B, output_width]``.
+    (DeepCTR-Torch's default) every layer but the last sends its first half of maps to the next
+    layer and its second half to the output. The output sums each kept map over ``k``: ``[B, output_width]``.
 
     Args:
         num_fields: ``F``.
@@ -126,8 +126,8 @@ class CIN(nn.Module):
             x = torch.relu(conv(z))  # [B, H_l, k]
             if self.split_half and index < len(self.convs) - 1:
                 half = x.shape[1] // 2
-                kept.append(x[:, :half])
-                hidden = x[:, half:]
+                hidden, direct = x[:, :half], x[:, half:]  # DeepCTR-Torch's order
+                kept.append(direct)
             else:
                 kept.append(x)
                 hidden = x
@@ -138,7 +138,9 @@ class InteractingLayer(nn.Module):
     """AutoInt's multi-head self-attention over fields, with a residual connection.
 
     ``Q = V W_Q``, ``K = V W_K``, ``U = V W_V`` split into ``heads`` heads of ``k / heads``;
-    per head ``softmax(Q K^T) U`` (unscaled, DeepCTR-Torch's default); heads concatenated, plus
+    per head ``softmax(Q K^T) U`` with the softmax over the keys, as in the paper (unscaled, as
+    DeepCTR-Torch's default; some DeepCTR-Torch versions normalise over the batch axis instead,
+    a known bug not reproduced here); heads concatenated, plus
     ``V W_R`` (the residual), then ReLU. ``[B, F, k]`` -> ``[B, F, k]``.
     """
 
