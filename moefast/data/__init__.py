@@ -57,7 +57,6 @@ def load(name: str, **options: object) -> MultiDomainDataset:
 
     - ``"synthetic"``: ``preset="paper"|"wide"`` and any :class:`SyntheticConfig` knob
       (``seed=123``, ``rows``, ``num_domains``, ``diversity``, ``imbalance``, ...). Never cached.
-
     - ``"movielens-1m"``: ``raw_dir``, ``domain="gender"|"age"|"occupation"``,
       ``embedding_dim=8``, ``split_seed=123``, ``cache_dir``.
     - ``"taobao"``: ``raw_dir``, ``num_themes=10``, ``embedding_dim=None`` (the pretrained
