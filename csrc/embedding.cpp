@@ -67,6 +67,33 @@ inline Vec4 load4(const float* p) {
 
 inline void store4(float* p, Vec4 v) { std::memcpy(p, &v, sizeof(v)); }
 
+// 8-float lanes for the AVX2 clone of the forward (x86-64 only, chosen at run time): same
+// per-element additions in the same order as Vec4, so results are identical on either path.
+typedef float Vec8 __attribute__((vector_size(32)));
+
+template <int kWidth>
+struct Lanes;
+template <>
+struct Lanes<4> {
+  using type = Vec4;
+};
+template <>
+struct Lanes<8> {
+  using type = Vec8;
+};
+
+template <typename V>
+inline V load_lanes(const float* p) {
+  V v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+template <typename V>
+inline void store_lanes(float* p, V v) {
+  std::memcpy(p, &v, sizeof(v));
+}
+
 // acc[0:dim] += w * row[0:dim], for the generic (runtime dim) paths.
 template <int kDim>
 inline void axpy(float* __restrict__ acc, const float* __restrict__ row, float w, int64_t dim) {
@@ -162,9 +189,12 @@ struct ForwardTask {
 
 // Pools bags [b0, b1) of one field into out[:, col : col + dim]. kDim > 0 fixes the dim at
 // compile time so the accumulator lives in registers; kDim == 0 is the generic loop.
-template <typename Idx, int kDim>
-bool pool_bags(const EmbeddingField& f, int64_t b0, int64_t b1, float* out, int64_t stride,
-               std::string* error) {
+template <typename Idx, int kDim, int kWidth = 4>
+__attribute__((always_inline)) inline bool pool_bags(const EmbeddingField& f, int64_t b0,
+                                                     int64_t b1, float* out, int64_t stride,
+                                                     std::string* error) {
+  using V = typename Lanes<kWidth>::type;
+  static_assert(kDim % kWidth == 0, "kDim must be a multiple of the lane width");
   const int64_t dim = kDim > 0 ? kDim : f.dim;
   const auto rows = static_cast<uint64_t>(f.rows);
   const float* weight = f.weight;
@@ -174,15 +204,15 @@ bool pool_bags(const EmbeddingField& f, int64_t b0, int64_t b1, float* out, int6
   const int64_t j_end = f.offsets != nullptr ? load<Idx>(f.offsets, b1) : b1;
   const int64_t ahead_rows = rows_ahead(kForwardPrefetchBytes, dim);
 
-  // kDim > 0 (a multiple of 4): the accumulator is kDim / 4 Vec4 lanes; kDim == 0: scalars.
-  constexpr int kLanes = kDim > 0 ? kDim / 4 : 1;
+  // kDim > 0: the accumulator is kDim / kWidth vectors; kDim == 0: scalars.
+  constexpr int kLanes = kDim > 0 ? kDim / kWidth : 1;
   thread_local std::vector<float> dynamic_acc;
   if (kDim == 0) dynamic_acc.resize(static_cast<size_t>(dim));
   for (int64_t b = b0; b < b1; ++b) {
     const int64_t start = f.offsets != nullptr ? load<Idx>(f.offsets, b) : b;
     const int64_t end = f.offsets != nullptr ? load<Idx>(f.offsets, b + 1) : b + 1;
-    Vec4 acc[kLanes];
-    for (int l = 0; l < kLanes; ++l) acc[l] = Vec4{0.0f, 0.0f, 0.0f, 0.0f};
+    V acc[kLanes];
+    for (int l = 0; l < kLanes; ++l) acc[l] = V{} ;
     if (kDim == 0) std::fill(dynamic_acc.begin(), dynamic_acc.end(), 0.0f);
     int64_t count = 0;
     for (int64_t j = start; j < end; ++j) {
@@ -199,9 +229,9 @@ bool pool_bags(const EmbeddingField& f, int64_t b0, int64_t b1, float* out, int6
       const float w = psw != nullptr ? psw[j] : 1.0f;
       const float* row = weight + id * dim;
       if (kDim > 0 && psw == nullptr) {  // unweighted: no multiply (16 fewer per row at dim 64)
-        for (int l = 0; l < kLanes; ++l) acc[l] += load4(row + 4 * l);
+        for (int l = 0; l < kLanes; ++l) acc[l] += load_lanes<V>(row + kWidth * l);
       } else if (kDim > 0) {
-        for (int l = 0; l < kLanes; ++l) acc[l] += w * load4(row + 4 * l);
+        for (int l = 0; l < kLanes; ++l) acc[l] += w * load_lanes<V>(row + kWidth * l);
       } else {
         axpy<0>(dynamic_acc.data(), row, w, dim);
       }
@@ -210,7 +240,7 @@ bool pool_bags(const EmbeddingField& f, int64_t b0, int64_t b1, float* out, int6
     const float scale = (mean && count > 0) ? 1.0f / static_cast<float>(count) : 1.0f;
     float* o = out + b * stride;
     if (kDim > 0) {
-      for (int l = 0; l < kLanes; ++l) store4(o + 4 * l, acc[l] * scale);
+      for (int l = 0; l < kLanes; ++l) store_lanes<V>(o + kWidth * l, acc[l] * scale);
     } else {
       for (int64_t d = 0; d < dim; ++d) o[d] = dynamic_acc[d] * scale;
     }
@@ -231,6 +261,39 @@ bool pool_bags_dispatch(const EmbeddingField& f, int64_t b0, int64_t b1, float* 
     default: return pool_bags<Idx, 0>(f, b0, b1, out, stride, error);
   }
 }
+
+#if defined(__x86_64__) && defined(__GNUC__)
+// The same kernels compiled for AVX2 (8-float lanes), picked at run time: the shipped build
+// targets baseline x86-64 (no -march), where a dim-64 row is 16 vector adds instead of 8.
+template <typename Idx>
+__attribute__((target("avx2"))) bool pool_bags_avx2(const EmbeddingField& f, int64_t b0,
+                                                    int64_t b1, float* out, int64_t stride,
+                                                    std::string* error) {
+  switch (f.dim) {
+    case 8: return pool_bags<Idx, 8, 8>(f, b0, b1, out, stride, error);
+    case 16: return pool_bags<Idx, 16, 8>(f, b0, b1, out, stride, error);
+    case 32: return pool_bags<Idx, 32, 8>(f, b0, b1, out, stride, error);
+    case 64: return pool_bags<Idx, 64, 8>(f, b0, b1, out, stride, error);
+    case 128: return pool_bags<Idx, 128, 8>(f, b0, b1, out, stride, error);
+    default: return pool_bags_dispatch<Idx>(f, b0, b1, out, stride, error);
+  }
+}
+
+const bool kHasAvx2 = __builtin_cpu_supports("avx2");
+
+template <typename Idx>
+bool pool_bags_best(const EmbeddingField& f, int64_t b0, int64_t b1, float* out, int64_t stride,
+                    std::string* error) {
+  return kHasAvx2 ? pool_bags_avx2<Idx>(f, b0, b1, out, stride, error)
+                  : pool_bags_dispatch<Idx>(f, b0, b1, out, stride, error);
+}
+#else
+template <typename Idx>
+bool pool_bags_best(const EmbeddingField& f, int64_t b0, int64_t b1, float* out, int64_t stride,
+                    std::string* error) {
+  return pool_bags_dispatch<Idx>(f, b0, b1, out, stride, error);
+}
+#endif
 
 // ---------------------------------------------------------------------------------------------
 // Backward: sort (id, position) pairs by id, then sum each id's gradient in one task.
@@ -494,8 +557,8 @@ void embedding_forward(const std::vector<EmbeddingField>& fields, int64_t batch,
         std::string error;
         float* o = out + col[task.field];
         const bool ok = f.index_is_64
-                            ? pool_bags_dispatch<int64_t>(f, task.b0, task.b1, o, out_stride, &error)
-                            : pool_bags_dispatch<int32_t>(f, task.b0, task.b1, o, out_stride, &error);
+                            ? pool_bags_best<int64_t>(f, task.b0, task.b1, o, out_stride, &error)
+                            : pool_bags_best<int32_t>(f, task.b0, task.b1, o, out_stride, &error);
         if (!ok) errors.set(task.field, std::move(error));
       });
   errors.throw_first();
