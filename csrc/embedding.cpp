@@ -8,6 +8,10 @@
 
 #include "thread_pool.h"
 
+// Forced inlining for the backward's row loops, so the AVX2 clone of sum_and_update compiles
+// them with AVX2 (a function is compiled for the target of the function it is inlined into).
+#define MOEFAST_INLINE __attribute__((always_inline)) inline
+
 namespace moefast {
 namespace {
 
@@ -385,7 +389,7 @@ int64_t sort_field(const EmbeddingField& f, int64_t batch, Scratch& s, std::stri
 // than the whole forward. Here grad_out is read in position order (a strided stream) and the
 // random accesses go to sums, which for one field fits in L2.
 template <int kDim>
-int64_t sum_rows(const EmbeddingField& f, Scratch& s, int64_t n, const float* grad_out,
+MOEFAST_INLINE int64_t sum_rows(const EmbeddingField& f, Scratch& s, int64_t n, const float* grad_out,
                  int64_t stride, float* sums) {
   const int64_t dim = kDim > 0 ? kDim : f.dim;
   const bool pooled = f.offsets != nullptr;
@@ -419,7 +423,7 @@ int64_t sum_rows(const EmbeddingField& f, Scratch& s, int64_t n, const float* gr
   return unique;
 }
 
-int64_t sum_rows_dispatch(const EmbeddingField& f, Scratch& s, int64_t n, const float* grad_out,
+MOEFAST_INLINE int64_t sum_rows_dispatch(const EmbeddingField& f, Scratch& s, int64_t n, const float* grad_out,
                           int64_t stride, float* sums) {
   switch (f.dim) {
     case 4: return sum_rows<4>(f, s, n, grad_out, stride, sums);
@@ -435,7 +439,7 @@ int64_t sum_rows_dispatch(const EmbeddingField& f, Scratch& s, int64_t n, const 
 // Applies update(id, grad) to every unique row, prefetching the rows a few ahead (they are
 // random rows of tables of up to 1e7 rows, ascending).
 template <typename Update>
-void apply_rows(const Scratch& s, int64_t unique, int64_t dim, const float* sums, const Update& update) {
+MOEFAST_INLINE void apply_rows(const Scratch& s, int64_t unique, int64_t dim, const float* sums, const Update& update) {
   const int64_t ahead = rows_ahead(kUpdatePrefetchBytes, dim);
   for (int64_t u = 0; u < unique; ++u) {
     if (u + ahead < unique) update.prefetch(s.unique_ids[u + ahead]);
@@ -446,7 +450,7 @@ void apply_rows(const Scratch& s, int64_t unique, int64_t dim, const float* sums
 // sum(g[0:dim]^2) in four interleaved partial sums (lane l sums g[4k + l]), added at the end.
 // A single running sum is one dependent add per element, which the compiler may not reorder:
 // 64 adds in series per row made the dim-64 update twice as slow as FBGEMM's.
-inline float sum_of_squares(const float* g, int64_t dim) {
+MOEFAST_INLINE float sum_of_squares(const float* g, int64_t dim) {
   Vec4 partial = {0.0f, 0.0f, 0.0f, 0.0f};
   int64_t d = 0;
   for (; d + 4 <= dim; d += 4) {
@@ -468,7 +472,7 @@ struct RowwiseAdagradUpdate {
     prefetch_row_for_write(weight + id * dim, dim);
     __builtin_prefetch(sum + id, 1, 3);
   }
-  void operator()(int64_t id, const float* g) const {
+  MOEFAST_INLINE void operator()(int64_t id, const float* g) const {
     const float square_sum = sum_of_squares(g, dim);
     const float acc = sum[id] + square_sum / static_cast<float>(dim);
     sum[id] = acc;
@@ -494,7 +498,7 @@ struct LazyAdamUpdate {
     prefetch_row_for_write(exp_avg_sq + id * dim, dim);
     __builtin_prefetch(step + id, 1, 3);
   }
-  void operator()(int64_t id, const float* g) const {
+  MOEFAST_INLINE void operator()(int64_t id, const float* g) const {
     const int64_t t = ++step[id];
     // Bias corrections in double, rounded once to float (as the reference does).
     const auto step_size = static_cast<float>(lr / (1.0 - std::pow(beta1, static_cast<double>(t))));
@@ -515,6 +519,47 @@ struct LazyAdamUpdate {
     }
   }
 };
+
+// The fused backward of one field after sorting: sum each unique row's gradient, then update it.
+MOEFAST_INLINE void sum_and_update(const EmbeddingField& f, Scratch& scratch, int64_t n,
+                                   const float* grad_out, int64_t grad_stride,
+                                   const OptimizerConfig& config, const OptimizerState& st) {
+  scratch.sums.resize(static_cast<size_t>(n * f.dim));
+  const int64_t unique = sum_rows_dispatch(f, scratch, n, grad_out, grad_stride, scratch.sums.data());
+  if (config.kind == OptimizerKind::kRowwiseAdagrad) {
+    const RowwiseAdagradUpdate update{f.weight, f.dim, st.sum, static_cast<float>(config.lr), config.eps};
+    apply_rows(scratch, unique, f.dim, scratch.sums.data(), update);
+  } else {
+    const LazyAdamUpdate update{f.weight, f.dim, st.exp_avg, st.exp_avg_sq, st.step,
+                                config.lr, config.beta1, config.beta2, config.eps};
+    apply_rows(scratch, unique, f.dim, scratch.sums.data(), update);
+  }
+}
+
+void sum_and_update_baseline(const EmbeddingField& f, Scratch& scratch, int64_t n,
+                             const float* grad_out, int64_t grad_stride,
+                             const OptimizerConfig& config, const OptimizerState& st) {
+  sum_and_update(f, scratch, n, grad_out, grad_stride, config, st);
+}
+
+#if defined(__x86_64__) && defined(__GNUC__)
+// AVX2 clone (see pool_bags_avx2): the same per-element operations in the same order (the sum of
+// squares keeps its four partial sums), so both clones give identical results.
+__attribute__((target("avx2"))) void sum_and_update_avx2(
+    const EmbeddingField& f, Scratch& scratch, int64_t n, const float* grad_out,
+    int64_t grad_stride, const OptimizerConfig& config, const OptimizerState& st) {
+  sum_and_update(f, scratch, n, grad_out, grad_stride, config, st);
+}
+#endif
+
+void sum_and_update_best(const EmbeddingField& f, Scratch& scratch, int64_t n,
+                         const float* grad_out, int64_t grad_stride,
+                         const OptimizerConfig& config, const OptimizerState& st) {
+#if defined(__x86_64__) && defined(__GNUC__)
+  if (kHasAvx2) return sum_and_update_avx2(f, scratch, n, grad_out, grad_stride, config, st);
+#endif
+  sum_and_update_baseline(f, scratch, n, grad_out, grad_stride, config, st);
+}
 
 std::vector<int64_t> column_offsets(const std::vector<EmbeddingField>& fields) {
   std::vector<int64_t> col(fields.size() + 1, 0);
@@ -620,18 +665,7 @@ void embedding_backward_update(const std::vector<EmbeddingField>& fields, int64_
           errors.set(t, std::move(error));
           return;
         }
-        scratch.sums.resize(static_cast<size_t>(n * f.dim));
-        const int64_t unique = sum_rows_dispatch(f, scratch, n, grad_out + col[t], grad_stride,
-                                                 scratch.sums.data());
-        const OptimizerState& st = states[t];
-        if (config.kind == OptimizerKind::kRowwiseAdagrad) {
-          const RowwiseAdagradUpdate update{f.weight, f.dim, st.sum, static_cast<float>(config.lr), config.eps};
-          apply_rows(scratch, unique, f.dim, scratch.sums.data(), update);
-        } else {
-          const LazyAdamUpdate update{f.weight, f.dim, st.exp_avg, st.exp_avg_sq, st.step,
-                                      config.lr, config.beta1, config.beta2, config.eps};
-          apply_rows(scratch, unique, f.dim, scratch.sums.data(), update);
-        }
+        sum_and_update_best(f, scratch, n, grad_out + col[t], grad_stride, config, states[t]);
       });
   errors.throw_first();
 }
