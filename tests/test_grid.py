@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 
@@ -89,6 +90,10 @@ def test_grid_runs_resumes_and_tabulates(tmp_path: Path, monkeypatch: pytest.Mon
         assert f"## {data_label(data)}" in markdown
     assert "| wdl |" in markdown and "Δ k1" in markdown
     assert paths["results.png"].stat().st_size > 0
+
+    # Resuming with other training settings would mix differently trained cells.
+    with pytest.raises(ValueError, match=r"other settings \(train\.max_epochs\)"):
+        run_grid(dataclasses.replace(config, train=dataclasses.replace(config.train, max_epochs=2)))
 
 
 def grid_module_fit() -> object:

@@ -177,6 +177,7 @@ def run_grid(
         if name.lower() not in models.MODELS:
             raise ValueError(f"unknown model {name!r}; choose one of {', '.join(sorted(models.MODELS))}")
     out = Path(config.out)
+    _check_settings(config)
     cells = plan_grid(config)
     todo = [c for c in cells if not (c.directory(out) / DONE_FILE).exists()]
     say(f"grid {out}: {len(cells)} cells, {len(cells) - len(todo)} finished, {len(todo)} to run")
@@ -203,6 +204,44 @@ def run_grid(
             "seconds": time.perf_counter() - start,
         })
     return write_results(config)
+
+
+def _settings(config: GridConfig) -> dict[str, Any]:
+    """What every cell of a grid directory must share: training (but for the per-cell seed and
+    progress display), tower and backend."""
+    from moefast.train.rundir import to_jsonable
+
+    train = to_jsonable(config.train)
+    for key in ("seed", "progress"):
+        train.pop(key, None)
+    return {"train": train, "tower": to_jsonable(config.tower), "backend": config.backend}
+
+
+def _check_settings(config: GridConfig) -> None:
+    """Refuse to resume a grid directory with other training settings (its finished cells would
+    be mixed with cells trained differently); the first run records them in ``grid.json``."""
+    import json
+
+    out = Path(config.out)
+    path = out / "grid.json"
+    settings = _settings(config)
+    if path.exists():
+        recorded = json.loads(path.read_text())
+        if recorded != settings:
+            keys = []
+            for group, value in settings.items():
+                old = recorded.get(group)
+                if isinstance(value, dict) and isinstance(old, dict):
+                    keys += [f"{group}.{k}" for k in sorted(set(value) | set(old)) if value.get(k) != old.get(k)]
+                elif old != value:
+                    keys.append(group)
+            raise ValueError(
+                f"grid directory {str(out)!r} was run with other settings ({', '.join(keys)}); "
+                f"use another --out or the same settings (recorded in {str(path)!r})"
+            )
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(path, settings)
 
 
 def _finished(config: GridConfig) -> list[dict[str, Any]]:
