@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <mutex>
 #include <stdexcept>
@@ -283,7 +284,14 @@ __attribute__((target("avx2"))) bool pool_bags_avx2(const EmbeddingField& f, int
   }
 }
 
-const bool kHasAvx2 = __builtin_cpu_supports("avx2");
+// MOEFAST_DISABLE_AVX2=1 forces the baseline clone (tests compare the two bit for bit).
+bool use_avx2() {
+  const char* disable = std::getenv("MOEFAST_DISABLE_AVX2");
+  const bool disabled = disable != nullptr && disable[0] != '\0' && disable[0] != '0';
+  return !disabled && __builtin_cpu_supports("avx2");
+}
+
+const bool kHasAvx2 = use_avx2();
 
 template <typename Idx>
 bool pool_bags_best(const EmbeddingField& f, int64_t b0, int64_t b1, float* out, int64_t stride,
