@@ -11,7 +11,15 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["TOLERANCES", "Tolerance", "assert_close_relative_to_reference", "tolerance"]
+__all__ = [
+    "TOLERANCES",
+    "TRAINING_LOSS_TOLERANCE",
+    "TRAINING_PARITY_STEPS",
+    "WAUC_PARITY_ATOL",
+    "Tolerance",
+    "assert_close_relative_to_reference",
+    "tolerance",
+]
 
 
 @dataclass(frozen=True)
@@ -59,3 +67,13 @@ def assert_close_relative_to_reference(
             f"{name or 'tensor'}: max error {err:.3g} exceeds {LOW_PRECISION_ERROR_FACTOR} x "
             f"reference error {ref_err:.3g} + {floor:.3g}"
         )
+
+# Backend parity of staged training (tests/test_fast_path.py). The reference and fast paths
+# compute the same function and differ only in fp32 summation order (concatenated experts,
+# blocked lookups), so each step's loss is held to the fp32 table; Adam carries a step's
+# rounding into the next weights, which is why only the first TRAINING_PARITY_STEPS steps of
+# each stage are compared step by step. Over a whole run the end metric is held to the issue's
+# bound: test WAUC within WAUC_PARITY_ATOL.
+TRAINING_LOSS_TOLERANCE = TOLERANCES[torch.float32]
+TRAINING_PARITY_STEPS = 50
+WAUC_PARITY_ATOL = 0.002

@@ -64,7 +64,8 @@ class EarlyStopping:
 
 @dataclass
 class StageRecord:
-    """What one stage did. ``val_history`` holds the early-stopping AUC after each epoch."""
+    """What one stage did. ``val_history`` holds the early-stopping AUC after each epoch;
+    ``losses`` the training loss of every step, in order (what backend parity compares)."""
 
     label: str
     epochs: int
@@ -74,6 +75,7 @@ class StageRecord:
     train_seconds: float
     val_history: list[float] = field(default_factory=list)
     checkpoint: Path | None = None
+    losses: list[float] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         """One entry of ``metrics.json``'s ``stages``."""
@@ -170,13 +172,14 @@ def _train_epoch(
     config: TrainConfig,
     device: torch.device,
     desc: str,
+    losses: list[float],
 ) -> int:
     model.train()
     samples = 0
     bar = tqdm(total=loader.num_rows, desc=desc, unit="row", leave=False, disable=not config.progress)
     for cpu_batch in loader:
         batch = cpu_batch.to(device)
-        train_step(model, batch, step, optimizer, config.l2)
+        losses.append(train_step(model, batch, step, optimizer, config.l2))
         samples += len(batch)
         bar.update(len(batch))
     bar.close()
@@ -309,6 +312,7 @@ def _run_stage(
         stopper.best = carried_best
         best_state = {id(p): p.detach().clone() for p in params}
     history: list[float] = []
+    losses: list[float] = []
     samples = 0
     train_seconds = 0.0
     epochs = 0
@@ -321,7 +325,7 @@ def _run_stage(
         t0 = time.perf_counter()
         samples += _train_epoch(
             model, loader, step, optimizer, config, device,
-            desc=f"[{index + 1}/{total}] {step.label} epoch {epoch}",
+            desc=f"[{index + 1}/{total}] {step.label} epoch {epoch}", losses=losses,
         )
         train_seconds += time.perf_counter() - t0
         val_logits = predict(model, dataset.val, rows=val_rows, batch_size=config.eval_batch_size, device=device)
@@ -365,6 +369,7 @@ def _run_stage(
         train_seconds=train_seconds,
         val_history=history,
         checkpoint=path,
+        losses=losses,
     )
 
 
