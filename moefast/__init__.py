@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from moefast import config, data, models, nn, ops, reference, train
 from moefast.config import FeatureSpec, Pooling, TrainConfig
+from moefast.nn.convert import convert
 
 __version__ = "0.1.0"
 
@@ -17,6 +18,7 @@ __all__ = [
     "TrainConfig",
     "__version__",
     "config",
+    "convert",
     "data",
     "models",
     "nn",

@@ -37,13 +37,13 @@ DEVICES = [
 ]
 
 # Small tower, 2 domains x 2 experts: every stage kind (backbone, expert, gate) with a few dozen
-# steps each at batch 64 (50+ in the backbone and gate stages), in seconds on 2 cores.
+# steps each at batch 64, in seconds on 2 cores.
 TOWER = TowerConfig(kind=TowerKind.MOE_MLORA, hidden_units=(32, 16), ranks=(4, 2), experts_per_domain=2)
 
 
 @pytest.fixture(scope="module")
 def dataset() -> MultiDomainDataset:
-    return data.load("synthetic", preset="paper", seed=123, rows=6000, num_domains=2)
+    return data.load("synthetic", preset="paper", seed=123, rows=4000, num_domains=2)
 
 
 def _build(dataset: MultiDomainDataset, backend: str) -> CTRModel:

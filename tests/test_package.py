@@ -22,6 +22,7 @@ def test_public_surface_is_pinned() -> None:
             "TrainConfig",
             "__version__",
             "config",
+            "convert",
             "data",
             "models",
             "nn",
