@@ -25,6 +25,7 @@ from typing import Any
 from moefast.config import (
     BatchMode,
     DataConfig,
+    EmbeddingOptimizer,
     ExpertStopRule,
     MLoRAMode,
     RunConfig,
@@ -114,6 +115,9 @@ _TRAIN_OPTIONS: list[tuple[str, type | _Conv, str]] = [
     ("batch-mode", _choice(BatchMode), "single-domain (default) or mixed batches"),
     ("expert-stop", _choice(ExpertStopRule), "own-domain (default) or all-domains (the seeds')"),
     ("mlora-mode", _choice(MLoRAMode), "joint (default) or pretrain-freeze"),
+    ("embedding-optimizer", _choice(EmbeddingOptimizer),
+     "adam (default: dense, the method's), lazy-adam or rowwise-adagrad (sparse, fused in backward)"),
+    ("embedding-lr", float, "learning rate of the embedding optimizer (default: --lr)"),
     ("train-backbone-in-later-stages", _bool,
      "keep embeddings and non-tower parts trainable in the expert and gate stages"),
     ("seeds-compat", _bool, "behave like the seeds' public code (see README): backbone trainable in every "

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 __all__ = [
     "BatchMode",
     "DataConfig",
+    "EmbeddingOptimizer",
     "ExpertStopRule",
     "FeatureSpec",
     "MLoRAMode",
@@ -110,6 +111,22 @@ class MLoRAMode(enum.Enum):
     PRETRAIN_FREEZE = "pretrain-freeze"
 
 
+class EmbeddingOptimizer(enum.Enum):
+    """What updates the embedding tables. The three are different algorithms, chosen explicitly.
+
+    ``ADAM`` (the method's default): the tables join the stage's dense ``torch.optim.Adam``, so
+    every row moves every step (its moments decay even for rows not in the batch).
+    ``LAZY_ADAM`` / ``ROWWISE_ADAGRAD``: a sparse optimizer fused into the embedding backward
+    (the C++ engine on the fast path, :mod:`moefast.reference.embedding_optim` on the reference
+    path) that touches only the rows of the batch; for production-size tables. The L2 penalty
+    then leaves the tables out (a dense penalty would touch every row).
+    """
+
+    ADAM = "adam"
+    LAZY_ADAM = "lazy-adam"
+    ROWWISE_ADAGRAD = "rowwise-adagrad"
+
+
 def _positive(owner: str, name: str, value: float) -> None:
     if not value > 0:
         raise ValueError(f"{owner}.{name} must be > 0, got {value!r}")
@@ -186,6 +203,8 @@ class TrainConfig:
     and (so that the carried score compares like with like) experts early-stopped on the mean
     validation AUC over all domains. ``seed`` seeds model-independent randomness of the loop (batch
     order, dropout); the model's initial weights come from :func:`moefast.models.build`'s seed.
+    ``embedding_optimizer`` chooses how the tables are updated (:class:`EmbeddingOptimizer`);
+    ``embedding_lr`` is its learning rate (``None``: ``lr``).
     """
 
     lr: float = 1e-3
@@ -206,6 +225,8 @@ class TrainConfig:
     seed: int = 1024
     device: str = "cpu"
     progress: bool = True
+    embedding_optimizer: EmbeddingOptimizer = EmbeddingOptimizer.ADAM
+    embedding_lr: float | None = None
 
     def __post_init__(self) -> None:
         _positive("TrainConfig", "lr", self.lr)
@@ -218,6 +239,8 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None:
                 _positive("TrainConfig", name, value)
+        if self.embedding_lr is not None:
+            _positive("TrainConfig", "embedding_lr", self.embedding_lr)
         if self.l2 < 0:
             raise ValueError(f"TrainConfig.l2 must be >= 0, got {self.l2!r}")
         if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
@@ -226,6 +249,7 @@ class TrainConfig:
             ("batch_mode", BatchMode),
             ("expert_stop", ExpertStopRule),
             ("mlora_mode", MLoRAMode),
+            ("embedding_optimizer", EmbeddingOptimizer),
         ):
             if not isinstance(getattr(self, name), kind):
                 raise TypeError(f"TrainConfig.{name} must be a {kind.__name__}, got {getattr(self, name)!r}")

@@ -8,6 +8,7 @@ present, marker ``gpu``): the fused Triton tower.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,7 @@ import torch
 
 import moefast
 from moefast import data, models, train
-from moefast.config import TowerConfig, TowerKind
+from moefast.config import EmbeddingOptimizer, TowerConfig, TowerKind
 from moefast.data.dataset import MultiDomainDataset
 from moefast.models.base import CTRModel
 from moefast.ops import adapter as adapter_ops
@@ -51,8 +52,9 @@ def _build(dataset: MultiDomainDataset, backend: str) -> CTRModel:
                         backend=backend)
 
 
-def _config(device: str) -> moefast.TrainConfig:
-    return moefast.TrainConfig(max_epochs=2, batch_size=64, progress=False, device=device)
+def _config(device: str, embedding_optimizer: EmbeddingOptimizer = EmbeddingOptimizer.ADAM) -> moefast.TrainConfig:
+    return moefast.TrainConfig(max_epochs=2, batch_size=64, progress=False, device=device,
+                               embedding_optimizer=embedding_optimizer)
 
 
 def test_fast_backend_runs_the_fast_components(
@@ -78,17 +80,20 @@ def test_fast_backend_runs_the_fast_components(
         _build(dataset, "reference")(batch.features, batch.domain)
 
 
+@pytest.mark.parametrize("embedding_optimizer", list(EmbeddingOptimizer), ids=lambda o: o.value)
 @pytest.mark.parametrize("device", DEVICES)
 def test_staged_training_parity_and_checkpoints(
-    dataset: MultiDomainDataset, device: str, tmp_path: Path
+    dataset: MultiDomainDataset, device: str, embedding_optimizer: EmbeddingOptimizer, tmp_path: Path
 ) -> None:
-    """Same seed, same data: per-step losses agree for the first steps of every stage, test
-    WAUC agrees, and the fast run's final checkpoint evaluates the same under the reference."""
+    """Same seed, same data, same embedding optimizer (like with like): per-step losses agree
+    for the first steps of every stage, test WAUC agrees, and the fast run's final checkpoint
+    evaluates the same under the reference."""
     results = {}
     trained = {}
     for backend in ("reference", "fast"):
         trained[backend] = _build(dataset, backend)
-        results[backend] = train.fit(trained[backend], dataset, _config(device), backend=backend)
+        results[backend] = train.fit(trained[backend], dataset, _config(device, embedding_optimizer),
+                                     backend=backend)
     ref, fast = results["reference"], results["fast"]
     assert [s.label for s in ref.stages] == [s.label for s in fast.stages]
     assert [s.label for s in ref.stages][:1] == ["backbone"] and ref.stages[-1].label == "gate"
@@ -105,10 +110,30 @@ def test_staged_training_parity_and_checkpoints(
 
     # The fast run's final weights as a checkpoint, loaded strictly into a fresh reference model.
     checkpoint = save_checkpoint(tmp_path / "fast.pt", trained["fast"], "gate")
-    reloaded = _build(dataset, "reference").to(device)
+    reloaded = _build(dataset, "reference")
+    reloaded.embedding.set_optimizer(trained["fast"].embedding.optimizer)  # its state is saved too
+    reloaded.to(device)
     load_checkpoint(checkpoint, reloaded, expected_stage="gate")
     logits = predict(reloaded, dataset.test, device=device)
     test = evaluate_scores(logits, dataset.test.label, dataset.test.domain, dataset.domain_names)
     assert abs(test.wauc - fast.metrics["test"]["wauc"]) <= WAUC_PARITY_ATOL
     # Both backends compute the same function of the same weights: the logits agree to fp32.
     torch.testing.assert_close(logits, fast.test_logits, rtol=tol.rtol, atol=tol.atol)
+
+
+def test_sparse_embedding_optimizer_touches_only_the_rows_seen(dataset: MultiDomainDataset) -> None:
+    """Lazy Adam / row-wise Adagrad update only the rows of the batches; dense Adam moves all."""
+    config = moefast.TrainConfig(max_epochs=1, batch_size=64, progress=False)
+    for optimizer in EmbeddingOptimizer:
+        model = _build(dataset, "fast")
+        before = model.embedding.tables["uid"].detach().clone()
+        train.fit(model, dataset, replace(config, embedding_optimizer=optimizer, max_epochs=1))
+        seen = torch.zeros(len(before), dtype=torch.bool)
+        seen[dataset.train.features["uid"].unique()] = True
+        assert (~seen).any(), "the data must leave some users out of the train split"
+        moved = (model.embedding.tables["uid"].detach() != before).any(dim=1)
+        if optimizer is EmbeddingOptimizer.ADAM:
+            assert moved[~seen].all(), "dense Adam (and the L2 penalty) move every row"
+        else:
+            assert not moved[~seen].any(), optimizer
+            assert moved[seen].any(), optimizer

@@ -77,6 +77,22 @@ class EmbeddingCollection(nn.Module):
                     holder.register_buffer(slot, value)
                 self.optimizer_state[spec.name] = holder
 
+    def set_optimizer(self, optimizer: FusedOptimizer | None) -> None:
+        """Fuse ``optimizer`` into backward from now on (``None``: ordinary gradients again).
+
+        Its state starts at zero, in buffers ``optimizer_state.<name>.<slot>``.
+        """
+        if optimizer is not None and self.sparse:
+            raise ValueError("sparse=True asks for a gradient, but a fused optimizer consumes it")
+        self.optimizer = optimizer
+        self.optimizer_state = nn.ModuleDict()
+        if optimizer is not None:
+            for spec in self._features:
+                holder = nn.Module()
+                for slot, value in optimizer.init_state(self.tables[spec.name]).items():
+                    holder.register_buffer(slot, value)
+                self.optimizer_state[spec.name] = holder
+
     @property
     def features(self) -> tuple[FeatureSpec, ...]:
         return self._features

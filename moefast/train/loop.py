@@ -20,13 +20,14 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from moefast.config import BatchMode, ExpertStopRule, TrainConfig
+from moefast.config import BatchMode, EmbeddingOptimizer, ExpertStopRule, TrainConfig
 from moefast.data.batching import BatchLoader, BatchOrder
 from moefast.data.dataset import Batch, MultiDomainDataset, Split
 from moefast.models.base import CTRModel
 from moefast.nn.adapter import AdapterLinear
 from moefast.nn.embedding import EmbeddingCollection
 from moefast.ops._backend import Backend, BackendLike, parse_backend
+from moefast.reference.embedding_optim import FusedOptimizer, LazyAdam, RowwiseAdagrad
 from moefast.train.checkpoint import load_checkpoint, save_checkpoint
 from moefast.train.metrics import EvalMetrics, evaluate_scores
 from moefast.train.rundir import write_run
@@ -116,6 +117,23 @@ def _set_backend(model: CTRModel, backend: BackendLike) -> str:
     return chosen.value
 
 
+def _fused_embedding_optimizer(config: TrainConfig) -> FusedOptimizer | None:
+    """The sparse optimizer fused into the embedding backward, or ``None`` for dense Adam."""
+    lr = config.embedding_lr if config.embedding_lr is not None else config.lr
+    if config.embedding_optimizer is EmbeddingOptimizer.LAZY_ADAM:
+        return LazyAdam(lr=lr, beta1=config.betas[0], beta2=config.betas[1], eps=config.eps)
+    if config.embedding_optimizer is EmbeddingOptimizer.ROWWISE_ADAGRAD:
+        return RowwiseAdagrad(lr=lr, eps=config.eps)
+    return None
+
+
+def _table_ids(model: CTRModel) -> set[int]:
+    """``id`` of every embedding table a fused optimizer updates (empty under dense Adam)."""
+    if model.embedding.optimizer is None:
+        return set()
+    return {id(p) for p in model.embedding.tables.parameters()}
+
+
 _ORDER = {BatchMode.SINGLE_DOMAIN: BatchOrder.BY_DOMAIN, BatchMode.MIXED: BatchOrder.MIXED}
 
 
@@ -142,7 +160,10 @@ def predict(
 
 
 def _l2(model: CTRModel) -> torch.Tensor | None:
-    terms = [p.pow(2).sum() for p in model.regularized_parameters() if p.requires_grad]
+    # Tables under a fused sparse optimizer are left out: their update ignores .grad, and a
+    # dense penalty would touch every row of production-size tables each step.
+    fused = _table_ids(model)
+    terms = [p.pow(2).sum() for p in model.regularized_parameters() if p.requires_grad and id(p) not in fused]
     return torch.stack(terms).sum() if terms else None
 
 
@@ -213,6 +234,9 @@ def fit(
             f"model built for {model.num_domains} domains, dataset {dataset.name!r} has {dataset.num_domains}"
         )
     backend_name = _set_backend(model, backend)
+    fused = _fused_embedding_optimizer(config)
+    if fused is not None or model.embedding.optimizer is not None:
+        model.embedding.set_optimizer(fused)
     device = torch.device(config.device)
     model.to(device)
     torch.manual_seed(config.seed)  # dropout masks
@@ -289,7 +313,8 @@ def _run_stage(
     start = time.perf_counter()
     compat = config.seeds_compat
     params = set_stage(model, step, train_backbone=config.train_backbone_in_later_stages or compat)
-    optimizer = torch.optim.Adam(params, lr=config.lr, betas=config.betas, eps=config.eps)
+    fused = _table_ids(model)  # updated inside the embedding backward, not by Adam
+    optimizer = torch.optim.Adam([p for p in params if id(p) not in fused], lr=config.lr, betas=config.betas, eps=config.eps)
     max_epochs = config.max_epochs
     train_domains = all_domains
     val_domains: list[int] = all_domains
