@@ -1,0 +1,234 @@
+"""End-to-end training and evaluation throughput: reference vs fast, with DeepCTR-Torch as peer.
+
+Workload: DeepFM with a MoE-MLoRA tower (256, 128, 64), batch 1024, on the synthetic ``paper``
+(3 fields of dim 8, 10 domains) and ``wide`` (26 fields of dim 16, 3 of them bags, tables up to
+2e6 rows) presets. One benchmark round is **staged training** as ``fit`` runs it, shortened:
+``STEPS`` single-domain steps of every stage (backbone on all domains, each expert on its own
+domain, the gate on all domains), each stage with its own freezing and a fresh Adam, no
+evaluation. ``evaluate`` is the test-time forward over ``EVAL_ROWS`` rows, batch 32768.
+
+Embedding optimizer, like with like: ``paper`` uses the method's dense Adam on both backends;
+``wide`` uses lazy Adam on both (the reference's plain-PyTorch lazy Adam vs the update fused in
+the C++ backward), since dense Adam on 5e6-row tables measures torch's Adam, not moefast.
+
+Peer: DeepCTR-Torch 0.3.0's plain DeepFM (same fields, dims, tower, dropout, L2) trained with
+its forward, its regularisation loss and ``torch.optim.Adam``, stepped by hand (no ``fit`` loop
+overhead, so the strongest form of the peer). Skipped when ``deepctr_torch`` is absent
+(``.venv/bin/pip install deepctr-torch==0.3.0 requests``).
+
+``scaling``: the fast backend's full-mixture training step (gate stage with the backbone
+trainable: every parameter and every expert in play) as batch size, domains, experts per domain
+and table size grow. Results: ``make bench ARGS="-k train" BENCH_NAME=cpu-x86_64-train``;
+``bench/report_train.py`` turns the JSON into README.md's tables.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+
+from moefast import data, models
+from moefast.config import MLoRAMode, TowerKind
+from moefast.data.dataset import Batch, MultiDomainDataset
+from moefast.models.base import CTRModel
+from moefast.reference.embedding_optim import LazyAdam
+from moefast.train.loop import predict, train_step
+from moefast.train.stages import StageStep, plan_stages, set_stage
+
+BATCH = 1024
+STEPS = 3  # per stage per round: 12 stages x 3 steps = 36 steps of 1024 rows
+EVAL_ROWS = 65536
+ROUNDS = 3
+ROWS = 100_000
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@functools.cache
+def _dataset(preset: str, **knobs: Any) -> MultiDomainDataset:
+    return data.load("synthetic", preset=preset, seed=123, rows=ROWS, **knobs)
+
+
+def _domain_batches(ds: MultiDomainDataset, steps: int, batch: int) -> list[list[Batch]]:
+    """``steps`` batches of ``batch`` rows of each domain (rows reused cyclically if few)."""
+    out = []
+    for d in range(ds.num_domains):
+        rows = torch.nonzero(ds.train.domain == d).squeeze(1)
+        idx = rows[torch.arange(steps * batch) % len(rows)]
+        out.append([ds.train.rows(chunk).to(DEVICE) for chunk in idx.split(batch)])
+    return out
+
+
+def _model(ds: MultiDomainDataset, backend: str, *, lazy: bool, experts_per_domain: int = 1) -> CTRModel:
+    model = models.build("deepfm", ds, TowerKind.MOE_MLORA, experts_per_domain=experts_per_domain,
+                         backend=backend)
+    if lazy:
+        model.embedding.set_optimizer(LazyAdam(lr=1e-3))
+    return model.to(DEVICE)
+
+
+def _sync() -> None:
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+
+
+def _staged_round(model: CTRModel, batches: list[list[Batch]]) -> Callable[[], int]:
+    """One round of shortened staged training; returns the number of training samples."""
+    plan = plan_stages(model, MLoRAMode.JOINT)
+    tables = {id(p) for p in model.embedding.tables.parameters()} if model.embedding.optimizer else set()
+    num_domains = len(batches)
+
+    def stage_batches(step: StageStep) -> list[Batch]:
+        if step.expert is not None:
+            return batches[model.tower.expert_domain(step.expert)]
+        # All domains: single-domain batches, a different domain each step.
+        return [batches[i % num_domains][i // num_domains] for i in range(STEPS)]
+
+    def run() -> int:
+        samples = 0
+        model.train()
+        for step in plan:
+            params = set_stage(model, step, train_backbone=False)
+            optimizer = torch.optim.Adam([p for p in params if id(p) not in tables], lr=1e-3)
+            for batch in stage_batches(step)[:STEPS]:
+                train_step(model, batch, step, optimizer, 1e-5)
+                samples += len(batch)
+        _sync()
+        return samples
+
+    return run
+
+
+def _record(benchmark: Any, samples: int, **info: Any) -> None:
+    benchmark.extra_info.update(info, samples_per_round=samples)
+    benchmark.extra_info["samples_per_second"] = samples / benchmark.stats.stats.median
+
+
+PRESETS = [pytest.param("paper", False, id="paper-adam"), pytest.param("wide", True, id="wide-lazyadam")]
+
+
+@pytest.mark.parametrize(("preset", "lazy"), PRESETS)
+@pytest.mark.parametrize("provider", ["reference", "fast"])
+def test_train(benchmark: Any, provider: str, preset: str, lazy: bool) -> None:
+    ds = _dataset(preset)
+    model = _model(ds, provider, lazy=lazy)
+    run = _staged_round(model, _domain_batches(ds, STEPS, BATCH))
+    benchmark.group = f"train-{preset}"
+    samples = run()  # warm-up: Adam state, allocator, first-call costs
+    benchmark.pedantic(run, rounds=ROUNDS, iterations=1)
+    _record(benchmark, samples, provider=provider, preset=preset, device=DEVICE, batch=BATCH,
+            embedding_optimizer="lazy-adam" if lazy else "adam", mode="staged-train")
+
+
+@pytest.mark.parametrize(("preset", "lazy"), PRESETS)
+@pytest.mark.parametrize("provider", ["reference", "fast"])
+def test_evaluate(benchmark: Any, provider: str, preset: str, lazy: bool) -> None:
+    ds = _dataset(preset)
+    model = _model(ds, provider, lazy=lazy)
+    rows = torch.arange(min(EVAL_ROWS, len(ds.test)))
+    benchmark.group = f"evaluate-{preset}"
+
+    def run() -> None:
+        predict(model, ds.test, rows=rows, batch_size=32768, device=DEVICE)
+
+    benchmark.pedantic(run, rounds=ROUNDS, iterations=1, warmup_rounds=1)
+    _record(benchmark, len(rows), provider=provider, preset=preset, device=DEVICE, mode="evaluate")
+
+
+# ---------------------------------------------------------------------------------------------
+# Peer: DeepCTR-Torch's DeepFM on the same data
+# ---------------------------------------------------------------------------------------------
+
+
+def _deepctr_deepfm(ds: MultiDomainDataset) -> tuple[torch.nn.Module, Callable[[Batch], torch.Tensor]]:
+    deepctr = pytest.importorskip("deepctr_torch")
+    from deepctr_torch.inputs import SparseFeat, VarLenSparseFeat
+
+    columns: list[Any] = []
+    for f in ds.features:
+        sparse = SparseFeat(f.name, f.vocab_size, embedding_dim=f.dim)
+        if f.multi_valued:
+            width = int(ds.train.features[f.name].shape[1])
+            columns.append(VarLenSparseFeat(sparse, maxlen=width, combiner=f.pooling.value))
+        else:
+            columns.append(sparse)
+    model = deepctr.models.DeepFM(columns, columns, dnn_hidden_units=(256, 128, 64), dnn_dropout=0.5,
+                                  device=DEVICE)
+
+    def inputs(batch: Batch) -> torch.Tensor:
+        # DeepCTR takes one float matrix, fields in its feature_index order (ids < 2^24: exact).
+        parts = [batch.features[name].reshape(len(batch), -1).float() for name in model.feature_index]
+        return torch.cat(parts, dim=1)
+
+    return model, inputs
+
+
+@pytest.mark.parametrize("preset", ["paper", "wide"])
+def test_train_peer_deepctr_deepfm(benchmark: Any, preset: str) -> None:
+    ds = _dataset(preset)
+    model, inputs = _deepctr_deepfm(ds)
+    batches = [(inputs(b), b.label) for per_domain in _domain_batches(ds, STEPS, BATCH) for b in per_domain]
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    benchmark.group = f"train-{preset}"
+
+    def run() -> int:
+        model.train()
+        for x, y in batches:
+            pred = model(x).squeeze(1)
+            loss = torch.nn.functional.binary_cross_entropy(pred, y) + model.get_regularization_loss()
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        _sync()
+        return len(batches) * BATCH
+
+    samples = run()
+    benchmark.pedantic(run, rounds=ROUNDS, iterations=1)
+    _record(benchmark, samples, provider="deepctr-deepfm", preset=preset, device=DEVICE, batch=BATCH,
+            embedding_optimizer="adam", mode="plain-train")
+
+
+# ---------------------------------------------------------------------------------------------
+# Scaling of the fast path
+# ---------------------------------------------------------------------------------------------
+
+SCALING = [
+    pytest.param(dict(batch=b, num_domains=10, experts=1, num_users=300), id=f"batch{b}")
+    for b in (256, 1024, 4096)
+] + [
+    pytest.param(dict(batch=1024, num_domains=d, experts=1, num_users=300), id=f"domains{d}")
+    for d in (2, 20)
+] + [
+    pytest.param(dict(batch=1024, num_domains=10, experts=k, num_users=300), id=f"experts{k}")
+    for k in (2, 4)
+] + [
+    pytest.param(dict(batch=1024, num_domains=10, experts=1, num_users=u), id=f"users{u}")
+    for u in (100_000, 3_000_000)
+]
+
+
+@pytest.mark.parametrize("knobs", SCALING)
+def test_scaling(benchmark: Any, knobs: dict[str, int]) -> None:
+    ds = _dataset("paper", num_domains=knobs["num_domains"], num_users=knobs["num_users"])
+    model = _model(ds, "fast", lazy=True, experts_per_domain=knobs["experts"])
+    step = plan_stages(model, MLoRAMode.JOINT)[-1]  # the gate stage: the full mixture
+    params = set_stage(model, step, train_backbone=True)
+    tables = {id(p) for p in model.embedding.tables.parameters()}
+    optimizer = torch.optim.Adam([p for p in params if id(p) not in tables], lr=1e-3)
+    # Mixed-domain batches: every expert of the mixture is in play.
+    idx = torch.arange(4 * knobs["batch"]) % len(ds.train)
+    batches = [ds.train.rows(chunk).to(DEVICE) for chunk in idx.split(knobs["batch"])]
+    benchmark.group = "scaling"
+
+    def run() -> None:
+        for batch in batches:
+            train_step(model, batch, step, optimizer, 1e-5)
+        _sync()
+
+    run()
+    benchmark.pedantic(run, rounds=ROUNDS, iterations=1)
+    _record(benchmark, len(batches) * knobs["batch"], provider="fast", device=DEVICE,
+            mode="full-mixture-train-step", steps=len(batches), **knobs)
