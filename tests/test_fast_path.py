@@ -137,3 +137,21 @@ def test_sparse_embedding_optimizer_touches_only_the_rows_seen(dataset: MultiDom
         else:
             assert not moved[~seen].any(), optimizer
             assert moved[seen].any(), optimizer
+
+
+def test_cli_embedding_optimizer_flag() -> None:
+    """``--embedding-optimizer`` / ``--embedding-lr`` reach TrainConfig; a bad value is refused."""
+    from moefast import cli
+
+    args = cli.build_parser().parse_args(
+        ["train", "--backend", "fast", "--embedding-optimizer", "rowwise-adagrad", "--embedding-lr", "0.05"]
+    )
+    given = {k: v for k, v in vars(args).items() if k not in ("command", "config") and v is not None}
+    config, _ = cli.resolve_config(given)
+    assert config.backend == "fast"
+    assert config.train.embedding_optimizer is EmbeddingOptimizer.ROWWISE_ADAGRAD
+    assert config.train.embedding_lr == 0.05
+    with pytest.raises(SystemExit):
+        cli.build_parser().parse_args(["train", "--embedding-optimizer", "sgd"])
+    with pytest.raises(TypeError, match="embedding_optimizer"):
+        moefast.TrainConfig(embedding_optimizer="lazy-adam")  # type: ignore[arg-type]
