@@ -21,9 +21,10 @@ from moefast.data.dataset import MultiDomainDataset
 from moefast.models.base import CTRModel
 from moefast.ops import adapter as adapter_ops
 from moefast.ops import embedding as embedding_ops
+from moefast.ops._backend import Backend
 from moefast.testing import TRAINING_LOSS_TOLERANCE, TRAINING_PARITY_STEPS, WAUC_PARITY_ATOL
 from moefast.train.checkpoint import load_checkpoint, save_checkpoint
-from moefast.train.loop import predict, train_step
+from moefast.train.loop import _set_backend, predict, train_step
 from moefast.train.metrics import evaluate_scores
 from moefast.train.stages import plan_stages, set_stage
 
@@ -155,3 +156,15 @@ def test_cli_embedding_optimizer_flag() -> None:
         cli.build_parser().parse_args(["train", "--embedding-optimizer", "sgd"])
     with pytest.raises(TypeError, match="embedding_optimizer"):
         moefast.TrainConfig(embedding_optimizer="lazy-adam")  # type: ignore[arg-type]
+
+
+def test_fast_on_cuda_means_triton_tower_and_torch_embeddings(dataset: MultiDomainDataset) -> None:
+    """The C++ engine is CPU-only: on a CUDA device ``fit``'s ``fast`` sets the embeddings to
+    the reference (torch) lookup and the tower to fast; on CPU everything is fast. (Only the
+    device type is read: this runs without a GPU.)"""
+    for device, embedding_backend in (("cpu", Backend.FAST), ("cuda", Backend.REFERENCE)):
+        model = _build(dataset, "reference")
+        assert _set_backend(model, "fast", torch.device(device)) == "fast"
+        assert model.embedding.backend is embedding_backend, device
+        towers = [m for m in model.modules() if isinstance(m, moefast.nn.AdapterLinear)]
+        assert towers and all(m.backend is Backend.FAST for m in towers), device

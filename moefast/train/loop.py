@@ -106,13 +106,21 @@ def method_name(model: CTRModel) -> str:
     return model.tower.kind.value
 
 
-def _set_backend(model: CTRModel, backend: BackendLike) -> str:
-    """Point every moefast layer at ``backend``; return the name recorded in metrics.json."""
+def _set_backend(model: CTRModel, backend: BackendLike, device: torch.device | None = None) -> str:
+    """Point every moefast layer at ``backend``; return the name recorded in metrics.json.
+
+    On CUDA the model-level ``fast`` backend is the fused Triton tower with torch's embedding
+    lookup: the C++ embedding engine is CPU-only and there is no GPU embedding kernel, so the
+    embeddings are set to ``reference`` there (said here, not a silent fallback per call).
+    """
     if backend is None:
         return os.environ.get("MOEFAST_BACKEND", Backend.AUTO.value)
     chosen = parse_backend(backend)
+    on_cuda = device is not None and device.type == "cuda"
     for module in model.modules():
-        if isinstance(module, AdapterLinear | EmbeddingCollection):
+        if isinstance(module, EmbeddingCollection) and on_cuda and chosen is Backend.FAST:
+            module.backend = Backend.REFERENCE
+        elif isinstance(module, AdapterLinear | EmbeddingCollection):
             module.backend = chosen
     return chosen.value
 
@@ -233,7 +241,7 @@ def fit(
         raise ValueError(
             f"model built for {model.num_domains} domains, dataset {dataset.name!r} has {dataset.num_domains}"
         )
-    backend_name = _set_backend(model, backend)
+    backend_name = _set_backend(model, backend, torch.device(config.device))
     fused = _fused_embedding_optimizer(config)
     if fused is not None or model.embedding.optimizer is not None:
         model.embedding.set_optimizer(fused)
