@@ -81,7 +81,8 @@ def _bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"{text!r} is not a boolean")
 
 
-_DATA_OPTIONS: list[tuple[str, type | _Conv, str]] = [
+_Option = tuple[str, type | _Conv, str]
+_DATA_OPTIONS: list[_Option] = [
     ("dataset", str, "dataset name: synthetic (default), movielens-1m, taobao, amazon-6"),
     ("preset", str, "synthetic preset: paper (default) or wide"),
     ("domain", str, "which column is the domain (MovieLens: gender, age or occupation)"),
@@ -94,14 +95,14 @@ _DATA_OPTIONS: list[tuple[str, type | _Conv, str]] = [
     ("imbalance", float, "synthetic: domain-size imbalance"),
     ("data-seed", int, "synthetic: generator seed"),
 ]
-_RUN_OPTIONS: list[tuple[str, type | _Conv, str]] = [
+_RUN_OPTIONS: list[_Option] = [
     ("model", str, "backbone (default deepfm)"),
     ("method", _methods, "base | mlora | moe-mlora | all (default), or a comma-separated list"),
     ("experts-per-domain", int, "MoE-MLoRA experts per domain (E = this x domains)"),
     ("backend", str, "reference | fast | auto"),
     ("out", str, "run directory (default runs/<timestamp>); one subdirectory per method"),
 ]
-_TRAIN_OPTIONS: list[tuple[str, type | _Conv, str]] = [
+_TRAIN_OPTIONS: list[_Option] = [
     ("device", str, "torch device (default cpu)"),
     ("seed", int, "seed of the model's initial weights, batch order and dropout (default 1024)"),
     ("lr", float, "Adam learning rate (default 1e-3)"),
@@ -134,6 +135,22 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
+def add_option_groups(
+    parser: argparse.ArgumentParser, groups: Sequence[tuple[str, Sequence[_Option]]]
+) -> None:
+    """Add every ``(flag, type, help)`` option, one argument group per title.
+
+    Defaults are SUPPRESSed: only flags actually given appear, so they override the TOML file.
+    """
+    for title, options in groups:
+        group = parser.add_argument_group(title)
+        for name, conv, text in options:
+            if name in _FLAGS_WITHOUT_VALUE:
+                group.add_argument(f"--{name}", action="store_true", default=argparse.SUPPRESS, help=text)
+            else:
+                group.add_argument(f"--{name}", type=conv, default=argparse.SUPPRESS, help=text)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="moefast", description=(__doc__ or "").split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", parser_class=_Parser)
@@ -146,21 +163,15 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--config", help="TOML file whose keys mirror the flags")
     train.add_argument("--quiet", "-q", action="store_true", default=None,
                        help="no progress bars or per-epoch lines")
-    for title, options in (("data", _DATA_OPTIONS), ("model", _RUN_OPTIONS), ("training", _TRAIN_OPTIONS)):
-        group = train.add_argument_group(title)
-        for name, conv, text in options:
-            # SUPPRESS: only flags actually given appear, so they can override the TOML file.
-            if name in _FLAGS_WITHOUT_VALUE:
-                group.add_argument(f"--{name}", action="store_true", default=argparse.SUPPRESS, help=text)
-            else:
-                group.add_argument(f"--{name}", type=conv, default=argparse.SUPPRESS, help=text)
+    add_option_groups(train, (("data", _DATA_OPTIONS), ("model", _RUN_OPTIONS), ("training", _TRAIN_OPTIONS)))
     from moefast import cli_grid  # imported here: it imports this module
 
     cli_grid.add_parser(commands)
     return parser
 
 
-def _read_toml(path: str) -> dict[str, Any]:
+def read_toml(path: str, options: Mapping[str, type | _Conv] = _ALL_OPTIONS) -> dict[str, Any]:
+    """A TOML config file's keys (flag names, dashes or underscores) converted like the flags."""
     try:
         with open(path, "rb") as handle:
             raw = tomllib.load(handle)
@@ -174,9 +185,9 @@ def _read_toml(path: str) -> dict[str, Any]:
         if dest == "quiet":
             out[dest] = _bool(str(value))
             continue
-        if dest not in _ALL_OPTIONS:
+        if dest not in options:
             raise UserError(f"config file {path!r}: unknown key {key!r}")
-        conv = _ALL_OPTIONS[dest]
+        conv = options[dest]
         if isinstance(value, list):  # method = ["base", "mlora"]
             value = ",".join(str(v) for v in value)
         if conv is int and (isinstance(value, bool) or not isinstance(value, int | str)):
@@ -355,7 +366,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             from moefast import cli_grid
 
             return cli_grid.main(args)
-        options = _read_toml(args.config) if args.config else {}
+        options = read_toml(args.config) if args.config else {}
         options.update(given)  # flags win over the file
         try:
             config, quiet = resolve_config(options)

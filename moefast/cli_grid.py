@@ -10,11 +10,17 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tomllib
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from moefast.cli import _TRAIN_OPTIONS, UserError, _bool, _load_dataset, _methods
+from moefast.cli import (
+    _TRAIN_OPTIONS,
+    UserError,
+    _load_dataset,
+    _methods,
+    add_option_groups,
+    read_toml,
+)
 from moefast.config import DataConfig, TrainConfig
 
 __all__ = ["add_parser", "main", "resolve_grid"]
@@ -78,40 +84,7 @@ def add_parser(commands: Any) -> None:
     )
     grid.add_argument("--config", help="TOML file whose keys mirror the flags")
     grid.add_argument("--quiet", "-q", action="store_true", default=None, help="no progress bars or per-cell lines")
-    for title, options in (("data", _DATA), ("grid", _GRID), ("training", _TRAINING)):
-        group = grid.add_argument_group(title)
-        for name, conv, text in options:
-            if conv is _bool:
-                group.add_argument(f"--{name}", action="store_true", default=argparse.SUPPRESS, help=text)
-            else:
-                group.add_argument(f"--{name}", type=conv, default=argparse.SUPPRESS, help=text)
-
-
-def _read_toml(path: str) -> dict[str, Any]:
-    try:
-        with open(path, "rb") as handle:
-            raw = tomllib.load(handle)
-    except FileNotFoundError:
-        raise UserError(f"config file {path!r} does not exist") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise UserError(f"config file {path!r} is not valid TOML: {exc}") from None
-    out: dict[str, Any] = {}
-    for key, value in raw.items():
-        dest = key.replace("-", "_")
-        if dest == "quiet":
-            out[dest] = _bool(str(value))
-            continue
-        if dest not in _ALL:
-            raise UserError(f"config file {path!r}: unknown key {key!r}")
-        if isinstance(value, list):
-            value = ",".join(str(v) for v in value)
-        if isinstance(value, bool):
-            value = str(value).lower()
-        try:
-            out[dest] = _ALL[dest](str(value))
-        except (ValueError, TypeError, argparse.ArgumentTypeError) as exc:
-            raise UserError(f"config file {path!r}: key {key!r}: {exc}") from None
-    return out
+    add_option_groups(grid, (("data", _DATA), ("grid", _GRID), ("training", _TRAINING)))
 
 
 def resolve_grid(options: Mapping[str, Any]) -> tuple[Any, bool]:
@@ -147,7 +120,7 @@ def main(args: argparse.Namespace) -> int:
     from moefast.train.grid import run_grid
 
     given = {k: v for k, v in vars(args).items() if k not in ("command", "config") and v is not None}
-    options = _read_toml(args.config) if args.config else {}
+    options = read_toml(args.config, _ALL) if args.config else {}
     options.update(given)
     try:
         config, quiet = resolve_grid(options)

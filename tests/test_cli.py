@@ -42,7 +42,7 @@ def test_train_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
     assert (out / "moe-mlora" / "gate_weights.png").is_file()
     assert (out / "per_domain_auc.png").is_file() and (out / "table.txt").is_file()
     # The resolved config reads back to the same configuration.
-    config, _ = cli.resolve_config(cli._read_toml(str(out / "config.toml")))
+    config, _ = cli.resolve_config(cli.read_toml(str(out / "config.toml")))
     assert config.data.rows == 1500 and config.data.num_domains == 3 and config.data.num_users == 100
     assert config.train.max_epochs == 1 and config.methods == tuple(TowerKind)
 
@@ -53,7 +53,7 @@ def test_toml_keys_mirror_flags_and_flags_win(tmp_path: Path) -> None:
         'model = "wdl"\nmethod = ["mlora"]\nmax-epochs = 4\nbatch_mode = "mixed"\n'
         "experts-per-domain = 2\nquiet = true\ntrain_backbone_in_later_stages = true\n"
     )
-    options = cli._read_toml(str(path))
+    options = cli.read_toml(str(path))
     options.update({"max_epochs": 7})  # as if --max-epochs 7 were given
     config, quiet = cli.resolve_config(options)
     assert (config.model, config.methods, config.experts_per_domain) == ("wdl", (TowerKind.MLORA,), 2)
