@@ -9,6 +9,7 @@ DEPS_STAMP  := $(VENV)/.deps-stamp
 BUILD_STAMP := $(VENV)/.build-stamp
 NATIVE_SRC  := pyproject.toml CMakeLists.txt $(wildcard csrc/*.cpp csrc/*.h)
 BENCH_NAME  ?= cpu-$(shell uname -m)
+BENCH_PATH  ?= bench/
 
 .PHONY: setup run test lint bench stubs clean
 
@@ -38,7 +39,7 @@ test: setup lint
 
 bench: setup
 	mkdir -p bench/results
-	$(BIN)/python -m pytest bench/ --benchmark-only --benchmark-json=bench/results/$(BENCH_NAME).json $(ARGS)
+	$(BIN)/python -m pytest $(BENCH_PATH) --benchmark-only --benchmark-json=bench/results/$(BENCH_NAME).json $(ARGS)
 
 stubs: setup
 	$(BIN)/python -m nanobind.stubgen -q -m moefast._C -o moefast/_C.pyi

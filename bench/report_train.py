@@ -15,8 +15,9 @@ from typing import Any
 
 def _rows(path: Path) -> list[dict[str, Any]]:
     doc = json.loads(path.read_text())
+    # Only this suite's rows: a result file may also hold other suites' benchmarks.
     return [{**b["extra_info"], "median_s": b["stats"]["median"], "group": b["group"]}
-            for b in doc["benchmarks"]]
+            for b in doc["benchmarks"] if "samples_per_second" in b["extra_info"]]
 
 
 def throughput_table(rows: list[dict[str, Any]]) -> str:
