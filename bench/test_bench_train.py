@@ -18,7 +18,7 @@ overhead, so the strongest form of the peer). Skipped when ``deepctr_torch`` is 
 
 ``scaling``: the fast backend's full-mixture training step (gate stage with the backbone
 trainable: every parameter and every expert in play) as batch size, domains, experts per domain
-and table size grow. Results: ``make bench ARGS="-k train" BENCH_NAME=cpu-x86_64-train``;
+and table size grow. Results: ``make bench BENCH_PATH=bench/test_bench_train.py BENCH_NAME=cpu-x86_64-train``;
 ``bench/report_train.py`` turns the JSON into README.md's tables.
 """
 
