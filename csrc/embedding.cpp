@@ -588,6 +588,32 @@ std::vector<int> backward_order(const std::vector<EmbeddingField>& fields,
   return order;
 }
 
+// The frame both backward entry points share: validate the offsets, then sort each needed
+// field's ids (largest field first) on the pool and hand it to `body(t, field, scratch, n)`,
+// where n is the number of sorted (id, position) pairs. A field's id error is collected and
+// the first one thrown after the pool finishes.
+template <typename Body>
+void for_each_sorted_field(const std::vector<EmbeddingField>& fields, int64_t batch,
+                           const std::vector<bool>& need, int num_threads, const Body& body) {
+  for (const auto& f : fields) check_offset_ends(f, batch);
+  const std::vector<int> order = backward_order(fields, need);
+  FieldErrors errors(fields.size());
+  ThreadPool::instance().parallel_for(
+      static_cast<int64_t>(order.size()), num_threads, [&](int64_t i) {
+        const int t = order[i];
+        const EmbeddingField& f = fields[t];
+        thread_local Scratch scratch;
+        std::string error;
+        const int64_t n = sort_field(f, batch, scratch, &error);
+        if (n < 0) {
+          errors.set(t, std::move(error));
+          return;
+        }
+        body(t, f, scratch, n);
+      });
+  errors.throw_first();
+}
+
 }  // namespace
 
 void embedding_forward(const std::vector<EmbeddingField>& fields, int64_t batch, float* out,
@@ -622,7 +648,6 @@ std::vector<int64_t> embedding_backward_rows(const std::vector<EmbeddingField>& 
                                              int64_t grad_stride, const std::vector<bool>& need,
                                              int64_t* rows_out, float* grads_out,
                                              int num_threads) {
-  for (const auto& f : fields) check_offset_ends(f, batch);
   const std::vector<int64_t> col = column_offsets(fields);
   std::vector<int64_t> row_base(fields.size(), 0);
   std::vector<int64_t> grad_base(fields.size(), 0);
@@ -630,27 +655,15 @@ std::vector<int64_t> embedding_backward_rows(const std::vector<EmbeddingField>& 
     row_base[t] = row_base[t - 1] + fields[t - 1].num_indices;
     grad_base[t] = grad_base[t - 1] + fields[t - 1].num_indices * fields[t - 1].dim;
   }
-  const std::vector<int> order = backward_order(fields, need);
   std::vector<int64_t> counts(fields.size(), 0);
-  FieldErrors errors(fields.size());
-  ThreadPool::instance().parallel_for(
-      static_cast<int64_t>(order.size()), num_threads, [&](int64_t i) {
-        const int t = order[i];
-        const EmbeddingField& f = fields[t];
-        thread_local Scratch scratch;
-        std::string error;
-        const int64_t n = sort_field(f, batch, scratch, &error);
-        if (n < 0) {
-          errors.set(t, std::move(error));
-          return;
-        }
-        const int64_t unique = sum_rows_dispatch(f, scratch, n, grad_out + col[t], grad_stride,
-                                                 grads_out + grad_base[t]);
-        std::memcpy(rows_out + row_base[t], scratch.unique_ids.data(),
-                    static_cast<size_t>(unique) * sizeof(int64_t));
-        counts[t] = unique;
-      });
-  errors.throw_first();
+  for_each_sorted_field(fields, batch, need, num_threads,
+                        [&](int t, const EmbeddingField& f, Scratch& scratch, int64_t n) {
+    const int64_t unique = sum_rows_dispatch(f, scratch, n, grad_out + col[t], grad_stride,
+                                             grads_out + grad_base[t]);
+    std::memcpy(rows_out + row_base[t], scratch.unique_ids.data(),
+                static_cast<size_t>(unique) * sizeof(int64_t));
+    counts[t] = unique;
+  });
   return counts;
 }
 
@@ -658,24 +671,11 @@ void embedding_backward_update(const std::vector<EmbeddingField>& fields, int64_
                                const float* grad_out, int64_t grad_stride,
                                const std::vector<bool>& need, const OptimizerConfig& config,
                                const std::vector<OptimizerState>& states, int num_threads) {
-  for (const auto& f : fields) check_offset_ends(f, batch);
   const std::vector<int64_t> col = column_offsets(fields);
-  const std::vector<int> order = backward_order(fields, need);
-  FieldErrors errors(fields.size());
-  ThreadPool::instance().parallel_for(
-      static_cast<int64_t>(order.size()), num_threads, [&](int64_t i) {
-        const int t = order[i];
-        const EmbeddingField& f = fields[t];
-        thread_local Scratch scratch;
-        std::string error;
-        const int64_t n = sort_field(f, batch, scratch, &error);
-        if (n < 0) {
-          errors.set(t, std::move(error));
-          return;
-        }
-        sum_and_update_best(f, scratch, n, grad_out + col[t], grad_stride, config, states[t]);
-      });
-  errors.throw_first();
+  for_each_sorted_field(fields, batch, need, num_threads,
+                        [&](int t, const EmbeddingField& f, Scratch& scratch, int64_t n) {
+    sum_and_update_best(f, scratch, n, grad_out + col[t], grad_stride, config, states[t]);
+  });
 }
 
 }  // namespace moefast
