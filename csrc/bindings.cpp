@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "build_info.h"
+#include "dropout.h"
 #include "embedding.h"
 
 namespace nb = nanobind;
@@ -163,10 +164,20 @@ void backward_update(const std::vector<uintptr_t>& pointers, const std::vector<i
                                      num_threads);
 }
 
+void dropout_mask(nb::ndarray<uint8_t, nb::ndim<1>, nb::c_contig, nb::device::cpu> state, FloatVector out,
+                  uint32_t keep_below, float scale) {
+  uint8_t* bytes = state.data();
+  const size_t size = state.shape(0);
+  float* data = out.data();
+  const int64_t n = static_cast<int64_t>(out.shape(0));
+  nb::gil_scoped_release release;
+  moefast::dropout_mask_from_torch_state(bytes, size, data, n, keep_below, scale);
+}
+
 }  // namespace
 
 NB_MODULE(_C, m) {
-  m.doc() = "moefast native CPU kernels (sparse embedding engine).";
+  m.doc() = "moefast native CPU kernels (sparse embedding engine, dropout masks).";
   m.def("core_build_info", &moefast::core_build_info,
         "How the hot static library was compiled, e.g. 'opt=-O3;optimize=speed;...'.");
 
@@ -191,4 +202,10 @@ NB_MODULE(_C, m) {
         "Backward fused with a sparse optimizer (kind 0: row-wise Adagrad with state_pointers "
         "(sum, 0, 0, 0) per field; 1: lazy Adam with (0, exp_avg, exp_avg_sq, step)) that "
         "updates the rows seen in place. Spec: moefast.reference.embedding_optim.");
+  m.def("dropout_mask", &dropout_mask, "state"_a.noconvert(), "out"_a.noconvert(), "keep_below"_a,
+        "scale"_a,
+        "Fills out (float32) with the dropout factors torch.rand(out.numel()) < keep would draw "
+        "from the CPU generator whose get_state() bytes are state (uint8 [5056]), advancing "
+        "those bytes as torch would: out[i] = scale where draw i's 24 bits are below keep_below, "
+        "else 0. Spec: moefast.ops.dropout.");
 }

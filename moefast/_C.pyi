@@ -1,4 +1,4 @@
-"""moefast native CPU kernels (sparse embedding engine)."""
+"""moefast native CPU kernels (sparse embedding engine, dropout masks)."""
 
 from collections.abc import Sequence
 from typing import Annotated
@@ -25,4 +25,9 @@ def embedding_backward_rows(pointers: Sequence[int], meta: Sequence[int], names:
 def embedding_backward_update(pointers: Sequence[int], meta: Sequence[int], names: Sequence[str], batch: int, grad_out: Annotated[NDArray[numpy.float32], dict(shape=(None, None), order='C', device='cpu')], need: Sequence[bool], kind: int, lr: float, eps: float, beta1: float, beta2: float, state_pointers: Sequence[int], num_threads: int) -> None:
     """
     Backward fused with a sparse optimizer (kind 0: row-wise Adagrad with state_pointers (sum, 0, 0, 0) per field; 1: lazy Adam with (0, exp_avg, exp_avg_sq, step)) that updates the rows seen in place. Spec: moefast.reference.embedding_optim.
+    """
+
+def dropout_mask(state: Annotated[NDArray[numpy.uint8], dict(shape=(None,), order='C', device='cpu')], out: Annotated[NDArray[numpy.float32], dict(shape=(None,), order='C', device='cpu')], keep_below: int, scale: float) -> None:
+    """
+    Fills out (float32) with the dropout factors torch.rand(out.numel()) < keep would draw from the CPU generator whose get_state() bytes are state (uint8 [5056]), advancing those bytes as torch would: out[i] = scale where draw i's 24 bits are below keep_below, else 0. Spec: moefast.ops.dropout.
     """

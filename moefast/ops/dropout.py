@@ -1,0 +1,68 @@
+"""``dropout_mask``: dropout factors with backend resolution.
+
+Same signature and bits as :func:`moefast.reference.dropout.dropout_mask`, plus ``backend``.
+``fast`` serves float32 masks on CPU: ``moefast._C.dropout_mask`` runs torch's own mt19937
+stream with SIMD (csrc/dropout.cpp) on a copy of the generator's state, then hands the advanced
+state back to the generator. The mask and the generator afterwards are exactly what the reference
+gives (tested bit for bit), about 8x faster for a ``[1024, 256]`` mask.
+
+Like any use of a shared generator, drawing from one generator in two threads at once gives
+an order-dependent result; here the two draws could also repeat each other's numbers.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+from moefast import _ext
+from moefast.ops._backend import Backend, BackendLike, resolve_backend
+from moefast.reference import dropout as _reference
+
+__all__ = ["dropout_mask", "why_not_fast"]
+
+
+def why_not_fast(dtype: torch.dtype, device: torch.device | str) -> str | None:
+    """None when ``fast`` can draw a mask of ``dtype`` on ``device``, else the reason not."""
+    if torch.device(device).type != "cpu":
+        return f"device {device} (the native mask generator is CPU-only)"
+    if dtype != torch.float32:
+        return f"dtype {dtype} (the native mask generator draws float32's 24-bit uniforms)"
+    if not _ext.available():
+        return "the C++ extension moefast._C is not built"
+    return None
+
+
+def _keep_below(keep: float) -> int:
+    """How many 24-bit draws ``u`` have ``u * 2^-24 < keep`` once ``keep`` is cast to float32,
+    as ``torch.rand(...).lt_(keep)`` compares."""
+    keep32 = torch.tensor(keep, dtype=torch.float32).item()
+    return math.ceil(keep32 * (1 << 24))  # exact: keep32 has 24 significant bits
+
+
+def dropout_mask(
+    shape: Sequence[int],
+    p: float,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+    generator: torch.Generator | None = None,
+    backend: BackendLike = None,
+) -> torch.Tensor:
+    """``[*shape]``: 0 with probability ``p``, else ``1 / (1 - p)`` (see the module docstring)."""
+    sizes = _reference.check_dropout_args(shape, p)
+    keep = 1.0 - float(p)
+    chosen = resolve_backend("dropout_mask", why_not_fast(dtype, device), backend)
+    if chosen is Backend.REFERENCE or keep == 0.0:
+        return _reference.dropout_mask(sizes, p, dtype=dtype, device=device, generator=generator)
+    gen = generator if generator is not None else torch.default_generator
+    if gen.device.type != "cpu":
+        raise ValueError(f"a CPU mask needs a CPU generator, got one on {gen.device}")
+    out = torch.empty(sizes, dtype=torch.float32)
+    scale = torch.ones(1, dtype=torch.float32).div_(keep).item()  # the bits div_(keep) writes
+    state = gen.get_state()
+    _ext.native().dropout_mask(state, out.view(-1), _keep_below(keep), scale)
+    gen.set_state(state)
+    return out
