@@ -2,7 +2,7 @@
 
 On CPU these run through the Triton interpreter on small fp32 shapes: conftest.py sets
 ``TRITON_INTERPRET=1`` and the fixture below ``MOEFAST_TRITON_CPU=1``, without which ``fast`` on
-CPU runs the concatenated plain form (moefast/ops/adapter.py). On a CUDA machine the same tests
+CPU runs the CPU tower layer (moefast/ops/_adapter_cpu.py). On a CUDA machine the same tests
 run compiled. bf16 and larger compiled shapes are ``gpu`` tests.
 """
 

@@ -40,26 +40,27 @@ def _inputs(n: int = 20, k: int = 12, o: int = 10, e: int = 3, r: int = 4,
 
 @pytest.fixture
 def calls(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[str]]:
-    """Records which implementation each call ran: "triton", "concat" or "loop"."""
+    """Records which implementation each call ran: "triton", "cpu" (the CPU fused form) or
+    "loop"."""
     seen: list[str] = []
     real_kernels = ops_adapter._kernels
-    real_concat = ops_adapter._reference.adapter_linear_concat
+    real_cpu = ops_adapter.adapter_linear_cpu
     real_loop = ops_adapter._reference.adapter_linear
 
     def kernels() -> Any:
         seen.append("triton")
         return real_kernels()
 
-    def concat(*args: Any, **kwargs: Any) -> torch.Tensor:
-        seen.append("concat")
-        return real_concat(*args, **kwargs)
+    def cpu(*args: Any, **kwargs: Any) -> torch.Tensor:
+        seen.append("cpu")
+        return real_cpu(*args, **kwargs)
 
     def loop(*args: Any, **kwargs: Any) -> torch.Tensor:
         seen.append("loop")
         return real_loop(*args, **kwargs)
 
     monkeypatch.setattr(ops_adapter, "_kernels", kernels)
-    monkeypatch.setattr(ops_adapter._reference, "adapter_linear_concat", concat)
+    monkeypatch.setattr(ops_adapter, "adapter_linear_cpu", cpu)
     monkeypatch.setattr(ops_adapter._reference, "adapter_linear", loop)
     yield seen
 
@@ -72,7 +73,7 @@ def triton_on_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.mark.skipif(not ON_CPU, reason="CPU resolution rules")
-def test_cpu_fast_is_the_concatenated_form_and_triton_needs_the_opt_in(
+def test_cpu_fast_is_the_cpu_form_and_triton_needs_the_opt_in(
     calls: list[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("TRITON_INTERPRET", "1")  # as in the tests: not enough on its own
@@ -80,11 +81,11 @@ def test_cpu_fast_is_the_concatenated_form_and_triton_needs_the_opt_in(
     monkeypatch.delenv(ENV_VAR, raising=False)
     for backend in (None, "auto", "fast", "reference"):
         adapter_linear(**_inputs(), expert=0, backend=backend)
-    assert calls == ["concat", "concat", "concat", "loop"]
+    assert calls == ["cpu", "cpu", "cpu", "loop"]
     # bf16 and float64 have a CPU fast path too (plain torch).
     adapter_linear(**_inputs(dtype=torch.bfloat16), expert=0, backend="fast")
     adapter_linear(**_inputs(dtype=torch.float64), expert=0, backend="fast")
-    assert calls[4:] == ["concat", "concat"]
+    assert calls[4:] == ["cpu", "cpu"]
     calls.clear()
     monkeypatch.setenv(TRITON_CPU_ENV, "1")
     adapter_linear(**_inputs(), expert=0, backend="fast")

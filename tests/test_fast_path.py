@@ -2,7 +2,8 @@
 components, matches the reference step by step, and its checkpoints evaluate identically under
 either backend.
 
-CPU: the fast path is the C++ embedding engine plus the concatenated tower form. CUDA (when
+CPU: the fast path is the C++ embedding engine plus the CPU tower layer (concatenated experts, one
+autograd node per layer; moefast/ops/_adapter_cpu.py). CUDA (when
 present, marker ``gpu``): the fused Triton tower.
 """
 

@@ -13,10 +13,10 @@ Backends and what ``fast`` runs:
   breaks; eager calls go through :class:`AdapterLinearFunction`, which launches the same
   kernels with less dispatch overhead. Other dtypes on CUDA: ``auto`` takes the reference, an explicit
   ``fast`` raises.
-- ``fast`` on CPU tensors: the concatenated plain-PyTorch form
-  (:func:`moefast.reference.adapter.adapter_linear_concat`: two products instead of a loop
-  over experts). There is no CPU kernel for this op; this is its fastest CPU form, so
-  ``backend="fast"`` on a CPU model works and helps. ``auto`` picks it too.
+- ``fast`` on CPU tensors: :func:`moefast.ops._adapter_cpu.adapter_linear_cpu`, the function of
+  :func:`moefast.reference.adapter.adapter_linear_concat` (two products instead of a loop over
+  experts) as one autograd node with a hand-written backward that folds the adapters' thin
+  products into the layer's wide ones. ``auto`` picks it too.
 - The Triton kernels on CPU tensors, through Triton's interpreter: only when both
   ``TRITON_INTERPRET=1`` and ``MOEFAST_TRITON_CPU=1`` are set, on float32 data (the interpreter
   mishandles bf16 products). This is how the test suite checks the kernels without a GPU; it is
@@ -37,6 +37,7 @@ from typing import Any
 
 import torch
 
+from moefast.ops._adapter_cpu import adapter_linear_cpu
 from moefast.ops._backend import Backend, BackendLike, resolve_backend
 from moefast.reference import adapter as _reference
 from moefast.reference.adapter import Activation, check_adapter_inputs
@@ -294,7 +295,7 @@ def adapter_linear(
             dropout_mask=dropout_mask, activation=activation,
         )
     if impl is FastImpl.CONCAT:
-        return _reference.adapter_linear_concat(
+        return adapter_linear_cpu(
             x, weight, bias, lora_A, lora_B, lora_c, gate=gate, domain=domain, expert=expert,
             dropout_mask=dropout_mask, activation=activation,
         )

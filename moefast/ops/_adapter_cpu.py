@@ -1,0 +1,178 @@
+"""The adapter tower layer on CPU: the concatenated form with a hand-written backward.
+
+What ``backend="fast"`` runs for CPU tensors. It computes the function of
+:func:`moefast.reference.adapter.adapter_linear_concat` (experts concatenated, two products
+instead of a loop), as one autograd node instead of about seven, and folds the adapter's thin
+products into the layer's wide ones, which BLAS runs several times more efficiently:
+
+- forward: ``[z | u] = x [W^T | A_sel] + [b | 0]``, one product giving the shared pre-activation
+  and every visited expert's ``u = x A_e`` (``A_sel`` is ``A_e`` for one expert, ``A_cat
+  [in, E r]`` for the mixture);
+- backward: ``dx = [dz*m | du] [W^T | A_sel]^T``, one product for the shared and adapter paths;
+  when ``W`` trains too, ``[dW | dA^T] = [dz*m | du]^T x`` is one product as well.
+
+Only the gradients autograd asks for are computed: in an expert stage (backbone frozen) that is
+``dA_e, dB_e, dc_e`` and ``dx``, never ``dW``. Gradients of the stacked ``lora_*`` tensors are
+zero outside the visited experts, as autograd through the reference would give.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from moefast.reference.adapter import Activation, check_adapter_inputs
+
+__all__ = ["CpuAdapterLinearFunction", "adapter_linear_cpu"]
+
+
+def _routing_gate(lora_A: torch.Tensor, gate: torch.Tensor | None, domain: torch.Tensor | None,
+                  dtype: torch.dtype) -> torch.Tensor | None:
+    """``[N, E]`` mixture weights in ``dtype`` (per-domain routing as a one-hot gate), or None."""
+    if gate is not None:
+        return gate.to(dtype)
+    if domain is not None:
+        return torch.nn.functional.one_hot(domain, lora_A.shape[0]).to(dtype)
+    return None
+
+
+class CpuAdapterLinearFunction(torch.autograd.Function):
+    """``y = act((x W^T + b) * m + sum_e g_e ((x A_e) B_e + c_e))``; see the module docstring."""
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor,
+        lora_A: torch.Tensor,
+        lora_B: torch.Tensor,
+        lora_c: torch.Tensor,
+        gate: torch.Tensor | None,
+        domain: torch.Tensor | None,
+        expert: int | None,
+        dropout_mask: torch.Tensor | None,
+        relu: bool,
+    ) -> torch.Tensor:
+        num_experts, d_in, rank = lora_A.shape
+        d_out = weight.shape[0]
+        g = _routing_gate(lora_A, gate, domain, x.dtype)
+        if expert is not None:
+            a_sel = lora_A[expert]  # [in, r]
+        elif g is not None:
+            a_sel = lora_A.permute(1, 0, 2).reshape(d_in, num_experts * rank)  # [in, E r]
+        else:
+            a_sel = lora_A.new_empty((d_in, 0))
+        width = a_sel.shape[1]
+        if width:
+            w_cat = torch.cat([weight.T, a_sel], dim=1)  # [in, out + V r]
+            h = torch.addmm(torch.cat([bias, bias.new_zeros(width)]), x, w_cat)  # [z | u]
+        else:  # the shared layer alone: no copy of W
+            w_cat = weight.T
+            h = torch.addmm(bias, x, w_cat)
+        u = h[:, d_out:]  # [N, V r], a view of h
+        z = h[:, :d_out] * dropout_mask if dropout_mask is not None else h[:, :d_out].contiguous()
+        if expert is not None:
+            z.addmm_(u, lora_B[expert]).add_(lora_c[expert])
+        elif g is not None:
+            g_rep = g.repeat_interleave(rank, dim=1)  # [N, E r]
+            z.addmm_(u * g_rep, lora_B.reshape(num_experts * rank, d_out)).addmm_(g, lora_c)
+        y = z.relu_() if relu else z
+        ctx.save_for_backward(x, y, u, w_cat, lora_B, lora_c, g, dropout_mask)
+        ctx.expert = expert
+        ctx.relu = relu
+        ctx.num_experts, ctx.rank = num_experts, rank
+        ctx.domain_routing = domain is not None
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, dy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        """With ``dz = dy * act'``: ``dx = [dz m | du] [W^T | A_sel]^T``, ``dW = (dz m)^T x``,
+        ``db = sum_n dz m``, ``dA_e = x^T du_e``, ``dB_e = (g_e u_e)^T dz``, ``dc_e = g_e^T dz``,
+        ``dg_e = rowsum(u_e * (dz B_e^T)) + dz c_e^T``, with ``du_e = g_e (dz B_e^T)``."""
+        x, y, u, w_cat, lora_B, lora_c, g, mask = ctx.saved_tensors
+        need_x, need_w, need_b, need_a, need_bb, need_c, need_g = ctx.needs_input_grad[:7]
+        expert: int | None = ctx.expert
+        num_experts, rank = ctx.num_experts, ctx.rank
+        n, d_in = x.shape
+        d_out = lora_B.shape[2]
+        width = u.shape[1]
+        dz = torch.ops.aten.threshold_backward(dy, y, 0) if ctx.relu else dy.contiguous()
+        adapter = expert is not None or g is not None
+        # d = [dz * m | du]: the gradient at [z | u], written into one buffer.
+        d = dz.new_empty((n, d_out + width))
+        if mask is not None:
+            torch.mul(dz, mask, out=d[:, :d_out])
+        else:
+            d[:, :d_out] = dz
+        grad_A = grad_B = grad_c = grad_g = None
+        if adapter and (need_x or need_a or need_g):
+            if expert is not None:
+                torch.mm(dz, lora_B[expert].T, out=d[:, d_out:])  # du = dz B_e^T
+            else:
+                b_cat = lora_B.reshape(num_experts * rank, d_out)
+                dug = dz @ b_cat.T  # [N, E r]: dz B_e^T for every e
+                if need_g and not ctx.domain_routing:
+                    grad_g = (u * dug).view(n, num_experts, rank).sum(-1).addmm_(dz, lora_c.T)
+                torch.mul(dug, g.repeat_interleave(rank, dim=1), out=d[:, d_out:])
+        du = d[:, d_out:]
+        dzm = d[:, :d_out]
+        grad_x = d @ w_cat.T if need_x else None  # [N, in]
+        grad_w = grad_b = None
+        # Weight gradients as d^T x ([out + V r, in]): BLAS runs this orientation about 3x faster
+        # than x^T d for the thin adapter columns (N = 1024 rows, r = 8: 65 us against 190 us).
+        if need_w and need_a and adapter:
+            gw = d.T @ x  # [dW | dA_sel^T] in one product
+            grad_w, da_sel_t = gw[:d_out], gw[d_out:]
+        else:
+            if need_w:
+                grad_w = dzm.T @ x
+            da_sel_t = du.T @ x if need_a and adapter else None  # [V r, in]
+        if need_b:
+            grad_b = dzm.sum(0)
+        if need_a and da_sel_t is not None:
+            grad_A = torch.zeros((num_experts, d_in, rank), dtype=x.dtype)
+            if expert is not None:
+                grad_A[expert] = da_sel_t.T
+            else:
+                grad_A.copy_(da_sel_t.reshape(num_experts, rank, d_in).transpose(1, 2))
+        if need_bb and adapter:
+            if expert is not None:
+                grad_B = torch.zeros_like(lora_B)
+                torch.mm(u.T, dz, out=grad_B[expert])
+            else:
+                ug = u * g.repeat_interleave(rank, dim=1)
+                grad_B = (ug.T @ dz).view(num_experts, rank, d_out)
+        if need_c and adapter:
+            if expert is not None:
+                grad_c = torch.zeros_like(lora_c)
+                grad_c[expert] = dz.sum(0)
+            else:
+                grad_c = g.T @ dz
+        return grad_x, grad_w, grad_b, grad_A, grad_B, grad_c, grad_g, None, None, None, None
+
+
+def adapter_linear_cpu(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    lora_c: torch.Tensor,
+    *,
+    gate: torch.Tensor | None = None,
+    domain: torch.Tensor | None = None,
+    expert: int | None = None,
+    dropout_mask: torch.Tensor | None = None,
+    activation: Activation = Activation.RELU,
+) -> torch.Tensor:
+    """Arguments and result as :func:`moefast.reference.adapter.adapter_linear`."""
+    check_adapter_inputs(x, weight, bias, lora_A, lora_B, lora_c, gate=gate, domain=domain,
+                         expert=expert, dropout_mask=dropout_mask, activation=activation)
+    out: torch.Tensor = CpuAdapterLinearFunction.apply(
+        x, weight, bias, lora_A, lora_B, lora_c, gate, domain, expert, dropout_mask,
+        activation is Activation.RELU,
+    )
+    return out
