@@ -7,13 +7,16 @@ Workload: DeepFM with a MoE-MLoRA tower (256, 128, 64), batch 1024, on the synth
 domain, the gate on all domains), each stage with its own freezing and a fresh Adam, no
 evaluation. ``evaluate`` is the test-time forward over ``EVAL_ROWS`` rows, batch 32768.
 
+The stages' dense Adam is ``moefast.train.stage_optimizer``'s, as ``fit`` builds it: torch's
+fused Adam under the fast backend, its for-loop Adam under the reference (the same update).
 Embedding optimizer, like with like: ``paper`` uses the method's dense Adam on both backends;
 ``wide`` uses lazy Adam on both (the reference's plain-PyTorch lazy Adam vs the update fused in
 the C++ backward), since dense Adam on 5e6-row tables measures torch's Adam, not moefast.
 
 Peer: DeepCTR-Torch 0.3.0's plain DeepFM (same fields, dims, tower, dropout, L2) trained with
 its forward, its regularisation loss and ``torch.optim.Adam``, stepped by hand (no ``fit`` loop
-overhead, so the strongest form of the peer). Skipped when ``deepctr_torch`` is absent
+overhead, so the strongest form of the peer), and, in ``train-paper``, trained by its own
+``compile``/``fit`` as its users run it. Skipped when ``deepctr_torch`` is absent
 (``.venv/bin/pip install deepctr-torch==0.3.0 requests``).
 
 ``scaling``: the fast backend's full-mixture training step (gate stage with the backbone
@@ -32,11 +35,18 @@ import pytest
 import torch
 
 from moefast import data, models
-from moefast.config import MLoRAMode, TowerKind
+from moefast.config import MLoRAMode, TowerKind, TrainConfig
 from moefast.data.dataset import Batch, MultiDomainDataset
 from moefast.models.base import CTRModel
 from moefast.reference.embedding_optim import LazyAdam
-from moefast.train.loop import _set_backend, predict, train_step
+from moefast.train.loop import (
+    _set_backend,
+    _table_ids,
+    predict,
+    set_embedding_optimizer,
+    stage_optimizer,
+    train_step,
+)
 from moefast.train.stages import StageStep, plan_stages, set_stage
 
 BATCH = 1024
@@ -52,21 +62,28 @@ def _dataset(preset: str, **knobs: Any) -> MultiDomainDataset:
     return data.load("synthetic", preset=preset, seed=123, rows=ROWS, **knobs)
 
 
-def _domain_batches(ds: MultiDomainDataset, steps: int, batch: int) -> list[list[Batch]]:
-    """``steps`` batches of ``batch`` rows of each domain (rows reused cyclically if few)."""
+def _domain_rows(ds: MultiDomainDataset, steps: int, batch: int) -> list[list[torch.Tensor]]:
+    """Per domain, ``steps`` chunks of ``batch`` train-row indices (reused cyclically if few)."""
     out = []
     for d in range(ds.num_domains):
         rows = torch.nonzero(ds.train.domain == d).squeeze(1)
-        idx = rows[torch.arange(steps * batch) % len(rows)]
-        out.append([ds.train.rows(chunk).to(DEVICE) for chunk in idx.split(batch)])
+        out.append(list(rows[torch.arange(steps * batch) % len(rows)].split(batch)))
     return out
+
+
+def _domain_batches(ds: MultiDomainDataset, steps: int, batch: int) -> list[list[Batch]]:
+    """``steps`` batches of ``batch`` rows of each domain."""
+    return [[ds.train.rows(chunk).to(DEVICE) for chunk in chunks] for chunks in _domain_rows(ds, steps, batch)]
+
+
+ADAM = TrainConfig(lr=1e-3)  # the stages' dense Adam settings
 
 
 def _model(ds: MultiDomainDataset, backend: str, *, lazy: bool, experts_per_domain: int = 1) -> CTRModel:
     model = models.build("deepfm", ds, TowerKind.MOE_MLORA, experts_per_domain=experts_per_domain)
     _set_backend(model, backend, torch.device(DEVICE))  # as fit does (on CUDA: torch embeddings)
     if lazy:
-        model.embedding.set_optimizer(LazyAdam(lr=1e-3))
+        set_embedding_optimizer(model, LazyAdam(lr=1e-3))  # every table, as fit does
     return model.to(DEVICE)
 
 
@@ -75,10 +92,10 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
-def _staged_round(model: CTRModel, batches: list[list[Batch]]) -> Callable[[], int]:
+def _staged_round(model: CTRModel, batches: list[list[Batch]], backend: str) -> Callable[[], int]:
     """One round of shortened staged training; returns the number of training samples."""
     plan = plan_stages(model, MLoRAMode.JOINT)
-    tables = {id(p) for p in model.embedding.tables.parameters()} if model.embedding.optimizer else set()
+    tables = _table_ids(model)
     num_domains = len(batches)
 
     def stage_batches(step: StageStep) -> list[Batch]:
@@ -92,7 +109,7 @@ def _staged_round(model: CTRModel, batches: list[list[Batch]]) -> Callable[[], i
         model.train()
         for step in plan:
             params = set_stage(model, step, train_backbone=False)
-            optimizer = torch.optim.Adam([p for p in params if id(p) not in tables], lr=1e-3)
+            optimizer = stage_optimizer([p for p in params if id(p) not in tables], ADAM, backend)
             for batch in stage_batches(step)[:STEPS]:
                 train_step(model, batch, step, optimizer, 1e-5)
                 samples += len(batch)
@@ -116,7 +133,7 @@ PRESETS = [pytest.param("paper", False, id="paper-adam"), pytest.param("wide", T
 def test_train(benchmark: Any, provider: str, preset: str, lazy: bool) -> None:
     ds = _dataset(preset)
     model = _model(ds, provider, lazy=lazy)
-    run = _staged_round(model, _domain_batches(ds, STEPS, BATCH))
+    run = _staged_round(model, _domain_batches(ds, STEPS, BATCH), provider)
     benchmark.group = f"train-{preset}"
     samples = run()  # warm-up: Adam state, allocator, first-call costs
     benchmark.pedantic(run, rounds=ROUNDS, iterations=1)
@@ -192,6 +209,27 @@ def test_train_peer_deepctr_deepfm(benchmark: Any, preset: str) -> None:
             embedding_optimizer="adam", mode="plain-train")
 
 
+def test_train_peer_deepctr_deepfm_fit(benchmark: Any) -> None:
+    """The peer as its users run it: ``compile("adam", "binary_crossentropy")`` and ``fit`` over
+    the same rows in the same order (batch 1024, no shuffling, no validation, silent)."""
+    ds = _dataset("paper")
+    model, _ = _deepctr_deepfm(ds)
+    model.compile("adam", "binary_crossentropy")
+    rows = torch.cat([chunk for chunks in _domain_rows(ds, STEPS, BATCH) for chunk in chunks])
+    x = {f.name: ds.train.features[f.name][rows].numpy() for f in ds.features}
+    y = ds.train.label[rows].numpy()
+    benchmark.group = "train-paper"
+
+    def run() -> int:
+        model.fit(x, y, batch_size=BATCH, epochs=1, verbose=0, shuffle=False)
+        return len(rows)
+
+    samples = run()
+    benchmark.pedantic(run, rounds=ROUNDS, iterations=1)
+    _record(benchmark, samples, provider="deepctr-deepfm-fit", preset="paper", device=DEVICE, batch=BATCH,
+            embedding_optimizer="adam", mode="plain-train")
+
+
 # ---------------------------------------------------------------------------------------------
 # Scaling of the fast path
 # ---------------------------------------------------------------------------------------------
@@ -217,8 +255,8 @@ def test_scaling(benchmark: Any, knobs: dict[str, int]) -> None:
     model = _model(ds, "fast", lazy=True, experts_per_domain=knobs["experts"])
     step = plan_stages(model, MLoRAMode.JOINT)[-1]  # the gate stage: the full mixture
     params = set_stage(model, step, train_backbone=True)
-    tables = {id(p) for p in model.embedding.tables.parameters()}
-    optimizer = torch.optim.Adam([p for p in params if id(p) not in tables], lr=1e-3)
+    tables = _table_ids(model)
+    optimizer = stage_optimizer([p for p in params if id(p) not in tables], ADAM, "fast")
     # Mixed-domain batches: every expert of the mixture is in play.
     idx = torch.arange(4 * knobs["batch"]) % len(ds.train)
     batches = [ds.train.rows(chunk).to(DEVICE) for chunk in idx.split(knobs["batch"])]

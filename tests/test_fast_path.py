@@ -25,7 +25,13 @@ from moefast.ops import embedding as embedding_ops
 from moefast.ops._backend import Backend
 from moefast.testing import TRAINING_LOSS_TOLERANCE, TRAINING_PARITY_STEPS, WAUC_PARITY_ATOL
 from moefast.train.checkpoint import load_checkpoint, save_checkpoint
-from moefast.train.loop import _set_backend, predict, train_step
+from moefast.train.loop import (
+    _set_backend,
+    embedding_collections,
+    predict,
+    set_embedding_optimizer,
+    train_step,
+)
 from moefast.train.metrics import evaluate_scores
 from moefast.train.stages import plan_stages, set_stage
 
@@ -113,7 +119,7 @@ def test_staged_training_parity_and_checkpoints(
     # The fast run's final weights as a checkpoint, loaded strictly into a fresh reference model.
     checkpoint = save_checkpoint(tmp_path / "fast.pt", trained["fast"], "gate")
     reloaded = _build(dataset, "reference")
-    reloaded.embedding.set_optimizer(trained["fast"].embedding.optimizer)  # its state is saved too
+    set_embedding_optimizer(reloaded, trained["fast"].embedding.optimizer)  # its state is saved too
     reloaded.to(device)
     load_checkpoint(checkpoint, reloaded, expected_stage="gate")
     logits = predict(reloaded, dataset.test, device=device)
@@ -124,21 +130,25 @@ def test_staged_training_parity_and_checkpoints(
 
 
 def test_sparse_embedding_optimizer_touches_only_the_rows_seen(dataset: MultiDomainDataset) -> None:
-    """Lazy Adam / row-wise Adagrad update only the rows of the batches; dense Adam moves all."""
+    """Lazy Adam / row-wise Adagrad update only the rows of the batches; dense Adam moves all.
+    That holds for every table: the field embeddings and DeepFM's first-order weights."""
     config = moefast.TrainConfig(max_epochs=1, batch_size=64, progress=False)
     for optimizer in EmbeddingOptimizer:
         model = _build(dataset, "fast")
-        before = model.embedding.tables["uid"].detach().clone()
+        collections = embedding_collections(model)
+        assert len(collections) == 2  # DeepFM: embeddings and first-order weights
+        before = [c.tables["uid"].detach().clone() for c in collections]
         train.fit(model, dataset, replace(config, embedding_optimizer=optimizer, max_epochs=1))
-        seen = torch.zeros(len(before), dtype=torch.bool)
+        seen = torch.zeros(len(before[0]), dtype=torch.bool)
         seen[dataset.train.features["uid"].unique()] = True
         assert (~seen).any(), "the data must leave some users out of the train split"
-        moved = (model.embedding.tables["uid"].detach() != before).any(dim=1)
-        if optimizer is EmbeddingOptimizer.ADAM:
-            assert moved[~seen].all(), "dense Adam (and the L2 penalty) move every row"
-        else:
-            assert not moved[~seen].any(), optimizer
-            assert moved[seen].any(), optimizer
+        for collection, old in zip(collections, before, strict=True):
+            moved = (collection.tables["uid"].detach() != old).any(dim=1)
+            if optimizer is EmbeddingOptimizer.ADAM:
+                assert moved[~seen].all(), "dense Adam (and the L2 penalty) move every row"
+            else:
+                assert not moved[~seen].any(), optimizer
+                assert moved[seen].any(), optimizer
 
 
 def test_cli_embedding_optimizer_flag() -> None:
@@ -169,3 +179,13 @@ def test_fast_on_cuda_means_triton_tower_and_torch_embeddings(dataset: MultiDoma
         assert model.embedding.backend is embedding_backend, device
         towers = [m for m in model.modules() if isinstance(m, moefast.nn.AdapterLinear)]
         assert towers and all(m.backend is Backend.FAST for m in towers), device
+
+
+def test_stage_optimizer_is_torchs_fused_adam_off_the_reference() -> None:
+    """Same Adam settings everywhere; fast and auto take torch's fused implementation."""
+    params = [torch.nn.Parameter(torch.zeros(3))]
+    config = moefast.TrainConfig(lr=0.01, betas=(0.8, 0.9), eps=1e-7)
+    for backend, fused in (("fast", True), ("auto", True), ("reference", None)):
+        optimizer = train.stage_optimizer(params, config, backend)
+        assert optimizer.defaults["fused"] is fused, backend
+        assert (optimizer.defaults["lr"], optimizer.defaults["betas"], optimizer.defaults["eps"]) == (0.01, (0.8, 0.9), 1e-7)

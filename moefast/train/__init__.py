@@ -3,7 +3,16 @@
 from __future__ import annotations
 
 from moefast.train.checkpoint import load_checkpoint, save_checkpoint
-from moefast.train.loop import FitResult, StageRecord, fit, predict
+from moefast.train.loop import (
+    FitResult,
+    StageRecord,
+    embedding_collections,
+    fit,
+    predict,
+    set_embedding_optimizer,
+    stage_optimizer,
+    train_step,
+)
 from moefast.train.metrics import EvalMetrics, auc, evaluate_scores, logloss
 from moefast.train.stages import Stage, StageStep, mask_gradients, plan_stages, set_stage
 
@@ -14,6 +23,7 @@ __all__ = [
     "StageRecord",
     "StageStep",
     "auc",
+    "embedding_collections",
     "evaluate_scores",
     "fit",
     "load_checkpoint",
@@ -22,5 +32,8 @@ __all__ = [
     "plan_stages",
     "predict",
     "save_checkpoint",
+    "set_embedding_optimizer",
     "set_stage",
+    "stage_optimizer",
+    "train_step",
 ]

@@ -33,7 +33,17 @@ from moefast.train.metrics import EvalMetrics, evaluate_scores
 from moefast.train.rundir import write_run
 from moefast.train.stages import Stage, StageStep, mask_gradients, plan_stages, set_stage
 
-__all__ = ["EarlyStopping", "FitResult", "StageRecord", "fit", "predict", "train_step"]
+__all__ = [
+    "EarlyStopping",
+    "FitResult",
+    "StageRecord",
+    "embedding_collections",
+    "fit",
+    "predict",
+    "set_embedding_optimizer",
+    "stage_optimizer",
+    "train_step",
+]
 
 
 class EarlyStopping:
@@ -125,6 +135,19 @@ def _set_backend(model: CTRModel, backend: BackendLike, device: torch.device | N
     return chosen.value
 
 
+def stage_optimizer(
+    params: list[torch.nn.Parameter], config: TrainConfig, backend: str
+) -> torch.optim.Adam:
+    """The stage's dense Adam over ``params`` (``backend`` as :func:`_set_backend` returns it).
+
+    Same update rule under every backend; the fast and auto backends run torch's fused Adam (one
+    multi-tensor kernel per step, about 3x faster than the reference's loop over parameters at
+    tower sizes on CPU).
+    """
+    fused = True if backend != Backend.REFERENCE.value else None
+    return torch.optim.Adam(params, lr=config.lr, betas=config.betas, eps=config.eps, fused=fused)
+
+
 def _fused_embedding_optimizer(config: TrainConfig) -> FusedOptimizer | None:
     """The sparse optimizer fused into the embedding backward, or ``None`` for dense Adam."""
     lr = config.embedding_lr if config.embedding_lr is not None else config.lr
@@ -135,11 +158,24 @@ def _fused_embedding_optimizer(config: TrainConfig) -> FusedOptimizer | None:
     return None
 
 
+def embedding_collections(model: CTRModel) -> list[EmbeddingCollection]:
+    """Every embedding table group of ``model``: the field embeddings, and the first-order
+    weights of DeepFM / WDL."""
+    return [m for m in model.modules() if isinstance(m, EmbeddingCollection)]
+
+
+def set_embedding_optimizer(model: CTRModel, optimizer: FusedOptimizer | None) -> None:
+    """Fuse ``optimizer`` into the backward of every embedding table of ``model`` (``None``:
+    the tables join the stage's dense Adam). The first-order weights are tables of the same
+    vocabularies, so a production-size vocabulary makes them as costly to update densely."""
+    for collection in embedding_collections(model):
+        if optimizer is not None or collection.optimizer is not None:
+            collection.set_optimizer(optimizer)
+
+
 def _table_ids(model: CTRModel) -> set[int]:
     """``id`` of every embedding table a fused optimizer updates (empty under dense Adam)."""
-    if model.embedding.optimizer is None:
-        return set()
-    return {id(p) for p in model.embedding.tables.parameters()}
+    return {id(p) for c in embedding_collections(model) if c.optimizer is not None for p in c.tables.parameters()}
 
 
 _ORDER = {BatchMode.SINGLE_DOMAIN: BatchOrder.BY_DOMAIN, BatchMode.MIXED: BatchOrder.MIXED}
@@ -242,9 +278,7 @@ def fit(
             f"model built for {model.num_domains} domains, dataset {dataset.name!r} has {dataset.num_domains}"
         )
     backend_name = _set_backend(model, backend, torch.device(config.device))
-    fused = _fused_embedding_optimizer(config)
-    if fused is not None or model.embedding.optimizer is not None:
-        model.embedding.set_optimizer(fused)
+    set_embedding_optimizer(model, _fused_embedding_optimizer(config))
     device = torch.device(config.device)
     model.to(device)
     torch.manual_seed(config.seed)  # dropout masks
@@ -271,7 +305,7 @@ def fit(
             carried = records[-1].best_val_mean_auc if config.seeds_compat and records else -math.inf
             records.append(
                 _run_stage(model, dataset, config, step, index, len(plan), all_domains,
-                           generator, device, ckpt_dir, carried_best=-math.inf if math.isnan(carried) else carried)
+                           generator, device, ckpt_dir, backend_name, carried_best=-math.inf if math.isnan(carried) else carried)
             )
         test_logits = predict(model, dataset.test, batch_size=config.eval_batch_size, device=device)
     finally:
@@ -315,6 +349,7 @@ def _run_stage(
     generator: torch.Generator,
     device: torch.device,
     ckpt_dir: Path,
+    backend: str,
     *,
     carried_best: float = -math.inf,
 ) -> StageRecord:
@@ -322,7 +357,7 @@ def _run_stage(
     compat = config.seeds_compat
     params = set_stage(model, step, train_backbone=config.train_backbone_in_later_stages or compat)
     fused = _table_ids(model)  # updated inside the embedding backward, not by Adam
-    optimizer = torch.optim.Adam([p for p in params if id(p) not in fused], lr=config.lr, betas=config.betas, eps=config.eps)
+    optimizer = stage_optimizer([p for p in params if id(p) not in fused], config, backend)
     max_epochs = config.max_epochs
     train_domains = all_domains
     val_domains: list[int] = all_domains
