@@ -78,6 +78,11 @@ typedef float Vec8 __attribute__((vector_size(32)));
 
 template <int kWidth>
 struct Lanes;
+// Dim 1 (the first-order weights of DeepFM / WDL): one scalar accumulator in a register.
+template <>
+struct Lanes<1> {
+  using type = float;
+};
 template <>
 struct Lanes<4> {
   using type = Vec4;
@@ -257,6 +262,7 @@ template <typename Idx>
 bool pool_bags_dispatch(const EmbeddingField& f, int64_t b0, int64_t b1, float* out,
                         int64_t stride, std::string* error) {
   switch (f.dim) {
+    case 1: return pool_bags<Idx, 1, 1>(f, b0, b1, out, stride, error);
     case 4: return pool_bags<Idx, 4>(f, b0, b1, out, stride, error);
     case 8: return pool_bags<Idx, 8>(f, b0, b1, out, stride, error);
     case 16: return pool_bags<Idx, 16>(f, b0, b1, out, stride, error);

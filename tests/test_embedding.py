@@ -63,7 +63,7 @@ class Field:
 
 def make_fields(batch: int, seed: int = 0, index_dtype: torch.dtype = torch.int64) -> list[Field]:
     """A mix covering every case: gather, int32 ids, sum with weights, mean with padding,
-    empty bags, and duplicate ids (small vocabularies)."""
+    empty bags, duplicate ids (small vocabularies) and dim 1."""
     g = torch.Generator().manual_seed(seed)
 
     def bags(vocab: int, max_len: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -83,6 +83,10 @@ def make_fields(batch: int, seed: int = 0, index_dtype: torch.dtype = torch.int6
     fields.append(Field(torch.randn(9, 5, generator=g), ids, off, Pooling.MEAN, padding_idx=0))
     ids, off = bags(1000, 3, torch.int32)
     fields.append(Field(torch.randn(1000, 64, generator=g), ids, off, Pooling.SUM))
+    # Dim 1 (first-order weights) has its own scalar kernel: a gather and a weighted bag.
+    fields.append(Field(torch.randn(30, 1, generator=g), torch.randint(0, 30, (batch,), generator=g).to(index_dtype), None, Pooling.NONE))
+    ids, off = bags(12, 4, index_dtype)
+    fields.append(Field(torch.randn(12, 1, generator=g), ids, off, Pooling.SUM, psw=torch.rand(ids.shape[0], generator=g)))
     return fields
 
 

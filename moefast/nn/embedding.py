@@ -105,7 +105,15 @@ class EmbeddingCollection(nn.Module):
     def _states(self) -> list[dict[str, torch.Tensor]] | None:
         if self.optimizer is None:
             return None
-        return [dict(self.optimizer_state[f.name].named_buffers()) for f in self._features]
+        # Each holder's own buffer dict: named_buffers() (a recursive generator with a memo)
+        # cost 60 us per call for 26 fields, a fifth of a 1024-row lookup.
+        holders = self.optimizer_state
+        return [{k: v for k, v in holders[f.name]._buffers.items() if v is not None} for f in self._features]
+
+    def _tables(self) -> list[torch.Tensor]:
+        # The ParameterDict's own dict: its __getitem__ goes through Module.__getattr__.
+        params = self.tables._parameters
+        return [p for p in (params[f.name] for f in self._features) if p is not None]
 
     def forward(self, features: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """float32 ``[B, sum of dims]`` from ``features[name]`` (``[B]`` or ``[B, L]`` ids)."""
@@ -136,7 +144,7 @@ class EmbeddingCollection(nn.Module):
                 offsets.append(None)
                 padding.append(None)
         return embedding_collection(
-            [self.tables[f.name] for f in self._features],
+            self._tables(),
             indices,
             offsets,
             [f.pooling for f in self._features],
