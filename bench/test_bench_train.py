@@ -42,6 +42,7 @@ from moefast.reference.embedding_optim import LazyAdam
 from moefast.train.loop import (
     _set_backend,
     _table_ids,
+    l2_parameters,
     predict,
     set_embedding_optimizer,
     stage_optimizer,
@@ -110,8 +111,9 @@ def _staged_round(model: CTRModel, batches: list[list[Batch]], backend: str) -> 
         for step in plan:
             params = set_stage(model, step, train_backbone=False)
             optimizer = stage_optimizer([p for p in params if id(p) not in tables], ADAM, backend)
+            l2_params = l2_parameters(model)
             for batch in stage_batches(step)[:STEPS]:
-                train_step(model, batch, step, optimizer, 1e-5)
+                train_step(model, batch, step, optimizer, 1e-5, l2_params)
                 samples += len(batch)
         _sync()
         return samples
@@ -262,9 +264,11 @@ def test_scaling(benchmark: Any, knobs: dict[str, int]) -> None:
     batches = [ds.train.rows(chunk).to(DEVICE) for chunk in idx.split(knobs["batch"])]
     benchmark.group = "scaling"
 
+    l2_params = l2_parameters(model)
+
     def run() -> None:
         for batch in batches:
-            train_step(model, batch, step, optimizer, 1e-5)
+            train_step(model, batch, step, optimizer, 1e-5, l2_params)
         _sync()
 
     run()

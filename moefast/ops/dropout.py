@@ -12,6 +12,7 @@ an order-dependent result; here the two draws could also repeat each other's num
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 
@@ -35,11 +36,14 @@ def why_not_fast(dtype: torch.dtype, device: torch.device | str) -> str | None:
     return None
 
 
-def _keep_below(keep: float) -> int:
-    """How many 24-bit draws ``u`` have ``u * 2^-24 < keep`` once ``keep`` is cast to float32,
-    as ``torch.rand(...).lt_(keep)`` compares."""
+@functools.lru_cache(maxsize=64)
+def _draw_constants(keep: float) -> tuple[int, float]:
+    """``(keep_below, scale)`` for ``keep``: how many 24-bit draws ``u`` have
+    ``u * 2^-24 < keep`` once ``keep`` is cast to float32, as ``torch.rand(...).lt_(keep)``
+    compares; and the float32 bits ``div_(keep)`` writes for a kept element."""
     keep32 = torch.tensor(keep, dtype=torch.float32).item()
-    return math.ceil(keep32 * (1 << 24))  # exact: keep32 has 24 significant bits
+    keep_below = math.ceil(keep32 * (1 << 24))  # exact: keep32 has 24 significant bits
+    return keep_below, torch.ones(1, dtype=torch.float32).div_(keep).item()
 
 
 def dropout_mask(
@@ -61,8 +65,8 @@ def dropout_mask(
     if gen.device.type != "cpu":
         raise ValueError(f"a CPU mask needs a CPU generator, got one on {gen.device}")
     out = torch.empty(sizes, dtype=torch.float32)
-    scale = torch.ones(1, dtype=torch.float32).div_(keep).item()  # the bits div_(keep) writes
+    keep_below, scale = _draw_constants(keep)
     state = gen.get_state()
-    _ext.native().dropout_mask(state, out.view(-1), _keep_below(keep), scale)
+    _ext.native().dropout_mask(state, out.view(-1), keep_below, scale)
     gen.set_state(state)
     return out

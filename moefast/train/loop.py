@@ -39,6 +39,7 @@ __all__ = [
     "StageRecord",
     "embedding_collections",
     "fit",
+    "l2_parameters",
     "predict",
     "set_embedding_optimizer",
     "stage_optimizer",
@@ -203,25 +204,31 @@ def predict(
     return torch.cat(out) if out else torch.zeros(0)
 
 
-def _l2(model: CTRModel) -> torch.Tensor | None:
-    # Tables under a fused sparse optimizer are left out: their update ignores .grad, and a
-    # dense penalty would touch every row of production-size tables each step.
+def l2_parameters(model: CTRModel) -> list[torch.nn.Parameter]:
+    """What the L2 penalty covers in the current stage (call after ``set_stage``): the
+    regularised tensors that train, less the tables a fused embedding optimizer updates (its
+    update ignores ``.grad``, and a dense penalty would touch every row of production-size
+    tables each step)."""
     fused = _table_ids(model)
-    terms = [p.pow(2).sum() for p in model.regularized_parameters() if p.requires_grad and id(p) not in fused]
-    return torch.stack(terms).sum() if terms else None
+    return [p for p in model.regularized_parameters() if p.requires_grad and id(p) not in fused]
 
 
 def train_step(
-    model: CTRModel, batch: Batch, step: StageStep, optimizer: torch.optim.Optimizer, l2: float
+    model: CTRModel,
+    batch: Batch,
+    step: StageStep,
+    optimizer: torch.optim.Optimizer,
+    l2: float,
+    l2_params: list[torch.nn.Parameter] | None = None,
 ) -> float:
-    """One optimizer step on ``batch``: BCE + ``l2`` * (squared norm of the regularised
-    tensors that train in this stage); returns the loss."""
+    """One optimizer step on ``batch``: BCE + ``l2`` * (squared norm of ``l2_params``, by default
+    :func:`l2_parameters`; a stage's loop passes the list it computed once); returns the loss."""
     logits = model(batch.features, batch.domain)
     loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, batch.label)
     if l2 > 0:
-        reg = _l2(model)
-        if reg is not None:
-            loss = loss + l2 * reg
+        params = l2_parameters(model) if l2_params is None else l2_params
+        if params:
+            loss = loss + l2 * torch.stack([p.pow(2).sum() for p in params]).sum()
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     mask_gradients(model, step)
@@ -241,10 +248,11 @@ def _train_epoch(
 ) -> int:
     model.train()
     samples = 0
+    l2_params = l2_parameters(model)  # the stage's freezing is fixed for the epoch
     bar = tqdm(total=loader.num_rows, desc=desc, unit="row", leave=False, disable=not config.progress)
     for cpu_batch in loader:
         batch = cpu_batch.to(device)
-        losses.append(train_step(model, batch, step, optimizer, config.l2))
+        losses.append(train_step(model, batch, step, optimizer, config.l2, l2_params))
         samples += len(batch)
         bar.update(len(batch))
     bar.close()

@@ -127,8 +127,9 @@ def mask_gradients(model: CTRModel, step: StageStep) -> None:
     """
     if step.stage is not Stage.EXPERT:
         return
+    e = step.expert
+    assert e is not None
     for p in model.tower.adapter_parameters():
         if p.grad is not None:
-            keep = p.grad[step.expert].clone()
-            p.grad.zero_()
-            p.grad[step.expert] = keep
+            p.grad[:e].zero_()
+            p.grad[e + 1 :].zero_()
