@@ -9,8 +9,7 @@ from torch import nn
 
 from moefast.config import FeatureSpec, TowerConfig
 from moefast.models._fields import as_fields, shared_dim
-from moefast.models.base import EMBEDDING_INIT_STD, CTRModel, register
-from moefast.models.linear import FirstOrder
+from moefast.models.base import CTRModel, register
 from moefast.nn.interaction import InteractingLayer
 from moefast.ops._backend import BackendLike
 
@@ -26,6 +25,8 @@ class AutoInt(CTRModel):
     tower's output layer carries the one bias). Defaults: 3 layers of 2 heads with residuals.
     """
 
+    first_order = True
+
     def __init__(
         self,
         features: Sequence[FeatureSpec],
@@ -38,7 +39,6 @@ class AutoInt(CTRModel):
     ) -> None:
         dim = shared_dim("AutoInt", features)
         super().__init__(features, num_domains, tower, backend=backend)
-        self.linear = FirstOrder(self.features, init_std=EMBEDDING_INIT_STD, backend=backend)
         self.attention = nn.ModuleList(InteractingLayer(dim, heads) for _ in range(attention_layers))
         self.attention_output = nn.Linear(len(self.features) * dim, 1, bias=False)
 
@@ -48,7 +48,5 @@ class AutoInt(CTRModel):
         h = as_fields(embedded, len(self.features))  # [B, F, k]
         for layer in self.attention:
             h = layer(h)
-        return self.linear(features) + self.attention_output(h.flatten(1)).squeeze(-1)
+        return self.attention_output(h.flatten(1)).squeeze(-1)
 
-    def regularized_parameters(self) -> list[nn.Parameter]:
-        return [*super().regularized_parameters(), *self.linear.parameters()]

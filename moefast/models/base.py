@@ -1,11 +1,13 @@
 """What every backbone shares: embeddings, an interaction part and the adapter tower.
 
-A backbone computes ``logit = interaction_logit(features, e) + tower(tower_input(e), domain)``
-where ``e = embedding(features)`` is the ``[B, sum of dims]`` concatenation of all fields. A new
-backbone (AutoInt, NFM, PNN, DCN, xDeepFM, FiBiNET) subclasses :class:`CTRModel`, builds its
-interaction modules in ``__init__`` after ``super().__init__`` and overrides
-:meth:`CTRModel.interaction_logit` (and :meth:`CTRModel.tower_input` if the tower does not read
-the plain embeddings), then registers itself with :func:`register`.
+A backbone computes ``logit = [linear(features) +] interaction_logit(features, e) +
+tower(tower_input(e), domain)`` where ``e = embedding(features)`` is the ``[B, sum of dims]``
+concatenation of all fields and ``linear`` the first-order weights, present when the class sets
+``first_order = True`` (looked up in the same engine call as ``e``). A new backbone (AutoInt,
+NFM, PNN, DCN, xDeepFM, FiBiNET) subclasses :class:`CTRModel`, builds its interaction modules
+in ``__init__`` after ``super().__init__`` and overrides :meth:`CTRModel.interaction_logit` (and
+:meth:`CTRModel.tower_input` if the tower does not read the plain embeddings), then registers
+itself with :func:`register`.
 
 Parameter groups used by the training stages:
 
@@ -22,7 +24,8 @@ import torch
 from torch import nn
 
 from moefast.config import FeatureSpec, TowerConfig
-from moefast.nn.embedding import EmbeddingCollection
+from moefast.models.linear import FirstOrder
+from moefast.nn.embedding import EmbeddingCollection, embed_together
 from moefast.nn.tower import Tower
 from moefast.ops._backend import BackendLike
 
@@ -43,6 +46,8 @@ class CTRModel(nn.Module):
     """
 
     name: ClassVar[str] = ""
+    # Whether the model has first-order (wide / linear) weights, ``self.linear``.
+    first_order: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -60,6 +65,9 @@ class CTRModel(nn.Module):
         self.tower_config = tower
         self.embedding = EmbeddingCollection(self.features, init_std=EMBEDDING_INIT_STD, backend=backend)
         self.tower = Tower(self.tower_in_features(), tower, num_domains, backend=backend)
+        self.linear = (
+            FirstOrder(self.features, init_std=EMBEDDING_INIT_STD, backend=backend) if self.first_order else None
+        )
 
     @property
     def embedding_width(self) -> int:
@@ -82,19 +90,22 @@ class CTRModel(nn.Module):
 
     def forward(self, features: Mapping[str, torch.Tensor], domain: torch.Tensor) -> torch.Tensor:
         """``features[name]`` int64 ``[B]`` or ``[B, L]``, ``domain`` int64 ``[B]`` -> logits float32 ``[B]``."""
-        embedded = self.embedding(features)  # [B, sum of dims]
-        return self.interaction_logit(features, embedded) + self.tower(self.tower_input(embedded), domain)
+        if self.linear is None:
+            embedded = self.embedding(features)  # [B, sum of dims]
+            logit = self.interaction_logit(features, embedded)
+        else:
+            embedded, weights = embed_together([self.embedding, self.linear.weights], features)
+            logit = weights.sum(dim=1) + self.interaction_logit(features, embedded)
+        return logit + self.tower(self.tower_input(embedded), domain)
 
     def backbone_parameters(self) -> list[nn.Parameter]:
         """Every parameter outside the tower: embeddings, first-order weights, interactions."""
         return [p for name, p in self.named_parameters() if not name.startswith("tower.")]
 
     def regularized_parameters(self) -> list[nn.Parameter]:
-        """The tensors under the L2 penalty: embedding tables and linear (first-order) parts.
-
-        Backbones with first-order weights extend this list.
-        """
-        return list(self.embedding.parameters())
+        """The tensors under the L2 penalty: embedding tables and first-order weights."""
+        linear = list(self.linear.parameters()) if self.linear is not None else []
+        return [*self.embedding.parameters(), *linear]
 
 
 M = TypeVar("M", bound=type[CTRModel])

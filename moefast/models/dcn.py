@@ -8,8 +8,7 @@ import torch
 from torch import nn
 
 from moefast.config import FeatureSpec, TowerConfig
-from moefast.models.base import EMBEDDING_INIT_STD, CTRModel, register
-from moefast.models.linear import FirstOrder
+from moefast.models.base import CTRModel, register
 from moefast.nn.interaction import CrossNet
 from moefast.ops._backend import BackendLike
 
@@ -22,6 +21,8 @@ class DCN(CTRModel):
     the same embeddings in parallel; DeepCTR-Torch's one linear layer over their concatenation
     is the sum of two linear maps used here. Fields may have different dims."""
 
+    first_order = True
+
     def __init__(
         self,
         features: Sequence[FeatureSpec],
@@ -32,14 +33,11 @@ class DCN(CTRModel):
         cross_layers: int = 2,
     ) -> None:
         super().__init__(features, num_domains, tower, backend=backend)
-        self.linear = FirstOrder(self.features, init_std=EMBEDDING_INIT_STD, backend=backend)
         self.cross = CrossNet(self.embedding_width, cross_layers)
         self.cross_output = nn.Linear(self.embedding_width, 1, bias=False)
 
     def interaction_logit(
         self, features: Mapping[str, torch.Tensor], embedded: torch.Tensor
     ) -> torch.Tensor:
-        return self.linear(features) + self.cross_output(self.cross(embedded)).squeeze(-1)
+        return self.cross_output(self.cross(embedded)).squeeze(-1)
 
-    def regularized_parameters(self) -> list[nn.Parameter]:
-        return [*super().regularized_parameters(), *self.linear.parameters()]

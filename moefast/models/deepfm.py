@@ -5,11 +5,9 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 import torch
-from torch import nn
 
 from moefast.config import FeatureSpec, TowerConfig
-from moefast.models.base import EMBEDDING_INIT_STD, CTRModel, register
-from moefast.models.linear import FirstOrder
+from moefast.models.base import CTRModel, register
 from moefast.ops._backend import BackendLike
 
 __all__ = ["DeepFM", "fm_interaction"]
@@ -29,6 +27,8 @@ def fm_interaction(fields: torch.Tensor) -> torch.Tensor:
 class DeepFM(CTRModel):
     """``logit = first_order + fm + tower(e)``; every field must share one embedding dim."""
 
+    first_order = True
+
     def __init__(
         self,
         features: Sequence[FeatureSpec],
@@ -44,13 +44,10 @@ class DeepFM(CTRModel):
                 + ", ".join(f"{f.name}={f.dim}" for f in features)
             )
         super().__init__(features, num_domains, tower, backend=backend)
-        self.linear = FirstOrder(self.features, init_std=EMBEDDING_INIT_STD, backend=backend)
 
     def interaction_logit(
         self, features: Mapping[str, torch.Tensor], embedded: torch.Tensor
     ) -> torch.Tensor:
         fields = embedded.reshape(embedded.shape[0], len(self.features), -1)  # [B, F, k]
-        return self.linear(features) + fm_interaction(fields)
+        return fm_interaction(fields)
 
-    def regularized_parameters(self) -> list[nn.Parameter]:
-        return [*super().regularized_parameters(), *self.linear.parameters()]

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
 import torch
-from torch import nn
 
 from moefast.config import FeatureSpec, TowerConfig
 from moefast.models._fields import as_fields, shared_dim
-from moefast.models.base import EMBEDDING_INIT_STD, CTRModel, register
-from moefast.models.linear import FirstOrder
+from moefast.models.base import CTRModel, register
 from moefast.nn.interaction import SENET, BilinearInteraction
 from moefast.ops._backend import BackendLike
 
@@ -25,6 +23,8 @@ class FiBiNET(CTRModel):
     DeepCTR-Torch (FuxiCTR uses two); "interaction" type (one ``W`` per pair), reduction 3.
     """
 
+    first_order = True
+
     def __init__(
         self,
         features: Sequence[FeatureSpec],
@@ -38,7 +38,6 @@ class FiBiNET(CTRModel):
         if len(features) < 2:
             raise ValueError(f"FiBiNET needs at least 2 fields, got {len(features)}")
         super().__init__(features, num_domains, tower, backend=backend)
-        self.linear = FirstOrder(self.features, init_std=EMBEDDING_INIT_STD, backend=backend)
         self.senet = SENET(len(self.features), reduction)
         self.bilinear = BilinearInteraction(len(self.features), dim)
 
@@ -51,10 +50,3 @@ class FiBiNET(CTRModel):
         both = torch.cat([self.bilinear(self.senet(fields)), self.bilinear(fields)], dim=1)
         return both.flatten(1)  # [B, F (F - 1) k]
 
-    def interaction_logit(
-        self, features: Mapping[str, torch.Tensor], embedded: torch.Tensor
-    ) -> torch.Tensor:
-        return self.linear(features)
-
-    def regularized_parameters(self) -> list[nn.Parameter]:
-        return [*super().regularized_parameters(), *self.linear.parameters()]

@@ -9,8 +9,7 @@ from torch import nn
 
 from moefast.config import FeatureSpec, TowerConfig
 from moefast.models._fields import as_fields, shared_dim
-from moefast.models.base import EMBEDDING_INIT_STD, CTRModel, register
-from moefast.models.linear import FirstOrder
+from moefast.models.base import CTRModel, register
 from moefast.nn.interaction import CIN
 from moefast.ops._backend import BackendLike
 
@@ -21,6 +20,8 @@ __all__ = ["XDeepFM"]
 class XDeepFM(CTRModel):
     """``logit = first_order + w . CIN(v) + tower(e)``; CIN sizes (256, 128) with split-half,
     DeepCTR-Torch's defaults."""
+
+    first_order = True
 
     def __init__(
         self,
@@ -33,7 +34,6 @@ class XDeepFM(CTRModel):
     ) -> None:
         shared_dim("xDeepFM", features)
         super().__init__(features, num_domains, tower, backend=backend)
-        self.linear = FirstOrder(self.features, init_std=EMBEDDING_INIT_STD, backend=backend)
         self.cin = CIN(len(self.features), cin_sizes)
         self.cin_output = nn.Linear(self.cin.output_width, 1, bias=False)
 
@@ -41,7 +41,5 @@ class XDeepFM(CTRModel):
         self, features: Mapping[str, torch.Tensor], embedded: torch.Tensor
     ) -> torch.Tensor:
         cin = self.cin(as_fields(embedded, len(self.features)))  # [B, output_width]
-        return self.linear(features) + self.cin_output(cin).squeeze(-1)
+        return self.cin_output(cin).squeeze(-1)
 
-    def regularized_parameters(self) -> list[nn.Parameter]:
-        return [*super().regularized_parameters(), *self.linear.parameters()]

@@ -17,7 +17,7 @@ from moefast.ops._backend import BackendLike, parse_backend
 from moefast.ops.embedding import embedding_collection
 from moefast.reference.embedding_optim import FusedOptimizer
 
-__all__ = ["EmbeddingCollection"]
+__all__ = ["EmbeddingCollection", "embed_together"]
 
 
 class EmbeddingCollection(nn.Module):
@@ -115,8 +115,11 @@ class EmbeddingCollection(nn.Module):
         params = self.tables._parameters
         return [p for p in (params[f.name] for f in self._features) if p is not None]
 
-    def forward(self, features: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        """float32 ``[B, sum of dims]`` from ``features[name]`` (``[B]`` or ``[B, L]`` ids)."""
+    def _ids(
+        self, features: Mapping[str, torch.Tensor]
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor | None], list[int | None]]:
+        """Per field: flat ids, bag offsets (None for a single-valued field) and padding id,
+        after checking ``features`` against the dataset contract."""
         indices: list[torch.Tensor] = []
         offsets: list[torch.Tensor | None] = []
         padding: list[int | None] = []
@@ -143,18 +146,11 @@ class EmbeddingCollection(nn.Module):
                 indices.append(ids)
                 offsets.append(None)
                 padding.append(None)
-        return embedding_collection(
-            self._tables(),
-            indices,
-            offsets,
-            [f.pooling for f in self._features],
-            padding_idx=padding,
-            names=[f.name for f in self._features],
-            sparse=self.sparse,
-            optimizer=self.optimizer,
-            optimizer_states=self._states(),
-            backend=self.backend,
-        )
+        return indices, offsets, padding
+
+    def forward(self, features: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """float32 ``[B, sum of dims]`` from ``features[name]`` (``[B]`` or ``[B, L]`` ids)."""
+        return embed_together([self], features)[0]
 
     @classmethod
     def from_torch(
@@ -191,3 +187,61 @@ class EmbeddingCollection(nn.Module):
             for name, module in items:
                 out.tables[name].copy_(module.weight)
         return out
+
+
+def _can_share_a_call(collections: Sequence[EmbeddingCollection]) -> bool:
+    first = collections[0]
+    return all(
+        c.backend == first.backend and c.sparse == first.sparse and c.optimizer == first.optimizer
+        for c in collections[1:]
+    )
+
+
+def embed_together(
+    collections: Sequence[EmbeddingCollection], features: Mapping[str, torch.Tensor]
+) -> list[torch.Tensor]:
+    """Each collection's output for the same ``features``, as ``collection(features)`` gives it.
+
+    Collections with the same backend, sparse mode and fused optimizer are looked up in one op
+    call: one pass of the engine over every table, one autograd node, the ids checked once per
+    collection. DeepFM's embeddings and first-order weights read the same ids, and a second call
+    for the dim-1 weights cost as much as the first (``bench/test_bench_train.py``, ``wide``).
+    """
+    if not collections:
+        return []
+    if len(collections) > 1 and not _can_share_a_call(collections):
+        return [c(features) for c in collections]
+    weights: list[torch.Tensor] = []
+    indices: list[torch.Tensor] = []
+    offsets: list[torch.Tensor | None] = []
+    padding: list[int | None] = []
+    poolings: list[Pooling] = []
+    names: list[str] = []
+    states: list[dict[str, torch.Tensor]] | None = [] if collections[0].optimizer is not None else None
+    widths: list[int] = []
+    for k, collection in enumerate(collections):
+        ids, offs, pads = collection._ids(features)
+        weights += collection._tables()
+        indices += ids
+        offsets += offs
+        padding += pads
+        poolings += [f.pooling for f in collection.features]
+        # Field names reach error messages; a second collection's are numbered to stay unique.
+        names += [f.name if k == 0 else f"{f.name}#{k}" for f in collection.features]
+        if states is not None:
+            states += collection._states() or []
+        widths.append(sum(collection.output_dims))
+    first = collections[0]
+    out = embedding_collection(
+        weights,
+        indices,
+        offsets,
+        poolings,
+        padding_idx=padding,
+        names=names,
+        sparse=first.sparse,
+        optimizer=first.optimizer,
+        optimizer_states=states,
+        backend=first.backend,
+    )
+    return list(out.split(widths, dim=1)) if len(collections) > 1 else [out]
