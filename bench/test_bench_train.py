@@ -53,7 +53,7 @@ from moefast.train.stages import StageStep, plan_stages, set_stage
 BATCH = 1024
 STEPS = 3  # per stage per round: 12 stages x 3 steps = 36 steps of 1024 rows
 EVAL_ROWS = 65536
-ROUNDS = 3
+ROUNDS = 5
 ROWS = 100_000
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
