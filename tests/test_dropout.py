@@ -13,7 +13,6 @@ import torch
 from moefast import _ext
 from moefast.nn import AdapterLinear
 from moefast.ops import dropout_mask
-from moefast.ops._backend import BackendUnavailableError
 from moefast.reference import dropout as reference
 
 native = pytest.mark.skipif(not _ext.available(), reason="moefast._C not built")
@@ -106,13 +105,20 @@ def test_bad_arguments_name_the_value(shape: tuple, p: float, message: str) -> N
             dropout_mask(shape, p, backend=backend)
 
 
-def test_fast_refuses_what_it_cannot_draw_and_auto_falls_to_reference() -> None:
-    with pytest.raises(BackendUnavailableError, match=r"dtype torch\.float64"):
-        dropout_mask((4, 4), 0.5, dtype=torch.float64, backend="fast")
-    torch.manual_seed(2)
-    got = dropout_mask((4, 4), 0.5, dtype=torch.float64, backend="auto")
-    torch.manual_seed(2)
-    assert torch.equal(got, torch.rand(4, 4, dtype=torch.float64).lt_(0.5).div_(0.5))
+def test_fast_draws_with_torch_rand_where_the_native_generator_does_not_apply() -> None:
+    """float64 (or CUDA, or no extension): every backend draws with torch.rand, same bits."""
+    for backend in ("fast", "auto", "reference"):
+        torch.manual_seed(2)
+        got = dropout_mask((4, 4), 0.5, dtype=torch.float64, backend=backend)
+        torch.manual_seed(2)
+        assert torch.equal(got, torch.rand(4, 4, dtype=torch.float64).lt_(0.5).div_(0.5)), backend
+
+
+def test_reference_request_never_calls_the_native_generator(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(_ext, "native", lambda: pytest.fail("native generator called"))
+    dropout_mask((8, 8), 0.5, backend="reference")
+    monkeypatch.setenv("MOEFAST_BACKEND", "reference")
+    dropout_mask((8, 8), 0.5)
 
 
 @native

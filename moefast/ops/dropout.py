@@ -1,10 +1,14 @@
 """``dropout_mask``: dropout factors with backend resolution.
 
 Same signature and bits as :func:`moefast.reference.dropout.dropout_mask`, plus ``backend``.
-``fast`` serves float32 masks on CPU: ``moefast._C.dropout_mask`` runs torch's own mt19937
-stream with SIMD (csrc/dropout.cpp) on a copy of the generator's state, then hands the advanced
-state back to the generator. The mask and the generator afterwards are exactly what the reference
-gives (tested bit for bit), about 8x faster for a ``[1024, 256]`` mask.
+``fast`` draws float32 masks on CPU natively: ``moefast._C.dropout_mask`` runs torch's own
+mt19937 stream with SIMD (csrc/dropout.cpp) on a copy of the generator's state, then hands the
+advanced state back to the generator. The mask and the generator afterwards are exactly what the
+reference gives (tested bit for bit), about 8x faster for a ``[1024, 256]`` mask.
+
+Everywhere else (CUDA, where ``torch.rand`` is already a vectorised Philox kernel; other dtypes;
+no compiled extension) ``fast`` draws with ``torch.rand`` like the reference. Both give the same
+bits, so no request is refused: the choice changes the speed only.
 
 Like any use of a shared generator, drawing from one generator in two threads at once gives
 an order-dependent result; here the two draws could also repeat each other's numbers.
@@ -19,14 +23,15 @@ from collections.abc import Sequence
 import torch
 
 from moefast import _ext
-from moefast.ops._backend import Backend, BackendLike, resolve_backend
+from moefast.ops._backend import Backend, BackendLike, requested_backend
 from moefast.reference import dropout as _reference
 
 __all__ = ["dropout_mask", "why_not_fast"]
 
 
 def why_not_fast(dtype: torch.dtype, device: torch.device | str) -> str | None:
-    """None when ``fast`` can draw a mask of ``dtype`` on ``device``, else the reason not."""
+    """None when the native generator can draw a mask of ``dtype`` on ``device``, else why not
+    (then every backend draws with ``torch.rand``)."""
     if torch.device(device).type != "cpu":
         return f"device {device} (the native mask generator is CPU-only)"
     if dtype != torch.float32:
@@ -58,8 +63,10 @@ def dropout_mask(
     """``[*shape]``: 0 with probability ``p``, else ``1 / (1 - p)`` (see the module docstring)."""
     sizes = _reference.check_dropout_args(shape, p)
     keep = 1.0 - float(p)
-    chosen = resolve_backend("dropout_mask", why_not_fast(dtype, device), backend)
-    if chosen is Backend.REFERENCE or keep == 0.0:
+    # "fast" where the native draw does not apply is served by torch.rand: the same bits (see
+    # the module docstring), so no request is refused.
+    wanted = requested_backend(backend)
+    if wanted is Backend.REFERENCE or keep == 0.0 or why_not_fast(dtype, device) is not None:
         return _reference.dropout_mask(sizes, p, dtype=dtype, device=device, generator=generator)
     gen = generator if generator is not None else torch.default_generator
     if gen.device.type != "cpu":
