@@ -91,17 +91,23 @@ class AdapterLinear(torch.nn.Module):
         domain: torch.Tensor | None = None,
         expert: int | None = None,
     ) -> torch.Tensor:
-        mask = None
-        if self.training and self.dropout > 0.0 and x.dim() == 2:
-            # Drawn as torch.rand < keep (see moefast.reference.dropout); the fast backend draws
-            # the same bits natively on CPU, so both backends see the same masks.
-            mask = dropout_mask((x.shape[0], self.out_features), self.dropout, dtype=x.dtype,
-                                device=x.device, backend=self.backend)
+        mask = self.dropout_mask_for(x) if x.dim() == 2 else None
         return adapter_linear(
             x, self.weight, self.bias, self.lora_A, self.lora_B, self.lora_c,
             gate=gate, domain=domain, expert=expert, dropout_mask=mask,
             activation=self.activation, backend=self.backend,
         )
+
+    def dropout_mask_for(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The dropout factor for input ``x [N, in]`` (None outside training or without dropout).
+
+        Drawn as ``torch.rand < keep`` (see :mod:`moefast.reference.dropout`); the fast backend
+        draws the same bits natively on CPU, so both backends see the same masks.
+        """
+        if not self.training or self.dropout == 0.0:
+            return None
+        return dropout_mask((x.shape[0], self.out_features), self.dropout, dtype=x.dtype,
+                            device=x.device, backend=self.backend)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "

@@ -24,7 +24,7 @@ import torch
 
 from moefast.reference.adapter import Activation, check_adapter_inputs
 
-__all__ = ["CpuAdapterLinearFunction", "adapter_linear_cpu"]
+__all__ = ["CpuAdapterLinearFunction", "adapter_linear_cpu", "layer_backward", "layer_forward"]
 
 
 def _routing_gate(lora_A: torch.Tensor, gate: torch.Tensor | None, domain: torch.Tensor | None,
@@ -35,6 +35,129 @@ def _routing_gate(lora_A: torch.Tensor, gate: torch.Tensor | None, domain: torch
     if domain is not None:
         return torch.nn.functional.one_hot(domain, lora_A.shape[0]).to(dtype)
     return None
+
+
+def layer_forward(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    lora_c: torch.Tensor,
+    g: torch.Tensor | None,
+    expert: int | None,
+    dropout_mask: torch.Tensor | None,
+    relu: bool,
+) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
+    """One layer's output and what its backward needs (``g``: the mixture gate or None)."""
+    num_experts, d_in, rank = lora_A.shape
+    d_out = weight.shape[0]
+    # The weights as rows, [W ; A_sel^T] ([out + V r, in]): W is copied as it is stored
+    # (a transposed copy of W cost several times more), A_sel^T is small.
+    if expert is not None:
+        a_rows = lora_A[expert].T  # [r, in]
+    elif g is not None:
+        a_rows = lora_A.permute(0, 2, 1).reshape(num_experts * rank, d_in)  # [E r, in]
+    else:
+        a_rows = None
+    if a_rows is not None:
+        width = a_rows.shape[0]
+        w_rows = torch.cat([weight, a_rows])
+        h = torch.addmm(torch.cat([bias, bias.new_zeros(width)]), x, w_rows.T)  # [z | u]
+    else:  # the shared layer alone: no copy of W
+        w_rows = weight
+        h = torch.addmm(bias, x, weight.T)
+    u = h[:, d_out:]  # [N, V r], a view of h
+    z = h[:, :d_out] * dropout_mask if dropout_mask is not None else h[:, :d_out].contiguous()
+    if expert is not None:
+        z.addmm_(u, lora_B[expert]).add_(lora_c[expert])
+    elif g is not None:
+        g_rep = g.repeat_interleave(rank, dim=1)  # [N, E r]
+        z.addmm_(u * g_rep, lora_B.reshape(num_experts * rank, d_out)).addmm_(g, lora_c)
+    y = z.relu_() if relu else z
+    return y, [x, y, u, w_rows, lora_B, lora_c, g, dropout_mask]
+
+
+def layer_backward(
+    saved: list[torch.Tensor | None],
+    dy: torch.Tensor,
+    expert: int | None,
+    relu: bool,
+    num_experts: int,
+    rank: int,
+    needs: tuple[bool, ...],
+    gate_grad: bool,
+) -> list[torch.Tensor | None]:
+    """``[dx, dW, db, dA, dB, dc, dg]`` of one layer, None where ``needs`` (7 flags) says no.
+
+    With ``dz = dy * act'``: ``dx = [dz m | du] [W ; A_sel^T]``, ``dW = (dz m)^T x``,
+    ``db = sum_n dz m``, ``dA_e = x^T du_e``, ``dB_e = (g_e u_e)^T dz``, ``dc_e = g_e^T dz``,
+    ``dg_e = rowsum(u_e * (dz B_e^T)) + dz c_e^T``, with ``du_e = g_e (dz B_e^T)``.
+    ``gate_grad``: ``dg`` is wanted (False under domain routing, whose gate is a one-hot).
+    """
+    x, y, u, w_rows, lora_B, lora_c, g, mask = saved
+    assert x is not None and y is not None and u is not None and w_rows is not None
+    assert lora_B is not None and lora_c is not None
+    need_x, need_w, need_b, need_a, need_bb, need_c, need_g = needs
+    n, d_in = x.shape
+    d_out = lora_B.shape[2]
+    width = u.shape[1]
+    dz = torch.ops.aten.threshold_backward(dy, y, 0) if relu else dy.contiguous()
+    adapter = expert is not None or g is not None
+    # d = [dz * m | du]: the gradient at [z | u], written into one buffer.
+    d = dz.new_empty((n, d_out + width))
+    if mask is not None:
+        torch.mul(dz, mask, out=d[:, :d_out])
+    else:
+        d[:, :d_out] = dz
+    grad_A = grad_B = grad_c = grad_g = None
+    if adapter and (need_x or need_a or need_g):
+        if expert is not None:
+            torch.mm(dz, lora_B[expert].T, out=d[:, d_out:])  # du = dz B_e^T
+        else:
+            assert g is not None
+            b_cat = lora_B.reshape(num_experts * rank, d_out)
+            dug = dz @ b_cat.T  # [N, E r]: dz B_e^T for every e
+            if need_g and gate_grad:
+                grad_g = (u * dug).view(n, num_experts, rank).sum(-1).addmm_(dz, lora_c.T)
+            torch.mul(dug, g.repeat_interleave(rank, dim=1), out=d[:, d_out:])
+    du = d[:, d_out:]
+    dzm = d[:, :d_out]
+    grad_x = d @ w_rows if need_x else None  # [N, in]
+    grad_w = grad_b = None
+    # Weight gradients as d^T x ([out + V r, in]): BLAS runs this orientation about 3x faster
+    # than x^T d for the thin adapter columns (N = 1024 rows, r = 8: 65 us against 190 us).
+    if need_w and need_a and adapter:
+        gw = d.T @ x  # [dW ; dA_sel^T] in one product
+        grad_w, da_sel_t = gw[:d_out], gw[d_out:]
+    else:
+        if need_w:
+            grad_w = dzm.T @ x
+        da_sel_t = du.T @ x if need_a and adapter else None  # [V r, in]
+    if need_b:
+        grad_b = dzm.sum(0)
+    if need_a and da_sel_t is not None:
+        grad_A = torch.zeros((num_experts, d_in, rank), dtype=x.dtype)
+        if expert is not None:
+            grad_A[expert] = da_sel_t.T
+        else:
+            grad_A.copy_(da_sel_t.view(num_experts, rank, d_in).transpose(1, 2))
+    if need_bb and adapter:
+        if expert is not None:
+            grad_B = torch.zeros_like(lora_B)
+            torch.mm(u.T, dz, out=grad_B[expert])
+        else:
+            assert g is not None
+            ug = u * g.repeat_interleave(rank, dim=1)
+            grad_B = (ug.T @ dz).view(num_experts, rank, d_out)
+    if need_c and adapter:
+        if expert is not None:
+            grad_c = torch.zeros_like(lora_c)
+            grad_c[expert] = dz.sum(0)
+        else:
+            assert g is not None
+            grad_c = g.T @ dz
+    return [grad_x, grad_w, grad_b, grad_A, grad_B, grad_c, grad_g]
 
 
 class CpuAdapterLinearFunction(torch.autograd.Function):
@@ -55,105 +178,20 @@ class CpuAdapterLinearFunction(torch.autograd.Function):
         dropout_mask: torch.Tensor | None,
         relu: bool,
     ) -> torch.Tensor:
-        num_experts, d_in, rank = lora_A.shape
-        d_out = weight.shape[0]
         g = _routing_gate(lora_A, gate, domain, x.dtype)
-        # The weights as rows, [W ; A_sel^T] ([out + V r, in]): W is copied as it is stored
-        # (a transposed copy of W cost several times more), A_sel^T is small.
-        if expert is not None:
-            a_rows = lora_A[expert].T  # [r, in]
-        elif g is not None:
-            a_rows = lora_A.permute(0, 2, 1).reshape(num_experts * rank, d_in)  # [E r, in]
-        else:
-            a_rows = None
-        if a_rows is not None:
-            width = a_rows.shape[0]
-            w_rows = torch.cat([weight, a_rows])
-            h = torch.addmm(torch.cat([bias, bias.new_zeros(width)]), x, w_rows.T)  # [z | u]
-        else:  # the shared layer alone: no copy of W
-            w_rows = weight
-            h = torch.addmm(bias, x, weight.T)
-        u = h[:, d_out:]  # [N, V r], a view of h
-        z = h[:, :d_out] * dropout_mask if dropout_mask is not None else h[:, :d_out].contiguous()
-        if expert is not None:
-            z.addmm_(u, lora_B[expert]).add_(lora_c[expert])
-        elif g is not None:
-            g_rep = g.repeat_interleave(rank, dim=1)  # [N, E r]
-            z.addmm_(u * g_rep, lora_B.reshape(num_experts * rank, d_out)).addmm_(g, lora_c)
-        y = z.relu_() if relu else z
-        ctx.save_for_backward(x, y, u, w_rows, lora_B, lora_c, g, dropout_mask)
-        ctx.expert = expert
-        ctx.relu = relu
-        ctx.num_experts, ctx.rank = num_experts, rank
-        ctx.domain_routing = domain is not None
+        y, saved = layer_forward(x, weight, bias, lora_A, lora_B, lora_c, g, expert, dropout_mask, relu)
+        ctx.save_for_backward(*saved)
+        ctx.expert, ctx.relu = expert, relu
+        ctx.num_experts, ctx.rank = lora_A.shape[0], lora_A.shape[2]
+        ctx.gate_grad = gate is not None
         return y
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx: Any, dy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        """With ``dz = dy * act'``: ``dx = [dz m | du] [W ; A_sel^T]``, ``dW = (dz m)^T x``,
-        ``db = sum_n dz m``, ``dA_e = x^T du_e``, ``dB_e = (g_e u_e)^T dz``, ``dc_e = g_e^T dz``,
-        ``dg_e = rowsum(u_e * (dz B_e^T)) + dz c_e^T``, with ``du_e = g_e (dz B_e^T)``."""
-        x, y, u, w_rows, lora_B, lora_c, g, mask = ctx.saved_tensors
-        need_x, need_w, need_b, need_a, need_bb, need_c, need_g = ctx.needs_input_grad[:7]
-        expert: int | None = ctx.expert
-        num_experts, rank = ctx.num_experts, ctx.rank
-        n, d_in = x.shape
-        d_out = lora_B.shape[2]
-        width = u.shape[1]
-        dz = torch.ops.aten.threshold_backward(dy, y, 0) if ctx.relu else dy.contiguous()
-        adapter = expert is not None or g is not None
-        # d = [dz * m | du]: the gradient at [z | u], written into one buffer.
-        d = dz.new_empty((n, d_out + width))
-        if mask is not None:
-            torch.mul(dz, mask, out=d[:, :d_out])
-        else:
-            d[:, :d_out] = dz
-        grad_A = grad_B = grad_c = grad_g = None
-        if adapter and (need_x or need_a or need_g):
-            if expert is not None:
-                torch.mm(dz, lora_B[expert].T, out=d[:, d_out:])  # du = dz B_e^T
-            else:
-                b_cat = lora_B.reshape(num_experts * rank, d_out)
-                dug = dz @ b_cat.T  # [N, E r]: dz B_e^T for every e
-                if need_g and not ctx.domain_routing:
-                    grad_g = (u * dug).view(n, num_experts, rank).sum(-1).addmm_(dz, lora_c.T)
-                torch.mul(dug, g.repeat_interleave(rank, dim=1), out=d[:, d_out:])
-        du = d[:, d_out:]
-        dzm = d[:, :d_out]
-        grad_x = d @ w_rows if need_x else None  # [N, in]
-        grad_w = grad_b = None
-        # Weight gradients as d^T x ([out + V r, in]): BLAS runs this orientation about 3x faster
-        # than x^T d for the thin adapter columns (N = 1024 rows, r = 8: 65 us against 190 us).
-        if need_w and need_a and adapter:
-            gw = d.T @ x  # [dW | dA_sel^T] in one product
-            grad_w, da_sel_t = gw[:d_out], gw[d_out:]
-        else:
-            if need_w:
-                grad_w = dzm.T @ x
-            da_sel_t = du.T @ x if need_a and adapter else None  # [V r, in]
-        if need_b:
-            grad_b = dzm.sum(0)
-        if need_a and da_sel_t is not None:
-            grad_A = torch.zeros((num_experts, d_in, rank), dtype=x.dtype)
-            if expert is not None:
-                grad_A[expert] = da_sel_t.T
-            else:
-                grad_A.copy_(da_sel_t.view(num_experts, rank, d_in).transpose(1, 2))
-        if need_bb and adapter:
-            if expert is not None:
-                grad_B = torch.zeros_like(lora_B)
-                torch.mm(u.T, dz, out=grad_B[expert])
-            else:
-                ug = u * g.repeat_interleave(rank, dim=1)
-                grad_B = (ug.T @ dz).view(num_experts, rank, d_out)
-        if need_c and adapter:
-            if expert is not None:
-                grad_c = torch.zeros_like(lora_c)
-                grad_c[expert] = dz.sum(0)
-            else:
-                grad_c = g.T @ dz
-        return grad_x, grad_w, grad_b, grad_A, grad_B, grad_c, grad_g, None, None, None, None
+        grads = layer_backward(list(ctx.saved_tensors), dy, ctx.expert, ctx.relu, ctx.num_experts,
+                               ctx.rank, tuple(ctx.needs_input_grad[:7]), ctx.gate_grad)
+        return (*grads, None, None, None, None)
 
 
 def adapter_linear_cpu(
