@@ -25,8 +25,14 @@ namespace {
 constexpr int64_t kForwardPrefetchBytes = 4096;
 constexpr int64_t kMinRowsAhead = 4;
 
+// Counted in whole cache lines per row: a row smaller than a line (dim-1 first-order weights)
+// still costs a line per random id, and counting its 4 bytes would put the prefetch 1024 rows
+// ahead, far past what the core keeps in flight.
 inline int64_t rows_ahead(int64_t bytes, int64_t dim) {
-  return std::max<int64_t>(kMinRowsAhead, bytes / (dim * static_cast<int64_t>(sizeof(float))));
+  constexpr int64_t kLine = 64;
+  const int64_t row_bytes = dim * static_cast<int64_t>(sizeof(float));
+  const int64_t lines = (row_bytes + kLine - 1) / kLine;
+  return std::max<int64_t>(kMinRowsAhead, bytes / (lines * kLine));
 }
 
 // Lookups per forward task: small enough to balance 26 uneven fields over the threads, large
