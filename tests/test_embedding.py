@@ -22,6 +22,7 @@ from torch import nn
 from moefast import _ext
 from moefast.config import FeatureSpec, Pooling
 from moefast.nn import EmbeddingCollection
+from moefast.ops import embedding as ops_embedding
 from moefast.ops import embedding_collection
 from moefast.reference.embedding_optim import (
     FusedOptimizer,
@@ -271,8 +272,9 @@ def test_module_backends_share_state_and_results() -> None:
 
 
 @pytest.mark.skipif(not _ext.available(), reason="moefast._C not built")
-def test_fast_results_do_not_depend_on_thread_count() -> None:
+def test_fast_results_do_not_depend_on_thread_count(monkeypatch: pytest.MonkeyPatch) -> None:
     """Each row's gradient is summed by one task in a fixed order: bitwise equal results."""
+    monkeypatch.setattr(ops_embedding, "LOOKUPS_PER_THREAD", 1)  # small batches use every thread
     fields = make_fields(512, seed=7)
     grad_out = torch.randn(512, sum(f.weight.shape[1] for f in fields))
     config = LazyAdam(lr=0.1)
@@ -294,6 +296,33 @@ def test_fast_results_do_not_depend_on_thread_count() -> None:
     for other in results[1:]:
         for a, b in zip(results[0], other, strict=True):
             assert a is not None and b is not None and torch.equal(a, b)
+
+
+@pytest.mark.skipif(not _ext.available(), reason="moefast._C not built")
+def test_small_calls_run_on_one_thread(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A second thread is woken only for at least LOOKUPS_PER_THREAD lookups per thread."""
+    asked: list[int] = []
+    real = _ext.native()
+
+    class Spy:
+        def __getattr__(self, name: str) -> object:
+            return getattr(real, name)
+
+        def embedding_forward(self, *args: object) -> None:
+            asked.append(int(args[-1]))  # type: ignore[call-overload]
+            real.embedding_forward(*args)
+
+    monkeypatch.setattr(_ext, "native", lambda: Spy())
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        weight = torch.randn(100, 4)
+        for rows in (100, 2 * ops_embedding.LOOKUPS_PER_THREAD):
+            ids = torch.randint(0, 100, (rows,))
+            embedding_collection([weight], [ids], [None], [Pooling.NONE], backend="fast")
+    finally:
+        torch.set_num_threads(before)
+    assert asked == [1, 2]
 
 
 @pytest.mark.skipif(not _ext.available(), reason="moefast._C not built")
