@@ -357,3 +357,40 @@ def test_baseline_and_avx2_kernels_agree_bitwise(tmp_path: pathlib.Path) -> None
     for name in results[0]:
         for a, b in zip(results[0][name], results[1][name], strict=True):
             assert torch.equal(a, b), name
+
+
+def test_embed_together_matches_separate_lookups_and_splits_calls_only_when_it_must(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """One op call for collections that share backend, sparse mode and fused optimizer (their
+    outputs equal separate lookups, gradients too); one call each otherwise."""
+    from moefast.nn import embedding as nn_embedding
+
+    specs = [FeatureSpec("a", 30, 4), FeatureSpec("b", 20, 4, Pooling.SUM)]
+    features = {"a": torch.randint(0, 30, (16,)), "b": torch.randint(0, 20, (16, 3))}
+    calls: list[int] = []
+    real = nn_embedding.embedding_collection
+
+    def counting(*args, **kwargs):  # type: ignore[no-untyped-def]
+        calls.append(len(args[0]))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(nn_embedding, "embedding_collection", counting)
+    torch.manual_seed(0)
+    first = EmbeddingCollection(specs, init_std=0.1)
+    second = EmbeddingCollection([FeatureSpec("a", 30, 1), FeatureSpec("b", 20, 1, Pooling.SUM)], init_std=0.1)
+    joint = nn_embedding.embed_together([first, second], features)
+    assert calls == [4]
+    separate = [first(features), second(features)]
+    for a, b in zip(joint, separate, strict=True):
+        assert torch.equal(a, b)
+    (joint[0].sum() + joint[1].square().sum()).backward()
+    grads = [t.grad.clone() for c in (first, second) for t in c.tables.values()]
+    for c in (first, second):
+        c.zero_grad()
+    (first(features).sum() + second(features).square().sum()).backward()
+    assert all(torch.equal(g, t.grad) for g, t in zip(grads, [t for c in (first, second) for t in c.tables.values()], strict=True))
+    calls.clear()
+    second.set_optimizer(LazyAdam(lr=0.1))  # different update rules: two calls
+    nn_embedding.embed_together([first, second], features)
+    assert calls == [2, 2]
