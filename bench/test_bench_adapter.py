@@ -26,8 +26,9 @@ The fused provider, parametrised last, also records its speedups over the two pe
 just before it on the same workload.
 
 Run on a CUDA machine: ``make bench ARGS="-k adapter"``. The GPU benchmarks skip without CUDA;
-``test_adapter_tower_cpu`` (CPU: what ``fast`` runs there, the concatenated form, against the
-loop, on a few of the seeds' shapes) runs anywhere.
+``test_adapter_tower_cpu`` (CPU: what ``fast`` runs there, the CPU tower layer of
+``moefast.ops._adapter_cpu``, against the loop and the plain concatenated form, on a few of the
+seeds' shapes) runs anywhere.
 """
 
 from __future__ import annotations
@@ -74,7 +75,7 @@ class Workload:
     batch: int
     layers: tuple[Layer, ...]
     experts: int
-    routing: str  # "gate" (MoE-MLoRA) or "domain" (MLoRA)
+    routing: str  # "gate" (MoE-MLoRA), "domain" (MLoRA) or "expert" (an expert stage)
     dtype: torch.dtype
 
     def flops(self, mode: str) -> float:
@@ -84,8 +85,9 @@ class Workload:
         for layer in self.layers:
             base = 2.0 * self.batch * layer.d_in * layer.d_out
             adapter = 2.0 * self.batch * visited * layer.rank * (layer.d_in + layer.d_out)
-            # Backward: dx and the weight gradients each cost about one forward's products.
-            total += (base + adapter) * (3.0 if mode == "train" else 1.0)
+            # Backward: dx and the weight gradients each cost about one forward's products
+            # ("adapters": dx and the small adapter gradients only, about one more).
+            total += (base + adapter) * {"train": 3.0, "adapters": 2.0}.get(mode, 1.0)
         return total
 
     def bytes_floor(self, mode: str) -> float:
@@ -169,6 +171,8 @@ def _prepare(w: Workload, device: str = DEVICE) -> Prepared:
     if w.routing == "gate":
         logits = torch.randn(w.batch, w.experts, generator=g, device=device)
         route: dict[str, Any] = {"gate": torch.softmax(logits, 1).to(w.dtype).requires_grad_()}
+    elif w.routing == "expert":
+        route = {"expert": w.experts // 2}
     else:
         route = {"domain": torch.randint(0, w.experts, (w.batch,), generator=g, device=device)}
     grad_out = torch.randn(w.batch, w.layers[-1].d_out, generator=g, device=device).to(w.dtype)
@@ -188,6 +192,7 @@ def _step(provider: str, mode: str, p: Prepared, sync: bool = True) -> Callable[
     inputs = [p.x, *(t for layer in p.params for t in layer.values())]
     if "gate" in p.route:
         inputs.append(p.route["gate"])
+    inputs = [t for t in inputs if t.requires_grad]  # "adapters": the frozen ones get none
 
     def forward() -> torch.Tensor:
         h = p.x
@@ -259,6 +264,8 @@ def test_adapter_tower(benchmark: Any, workload: Workload, mode: str, provider: 
     run = _step(provider, mode, prepared)
     benchmark.group = f"adapter {workload.name} {mode}"
     benchmark.pedantic(run, rounds=ROUNDS, warmup_rounds=WARMUP_ROUNDS, iterations=1)
+    if benchmark.stats is None:  # --benchmark-disable: a smoke run, nothing timed
+        return
     seconds = benchmark.stats.stats.median
     _MEDIANS[(workload.name, mode, provider)] = seconds
     flops, nbytes = workload.flops(mode), workload.bytes_floor(mode)
@@ -289,27 +296,46 @@ def test_adapter_tower(benchmark: Any, workload: Workload, mode: str, provider: 
 
 
 # --------------------------------------------------------------------------------------------
-# CPU: what ``fast`` means there (the concatenated form) against the seeds' loop.
+# CPU: what ``fast`` means there (the CPU tower layer) against the seeds' loop and the plain
+# concatenated form.
 # --------------------------------------------------------------------------------------------
 
 CPU_WORKLOADS = [w for w in _seeds_workloads()
                  if w.batch == 1024 and w.experts in (7, 30) and any(
                      f"alpha{a}" in w.name for a in (4, 32))]
+# The expert stage of staged MoE-MLoRA (the bulk of its training steps): one expert routed.
+CPU_WORKLOADS += [Workload(f"{w.name}-expert", w.batch, w.layers, w.experts, "expert", w.dtype)
+                  for w in _seeds_workloads()
+                  if w.batch == 1024 and w.experts == 10 and "alpha32" in w.name]
+# "adapters": only lora_A / lora_B / lora_c train (x, W and b frozen), as in an expert stage.
+CPU_MODES = [*MODES, "adapters"]
 
 
-@pytest.mark.parametrize("provider", ["loop", "fast"])
-@pytest.mark.parametrize("mode", MODES)
+def _frozen_backbone(p: Prepared) -> Prepared:
+    """``p`` with the layer input and the shared weights detached (they get no gradient)."""
+    params = [{k: (v.detach() if k in ("weight", "bias") else v) for k, v in layer.items()}
+              for layer in p.params]
+    return Prepared(params, p.masks, p.x.detach(), p.route, p.grad_out)
+
+
+@pytest.mark.parametrize("provider", ["loop", "concat", "fast"])
+@pytest.mark.parametrize("mode", CPU_MODES)
 @pytest.mark.parametrize("workload", CPU_WORKLOADS, ids=[w.name for w in CPU_WORKLOADS])
 def test_adapter_tower_cpu(benchmark: Any, workload: Workload, mode: str, provider: str) -> None:
-    """The seeds' tower on CPU: the reference loop vs ``backend="fast"`` (the concatenated form).
+    """The seeds' tower on CPU: the reference loop and the plain concatenated form vs
+    ``backend="fast"`` (the CPU tower layer).
 
     Run: ``make bench ARGS="-k adapter_tower_cpu"``. Threads: torch's default
     (``torch.get_num_threads()``, recorded in the machine info).
     """
     prepared = _prepare(workload, device="cpu")
-    run = _step("concat" if provider == "fast" else "loop", mode, prepared, sync=False)
+    if mode == "adapters":
+        prepared = _frozen_backbone(prepared)
+    run = _step(provider, mode, prepared, sync=False)
     benchmark.group = f"adapter cpu {workload.name} {mode}"
     benchmark.pedantic(run, rounds=ROUNDS, warmup_rounds=WARMUP_ROUNDS, iterations=1)
+    if benchmark.stats is None:  # --benchmark-disable: a smoke run, nothing timed
+        return
     seconds = benchmark.stats.stats.median
     _MEDIANS[(workload.name, mode, f"cpu-{provider}")] = seconds
     info: dict[str, Any] = {
@@ -319,6 +345,7 @@ def test_adapter_tower_cpu(benchmark: Any, workload: Workload, mode: str, provid
         "median_s": seconds, "gflops": workload.flops(mode) / seconds / 1e9,
     }
     if provider == "fast":
-        loop_s = _MEDIANS.get((workload.name, mode, "cpu-loop"))
-        info["speedup_vs_loop"] = loop_s / seconds if loop_s else math.nan
+        for peer in ("loop", "concat"):
+            peer_s = _MEDIANS.get((workload.name, mode, f"cpu-{peer}"))
+            info[f"speedup_vs_{peer}"] = peer_s / seconds if peer_s else math.nan
     benchmark.extra_info.update(info)

@@ -5,9 +5,11 @@ What ``backend="fast"`` runs for CPU tensors. It computes the function of
 instead of a loop), as one autograd node instead of about seven, and folds the adapter's thin
 products into the layer's wide ones, which BLAS runs several times more efficiently:
 
-- forward: ``[z | u] = x [W ; A_sel^T]^T + [b | 0]``, one product giving the shared
-  pre-activation and every visited expert's ``u = x A_e`` (``A_sel`` is ``A_e`` for one expert,
-  ``A_cat [in, E r]`` for the mixture; ``[W ; A_sel^T]`` stacks rows, so W is copied as stored);
+- forward: ``[x W^T | u] = x [W ; A_sel^T]^T``, one product giving the shared pre-activation
+  (the bias is added to that part alone) and every visited expert's ``u = x A_e`` (``A_sel``
+  is ``A_e`` for one expert, ``A_cat [in, E r]`` for the mixture; ``[W ; A_sel^T]`` stacks
+  rows, so W is copied as stored); the mixture weights ``g_e u_e`` by broadcasting, with no
+  ``[N, E r]`` copy of the gate;
 - backward: ``dx = [dz*m | du] [W ; A_sel^T]``, one product for the shared and adapter paths;
   when ``W`` trains too, ``[dW ; dA_sel^T] = [dz*m | du]^T x`` is one product as well.
 
@@ -60,22 +62,26 @@ def layer_forward(
         a_rows = lora_A.permute(0, 2, 1).reshape(num_experts * rank, d_in)  # [E r, in]
     else:
         a_rows = None
+    n = x.shape[0]
     if a_rows is not None:
-        width = a_rows.shape[0]
         w_rows = torch.cat([weight, a_rows])
-        h = torch.addmm(torch.cat([bias, bias.new_zeros(width)]), x, w_rows.T)  # [z | u]
+        h = x @ w_rows.T  # [x W^T | u]; the bias goes to the first part only, below
+        z = torch.add(h[:, :d_out], bias)
+        u = h[:, d_out:]  # [N, V r], a view of h
     else:  # the shared layer alone: no copy of W
         w_rows = weight
-        h = torch.addmm(bias, x, weight.T)
-    u = h[:, d_out:]  # [N, V r], a view of h
-    z = h[:, :d_out] * dropout_mask if dropout_mask is not None else h[:, :d_out].contiguous()
+        z = torch.addmm(bias, x, weight.T)
+        u = z.new_empty((n, 0))
+    if dropout_mask is not None:
+        z.mul_(dropout_mask)
+    ug = u
     if expert is not None:
         z.addmm_(u, lora_B[expert]).add_(lora_c[expert])
     elif g is not None:
-        g_rep = g.repeat_interleave(rank, dim=1)  # [N, E r]
-        z.addmm_(u * g_rep, lora_B.reshape(num_experts * rank, d_out)).addmm_(g, lora_c)
+        ug = (u.view(n, num_experts, rank) * g[:, :, None]).view(n, num_experts * rank)  # g_e u_e
+        z.addmm_(ug, lora_B.reshape(num_experts * rank, d_out)).addmm_(g, lora_c)
     y = z.relu_() if relu else z
-    return y, [x, y, u, w_rows, lora_B, lora_c, g, dropout_mask]
+    return y, [x, y, u, ug, w_rows, lora_B, lora_c, g, dropout_mask]
 
 
 def layer_backward(
@@ -95,8 +101,8 @@ def layer_backward(
     ``dg_e = rowsum(u_e * (dz B_e^T)) + dz c_e^T``, with ``du_e = g_e (dz B_e^T)``.
     ``gate_grad``: ``dg`` is wanted (False under domain routing, whose gate is a one-hot).
     """
-    x, y, u, w_rows, lora_B, lora_c, g, mask = saved
-    assert x is not None and y is not None and u is not None and w_rows is not None
+    x, y, u, ug, w_rows, lora_B, lora_c, g, mask = saved
+    assert x is not None and y is not None and u is not None and ug is not None and w_rows is not None
     assert lora_B is not None and lora_c is not None
     need_x, need_w, need_b, need_a, need_bb, need_c, need_g = needs
     n, d_in = x.shape
@@ -117,10 +123,10 @@ def layer_backward(
         else:
             assert g is not None
             b_cat = lora_B.reshape(num_experts * rank, d_out)
-            dug = dz @ b_cat.T  # [N, E r]: dz B_e^T for every e
+            dug = (dz @ b_cat.T).view(n, num_experts, rank)  # dz B_e^T for every e
             if need_g and gate_grad:
-                grad_g = (u * dug).view(n, num_experts, rank).sum(-1).addmm_(dz, lora_c.T)
-            torch.mul(dug, g.repeat_interleave(rank, dim=1), out=d[:, d_out:])
+                grad_g = (u.view(n, num_experts, rank) * dug).sum(-1).addmm_(dz, lora_c.T)
+            torch.mul(dug, g[:, :, None], out=d[:, d_out:].view(n, num_experts, rank))
     du = d[:, d_out:]
     dzm = d[:, :d_out]
     grad_x = d @ w_rows if need_x else None  # [N, in]
@@ -147,8 +153,6 @@ def layer_backward(
             grad_B = torch.zeros_like(lora_B)
             torch.mm(u.T, dz, out=grad_B[expert])
         else:
-            assert g is not None
-            ug = u * g.repeat_interleave(rank, dim=1)
             grad_B = (ug.T @ dz).view(num_experts, rank, d_out)
     if need_c and adapter:
         if expert is not None:

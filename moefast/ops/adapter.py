@@ -59,7 +59,7 @@ class FastImpl(enum.Enum):
     """What ``fast`` runs for one call."""
 
     TRITON = "triton"  # the fused kernels (compiled on CUDA, interpreted on CPU in tests)
-    CONCAT = "concat"  # the concatenated plain-PyTorch form (CPU)
+    CONCAT = "concat"  # the CPU tower layer, the concatenated form (moefast.ops._adapter_cpu)
 
 
 def _interpreting() -> bool:
