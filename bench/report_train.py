@@ -21,11 +21,19 @@ def _rows(path: Path) -> list[dict[str, Any]]:
 
 
 def throughput_table(rows: list[dict[str, Any]]) -> str:
-    """One row per provider; the last column is the fast backend's samples/s over this row's."""
+    """One row per provider; the last column is the fast backend's samples/s over this row's.
+
+    A ``train-<preset>-fit-rows`` group (the same backends on another stage mix) is also
+    compared with the peers measured in ``train-<preset>``: samples/s against samples/s.
+    """
     lines = ["| workload | provider | embedding optimizer | samples/s | fast / this |",
              "|---|---|---|---:|---:|"]
     for group in sorted({r["group"] for r in rows if r["group"] != "scaling"}):
         members = [r for r in rows if r["group"] == group]
+        base = group.removesuffix("-fit-rows")
+        if base != group:
+            members += [{**r, "provider": f"{r['provider']} (rows of {base})"}
+                        for r in rows if r["group"] == base and r["provider"].startswith("deepctr")]
         fast = next((r["samples_per_second"] for r in members if r["provider"] == "fast"), None)
         for r in sorted(members, key=lambda r: r["samples_per_second"]):
             ratio = f"{fast / r['samples_per_second']:.2f}x" if fast else "-"

@@ -5,7 +5,9 @@ Workload: DeepFM with a MoE-MLoRA tower (256, 128, 64), batch 1024, on the synth
 2e6 rows) presets. One benchmark round is **staged training** as ``fit`` runs it, shortened:
 ``STEPS`` single-domain steps of every stage (backbone on all domains, each expert on its own
 domain, the gate on all domains), each stage with its own freezing and a fresh Adam, no
-evaluation. ``evaluate`` is the test-time forward over ``EVAL_ROWS`` rows, batch 32768.
+evaluation. The ``fit-rows`` variant (groups ``train-<preset>-fit-rows``) spreads the rows as
+``fit`` does in an epoch instead: ``STEPS`` steps per expert stage, ``STEPS * D`` for the
+backbone and the gate stages. ``evaluate`` is the test-time forward over ``EVAL_ROWS`` rows, batch 32768.
 
 The stages' dense Adam is ``moefast.train.stage_optimizer``'s, as ``fit`` builds it: torch's
 fused Adam under the fast backend, its for-loop Adam under the reference (the same update).
@@ -93,17 +95,26 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
-def _staged_round(model: CTRModel, batches: list[list[Batch]], backend: str) -> Callable[[], int]:
-    """One round of shortened staged training; returns the number of training samples."""
+def _staged_round(
+    model: CTRModel, batches: list[list[Batch]], backend: str, mix: str = "equal-steps"
+) -> Callable[[], int]:
+    """One round of shortened staged training; returns the number of training samples.
+
+    ``mix``: ``"equal-steps"`` gives every stage ``STEPS`` steps (so 10 of 12 stages are expert
+    stages); ``"fit-rows"`` spreads rows as ``fit`` does in an epoch, where each expert stage
+    sees its own domain and the backbone and gate stages see every domain: ``STEPS`` steps per
+    expert stage and ``STEPS * D`` for each of the other two.
+    """
     plan = plan_stages(model, MLoRAMode.JOINT)
     tables = _table_ids(model)
     num_domains = len(batches)
+    shared_steps = STEPS if mix == "equal-steps" else STEPS * num_domains
 
     def stage_batches(step: StageStep) -> list[Batch]:
         if step.expert is not None:
-            return batches[model.tower.expert_domain(step.expert)]
+            return batches[model.tower.expert_domain(step.expert)][:STEPS]
         # All domains: single-domain batches, a different domain each step.
-        return [batches[i % num_domains][i // num_domains] for i in range(STEPS)]
+        return [batches[i % num_domains][i // num_domains] for i in range(shared_steps)]
 
     def run() -> int:
         samples = 0
@@ -112,7 +123,7 @@ def _staged_round(model: CTRModel, batches: list[list[Batch]], backend: str) -> 
             params = set_stage(model, step, train_backbone=False)
             optimizer = stage_optimizer([p for p in params if id(p) not in tables], ADAM, backend)
             l2_params = l2_parameters(model)
-            for batch in stage_batches(step)[:STEPS]:
+            for batch in stage_batches(step):
                 train_step(model, batch, step, optimizer, 1e-5, l2_params)
                 samples += len(batch)
         _sync()
@@ -130,17 +141,18 @@ def _record(benchmark: Any, samples: int, **info: Any) -> None:
 PRESETS = [pytest.param("paper", False, id="paper-adam"), pytest.param("wide", True, id="wide-lazyadam")]
 
 
+@pytest.mark.parametrize("mix", ["equal-steps", "fit-rows"])
 @pytest.mark.parametrize(("preset", "lazy"), PRESETS)
 @pytest.mark.parametrize("provider", ["reference", "fast"])
-def test_train(benchmark: Any, provider: str, preset: str, lazy: bool) -> None:
+def test_train(benchmark: Any, provider: str, preset: str, lazy: bool, mix: str) -> None:
     ds = _dataset(preset)
     model = _model(ds, provider, lazy=lazy)
-    run = _staged_round(model, _domain_batches(ds, STEPS, BATCH), provider)
-    benchmark.group = f"train-{preset}"
+    run = _staged_round(model, _domain_batches(ds, STEPS, BATCH), provider, mix)
+    benchmark.group = f"train-{preset}" if mix == "equal-steps" else f"train-{preset}-{mix}"
     samples = run()  # warm-up: Adam state, allocator, first-call costs
     benchmark.pedantic(run, rounds=ROUNDS, iterations=1)
     _record(benchmark, samples, provider=provider, preset=preset, device=DEVICE, batch=BATCH,
-            embedding_optimizer="lazy-adam" if lazy else "adam", mode="staged-train")
+            embedding_optimizer="lazy-adam" if lazy else "adam", mode="staged-train", mix=mix)
 
 
 @pytest.mark.parametrize(("preset", "lazy"), PRESETS)
