@@ -6,7 +6,8 @@
 // out: a mask drawn here is the mask torch.rand(...) < keep would have drawn.
 #include "dropout.h"
 
-#include <cstdlib>
+#include "cpu_features.h"
+
 #include <cstring>
 #include <stdexcept>
 #include <string>
@@ -36,8 +37,6 @@ struct Engine {
   int32_t left;
   uint64_t next;
 };
-
-#define MOEFAST_INLINE __attribute__((always_inline)) inline
 
 MOEFAST_INLINE uint32_t twist(uint32_t u, uint32_t v) {
   return (((u & kUpper) | (v & kLower)) >> 1) ^ ((v & 1u) ? kMatrixA : 0u);
@@ -122,22 +121,16 @@ MOEFAST_INLINE void draw(Engine& e, float* out, int64_t n, uint32_t keep_below, 
   }
 }
 
+#ifdef MOEFAST_AVX2_CLONES
 __attribute__((target("avx2"))) void draw_avx2(Engine& e, float* out, int64_t n, uint32_t keep_below,
                                                float scale) {
   draw(e, out, n, keep_below, scale);
 }
+#endif
 
 void draw_baseline(Engine& e, float* out, int64_t n, uint32_t keep_below, float scale) {
   draw(e, out, n, keep_below, scale);
 }
-
-bool use_avx2() {
-  const char* disable = std::getenv("MOEFAST_DISABLE_AVX2");
-  const bool disabled = disable != nullptr && disable[0] != '\0' && disable[0] != '0';
-  return !disabled && __builtin_cpu_supports("avx2");
-}
-
-const bool kHasAvx2 = use_avx2();
 
 }  // namespace
 
@@ -172,11 +165,15 @@ void dropout_mask_from_torch_state(uint8_t* state, size_t state_bytes, float* ou
     std::memcpy(&w, state + kWordsOffset + 8 * static_cast<size_t>(i), sizeof w);
     e.words[i] = static_cast<uint32_t>(w);
   }
-  if (kHasAvx2) {
+#ifdef MOEFAST_AVX2_CLONES
+  if (use_avx2_clones()) {
     draw_avx2(e, out, n, keep_below, scale);
   } else {
     draw_baseline(e, out, n, keep_below, scale);
   }
+#else
+  draw_baseline(e, out, n, keep_below, scale);
+#endif
   std::memcpy(state + kLeftOffset, &e.left, sizeof e.left);
   std::memcpy(state + kNextOffset, &e.next, sizeof e.next);
   for (int i = 0; i < kN; ++i) {

@@ -7,11 +7,8 @@
 #include <mutex>
 #include <stdexcept>
 
+#include "cpu_features.h"
 #include "thread_pool.h"
-
-// Forced inlining for the backward's row loops, so the AVX2 clone of sum_and_update compiles
-// them with AVX2 (a function is compiled for the target of the function it is inlined into).
-#define MOEFAST_INLINE __attribute__((always_inline)) inline
 
 namespace moefast {
 namespace {
@@ -279,7 +276,7 @@ bool pool_bags_dispatch(const EmbeddingField& f, int64_t b0, int64_t b1, float* 
   }
 }
 
-#if defined(__x86_64__) && defined(__GNUC__)
+#ifdef MOEFAST_AVX2_CLONES
 // The same kernels compiled for AVX2 (8-float lanes), picked at run time: the shipped build
 // targets baseline x86-64 (no -march), where a dim-64 row is 16 vector adds instead of 8.
 template <typename Idx>
@@ -296,14 +293,7 @@ __attribute__((target("avx2"))) bool pool_bags_avx2(const EmbeddingField& f, int
   }
 }
 
-// MOEFAST_DISABLE_AVX2=1 forces the baseline clone (tests compare the two bit for bit).
-bool use_avx2() {
-  const char* disable = std::getenv("MOEFAST_DISABLE_AVX2");
-  const bool disabled = disable != nullptr && disable[0] != '\0' && disable[0] != '0';
-  return !disabled && __builtin_cpu_supports("avx2");
-}
-
-const bool kHasAvx2 = use_avx2();
+const bool kHasAvx2 = use_avx2_clones();
 
 template <typename Idx>
 bool pool_bags_best(const EmbeddingField& f, int64_t b0, int64_t b1, float* out, int64_t stride,
@@ -562,7 +552,7 @@ void sum_and_update_baseline(const EmbeddingField& f, Scratch& scratch, int64_t 
   sum_and_update(f, scratch, n, grad_out, grad_stride, config, st);
 }
 
-#if defined(__x86_64__) && defined(__GNUC__)
+#ifdef MOEFAST_AVX2_CLONES
 // AVX2 clone (see pool_bags_avx2): the same per-element operations in the same order (the sum of
 // squares keeps its four partial sums), so both clones give identical results.
 __attribute__((target("avx2"))) void sum_and_update_avx2(
@@ -575,7 +565,7 @@ __attribute__((target("avx2"))) void sum_and_update_avx2(
 void sum_and_update_best(const EmbeddingField& f, Scratch& scratch, int64_t n,
                          const float* grad_out, int64_t grad_stride,
                          const OptimizerConfig& config, const OptimizerState& st) {
-#if defined(__x86_64__) && defined(__GNUC__)
+#ifdef MOEFAST_AVX2_CLONES
   if (kHasAvx2) return sum_and_update_avx2(f, scratch, n, grad_out, grad_stride, config, st);
 #endif
   sum_and_update_baseline(f, scratch, n, grad_out, grad_stride, config, st);
