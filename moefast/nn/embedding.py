@@ -115,39 +115,6 @@ class EmbeddingCollection(nn.Module):
         params = self.tables._parameters
         return [p for p in (params[f.name] for f in self._features) if p is not None]
 
-    def _ids(
-        self, features: Mapping[str, torch.Tensor]
-    ) -> tuple[list[torch.Tensor], list[torch.Tensor | None], list[int | None]]:
-        """Per field: flat ids, bag offsets (None for a single-valued field) and padding id,
-        after checking ``features`` against the dataset contract."""
-        indices: list[torch.Tensor] = []
-        offsets: list[torch.Tensor | None] = []
-        padding: list[int | None] = []
-        for spec in self._features:
-            if spec.name not in features:
-                raise ValueError(f"missing feature {spec.name!r}; got keys {sorted(features)}")
-            ids = features[spec.name]
-            if not isinstance(ids, torch.Tensor):
-                raise TypeError(f"feature {spec.name!r} must be a tensor, got {type(ids).__name__}")
-            if spec.multi_valued:
-                if ids.dim() != 2:
-                    raise ValueError(f"multi-valued feature {spec.name!r} must be [B, L], got {tuple(ids.shape)}")
-                if not ids.is_contiguous():
-                    raise TypeError(f"feature {spec.name!r} must be contiguous (it is never copied silently)")
-                rows, width = ids.shape
-                indices.append(ids.view(-1))
-                # Fixed-width bags; the padding id 0 is skipped by the op.
-                offsets.append(torch.arange(0, rows * width + 1, max(width, 1), dtype=ids.dtype, device=ids.device)
-                               if width > 0 else torch.zeros(rows + 1, dtype=ids.dtype, device=ids.device))
-                padding.append(0)
-            else:
-                if ids.dim() != 1:
-                    raise ValueError(f"single-valued feature {spec.name!r} must be [B], got {tuple(ids.shape)}")
-                indices.append(ids)
-                offsets.append(None)
-                padding.append(None)
-        return indices, offsets, padding
-
     def forward(self, features: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """float32 ``[B, sum of dims]`` from ``features[name]`` (``[B]`` or ``[B, L]`` ids)."""
         return embed_together([self], features)[0]
@@ -189,6 +156,32 @@ class EmbeddingCollection(nn.Module):
         return out
 
 
+_FieldIds = tuple[torch.Tensor, torch.Tensor | None, int | None]
+
+
+def _field_ids(spec: FeatureSpec, features: Mapping[str, torch.Tensor]) -> _FieldIds:
+    """One field's flat ids, bag offsets (None for a single-valued field) and padding id, after
+    checking ``features[spec.name]`` against the dataset contract."""
+    if spec.name not in features:
+        raise ValueError(f"missing feature {spec.name!r}; got keys {sorted(features)}")
+    ids = features[spec.name]
+    if not isinstance(ids, torch.Tensor):
+        raise TypeError(f"feature {spec.name!r} must be a tensor, got {type(ids).__name__}")
+    if not spec.multi_valued:
+        if ids.dim() != 1:
+            raise ValueError(f"single-valued feature {spec.name!r} must be [B], got {tuple(ids.shape)}")
+        return ids, None, None
+    if ids.dim() != 2:
+        raise ValueError(f"multi-valued feature {spec.name!r} must be [B, L], got {tuple(ids.shape)}")
+    if not ids.is_contiguous():
+        raise TypeError(f"feature {spec.name!r} must be contiguous (it is never copied silently)")
+    rows, width = ids.shape
+    # Fixed-width bags; the padding id 0 is skipped by the op.
+    offsets = (torch.arange(0, rows * width + 1, max(width, 1), dtype=ids.dtype, device=ids.device)
+               if width > 0 else torch.zeros(rows + 1, dtype=ids.dtype, device=ids.device))
+    return ids.view(-1), offsets, 0
+
+
 def _can_share_a_call(collections: Sequence[EmbeddingCollection]) -> bool:
     first = collections[0]
     return all(
@@ -203,8 +196,8 @@ def embed_together(
     """Each collection's output for the same ``features``, as ``collection(features)`` gives it.
 
     Collections with the same backend, sparse mode and fused optimizer are looked up in one op
-    call: one pass of the engine over every table, one autograd node, the ids checked once per
-    collection. DeepFM's embeddings and first-order weights read the same ids, and a second call
+    call: one pass of the engine over every table, one autograd node, each field's ids checked
+    (and its bag offsets built) once. DeepFM's embeddings and first-order weights read the same ids, and a second call
     for the dim-1 weights cost as much as the first (``bench/test_bench_train.py``, ``wide``).
     """
     if not collections:
@@ -219,12 +212,19 @@ def embed_together(
     names: list[str] = []
     states: list[dict[str, torch.Tensor]] | None = [] if collections[0].optimizer is not None else None
     widths: list[int] = []
+    # Collections over the same fields (DeepFM's embeddings and first-order weights) share
+    # each field's checked ids and bag offsets: built once, passed to the op for both.
+    seen: dict[tuple[str, bool], _FieldIds] = {}
     for k, collection in enumerate(collections):
-        ids, offs, pads = collection._ids(features)
+        for spec in collection.features:
+            key = (spec.name, spec.multi_valued)
+            if key not in seen:
+                seen[key] = _field_ids(spec, features)
+            ids, offs, pad = seen[key]
+            indices.append(ids)
+            offsets.append(offs)
+            padding.append(pad)
         weights += collection._tables()
-        indices += ids
-        offsets += offs
-        padding += pads
         poolings += [f.pooling for f in collection.features]
         # Field names reach error messages; a second collection's are numbered to stay unique.
         names += [f.name if k == 0 else f"{f.name}#{k}" for f in collection.features]
