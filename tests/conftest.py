@@ -7,10 +7,29 @@ collection start. On a machine with CUDA the same tests run compiled.
 from __future__ import annotations
 
 import os
+from typing import Any
 
+import pytest
 import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 torch.use_deterministic_algorithms(False)
+
+
+@pytest.fixture
+def lookup_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Counts the embedding op calls made by ``moefast.nn`` modules: one entry per call, the
+    number of fields (tables) it looked up."""
+    from moefast.nn import embedding as nn_embedding
+
+    calls: list[int] = []
+    real = nn_embedding.embedding_collection
+
+    def counting(*args: Any, **kwargs: Any) -> torch.Tensor:
+        calls.append(len(args[0]))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(nn_embedding, "embedding_collection", counting)
+    return calls

@@ -360,7 +360,7 @@ def test_baseline_and_avx2_kernels_agree_bitwise(tmp_path: pathlib.Path) -> None
 
 
 def test_embed_together_matches_separate_lookups_and_splits_calls_only_when_it_must(
-    monkeypatch: pytest.MonkeyPatch,
+    lookup_calls: list[int],
 ) -> None:
     """One op call for collections that share backend, sparse mode and fused optimizer (their
     outputs equal separate lookups, gradients too); one call each otherwise."""
@@ -368,14 +368,7 @@ def test_embed_together_matches_separate_lookups_and_splits_calls_only_when_it_m
 
     specs = [FeatureSpec("a", 30, 4), FeatureSpec("b", 20, 4, Pooling.SUM)]
     features = {"a": torch.randint(0, 30, (16,)), "b": torch.randint(0, 20, (16, 3))}
-    calls: list[int] = []
-    real = nn_embedding.embedding_collection
-
-    def counting(*args, **kwargs):  # type: ignore[no-untyped-def]
-        calls.append(len(args[0]))
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(nn_embedding, "embedding_collection", counting)
+    calls = lookup_calls
     torch.manual_seed(0)
     first = EmbeddingCollection(specs, init_std=0.1)
     second = EmbeddingCollection([FeatureSpec("a", 30, 1), FeatureSpec("b", 20, 1, Pooling.SUM)], init_std=0.1)

@@ -210,34 +210,23 @@ def test_build_rejects_bad_arguments() -> None:
     models.build("wdl", tiny_dataset(dims=(4, 8, 4)))  # WDL has no FM term: mixed dims are fine
 
 
-def test_first_order_weights_are_looked_up_with_the_embeddings(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_first_order_weights_are_looked_up_with_the_embeddings(lookup_calls: list[int]) -> None:
     """Backbones with first-order weights make one lookup call for both collections, and the
     result equals two separate lookups."""
     from moefast.models import base
-    from moefast.nn import embedding as nn_embedding
 
     ds = data.load("synthetic", preset="paper", seed=3, rows=2000)
-    calls: list[int] = []
-    real = nn_embedding.embedding_collection
-
-    def counting(*args, **kwargs):  # type: ignore[no-untyped-def]
-        calls.append(len(args[0]))
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(nn_embedding, "embedding_collection", counting)
     batch = ds.train.rows(torch.arange(50))
     for name in ("deepfm", "wdl", "pnn"):
         torch.manual_seed(0)
         model = models.build(name, ds, "mlora").eval()
-        calls.clear()
+        lookup_calls.clear()
         with torch.no_grad():
             joint = model(batch.features, batch.domain)
         fields = len(ds.features)
-        assert calls == ([2 * fields] if model.linear is not None else [fields]), name
+        assert lookup_calls == ([2 * fields] if model.linear is not None else [fields]), name
         if model.linear is not None:
-            monkeypatch.setattr(base, "embed_together", lambda cs, f: [c(f) for c in cs])
-            with torch.no_grad():
+            with pytest.MonkeyPatch.context() as patch, torch.no_grad():
+                patch.setattr(base, "embed_together", lambda cs, f: [c(f) for c in cs])
                 separate = model(batch.features, batch.domain)
-            monkeypatch.undo()
-            monkeypatch.setattr(nn_embedding, "embedding_collection", counting)
             torch.testing.assert_close(joint, separate, rtol=0, atol=0)
