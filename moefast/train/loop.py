@@ -161,7 +161,7 @@ def _fused_embedding_optimizer(config: TrainConfig) -> FusedOptimizer | None:
 
 def embedding_collections(model: CTRModel) -> list[EmbeddingCollection]:
     """Every embedding table group of ``model``: the field embeddings, and the first-order
-    weights of DeepFM / WDL."""
+    weights of backbones that have them (``CTRModel.first_order``)."""
     return [m for m in model.modules() if isinstance(m, EmbeddingCollection)]
 
 
