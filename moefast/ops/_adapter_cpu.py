@@ -110,12 +110,15 @@ def layer_backward(
     width = u.shape[1]
     dz = torch.ops.aten.threshold_backward(dy, y, 0) if relu else dy.contiguous()
     adapter = expert is not None or g is not None
-    # d = [dz * m | du]: the gradient at [z | u], written into one buffer.
+    # d = [dz * m | du]: the gradient at [z | u], written into one buffer. Its first part feeds
+    # dx, dW and db only: a first layer in an expert or gate stage (nothing below it trains)
+    # skips that pass.
     d = dz.new_empty((n, d_out + width))
-    if mask is not None:
-        torch.mul(dz, mask, out=d[:, :d_out])
-    else:
-        d[:, :d_out] = dz
+    if need_x or need_w or need_b:
+        if mask is not None:
+            torch.mul(dz, mask, out=d[:, :d_out])
+        else:
+            d[:, :d_out] = dz
     grad_A = grad_B = grad_c = grad_g = None
     if adapter and (need_x or need_a or need_g):
         if expert is not None:
