@@ -21,8 +21,10 @@ import torch
 from torch import nn
 
 from moefast.config import TowerConfig, TowerKind
-from moefast.nn.adapter import AdapterLinear
-from moefast.ops._backend import BackendLike
+from moefast.nn.adapter import Activation, AdapterLinear
+from moefast.ops._backend import Backend, BackendLike, resolve_backend
+from moefast.ops._tower_cpu import tower_cpu
+from moefast.ops.adapter import FastImpl, fast_implementation
 
 __all__ = ["DomainGate", "Routing", "Tower"]
 
@@ -64,6 +66,11 @@ class DomainGate(nn.Module):
     def forward(self, domain: torch.Tensor) -> torch.Tensor:
         """``domain`` int64 ``[N]`` -> gate weights float32 ``[N, E]`` (rows sum to 1)."""
         return torch.softmax(self.linear(self.embedding(domain)), dim=-1)
+
+
+def _hooked(module: nn.Module) -> bool:
+    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+                or module._backward_pre_hooks)
 
 
 class Tower(nn.Module):
@@ -130,6 +137,8 @@ class Tower(nn.Module):
 
     def forward(self, x: torch.Tensor, domain: torch.Tensor) -> torch.Tensor:
         """``x`` float32 ``[N, in]``, ``domain`` int64 ``[N]`` -> logits float32 ``[N]``."""
+        if self._runs_fused(x):
+            return self._forward_fused(x, domain)
         h = x
         if self.routing is Routing.SHARED:
             for layer in self.layers:
@@ -145,6 +154,36 @@ class Tower(nn.Module):
             for layer in self.layers:
                 h = layer(h, gate=g)
         return self.output(h).squeeze(-1)
+
+    def _runs_fused(self, x: torch.Tensor) -> bool:
+        """Whether this call runs as one node (:mod:`moefast.ops._tower_cpu`): on CPU, when every
+        hidden layer resolves to the fast CPU layer, unless hooks or a replaced layer need the
+        per-layer modules called (or ``torch.compile`` is tracing, which sees the layers)."""
+        if x.device.type != "cpu" or x.dim() != 2 or torch.compiler.is_compiling():
+            return False
+        if type(self.output) is not nn.Linear or self.output.bias is None or _hooked(self.output):
+            return False
+        impl, why_not = fast_implementation(x)
+        if impl is not FastImpl.CONCAT:
+            return False
+        for layer in self.layers:
+            if type(layer) is not AdapterLinear or layer.activation is not Activation.RELU or _hooked(layer):
+                return False
+            if resolve_backend("adapter_linear", why_not, layer.backend) is not Backend.FAST:
+                return False
+        return True
+
+    def _forward_fused(self, x: torch.Tensor, domain: torch.Tensor) -> torch.Tensor:
+        layers = self.hidden_layers()
+        # Drawn in layer order before any layer runs: the bits the per-layer path draws.
+        masks = [layer.dropout_mask_for(x) for layer in layers]
+        params = [(layer.weight, layer.bias, layer.lora_A, layer.lora_B, layer.lora_c) for layer in layers]
+        return tower_cpu(
+            x, params, self.output.weight, self.output.bias, masks=masks,
+            gate=self.gate_weights(domain) if self.routing is Routing.MIXTURE else None,
+            domain=domain if self.routing is Routing.DOMAIN else None,
+            expert=self.active_expert,  # None outside the EXPERT routing
+        )
 
     def hidden_layers(self) -> list[AdapterLinear]:
         layers = []

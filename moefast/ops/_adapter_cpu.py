@@ -26,10 +26,12 @@ import torch
 
 from moefast.reference.adapter import Activation, check_adapter_inputs
 
-__all__ = ["CpuAdapterLinearFunction", "adapter_linear_cpu", "layer_backward", "layer_forward"]
+__all__ = [
+    "CpuAdapterLinearFunction", "adapter_linear_cpu", "layer_backward", "layer_forward", "routing_gate",
+]
 
 
-def _routing_gate(lora_A: torch.Tensor, gate: torch.Tensor | None, domain: torch.Tensor | None,
+def routing_gate(lora_A: torch.Tensor, gate: torch.Tensor | None, domain: torch.Tensor | None,
                   dtype: torch.dtype) -> torch.Tensor | None:
     """``[N, E]`` mixture weights in ``dtype`` (per-domain routing as a one-hot gate), or None."""
     if gate is not None:
@@ -185,7 +187,7 @@ class CpuAdapterLinearFunction(torch.autograd.Function):
         dropout_mask: torch.Tensor | None,
         relu: bool,
     ) -> torch.Tensor:
-        g = _routing_gate(lora_A, gate, domain, x.dtype)
+        g = routing_gate(lora_A, gate, domain, x.dtype)
         y, saved = layer_forward(x, weight, bias, lora_A, lora_B, lora_c, g, expert, dropout_mask, relu)
         ctx.save_for_backward(*saved)
         ctx.expert, ctx.relu = expert, relu
