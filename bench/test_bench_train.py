@@ -40,6 +40,7 @@ from moefast import data, models
 from moefast.config import MLoRAMode, TowerKind, TrainConfig
 from moefast.data.dataset import Batch, MultiDomainDataset
 from moefast.models.base import CTRModel
+from moefast.nn.tower import Tower
 from moefast.reference.embedding_optim import LazyAdam
 from moefast.train.loop import (
     _set_backend,
@@ -168,6 +169,26 @@ def test_evaluate(benchmark: Any, provider: str, preset: str, lazy: bool) -> Non
 
     benchmark.pedantic(run, rounds=ROUNDS, iterations=1, warmup_rounds=1)
     _record(benchmark, len(rows), provider=provider, preset=preset, device=DEVICE, mode="evaluate")
+
+
+@pytest.mark.parametrize("batch", [64, BATCH])
+@pytest.mark.parametrize("tower", ["one-node", "per-layer"])
+def test_tower_node(benchmark: Any, tower: str, batch: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The fast CPU tower as one autograd node (``moefast.ops._tower_cpu``, what ``fast`` runs)
+    against one node per layer (``Tower``'s own loop over its layers), on ``paper``'s staged round.
+    At batch 64 a step is mostly fixed dispatch cost, which the one node cuts."""
+    if DEVICE != "cpu":
+        pytest.skip("the one-node tower is the CPU fast path")
+    if tower == "per-layer":
+        monkeypatch.setattr(Tower, "_runs_fused", lambda self, x: False)
+    ds = _dataset("paper")
+    model = _model(ds, "fast", lazy=False)
+    run = _staged_round(model, _domain_batches(ds, STEPS, batch), "fast")
+    benchmark.group = f"tower-node-paper-batch{batch}"
+    samples = run()
+    benchmark.pedantic(run, rounds=4 * ROUNDS, iterations=1)
+    _record(benchmark, samples, provider="fast" if tower == "one-node" else "fast-per-layer-tower",
+            preset="paper", device=DEVICE, batch=batch, embedding_optimizer="adam", mode="staged-train")
 
 
 # ---------------------------------------------------------------------------------------------
