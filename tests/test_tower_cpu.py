@@ -140,6 +140,10 @@ def test_hooks_and_the_reference_backend_keep_the_per_layer_modules() -> None:
     assert seen == [(N, 9)]
     handle.remove()
     assert tower._runs_fused(x)
+    handle = torch.nn.modules.module.register_module_forward_hook(lambda m, args, out: None)
+    assert not tower._runs_fused(x)  # a hook for every module: each layer must be called
+    handle.remove()
+    assert tower._runs_fused(x)
     tower.layers[0].backend = "reference"  # one layer asks for the reference: no fusion
     assert not tower._runs_fused(x)
     assert not _tower(TowerKind.MOE_MLORA, Routing.MIXTURE, None, torch.float32, "reference")._runs_fused(x)

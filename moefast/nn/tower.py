@@ -69,8 +69,12 @@ class DomainGate(nn.Module):
 
 
 def _hooked(module: nn.Module) -> bool:
+    """Whether calling ``module`` would run a hook: its own, or one registered for every module
+    (``torch.nn.modules.module.register_module_forward_hook`` and the like)."""
+    g = torch.nn.modules.module
     return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
-                or module._backward_pre_hooks)
+                or module._backward_pre_hooks or g._global_forward_hooks or g._global_forward_pre_hooks
+                or g._global_backward_hooks or g._global_backward_pre_hooks)
 
 
 class Tower(nn.Module):
