@@ -16,6 +16,7 @@ stages choose (``moefast.train.set_stage``); the module never switches on string
 from __future__ import annotations
 
 import enum
+from typing import Any
 
 import torch
 from torch import nn
@@ -141,23 +142,29 @@ class Tower(nn.Module):
 
     def forward(self, x: torch.Tensor, domain: torch.Tensor) -> torch.Tensor:
         """``x`` float32 ``[N, in]``, ``domain`` int64 ``[N]`` -> logits float32 ``[N]``."""
+        routing = self._routing_args(domain)
         if self._runs_fused(x):
-            return self._forward_fused(x, domain)
+            layers = self.hidden_layers()
+            # Drawn in layer order before any layer runs: the bits the per-layer path draws.
+            masks = [layer.dropout_mask_for(x) for layer in layers]
+            params = [(layer.weight, layer.bias, layer.lora_A, layer.lora_B, layer.lora_c) for layer in layers]
+            return tower_cpu(x, params, self.output.weight, self.output.bias, masks=masks, **routing)
         h = x
-        if self.routing is Routing.SHARED:
-            for layer in self.layers:
-                h = layer(h)
-        elif self.routing is Routing.DOMAIN:
-            for layer in self.layers:
-                h = layer(h, domain=domain)
-        elif self.routing is Routing.EXPERT:
-            for layer in self.layers:
-                h = layer(h, expert=self.active_expert)
-        else:
-            g = self.gate_weights(domain)  # [N, E], once per sample, shared by all layers
-            for layer in self.layers:
-                h = layer(h, gate=g)
+        for layer in self.layers:
+            h = layer(h, **routing)
         return self.output(h).squeeze(-1)
+
+    def _routing_args(self, domain: torch.Tensor) -> dict[str, Any]:
+        """What every hidden layer is called with under the current routing: nothing, its
+        ``domain`` ids, its ``expert`` or the ``gate`` (computed once per sample, shared by all
+        layers)."""
+        if self.routing is Routing.DOMAIN:
+            return {"domain": domain}
+        if self.routing is Routing.EXPERT:
+            return {"expert": self.active_expert}
+        if self.routing is Routing.MIXTURE:
+            return {"gate": self.gate_weights(domain)}
+        return {}
 
     def _runs_fused(self, x: torch.Tensor) -> bool:
         """Whether this call runs as one node (:mod:`moefast.ops._tower_cpu`): on CPU, when every
@@ -176,18 +183,6 @@ class Tower(nn.Module):
             if resolve_backend("adapter_linear", why_not, layer.backend) is not Backend.FAST:
                 return False
         return True
-
-    def _forward_fused(self, x: torch.Tensor, domain: torch.Tensor) -> torch.Tensor:
-        layers = self.hidden_layers()
-        # Drawn in layer order before any layer runs: the bits the per-layer path draws.
-        masks = [layer.dropout_mask_for(x) for layer in layers]
-        params = [(layer.weight, layer.bias, layer.lora_A, layer.lora_B, layer.lora_c) for layer in layers]
-        return tower_cpu(
-            x, params, self.output.weight, self.output.bias, masks=masks,
-            gate=self.gate_weights(domain) if self.routing is Routing.MIXTURE else None,
-            domain=domain if self.routing is Routing.DOMAIN else None,
-            expert=self.active_expert,  # None outside the EXPERT routing
-        )
 
     def hidden_layers(self) -> list[AdapterLinear]:
         layers = []

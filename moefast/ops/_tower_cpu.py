@@ -65,8 +65,6 @@ class CpuTowerFunction(torch.autograd.Function):
         logit = torch.addmm(out_bias, h, out_weight.T).view(-1)
         ctx.save_for_backward(*saved, h, out_weight)
         ctx.expert, ctx.num_layers, ctx.gate_grad = expert, num_layers, gate is not None
-        ctx.shapes = [(int(params[_PER_LAYER * k + 2].shape[0]), int(params[_PER_LAYER * k + 2].shape[2]))
-                      for k in range(num_layers)]
         return logit
 
     @staticmethod
@@ -90,11 +88,10 @@ class CpuTowerFunction(torch.autograd.Function):
             # dx of layer k feeds everything below it: the input, lower layers, their gate use.
             below = need_input or (k > 0 and (need_gate or any(need_params[: _PER_LAYER * k])))
             own = tuple(need_params[_PER_LAYER * k : _PER_LAYER * (k + 1)])
-            num_experts, rank = ctx.shapes[k]
-            layer_grads = layer_backward(
-                list(saved[_SAVED_PER_LAYER * k : _SAVED_PER_LAYER * (k + 1)]), dy, ctx.expert, True,
-                num_experts, rank, (below, *own, need_gate), ctx.gate_grad,
-            )
+            layer_saved = list(saved[_SAVED_PER_LAYER * k : _SAVED_PER_LAYER * (k + 1)])
+            num_experts, rank = layer_saved[5].shape[:2]  # lora_B [E, r, out]
+            layer_grads = layer_backward(layer_saved, dy, ctx.expert, True, num_experts, rank,
+                                         (below, *own, need_gate), ctx.gate_grad)
             grads[_PER_LAYER * k : _PER_LAYER * (k + 1)] = layer_grads[1:6]
             if layer_grads[6] is not None:
                 grad_gate = layer_grads[6] if grad_gate is None else grad_gate.add_(layer_grads[6])
