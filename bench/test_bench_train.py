@@ -36,7 +36,7 @@ from typing import Any
 import pytest
 import torch
 
-from moefast import data, models
+from moefast import _ext, data, models
 from moefast.config import MLoRAMode, TowerKind, TrainConfig
 from moefast.data.dataset import Batch, MultiDomainDataset
 from moefast.models.base import CTRModel
@@ -171,14 +171,22 @@ def test_evaluate(benchmark: Any, provider: str, preset: str, lazy: bool) -> Non
     _record(benchmark, len(rows), provider=provider, preset=preset, device=DEVICE, mode="evaluate")
 
 
+TOWER_NODES = {"one-node": "fast", "python-node": "fast-python-node-tower", "per-layer": "fast-per-layer-tower"}
+
+
 @pytest.mark.parametrize("batch", [64, BATCH])
-@pytest.mark.parametrize("tower", ["one-node", "per-layer"])
+@pytest.mark.parametrize("tower", list(TOWER_NODES))
 def test_tower_node(benchmark: Any, tower: str, batch: int, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The fast CPU tower as one autograd node (``moefast.ops._tower_cpu``, what ``fast`` runs)
-    against one node per layer (``Tower``'s own loop over its layers), on ``paper``'s staged round.
-    At batch 64 a step is mostly fixed dispatch cost, which the one node cuts."""
+    """The fast CPU tower as one C++ autograd node (``torch.ops.moefast.tower``, what ``fast``
+    runs) against the same node in Python (``CpuTowerFunction``, its specification) and against
+    one node per layer (``Tower``'s own loop over its layers), on ``paper``'s staged round. At
+    batch 64 a step is mostly fixed dispatch cost, which is what the one node cuts."""
     if DEVICE != "cpu":
         pytest.skip("the one-node tower is the CPU fast path")
+    if tower == "one-node" and not _ext.tower_op_available():
+        pytest.skip("moefast._tower_ops is not built")
+    if tower == "python-node":
+        monkeypatch.setattr(_ext, "tower_op_available", lambda: False)
     if tower == "per-layer":
         monkeypatch.setattr(Tower, "_runs_fused", lambda self, x: False)
     ds = _dataset("paper")
@@ -187,7 +195,7 @@ def test_tower_node(benchmark: Any, tower: str, batch: int, monkeypatch: pytest.
     benchmark.group = f"tower-node-paper-batch{batch}"
     samples = run()
     benchmark.pedantic(run, rounds=4 * ROUNDS, iterations=1)
-    _record(benchmark, samples, provider="fast" if tower == "one-node" else "fast-per-layer-tower",
+    _record(benchmark, samples, provider=TOWER_NODES[tower],
             preset="paper", device=DEVICE, batch=batch, embedding_optimizer="adam", mode="staged-train")
 
 

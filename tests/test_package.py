@@ -69,7 +69,8 @@ def test_wheel_layout(tmp_path: pathlib.Path) -> None:
     (wheel,) = tmp_path.glob("moefast-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     assert "moefast/kernels/__init__.py" in names
-    assert any(n.startswith("moefast/_C.") and n.endswith(".so") for n in names)
+    for module in ("_C", "_tower_ops"):
+        assert any(n.startswith(f"moefast/{module}.") and n.endswith(".so") for n in names), module
     assert "moefast/_C.pyi" in names and "moefast/py.typed" in names
     top_level = {n.split("/")[0] for n in names}
     assert top_level == {"moefast", wheel.name.split("-")[0] + "-0.1.0.dist-info"}, top_level

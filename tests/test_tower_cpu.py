@@ -3,7 +3,9 @@
 ``Tower`` runs as one autograd node on CPU under ``fast``; the per-layer path (one
 ``CpuAdapterLinearFunction`` per hidden layer, then ``nn.Linear``) is what it must equal: the
 same dropout bits, the same logits bit for bit, the same gradients for every pattern of what
-trains (the stages freeze different parts), and the same errors for bad input.
+trains (the stages freeze different parts), and the same errors for bad input. The node itself
+is C++ (``torch.ops.moefast.tower``); its Python specification ``CpuTowerFunction`` must give the
+same results bit for bit, through the same ATen calls.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from typing import Any
 import pytest
 import torch
 
+from moefast import _ext
 from moefast.config import TowerConfig, TowerKind
 from moefast.nn.tower import Routing, Tower
 from moefast.ops._tower_cpu import tower_cpu
@@ -73,6 +76,15 @@ def _per_layer(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(Tower, "_runs_fused", lambda self, x: False)
 
 
+def _python_node(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The one-node tower in Python (what runs when moefast._tower_ops is not built)."""
+    monkeypatch.setattr(_ext, "tower_op_available", lambda: False)
+
+
+native = pytest.mark.skipif(not _ext.tower_op_available(), reason="moefast._tower_ops not built")
+NATIVE_NODE = "torch::autograd::CppNode<moefast::TowerFunction>"
+
+
 @pytest.mark.parametrize(("kind", "routing", "expert"), ROUTINGS, ids=lambda v: getattr(v, "value", v))
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -102,7 +114,78 @@ def test_fused_tower_equals_the_per_layer_path(kind: TowerKind, routing: Routing
             torch.testing.assert_close(a, b, rtol=tol.rtol, atol=tol.atol, msg=f"{name}, needs={needs}")
 
 
-def test_the_fused_path_is_what_runs_and_computes_only_what_is_asked(monkeypatch: pytest.MonkeyPatch) -> None:
+@native
+@pytest.mark.parametrize(("kind", "routing", "expert"), ROUTINGS, ids=lambda v: getattr(v, "value", v))
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_the_native_node_equals_its_python_specification(kind: TowerKind, routing: Routing, expert: int | None,
+                                                         training: bool, dtype: torch.dtype,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """Bit for bit, logits and every gradient, for every pattern of what trains."""
+    tower = _tower(kind, routing, expert, dtype).train(training)
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(N, D_IN, generator=g, dtype=dtype)
+    domain = torch.randint(0, D, (N,), generator=g)
+    for needs in NEEDS:
+        got = _step(tower, x, domain, needs, seed=11)
+        with monkeypatch.context() as m:
+            _python_node(m)
+            want = _step(tower, x, domain, needs, seed=11)
+        torch.testing.assert_close(got[0], want[0], rtol=0, atol=0, msg=f"logits, needs={needs}")
+        for name, a, b in [("dx", got[1], want[1]), *[(n, got[2][n], want[2][n]) for n in got[2]]]:
+            assert (a is None) == (b is None), f"{name} only on one path, needs={needs}"
+            if a is not None:
+                torch.testing.assert_close(a, b, rtol=0, atol=0, msg=f"{name}, needs={needs}")
+
+
+# The arithmetic and allocating ATen ops the tower calls (views and metadata ops are left out:
+# Python and C++ reach the same view through different ones, `.T` against `t()`).
+COMPUTE_OPS = {"aten::mm", "aten::addmm", "aten::addmm_", "aten::add", "aten::add_", "aten::mul",
+               "aten::mul_", "aten::cat", "aten::relu_", "aten::threshold_backward", "aten::sum",
+               "aten::zeros", "aten::zeros_like", "aten::copy_", "aten::one_hot"}
+
+
+def _aten_calls(tower: Tower, x: torch.Tensor, domain: torch.Tensor) -> tuple[list[str], list[str]]:
+    """The compute ops of one forward and of one backward, in order (after a warm-up step)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    def names(prof: Any) -> list[str]:
+        return [e.name for e in prof.events() if e.name in COMPUTE_OPS]
+
+    tower(x, domain).sum().backward()  # first-call work (cached constants) stays out
+    tower.zero_grad(set_to_none=True)  # no accumulation into earlier gradients either
+    with profile(activities=[ProfilerActivity.CPU]) as forward:
+        logits = tower(x, domain)
+    with profile(activities=[ProfilerActivity.CPU]) as backward:
+        logits.sum().backward()
+    return names(forward), names(backward)
+
+
+@native
+@pytest.mark.parametrize(("routing", "expert", "needs"), [
+    (Routing.EXPERT, 4, (False, False, True, False)),  # an expert stage: only the adapters train
+    (Routing.MIXTURE, None, (False, False, False, True)),  # the gate stage
+    (Routing.MIXTURE, None, (True, True, True, True)),  # everything
+], ids=["expert-stage", "gate-stage", "all"])
+def test_the_native_node_runs_and_makes_the_same_aten_calls(routing: Routing, expert: int | None,
+                                                             needs: tuple[bool, ...],
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    tower = _tower(TowerKind.MOE_MLORA, routing, expert, torch.float32)
+    x = torch.randn(N, D_IN, requires_grad=needs[0])
+    domain = torch.zeros(N, dtype=torch.int64)
+    _leaves(tower, needs)
+    assert tower(x, domain).grad_fn.name() == NATIVE_NODE
+    got = _aten_calls(tower, x, domain)
+    with monkeypatch.context() as m:
+        _python_node(m)
+        assert type(tower(x, domain).grad_fn).__name__ == "CpuTowerFunctionBackward"
+        want = _aten_calls(tower, x, domain)
+    assert got == want
+    assert got[0].count("aten::mm") == 3 and "aten::mm" in got[1]
+
+
+def test_the_python_node_computes_only_what_is_asked(monkeypatch: pytest.MonkeyPatch) -> None:
+    _python_node(monkeypatch)
     tower = _tower(TowerKind.MOE_MLORA, Routing.EXPERT, 4, torch.float32)
     x = torch.randn(N, D_IN)
     domain = torch.zeros(N, dtype=torch.int64)
@@ -121,11 +204,39 @@ def test_the_fused_path_is_what_runs_and_computes_only_what_is_asked(monkeypatch
     monkeypatch.setattr(fused, "layer_backward", spy)
     logits.sum().backward()
     # Top-down: the two upper layers pass a gradient down to the adapters below; the first
-    # layer has nothing below it that trains, so it computes no dx.
+    # layer has nothing below it that trains, so it computes no dx. (The native node makes the
+    # same ATen calls: test_the_native_node_runs_and_makes_the_same_aten_calls.)
     assert calls == [True, True, False]
     layer = tower.hidden_layers()[1]
     assert layer.lora_A.grad is not None and layer.lora_A.grad[4].abs().sum() > 0
     assert not torch.cat([layer.lora_A.grad[:4], layer.lora_A.grad[5:]]).any()
+
+
+@native
+def test_the_native_node_refuses_double_backward_and_bad_calls() -> None:
+    tower = _tower(TowerKind.MOE_MLORA, Routing.MIXTURE, None, torch.float32)
+    x = torch.randn(N, D_IN, requires_grad=True)
+    logits = tower(x, torch.zeros(N, dtype=torch.int64))
+    with pytest.raises(RuntimeError, match="no double backward"):
+        torch.autograd.grad(logits.sum(), x, create_graph=True)
+    op = _ext.tower_op()
+    params = [p for layer in tower.hidden_layers()
+              for p in (layer.weight, layer.bias, layer.lora_A, layer.lora_B, layer.lora_c)]
+    full = [*params, tower.output.weight, tower.output.bias]
+    with pytest.raises(ValueError, match="16 parameters for 3 layers"):
+        op(x, None, None, full[:-1], None, [None] * 3)
+    with pytest.raises(ValueError, match="expert 9 outside"):
+        op(x, None, None, full, 9, [None] * 3)
+    with pytest.raises(ValueError, match="expert -1 is negative"):
+        op(x, None, None, full, -1, [None] * 3)
+    with pytest.raises(ValueError, match="layer input width 6"):
+        op(torch.randn(N, 6), None, None, full, None, [None] * 3)
+    with pytest.raises(ValueError, match="dropout mask"):
+        op(x, None, None, full, None, [torch.ones(N, 11), None, None])
+    with pytest.raises(ValueError, match="at most one of"):
+        op(x, None, torch.zeros(N, dtype=torch.int64), full, 1, [None] * 3)
+    with pytest.raises(ValueError, match="Linear"):
+        op(x, None, None, [*params, tower.output.weight[:, :4], tower.output.bias], None, [None] * 3)
 
 
 def test_hooks_and_the_reference_backend_keep_the_per_layer_modules() -> None:
