@@ -85,26 +85,49 @@ native = pytest.mark.skipif(not _ext.tower_op_available(), reason="moefast._towe
 NATIVE_NODE = "torch::autograd::CppNode<moefast::TowerFunction>"
 
 
-@pytest.mark.parametrize(("kind", "routing", "expert"), ROUTINGS, ids=lambda v: getattr(v, "value", v))
-@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_fused_tower_equals_the_per_layer_path(kind: TowerKind, routing: Routing, expert: int | None,
-                                               training: bool, dtype: torch.dtype,
-                                               monkeypatch: pytest.MonkeyPatch) -> None:
+Step = tuple[torch.Tensor, torch.Tensor | None, dict[str, torch.Tensor | None]]
+
+
+def every_case(test: Any) -> Any:
+    """Every routing, in train and eval mode, in fp32 and fp64."""
+    for name, values, ids in [(("kind", "routing", "expert"), ROUTINGS, lambda v: getattr(v, "value", v)),
+                              ("training", [True, False], ["train", "eval"]),
+                              ("dtype", [torch.float32, torch.float64], None)]:
+        test = pytest.mark.parametrize(name, values, ids=ids)(test)
+    return test
+
+
+def _both_paths(kind: TowerKind, routing: Routing, expert: int | None, training: bool, dtype: torch.dtype,
+                other: Any, monkeypatch: pytest.MonkeyPatch) -> list[tuple[tuple[bool, ...], Step, Step]]:
+    """For every pattern of what trains: a step on the path ``fast`` runs, then on the path
+    ``other(monkeypatch)`` switches to, with the same inputs and dropout draws."""
     tower = _tower(kind, routing, expert, dtype).train(training)
     g = torch.Generator().manual_seed(3)
     x = torch.randn(N, D_IN, generator=g, dtype=dtype)
     domain = torch.randint(0, D, (N,), generator=g)
-    tol = tolerance(dtype)
+    out = []
     for needs in NEEDS:
         assert tower._runs_fused(x)
-        fused = _step(tower, x, domain, needs, seed=7)
+        got = _step(tower, x, domain, needs, seed=7)
         with monkeypatch.context() as m:
-            _per_layer(m)
-            per_layer = _step(tower, x, domain, needs, seed=7)
-        torch.testing.assert_close(fused[0], per_layer[0], rtol=0, atol=0, msg=f"logits, needs={needs}")
-        for name, a, b in [("dx", fused[1], per_layer[1]),
-                           *[(n, fused[2][n], per_layer[2][n]) for n in fused[2]]]:
+            other(m)
+            want = _step(tower, x, domain, needs, seed=7)
+        torch.testing.assert_close(got[0], want[0], rtol=0, atol=0, msg=f"logits, needs={needs}")
+        out.append((needs, got, want))
+    return out
+
+
+def _gradients(got: Step, want: Step) -> list[tuple[str, torch.Tensor | None, torch.Tensor | None]]:
+    return [("dx", got[1], want[1]), *[(n, got[2][n], want[2][n]) for n in got[2]]]
+
+
+@every_case
+def test_fused_tower_equals_the_per_layer_path(kind: TowerKind, routing: Routing, expert: int | None,
+                                               training: bool, dtype: torch.dtype,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    tol = tolerance(dtype)
+    for needs, fused, per_layer in _both_paths(kind, routing, expert, training, dtype, _per_layer, monkeypatch):
+        for name, a, b in _gradients(fused, per_layer):
             if a is None or b is None:
                 # Both absent, or one absent and the other zero (the lookup-free gate of a
                 # routing that does not read it).
@@ -115,24 +138,13 @@ def test_fused_tower_equals_the_per_layer_path(kind: TowerKind, routing: Routing
 
 
 @native
-@pytest.mark.parametrize(("kind", "routing", "expert"), ROUTINGS, ids=lambda v: getattr(v, "value", v))
-@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@every_case
 def test_the_native_node_equals_its_python_specification(kind: TowerKind, routing: Routing, expert: int | None,
                                                          training: bool, dtype: torch.dtype,
                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     """Bit for bit, logits and every gradient, for every pattern of what trains."""
-    tower = _tower(kind, routing, expert, dtype).train(training)
-    g = torch.Generator().manual_seed(5)
-    x = torch.randn(N, D_IN, generator=g, dtype=dtype)
-    domain = torch.randint(0, D, (N,), generator=g)
-    for needs in NEEDS:
-        got = _step(tower, x, domain, needs, seed=11)
-        with monkeypatch.context() as m:
-            _python_node(m)
-            want = _step(tower, x, domain, needs, seed=11)
-        torch.testing.assert_close(got[0], want[0], rtol=0, atol=0, msg=f"logits, needs={needs}")
-        for name, a, b in [("dx", got[1], want[1]), *[(n, got[2][n], want[2][n]) for n in got[2]]]:
+    for needs, got, want in _both_paths(kind, routing, expert, training, dtype, _python_node, monkeypatch):
+        for name, a, b in _gradients(got, want):
             assert (a is None) == (b is None), f"{name} only on one path, needs={needs}"
             if a is not None:
                 torch.testing.assert_close(a, b, rtol=0, atol=0, msg=f"{name}, needs={needs}")
