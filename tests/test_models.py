@@ -118,6 +118,37 @@ def test_tower_shapes_and_routing_rules() -> None:
     assert base.adapter_parameters() == [] and base.gate_parameters() == []
 
 
+@pytest.mark.parametrize("n", [2, 3, 40], ids=["fewer-rows-than-domains", "as-many", "more-rows"])
+def test_domain_gate_per_domain_table_is_the_per_sample_gate(n: int) -> None:
+    """Computed once per domain and gathered (more rows than domains) or per sample: the same
+    weights and the same gradients as ``softmax(Linear(Embedding(domain)))`` written out."""
+    moe = Tower(10, TowerConfig(kind=TowerKind.MOE_MLORA, experts_per_domain=2, alpha=32), D).double()
+    gate = moe.gate
+    assert gate is not None
+    domain = torch.randint(0, D, (n,), generator=torch.Generator().manual_seed(n))
+    upstream = torch.randn(n, 2 * D, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    params = list(gate.parameters())
+
+    def grads(weights: torch.Tensor) -> list[torch.Tensor]:
+        return list(torch.autograd.grad((weights * upstream).sum(), params))
+
+    written_out = torch.softmax(gate.embedding.weight[domain] @ gate.linear.weight.T + gate.linear.bias, dim=-1)
+    torch.testing.assert_close(gate(domain), written_out, rtol=1e-12, atol=1e-12)
+    for got, want in zip(grads(gate(domain)), grads(written_out), strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(gate.table()[domain], gate(domain), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("bad", [-1, D])
+@pytest.mark.parametrize("n", [2, 40])
+def test_domain_gate_refuses_ids_out_of_range(bad: int, n: int) -> None:
+    moe = Tower(10, TowerConfig(kind=TowerKind.MOE_MLORA, experts_per_domain=1, alpha=32), D)
+    domain = torch.zeros(n, dtype=torch.long)
+    domain[n // 2] = bad
+    with pytest.raises(ValueError, match=rf"domain id {bad} is outside \[0, {D}\)"):
+        moe.gate_weights(domain)
+
+
 def test_fresh_adapters_are_a_no_op() -> None:
     """B = c = 0 at init: a fresh MLoRA / MoE-MLoRA model computes what its shared path does."""
     ds = tiny_dataset()
