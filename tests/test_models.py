@@ -137,6 +137,10 @@ def test_domain_gate_per_domain_table_is_the_per_sample_gate(n: int) -> None:
     for got, want in zip(grads(gate(domain)), grads(written_out), strict=True):
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(gate.table()[domain], gate(domain), rtol=1e-12, atol=1e-12)
+    # A domain no row belongs to gets no gradient, as with the per-sample lookup.
+    one_domain = torch.zeros(n, dtype=torch.long)
+    (grad_embedding,) = torch.autograd.grad((gate(one_domain) * upstream).sum(), [gate.embedding.weight])
+    assert torch.count_nonzero(grad_embedding[1:]) == 0 and torch.count_nonzero(grad_embedding[0]) > 0
 
 
 @pytest.mark.parametrize("bad", [-1, D])
