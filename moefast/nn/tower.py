@@ -26,6 +26,7 @@ from moefast.nn.adapter import Activation, AdapterLinear
 from moefast.ops._backend import Backend, BackendLike, resolve_backend
 from moefast.ops._tower_cpu import tower_cpu
 from moefast.ops.adapter import FastImpl, fast_implementation
+from moefast.reference.adapter import check_domain_ids
 
 __all__ = ["DomainGate", "Routing", "Tower"]
 
@@ -74,11 +75,8 @@ class DomainGate(nn.Module):
     def forward(self, domain: torch.Tensor) -> torch.Tensor:
         """``domain`` int64 ``[N]`` -> gate weights float32 ``[N, E]`` (rows sum to 1)."""
         num_domains = self.embedding.num_embeddings
-        if domain.device.type == "cpu" and domain.numel():  # on CUDA, reading ids would synchronise
-            low, high = torch.aminmax(domain)
-            if low < 0 or high >= num_domains:
-                bad = int(low) if low < 0 else int(high)
-                raise ValueError(f"domain id {bad} is outside [0, {num_domains}) (the gate has {num_domains} domains)")
+        if domain.device.type == "cpu":  # on CUDA, reading the ids would synchronise
+            check_domain_ids(domain, num_domains, f"the gate has {num_domains} domains")
         if domain.dim() != 1 or domain.numel() <= num_domains:
             return torch.softmax(self.linear(self.embedding(domain)), dim=-1)
         return self.table().index_select(0, domain)

@@ -34,7 +34,7 @@ import enum
 
 import torch
 
-__all__ = ["Activation", "adapter_linear", "adapter_linear_concat", "check_adapter_inputs"]
+__all__ = ["Activation", "adapter_linear", "adapter_linear_concat", "check_adapter_inputs", "check_domain_ids"]
 
 
 class Activation(enum.Enum):
@@ -48,6 +48,17 @@ def _apply_activation(z: torch.Tensor, activation: Activation) -> torch.Tensor:
     if activation is Activation.RELU:
         return torch.relu(z)
     return z
+
+
+def check_domain_ids(domain: torch.Tensor, bound: int, owner: str) -> None:
+    """``ValueError`` naming the first out-of-range id unless every id lies in ``[0, bound)``
+    (``owner`` says what the bound counts). Reads the ids: on CUDA that synchronises."""
+    if domain.numel() == 0:
+        return
+    low, high = (int(v) for v in torch.aminmax(domain))
+    if low < 0 or high >= bound:
+        bad = low if low < 0 else high
+        raise ValueError(f"domain id {bad} is outside [0, {bound}) ({owner})")
 
 
 def check_adapter_inputs(
@@ -113,11 +124,8 @@ def check_adapter_inputs(
             raise ValueError(f"domain must be [{n}], got shape {tuple(domain.shape)}")
         if domain.device != x.device:
             raise ValueError(f"domain is on {domain.device}, x is on {x.device}")
-        if check_values and n > 0:
-            lo, hi = int(domain.min()), int(domain.max())
-            if lo < 0 or hi >= e:
-                bad = lo if lo < 0 else hi
-                raise ValueError(f"domain id {bad} is outside [0, {e}) (the layer has {e} adapters)")
+        if check_values:
+            check_domain_ids(domain, e, f"the layer has {e} adapters")
     if expert is not None:
         if isinstance(expert, bool) or not isinstance(expert, int):
             raise TypeError(f"expert must be an int, got {expert!r}")
