@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
@@ -9,7 +10,9 @@ from pathlib import Path
 
 import pytest
 
+import moefast
 from moefast import cli
+from moefast.cli import train as cli_train
 from moefast.config import BatchMode, TowerKind
 
 TINY = ["--rows", "1500", "--num-domains", "3", "--num-users", "100", "--num-items", "50",
@@ -42,7 +45,7 @@ def test_train_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
     assert (out / "moe-mlora" / "gate_weights.png").is_file()
     assert (out / "per_domain_auc.png").is_file() and (out / "table.txt").is_file()
     # The resolved config reads back to the same configuration.
-    config, _ = cli.resolve_config(cli.read_toml(str(out / "config.toml")))
+    config, _ = cli_train.resolve_config(cli_train.read_config(str(out / "config.toml")))
     assert config.data.rows == 1500 and config.data.num_domains == 3 and config.data.num_users == 100
     assert config.train.max_epochs == 1 and config.methods == tuple(TowerKind)
 
@@ -53,9 +56,9 @@ def test_toml_keys_mirror_flags_and_flags_win(tmp_path: Path) -> None:
         'model = "wdl"\nmethod = ["mlora"]\nmax-epochs = 4\nbatch_mode = "mixed"\n'
         "experts-per-domain = 2\nquiet = true\ntrain_backbone_in_later_stages = true\n"
     )
-    options = cli.read_toml(str(path))
+    options = cli_train.read_config(str(path))
     options.update({"max_epochs": 7})  # as if --max-epochs 7 were given
-    config, quiet = cli.resolve_config(options)
+    config, quiet = cli_train.resolve_config(options)
     assert (config.model, config.methods, config.experts_per_domain) == ("wdl", (TowerKind.MLORA,), 2)
     assert config.train.max_epochs == 7 and config.train.batch_mode is BatchMode.MIXED
     assert config.train.train_backbone_in_later_stages and quiet and not config.train.progress
@@ -97,6 +100,18 @@ def test_bad_toml_key_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[
     assert "key 'max_epochs' must be an integer, got 2.5" in capsys.readouterr().err
 
 
-def test_console_script_help() -> None:
-    done = subprocess.run([sys.executable, "-m", "moefast.cli", "train", "--help"], capture_output=True, text=True)
+def test_module_entry_help_and_version() -> None:
+    done = subprocess.run([sys.executable, "-m", "moefast", "train", "--help"], capture_output=True, text=True)
     assert done.returncode == 0 and "--experts-per-domain" in done.stdout and "--quiet" in done.stdout
+    done = subprocess.run([sys.executable, "-m", "moefast", "--version"], capture_output=True, text=True)
+    assert done.returncode == 0 and done.stdout.strip() == f"moefast {moefast.__version__}", done
+
+
+def test_every_command_is_listed_and_documented() -> None:
+    """Each module of COMMANDS becomes a subcommand, in order, with its own --help."""
+    parser = cli.build_parser()
+    subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    assert list(subparsers.choices) == [c.NAME for c in cli.COMMANDS]
+    assert {"train", "grid"} <= set(subparsers.choices)
+    for name, sub in subparsers.choices.items():
+        assert sub.prog == f"moefast {name}" and sub.format_help().strip(), name

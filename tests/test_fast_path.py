@@ -154,12 +154,13 @@ def test_sparse_embedding_optimizer_touches_only_the_rows_seen(dataset: MultiDom
 def test_cli_embedding_optimizer_flag() -> None:
     """``--embedding-optimizer`` / ``--embedding-lr`` reach TrainConfig; a bad value is refused."""
     from moefast import cli
+    from moefast.cli._options import given_options
+    from moefast.cli.train import resolve_config
 
     args = cli.build_parser().parse_args(
         ["train", "--backend", "fast", "--embedding-optimizer", "rowwise-adagrad", "--embedding-lr", "0.05"]
     )
-    given = {k: v for k, v in vars(args).items() if k not in ("command", "config") and v is not None}
-    config, _ = cli.resolve_config(given)
+    config, _ = resolve_config(given_options(args))
     assert config.backend == "fast"
     assert config.train.embedding_optimizer is EmbeddingOptimizer.ROWWISE_ADAGRAD
     assert config.train.embedding_lr == 0.05

@@ -123,7 +123,7 @@ def test_methods_without_moe_have_one_cell_each() -> None:
 
 def test_grid_command_line_and_toml(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from moefast.cli import main
-    from moefast.cli_grid import resolve_grid
+    from moefast.cli.grid import resolve_grid
 
     toml = tmp_path / "grid.toml"
     toml.write_text('model = ["wdl"]\nmethod = "base"\nseeds = [3]\nrows = 400\nnum-domains = 2\n'

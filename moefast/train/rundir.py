@@ -20,7 +20,7 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 
@@ -28,10 +28,34 @@ from moefast.config import TrainConfig
 from moefast.data.dataset import MultiDomainDataset
 from moefast.models.base import CTRModel
 
-if TYPE_CHECKING:
-    from moefast.train.loop import FitResult
+__all__ = ["RunResult", "plot_methods", "to_jsonable", "write_json", "write_run"]
 
-__all__ = ["plot_methods", "to_jsonable", "write_json", "write_run"]
+
+class StageHistory(Protocol):
+    """What the validation plot reads of one stage (``moefast.train.loop.StageRecord``)."""
+
+    @property
+    def label(self) -> str: ...
+
+    @property
+    def val_history(self) -> Sequence[float]: ...
+
+
+class RunResult(Protocol):
+    """What a run directory is written from (``moefast.train.loop.FitResult``, which imports
+    this module: the run directory does not import the loop back)."""
+
+    @property
+    def metrics(self) -> Mapping[str, Any]: ...
+
+    @property
+    def stages(self) -> Sequence[StageHistory]: ...
+
+    @property
+    def test_logits(self) -> torch.Tensor: ...
+
+    @property
+    def gate_weights(self) -> torch.Tensor | None: ...
 
 
 def to_jsonable(value: Any) -> Any:
@@ -58,7 +82,7 @@ def write_json(path: Path, payload: Any) -> None:
 
 
 def write_run(
-    run_dir: Path, result: FitResult, dataset: MultiDomainDataset, model: CTRModel, config: TrainConfig
+    run_dir: Path, result: RunResult, dataset: MultiDomainDataset, model: CTRModel, config: TrainConfig
 ) -> None:
     """Write everything but the checkpoints (which the stages wrote already)."""
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -99,7 +123,7 @@ def _pyplot() -> Any:
     return plt
 
 
-def _plot_val_history(path: Path, result: FitResult) -> None:
+def _plot_val_history(path: Path, result: RunResult) -> None:
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4))
     epoch0 = 0

@@ -13,17 +13,23 @@ import sys
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from moefast.cli import (
-    _TRAIN_OPTIONS,
+from moefast.cli._options import (
+    TRAIN_OPTIONS,
+    Option,
     UserError,
-    _load_dataset,
-    _methods,
+    add_config_and_quiet,
     add_option_groups,
+    converters,
+    given_options,
+    load_dataset,
+    parse_methods,
     read_toml,
 )
 from moefast.config import DataConfig, TrainConfig
 
-__all__ = ["add_parser", "main", "resolve_grid"]
+__all__ = ["NAME", "add_parser", "resolve_grid", "run"]
+
+NAME = "grid"
 
 
 def _strings(text: str) -> tuple[str, ...]:
@@ -50,7 +56,7 @@ def _models(text: str) -> tuple[str, ...]:
     return BACKBONES if str(text).lower() == "all" else tuple(m.lower() for m in _strings(text))
 
 
-_DATA: list[tuple[str, Callable[[str], Any], str]] = [
+_DATA: list[Option] = [
     ("dataset", _strings, "datasets, comma-separated (default synthetic)"),
     ("domain", _strings, "domain columns of the real datasets, comma-separated (MovieLens: gender,age,occupation)"),
     ("diversity", _list_of(float), "synthetic domain diversities, comma-separated (e.g. 0.9,0.1)"),
@@ -61,30 +67,30 @@ _DATA: list[tuple[str, Callable[[str], Any], str]] = [
     ("imbalance", float, "synthetic: domain-size imbalance"),
     ("data-seed", int, "synthetic: generator seed"),
 ]
-_GRID: list[tuple[str, Callable[[str], Any], str]] = [
+_GRID: list[Option] = [
     ("model", _models, "backbones, comma-separated, or all (default all eight)"),
-    ("method", _methods, "base | mlora | moe-mlora | all (default), comma-separated"),
+    ("method", parse_methods, "base | mlora | moe-mlora | all (default), comma-separated"),
     ("experts-per-domain", _list_of(int), "MoE-MLoRA experts per domain k, one cell each (default 1,2,3,4)"),
     ("seeds", _list_of(int), "seeds, one run each (default 1024,1025)"),
     ("backend", str, "reference | fast | auto"),
     ("out", str, "grid directory (default runs/grid); rerun to resume"),
 ]
 # The grid's --seeds replaces train's --seed.
-_TRAINING = [option for option in _TRAIN_OPTIONS if option[0] != "seed"]
-_ALL = {name.replace("-", "_"): conv for name, conv, _ in _DATA + _GRID + _TRAINING}
+_TRAINING = [option for option in TRAIN_OPTIONS if option[0] != "seed"]
+_ALL = converters(_DATA + _GRID + _TRAINING)
 _DATA_LISTS = ("dataset", "domain", "diversity")
 
 
-def add_parser(commands: Any) -> None:
+def add_parser(commands: Any) -> argparse.ArgumentParser:
     """Add the ``grid`` subcommand to ``moefast``'s subparsers."""
-    grid = commands.add_parser(
-        "grid",
+    grid: argparse.ArgumentParser = commands.add_parser(
+        NAME,
         help="run an experiment grid (data x backbone x method x seed), resumable",
         description=(__doc__ or "").split("\n\n")[1].replace("\n", " "),
     )
-    grid.add_argument("--config", help="TOML file whose keys mirror the flags")
-    grid.add_argument("--quiet", "-q", action="store_true", default=None, help="no progress bars or per-cell lines")
+    add_config_and_quiet(grid, "no progress bars or per-cell lines")
     add_option_groups(grid, (("data", _DATA), ("grid", _GRID), ("training", _TRAINING)))
+    return grid
 
 
 def resolve_grid(options: Mapping[str, Any]) -> tuple[Any, bool]:
@@ -110,18 +116,13 @@ def resolve_grid(options: Mapping[str, Any]) -> tuple[Any, bool]:
     return GridConfig(data=data, train=train, **grid), quiet
 
 
-def _load(data: DataConfig) -> Any:
-    return _load_dataset(data)
-
-
-def main(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     """Run ``moefast grid`` for parsed ``args``; user mistakes raise :class:`UserError`."""
     from moefast.ops._backend import BackendUnavailableError, parse_backend
     from moefast.train.grid import run_grid
 
-    given = {k: v for k, v in vars(args).items() if k not in ("command", "config") and v is not None}
     options = read_toml(args.config, _ALL) if args.config else {}
-    options.update(given)
+    options.update(given_options(args))  # flags win over the file
     try:
         config, quiet = resolve_grid(options)
     except (TypeError, ValueError) as exc:
@@ -133,7 +134,7 @@ def main(args: argparse.Namespace) -> int:
             raise UserError(str(exc)) from None
     say = (lambda _msg: None) if quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
     try:
-        paths = run_grid(config, load=_load, say=say)
+        paths = run_grid(config, load=load_dataset, say=say)
     except BackendUnavailableError as exc:
         raise UserError(str(exc)) from None
     print(paths["results.md"].read_text(), end="")

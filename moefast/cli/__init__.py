@@ -1,0 +1,72 @@
+"""The ``moefast`` command: multi-domain CTR training with MLoRA and MoE-MLoRA towers.
+
+Each subcommand is a module of this package that exposes ``NAME``, ``add_parser(subparsers)``
+and ``run(args) -> int``; a new command is a new module plus one entry in :data:`COMMANDS`.
+User mistakes (a bad path, an unknown model, experts inconsistent with the domains) end with
+one ``moefast: error: ...`` line and exit status 2, not a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from typing import Protocol
+
+from moefast.cli import grid, train
+from moefast.cli._options import Parser, UserError
+
+__all__ = ["COMMANDS", "Command", "build_parser", "main", "version"]
+
+
+class Command(Protocol):
+    """What a command module provides (checked by mypy against every entry of COMMANDS)."""
+
+    NAME: str
+
+    def add_parser(self, commands: argparse._SubParsersAction) -> argparse.ArgumentParser: ...
+
+    def run(self, args: argparse.Namespace) -> int: ...
+
+
+# The subcommands, in the order `moefast --help` lists them.
+COMMANDS: tuple[Command, ...] = (train, grid)
+
+
+def version() -> str:
+    """The installed distribution's version (the source tree's when not installed)."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as dist_version
+
+    try:
+        return dist_version("moefast")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown (not installed)"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = Parser(prog="moefast", description=(__doc__ or "").split("\n\n")[0])
+    parser.add_argument("--version", action="version", version=f"moefast {version()}")
+    subparsers = parser.add_subparsers(dest="command", parser_class=Parser)
+    for command in COMMANDS:
+        command.add_parser(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    (command,) = (c for c in COMMANDS if c.NAME == args.command)
+    try:
+        return command.run(args)
+    except (UserError, ValueError) as exc:
+        # ValueError: the library's user-facing errors (unknown dataset option, bad raw file,
+        # experts inconsistent with the domains...), which name the offending value.
+        print(f"moefast: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("moefast: interrupted", file=sys.stderr)
+        return 130

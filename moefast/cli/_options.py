@@ -1,0 +1,230 @@
+"""What every ``moefast`` command shares: the option tables, their parsers, the TOML reader,
+the one-line error type and the dataset loader.
+
+A flag's ``dest`` is its TOML key (dashes also accepted). Defaults are SUPPRESSed, so only the
+flags actually given appear in the parsed namespace and override the config file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import enum
+import tomllib
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from moefast.config import (
+    BatchMode,
+    DataConfig,
+    EmbeddingOptimizer,
+    ExpertStopRule,
+    MLoRAMode,
+    TowerKind,
+    TrainConfig,
+)
+
+__all__ = [
+    "DATA_OPTIONS",
+    "RUN_OPTIONS",
+    "TRAIN_OPTIONS",
+    "Option",
+    "Parser",
+    "UserError",
+    "add_option_groups",
+    "given_options",
+    "load_dataset",
+    "parse_bool",
+    "parse_choice",
+    "parse_methods",
+    "read_toml",
+]
+
+# Time budget of the default run (no flags) on 2 CPU cores, 200,000 rows x 10 domains.
+DEFAULT_MAX_EPOCHS = TrainConfig().max_epochs
+
+
+class UserError(Exception):
+    """A mistake in the command line or the config file: reported as one line."""
+
+
+Conv = Callable[[str], Any]
+# Every option: (flag without dashes, type, help).
+Option = tuple[str, type | Conv, str]
+
+
+def parse_choice(kind: type[enum.Enum]) -> Conv:
+    def parse(text: str) -> Any:
+        try:
+            return kind(str(text).lower())
+        except ValueError:
+            choices = ", ".join(str(k.value) for k in kind)
+            raise argparse.ArgumentTypeError(f"{text!r} is not one of {choices}") from None
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
+def parse_methods(text: str) -> tuple[TowerKind, ...]:
+    if str(text).lower() == "all":
+        return tuple(TowerKind)
+    parsed = []
+    for part in str(text).split(","):
+        try:
+            parsed.append(TowerKind(part.strip().lower()))
+        except ValueError:
+            choices = ", ".join([*(k.value for k in TowerKind), "all"])
+            raise argparse.ArgumentTypeError(f"unknown method {part.strip()!r}; choose {choices}") from None
+    return tuple(parsed)
+
+
+def parse_bool(text: str) -> bool:
+    lowered = str(text).lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"{text!r} is not a boolean")
+
+
+DATA_OPTIONS: list[Option] = [
+    ("dataset", str, "dataset name: synthetic (default), movielens-1m, taobao, amazon-6"),
+    ("preset", str, "synthetic preset: paper (default) or wide"),
+    ("domain", str, "which column is the domain (MovieLens: gender, age or occupation)"),
+    ("data-dir", str, "folder of a real dataset's raw files"),
+    ("rows", int, "synthetic: number of rows"),
+    ("num-domains", int, "synthetic: number of domains"),
+    ("num-users", int, "synthetic: number of users"),
+    ("num-items", int, "synthetic: number of items"),
+    ("diversity", float, "synthetic: how far each domain's click function departs from the shared one"),
+    ("imbalance", float, "synthetic: domain-size imbalance"),
+    ("data-seed", int, "synthetic: generator seed"),
+]
+RUN_OPTIONS: list[Option] = [
+    ("model", str, "backbone (default deepfm)"),
+    ("method", parse_methods, "base | mlora | moe-mlora | all (default), or a comma-separated list"),
+    ("experts-per-domain", int, "MoE-MLoRA experts per domain (E = this x domains)"),
+    ("backend", str, "reference | fast | auto"),
+    ("out", str, "run directory (default runs/<timestamp>); one subdirectory per method"),
+]
+TRAIN_OPTIONS: list[Option] = [
+    ("device", str, "torch device (default cpu)"),
+    ("seed", int, "seed of the model's initial weights, batch order and dropout (default 1024)"),
+    ("lr", float, "Adam learning rate (default 1e-3)"),
+    ("batch-size", int, "training batch size (default 1024)"),
+    ("eval-batch-size", int, "evaluation batch size"),
+    ("l2", float, "L2 weight on embeddings and linear parts (default 1e-5)"),
+    ("max-epochs", int, f"epoch cap of every stage (default {DEFAULT_MAX_EPOCHS})"),
+    ("expert-max-epochs", int, "epoch cap of each MoE-MLoRA expert stage"),
+    ("gate-max-epochs", int, "epoch cap of the MoE-MLoRA gate stage"),
+    ("patience", int, "early-stopping patience in epochs (default 3)"),
+    ("batch-mode", parse_choice(BatchMode), "single-domain (default) or mixed batches"),
+    ("expert-stop", parse_choice(ExpertStopRule), "own-domain (default) or all-domains (the seeds')"),
+    ("mlora-mode", parse_choice(MLoRAMode), "joint (default) or pretrain-freeze"),
+    ("embedding-optimizer", parse_choice(EmbeddingOptimizer),
+     "adam (default: dense, the method's), lazy-adam or rowwise-adagrad (sparse, fused in backward)"),
+    ("embedding-lr", float, "learning rate of the embedding optimizer (default: --lr)"),
+    ("train-backbone-in-later-stages", parse_bool,
+     "keep embeddings and non-tower parts trainable in the expert and gate stages"),
+    ("seeds-compat", parse_bool, "behave like the seeds' public code (see docs/method.md): backbone "
+     "trainable in every stage, best validation score carried across stages, weights reverted to "
+     "the best after every epoch"),
+]
+FLAGS_WITHOUT_VALUE = {"train-backbone-in-later-stages", "seeds-compat"}
+
+
+def converters(options: Sequence[Option]) -> dict[str, type | Conv]:
+    """``{dest: converter}`` of an option table: the keys a config file may hold."""
+    return {name.replace("-", "_"): conv for name, conv, _ in options}
+
+
+class Parser(argparse.ArgumentParser):
+    """An argparse parser whose usage errors are one line (the usage is one ``--help`` away)."""
+
+    def error(self, message: str) -> Any:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def add_option_groups(
+    parser: argparse.ArgumentParser, groups: Sequence[tuple[str, Sequence[Option]]]
+) -> None:
+    """Add every ``(flag, type, help)`` option, one argument group per title.
+
+    Defaults are SUPPRESSed: only flags actually given appear, so they override the TOML file.
+    """
+    for title, options in groups:
+        group = parser.add_argument_group(title)
+        for name, conv, text in options:
+            if name in FLAGS_WITHOUT_VALUE:
+                group.add_argument(f"--{name}", action="store_true", default=argparse.SUPPRESS, help=text)
+            else:
+                group.add_argument(f"--{name}", type=conv, default=argparse.SUPPRESS, help=text)
+
+
+def add_config_and_quiet(parser: argparse.ArgumentParser, quiet_help: str) -> None:
+    parser.add_argument("--config", help="TOML file whose keys mirror the flags")
+    parser.add_argument("--quiet", "-q", action="store_true", default=None, help=quiet_help)
+
+
+def given_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The flags given on the command line (``command``, ``config`` and unset ones left out)."""
+    return {k: v for k, v in vars(args).items() if k not in ("command", "config") and v is not None}
+
+
+def read_toml(path: str, options: Mapping[str, type | Conv]) -> dict[str, Any]:
+    """A TOML config file's keys (flag names, dashes or underscores) converted like the flags."""
+    try:
+        with open(path, "rb") as handle:
+            raw = tomllib.load(handle)
+    except FileNotFoundError:
+        raise UserError(f"config file {path!r} does not exist") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise UserError(f"config file {path!r} is not valid TOML: {exc}") from None
+    out: dict[str, Any] = {}
+    for key, value in raw.items():
+        dest = key.replace("-", "_")
+        if dest == "quiet":
+            out[dest] = parse_bool(str(value))
+            continue
+        if dest not in options:
+            raise UserError(f"config file {path!r}: unknown key {key!r}")
+        conv = options[dest]
+        if isinstance(value, list):  # method = ["base", "mlora"]
+            value = ",".join(str(v) for v in value)
+        if conv is int and (isinstance(value, bool) or not isinstance(value, int | str)):
+            raise UserError(f"config file {path!r}: key {key!r} must be an integer, got {value!r}")
+        try:
+            out[dest] = conv(value) if isinstance(value, str) or conv in (int, float) else conv(str(value))
+        except (ValueError, TypeError, argparse.ArgumentTypeError) as exc:
+            raise UserError(f"config file {path!r}: key {key!r}: {exc}") from None
+    return out
+
+
+def load_dataset(data: DataConfig) -> Any:
+    """The dataset a :class:`DataConfig` names; options that do not apply are user errors."""
+    from moefast import data as data_module
+
+    options: dict[str, Any] = {}
+    if data.dataset == "synthetic":
+        for key, dest in (("preset", "preset"), ("rows", "rows"), ("num_domains", "num_domains"),
+                          ("num_users", "num_users"), ("num_items", "num_items"),
+                          ("diversity", "diversity"), ("imbalance", "imbalance"), ("data_seed", "seed")):
+            value = getattr(data, key)
+            if value is not None:
+                options[dest] = value
+        for key in ("domain", "data_dir"):
+            if getattr(data, key) is not None:
+                raise UserError(f"--{key.replace('_', '-')} does not apply to the synthetic dataset")
+    else:
+        for key in ("preset", "rows", "num_domains", "num_users", "num_items", "diversity", "imbalance",
+                    "data_seed"):
+            if getattr(data, key) is not None:
+                raise UserError(f"--{key.replace('_', '-')} applies to the synthetic dataset only")
+        if data.data_dir is None:
+            raise UserError(f"dataset {data.dataset!r} needs --data-dir (the folder of its raw files)")
+        if not Path(data.data_dir).is_dir():
+            raise UserError(f"--data-dir {data.data_dir!r} is not a directory")
+        options["raw_dir"] = data.data_dir
+        if data.domain is not None:
+            options["domain"] = data.domain
+    return data_module.load(data.dataset, **options)

@@ -1,0 +1,194 @@
+"""``moefast train``: a backbone trained as base, MLoRA and MoE-MLoRA, compared side by side.
+
+With no arguments it trains DeepFM with the three towers on the default synthetic dataset and
+prints per-domain AUC, mean AUC and WAUC side by side. Flags and the keys of a TOML file
+(``--config``) map onto the same frozen dataclasses (:class:`RunConfig`, :class:`DataConfig`,
+:class:`TrainConfig`); a TOML key is a flag's name without the dashes (``max-epochs = 3`` or
+``max_epochs = 3``), and a flag given on the command line wins over the file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import enum
+import math
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from moefast.cli._options import (
+    DATA_OPTIONS,
+    RUN_OPTIONS,
+    TRAIN_OPTIONS,
+    UserError,
+    add_config_and_quiet,
+    add_option_groups,
+    converters,
+    given_options,
+    load_dataset,
+    read_toml,
+)
+from moefast.config import DataConfig, RunConfig, TrainConfig
+
+__all__ = ["NAME", "add_parser", "comparison_table", "config_toml", "read_config", "resolve_config", "run"]
+
+NAME = "train"
+OPTIONS = converters(DATA_OPTIONS + RUN_OPTIONS + TRAIN_OPTIONS)
+
+
+def add_parser(commands: Any) -> argparse.ArgumentParser:
+    """Add the ``train`` subcommand to ``moefast``'s subparsers."""
+    parser: argparse.ArgumentParser = commands.add_parser(
+        NAME,
+        help="train base / MLoRA / MoE-MLoRA and compare them",
+        description="Train a backbone with base, MLoRA and MoE-MLoRA towers and print a "
+        "side-by-side table of per-domain AUC, mean AUC and WAUC.",
+    )
+    add_config_and_quiet(parser, "no progress bars or per-epoch lines")
+    add_option_groups(parser, (("data", DATA_OPTIONS), ("model", RUN_OPTIONS), ("training", TRAIN_OPTIONS)))
+    return parser
+
+
+def read_config(path: str) -> dict[str, Any]:
+    """A ``moefast train`` TOML config file, converted like the flags."""
+    return read_toml(path, OPTIONS)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run ``moefast train`` for parsed ``args``; user mistakes raise :class:`UserError`."""
+    options = read_config(args.config) if args.config else {}
+    options.update(given_options(args))  # flags win over the file
+    try:
+        config, quiet = resolve_config(options)
+    except (TypeError, ValueError) as exc:
+        raise UserError(str(exc)) from None
+    return _train(config, quiet)
+
+
+def resolve_config(options: Mapping[str, Any]) -> tuple[RunConfig, bool]:
+    """Map merged options (TOML keys / flag dests) onto :class:`RunConfig`; also return quiet."""
+    values = dict(options)
+    quiet = bool(values.pop("quiet", False))
+    data = DataConfig(**{k: values.pop(k) for k in list(values) if k in DataConfig.__dataclass_fields__})
+    train_fields = {k: values.pop(k) for k in list(values) if k in TrainConfig.__dataclass_fields__}
+    train = TrainConfig(**train_fields, progress=not quiet)
+    run_fields: dict[str, Any] = {}
+    if "method" in values:
+        run_fields["methods"] = values.pop("method")
+    for key in ("model", "experts_per_domain", "backend", "out"):
+        if key in values:
+            run_fields[key] = values.pop(key)
+    assert not values, f"unmapped options {values}"
+    return RunConfig(data=data, train=train, **run_fields), quiet
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, enum.Enum):
+        return _toml_value(value.value)
+    if isinstance(value, tuple | list):
+        return ", ".join(str(v.value if isinstance(v, enum.Enum) else v) for v in value).join('""')
+    return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def config_toml(config: RunConfig) -> str:
+    """The resolved configuration as a TOML file that ``--config`` reads back."""
+    lines = ["# moefast train: resolved configuration (moefast train --config <this file>)"]
+    items: list[tuple[str, Any]] = [(f.name, getattr(config.data, f.name)) for f in dataclasses.fields(config.data)]
+    items += [("model", config.model), ("method", config.methods),
+              ("experts_per_domain", config.experts_per_domain), ("backend", config.backend)]
+    items += [(f.name, getattr(config.train, f.name)) for f in dataclasses.fields(config.train)
+              if f.name in OPTIONS]
+    for key, value in items:
+        if value is not None:
+            lines.append(f"{key} = {_toml_value(value)}")
+    return "\n".join(lines) + "\n"
+
+
+def _fmt(value: float | None, width: int) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "null".rjust(width)
+    return f"{value:.4f}".rjust(width)
+
+
+def comparison_table(results: Mapping[str, Mapping[str, Any]]) -> str:
+    """Per-domain test AUC, mean AUC, WAUC and logloss, one column per method."""
+    methods = list(results)
+    first = results[methods[0]]["test"]["per_domain"]
+    name_w = max(len("logloss"), *(len(str(row["name"])) for row in first))
+    col_w = max(9, *(len(m) for m in methods))
+    header = f"{'domain':<{name_w}}  {'n test':>7}  " + "  ".join(m.rjust(col_w) for m in methods)
+    lines = [header, "-" * len(header)]
+    for k, row in enumerate(first):
+        cells = [_fmt(results[m]["test"]["per_domain"][k]["auc"], col_w) for m in methods]
+        lines.append(f"{row['name']!s:<{name_w}}  {row['n']:>7}  " + "  ".join(cells))
+    lines.append("-" * len(header))
+    for label, key in (("mean AUC", "mean_auc"), ("WAUC", "wauc"), ("logloss", "logloss")):
+        cells = [_fmt(results[m]["test"][key], col_w) for m in methods]
+        lines.append(f"{label:<{name_w}}  {'':>7}  " + "  ".join(cells))
+    seconds = [sum(s["seconds"] for s in results[m]["stages"]) for m in methods]
+    lines.append(f"{'seconds':<{name_w}}  {'':>7}  " + "  ".join(f"{s:.1f}".rjust(col_w) for s in seconds))
+    return "\n".join(lines)
+
+
+def _train(config: RunConfig, quiet: bool) -> int:
+    import torch
+
+    from moefast import models
+    from moefast.ops._backend import BackendUnavailableError, parse_backend
+    from moefast.train import fit
+    from moefast.train.rundir import plot_methods, write_json
+
+    if config.backend is not None:
+        try:
+            parse_backend(config.backend)
+        except ValueError as exc:
+            raise UserError(str(exc)) from None
+    try:
+        device = torch.device(config.train.device)
+    except RuntimeError as exc:
+        raise UserError(f"--device {config.train.device!r}: {exc}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {config.train.device!r}: no CUDA device is available here")
+    if config.model.lower() not in models.MODELS:
+        raise UserError(f"unknown model {config.model!r}; choose one of {', '.join(sorted(models.MODELS))}")
+    out = Path(config.out or Path("runs") / datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {str(out)!r} exists and is not a directory")
+    dataset = load_dataset(config.data)
+    say = (lambda _msg: None) if quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
+    say(f"dataset {dataset.name}: {len(dataset.train)} train / {len(dataset.val)} val / "
+        f"{len(dataset.test)} test rows, {dataset.num_domains} domains")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.toml").write_text(config_toml(config))
+    results: dict[str, dict[str, Any]] = {}
+    several = len(config.methods) > 1
+    for kind in config.methods:
+        run_dir = out / kind.value if several else out
+        model = models.build(config.model, dataset, kind, experts_per_domain=config.experts_per_domain,
+                             seed=config.train.seed)
+        say(f"training {config.model} / {kind.value} -> {run_dir}")
+        try:
+            result = fit(model, dataset, config.train, backend=config.backend, out_dir=run_dir)
+        except BackendUnavailableError as exc:
+            raise UserError(str(exc)) from None
+        if several:
+            (run_dir / "config.toml").write_text(
+                config_toml(dataclasses.replace(config, methods=(kind,), out=str(run_dir)))
+            )
+        results[kind.value] = result.metrics
+    table = comparison_table(results)
+    print(f"{dataset.name}, {config.model}: test metrics (AUC per domain; null = one class)")
+    print(table)
+    (out / "table.txt").write_text(table + "\n")
+    if several:
+        write_json(out / "metrics.json", {"methods": results})
+        plot_methods(out / "per_domain_auc.png", results)
+    print(f"run directory: {out}")
+    return 0
