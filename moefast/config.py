@@ -11,8 +11,10 @@ __all__ = [
     "EmbeddingOptimizer",
     "ExpertStopRule",
     "FeatureSpec",
+    "GateInit",
     "MLoRAMode",
     "Pooling",
+    "PretrainedMode",
     "RunConfig",
     "TowerConfig",
     "TowerKind",
@@ -127,6 +129,32 @@ class EmbeddingOptimizer(enum.Enum):
     ROWWISE_ADAGRAD = "rowwise-adagrad"
 
 
+class GateInit(enum.Enum):
+    """How the MoE-MLoRA gate starts (the paper does not say; see docs/results/claims.md).
+
+    ``RANDOM``: torch's default initialisation of ``Embedding`` and ``Linear`` (the seeds' Keras
+    code starts its gate at random too); the gate stage begins by diluting every domain's
+    specialist with the other domains' experts. ``SPECIALIST``: each domain starts with weight
+    ``TowerConfig.gate_own_weight`` on its own expert(s), within the gate's architecture
+    (:meth:`moefast.nn.tower.DomainGate.start_on_own_experts`).
+    """
+
+    RANDOM = "random"
+    SPECIALIST = "specialist"
+
+
+class PretrainedMode(enum.Enum):
+    """What training does to a dataset's pretrained tables (``dataset.pretrained``).
+
+    ``FROZEN`` (the default, and the seeds' Taobao setting): the tables and their fields'
+    first-order weights stay bitwise unchanged in every stage of every method.
+    ``FINETUNE``: they train like any learned table, where the stage trains the embeddings.
+    """
+
+    FROZEN = "frozen"
+    FINETUNE = "finetune"
+
+
 def _positive(owner: str, name: str, value: float) -> None:
     if not value > 0:
         raise ValueError(f"{owner}.{name} must be > 0, got {value!r}")
@@ -140,7 +168,9 @@ class TowerConfig:
     as ``r = max(units // alpha, 1)`` (no ``alpha / r`` scaling anywhere). ``alpha=None`` means
     the seeds' table entry for the backbone and dataset, filled in by
     :func:`moefast.models.build`. ``gate_dim`` is the width of the gate's domain embedding (4 in
-    the method).
+    the method). ``gate_init`` chooses how the MoE-MLoRA gate starts; ``gate_own_weight`` is the
+    weight a specialist start puts on each domain's own experts (in ``(1/D, 1)``; the gate's
+    scale follows from it, ``D`` and ``E``).
     """
 
     kind: TowerKind = TowerKind.BASE
@@ -150,8 +180,14 @@ class TowerConfig:
     ranks: tuple[int, ...] | None = None
     experts_per_domain: int = 1
     gate_dim: int = 4
+    gate_init: GateInit = GateInit.SPECIALIST
+    gate_own_weight: float = 0.8
 
     def __post_init__(self) -> None:
+        if not isinstance(self.gate_init, GateInit):
+            raise TypeError(f"TowerConfig.gate_init must be a GateInit, got {self.gate_init!r}")
+        if not 0.0 < self.gate_own_weight < 1.0:
+            raise ValueError(f"TowerConfig.gate_own_weight must be in (0, 1), got {self.gate_own_weight!r}")
         if not isinstance(self.kind, TowerKind):
             raise TypeError(f"TowerConfig.kind must be a TowerKind, got {self.kind!r}")
         if not self.hidden_units or any(u < 1 for u in self.hidden_units):
@@ -204,7 +240,9 @@ class TrainConfig:
     validation AUC over all domains. ``seed`` seeds model-independent randomness of the loop (batch
     order, dropout); the model's initial weights come from :func:`moefast.models.build`'s seed.
     ``embedding_optimizer`` chooses how the tables are updated (:class:`EmbeddingOptimizer`);
-    ``embedding_lr`` is its learning rate (``None``: ``lr``).
+    ``embedding_lr`` is its learning rate (``None``: ``lr``). ``pretrained`` decides whether a
+    dataset's pretrained tables stay frozen in every stage (the default, and under
+    ``seeds_compat`` and ``train_backbone_in_later_stages`` too) or are fine-tuned.
     """
 
     lr: float = 1e-3
@@ -227,6 +265,7 @@ class TrainConfig:
     progress: bool = True
     embedding_optimizer: EmbeddingOptimizer = EmbeddingOptimizer.ADAM
     embedding_lr: float | None = None
+    pretrained: PretrainedMode = PretrainedMode.FROZEN
 
     def __post_init__(self) -> None:
         _positive("TrainConfig", "lr", self.lr)
@@ -250,6 +289,7 @@ class TrainConfig:
             ("expert_stop", ExpertStopRule),
             ("mlora_mode", MLoRAMode),
             ("embedding_optimizer", EmbeddingOptimizer),
+            ("pretrained", PretrainedMode),
         ):
             if not isinstance(getattr(self, name), kind):
                 raise TypeError(f"TrainConfig.{name} must be a {kind.__name__}, got {getattr(self, name)!r}")

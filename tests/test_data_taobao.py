@@ -75,15 +75,18 @@ def test_pretrained_vectors_in_both_accepted_layouts(tmp_path: Path) -> None:
     assert all(f.dim == 4 for f in ds.features)
     uid, _, _, label = _all(ds)
     assert len(uid[label == 1]) == len(CLICKS) - 1
-    tables = ds.info["pretrained"]
+    tables = ds.pretrained
+    assert "pretrained" not in ds.info  # a typed part of the dataset, not a free-form key
     kept_users = sorted({u for u, _, _ in CLICKS if u != 14})
     kept_items = sorted({i for u, i, _ in CLICKS if u != 14})
-    assert torch.equal(tables["uid"], torch.tensor([uvec[u] for u in kept_users]))  # type: ignore[index]
-    assert torch.equal(tables["item"], torch.tensor([ivec[i] for i in kept_items]))  # type: ignore[index]
+    assert torch.equal(tables["uid"], torch.tensor([uvec[u] for u in kept_users]))
+    assert torch.equal(tables["item"], torch.tensor([ivec[i] for i in kept_items]))
     # The vectors survive the cache.
     again = moefast.data.load("taobao", raw_dir=raw, num_themes=3, cache_dir=tmp_path / "c")
     assert again.info["cache"]["hit"] is True  # type: ignore[index]
-    assert torch.equal(again.info["pretrained"]["item"], tables["item"])  # type: ignore[index]
+    assert sorted(again.pretrained) == ["item", "uid"]
+    assert torch.equal(again.pretrained["item"], tables["item"])
+    assert torch.equal(again.pretrained["uid"], tables["uid"])
 
 
 def test_second_load_skips_preprocessing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

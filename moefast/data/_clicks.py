@@ -35,7 +35,7 @@ def clicks_to_dataset(
         user, item: raw ids (any sortable dtype) ``[n]``; domain: ``int64 [n]`` in
             ``[0, len(domain_names))``, every domain non-empty.
         pretrained: optional ``{"uid"|"item": (raw ids [V], float32 vectors [V, dim])}``; the
-            rows of the returned tables follow the contiguous ids (``info["pretrained"]``).
+            rows of the returned tables follow the contiguous ids (``dataset.pretrained``).
 
     Features ``uid``, ``item``, ``domain`` get contiguous ids in sorted raw-id order.
     """
@@ -56,14 +56,13 @@ def clicks_to_dataset(
         domain_rows=np.bincount(all_d, minlength=num_domains).tolist(),
         domain_positives=np.bincount(domain, minlength=num_domains).tolist(),
     )
+    tables: dict[str, torch.Tensor] = {}
     if pretrained is not None:
-        tables = {}
         for feature, values in (("uid", user_values), ("item", item_values)):
             ids, vectors = pretrained[feature]
             order = np.argsort(ids)
             rows = order[np.searchsorted(ids, values, sorter=order)]
             tables[feature] = torch.from_numpy(np.ascontiguousarray(vectors[rows], dtype=np.float32))
-        full_info["pretrained"] = tables
     return MultiDomainDataset(
         name=name,
         features=(FeatureSpec("uid", int(user_values.size), embedding_dim),
@@ -72,4 +71,5 @@ def clicks_to_dataset(
         domain_names=domain_names,
         train=train, val=val, test=test,
         info=full_info,
+        pretrained=tables,
     )

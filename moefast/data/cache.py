@@ -29,7 +29,7 @@ __all__ = ["CACHE_ENV", "FORMAT_VERSION", "cached", "fingerprint", "read", "reso
 
 CACHE_ENV = "MOEFAST_CACHE"
 # Bump when a loader's output for the same inputs changes, so stale entries are never reused.
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: pretrained tables are their own arrays, not in info
 _SPLITS = ("train", "val", "test")
 
 
@@ -87,8 +87,11 @@ def write(path: Path, dataset: MultiDomainDataset) -> None:
         arrays[f"{split_name}/label"] = split.label.numpy()
         for name, col in split.features.items():
             arrays[f"{split_name}/features/{name}"] = col.numpy()
+    for name, table in dataset.pretrained.items():
+        arrays[f"pretrained/{name}"] = table.numpy()
     meta = {
         "name": dataset.name,
+        "pretrained": sorted(dataset.pretrained),
         "features": [[f.name, f.vocab_size, f.dim, f.pooling.value] for f in dataset.features],
         "domain_names": list(dataset.domain_names),
         "info": _split_info(dict(dataset.info), arrays, ""),
@@ -120,11 +123,13 @@ def read(path: Path) -> MultiDomainDataset:
         )
     info = _join_info(meta["info"], arrays)
     assert isinstance(info, dict)
+    pretrained = {name: torch.from_numpy(arrays[f"pretrained/{name}"]) for name in meta.get("pretrained", [])}
     return MultiDomainDataset(
         name=meta["name"],
         features=features,
         domain_names=tuple(meta["domain_names"]),
         info=info,
+        pretrained=pretrained,
         **splits,
     )
 
@@ -158,4 +163,5 @@ def cached(
         val=dataset.val,
         test=dataset.test,
         info=info,
+        pretrained=dataset.pretrained,
     )

@@ -8,6 +8,11 @@ A :class:`MultiDomainDataset` holds train/val/test :class:`Split` s of the same 
 - ``domain``: ``int64 [n]`` in ``[0, num_domains)``;
 - ``label``: ``float32 [n]`` in ``{0, 1}``.
 
+A dataset may also carry **pretrained tables** for some fields (``pretrained[name]``, float32
+``[vocab_size, dim]``, row ``i`` the vector of id ``i``): the Taobao loader reads the vectors
+shipped with the dataset, the synthetic ``taobao`` preset derives them from its latent factors.
+:func:`moefast.models.build` loads them into the model's embedding tables.
+
 All tensors live on the CPU; batches are moved to the training device by the loop.
 """
 
@@ -20,7 +25,7 @@ import torch
 
 from moefast.config import FeatureSpec
 
-__all__ = ["Batch", "MultiDomainDataset", "Split"]
+__all__ = ["Batch", "MultiDomainDataset", "Split", "check_pretrained_table"]
 
 
 @dataclass(frozen=True)
@@ -64,6 +69,24 @@ class Split:
         return torch.bincount(self.domain, minlength=num_domains)
 
 
+def check_pretrained_table(spec: FeatureSpec | None, name: str, table: object, where: str) -> None:
+    """Refuse a pretrained table that does not fit its field: ``ValueError`` naming the field,
+    the expected ``[vocab_size, dim]`` and what was given (or ``TypeError`` for a non-tensor)."""
+    if spec is None:
+        raise ValueError(f"{where}: pretrained table for {name!r}, which is not a feature")
+    if not isinstance(table, torch.Tensor):
+        raise TypeError(f"{where}: pretrained table {name!r} must be a tensor, got {type(table).__name__}")
+    want = (spec.vocab_size, spec.dim)
+    if table.dtype != torch.float32 or tuple(table.shape) != want:
+        raise ValueError(
+            f"{where}: pretrained table {name!r} must be float32 {list(want)} (vocabulary x dim), "
+            f"got {table.dtype} {list(table.shape)}"
+        )
+    if table.numel() and not bool(torch.isfinite(table).all()):
+        row = int(torch.nonzero(~torch.isfinite(table).all(dim=1))[0, 0])
+        raise ValueError(f"{where}: pretrained table {name!r} has a non-finite value in row {row}")
+
+
 @dataclass(frozen=True)
 class MultiDomainDataset:
     """Features, domains and the three splits of one multi-domain CTR dataset."""
@@ -76,6 +99,8 @@ class MultiDomainDataset:
     test: Split
     # Free-form provenance: generator knobs, source files, fingerprint.
     info: Mapping[str, object] = field(default_factory=dict)
+    # Pretrained tables by field name: float32 [vocab_size, dim], finite.
+    pretrained: Mapping[str, torch.Tensor] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -97,6 +122,9 @@ class MultiDomainDataset:
         names = [f.name for f in self.features]
         if len(set(names)) != len(names):
             raise ValueError(f"dataset {self.name!r}: duplicate feature names {names}")
+        for name, table in self.pretrained.items():
+            check_pretrained_table(self.feature(name) if name in names else None, name, table,
+                                   f"dataset {self.name!r}")
         for split_name, split in (("train", self.train), ("val", self.val), ("test", self.test)):
             n = len(split)
             where = f"dataset {self.name!r}, split {split_name!r}"

@@ -8,7 +8,7 @@ Raw format (comma-separated, header line first):
   the id in the first column and its pretrained vector either in one text column (numbers
   separated by spaces or commas, e.g. ``"0.12 -0.5 ..."``) or spread over the remaining numeric
   columns. When present, clicks of users or items without a vector are dropped (as in the seeds'
-  code), every feature gets the vectors' dim, and ``info["pretrained"]`` holds the tables
+  code), every feature gets the vectors' dim, and ``dataset.pretrained`` holds the tables
   (``float32 [vocab, dim]`` per ``uid`` / ``item``, rows in id order) for frozen embeddings.
 - ``theme_item_pool.csv`` and ``user_item_purchase_log.csv`` are not used.
 

@@ -68,6 +68,10 @@ def build(
             arguments above.
         seed: the initial weights are drawn under this seed (the global RNG is left untouched).
         backend: passed to the layers (``reference`` | ``fast`` | ``auto``).
+
+    The dataset's pretrained tables (``dataset.pretrained``) are loaded into the embeddings
+    (:meth:`CTRModel.load_pretrained`); whether they train is the run's choice
+    (``TrainConfig.pretrained``), frozen by default.
     """
     key = name.lower()
     if key not in MODELS:
@@ -83,4 +87,7 @@ def build(
         config = replace(config, alpha=alpha_for(key, dataset.name))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return MODELS[key](dataset.features, dataset.num_domains, config, backend=backend)
+        model = MODELS[key](dataset.features, dataset.num_domains, config, backend=backend)
+    if dataset.pretrained:
+        model.load_pretrained(dataset.pretrained)
+    return model

@@ -26,11 +26,12 @@ ALPHA: dict[str, tuple[int, int, int]] = {
 def dataset_family(dataset_name: str) -> str:
     """The alpha-table column of a dataset.
 
-    ``movielens*``, ``taobao*`` and ``amazon*`` map to their own column. Everything else (the
-    synthetic presets) uses the MovieLens column: like MovieLens in the seeds, the ``paper``
-    preset has a few id fields of dim 8 and a handful of domains.
+    ``movielens*``, ``taobao*`` and ``amazon*`` map to their own column, and so do the synthetic
+    presets that mirror them (``synthetic-taobao``, ``synthetic-movielens``). Everything else
+    (``synthetic-paper``, ``synthetic-wide``) uses the MovieLens column: like MovieLens in the
+    seeds, the ``paper`` preset has a few id fields of dim 8 and a handful of domains.
     """
-    lowered = dataset_name.lower()
+    lowered = dataset_name.lower().removeprefix("synthetic-")
     for family in FAMILIES:
         if lowered.startswith(family):
             return family

@@ -12,7 +12,9 @@ itself with :func:`register`.
 Parameter groups used by the training stages:
 
 - the tower's shared path, its adapters and its gate (``self.tower``);
-- everything else (embeddings, first-order weights, interaction layers): ``backbone_parameters``.
+- everything else (embeddings, first-order weights, interaction layers): ``backbone_parameters``;
+- the pretrained fields' tables and first-order weights (``pretrained_parameters``), which the
+  stages keep frozen unless the run fine-tunes them (``TrainConfig.pretrained``).
 """
 
 from __future__ import annotations
@@ -68,6 +70,36 @@ class CTRModel(nn.Module):
         self.linear = (
             FirstOrder(self.features, init_std=EMBEDDING_INIT_STD, backend=backend) if self.first_order else None
         )
+        # Fields whose tables were loaded by :meth:`load_pretrained`, in feature order.
+        self.pretrained_fields: tuple[str, ...] = ()
+
+    def load_pretrained(self, tables: Mapping[str, torch.Tensor]) -> None:
+        """Copy pretrained tables (``{field: float32 [vocab_size, dim]}``) into the embeddings.
+
+        The field's first-order weight (backbones with one) is set to zero: the seeds' TF
+        DeepCTR gives first-order weights a zeros initialiser and the field's ``trainable`` flag,
+        so a frozen pretrained field's first-order weights stay zero in every stage.
+        ``ValueError`` for an unknown field, a wrong vocabulary or dim, or a non-finite value.
+        """
+        from moefast.data.dataset import check_pretrained_table
+
+        by_name = {f.name: f for f in self.features}
+        for name, table in tables.items():
+            check_pretrained_table(by_name.get(name), name, table, f"{type(self).__name__}.load_pretrained")
+        with torch.no_grad():
+            for name, table in tables.items():
+                self.embedding.tables[name].copy_(table)
+                if self.linear is not None:
+                    self.linear.weights.tables[name].zero_()
+        loaded = set(self.pretrained_fields) | set(tables)
+        self.pretrained_fields = tuple(f.name for f in self.features if f.name in loaded)
+
+    def pretrained_parameters(self) -> list[nn.Parameter]:
+        """The pretrained fields' embedding tables and first-order weights."""
+        params = [self.embedding.tables[name] for name in self.pretrained_fields]
+        if self.linear is not None:
+            params += [self.linear.weights.tables[name] for name in self.pretrained_fields]
+        return params
 
     @property
     def embedding_width(self) -> int:

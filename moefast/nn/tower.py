@@ -16,12 +16,13 @@ stages choose (``moefast.train.set_stage``); the module never switches on string
 from __future__ import annotations
 
 import enum
+import math
 from typing import Any
 
 import torch
 from torch import nn
 
-from moefast.config import TowerConfig, TowerKind
+from moefast.config import GateInit, TowerConfig, TowerKind
 from moefast.nn.adapter import Activation, AdapterLinear
 from moefast.ops._backend import Backend, BackendLike, resolve_backend
 from moefast.ops._tower_cpu import tower_cpu
@@ -68,6 +69,48 @@ class DomainGate(nn.Module):
         self.embedding = nn.Embedding(num_domains, dim)
         self.linear = nn.Linear(dim, num_experts)
 
+    @torch.no_grad()
+    def start_on_own_experts(self, own_weight: float) -> float:
+        """Set the gate so that every domain puts ``own_weight`` on its own experts
+        (expert ``e`` belongs to domain ``e % D``); return the scale ``s`` that achieves it.
+
+        The logits ``Linear(Embedding(d))`` have rank at most ``dim + 1``, so the gate cannot
+        be an arbitrary ``[D, E]`` table. Domain ``d`` is placed at angle ``θ_d = 2π d / D`` on
+        ``dim // 2`` circles of frequencies ``m_c`` (the embedding row holds
+        ``sqrt(s / C) (cos m_c θ_d, sin m_c θ_d)`` for each circle, the linear row of an expert
+        the same for its domain, the bias 0), so the logit of domain ``d`` for an expert of
+        domain ``d'`` is ``s · mean_c cos(m_c (θ_d - θ_d'))``: ``s`` for its own experts, less
+        for the others. The frequencies are chosen to need the smallest ``s`` (neighbouring
+        domains on one circle are close; a second circle separates them), then ``s`` is found
+        by bisection. Every own expert gets ``own_weight / k`` with ``k`` experts per domain.
+        ``ValueError`` when ``own_weight`` is not in ``[1/D, 1)``, or ``dim < 2``.
+        """
+        num_domains, dim = self.embedding.weight.shape
+        num_experts = self.linear.out_features
+        if num_domains == 1:  # every expert is the one domain's own: a uniform start
+            self.embedding.weight.zero_()
+            self.linear.weight.zero_()
+            self.linear.bias.zero_()
+            return 0.0
+        if dim < 2:
+            raise ValueError(f"a specialist gate start needs a gate embedding of dim >= 2, got {dim}")
+        if not 1.0 / num_domains <= own_weight < 1.0:
+            raise ValueError(
+                f"gate own-expert weight {own_weight!r} must be in [1/D, 1) = [{1.0 / num_domains:.4g}, 1) "
+                f"for D = {num_domains}"
+            )
+        frequencies, scale = _circle_layout(num_domains, dim // 2, own_weight)
+        theta = 2 * math.pi * torch.arange(num_domains, dtype=torch.float64) / num_domains
+        coords = [f(m * theta) for m in frequencies for f in (torch.cos, torch.sin)]
+        points = torch.stack(coords, dim=1) * math.sqrt(scale / len(frequencies))  # [D, 2C]
+        self.embedding.weight.zero_()
+        self.embedding.weight[:, : points.shape[1]] = points.float()
+        owner = torch.arange(num_experts) % num_domains
+        self.linear.weight.zero_()
+        self.linear.weight[:, : points.shape[1]] = points[owner].float()
+        self.linear.bias.zero_()
+        return scale
+
     def table(self) -> torch.Tensor:
         """``[D, E]``: row ``d`` is the gate of domain ``d``."""
         return torch.softmax(self.linear(self.embedding.weight), dim=-1)
@@ -80,6 +123,46 @@ class DomainGate(nn.Module):
         if domain.dim() != 1 or domain.numel() <= num_domains:
             return torch.softmax(self.linear(self.embedding(domain)), dim=-1)
         return self.table().index_select(0, domain)
+
+
+def _own_weight(similarity: torch.Tensor, scale: float) -> float:
+    """The weight domain 0 puts on its own experts when its logit for domain ``j``'s experts is
+    ``scale * similarity[j]`` (``similarity[0] = 1``); the same for every domain (circulant)."""
+    return float(torch.softmax(scale * similarity, dim=0)[0])
+
+
+def _circle_layout(num_domains: int, circles: int, own_weight: float) -> tuple[list[int], float]:
+    """Frequencies (the first is 1) and the scale ``s`` of :meth:`DomainGate.start_on_own_experts`.
+
+    Frequencies are added greedily while a new circle lowers the ``s`` needed for
+    ``own_weight``; ``s`` comes from bisection (the own weight grows with ``s``, from ``1/D``
+    at 0 towards 1)."""
+    steps = torch.arange(num_domains, dtype=torch.float64) * (2 * math.pi / num_domains)
+
+    def similarity(freqs: list[int]) -> torch.Tensor:
+        return torch.stack([torch.cos(m * steps) for m in freqs]).mean(dim=0)
+
+    def needed(freqs: list[int]) -> float:
+        sim = similarity(freqs)
+        if float(sim[1:].max()) >= 1.0 - 1e-12:
+            return math.inf
+        lo, hi = 0.0, 1.0
+        while _own_weight(sim, hi) < own_weight:
+            hi *= 2.0
+        for _ in range(100):
+            mid = 0.5 * (lo + hi)
+            lo, hi = (mid, hi) if _own_weight(sim, mid) < own_weight else (lo, mid)
+        return hi
+
+    frequencies = [1]
+    best = needed(frequencies)
+    while len(frequencies) < circles:
+        trials = [(needed([*frequencies, m]), m) for m in range(2, num_domains)]
+        if not trials or min(trials)[0] >= best:
+            break
+        best, m = min(trials)
+        frequencies.append(m)
+    return frequencies, best
 
 
 def _hooked(module: nn.Module) -> bool:
@@ -129,6 +212,8 @@ class Tower(nn.Module):
             if config.kind is TowerKind.MOE_MLORA
             else None
         )
+        if self.gate is not None and config.gate_init is GateInit.SPECIALIST:
+            self.gate.start_on_own_experts(config.gate_own_weight)
         self.routing = _DEFAULT_ROUTING[config.kind]
         self.active_expert: int | None = None
 

@@ -20,7 +20,13 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from moefast.config import BatchMode, EmbeddingOptimizer, ExpertStopRule, TrainConfig
+from moefast.config import (
+    BatchMode,
+    EmbeddingOptimizer,
+    ExpertStopRule,
+    PretrainedMode,
+    TrainConfig,
+)
 from moefast.data.batching import BatchLoader, BatchOrder
 from moefast.data.dataset import Batch, MultiDomainDataset, Split
 from moefast.models.base import CTRModel
@@ -363,7 +369,8 @@ def _run_stage(
 ) -> StageRecord:
     start = time.perf_counter()
     compat = config.seeds_compat
-    params = set_stage(model, step, train_backbone=config.train_backbone_in_later_stages or compat)
+    params = set_stage(model, step, train_backbone=config.train_backbone_in_later_stages or compat,
+                       freeze_pretrained=config.pretrained is PretrainedMode.FROZEN)
     fused = _table_ids(model)  # updated inside the embedding backward, not by Adam
     optimizer = stage_optimizer([p for p in params if id(p) not in fused], config, backend)
     max_epochs = config.max_epochs

@@ -77,7 +77,7 @@ _ROUTING: dict[tuple[TowerKind, Stage], Routing] = {
 
 
 def set_stage(
-    model: CTRModel, step: StageStep, *, train_backbone: bool = False
+    model: CTRModel, step: StageStep, *, train_backbone: bool = False, freeze_pretrained: bool = True
 ) -> list[nn.Parameter]:
     """Route the tower for ``step``, freeze everything outside it, return its parameters.
 
@@ -87,6 +87,10 @@ def set_stage(
         train_backbone: in the ``ADAPTERS``, ``EXPERT`` and ``GATE`` stages, keep the
             embeddings and every other non-tower parameter trainable (the public code's
             behaviour); by default they are frozen, as the method describes.
+        freeze_pretrained: keep the pretrained fields' tables and first-order weights
+            (``model.pretrained_parameters()``) frozen in every stage, whatever the rest says
+            (the seeds' Taobao runs); ``False`` fine-tunes them where the stage trains the
+            embeddings.
 
     Returns:
         The tensors the stage's optimizer must hold, in ``model.parameters()`` order.
@@ -110,6 +114,9 @@ def set_stage(
         if train_backbone:
             chosen = [*backbone, *chosen]
 
+    if freeze_pretrained:
+        frozen = {id(p) for p in model.pretrained_parameters()}
+        chosen = [p for p in chosen if id(p) not in frozen]
     ids = {id(p) for p in chosen}
     trainable = []
     for p in model.parameters():
