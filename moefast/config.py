@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 __all__ = [
     "BatchMode",
@@ -19,6 +19,7 @@ __all__ = [
     "TowerConfig",
     "TowerKind",
     "TrainConfig",
+    "default_tower",
 ]
 
 
@@ -318,12 +319,19 @@ class DataConfig:
     data_seed: int | None = None
 
 
+def default_tower(train: TrainConfig) -> TowerConfig:
+    """The tower a run builds when it names none: the method's, with a random gate start under
+    ``seeds_compat`` (the seeds' code) and :class:`TowerConfig`'s default start otherwise."""
+    return TowerConfig(gate_init=GateInit.RANDOM) if train.seeds_compat else TowerConfig()
+
+
 @dataclass(frozen=True)
 class RunConfig:
     """One ``moefast train`` invocation: data, backbone, methods and training.
 
     ``methods`` are trained one after another on the same data, each into its own
-    subdirectory of ``out`` when there are several.
+    subdirectory of ``out`` when there are several. ``gate_init`` / ``gate_own_weight``
+    (``None``: :func:`default_tower`'s) choose the MoE-MLoRA gate's start.
     """
 
     data: DataConfig = DataConfig()
@@ -333,8 +341,20 @@ class RunConfig:
     backend: str | None = None
     out: str | None = None
     train: TrainConfig = TrainConfig()
+    gate_init: GateInit | None = None
+    gate_own_weight: float | None = None
 
     def __post_init__(self) -> None:
         if not self.methods:
             raise ValueError("RunConfig.methods must name at least one method")
         _positive("RunConfig", "experts_per_domain", self.experts_per_domain)
+        self.tower_config()  # refuse a bad gate option now, not after the data has loaded
+
+    def tower_config(self) -> TowerConfig:
+        """The tower every method of the run builds (its kind and experts are set per method)."""
+        tower = default_tower(self.train)
+        if self.gate_init is not None:
+            tower = replace(tower, gate_init=self.gate_init)
+        if self.gate_own_weight is not None:
+            tower = replace(tower, gate_own_weight=self.gate_own_weight)
+        return tower

@@ -19,7 +19,9 @@ from moefast.config import (
     DataConfig,
     EmbeddingOptimizer,
     ExpertStopRule,
+    GateInit,
     MLoRAMode,
+    PretrainedMode,
     TowerKind,
     TrainConfig,
 )
@@ -40,7 +42,10 @@ __all__ = [
     "read_toml",
 ]
 
-# Time budget of the default run (no flags) on 2 CPU cores, 200,000 rows x 10 domains.
+# The synthetic preset of a run that names none: the claims' core setting (Taobao-like,
+# pretrained tables, 20 domains), where the three methods differ (docs/results/claims.md).
+DEFAULT_PRESET = "taobao"
+# Time budget of the default run (no flags) on 2 CPU cores, 200,000 rows x 20 domains.
 DEFAULT_MAX_EPOCHS = TrainConfig().max_epochs
 
 
@@ -89,7 +94,8 @@ def parse_bool(text: str) -> bool:
 
 DATA_OPTIONS: list[Option] = [
     ("dataset", str, "dataset name: synthetic (default), movielens-1m, taobao, amazon-6"),
-    ("preset", str, "synthetic preset: paper (default) or wide"),
+    ("preset", str, f"synthetic preset: {DEFAULT_PRESET} (default; Taobao-like, pretrained tables), "
+     "movielens (MovieLens-like), paper or wide"),
     ("domain", str, "which column is the domain (MovieLens: gender, age or occupation)"),
     ("data-dir", str, "folder of a real dataset's raw files"),
     ("rows", int, "synthetic: number of rows"),
@@ -104,6 +110,9 @@ RUN_OPTIONS: list[Option] = [
     ("model", str, "backbone (default deepfm)"),
     ("method", parse_methods, "base | mlora | moe-mlora | all (default), or a comma-separated list"),
     ("experts-per-domain", int, "MoE-MLoRA experts per domain (E = this x domains)"),
+    ("gate-init", parse_choice(GateInit),
+     "how the MoE-MLoRA gate starts: specialist (default; random under --seeds-compat) or random"),
+    ("gate-own-weight", float, "specialist gate start: weight on each domain's own experts (default 0.8)"),
     ("backend", str, "reference | fast | auto"),
     ("out", str, "run directory (default runs/<timestamp>); one subdirectory per method"),
 ]
@@ -124,6 +133,8 @@ TRAIN_OPTIONS: list[Option] = [
     ("embedding-optimizer", parse_choice(EmbeddingOptimizer),
      "adam (default: dense, the method's), lazy-adam or rowwise-adagrad (sparse, fused in backward)"),
     ("embedding-lr", float, "learning rate of the embedding optimizer (default: --lr)"),
+    ("pretrained", parse_choice(PretrainedMode),
+     "a dataset's pretrained tables: frozen in every stage (default) or finetune"),
     ("train-backbone-in-later-stages", parse_bool,
      "keep embeddings and non-tower parts trainable in the expert and gate stages"),
     ("seeds-compat", parse_bool, "behave like the seeds' public code (see docs/method.md): backbone "
@@ -206,6 +217,7 @@ def load_dataset(data: DataConfig) -> Any:
 
     options: dict[str, Any] = {}
     if data.dataset == "synthetic":
+        options["preset"] = DEFAULT_PRESET
         for key, dest in (("preset", "preset"), ("rows", "rows"), ("num_domains", "num_domains"),
                           ("num_users", "num_users"), ("num_items", "num_items"),
                           ("diversity", "diversity"), ("imbalance", "imbalance"), ("data_seed", "seed")):

@@ -78,7 +78,7 @@ def resolve_config(options: Mapping[str, Any]) -> tuple[RunConfig, bool]:
     run_fields: dict[str, Any] = {}
     if "method" in values:
         run_fields["methods"] = values.pop("method")
-    for key in ("model", "experts_per_domain", "backend", "out"):
+    for key in ("model", "experts_per_domain", "backend", "out", "gate_init", "gate_own_weight"):
         if key in values:
             run_fields[key] = values.pop(key)
     assert not values, f"unmapped options {values}"
@@ -102,7 +102,8 @@ def config_toml(config: RunConfig) -> str:
     lines = ["# moefast train: resolved configuration (moefast train --config <this file>)"]
     items: list[tuple[str, Any]] = [(f.name, getattr(config.data, f.name)) for f in dataclasses.fields(config.data)]
     items += [("model", config.model), ("method", config.methods),
-              ("experts_per_domain", config.experts_per_domain), ("backend", config.backend)]
+              ("experts_per_domain", config.experts_per_domain), ("backend", config.backend),
+              ("gate_init", config.gate_init), ("gate_own_weight", config.gate_own_weight)]
     items += [(f.name, getattr(config.train, f.name)) for f in dataclasses.fields(config.train)
               if f.name in OPTIONS]
     for key, value in items:
@@ -172,7 +173,7 @@ def _train(config: RunConfig, quiet: bool) -> int:
     for kind in config.methods:
         run_dir = out / kind.value if several else out
         model = models.build(config.model, dataset, kind, experts_per_domain=config.experts_per_domain,
-                             seed=config.train.seed)
+                             tower_config=config.tower_config(), seed=config.train.seed)
         say(f"training {config.model} / {kind.value} -> {run_dir}")
         try:
             result = fit(model, dataset, config.train, backend=config.backend, out_dir=run_dir)

@@ -164,7 +164,8 @@ class ClaimsConfig:
         rows: rows of every synthetic dataset (the presets' 200,000 unless set).
         model: the backbone (DeepFM, the paper's headline backbone).
         out: the folder of ``claims.md``, ``claims.png`` and ``claims-runs.csv``.
-        budget_hours: no new run starts once this much wall time has passed (``None``: no limit).
+        budget_hours: no new run starts once this much wall time has passed (``None``: no limit;
+            the first run always starts).
         max_epochs: the epoch cap of every stage (the library's default unless set).
         backend: ``reference`` | ``fast`` | ``auto`` (``None``: ``MOEFAST_BACKEND``, then auto).
     """
@@ -275,7 +276,7 @@ def run_claims(config: ClaimsConfig, *, say: Callable[[str], None] = lambda _msg
     start = time.perf_counter()
     loaded: tuple[tuple[Setting, int], MultiDomainDataset, float] | None = None
     for number, run in enumerate(todo, 1):
-        if config.budget_hours is not None and time.perf_counter() - start > 3600 * config.budget_hours:
+        if number > 1 and config.budget_hours is not None and time.perf_counter() - start >= 3600 * config.budget_hours:
             say(f"claims: budget of {config.budget_hours:g} h spent; {len(todo) - number + 1} runs left "
                 "(rerun the same command to continue)")
             break

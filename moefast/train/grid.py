@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from moefast.config import DataConfig, TowerConfig, TowerKind, TrainConfig
+from moefast.config import DataConfig, TowerConfig, TowerKind, TrainConfig, default_tower
 from moefast.data.dataset import MultiDomainDataset
 from moefast.train.rundir import write_json
 
@@ -50,8 +50,9 @@ class GridConfig:
         experts_per_domain: MoE-MLoRA's ``k`` values (the method's grid: 1..4).
         seeds: each seeds the model's initial weights, batch order and dropout of one run.
         train: training options shared by every cell (its ``seed`` is replaced per cell).
-        tower: the tower (units, dropout, alpha or ranks) of every cell; ``None`` is the
-            method's (256, 128, 64) with the seeds' alpha per backbone and dataset.
+        tower: the tower (units, dropout, alpha or ranks, gate start) of every cell; ``None`` is
+            :func:`~moefast.config.default_tower`: the method's (256, 128, 64) with the seeds'
+            alpha per backbone and dataset, and a random gate start under ``seeds_compat``.
         backend: ``reference`` | ``fast`` | ``auto`` (``None``: ``MOEFAST_BACKEND``, then auto).
         out: the grid directory.
     """
@@ -193,7 +194,7 @@ def run_grid(
         say(f"[{number}/{len(todo)}] {data_label(cell.data)} {cell.model} {cell.method_label} seed {cell.seed}")
         start = time.perf_counter()
         model = models.build(cell.model, dataset, cell.method, experts_per_domain=cell.experts_per_domain,
-                             tower_config=config.tower, seed=cell.seed)
+                             tower_config=config.tower or default_tower(config.train), seed=cell.seed)
         result = fit(model, dataset, replace(config.train, seed=cell.seed), backend=config.backend,
                      out_dir=run_dir)
         test = result.metrics["test"]

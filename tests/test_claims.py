@@ -1,0 +1,256 @@
+"""The claims work (issue 14): pretrained tables, the presets that mirror the paper's datasets,
+the gate's start, and the ``moefast reproduce`` report."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+import moefast
+from moefast.cli import main
+from moefast.config import (
+    EmbeddingOptimizer,
+    GateInit,
+    PretrainedMode,
+    TowerConfig,
+    TrainConfig,
+    default_tower,
+)
+from moefast.data import synthetic
+from moefast.data.dataset import MultiDomainDataset
+from moefast.models.base import CTRModel
+from moefast.nn.tower import DomainGate
+from moefast.reference.embedding_optim import LazyAdam
+from moefast.train.checkpoint import load_checkpoint
+from moefast.train.claims import paired, t_interval
+from moefast.train.loop import set_embedding_optimizer
+
+FAST = moefast._ext.available()
+
+
+def _taobao(**knobs: object) -> MultiDomainDataset:
+    """A tiny Taobao-like dataset: pretrained uid / item tables, a learned domain table."""
+    options: dict[str, object] = {"rows": 900, "num_domains": 3, "num_users": 40, "num_items": 30, "seed": 5}
+    options.update(knobs)
+    return synthetic.generate(synthetic.preset("taobao", **options))
+
+
+def _fit(model: CTRModel, ds: MultiDomainDataset, out: Path | None = None, **train: object) -> None:
+    config = TrainConfig(**{"max_epochs": 1, "batch_size": 256, "progress": False, "seed": 3, **train})
+    moefast.train.fit(model, ds, config, out_dir=out)
+
+
+def _tables(model: CTRModel) -> dict[str, torch.Tensor]:
+    """Every pretrained field's table and first-order weight, cloned."""
+    out = {f"emb.{n}": model.embedding.tables[n].detach().clone() for n in model.pretrained_fields}
+    if model.linear is not None:
+        out |= {f"lin.{n}": model.linear.weights.tables[n].detach().clone() for n in model.pretrained_fields}
+    return out
+
+
+def _checkpoint_tables(path: Path, model: CTRModel) -> dict[str, torch.Tensor]:
+    state = torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
+    out = {f"emb.{n}": state[f"embedding.tables.{n}"] for n in model.pretrained_fields}
+    if model.linear is not None:
+        out |= {f"lin.{n}": state[f"linear.weights.tables.{n}"] for n in model.pretrained_fields}
+    return out
+
+
+def test_build_loads_pretrained_tables_and_zeroes_their_first_order_weights() -> None:
+    ds = _taobao()
+    assert sorted(ds.pretrained) == ["item", "uid"]
+    model = moefast.models.build("deepfm", ds, "mlora")
+    assert model.pretrained_fields == ("uid", "item")
+    for name in ("uid", "item"):
+        assert torch.equal(model.embedding.tables[name].detach(), ds.pretrained[name])
+        assert model.linear is not None
+        assert not model.linear.weights.tables[name].detach().any()  # the seeds' TF DeepCTR: zeros
+    # The learned domain table keeps its random start.
+    assert model.linear is not None and model.linear.weights.tables["domain"].detach().any()
+
+
+@pytest.mark.parametrize("method", ["base", "mlora", "moe-mlora"])
+@pytest.mark.parametrize("optimizer", list(EmbeddingOptimizer))
+@pytest.mark.parametrize("backend", ["reference", "fast"])
+def test_frozen_tables_stay_bitwise_unchanged_after_every_stage(
+    tmp_path: Path, method: str, optimizer: EmbeddingOptimizer, backend: str
+) -> None:
+    if backend == "fast" and not FAST:
+        pytest.skip("moefast._C is not built")
+    ds = _taobao()
+    model = moefast.models.build("deepfm", ds, method, backend=backend)
+    start = _tables(model)
+    domain_start = model.embedding.tables["domain"].detach().clone()
+    _fit(model, ds, tmp_path, embedding_optimizer=optimizer)
+    checkpoints = sorted((tmp_path / "checkpoints").glob("*.pt"))
+    assert len(checkpoints) == {"base": 1, "mlora": 1, "moe-mlora": 2 + ds.num_domains}[method]
+    for path in checkpoints:
+        saved = _checkpoint_tables(path, model)
+        for key, value in start.items():
+            assert torch.equal(saved[key], value), f"{key} changed in {path.name}"
+    for key, value in _tables(model).items():
+        assert torch.equal(value, start[key]), key
+    # The trainable table in the same collection (and the same fused-optimizer call) did train,
+    # so the test would see a freeze that froze everything.
+    assert not torch.equal(model.embedding.tables["domain"].detach(), domain_start)
+
+
+@pytest.mark.parametrize("flags", [{"seeds_compat": True}, {"train_backbone_in_later_stages": True}])
+def test_frozen_under_seeds_compat_and_a_trainable_backbone(tmp_path: Path, flags: dict[str, bool]) -> None:
+    ds = _taobao()
+    tower = default_tower(TrainConfig(**flags))
+    model = moefast.models.build("deepfm", ds, "moe-mlora", tower_config=tower)
+    start = _tables(model)
+    domain_start = model.embedding.tables["domain"].detach().clone()
+    _fit(model, ds, tmp_path, **flags)
+    for path in sorted((tmp_path / "checkpoints").glob("*.pt")):
+        saved = _checkpoint_tables(path, model)
+        assert all(torch.equal(saved[k], v) for k, v in start.items()), path.name
+    assert not torch.equal(model.embedding.tables["domain"].detach(), domain_start)
+
+
+def test_frozen_after_convert_and_a_checkpoint_round_trip(tmp_path: Path) -> None:
+    if not FAST:
+        pytest.skip("moefast._C is not built")
+    ds = _taobao()
+    model = moefast.models.build("wdl", ds, "moe-mlora", backend="reference")
+    start = _tables(model)
+    moefast.convert(model, backend="fast")
+    _fit(model, ds, tmp_path, embedding_optimizer=EmbeddingOptimizer.LAZY_ADAM)
+    assert all(torch.equal(v, start[k]) for k, v in _tables(model).items())
+    again = moefast.models.build("wdl", ds, "moe-mlora", seed=99)
+    # The checkpoint holds the fused optimizer's state: the model must carry the same optimizer.
+    set_embedding_optimizer(again, LazyAdam(lr=1e-3))
+    with torch.no_grad():
+        for p in again.parameters():
+            p.zero_()
+    last = sorted((tmp_path / "checkpoints").glob("*.pt"))[-1]
+    load_checkpoint(last, again, expected_stage=last.stem.split("_", 1)[1])
+    assert all(torch.equal(v, start[k]) for k, v in _tables(again).items())
+
+
+def test_finetune_changes_the_tables() -> None:
+    ds = _taobao()
+    model = moefast.models.build("deepfm", ds, "base")
+    start = _tables(model)
+    _fit(model, ds, pretrained=PretrainedMode.FINETUNE)
+    after = _tables(model)
+    assert not torch.equal(after["emb.uid"], start["emb.uid"])
+    assert not torch.equal(after["lin.item"], start["lin.item"])
+
+
+def test_wrong_vocabulary_dim_or_values_are_refused() -> None:
+    ds = _taobao()
+    model = moefast.models.build("deepfm", ds, "base")
+    uid = ds.pretrained["uid"]
+    with pytest.raises(ValueError, match=r"'uid' must be float32 \[40, 8\].*\[39, 8\]"):
+        model.load_pretrained({"uid": uid[:-1]})
+    with pytest.raises(ValueError, match=r"'uid' must be float32 \[40, 8\].*\[40, 4\]"):
+        model.load_pretrained({"uid": uid[:, :4]})
+    with pytest.raises(ValueError, match="'nope', which is not a feature"):
+        model.load_pretrained({"nope": uid})
+    bad = uid.clone()
+    bad[7, 2] = math.nan
+    with pytest.raises(ValueError, match="non-finite value in row 7"):
+        model.load_pretrained({"uid": bad})
+    with pytest.raises(ValueError, match=r"pretrained table 'item' must be float32"):
+        dataclasses.replace(ds, pretrained={"item": uid})
+    assert torch.equal(model.embedding.tables["uid"].detach(), uid)  # nothing was half-loaded
+
+
+@pytest.mark.parametrize(("domains", "k"), [(3, 1), (7, 2), (5, 3), (20, 1)])
+def test_specialist_gate_starts_on_own_experts(domains: int, k: int) -> None:
+    gate = DomainGate(domains, domains * k, 4)
+    gate.start_on_own_experts(0.8)
+    table = gate.table().detach()
+    owner = torch.arange(domains * k) % domains
+    own = torch.stack([table[d, owner == d].sum() for d in range(domains)])
+    assert (own >= 0.8 - 1e-5).all(), own
+    with pytest.raises(ValueError, match=r"must be in \[1/D, 1\)"):
+        gate.start_on_own_experts(0.9 / domains)
+
+
+def test_the_gate_stage_starts_specialist_and_moves_the_gate(tmp_path: Path) -> None:
+    ds = _taobao(num_domains=3)
+    model = moefast.models.build("deepfm", ds, "moe-mlora", experts_per_domain=2)
+    assert model.tower.config.gate_init is GateInit.SPECIALIST
+    _fit(model, ds, tmp_path, max_epochs=3)
+    checkpoints = sorted((tmp_path / "checkpoints").glob("*.pt"))
+    before_gate = torch.load(checkpoints[-2], map_location="cpu", weights_only=True)["state_dict"]
+    start = DomainGate(3, 6, 4)
+    start.load_state_dict({k.removeprefix("tower.gate."): v for k, v in before_gate.items()
+                           if k.startswith("tower.gate.")})
+    owner = torch.arange(6) % 3
+    own_start = torch.stack([start.table().detach()[d, owner == d].sum() for d in range(3)])
+    assert torch.allclose(own_start, torch.full((3,), 0.8), atol=1e-5)
+    assert model.tower.gate is not None
+    own_end = torch.stack([model.tower.gate.table().detach()[d, owner == d].sum() for d in range(3)])
+    assert (own_end - own_start).abs().max() > 1e-3, (own_start, own_end)
+
+
+def test_seeds_compat_starts_the_gate_at_random() -> None:
+    assert default_tower(TrainConfig(seeds_compat=True)).gate_init is GateInit.RANDOM
+    assert default_tower(TrainConfig()).gate_init is TowerConfig().gate_init
+
+
+@pytest.mark.parametrize("preset", ["taobao", "movielens"])
+def test_presets_are_deterministic_by_seed(preset: str) -> None:
+    def draw(seed: int) -> MultiDomainDataset:
+        return synthetic.generate(synthetic.preset(preset, rows=500, seed=seed))
+
+    a, b, c = draw(1), draw(1), draw(2)
+    for name in a.train.features:
+        assert torch.equal(a.train.features[name], b.train.features[name])
+    assert torch.equal(a.test.label, b.test.label)
+    assert a.pretrained.keys() == b.pretrained.keys()
+    assert all(torch.equal(a.pretrained[n], b.pretrained[n]) for n in a.pretrained)
+    assert not torch.equal(a.train.features["uid"], c.train.features["uid"])
+    assert bool(a.pretrained) == (preset == "taobao")
+    if a.pretrained:
+        assert not torch.equal(a.pretrained["uid"], c.pretrained["uid"])
+
+
+def test_pretrained_tables_change_neither_the_truth_nor_the_rows() -> None:
+    with_tables = synthetic.generate(synthetic.preset("taobao", rows=500))
+    without = synthetic.generate(synthetic.preset("taobao", rows=500, pretrained_noise=None))
+    assert not without.pretrained
+    assert torch.equal(with_tables.train.label, without.train.label)
+
+
+def test_t_interval_matches_the_textbook() -> None:
+    mean, half, n = t_interval([1.0, 2.0, 3.0, 4.0, 5.0])
+    assert (mean, n) == (3.0, 5)
+    assert half == pytest.approx(2.776 * math.sqrt(2.5) / math.sqrt(5))
+    assert math.isnan(t_interval([1.0])[1])
+
+
+def test_reproduce_runs_end_to_end_and_resumes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import pandas as pd
+
+    from moefast.train.claims import Setting
+
+    out = tmp_path / "claims"
+    argv = ["reproduce", "--sections", "core", "--rows", "1200", "--max-epochs", "1", "--out", str(out)]
+    assert main([*argv, "--seeds", "1"]) == 0
+    runs = pd.read_csv(out / "claims-runs.csv", dtype=str, keep_default_na=False)
+    # 4 variants x 2 protocols + the seeds' as-run mode (single-domain only).
+    assert len(runs) == 9
+    assert set(runs["gate_init"]) == {"", "random", "specialist"}
+    assert set(runs["pretrained"]) == {"frozen"}
+    report = (out / "claims.md").read_text()
+    assert "No real dataset was run here" in report and "core 9/9 runs" in report
+    assert (out / "claims.png").stat().st_size > 0
+    frame = pd.read_csv(out / "claims-runs.csv", dtype={"num_domains": str, "diversity": str, "seed": str})
+    mean, _, pairs = paired(frame, Setting("taobao", 20, 0.8), "mixed", "mlora", "base")
+    wauc = frame[frame["batch_mode"] == "mixed"].set_index("variant")["wauc"]
+    assert pairs == 1 and mean == pytest.approx(wauc["mlora"] - wauc["base"])
+    capsys.readouterr()
+    # Resumed with a second seed and a budget already spent: the finished runs are skipped, the
+    # first new run starts, then the budget stops the plan.
+    assert main([*argv, "--seeds", "1,2", "--budget-hours", "1e-9"]) == 0
+    assert "18 runs planned, 9 in" in capsys.readouterr().err
+    assert len(pd.read_csv(out / "claims-runs.csv")) == 10
