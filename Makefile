@@ -1,6 +1,7 @@
 # The canonical commands. Each sets up what is missing first: a virtual environment in .venv,
 # PyTorch's CPU build from the local wheel (never a bare `torch`, which pulls CUDA packages),
-# the pinned dependencies, and the compiled extension moefast._C.
+# the pinned dependencies, and the compiled extensions moefast._C and moefast._tower_ops (the
+# editable build sees torch, so the C++ tower node is required here: MOEFAST_TOWER_OPS=ON).
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
@@ -11,7 +12,7 @@ NATIVE_SRC  := pyproject.toml CMakeLists.txt $(wildcard csrc/*.cpp csrc/*.h csrc
 BENCH_NAME  ?= cpu-$(shell uname -m)
 BENCH_PATH  ?= bench/
 
-.PHONY: setup run test lint bench stubs clean
+.PHONY: setup run test check-install lint bench stubs clean
 
 setup: $(BUILD_STAMP)
 
@@ -24,7 +25,7 @@ $(DEPS_STAMP): requirements-dev.txt | $(BIN)/python
 	touch $@
 
 $(BUILD_STAMP): $(DEPS_STAMP) $(NATIVE_SRC)
-	$(BIN)/pip install -q --no-build-isolation --no-deps -e .
+	$(BIN)/pip install -q --no-build-isolation --no-deps -Ccmake.define.MOEFAST_TOWER_OPS=ON -e .
 	touch $@
 
 run: setup
@@ -36,6 +37,12 @@ lint: setup
 
 test: setup lint
 	$(BIN)/python -m pytest -q tests
+
+# The slow packaging checks (a few minutes): `python -m build` and `pip install .` / `-e .` with
+# default build isolation, each installed offline into a fresh venv and trained from outside the
+# checkout; the tower tests against the isolated wheel (which has no C++ tower node).
+check-install: setup
+	$(BIN)/python -m pytest -q -m install tests/test_install.py
 
 bench: setup
 	mkdir -p bench/results

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 import moefast
 from moefast import cli
@@ -104,7 +105,11 @@ def test_module_entry_help_and_version() -> None:
     done = subprocess.run([sys.executable, "-m", "moefast", "train", "--help"], capture_output=True, text=True)
     assert done.returncode == 0 and "--experts-per-domain" in done.stdout and "--quiet" in done.stdout
     done = subprocess.run([sys.executable, "-m", "moefast", "--version"], capture_output=True, text=True)
-    assert done.returncode == 0 and done.stdout.strip() == f"moefast {moefast.__version__}", done
+    lines = done.stdout.splitlines()
+    assert done.returncode == 0 and lines[0] == f"moefast {moefast.__version__}", done
+    # Then which compiled modules run (make setup builds both).
+    assert lines[1:] == ["moefast._C (embedding engine): loaded",
+                         f"moefast._tower_ops (C++ tower node): loaded, built for torch {torch.__version__}"], lines
 
 
 def test_every_command_is_listed_and_documented() -> None:

@@ -2,11 +2,29 @@
 
 from __future__ import annotations
 
+import ast
+import importlib.metadata
 import importlib.util
+import json
 import pathlib
+import platform
 import subprocess
 import sys
+import tomllib
 import zipfile
+
+import pytest
+from _install import (
+    fresh_venv,
+    make_view,
+    pip_install,
+    requires_dist,
+    run,
+    runtime_closure,
+    wheel_metadata,
+)
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 
 import moefast
 from moefast import _ext
@@ -60,20 +78,99 @@ def test_kernels_install_as_subpackage_only() -> None:
     assert out.returncode != 0 and "imported as moefast.kernels" in out.stderr, out.stderr
 
 
-def test_wheel_layout(tmp_path: pathlib.Path) -> None:
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
+    """The wheel ``pip wheel`` builds from this checkout, beside this environment's torch (so it
+    holds the C++ tower node); built once for the layout, metadata and install tests."""
+    out = tmp_path_factory.mktemp("wheel")
     subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "-q", "--no-build-isolation", "--no-deps",
-         "-w", str(tmp_path), str(ROOT)],
+         "-Ccmake.define.MOEFAST_TOWER_OPS=ON", "-w", str(out), str(ROOT)],
         check=True,
     )
-    (wheel,) = tmp_path.glob("moefast-*.whl")
+    (built,) = out.glob("moefast-*.whl")
+    return built
+
+
+def test_wheel_layout(wheel: pathlib.Path) -> None:
     names = zipfile.ZipFile(wheel).namelist()
-    assert "moefast/kernels/__init__.py" in names
+    assert "moefast/kernels/__init__.py" in names and "moefast/cli/train.py" in names
+    assert "moefast/__main__.py" in names
     for module in ("_C", "_tower_ops"):
         assert any(n.startswith(f"moefast/{module}.") and n.endswith(".so") for n in names), module
+    assert "moefast/_tower_ops.json" in names, "the tower op's build stamp"
     assert "moefast/_C.pyi" in names and "moefast/py.typed" in names
+    dist_info = f"moefast-{moefast.__version__}.dist-info"
+    assert f"{dist_info}/licenses/LICENSE" in names
     top_level = {n.split("/")[0] for n in names}
-    assert top_level == {"moefast", wheel.name.split("-")[0] + "-0.1.0.dist-info"}, top_level
+    assert top_level == {"moefast", dist_info}, top_level
+    # The tag says what the wheel is: CPython 3.11 on linux x86_64 (other platforms build from
+    # the sdist).
+    assert wheel.name.endswith(f"-cp{sys.version_info.major}{sys.version_info.minor}-linux_{platform.machine()}.whl")
+
+
+def _third_party_imports() -> dict[str, list[str]]:
+    """Top-level names of what the package's modules import, beyond the stdlib and itself:
+    ``{name: [files]}`` (imports inside functions included)."""
+    found: dict[str, list[str]] = {}
+    for folder in (ROOT / "moefast", ROOT / "kernels"):
+        for path in folder.rglob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text())):
+                names = []
+                if isinstance(node, ast.Import):
+                    names = [alias.name for alias in node.names]
+                elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+                    names = [node.module]
+                for name in names:
+                    top = name.split(".")[0]
+                    if top not in sys.stdlib_module_names and top not in ("moefast", "kernels", "__future__"):
+                        found.setdefault(top, []).append(str(path.relative_to(ROOT)))
+    return found
+
+
+def test_wheel_metadata_declares_what_the_package_imports(wheel: pathlib.Path) -> None:
+    meta = wheel_metadata(wheel)
+    assert meta["Version"] == [moefast.__version__]
+    assert meta["License"] == ["MIT"]
+    declared = {canonicalize_name(Requirement(r).name): Requirement(r) for r in meta["Requires-Dist"]}
+    assert "torch" not in tomllib.loads((ROOT / "pyproject.toml").read_text())["build-system"]["requires"]
+    providers = importlib.metadata.packages_distributions()
+    imports = _third_party_imports()
+    assert {"torch", "numpy", "pandas", "matplotlib", "tqdm", "triton"} <= set(imports), imports
+    for top, files in imports.items():
+        dists = {canonicalize_name(d) for d in providers.get(top, [top])}
+        hits = [declared[d] for d in dists if d in declared]
+        assert hits, f"{top} (imported by {files[0]}) is not in Requires-Dist"
+        if top == "triton":  # only the GPU path imports it, lazily: the [gpu] extra
+            assert all(h.marker is not None and "gpu" in str(h.marker) for h in hits), hits
+        else:
+            assert all(h.marker is None for h in hits), f"{top} is a plain dependency, not an extra: {hits}"
+    assert "pyarrow" in declared and declared["pyarrow"].marker is None
+
+
+def test_wheel_installs_offline_and_trains_outside_the_checkout(
+    wheel: pathlib.Path, tmp_path: pathlib.Path
+) -> None:
+    """A fresh venv sees only what the wheel declares (see tests/_install.py), pip installs the
+    wheel from it with --no-index, and a tiny ``moefast train`` runs from a folder outside the
+    checkout, through the console script and ``python -m moefast``."""
+    view = make_view(tmp_path / "view", runtime_closure(requires_dist(wheel)))
+    python = fresh_venv(tmp_path / "venv", view)
+    pip_install(python, "-q", wheel, cwd=tmp_path)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    where = run([python, "-c", "import moefast; print(moefast.__file__)"], cwd=elsewhere).strip()
+    assert where.startswith(str(tmp_path / "venv")), where
+    report = run([tmp_path / "venv" / "bin" / "moefast", "--version"], cwd=elsewhere)
+    print(report)  # which configuration the wheel got (pytest -s shows it)
+    assert report.startswith(f"moefast {moefast.__version__}\n"), report
+    assert "moefast._tower_ops (C++ tower node): loaded" in report, report
+    tiny = ["--rows", "600", "--num-domains", "2", "--num-users", "60", "--num-items", "40",
+            "--max-epochs", "1", "--batch-size", "256", "--quiet"]
+    out = run([python, "-m", "moefast", "train", *tiny, "--method", "moe-mlora", "--out", "run"], cwd=elsewhere)
+    assert "WAUC" in out, out
+    metrics = json.loads((elsewhere / "run" / "metrics.json").read_text())
+    assert metrics["method"] == "moe-mlora" and 0.0 <= metrics["test"]["wauc"] <= 1.0
 
 
 def test_native_extension_is_built_for_speed() -> None:

@@ -44,9 +44,24 @@ def version() -> str:
         return "unknown (not installed)"
 
 
+class _Version(argparse.Action):
+    """``--version``: the version, then which compiled modules this install runs (it imports
+    torch, so it is computed only when asked for)."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, **kwargs: object) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS,
+                         help="print the version and the compiled modules in use, then exit")
+
+    def __call__(self, parser: argparse.ArgumentParser, *_: object, **__: object) -> None:
+        from moefast import _ext
+
+        print(f"moefast {version()}\n{_ext.build_report()}")
+        parser.exit()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="moefast", description=(__doc__ or "").split("\n\n")[0])
-    parser.add_argument("--version", action="version", version=f"moefast {version()}")
+    parser.add_argument("--version", action=_Version)
     subparsers = parser.add_subparsers(dest="command", parser_class=Parser)
     for command in COMMANDS:
         command.add_parser(subparsers)
