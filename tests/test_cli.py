@@ -37,7 +37,7 @@ def test_train_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
         metrics = json.loads((run / "metrics.json").read_text())
         assert metrics["method"] == method and metrics["model"] == "deepfm"
         assert metrics == combined[method]
-        assert json.loads((run / "config.json").read_text())["dataset"] == "synthetic-paper"
+        assert json.loads((run / "config.json").read_text())["dataset"] == "synthetic-taobao"  # the default preset
         wauc = f"{metrics['test']['wauc']:.4f}"
         assert wauc in next(line for line in table.splitlines() if line.startswith("WAUC"))
         for name in ("config.toml", "config.json", "predictions.csv", "val_auc.png", "per_domain_auc.png"):
