@@ -1,7 +1,8 @@
 """``moefast reproduce``: the method's claims report (see :mod:`moefast.train.claims`).
 
-Runs the claims plan (Taobao-like and MovieLens-like synthetic settings, every method variant,
-both batch protocols, several seeds) and writes ``claims.md``, ``claims.png`` and the raw
+Runs the claims plan (Taobao-like and MovieLens-like synthetic settings, or the real Taobao and
+MovieLens-1M files with --taobao-dir / --movielens-dir; every method variant, both batch
+protocols, several seeds) and writes ``claims.md``, ``claims.png`` and the raw
 ``claims-runs.csv`` into ``--out`` (default ``docs/results``). Every finished run is saved at
 once; rerunning the same command skips them, so a budget-limited or killed run continues.
 """
@@ -48,6 +49,9 @@ def add_parser(commands: Any) -> argparse.ArgumentParser:
     parser.add_argument("--sections", type=_sections, default=None,
                         help="comma-separated: core, domains, diversity, movielens, experts, or all (default)")
     parser.add_argument("--seeds", type=_seeds, default=None, help="comma-separated seeds (default 1,2,3,4,5)")
+    parser.add_argument("--variants", type=lambda t: tuple(p.strip() for p in t.split(",") if p.strip()),
+                        default=None, help="comma-separated subset: base, mlora, moe-specialist, moe-random, "
+                        "moe-seeds-compat (-k2..-k4 for more experts); default all")
     parser.add_argument("--rows", type=int, default=None, help="rows of every dataset (default: the presets')")
     parser.add_argument("--max-epochs", type=int, default=None, help="epoch cap of every stage (default 10)")
     parser.add_argument("--budget-hours", type=float, default=None,
@@ -56,6 +60,11 @@ def add_parser(commands: Any) -> argparse.ArgumentParser:
     parser.add_argument("--backend", default=None, help="reference | fast | auto")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--out", default=None, help="report folder (default docs/results)")
+    parser.add_argument("--taobao-dir", default=None,
+                        help="run on real Taobao-N (raw files with the shipped vectors) instead of the taobao preset")
+    parser.add_argument("--movielens-dir", default=None,
+                        help="run on real MovieLens-1M (gender, age, occupation) instead of the movielens preset")
+    parser.add_argument("--cache-dir", default=None, help="cache of the real datasets' processed forms")
     parser.add_argument("--report-only", action="store_true", help="rewrite the report from the CSV, train nothing")
     parser.add_argument("--quiet", "-q", action="store_true", help="no per-run lines")
     return parser
@@ -68,7 +77,8 @@ def run(args: argparse.Namespace) -> int:
     from moefast.train.claims import ClaimsConfig, run_claims, write_report
 
     fields = {name: getattr(args, name) for name in ("sections", "seeds", "rows", "max_epochs", "budget_hours",
-                                                     "model", "backend", "out")}
+                                                     "model", "backend", "out", "taobao_dir", "variants", "movielens_dir",
+                                                     "cache_dir")}
     try:
         config = ClaimsConfig(**{k: v for k, v in fields.items() if v is not None})
     except (TypeError, ValueError) as exc:

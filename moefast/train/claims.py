@@ -21,6 +21,13 @@ Sections, in the order they run (a budget stops the plan part-way; the report sa
 4. ``movielens``: MovieLens-like (learned tables, diversity 0.2), 2, 7 and 21 domains.
 5. ``experts``: Taobao-like, 10 domains, MoE-MLoRA with 2, 3 and 4 experts per domain.
 
+**Real data.** With ``taobao_dir`` (the raw Taobao files, with the shipped user and item
+vectors) and ``movielens_dir`` (MovieLens-1M's ``.dat`` files), the Taobao-like settings become
+Taobao-N (N = the number of domains, the first N themes) and the MovieLens-like ones MovieLens-1M
+split by gender (2), age (7) or occupation (21); the diversity sweep has no real counterpart
+and is skipped. A seed then draws the model, batch order and dropout only (the data is fixed),
+and there is no oracle.
+
 Every finished run is appended to the CSV at once (written whole to a temporary file, then
 renamed), keyed by every option that varies; a rerun skips the keys already there, so the plan
 resumes across sessions. Runs within a section go seed by seed, so a partial section holds
@@ -58,16 +65,26 @@ __all__ = [
 ]
 
 
+# MovieLens-1M's domain columns by their number of domains.
+MOVIELENS_DOMAINS = {2: "gender", 7: "age", 21: "occupation"}
+
+
 @dataclass(frozen=True)
 class Setting:
-    """A data setting: a synthetic preset with its number of domains and diversity."""
+    """A data setting: a synthetic preset (``taobao`` or ``movielens``) with its number of
+    domains and diversity, or (``source="real"``) the real dataset the preset mirrors."""
 
     preset: str
     num_domains: int
     diversity: float
+    source: str = "synthetic"
 
     @property
     def label(self) -> str:
+        if self.source == "real":
+            if self.preset == "taobao":
+                return f"Taobao-{self.num_domains} (real)"
+            return f"MovieLens-1M by {MOVIELENS_DOMAINS.get(self.num_domains, '?')} (real, D={self.num_domains})"
         return f"{self.preset}, D={self.num_domains}, diversity {self.diversity:g}"
 
 
@@ -111,19 +128,19 @@ class Run:
         v = self.variant
         pretrained = "frozen" if self.setting.preset == "taobao" else "none"
         return (
-            self.setting.preset, str(self.setting.num_domains), f"{self.setting.diversity:g}", str(rows), model,
+            self.setting.source, self.setting.preset, str(self.setting.num_domains), f"{self.setting.diversity:g}", str(rows), model,
             v.kind.value, v.gate_init.value if v.gate_init else "", str(v.experts_per_domain),
             str(v.seeds_compat).lower(), self.protocol.value, pretrained, str(self.seed),
         )
 
 
-KEY_COLUMNS = ("preset", "num_domains", "diversity", "rows", "model", "method", "gate_init",
+KEY_COLUMNS = ("source", "preset", "num_domains", "diversity", "rows", "model", "method", "gate_init",
                "experts_per_domain", "seeds_compat", "batch_mode", "pretrained", "seed")
 VALUE_COLUMNS = ("variant", "section", "wauc", "mean_auc", "logloss", "oracle_wauc", "params",
                  "adapter_params", "seconds")
 
 
-def _section_runs(name: str, seeds: Sequence[int]) -> list[Run]:
+def _section_runs(name: str, seeds: Sequence[int], real: bool = False) -> list[Run]:
     taobao = "taobao"
     groups: list[tuple[Setting, Sequence[Variant], Sequence[BatchMode]]] = []
     common = (BASE, MLORA, MOE_SPECIALIST, MOE_RANDOM)
@@ -140,6 +157,8 @@ def _section_runs(name: str, seeds: Sequence[int]) -> list[Run]:
         groups.append((Setting(taobao, 10, 0.8), moe, PROTOCOLS))
     else:
         raise ValueError(f"unknown claims section {name!r}; choose from {', '.join(SECTIONS)}")
+    if real:  # the real datasets the presets mirror; diversity is no knob there
+        groups = [(replace(s, source="real"), v, p) for s, v, p in groups if name != "diversity"]
     runs = []
     for setting, variants, protocols in groups:
         for seed in seeds:
@@ -168,6 +187,12 @@ class ClaimsConfig:
             the first run always starts).
         max_epochs: the epoch cap of every stage (the library's default unless set).
         backend: ``reference`` | ``fast`` | ``auto`` (``None``: ``MOEFAST_BACKEND``, then auto).
+        taobao_dir, movielens_dir: the raw files of the real datasets (see the module
+            docstring); setting either runs the plan on real data (both are needed for every
+            section to run; a section whose dataset is not given is refused).
+        cache_dir: where the real datasets' processed forms are cached.
+        variants: run only these variants (names as in :data:`VARIANTS`, ``-k<k>`` included);
+            ``None`` runs every variant of the plan.
     """
 
     sections: tuple[str, ...] = SECTIONS
@@ -178,8 +203,23 @@ class ClaimsConfig:
     budget_hours: float | None = None
     max_epochs: int | None = None
     backend: str | None = None
+    taobao_dir: str | None = None
+    movielens_dir: str | None = None
+    cache_dir: str | None = None
+    variants: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
+        if self.variants is not None:
+            known = {v.name for v in VARIANTS} | {f"{v.name}-k{k}" for v in VARIANTS for k in (2, 3, 4)}
+            unknown = sorted(set(self.variants) - known)
+            if unknown or not self.variants:
+                raise ValueError(f"claims variants {list(self.variants)!r}: choose from {', '.join(v.name for v in VARIANTS)}"
+                                 " (with -k2, -k3, -k4 for MoE-MLoRA)")
+        if self.real:
+            for section in self.sections:
+                need = "movielens_dir" if section == "movielens" else "taobao_dir"
+                if section != "diversity" and getattr(self, need) is None:
+                    raise ValueError(f"claims section {section!r} on real data needs {need}")
         unknown = [s for s in self.sections if s not in SECTIONS]
         if unknown or not self.sections:
             raise ValueError(f"claims sections {list(self.sections)!r}: choose from {', '.join(SECTIONS)}")
@@ -191,24 +231,45 @@ class ClaimsConfig:
             raise ValueError(f"rows must be >= 100, got {self.rows!r}")
 
     @property
+    def real(self) -> bool:
+        return self.taobao_dir is not None or self.movielens_dir is not None
+
+    @property
     def csv_path(self) -> Path:
         return Path(self.out) / "claims-runs.csv"
 
     def rows_of(self, setting: Setting) -> int:
         from moefast.data.synthetic import PRESETS
 
+        if setting.source == "real":
+            return 0  # all of the dataset
         return self.rows if self.rows is not None else PRESETS[setting.preset].rows
 
 
 def plan_runs(config: ClaimsConfig) -> list[Run]:
     """Every run of the plan, section by section (in :data:`SECTIONS` order), seed by seed."""
-    return [run for name in SECTIONS if name in config.sections for run in _section_runs(name, config.seeds)]
+    return [run for name in SECTIONS if name in config.sections
+            for run in _section_runs(name, config.seeds, config.real)
+            if config.variants is None or run.variant.name in config.variants]
 
 
-def _load(setting: Setting, seed: int, rows: int) -> tuple[MultiDomainDataset, float]:
-    """The setting's dataset drawn with ``seed`` and the oracle test WAUC of its true logits."""
+def _load(setting: Setting, seed: int, rows: int, config: ClaimsConfig) -> tuple[MultiDomainDataset, float]:
+    """The setting's dataset drawn with ``seed`` and the oracle test WAUC of its true logits
+    (real data: the dataset, the same for every seed, and NaN)."""
+    from moefast import data
     from moefast.data import synthetic
     from moefast.train.metrics import evaluate_scores
+
+    if setting.source == "real":
+        if setting.preset == "taobao":
+            dataset = data.load("taobao", raw_dir=config.taobao_dir, num_themes=setting.num_domains,
+                                cache_dir=config.cache_dir)
+            if not dataset.pretrained:
+                raise ValueError(f"{config.taobao_dir}: the claims' Taobao setting needs the shipped user and "
+                                 "item vectors (user_embedding.csv, item_embedding.csv)")
+            return dataset, math.nan
+        return data.load("movielens-1m", raw_dir=config.movielens_dir,
+                         domain=MOVIELENS_DOMAINS[setting.num_domains], cache_dir=config.cache_dir), math.nan
 
     cfg = synthetic.preset(setting.preset, seed=seed, rows=rows, num_domains=setting.num_domains,
                            diversity=setting.diversity)
@@ -250,7 +311,10 @@ def _read_csv(path: Path) -> Any:
 
     if not path.exists():
         return pd.DataFrame(columns=[*KEY_COLUMNS, *VALUE_COLUMNS])
-    return pd.read_csv(path, dtype={c: str for c in KEY_COLUMNS}, keep_default_na=False)
+    frame = pd.read_csv(path, dtype={c: str for c in KEY_COLUMNS}, keep_default_na=False)
+    if "source" not in frame:  # written before real data could be run
+        frame.insert(0, "source", "synthetic")
+    return frame
 
 
 def _write_csv(path: Path, frame: Any) -> None:
@@ -282,7 +346,7 @@ def run_claims(config: ClaimsConfig, *, say: Callable[[str], None] = lambda _msg
             break
         rows = config.rows_of(run.setting)
         if loaded is None or loaded[0] != (run.setting, run.seed):
-            dataset, oracle = _load(run.setting, run.seed, rows)
+            dataset, oracle = _load(run.setting, run.seed, rows, config)
             loaded = ((run.setting, run.seed), dataset, oracle)
         _, dataset, oracle = loaded
         say(f"[{number}/{len(todo)}] {run.section}: {run.setting.label}, {run.variant.name}, "
@@ -330,7 +394,7 @@ def paired(frame: Any, setting: Setting, protocol: str, left: str, right: str) -
 
 
 def _block(frame: Any, setting: Setting) -> Any:
-    return frame[(frame["preset"] == setting.preset) & (frame["num_domains"] == str(setting.num_domains))
+    return frame[(frame["source"] == setting.source) & (frame["preset"] == setting.preset) & (frame["num_domains"] == str(setting.num_domains))
                  & (frame["diversity"] == f"{setting.diversity:g}")]
 
 
@@ -348,8 +412,8 @@ def _points(mean: float, half: float, n: int, *, signed: bool = False) -> str:
 
 
 def _settings(frame: Any) -> list[Setting]:
-    keys = frame[["preset", "num_domains", "diversity"]].drop_duplicates().itertuples(index=False)
-    return [Setting(p, int(d), float(v)) for p, d, v in keys]
+    keys = frame[["source", "preset", "num_domains", "diversity"]].drop_duplicates().itertuples(index=False)
+    return [Setting(p, int(d), float(v), source) for source, p, d, v in keys]
 
 
 def _order(variants: Iterable[str]) -> list[str]:
@@ -360,9 +424,10 @@ def _order(variants: Iterable[str]) -> list[str]:
 def _setting_table(frame: Any, setting: Setting) -> list[str]:
     block = _block(frame, setting)
     lines = [f"### {setting.label}", ""]
-    oracle = t_interval(block.drop_duplicates("seed")["oracle_wauc"].astype(float))
-    lines.append(f"Oracle test WAUC (the generator's true logits): {_points(*oracle)}. Rows per dataset: "
-                 f"{', '.join(sorted(set(block['rows'])))}.")
+    if setting.source == "synthetic":
+        oracle = t_interval(block.drop_duplicates("seed")["oracle_wauc"].astype(float))
+        lines.append(f"Oracle test WAUC (the generator's true logits): {_points(*oracle)}. Rows per dataset: "
+                     f"{', '.join(sorted(set(block['rows'])))}.")
     lines += ["", "| variant | params (adapters + gate) | seconds | WAUC, single-domain | WAUC, mixed |",
               "|---|---:|---:|---:|---:|"]
     for variant in _order(block["variant"]):
@@ -415,12 +480,12 @@ def _verdict(mean: float, half: float, n: int) -> str:
     return "not supported (the interval contains 0)"
 
 
-def _claims(frame: Any) -> list[str]:
-    """Claim by claim, what the runs here say (only what was run)."""
+def _claims(frame: Any, source: str) -> list[str]:
+    """Claim by claim, what the runs on ``source`` data say (only what was run)."""
     single = BatchMode.SINGLE_DOMAIN.value
     mixed = BatchMode.MIXED.value
-    core = Setting("taobao", 20, 0.8)
-    lines = ["## The claims, one by one", ""]
+    core = Setting("taobao", 20, 0.8, source)
+    lines = [f"## The claims, one by one ({source} data)", ""]
     if _block(frame, core).empty:
         return [*lines, "The core setting has not run yet.", ""]
     lines.append("1. **MoE-MLoRA gains on large, diverse domain sets** (Taobao-like, 20 domains, "
@@ -435,18 +500,18 @@ def _claims(frame: Any) -> list[str]:
     lines += ["", "2. **Limited gain on low-diversity data** (judged on the Taobao-like diversity sweep, "
               "one factor at a time, and on MovieLens-like data): MoE-MLoRA (specialist gate) − MLoRA "
               "per setting."]
-    sweep = sorted((s for s in _settings(frame) if s.preset == "taobao" and s.num_domains == 20),
-                   key=lambda s: s.diversity)
-    movielens = sorted((s for s in _settings(frame) if s.preset == "movielens"), key=lambda s: s.num_domains)
+    mine = [s for s in _settings(frame) if s.source == source]
+    sweep = sorted((s for s in mine if s.preset == "taobao" and s.num_domains == 20), key=lambda s: s.diversity)
+    movielens = sorted((s for s in mine if s.preset == "movielens"), key=lambda s: s.num_domains)
     for setting in [*sweep, *movielens]:
         cells = [f"{p}: {_points(*paired(frame, setting, p, 'moe-specialist', 'mlora'), signed=True)}"
                  for p in (single, mixed)]
         lines.append(f"   - {setting.label}: " + "; ".join(cells))
-    if len(sweep) < 2:
-        lines.append("   - The diversity sweep has not run yet: the claim cannot be judged.")
+    if len(sweep) < 2 and source == "synthetic":
+        lines.append("   - The diversity sweep has not run yet: the claim cannot be judged on it.")
     lines += ["", "3. **More experts per domain is not always better** (Taobao-like, 10 domains): mean WAUC "
               "by experts per domain k."]
-    ten = _block(frame, Setting("taobao", 10, 0.8))
+    ten = _block(frame, Setting("taobao", 10, 0.8, source))
     if ten.empty:
         lines.append("   - Not run yet.")
     for base_variant in ("moe-specialist", "moe-random"):
@@ -473,14 +538,24 @@ def write_report(config: ClaimsConfig) -> dict[str, Path]:
     for run in planned:
         per_section[run.section][1] += 1
         per_section[run.section][0] += run.key(config.rows_of(run.setting), config.model) in done
-    lines = [
-        "# MoE-MLoRA's claims, tested on synthetic data that mirrors the paper's",
-        "",
-        "Written by `moefast reproduce` (see `docs/results/README.md` for the command that continues "
-        "or re-runs it). **No real dataset was run here**: the settings are the synthetic `taobao` preset "
+    sources = sorted(set(frame["source"])) if len(frame) else []
+    real = "real" in sources
+    data_line = (
+        "Real data was run here (the settings marked `(real)`): Taobao-N with its shipped vectors, "
+        "frozen, and MovieLens-1M; a seed then draws the model and batch order only."
+        if real else
+        "**No real dataset was run here**: the settings are the synthetic `taobao` preset "
         "(pretrained, frozen user and item tables, like Taobao-10/20/30) and the `movielens` preset "
         "(learned tables, low diversity, like MovieLens-1M's gender, age and occupation splits); "
-        "`docs/data.md` describes both and `moefast.data.synthetic` the generative model.",
+        "`docs/data.md` describes both and `moefast.data.synthetic` the generative model. The same "
+        "report on the real files: `moefast reproduce --taobao-dir RAW_TAOBAO --movielens-dir RAW_ML1M "
+        "--out DIR`."
+    )
+    lines = [
+        "# MoE-MLoRA's claims, tested on data that mirrors the paper's",
+        "",
+        "Written by `moefast reproduce` (see `docs/results/README.md` for the command that continues "
+        "or re-runs it). " + data_line,
         "",
         f"Backbone {config.model}; every figure is test WAUC in points (x 100): the mean over seeds with "
         "its 95% t-interval, `± half-width (n = seeds)`. A seed draws the data, the initial weights, the "
@@ -498,7 +573,8 @@ def write_report(config: ClaimsConfig) -> dict[str, Path]:
         "",
     ]
     if len(frame):
-        lines += _claims(frame)
+        for source in sources:
+            lines += _claims(frame, source)
         lines += ["## Tables", ""]
         for setting in _settings(frame):
             lines += _setting_table(frame, setting)
