@@ -1,4 +1,4 @@
-"""The README's sparse-embedding table from ``bench/test_bench_embedding.py`` result files.
+"""docs/performance.md's sparse-embedding table from ``bench/test_bench_embedding.py`` result files.
 
 Usage: ``.venv/bin/python bench/report_embedding.py RESULTS_2THREADS.json RESULTS_1THREAD.json``.
 Ratio = peer median / moefast median (above 1: moefast is faster); both sides of a ratio come
@@ -11,7 +11,7 @@ import json
 import sys
 from pathlib import Path
 
-# (mode, ours, peer): the comparisons the README reports.
+# (mode, ours, peer): the comparisons docs/performance.md reports.
 PAIRS = [
     ("forward", "moefast", "torch"),
     ("forward", "moefast", "fbgemm"),

@@ -1,4 +1,4 @@
-"""Markdown tables for README.md from a ``bench/test_bench_train.py`` result file.
+"""Markdown tables for docs/performance.md (and the README's summary) from a ``bench/test_bench_train.py`` result file.
 
 Usage: ``.venv/bin/python bench/report_train.py bench/results/cpu-x86_64-train.json``.
 Every figure comes from the JSON (medians); ratios are taken within the one file, so both

@@ -15,7 +15,7 @@ Providers, by mode:
   (``d64`` only: on ``d16`` its 10^7-row tables take seconds per step and > 10 GiB of state).
 
 fbgemm-gpu-cpu is optional (``pip install --no-deps fbgemm-gpu-cpu==1.8.0``): its providers are
-skipped when it is not installed. Run: ``make bench ARGS="-k embedding"``; ratios in README.md.
+skipped when it is not installed. Run: ``make bench ARGS="-k embedding"``; ratios in docs/performance.md.
 """
 
 from __future__ import annotations

@@ -24,7 +24,7 @@ overhead, so the strongest form of the peer), and, in ``train-paper``, trained b
 ``scaling``: the fast backend's full-mixture training step (gate stage with the backbone
 trainable: every parameter and every expert in play) as batch size, domains, experts per domain
 and table size grow. Results: ``make bench BENCH_PATH=bench/test_bench_train.py BENCH_NAME=cpu-x86_64-train``;
-``bench/report_train.py`` turns the JSON into README.md's tables.
+``bench/report_train.py`` turns the JSON into docs/performance.md's tables.
 """
 
 from __future__ import annotations

@@ -15,17 +15,17 @@ from moefast.config import TowerConfig, TowerKind
 from moefast.ops._backend import Backend
 from moefast.testing import tolerance
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+ARCHITECTURE = Path(__file__).resolve().parents[1] / "docs" / "architecture.md"
 TOL = tolerance(torch.float32)
 
 
-def test_readme_example_runs() -> None:
-    """The README's ``convert`` example, executed as written."""
-    section = README.read_text(encoding="utf-8").split("## Drop-in use: `moefast.convert`", 1)
-    assert len(section) == 2, "README lost its convert section"
+def test_docs_convert_example_runs() -> None:
+    """docs/architecture.md's ``convert`` example, executed as written."""
+    section = ARCHITECTURE.read_text(encoding="utf-8").split("## Drop-in use: `moefast.convert`", 1)
+    assert len(section) == 2, "docs/architecture.md lost its convert section"
     blocks = re.findall(r"```python\n(.*?)```", section[1], flags=re.S)
-    assert blocks, "README convert section has no python example"
-    exec(compile(blocks[0], str(README), "exec"), {"__name__": "readme_example"})
+    assert blocks, "the convert section has no python example"
+    exec(compile(blocks[0], str(ARCHITECTURE), "exec"), {"__name__": "docs_example"})
 
 
 class _Nested(nn.Module):

@@ -82,10 +82,11 @@ def test_build_makes_an_sdist_and_a_wheel(dist: tuple[Path, Path, str]) -> None:
 
 
 def test_isolated_wheel_installs_offline_and_trains_outside_the_checkout(
-    installed: Path, tmp_path: Path
+    installed: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     report = run([installed.parent / "moefast", "--version"], cwd=tmp_path)
-    print(report)  # the configuration this wheel got
+    with capsys.disabled():  # the configuration this wheel got, in pytest's output
+        print(f"\n[isolated wheel] {report.strip()}")
     assert "moefast._C (embedding engine): loaded" in report and NOT_BUILT in report, report
     out = run([installed, "-m", "moefast", "train", *TINY, "--out", "run"], cwd=tmp_path)
     assert "WAUC" in out and "TowerOpWarning" in out, out  # the fallback says so

@@ -149,7 +149,7 @@ def test_wheel_metadata_declares_what_the_package_imports(wheel: pathlib.Path) -
 
 
 def test_wheel_installs_offline_and_trains_outside_the_checkout(
-    wheel: pathlib.Path, tmp_path: pathlib.Path
+    wheel: pathlib.Path, tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """A fresh venv sees only what the wheel declares (see tests/_install.py), pip installs the
     wheel from it with --no-index, and a tiny ``moefast train`` runs from a folder outside the
@@ -162,7 +162,8 @@ def test_wheel_installs_offline_and_trains_outside_the_checkout(
     where = run([python, "-c", "import moefast; print(moefast.__file__)"], cwd=elsewhere).strip()
     assert where.startswith(str(tmp_path / "venv")), where
     report = run([tmp_path / "venv" / "bin" / "moefast", "--version"], cwd=elsewhere)
-    print(report)  # which configuration the wheel got (pytest -s shows it)
+    with capsys.disabled():  # which configuration the wheel got, in pytest's output
+        print(f"\n[{wheel.name}] {report.strip()}")
     assert report.startswith(f"moefast {moefast.__version__}\n"), report
     assert "moefast._tower_ops (C++ tower node): loaded" in report, report
     tiny = ["--rows", "600", "--num-domains", "2", "--num-users", "60", "--num-items", "40",

@@ -10,7 +10,8 @@
     <run>/per_domain_auc.png   test AUC per domain
     <run>/gate_weights.png     MoE-MLoRA only: gate weight of every expert for every domain
 
-``CSV`` rather than parquet: parquet needs pyarrow, which moefast does not depend on.
+Predictions are ``CSV``; Parquet outputs come with the tabular source (pyarrow is a declared
+dependency).
 """
 
 from __future__ import annotations
