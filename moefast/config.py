@@ -84,9 +84,11 @@ class TowerKind(enum.Enum):
 class BatchMode(enum.Enum):
     """How training batches are drawn.
 
-    ``SINGLE_DOMAIN`` (the method's default): every batch holds one domain; each epoch shuffles
-    the order of domains and runs each domain's batches in turn. ``MIXED``: batches mix domains
-    and each sample is routed by its own domain id.
+    ``SINGLE_DOMAIN`` (the method's and the seeds' protocol; moefast's under ``seeds_compat``):
+    every batch holds one domain; each epoch shuffles the order of domains and runs each domain's
+    batches in turn. ``MIXED`` (moefast's default, from the claims' evidence): batches mix
+    domains and each sample is routed by its own domain id. A MoE-MLoRA expert stage trains on
+    its own domain under either.
     """
 
     SINGLE_DOMAIN = "single-domain"
@@ -244,6 +246,7 @@ class TrainConfig:
     ``embedding_lr`` is its learning rate (``None``: ``lr``). ``pretrained`` decides whether a
     dataset's pretrained tables stay frozen in every stage (the default, and under
     ``seeds_compat`` and ``train_backbone_in_later_stages`` too) or are fine-tuned.
+    ``batch_mode`` ``None`` is the library's default protocol (:attr:`batches`).
     """
 
     lr: float = 1e-3
@@ -256,7 +259,7 @@ class TrainConfig:
     expert_max_epochs: int | None = None
     gate_max_epochs: int | None = None
     patience: int = 3
-    batch_mode: BatchMode = BatchMode.SINGLE_DOMAIN
+    batch_mode: BatchMode | None = None
     expert_stop: ExpertStopRule = ExpertStopRule.OWN_DOMAIN
     mlora_mode: MLoRAMode = MLoRAMode.JOINT
     train_backbone_in_later_stages: bool = False
@@ -285,8 +288,9 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.l2 must be >= 0, got {self.l2!r}")
         if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
             raise ValueError(f"TrainConfig.betas must be two numbers in [0, 1), got {self.betas!r}")
+        if self.batch_mode is not None and not isinstance(self.batch_mode, BatchMode):
+            raise TypeError(f"TrainConfig.batch_mode must be a BatchMode or None, got {self.batch_mode!r}")
         for name, kind in (
-            ("batch_mode", BatchMode),
             ("expert_stop", ExpertStopRule),
             ("mlora_mode", MLoRAMode),
             ("embedding_optimizer", EmbeddingOptimizer),
@@ -294,6 +298,16 @@ class TrainConfig:
         ):
             if not isinstance(getattr(self, name), kind):
                 raise TypeError(f"TrainConfig.{name} must be a {kind.__name__}, got {getattr(self, name)!r}")
+
+    @property
+    def batches(self) -> BatchMode:
+        """The batch protocol in force: ``batch_mode`` if set, else mixed batches, or the seeds'
+        single-domain batches under ``seeds_compat``. Mixed is the default because it won for
+        every method in the claims' core setting (docs/results/claims.md); the seeds' code and
+        the paper use single-domain batches."""
+        if self.batch_mode is not None:
+            return self.batch_mode
+        return BatchMode.SINGLE_DOMAIN if self.seeds_compat else BatchMode.MIXED
 
 
 @dataclass(frozen=True)

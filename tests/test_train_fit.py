@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 
 from moefast import data, models
-from moefast.config import ExpertStopRule, TowerConfig, TrainConfig
+from moefast.config import BatchMode, ExpertStopRule, TowerConfig, TrainConfig
 from moefast.data.dataset import MultiDomainDataset
 from moefast.nn.tower import Routing
 from moefast.train import fit, load_checkpoint, predict, save_checkpoint
@@ -95,7 +96,10 @@ def test_stage_ends_at_its_best_weights_and_checkpoints_chain(ds: MultiDomainDat
     assert all(torch.equal(again.state_dict()[k], v) for k, v in mlora.state_dict().items())
 
 
-def test_expert_stage_sees_only_its_domain(ds: MultiDomainDataset, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("mode", [None, BatchMode.SINGLE_DOMAIN])
+def test_expert_stage_sees_only_its_domain(
+    ds: MultiDomainDataset, monkeypatch: pytest.MonkeyPatch, mode: BatchMode | None
+) -> None:
     model = models.build("wdl", ds, "moe-mlora", experts_per_domain=2, tower_config=SMALL)
     seen: list[tuple[str, set[int]]] = []
     original = type(model).forward
@@ -108,13 +112,23 @@ def test_expert_stage_sees_only_its_domain(ds: MultiDomainDataset, monkeypatch: 
         return original(self, features, domain)
 
     monkeypatch.setattr(type(model), "forward", spy)
-    fit(model, ds, QUICK)
+    fit(model, ds, replace(QUICK, batch_mode=mode))
     for i in range(2 * ds.num_domains):
-        domains = set().union(*(d for label, d in seen if label == f"expert_{i}"))
-        assert domains == {i % ds.num_domains}
+        domains = [d for label, d in seen if label == f"expert_{i}"]
+        assert domains and all(d == {i % ds.num_domains} for d in domains)
     mixture = [d for label, d in seen if label == "mixture"]
     assert set().union(*mixture) == set(range(ds.num_domains))
-    assert all(len(d) == 1 for _, d in seen), "default batches hold one domain each"
+    shared = [d for label, d in seen if not label.startswith("expert")]
+    if mode is BatchMode.SINGLE_DOMAIN:
+        assert all(len(d) == 1 for d in shared), "single-domain batches hold one domain each"
+    else:  # the default: mixed batches in the backbone and gate stages
+        assert any(len(d) > 1 for d in shared)
+
+
+def test_default_batch_protocol() -> None:
+    assert TrainConfig().batches is BatchMode.MIXED
+    assert TrainConfig(seeds_compat=True).batches is BatchMode.SINGLE_DOMAIN
+    assert TrainConfig(seeds_compat=True, batch_mode=BatchMode.MIXED).batches is BatchMode.MIXED
 
 
 def test_run_directory(ds: MultiDomainDataset, tmp_path: Path) -> None:

@@ -127,7 +127,7 @@ TRAIN_OPTIONS: list[Option] = [
     ("expert-max-epochs", int, "epoch cap of each MoE-MLoRA expert stage"),
     ("gate-max-epochs", int, "epoch cap of the MoE-MLoRA gate stage"),
     ("patience", int, "early-stopping patience in epochs (default 3)"),
-    ("batch-mode", parse_choice(BatchMode), "single-domain (default) or mixed batches"),
+    ("batch-mode", parse_choice(BatchMode), "mixed (default) or single-domain batches (the seeds'; the default under --seeds-compat)"),
     ("expert-stop", parse_choice(ExpertStopRule), "own-domain (default) or all-domains (the seeds')"),
     ("mlora-mode", parse_choice(MLoRAMode), "joint (default) or pretrain-freeze"),
     ("embedding-optimizer", parse_choice(EmbeddingOptimizer),

@@ -400,7 +400,7 @@ def _run_stage(
     train_seconds = 0.0
     epochs = 0
     loader = BatchLoader(
-        dataset.train, config.batch_size, _ORDER[config.batch_mode], domains=train_domains,
+        dataset.train, config.batch_size, _ORDER[config.batches], domains=train_domains,
         generator=generator,
     )
     for epoch in range(1, max_epochs + 1):
