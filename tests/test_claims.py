@@ -291,3 +291,15 @@ def test_reproduce_on_real_files(tmp_path: Path, capsys: pytest.CaptureFixture[s
     # The MovieLens section needs its files: one clear line, exit status 2.
     assert main([*common, "--sections", "movielens"]) == 2
     assert "needs movielens_dir" in capsys.readouterr().err
+
+
+def test_a_finished_run_is_written_once(tmp_path: Path) -> None:
+    from moefast.train.claims import KEY_COLUMNS, VALUE_COLUMNS, _append_row
+
+    csv = tmp_path / "runs.csv"
+    row = {c: "x" for c in KEY_COLUMNS} | {c: 1.0 for c in VALUE_COLUMNS}
+    _append_row(csv, row)
+    _append_row(csv, row)  # a second worker that finished the same run
+    _append_row(csv, row | {"seed": "y"})
+    assert len(_append_row(csv, row)) == 2
+    assert not list(tmp_path.glob(".*.tmp"))

@@ -317,19 +317,36 @@ def _read_csv(path: Path) -> Any:
     return frame
 
 
-def _write_csv(path: Path, frame: Any) -> None:
+def _append_row(path: Path, row: dict[str, Any]) -> Any:
+    """Add one finished run to the CSV and return the whole table.
+
+    Under an exclusive lock, the file is read again, the row added (unless a concurrent worker
+    already wrote its key) and the table written to a temporary file that replaces the CSV: two
+    ``moefast reproduce`` processes on different sections can share one CSV, and a kill never
+    leaves a half-written file."""
+    import fcntl
+
+    import pandas as pd
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    frame.to_csv(tmp, index=False)
-    os.replace(tmp, path)
+    with open(path.with_name(f".{path.name}.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        frame = _read_csv(path)
+        keys = {tuple(r) for r in frame[list(KEY_COLUMNS)].itertuples(index=False)}
+        if tuple(row[c] for c in KEY_COLUMNS) not in keys:
+            frame = pd.concat([frame, pd.DataFrame([row])], ignore_index=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        frame.to_csv(tmp, index=False)
+        os.replace(tmp, path)
+    return frame
 
 
 def run_claims(config: ClaimsConfig, *, say: Callable[[str], None] = lambda _msg: None) -> dict[str, Path]:
     """Run every run of the plan not yet in the CSV (within the budget), then write the report.
 
+    Concurrent workers may share the CSV when they run different sections (``sections``).
     Returns the paths of ``claims-runs.csv``, ``claims.md`` and ``claims.png``.
     """
-    import pandas as pd
 
     csv = config.csv_path
     frame = _read_csv(csv)
@@ -354,8 +371,7 @@ def run_claims(config: ClaimsConfig, *, say: Callable[[str], None] = lambda _msg
         values = train_run(run, dataset, config)
         values["oracle_wauc"] = oracle
         row = dict(zip(KEY_COLUMNS, run.key(rows, config.model), strict=True)) | values
-        frame = pd.concat([frame, pd.DataFrame([row])], ignore_index=True)
-        _write_csv(csv, frame)
+        _append_row(csv, row)
     return write_report(config)
 
 
