@@ -12,7 +12,7 @@ NATIVE_SRC  := pyproject.toml CMakeLists.txt $(wildcard csrc/*.cpp csrc/*.h csrc
 BENCH_NAME  ?= cpu-$(shell uname -m)
 BENCH_PATH  ?= bench/
 
-.PHONY: setup run test check-install lint bench stubs clean
+.PHONY: setup run test check-install lint bench stubs clean sanitize
 
 setup: $(BUILD_STAMP)
 
@@ -43,6 +43,19 @@ test: setup lint
 # checkout; the tower tests against the isolated wheel (which has no C++ tower node).
 check-install: setup
 	$(BIN)/python -m pytest -q -m install tests/test_install.py
+
+# ASan + UBSan, not part of `make test` (about 5 minutes, most of it compiling): the extensions
+# rebuilt with -DMOEFAST_SANITIZE=ON in their own build directory (the installed ones are not
+# touched), then the engine, fuzz, tower and dropout tests run against them; any sanitizer
+# report fails it. How ASan runs inside the uninstrumented Python, and why nothing is
+# suppressed: tools/sanitize/run.sh.
+SANITIZE_DIR   := build/sanitize
+SANITIZE_TESTS := tests/test_embedding.py tests/test_embedding_inputs.py tests/test_embedding_safety.py \
+                  tests/test_embedding_fuzz.py tests/test_tower_cpu.py tests/test_dropout.py
+sanitize: setup
+	cmake -S . -B $(SANITIZE_DIR) -DMOEFAST_SANITIZE=ON -DMOEFAST_TOWER_OPS=ON -DPython_EXECUTABLE=$(abspath $(BIN)/python)
+	cmake --build $(SANITIZE_DIR) -j2
+	tools/sanitize/run.sh $(SANITIZE_DIR) $(SANITIZE_TESTS)
 
 bench: setup
 	mkdir -p bench/results

@@ -414,7 +414,9 @@ MOEFAST_INLINE int64_t sum_rows(const EmbeddingField& f, Scratch& s, int64_t n, 
     s.slot_of[s.keys[i] & 0xffffffffu] = static_cast<uint32_t>(s.unique_ids.size() - 1);
   }
   const auto unique = static_cast<int64_t>(s.unique_ids.size());
-  std::memset(sums, 0, static_cast<size_t>(unique * dim) * sizeof(float));
+  // Guarded: an empty batch may pass a null buffer, and memset(nullptr, 0, 0) is undefined
+  // (found by `make sanitize`).
+  if (unique > 0) std::memset(sums, 0, static_cast<size_t>(unique * dim) * sizeof(float));
   const int64_t grad_ahead = rows_ahead(kGradPrefetchBytes, dim);
   for (int64_t j = 0; j < f.num_indices; ++j) {
     if (j + grad_ahead < f.num_indices) {
@@ -616,6 +618,109 @@ void for_each_sorted_field(const std::vector<EmbeddingField>& fields, int64_t ba
   errors.throw_first();
 }
 
+// The byte range [begin, end) of a buffer the fused update writes, and who owns it.
+struct WrittenRange {
+  uintptr_t begin;
+  uintptr_t end;
+  int group;
+  int field;
+};
+
+// Groups the fields to update by table: fields whose table is the same buffer (same pointer,
+// rows and dim) form one group, in field order; their optimizer state must be the same buffers
+// too. Any other overlap between what two groups write (tables or state, e.g. two views of
+// one tensor, or one state for two tables) would race between threads: refused.
+std::vector<std::vector<int>> table_groups(const std::vector<EmbeddingField>& fields,
+                                           const std::vector<bool>& need,
+                                           const OptimizerConfig& config,
+                                           const std::vector<OptimizerState>& states) {
+  std::vector<std::vector<int>> groups;
+  std::vector<WrittenRange> ranges;
+  auto add = [&](const void* p, int64_t bytes, int group, int field) {
+    if (p == nullptr || bytes <= 0) return;
+    const auto begin = reinterpret_cast<uintptr_t>(p);
+    ranges.push_back({begin, begin + static_cast<uintptr_t>(bytes), group, field});
+  };
+  const bool adam = config.kind == OptimizerKind::kLazyAdam;
+  for (size_t t = 0; t < fields.size(); ++t) {
+    if (!need[t]) continue;
+    const EmbeddingField& f = fields[t];
+    int found = -1;
+    for (size_t g = 0; g < groups.size() && found < 0; ++g) {
+      if (fields[groups[g][0]].weight == f.weight) found = static_cast<int>(g);
+    }
+    if (found >= 0) {
+      const int first = groups[found][0];
+      const EmbeddingField& o = fields[first];
+      const OptimizerState& a = states[first];
+      const OptimizerState& b = states[t];
+      if (o.rows != f.rows || o.dim != f.dim) {
+        throw std::invalid_argument(quoted(o.name) + " and " + quoted(f.name) +
+                                    ": tables start at the same address with different shapes");
+      }
+      if (a.sum != b.sum || a.exp_avg != b.exp_avg || a.exp_avg_sq != b.exp_avg_sq || a.step != b.step) {
+        throw std::invalid_argument(quoted(o.name) + " and " + quoted(f.name) +
+                                    " share a table but not its optimizer state: pass the same "
+                                    "state for every field of one table");
+      }
+      groups[found].push_back(static_cast<int>(t));
+      continue;
+    }
+    const int g = static_cast<int>(groups.size());
+    groups.push_back({static_cast<int>(t)});
+    const int64_t row_bytes = f.dim * static_cast<int64_t>(sizeof(float));
+    add(f.weight, f.rows * row_bytes, g, static_cast<int>(t));
+    if (adam) {
+      add(states[t].exp_avg, f.rows * row_bytes, g, static_cast<int>(t));
+      add(states[t].exp_avg_sq, f.rows * row_bytes, g, static_cast<int>(t));
+      add(states[t].step, f.rows * static_cast<int64_t>(sizeof(int64_t)), g, static_cast<int>(t));
+    } else {
+      add(states[t].sum, f.rows * static_cast<int64_t>(sizeof(float)), g, static_cast<int>(t));
+    }
+  }
+  std::sort(ranges.begin(), ranges.end(),
+            [](const WrittenRange& a, const WrittenRange& b) { return a.begin < b.begin; });
+  for (size_t i = 1; i < ranges.size(); ++i) {
+    if (ranges[i].begin < ranges[i - 1].end) {
+      const std::string a = fields[ranges[i - 1].field].name;
+      const std::string b = fields[ranges[i].field].name;
+      throw std::invalid_argument(
+          a == b ? quoted(a) + ": its table and optimizer state overlap in memory"
+                 : quoted(a) + " and " + quoted(b) +
+                       ": their tables or optimizer states overlap in memory; a table listed for "
+                       "several fields must be the same tensor, with the same state");
+    }
+  }
+  return groups;
+}
+
+// Merges one field's unique rows (ascending) and their summed gradients [unique, dim] into the
+// running (ids, sums) of its table: a row in both gets sums + grads, a new row 0 + grads (the
+// reference adds every field's rows into zeros in field order: the same additions).
+void merge_row_sums(const int64_t* field_ids, const float* field_sums, int64_t unique, int64_t dim,
+                    std::vector<int64_t>& ids, std::vector<float>& sums) {
+  std::vector<int64_t> out_ids;
+  std::vector<float> out_sums;
+  out_ids.reserve(ids.size() + static_cast<size_t>(unique));
+  out_sums.reserve((ids.size() + static_cast<size_t>(unique)) * static_cast<size_t>(dim));
+  size_t i = 0;
+  int64_t j = 0;
+  while (i < ids.size() || j < unique) {
+    const bool take_old = j >= unique || (i < ids.size() && ids[i] <= field_ids[j]);
+    const bool take_new = i >= ids.size() || (j < unique && field_ids[j] <= ids[i]);
+    out_ids.push_back(take_old ? ids[i] : field_ids[j]);
+    for (int64_t d = 0; d < dim; ++d) {
+      float v = take_old ? sums[i * static_cast<size_t>(dim) + static_cast<size_t>(d)] : 0.0f;
+      if (take_new) v += field_sums[j * dim + d];
+      out_sums.push_back(v);
+    }
+    if (take_old) ++i;
+    if (take_new) ++j;
+  }
+  ids.swap(out_ids);
+  sums.swap(out_sums);
+}
+
 }  // namespace
 
 void embedding_forward(const std::vector<EmbeddingField>& fields, int64_t batch, float* out,
@@ -662,8 +767,10 @@ std::vector<int64_t> embedding_backward_rows(const std::vector<EmbeddingField>& 
                         [&](int t, const EmbeddingField& f, Scratch& scratch, int64_t n) {
     const int64_t unique = sum_rows_dispatch(f, scratch, n, grad_out + col[t], grad_stride,
                                              grads_out + grad_base[t]);
-    std::memcpy(rows_out + row_base[t], scratch.unique_ids.data(),
-                static_cast<size_t>(unique) * sizeof(int64_t));
+    if (unique > 0) {  // rows_out may be null for an empty batch (see sum_rows)
+      std::memcpy(rows_out + row_base[t], scratch.unique_ids.data(),
+                  static_cast<size_t>(unique) * sizeof(int64_t));
+    }
     counts[t] = unique;
   });
   return counts;
@@ -674,10 +781,65 @@ void embedding_backward_update(const std::vector<EmbeddingField>& fields, int64_
                                const std::vector<bool>& need, const OptimizerConfig& config,
                                const std::vector<OptimizerState>& states, int num_threads) {
   const std::vector<int64_t> col = column_offsets(fields);
-  for_each_sorted_field(fields, batch, need, num_threads,
-                        [&](int t, const EmbeddingField& f, Scratch& scratch, int64_t n) {
-    sum_and_update_best(f, scratch, n, grad_out + col[t], grad_stride, config, states[t]);
-  });
+  const std::vector<std::vector<int>> groups = table_groups(fields, need, config, states);
+  bool shared = false;
+  for (const auto& g : groups) shared = shared || g.size() > 1;
+  if (!shared) {
+    for_each_sorted_field(fields, batch, need, num_threads,
+                          [&](int t, const EmbeddingField& f, Scratch& scratch, int64_t n) {
+      sum_and_update_best(f, scratch, n, grad_out + col[t], grad_stride, config, states[t]);
+    });
+    return;
+  }
+  // A table listed for several fields: one task per table sums each field's row gradients,
+  // merges them (field order, so the sum is deterministic) and updates each row once.
+  for (const auto& f : fields) check_offset_ends(f, batch);
+  FieldErrors errors(fields.size());
+  ThreadPool::instance().parallel_for(
+      static_cast<int64_t>(groups.size()), num_threads, [&](int64_t i) {
+        const std::vector<int>& group = groups[i];
+        thread_local Scratch scratch;
+        if (group.size() == 1) {
+          const int t = group[0];
+          std::string error;
+          const int64_t n = sort_field(fields[t], batch, scratch, &error);
+          if (n < 0) {
+            errors.set(t, std::move(error));
+            return;
+          }
+          sum_and_update_best(fields[t], scratch, n, grad_out + col[t], grad_stride, config, states[t]);
+          return;
+        }
+        const int64_t dim = fields[group[0]].dim;
+        std::vector<int64_t> ids;    // merged unique rows, ascending
+        std::vector<float> sums;     // [ids, dim]
+        for (const int t : group) {
+          const EmbeddingField& f = fields[t];
+          std::string error;
+          const int64_t n = sort_field(f, batch, scratch, &error);
+          if (n < 0) {
+            errors.set(t, std::move(error));
+            return;
+          }
+          std::vector<float> field_sums(static_cast<size_t>(n * dim));
+          const int64_t unique = sum_rows_dispatch(f, scratch, n, grad_out + col[t], grad_stride,
+                                                   field_sums.data());
+          merge_row_sums(scratch.unique_ids.data(), field_sums.data(), unique, dim, ids, sums);
+        }
+        const EmbeddingField& f = fields[group[0]];
+        const OptimizerState& st = states[group[0]];
+        scratch.unique_ids = ids;
+        const auto unique = static_cast<int64_t>(ids.size());
+        if (config.kind == OptimizerKind::kRowwiseAdagrad) {
+          const RowwiseAdagradUpdate update{f.weight, dim, st.sum, static_cast<float>(config.lr), config.eps};
+          apply_rows(scratch, unique, dim, sums.data(), update);
+        } else {
+          const LazyAdamUpdate update{f.weight, dim, st.exp_avg, st.exp_avg_sq, st.step,
+                                      config.lr, config.beta1, config.beta2, config.eps};
+          apply_rows(scratch, unique, dim, sums.data(), update);
+        }
+      });
+  errors.throw_first();
 }
 
 }  // namespace moefast

@@ -69,8 +69,10 @@ struct OptimizerState {
 // Backward fused with the optimizer: for each field t with need[t], sums the gradient of every
 // unique row seen and updates that row of fields[t].weight and states[t] in place. Each row is
 // owned by one task, so no atomics; the summation order is fixed (ascending position in the
-// batch), so results do not depend on the thread count. Two fields may share a table only if
-// they are not updated in the same call.
+// batch), so results do not depend on the thread count. Fields whose table is the same buffer
+// (same pointer and shape) must have the same state; such a table is updated once per row with
+// the gradient summed over its fields (each field's row sums added in field order). Any other
+// overlap of the tables and states written throws std::invalid_argument (it would race).
 void embedding_backward_update(const std::vector<EmbeddingField>& fields, int64_t batch,
                                const float* grad_out, int64_t grad_stride,
                                const std::vector<bool>& need, const OptimizerConfig& config,

@@ -2,7 +2,9 @@
 
 #include <algorithm>
 #include <atomic>
+#include <new>
 
+#include <pthread.h>
 #include <unistd.h>
 
 namespace moefast {
@@ -10,6 +12,49 @@ namespace moefast {
 ThreadPool& ThreadPool::instance() {
   static ThreadPool pool;
   return pool;
+}
+
+ThreadPool::ThreadPool() : owner_pid_(static_cast<long>(getpid())) {
+  // Registered once, with the pool (a function-local static: constructed on first use).
+  pthread_atfork(&ThreadPool::before_fork, &ThreadPool::after_fork_in_parent,
+                 &ThreadPool::after_fork_in_child);
+}
+
+// fork() waits here until no parallel_for is in flight (call_mutex_), and until no worker is
+// between wake-ups (mutex_); the workers then all sleep in wake_.wait, owning nothing.
+void ThreadPool::before_fork() {
+  ThreadPool& pool = instance();
+  pool.call_mutex_.lock();
+  pool.mutex_.lock();
+}
+
+void ThreadPool::after_fork_in_parent() {
+  ThreadPool& pool = instance();
+  pool.mutex_.unlock();
+  pool.call_mutex_.unlock();
+}
+
+// The child has only the forking thread. The parent's workers do not exist here: leak their
+// handles (destroying a joinable std::thread aborts), and replace the condition variables,
+// whose internal state still counts the parent's sleeping workers as waiters (glibc's
+// condition variable can then block a later notify forever). Storage reuse without running
+// the destructors is deliberate: those objects' state belongs to threads that are gone.
+void ThreadPool::after_fork_in_child() {
+  ThreadPool& pool = instance();
+  if (!pool.workers_.empty()) new std::vector<std::thread>(std::move(pool.workers_));
+  pool.workers_.clear();
+  new (&pool.wake_) std::condition_variable();
+  new (&pool.done_) std::condition_variable();
+  pool.stop_ = false;
+  pool.active_workers_ = 0;
+  pool.open_ = false;
+  pool.joined_ = 0;
+  pool.fn_ = nullptr;
+  pool.num_tasks_ = 0;
+  pool.error_ = nullptr;
+  pool.owner_pid_ = static_cast<long>(getpid());
+  pool.mutex_.unlock();
+  pool.call_mutex_.unlock();
 }
 
 ThreadPool::~ThreadPool() {
@@ -26,15 +71,8 @@ ThreadPool::~ThreadPool() {
 }
 
 void ThreadPool::ensure_workers(int count) {
-  // Called under call_mutex_ only, with no generation in flight.
-  const long pid = static_cast<long>(getpid());
-  if (pid != owner_pid_) {
-    // After fork() the child has none of the parent's threads: leak their handles (joining or
-    // destroying them would abort) and start afresh.
-    if (!workers_.empty()) new std::vector<std::thread>(std::move(workers_));
-    workers_.clear();
-    owner_pid_ = pid;
-  }
+  // Called under call_mutex_ only, with no generation in flight. (A forked child starts with no
+  // workers: after_fork_in_child.)
   while (static_cast<int>(workers_.size()) < count) {
     const int id = static_cast<int>(workers_.size());
     workers_.emplace_back([this, id] { worker_loop(id); });

@@ -3,6 +3,14 @@
 // Why not OpenMP: torch bundles its own libgomp, and a second OpenMP runtime loaded beside it
 // has cost 3x elsewhere (NOTES.md). Why not torch's pool: the extension must not link libtorch.
 // The pool is sized from Python with torch.get_num_threads() on every call.
+//
+// Fork safety: fork() copies only the calling thread. Without care a child forked while another
+// thread is inside parallel_for inherits locked mutexes, condition variables with waiters that
+// no longer exist, and thread handles of threads it does not have, and its first parallel_for
+// hangs. pthread_atfork handlers (registered with the pool) make fork wait until no
+// parallel_for is in flight (prepare takes both mutexes), release them in the parent, and give
+// the child a fresh pool state (no workers; new mutexes and condition variables) whose workers
+// start on the child's first parallel_for.
 #pragma once
 
 #include <atomic>
@@ -30,7 +38,10 @@ class ThreadPool {
   void parallel_for(int64_t num_tasks, int num_threads, const std::function<void(int64_t)>& fn);
 
  private:
-  ThreadPool() = default;
+  ThreadPool();
+  static void before_fork();
+  static void after_fork_in_parent();
+  static void after_fork_in_child();
   void ensure_workers(int count);
   void worker_loop(int worker_id);
   void run_tasks();
@@ -49,7 +60,7 @@ class ThreadPool {
   int64_t num_tasks_ = 0;
   std::atomic<int64_t> next_task_{0};
   std::exception_ptr error_;
-  long owner_pid_ = 0;  // the process that started workers_ (a forked child must start its own)
+  long owner_pid_ = 0;  // the process that started workers_ (a forked child starts its own)
 };
 
 }  // namespace moefast

@@ -54,9 +54,15 @@ class _NativeCall:
     Why pointers: importing 52 torch tensors through DLPack costs about 150 us per call, as much
     as a 4096-row lookup; the checks below (dtype, rank, contiguity, device, sizes) cost a tenth
     of that and make every pointer safe to read for the sizes passed along.
+
+    Backward reuses the pointers only after ``snapshot.check_unchanged()``
+    (:class:`moefast.reference.embedding.InputSnapshot`): the same storage, shape and dtype for
+    every tensor, and the same version counter for what backward reads.
     """
 
-    __slots__ = ("batch", "dims", "keep", "meta", "names", "num_indices", "pointers", "vocab_sizes")
+    __slots__ = (
+        "batch", "dims", "keep", "meta", "names", "num_indices", "pointers", "snapshot", "vocab_sizes",
+    )
 
     def __init__(
         self,
@@ -76,6 +82,8 @@ class _NativeCall:
             raise _Recheck
         first = offsets[0]
         self.batch = int(first.shape[0]) - 1 if first is not None else int(indices[0].shape[0])
+        if self.batch < 0:  # 0-length offsets: check_inputs says so
+            raise _Recheck
         pointers: list[int] = []
         meta: list[int] = []
         self.dims, self.vocab_sizes, self.num_indices = [], [], []
@@ -118,6 +126,7 @@ class _NativeCall:
         self.pointers = pointers
         self.meta = meta
         self.keep = (weights, indices, offsets, psw)
+        self.snapshot = _ref.InputSnapshot(self.names, weights, indices, offsets, psw)
 
 
 def _state_pointers(
@@ -198,6 +207,7 @@ class EmbeddingCollectionFunction(torch.autograd.Function):
         no_grads: list[torch.Tensor | None] = [None] * len(need)
         if not any(need):
             return (None, None, None, None, *no_grads)
+        call.snapshot.check_unchanged()
         grad_out = grad_out.contiguous().float()  # autograd may hand an expanded or strided view
         native = _ext.native()
         if ctx.optimizer is not None:
@@ -246,6 +256,10 @@ def _why_not_fast(
     for w in weights:
         if isinstance(w, torch.Tensor) and w.device.type != "cpu":
             return f"it runs on CPU tensors only, got a table on {w.device}"
+        if isinstance(w, torch.Tensor) and w.dim() == 2 and not 0 < w.shape[0] < 2**32:
+            return f"it needs tables of 1 to 2^32 - 1 rows, got a table of {w.shape[0]} rows"
+        if isinstance(w, torch.Tensor) and w.dim() == 2 and w.shape[1] == 0:
+            return "it needs tables of at least one column, got a [V, 0] table"
     if per_sample_weights is not None and any(
         p is not None and p.requires_grad for p in per_sample_weights
     ):

@@ -18,6 +18,7 @@ The output is float32 ``[B, sum_t D_t]``: the fields' vectors concatenated in fi
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from typing import Any
 
@@ -27,7 +28,14 @@ import torch.nn.functional as F
 from moefast.config import Pooling
 from moefast.reference.embedding_optim import FusedOptimizer, sparse_update_
 
-__all__ = ["FieldLayout", "check_inputs", "embedding_collection", "embedding_collection_row_grads"]
+__all__ = [
+    "FieldLayout",
+    "InputSnapshot",
+    "check_inputs",
+    "embedding_collection",
+    "embedding_collection_row_grads",
+    "table_groups",
+]
 
 _INDEX_DTYPES = (torch.int32, torch.int64)
 
@@ -68,6 +76,144 @@ class FieldLayout:
         self.poolings = poolings
         self.per_sample_weights = per_sample_weights
         self.padding_idx = padding_idx
+
+
+def _versions(tensors: Sequence[torch.Tensor]) -> list[int]:
+    """Each tensor's version counter (bumped by every in-place op); -1 for an inference tensor,
+    which has none (and cannot be changed outside inference mode)."""
+    try:
+        return [t._version for t in tensors]
+    except RuntimeError:
+        return [-1 if t.is_inference() else t._version for t in tensors]
+
+
+class InputSnapshot:
+    """What a backward relies on, recorded in forward and checked before backward uses it.
+
+    torch's rule for saved tensors (a tensor that backward reads must not have been changed in
+    place since forward: its version counter) applied to what the embedding backward reads, the
+    ids, offsets and per-sample weights, plus storage identity (the same data pointer, shape and
+    dtype) of those and of the tables, which a fused optimizer writes: a table whose ``.data`` was
+    replaced, whose dtype changed (``module.double()``) or whose storage was freed is refused
+    rather than written through a stale pointer. In-place edits of a table's values are allowed:
+    backward does not read them, and the fused update applies to the current values.
+    """
+
+    __slots__ = ("indices", "names", "offsets", "per_sample_weights", "read", "read_pointers", "read_versions",
+                 "weight_pointers", "weight_shapes", "weights")
+
+    def __init__(
+        self,
+        names: Sequence[str],
+        weights: Sequence[torch.Tensor],
+        indices: Sequence[torch.Tensor],
+        offsets: Sequence[torch.Tensor | None],
+        per_sample_weights: Sequence[torch.Tensor | None],
+    ) -> None:
+        # Kept lean (about 1 us per field): it runs on every training step.
+        self.names, self.weights = names, weights
+        self.indices, self.offsets, self.per_sample_weights = indices, offsets, per_sample_weights
+        self.weight_pointers = [w.data_ptr() for w in weights]
+        self.weight_shapes = [w.shape for w in weights]
+        self.read = [x for group in (indices, offsets, per_sample_weights) for x in group if x is not None]
+        self.read_pointers = [x.data_ptr() for x in self.read]
+        self.read_versions = _versions(self.read)
+
+    def check_unchanged(self) -> None:
+        """``RuntimeError`` naming the field and tensor if anything changed since forward."""
+        weights = self.weights
+        if (
+            [w.data_ptr() for w in weights] != self.weight_pointers
+            or [w.shape for w in weights] != self.weight_shapes
+            or any(w.dtype != torch.float32 or not w.is_contiguous() for w in weights)
+        ):
+            for t, w in enumerate(weights):
+                if (
+                    w.data_ptr() != self.weight_pointers[t]
+                    or w.dtype != torch.float32
+                    or w.shape != self.weight_shapes[t]
+                    or not w.is_contiguous()
+                ):
+                    raise RuntimeError(
+                        f"embedding_collection backward: field {self.names[t]!r}: its table changed "
+                        f"between forward and backward (now {w.dtype} {tuple(w.shape)}: its .data was "
+                        "replaced, its dtype or shape changed, or its storage was freed); backward will "
+                        "not write through the forward's pointer. Run forward again after changing a table."
+                    )
+        versions = _versions(self.read)
+        if versions == self.read_versions and [x.data_ptr() for x in self.read] == self.read_pointers:
+            return
+        labelled = [
+            (t, what, x)
+            for what, group in (("indices", self.indices), ("offsets", self.offsets),
+                                ("per_sample_weights", self.per_sample_weights))
+            for t, x in enumerate(group)
+            if x is not None
+        ]
+        for (t, what, x), ptr, before, after in zip(
+            labelled, self.read_pointers, self.read_versions, versions, strict=True
+        ):
+            if before != after or x.data_ptr() != ptr:
+                raise RuntimeError(
+                    f"embedding_collection backward: field {self.names[t]!r}: its {what} were modified "
+                    f"in place or replaced after forward (version {before} -> {after}); the gradient "
+                    "would go to other rows. Run forward again instead of editing the ids."
+                )
+
+
+def _byte_range(t: torch.Tensor) -> tuple[int, int]:
+    start = t.data_ptr()
+    return start, start + t.numel() * t.element_size()
+
+
+def table_groups(
+    weights: Sequence[torch.Tensor],
+    states: Sequence[dict[str, torch.Tensor]],
+    need: Sequence[bool],
+    names: Sequence[str],
+) -> list[list[int]]:
+    """The fields a fused optimizer updates, grouped by table (field order within a group).
+
+    Fields whose tables are the same memory (same data pointer and shape) form one group and
+    must share their optimizer state; the table is then updated once per row with the gradient
+    summed over the group's fields. Any other overlap between what two groups write (two views
+    of one tensor, one state for two tables) is a ``ValueError``: the C++ engine's tasks would
+    race on it, and which update wins would be arbitrary. The C++ engine applies the same rule.
+    """
+    groups: list[list[int]] = []
+    first_of: dict[int, int] = {}
+    ranges: list[tuple[int, int, int]] = []  # (start, end, field)
+    for t, w in enumerate(weights):
+        if not need[t]:
+            continue
+        g = first_of.get(w.data_ptr())
+        if g is not None:
+            o = groups[g][0]
+            if tuple(weights[o].shape) != tuple(w.shape):
+                raise ValueError(
+                    f"field {names[o]!r} and field {names[t]!r}: tables start at the same address "
+                    "with different shapes"
+                )
+            mine, theirs = states[t], states[o]
+            if sorted(mine) != sorted(theirs) or any(mine[k].data_ptr() != theirs[k].data_ptr() for k in mine):
+                raise ValueError(
+                    f"field {names[o]!r} and field {names[t]!r} share a table but not its optimizer "
+                    "state: pass the same state for every field of one table"
+                )
+            groups[g].append(t)
+            continue
+        first_of[w.data_ptr()] = len(groups)
+        groups.append([t])
+        ranges += [(*_byte_range(x), t) for x in (w, *states[t].values()) if x.numel()]
+    ranges.sort()
+    for (_, end, a), (start, _, b) in itertools.pairwise(ranges):
+        if start < end:
+            raise ValueError(
+                f"field {names[a]!r}: its table and optimizer state overlap in memory" if a == b else
+                f"field {names[a]!r} and field {names[b]!r}: their tables or optimizer states overlap "
+                "in memory; a table listed for several fields must be the same tensor, with the same state"
+            )
+    return groups
 
 
 def _check_tensor(
@@ -260,14 +406,25 @@ class _FusedUpdateFunction(torch.autograd.Function):
         *weights: torch.Tensor,
     ) -> torch.Tensor:
         ctx.layout, ctx.optimizer, ctx.states, ctx.weights = layout, optimizer, states, weights
+        ctx.snapshot = InputSnapshot(layout.names, weights, layout.indices, layout.offsets, layout.per_sample_weights)
         with torch.no_grad():
             return _lookup(weights, layout, sparse=False)
 
     @staticmethod
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[None, ...]:
-        row_grads = embedding_collection_row_grads(grad_out.contiguous(), ctx.layout)
-        for t, (rows, grads) in enumerate(row_grads):
-            if ctx.needs_input_grad[3 + t]:  # frozen tables are not updated
+        need = ctx.needs_input_grad[3:]  # frozen tables are not updated
+        if any(need):
+            ctx.snapshot.check_unchanged()
+            groups = table_groups(ctx.weights, ctx.states, need, ctx.layout.names)
+            row_grads = embedding_collection_row_grads(grad_out.contiguous(), ctx.layout)
+            for group in groups:
+                t = group[0]
+                rows, grads = row_grads[t]
+                if len(group) > 1:  # a shared table: one update per row, gradients summed in field order
+                    rows, inverse = torch.unique(torch.cat([row_grads[u][0] for u in group]), return_inverse=True)
+                    grads = grads.new_zeros(rows.shape[0], grads.shape[1]).index_add_(
+                        0, inverse, torch.cat([row_grads[u][1] for u in group])
+                    )
                 sparse_update_(ctx.weights[t].data, ctx.states[t], rows, grads, ctx.optimizer)
         return (None,) * (3 + len(ctx.weights))
 
@@ -291,7 +448,8 @@ def embedding_collection(
     sparse COO tensor when ``sparse``. With ``optimizer`` (and ``optimizer_states``: one
     ``optimizer.init_state(w)`` dict per table), backward applies the update in place to the
     rows of the batch and leaves ``weights[t].grad`` untouched; tables that do not require grad
-    are not updated.
+    are not updated. A table listed for several fields (the same tensor, with the same state) is
+    updated once per row, with the gradient summed over those fields.
     """
     layout = check_inputs(weights, indices, offsets, poolings, per_sample_weights, padding_idx, names)
     check_values(layout)
