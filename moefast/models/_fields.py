@@ -23,5 +23,9 @@ def shared_dim(model: str, features: Sequence[FeatureSpec]) -> int:
 
 
 def as_fields(embedded: torch.Tensor, num_fields: int) -> torch.Tensor:
-    """``[B, F k]`` (the embedding collection's output) -> ``[B, F, k]`` (a view)."""
-    return embedded.reshape(embedded.shape[0], num_fields, -1)
+    """``[B, F k]`` (the embedding collection's output) -> ``[B, F, k]`` (a view).
+
+    ``k`` is spelled out rather than ``-1``: a 0-row batch (a data-parallel slice, an empty
+    domain) has no elements from which to infer it.
+    """
+    return embedded.reshape(embedded.shape[0], num_fields, embedded.shape[1] // num_fields)

@@ -7,6 +7,7 @@ from collections.abc import Mapping, Sequence
 import torch
 
 from moefast.config import FeatureSpec, TowerConfig
+from moefast.models._fields import as_fields
 from moefast.models.base import CTRModel, register
 from moefast.ops._backend import BackendLike
 
@@ -48,6 +49,6 @@ class DeepFM(CTRModel):
     def interaction_logit(
         self, features: Mapping[str, torch.Tensor], embedded: torch.Tensor
     ) -> torch.Tensor:
-        fields = embedded.reshape(embedded.shape[0], len(self.features), -1)  # [B, F, k]
+        fields = as_fields(embedded, len(self.features))  # [B, F, k]
         return fm_interaction(fields)
 

@@ -122,7 +122,8 @@ class CIN(nn.Module):
         hidden = fields
         kept = []
         for index, conv in enumerate(self.convs):
-            z = torch.einsum("bhd,bmd->bhmd", hidden, fields).reshape(batch, -1, dim)  # [B, H F, k]
+            # Sizes spelled out (no -1): a 0-row batch has nothing to infer them from.
+            z = torch.einsum("bhd,bmd->bhmd", hidden, fields).reshape(batch, hidden.shape[1] * fields.shape[1], dim)  # [B, H F, k]
             x = torch.relu(conv(z))  # [B, H_l, k]
             if self.split_half and index < len(self.convs) - 1:
                 half = x.shape[1] // 2
