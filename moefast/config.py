@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import math
 from dataclasses import dataclass, replace
 
 __all__ = [
@@ -163,6 +164,35 @@ def _positive(owner: str, name: str, value: float) -> None:
         raise ValueError(f"{owner}.{name} must be > 0, got {value!r}")
 
 
+def _in_range(owner: str, name: str, value: object, low: float, high: float, *, low_open: bool) -> None:
+    """``ValueError`` unless ``value`` is a finite real number in ``(low, high]`` (``low_open``)
+    or ``[low, high]``; NaN and infinities never pass."""
+    ok = (
+        isinstance(value, int | float)
+        and not isinstance(value, bool)
+        and math.isfinite(value)
+        and (value > low if low_open else value >= low)
+        and value <= high
+    )
+    if not ok:
+        interval = f"{'(' if low_open else '['}{low:g}, {high:g}]"
+        raise ValueError(f"{owner}.{name} must be a finite number in {interval}, got {value!r}")
+
+
+def _count(owner: str, name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{owner}.{name} must be a whole number >= 1, got {value!r}")
+
+
+# The ranges TrainConfig accepts (docs/reliability.md). Each is far wider than any setting that
+# trains (Adam's lr is 1e-3 in the seeds, embedding lrs up to about 0.1), and narrow enough that
+# a typo (1e30, inf, nan) is refused before any data loads: values inside that still diverge
+# stop the stage with NonFiniteError (moefast.train.loop).
+LR_RANGE = (0.0, 10.0)  # (0, 10]
+EPS_RANGE = (0.0, 1.0)  # (0, 1]
+L2_RANGE = (0.0, 1.0)  # [0, 1]
+
+
 @dataclass(frozen=True)
 class TowerConfig:
     """The DNN tower of a backbone (DESIGN.md section 2).
@@ -247,6 +277,13 @@ class TrainConfig:
     dataset's pretrained tables stay frozen in every stage (the default, and under
     ``seeds_compat`` and ``train_backbone_in_later_stages`` too) or are fine-tuned.
     ``batch_mode`` ``None`` is the library's default protocol (:attr:`batches`).
+
+    Accepted values (anything else is a ``ValueError`` here, before any data loads): ``lr`` and
+    ``embedding_lr`` finite in (0, 10]; ``eps`` finite in (0, 1]; ``l2`` finite in [0, 1];
+    ``betas`` two numbers in [0, 1); batch sizes, epoch caps and ``patience`` whole numbers
+    >= 1. ``embedding_lr`` needs a fused ``embedding_optimizer`` (under ``ADAM`` it would do
+    nothing). Values inside these ranges that still make training diverge stop the stage with
+    :class:`moefast.train.loop.NonFiniteError`.
     """
 
     lr: float = 1e-3
@@ -272,21 +309,32 @@ class TrainConfig:
     pretrained: PretrainedMode = PretrainedMode.FROZEN
 
     def __post_init__(self) -> None:
-        _positive("TrainConfig", "lr", self.lr)
-        _positive("TrainConfig", "eps", self.eps)
-        _positive("TrainConfig", "batch_size", self.batch_size)
-        _positive("TrainConfig", "eval_batch_size", self.eval_batch_size)
-        _positive("TrainConfig", "max_epochs", self.max_epochs)
-        _positive("TrainConfig", "patience", self.patience)
+        # Ranges: LR_RANGE, EPS_RANGE, L2_RANGE above; every value must be finite.
+        _in_range("TrainConfig", "lr", self.lr, *LR_RANGE, low_open=True)
+        _in_range("TrainConfig", "eps", self.eps, *EPS_RANGE, low_open=True)
+        _in_range("TrainConfig", "l2", self.l2, *L2_RANGE, low_open=False)
+        for name in ("batch_size", "eval_batch_size", "max_epochs", "patience"):
+            _count("TrainConfig", name, getattr(self, name))
         for name in ("expert_max_epochs", "gate_max_epochs"):
             value = getattr(self, name)
             if value is not None:
-                _positive("TrainConfig", name, value)
+                _count("TrainConfig", name, value)
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ValueError(f"TrainConfig.seed must be a whole number, got {self.seed!r}")
         if self.embedding_lr is not None:
-            _positive("TrainConfig", "embedding_lr", self.embedding_lr)
-        if self.l2 < 0:
-            raise ValueError(f"TrainConfig.l2 must be >= 0, got {self.l2!r}")
-        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
+            _in_range("TrainConfig", "embedding_lr", self.embedding_lr, *LR_RANGE, low_open=True)
+            if self.embedding_optimizer is EmbeddingOptimizer.ADAM:
+                raise ValueError(
+                    "TrainConfig.embedding_lr applies to a fused embedding optimizer (lazy-adam, "
+                    "rowwise-adagrad) only; under adam the tables train in the dense Adam with lr"
+                )
+        if (
+            not isinstance(self.betas, tuple | list)
+            or len(self.betas) != 2
+            or not all(
+                isinstance(b, int | float) and not isinstance(b, bool) and 0.0 <= b < 1.0 for b in self.betas
+            )
+        ):
             raise ValueError(f"TrainConfig.betas must be two numbers in [0, 1), got {self.betas!r}")
         if self.batch_mode is not None and not isinstance(self.batch_mode, BatchMode):
             raise TypeError(f"TrainConfig.batch_mode must be a BatchMode or None, got {self.batch_mode!r}")

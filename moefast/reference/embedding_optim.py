@@ -39,8 +39,8 @@ class RowwiseAdagrad:
     def __post_init__(self) -> None:
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise ValueError(f"RowwiseAdagrad: lr must be a positive finite float, got {self.lr}")
-        if not self.eps > 0:
-            raise ValueError(f"RowwiseAdagrad: eps must be > 0, got {self.eps}")
+        if not (self.eps > 0 and math.isfinite(self.eps)):
+            raise ValueError(f"RowwiseAdagrad: eps must be a positive finite float, got {self.eps}")
 
     def init_state(self, weight: torch.Tensor) -> dict[str, torch.Tensor]:
         """Zero state for a ``[V, D]`` table."""
@@ -70,8 +70,8 @@ class LazyAdam:
         for name, beta in (("beta1", self.beta1), ("beta2", self.beta2)):
             if not 0.0 <= beta < 1.0:
                 raise ValueError(f"LazyAdam: {name} must be in [0, 1), got {beta}")
-        if not self.eps > 0:
-            raise ValueError(f"LazyAdam: eps must be > 0, got {self.eps}")
+        if not (self.eps > 0 and math.isfinite(self.eps)):
+            raise ValueError(f"LazyAdam: eps must be a positive finite float, got {self.eps}")
 
     def init_state(self, weight: torch.Tensor) -> dict[str, torch.Tensor]:
         """Zero state for a ``[V, D]`` table."""

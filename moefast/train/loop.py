@@ -42,6 +42,7 @@ from moefast.train.stages import Stage, StageStep, mask_gradients, plan_stages, 
 __all__ = [
     "EarlyStopping",
     "FitResult",
+    "NonFiniteError",
     "StageRecord",
     "embedding_collections",
     "fit",
@@ -51,6 +52,22 @@ __all__ = [
     "stage_optimizer",
     "train_step",
 ]
+
+
+class NonFiniteError(ValueError):
+    """A training loss or a model score is NaN or infinite: the stage stops here, before the
+    value reaches an optimizer step, an AUC or early stopping (a ``ValueError``, so the command
+    line reports it as one line)."""
+
+
+def _refuse_non_finite_scores(logits: torch.Tensor, what: str) -> None:
+    bad = ~torch.isfinite(logits)
+    if bool(bad.any()):
+        raise NonFiniteError(
+            f"{what}: {int(bad.sum())} of {logits.numel()} scores are not finite (the first is "
+            f"{float(logits[bad][0])}); training diverged, so no AUC is computed. Try a smaller lr "
+            "(or embedding_lr), or a smaller l2."
+        )
 
 
 class EarlyStopping:
@@ -235,11 +252,20 @@ def train_step(
         params = l2_parameters(model) if l2_params is None else l2_params
         if params:
             loss = loss + l2 * torch.stack([p.pow(2).sum() for p in params]).sum()
+    # Read (one device sync per step, as before) and checked before backward: a fused embedding
+    # optimizer updates its tables inside backward, so a NaN must not get that far.
+    value = float(loss.detach())
+    if not math.isfinite(value):
+        raise NonFiniteError(
+            f"{step.label}: the training loss is {value} on a batch of {len(batch)} rows; training "
+            "diverged and stops here, before the optimizer step. Try a smaller lr (or embedding_lr), "
+            "or a smaller l2."
+        )
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     mask_gradients(model, step)
     optimizer.step()
-    return float(loss.detach())
+    return value
 
 
 def _train_epoch(
@@ -256,12 +282,18 @@ def _train_epoch(
     samples = 0
     l2_params = l2_parameters(model)  # the stage's freezing is fixed for the epoch
     bar = tqdm(total=loader.num_rows, desc=desc, unit="row", leave=False, disable=not config.progress)
-    for cpu_batch in loader:
-        batch = cpu_batch.to(device)
-        losses.append(train_step(model, batch, step, optimizer, config.l2, l2_params))
-        samples += len(batch)
-        bar.update(len(batch))
-    bar.close()
+    try:
+        for number, cpu_batch in enumerate(loader):
+            batch = cpu_batch.to(device)
+            try:
+                losses.append(train_step(model, batch, step, optimizer, config.l2, l2_params))
+            except NonFiniteError as exc:
+                detail = str(exc).removeprefix(f"{step.label}: ")
+                raise NonFiniteError(f"{desc}, batch {number}: {detail}") from None
+            samples += len(batch)
+            bar.update(len(batch))
+    finally:
+        bar.close()
     return samples
 
 
@@ -328,6 +360,7 @@ def fit(
             for record in records:
                 record.checkpoint = None
 
+    _refuse_non_finite_scores(test_logits, "test")
     test = evaluate_scores(test_logits, dataset.test.label, dataset.test.domain, dataset.domain_names)
     gate = None
     if model.tower.gate is not None:
@@ -412,6 +445,7 @@ def _run_stage(
         )
         train_seconds += time.perf_counter() - t0
         val_logits = predict(model, dataset.val, rows=val_rows, batch_size=config.eval_batch_size, device=device)
+        _refuse_non_finite_scores(val_logits, f"[{index + 1}/{total}] {step.label} epoch {epoch}: validation")
         val = evaluate_scores(
             val_logits, dataset.val.label[val_rows], dataset.val.domain[val_rows], dataset.domain_names,
             domains=val_domains,

@@ -16,8 +16,22 @@ import torch
 __all__ = ["DomainMetrics", "EvalMetrics", "auc", "evaluate_scores", "logloss"]
 
 
+def _refuse_nan(scores: torch.Tensor, what: str) -> None:
+    # A NaN has no rank: sorted, it lands above every number, so one NaN on a positive row made
+    # the AUC 1.0. Infinite scores rank fine (a logit of +inf is a probability of 1).
+    if scores.is_floating_point():
+        nan = int(torch.isnan(scores).sum())
+        if nan:
+            raise ValueError(
+                f"{what}: {nan} of {scores.numel()} scores are NaN; a NaN has no rank, so no AUC "
+                "is computed (did training diverge?)"
+            )
+
+
 def auc(scores: torch.Tensor, labels: torch.Tensor) -> float | None:
     """Exact ROC AUC (the Mann-Whitney statistic, ties counted half) or ``None`` for one class.
+
+    ``ValueError`` for NaN scores (they have no rank), whatever the classes.
 
     Args:
         scores: ``[n]`` any real dtype (probabilities or logits: AUC only sees the order).
@@ -25,6 +39,7 @@ def auc(scores: torch.Tensor, labels: torch.Tensor) -> float | None:
     """
     if scores.shape != labels.shape or scores.dim() != 1:
         raise ValueError(f"scores {tuple(scores.shape)} and labels {tuple(labels.shape)} must be equal 1-D shapes")
+    _refuse_nan(scores, "auc")
     pos = labels > 0.5
     n_pos = int(pos.sum())
     n_neg = int(labels.numel()) - n_pos
@@ -102,8 +117,10 @@ def evaluate_scores(
         domains: the domains to report (default: all); the logloss covers the rows of these.
 
     ``wauc = sum_d n_d * auc_d / sum_d n_d`` over the reported domains that have an AUC, with
-    ``n_d`` the rows of domain ``d`` in this split.
+    ``n_d`` the rows of domain ``d`` in this split. NaN logits are a ``ValueError``: never
+    ranked into an AUC.
     """
+    _refuse_nan(logits, "evaluate_scores")
     wanted = range(len(domain_names)) if domains is None else domains
     per_domain: list[DomainMetrics] = []
     keep = torch.zeros_like(labels, dtype=torch.bool)
