@@ -415,8 +415,11 @@ class RunConfig:
     def tower_config(self) -> TowerConfig:
         """The tower every method of the run builds (its kind and experts are set per method)."""
         tower = default_tower(self.train)
+        if self.gate_own_weight is not None:
+            if self.gate_init is GateInit.RANDOM:
+                raise ValueError("gate_own_weight sets a specialist gate start; it does nothing with gate_init random")
+            # An own-expert weight asks for the start it configures, also under seeds_compat.
+            tower = replace(tower, gate_init=GateInit.SPECIALIST, gate_own_weight=self.gate_own_weight)
         if self.gate_init is not None:
             tower = replace(tower, gate_init=self.gate_init)
-        if self.gate_own_weight is not None:
-            tower = replace(tower, gate_own_weight=self.gate_own_weight)
         return tower

@@ -16,7 +16,6 @@ from moefast.config import (
     EmbeddingOptimizer,
     GateInit,
     PretrainedMode,
-    TowerConfig,
     TrainConfig,
     default_tower,
 )
@@ -194,7 +193,39 @@ def test_the_gate_stage_starts_specialist_and_moves_the_gate(tmp_path: Path) -> 
 
 def test_seeds_compat_starts_the_gate_at_random() -> None:
     assert default_tower(TrainConfig(seeds_compat=True)).gate_init is GateInit.RANDOM
-    assert default_tower(TrainConfig()).gate_init is TowerConfig().gate_init
+    assert default_tower(TrainConfig()).gate_init is GateInit.SPECIALIST
+
+
+@pytest.mark.parametrize(("domains", "dim"), [(1, 4), (2, 4), (3, 5), (7, 2), (10, 7)])
+def test_specialist_gate_of_any_shape_keeps_every_parameter_trainable(domains: int, dim: int) -> None:
+    gate = DomainGate(domains, 2 * domains, dim)
+    gate.start_on_own_experts(0.8)
+    table = gate.table()
+    owner = torch.arange(2 * domains) % domains
+    own = torch.stack([table[d, owner == d].sum() for d in range(domains)])
+    assert torch.allclose(own, torch.full((domains,), 0.8 if domains > 1 else 1.0), atol=1e-5)
+    # A loss that prefers the other domains' experts: every column of the linear layer gets a
+    # gradient, the unused dims included (zero on both sides of an unused dim would freeze it
+    # for good; with the embedding's random values there, the next step moves both).
+    (table * (owner[None, :] != torch.arange(domains)[:, None])).sum().backward()
+    if domains > 1:
+        assert gate.linear.weight.grad is not None
+        assert (gate.linear.weight.grad.abs().sum(dim=0) > 1e-6).all()
+
+
+def test_gate_options_are_checked_before_training(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    tiny = ["train", "--rows", "600", "--num-domains", "3", "--max-epochs", "1", "--quiet", "--out",
+            str(tmp_path / "run")]
+    assert main([*tiny, "--gate-own-weight", "0.2"]) == 2  # below 1/D = 1/3
+    assert "must be in [1/D, 1)" in capsys.readouterr().err
+    assert not (tmp_path / "run" / "base").exists(), "no method trained before the refusal"
+    assert main([*tiny, "--gate-own-weight", "0.5", "--gate-init", "random"]) == 2
+    assert "does nothing with gate_init random" in capsys.readouterr().err
+    from moefast.config import RunConfig
+
+    # An own-expert weight asks for the specialist start, also under seeds-compat.
+    config = RunConfig(train=TrainConfig(seeds_compat=True), gate_own_weight=0.6)
+    assert config.tower_config().gate_init is GateInit.SPECIALIST
 
 
 @pytest.mark.parametrize("preset", ["taobao", "movielens"])
@@ -303,3 +334,25 @@ def test_a_finished_run_is_written_once(tmp_path: Path) -> None:
     _append_row(csv, row | {"seed": "y"})
     assert len(_append_row(csv, row)) == 2
     assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_report_keeps_other_sizes_and_settings_apart(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import pandas as pd
+
+    out = tmp_path / "claims"
+    argv = ["reproduce", "--sections", "core", "--seeds", "1", "--max-epochs", "1", "--out", str(out), "-q",
+            "--variants", "base,mlora"]
+    assert main([*argv, "--rows", "800"]) == 0
+    assert main([*argv, "--rows", "900"]) == 0  # a second size in the same CSV
+    frame = pd.read_csv(out / "claims-runs.csv")
+    assert sorted(set(frame["rows"])) == [800, 900]
+    frame.loc[0, "wauc"] = float("nan")  # a run without a WAUC must not break the report
+    frame.to_csv(out / "claims-runs.csv", index=False)
+    assert main([*argv, "--rows", "900", "--report-only"]) == 0
+    report = (out / "claims.md").read_text()
+    assert "Rows per dataset: 900." in report and "800" not in report.split("## Tables")[1]
+    capsys.readouterr()
+    # Other fixed settings (here the epoch cap) are refused, naming the key, not mixed in.
+    other_cap = [*argv[:5], "--max-epochs", "2", *argv[7:]]
+    assert main([*other_cap, "--rows", "900"]) == 2
+    assert "train.max_epochs" in capsys.readouterr().err

@@ -131,7 +131,7 @@ def test_grid_command_line_and_toml(tmp_path: Path, capsys: pytest.CaptureFixtur
     out = tmp_path / "grid"
     assert main(["grid", "--config", str(toml), "--diversity", "0.9,0.1", "--quiet", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
-    assert "## synthetic_rows-400_num-domains-2_diversity-0.9" in printed and "| wdl |" in printed
+    assert "## synthetic_preset-taobao_rows-400_num-domains-2_diversity-0.9" in printed and "| wdl |" in printed  # the default preset is named
     assert len(pd.read_csv(out / "runs.csv")) == 2  # two diversities x base
 
     config, quiet = resolve_grid({"model": ("nfm",), "experts_per_domain": (2, 4), "seeds_compat": True,

@@ -11,9 +11,11 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable, Mapping
+from dataclasses import replace
 from typing import Any
 
 from moefast.cli._options import (
+    DEFAULT_PRESET,
     TRAIN_OPTIONS,
     Option,
     UserError,
@@ -105,6 +107,10 @@ def resolve_grid(options: Mapping[str, Any]) -> tuple[Any, bool]:
         DataConfig(dataset=dataset or "synthetic", domain=domain, diversity=diversity, **common)
         for dataset in lists["dataset"] for domain in lists["domain"] for diversity in lists["diversity"]
     )
+    # The preset a synthetic setting runs is named in its cell label, so that a grid directory
+    # never mixes cells of one preset with those of another default.
+    data = tuple(replace(d, preset=DEFAULT_PRESET) if d.dataset == "synthetic" and d.preset is None else d
+                 for d in data)
     train = TrainConfig(**{k: values.pop(k) for k in list(values) if k in TrainConfig.__dataclass_fields__},
                         progress=not quiet)
     grid: dict[str, Any] = {}

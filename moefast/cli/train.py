@@ -31,7 +31,7 @@ from moefast.cli._options import (
     load_dataset,
     read_toml,
 )
-from moefast.config import DataConfig, RunConfig, TrainConfig
+from moefast.config import DataConfig, GateInit, RunConfig, TowerKind, TrainConfig
 
 __all__ = ["NAME", "add_parser", "comparison_table", "config_toml", "read_config", "resolve_config", "run"]
 
@@ -142,6 +142,7 @@ def _train(config: RunConfig, quiet: bool) -> int:
     import torch
 
     from moefast import models
+    from moefast.nn.tower import check_specialist_start
     from moefast.ops._backend import BackendUnavailableError, parse_backend
     from moefast.train import fit
     from moefast.train.rundir import plot_methods, write_json
@@ -163,6 +164,10 @@ def _train(config: RunConfig, quiet: bool) -> int:
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {str(out)!r} exists and is not a directory")
     dataset = load_dataset(config.data)
+    tower = config.tower_config()
+    if TowerKind.MOE_MLORA in config.methods and tower.gate_init is GateInit.SPECIALIST:
+        # Before any method trains: a bad own-expert weight for these domains is a user error.
+        check_specialist_start(dataset.num_domains, tower.gate_dim, tower.gate_own_weight)
     say = (lambda _msg: None) if quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
     say(f"dataset {dataset.name}: {len(dataset.train)} train / {len(dataset.val)} val / "
         f"{len(dataset.test)} test rows, {dataset.num_domains} domains")
@@ -173,7 +178,7 @@ def _train(config: RunConfig, quiet: bool) -> int:
     for kind in config.methods:
         run_dir = out / kind.value if several else out
         model = models.build(config.model, dataset, kind, experts_per_domain=config.experts_per_domain,
-                             tower_config=config.tower_config(), seed=config.train.seed)
+                             tower_config=tower, seed=config.train.seed)
         say(f"training {config.model} / {kind.value} -> {run_dir}")
         try:
             result = fit(model, dataset, config.train, backend=config.backend, out_dir=run_dir)

@@ -29,7 +29,7 @@ from moefast.ops._tower_cpu import tower_cpu
 from moefast.ops.adapter import FastImpl, fast_implementation
 from moefast.reference.adapter import check_domain_ids
 
-__all__ = ["DomainGate", "Routing", "Tower"]
+__all__ = ["DomainGate", "Routing", "Tower", "check_specialist_start"]
 
 
 class Routing(enum.Enum):
@@ -83,32 +83,28 @@ class DomainGate(nn.Module):
         for the others. The frequencies are chosen to need the smallest ``s`` (neighbouring
         domains on one circle are close; a second circle separates them), then ``s`` is found
         by bisection. Every own expert gets ``own_weight / k`` with ``k`` experts per domain.
-        ``ValueError`` when ``own_weight`` is not in ``[1/D, 1)``, or ``dim < 2``.
+        Embedding columns the circles do not use (one circle for ``D <= 3``, an odd last column,
+        the sines at ``D = 2``) keep their random start and the linear's columns there are zero: the logits are as
+        described, and both stay trainable (zero on both sides would never get a gradient).
+        ``ValueError`` as :func:`check_specialist_start` says.
         """
         num_domains, dim = self.embedding.weight.shape
         num_experts = self.linear.out_features
+        check_specialist_start(num_domains, dim, own_weight)
+        self.linear.weight.zero_()
+        self.linear.bias.zero_()
         if num_domains == 1:  # every expert is the one domain's own: a uniform start
-            self.embedding.weight.zero_()
-            self.linear.weight.zero_()
-            self.linear.bias.zero_()
             return 0.0
-        if dim < 2:
-            raise ValueError(f"a specialist gate start needs a gate embedding of dim >= 2, got {dim}")
-        if not 1.0 / num_domains <= own_weight < 1.0:
-            raise ValueError(
-                f"gate own-expert weight {own_weight!r} must be in [1/D, 1) = [{1.0 / num_domains:.4g}, 1) "
-                f"for D = {num_domains}"
-            )
         frequencies, scale = _circle_layout(num_domains, dim // 2, own_weight)
         theta = 2 * math.pi * torch.arange(num_domains, dtype=torch.float64) / num_domains
         coords = [f(m * theta) for m in frequencies for f in (torch.cos, torch.sin)]
         points = torch.stack(coords, dim=1) * math.sqrt(scale / len(frequencies))  # [D, 2C]
-        self.embedding.weight.zero_()
-        self.embedding.weight[:, : points.shape[1]] = points.float()
+        # A circle's column that is zero for every domain (the sines at D = 2) keeps its random
+        # start too: the linear's column there is zero, so the logits are unchanged.
+        used = torch.nonzero(points.abs().amax(dim=0) > 1e-9).squeeze(1)
+        self.embedding.weight[:, used] = points[:, used].float()
         owner = torch.arange(num_experts) % num_domains
-        self.linear.weight.zero_()
         self.linear.weight[:, : points.shape[1]] = points[owner].float()
-        self.linear.bias.zero_()
         return scale
 
     def table(self) -> torch.Tensor:
@@ -123,6 +119,21 @@ class DomainGate(nn.Module):
         if domain.dim() != 1 or domain.numel() <= num_domains:
             return torch.softmax(self.linear(self.embedding(domain)), dim=-1)
         return self.table().index_select(0, domain)
+
+
+def check_specialist_start(num_domains: int, gate_dim: int, own_weight: float) -> None:
+    """Refuse a specialist gate start that cannot be built: ``ValueError`` when ``own_weight``
+    is not in ``[1/D, 1)`` or the gate embedding has fewer than 2 dims (for ``D > 1``). Callers
+    run it before training (``moefast train`` checks once the data is loaded)."""
+    if num_domains == 1:
+        return
+    if gate_dim < 2:
+        raise ValueError(f"a specialist gate start needs a gate embedding of dim >= 2, got {gate_dim}")
+    if not 1.0 / num_domains <= own_weight < 1.0:
+        raise ValueError(
+            f"gate own-expert weight {own_weight!r} must be in [1/D, 1) = [{1.0 / num_domains:.4g}, 1) "
+            f"for D = {num_domains}"
+        )
 
 
 def _own_weight(similarity: torch.Tensor, scale: float) -> float:

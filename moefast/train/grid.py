@@ -209,13 +209,16 @@ def run_grid(
 
 def _settings(config: GridConfig) -> dict[str, Any]:
     """What every cell of a grid directory must share: training (but for the per-cell seed and
-    progress display), tower and backend."""
+    progress display), tower and backend, with defaults resolved (a grid run under older
+    defaults is refused rather than mixed)."""
     from moefast.train.rundir import to_jsonable
 
     train = to_jsonable(config.train)
     for key in ("seed", "progress"):
         train.pop(key, None)
-    return {"train": train, "tower": to_jsonable(config.tower), "backend": config.backend}
+    train["batch_mode"] = config.train.batches.value  # the protocol in force, not "default"
+    tower = config.tower or default_tower(config.train)
+    return {"train": train, "tower": to_jsonable(tower), "backend": config.backend}
 
 
 def _check_settings(config: GridConfig) -> None:
