@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
+import warnings
+from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -78,3 +81,67 @@ def test_location_order(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None
     assert cache.resolve_cache_dir(tmp_path / "arg") == tmp_path / "arg"
     monkeypatch.delenv(cache.CACHE_ENV)
     assert cache.resolve_cache_dir() == Path.home() / ".cache" / "moefast"
+
+
+def _entry(tmp_path: Path) -> tuple[Path, list[int], Callable[[], moefast.data.MultiDomainDataset]]:
+    """A built and cached entry, the build counter, and a function that loads through the cache."""
+    (tmp_path / "raw.txt").write_text("x")
+    calls: list[int] = []
+    small = _small()
+
+    def build() -> moefast.data.MultiDomainDataset:
+        calls.append(1)
+        return small
+
+    def load() -> moefast.data.MultiDomainDataset:
+        return cache.cached("src", [tmp_path / "raw.txt"], {}, build, tmp_path / "c")
+
+    first = load()
+    return Path(first.info["cache"]["path"]), calls, load  # type: ignore[index]
+
+
+def _truncate(path: Path) -> None:
+    raw = path.read_bytes()
+    path.write_bytes(raw[: len(raw) // 2])
+
+
+def _flip(path: Path) -> None:
+    raw = bytearray(path.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    path.write_bytes(bytes(raw))
+
+
+def _altered(path: Path) -> None:
+    # A well-formed .npz whose labels were edited (every CRC consistent): only the digest sees it.
+    with np.load(path, allow_pickle=False) as npz:
+        arrays = {k: npz[k] for k in npz.files}
+    arrays["test/label"] = 1 - arrays["test/label"]
+    np.savez(path, **arrays)  # type: ignore[arg-type]
+
+
+def _no_digest(path: Path) -> None:
+    with np.load(path, allow_pickle=False) as npz:
+        arrays = {k: npz[k] for k in npz.files if k != "digest"}
+    np.savez(path, **arrays)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [_truncate, _flip, _altered, _no_digest, lambda p: p.write_bytes(b""), lambda p: p.write_text("junk")],
+    ids=["truncated", "byte-flipped", "altered", "no-digest", "empty", "junk"],
+)
+def test_a_damaged_or_altered_entry_warns_once_and_is_rebuilt(tmp_path: Path, damage: Callable[[Path], None]) -> None:
+    path, calls, load = _entry(tmp_path)
+    expected = cache.read(path)
+    damage(path)
+    with pytest.raises(cache.CacheEntryError, match=str(path)):
+        cache.read(path)
+    with pytest.warns(UserWarning, match="rebuilding it") as caught:
+        again = load()
+    assert len([w for w in caught if "cache entry" in str(w.message)]) == 1
+    assert len(calls) == 2 and again.info["cache"]["hit"] is False  # type: ignore[index]
+    assert torch.equal(again.test.label, expected.test.label)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the rebuilt entry is a clean hit: no second warning
+        third = load()
+    assert len(calls) == 2 and third.info["cache"]["hit"] is True  # type: ignore[index]

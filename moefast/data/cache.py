@@ -7,6 +7,12 @@ loads the arrays and skips parsing, negative sampling and splitting. Files are w
 temporary name and renamed, so a crash never leaves a half-written entry that a later run
 would trust.
 
+Every entry carries a SHA-256 of its own content (every array's name, dtype, shape and bytes,
+the metadata included) under ``digest``; a read recomputes it. An entry that is truncated,
+corrupt, or whose content was altered is never trusted: :func:`read` raises
+:class:`CacheEntryError`, and :func:`cached` warns once (naming the file and what is wrong) and
+rebuilds it.
+
 Location: the ``cache_dir`` argument, else ``$MOEFAST_CACHE``, else ``~/.cache/moefast``.
 """
 
@@ -16,6 +22,8 @@ import hashlib
 import json
 import os
 import tempfile
+import warnings
+import zipfile
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
@@ -25,12 +33,28 @@ import torch
 from moefast.config import FeatureSpec, Pooling
 from moefast.data.dataset import MultiDomainDataset, Split
 
-__all__ = ["CACHE_ENV", "FORMAT_VERSION", "cached", "fingerprint", "read", "resolve_cache_dir", "write"]
+__all__ = ["CACHE_ENV", "FORMAT_VERSION", "CacheEntryError", "cached", "fingerprint", "read", "resolve_cache_dir", "write"]
 
 CACHE_ENV = "MOEFAST_CACHE"
 # Bump when a loader's output for the same inputs changes, so stale entries are never reused.
-FORMAT_VERSION = 2  # 2: pretrained tables are their own arrays, not in info
+# 2: pretrained tables are their own arrays, not in info; 3: a content digest in every entry
+FORMAT_VERSION = 3
 _SPLITS = ("train", "val", "test")
+_DIGEST = "digest"
+
+
+class CacheEntryError(ValueError):
+    """A cache entry is truncated, corrupt, or its content does not match its digest."""
+
+
+def _content_digest(arrays: Mapping[str, np.ndarray]) -> str:
+    """SHA-256 over every array's name, dtype, shape and bytes, in name order."""
+    h = hashlib.sha256()
+    for name in sorted(arrays):
+        array = np.ascontiguousarray(arrays[name])
+        h.update(json.dumps([name, array.dtype.str, list(array.shape)]).encode() + b"\0")
+        h.update(array.reshape(-1).view(np.uint8).data)
+    return h.hexdigest()
 
 
 def resolve_cache_dir(cache_dir: str | os.PathLike[str] | None = None) -> Path:
@@ -97,6 +121,7 @@ def write(path: Path, dataset: MultiDomainDataset) -> None:
         "info": _split_info(dict(dataset.info), arrays, ""),
     }
     arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
+    arrays[_DIGEST] = np.frombuffer(_content_digest(arrays).encode(), dtype=np.uint8)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -109,9 +134,31 @@ def write(path: Path, dataset: MultiDomainDataset) -> None:
 
 
 def read(path: Path) -> MultiDomainDataset:
-    """Load a dataset written by :func:`write`."""
+    """Load a dataset written by :func:`write`.
+
+    Raises:
+        CacheEntryError: naming ``path``: it is not a readable ``.npz`` (truncated, corrupt),
+            it has no digest, or its content does not match the digest it carries.
+    """
+    try:
+        return _read(path)
+    except CacheEntryError:
+        raise
+    except (OSError, EOFError, ValueError, KeyError, TypeError, IndexError, zipfile.BadZipFile) as exc:
+        # np.load and zipfile raise any of these for a damaged file (BadZipFile for a bad CRC).
+        detail = str(exc).strip().splitlines()
+        reason = f"{type(exc).__name__}: {detail[0]}" if detail else type(exc).__name__
+        raise CacheEntryError(f"cache entry {str(path)!r} is unreadable ({reason})") from None
+
+
+def _read(path: Path) -> MultiDomainDataset:
     with np.load(path, allow_pickle=False) as npz:
         arrays = {k: npz[k] for k in npz.files}
+    if _DIGEST not in arrays:
+        raise CacheEntryError(f"cache entry {str(path)!r} carries no content digest")
+    stored = arrays.pop(_DIGEST).tobytes().decode("ascii", errors="replace")
+    if _content_digest(arrays) != stored:
+        raise CacheEntryError(f"cache entry {str(path)!r} does not match its content digest (altered)")
     meta = json.loads(arrays.pop("meta").tobytes().decode())
     features = tuple(FeatureSpec(n, v, d, Pooling(p)) for n, v, d, p in meta["features"])
     splits = {}
@@ -122,7 +169,8 @@ def read(path: Path) -> MultiDomainDataset:
             torch.from_numpy(arrays[f"{split_name}/label"]),
         )
     info = _join_info(meta["info"], arrays)
-    assert isinstance(info, dict)
+    if not isinstance(info, dict):
+        raise CacheEntryError(f"cache entry {str(path)!r} has a malformed info record")
     pretrained = {name: torch.from_numpy(arrays[f"pretrained/{name}"]) for name in meta.get("pretrained", [])}
     return MultiDomainDataset(
         name=meta["name"],
@@ -143,14 +191,22 @@ def cached(
 ) -> MultiDomainDataset:
     """Return the cached dataset for this fingerprint, or ``build()`` it and cache the result.
 
+    A damaged or altered entry (:class:`CacheEntryError`) is reported with one warning and
+    rebuilt.
+
     ``info["cache"]`` tells which happened: ``{"key", "path", "hit"}``.
     """
     key = fingerprint(source, files, options)
     path = resolve_cache_dir(cache_dir) / f"{source}-{key}.npz"
     hit = path.exists()
     if hit:
-        dataset = read(path)
-    else:
+        try:
+            dataset = read(path)
+        except CacheEntryError as exc:
+            # Never trusted, never a traceback: said once, then rebuilt over the bad entry.
+            warnings.warn(f"{exc}; rebuilding it", stacklevel=2)
+            hit = False
+    if not hit:
         dataset = build()
         write(path, dataset)
     info = dict(dataset.info)
