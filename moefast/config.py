@@ -191,6 +191,9 @@ def _count(owner: str, name: str, value: object) -> None:
 LR_RANGE = (0.0, 10.0)  # (0, 10]
 EPS_RANGE = (0.0, 1.0)  # (0, 1]
 L2_RANGE = (0.0, 1.0)  # [0, 1]
+# The device types training can use: the reference ops run on both, the kernels on CUDA. meta
+# (no data), and the devices nothing here was written or tested for, are refused when built.
+TRAIN_DEVICE_TYPES = ("cpu", "cuda")
 
 
 @dataclass(frozen=True)
@@ -321,6 +324,12 @@ class TrainConfig:
                 _count("TrainConfig", name, value)
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ValueError(f"TrainConfig.seed must be a whole number, got {self.seed!r}")
+        device_type = str(self.device).split(":", 1)[0]
+        if device_type not in TRAIN_DEVICE_TYPES:
+            raise ValueError(
+                f"--device {str(self.device)!r}: training runs on {' or '.join(TRAIN_DEVICE_TYPES)} "
+                "devices only (TrainConfig.device)"
+            )
         if self.embedding_lr is not None:
             _in_range("TrainConfig", "embedding_lr", self.embedding_lr, *LR_RANGE, low_open=True)
             if self.embedding_optimizer is EmbeddingOptimizer.ADAM:

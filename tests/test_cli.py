@@ -78,6 +78,8 @@ def test_toml_keys_mirror_flags_and_flags_win(tmp_path: Path) -> None:
         (["--backend", "gpu"], "unknown backend 'gpu'"),
         (["--device", "tpu:x"], "--device 'tpu:x'"),
         (["--max-epochs", "zero"], "invalid int value"),
+        (["--device", "meta"], "--device 'meta': training runs on cpu or cuda devices only"),
+        (["--device", "xla"], "--device 'xla': training runs on cpu or cuda devices only"),
     ],
 )
 def test_user_mistakes_are_one_line(argv: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
@@ -99,6 +101,31 @@ def test_bad_toml_key_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[
     path.write_text("max_epochs = 2.5\n")
     assert cli.main(["train", "--config", str(path)]) == 2
     assert "key 'max_epochs' must be an integer, got 2.5" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        ("lr = true", "key 'lr' must be a number, got True (a TOML boolean)"),
+        ('lr = "fast"', "key 'lr' must be a number, got 'fast' (a TOML string)"),
+        ("lr = {a = 1}", "key 'lr' must be a number, got {'a': 1} (a TOML table)"),
+        ('max_epochs = "3"', "key 'max_epochs' must be an integer, got '3' (a TOML string)"),
+        ("model = 3", "key 'model' must be a string, got 3 (a TOML integer)"),
+        ("seeds_compat = 1", "key 'seeds_compat' must be true or false, got 1 (a TOML integer)"),
+        ("quiet = \"yes\"", "key 'quiet' must be true or false, got 'yes' (a TOML string)"),
+        ("method = [1.5, {x = 1}]", "key 'method' must be a string or an array"),
+        ("batch_mode = 2026-01-01", "key 'batch_mode' must be a string or an array"),
+    ],
+)
+def test_toml_value_of_the_wrong_type_is_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], line: str, message: str
+) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text(line + "\n")
+    assert cli.main(["train", "--config", str(path), "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"config file {str(path)!r}: {message}" in err, err
+    assert not (tmp_path / "run").exists()
 
 
 def test_module_entry_help_and_version() -> None:

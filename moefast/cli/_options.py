@@ -195,20 +195,56 @@ def read_toml(path: str, options: Mapping[str, type | Conv]) -> dict[str, Any]:
     for key, value in raw.items():
         dest = key.replace("-", "_")
         if dest == "quiet":
-            out[dest] = parse_bool(str(value))
-            continue
-        if dest not in options:
+            conv: type | Conv = parse_bool
+        elif dest not in options:
             raise UserError(f"config file {path!r}: unknown key {key!r}")
-        conv = options[dest]
+        else:
+            conv = options[dest]
+        wrong = _wrong_toml_type(conv, value)
+        if wrong is not None:
+            raise UserError(f"config file {path!r}: key {key!r} must be {wrong}, got {value!r} "
+                            f"(a TOML {_toml_type_name(value)})")
+        if isinstance(value, bool):
+            out[dest] = value
+            continue
         if isinstance(value, list):  # method = ["base", "mlora"]
             value = ",".join(str(v) for v in value)
-        if conv is int and (isinstance(value, bool) or not isinstance(value, int | str)):
-            raise UserError(f"config file {path!r}: key {key!r} must be an integer, got {value!r}")
         try:
             out[dest] = conv(value) if isinstance(value, str) or conv in (int, float) else conv(str(value))
         except (ValueError, TypeError, argparse.ArgumentTypeError) as exc:
             raise UserError(f"config file {path!r}: key {key!r}: {exc}") from None
     return out
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _toml_type_name(value: object) -> str:
+    names = {bool: "boolean", int: "integer", float: "float", str: "string", list: "array", dict: "table"}
+    return names.get(type(value), type(value).__name__)
+
+
+def _wrong_toml_type(conv: type | Conv, value: object) -> str | None:
+    """What a TOML value for a key with converter ``conv`` must be, if ``value`` is not that.
+
+    The TOML types are checked as they are, not through ``str()``: ``lr = true`` is not 1.0 and
+    ``model = 3`` is not the string ``"3"``.
+    """
+    if conv is int:
+        return None if isinstance(value, int) and not isinstance(value, bool) else "an integer"
+    if conv is float:
+        return None if _is_number(value) else "a number"
+    if conv is parse_bool:
+        return None if isinstance(value, bool) else "true or false"
+    if conv is str:
+        return None if isinstance(value, str) else "a string"
+    # Choices and comma-separated lists (method, the grid's lists): a string, a number for a
+    # one-element numeric list, or an array of those.
+    items = value if isinstance(value, list) else [value]
+    if items and all(isinstance(v, str) or _is_number(v) for v in items):
+        return None
+    return "a string or an array of strings / numbers"
 
 
 def load_dataset(data: DataConfig) -> Any:
