@@ -414,6 +414,7 @@ class RunConfig:
     train: TrainConfig = TrainConfig()
     gate_init: GateInit | None = None
     gate_own_weight: float | None = None
+    overwrite: bool = False  # clear ``out`` when it holds a previous moefast run
 
     def __post_init__(self) -> None:
         if not self.methods:

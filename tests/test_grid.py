@@ -13,6 +13,7 @@ import torch
 from moefast.config import DataConfig, TowerConfig, TowerKind, TrainConfig
 from moefast.train import grid as grid_module
 from moefast.train.grid import DONE_FILE, GridConfig, data_label, plan_grid, run_grid
+from moefast.train.rundir import claim_run_dir
 
 TINY_DATA = (DataConfig(preset="paper", rows=600, num_domains=2, diversity=0.9, data_seed=5),)
 
@@ -42,9 +43,9 @@ def test_grid_runs_resumes_and_tabulates(tmp_path: Path, monkeypatch: pytest.Mon
     def flaky_fit(model: torch.nn.Module, dataset: object, train: TrainConfig, **kwargs: object) -> object:
         calls.append(f"{dataset.name}/{model.tower.kind.value}/{train.seed}")  # type: ignore[attr-defined]
         if len(calls) == 4:
-            run_dir = Path(str(kwargs["out_dir"]))
-            run_dir.mkdir(parents=True)
-            (run_dir / "partial.pt").write_bytes(b"half a checkpoint")
+            # What a killed fit leaves: its claimed directory (marker) with a partial file.
+            with claim_run_dir(Path(str(kwargs["out_dir"]))) as claim:
+                (claim.path / "partial.pt").write_bytes(b"half a checkpoint")
             raise Interrupted("simulated interruption in the fourth cell")
         return real_fit(model, dataset, train, **kwargs)
 

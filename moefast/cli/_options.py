@@ -115,6 +115,8 @@ RUN_OPTIONS: list[Option] = [
     ("gate-own-weight", float, "specialist gate start: weight on each domain's own experts (default 0.8)"),
     ("backend", str, "reference | fast | auto"),
     ("out", str, "run directory (default runs/<timestamp>); one subdirectory per method"),
+    ("overwrite", parse_bool, "replace the previous run in --out (only a directory moefast's "
+     "marker says is a run directory)"),
 ]
 TRAIN_OPTIONS: list[Option] = [
     ("device", str, "torch device (default cpu)"),
@@ -141,7 +143,7 @@ TRAIN_OPTIONS: list[Option] = [
      "trainable in every stage, best validation score carried across stages, weights reverted to "
      "the best after every epoch"),
 ]
-FLAGS_WITHOUT_VALUE = {"train-backbone-in-later-stages", "seeds-compat"}
+FLAGS_WITHOUT_VALUE = {"train-backbone-in-later-stages", "seeds-compat", "overwrite"}
 
 
 def converters(options: Sequence[Option]) -> dict[str, type | Conv]:

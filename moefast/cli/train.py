@@ -78,7 +78,7 @@ def resolve_config(options: Mapping[str, Any]) -> tuple[RunConfig, bool]:
     run_fields: dict[str, Any] = {}
     if "method" in values:
         run_fields["methods"] = values.pop("method")
-    for key in ("model", "experts_per_domain", "backend", "out", "gate_init", "gate_own_weight"):
+    for key in ("model", "experts_per_domain", "backend", "out", "gate_init", "gate_own_weight", "overwrite"):
         if key in values:
             run_fields[key] = values.pop(key)
     assert not values, f"unmapped options {values}"
@@ -142,10 +142,8 @@ def _train(config: RunConfig, quiet: bool) -> int:
     import torch
 
     from moefast import models
-    from moefast.nn.tower import check_specialist_start
-    from moefast.ops._backend import BackendUnavailableError, parse_backend
-    from moefast.train import fit
-    from moefast.train.rundir import plot_methods, write_json
+    from moefast.ops._backend import parse_backend
+    from moefast.train.rundir import RunDirectoryError, claim_run_dir
 
     if config.backend is not None:
         try:
@@ -161,8 +159,23 @@ def _train(config: RunConfig, quiet: bool) -> int:
     if config.model.lower() not in models.MODELS:
         raise UserError(f"unknown model {config.model!r}; choose one of {', '.join(sorted(models.MODELS))}")
     out = Path(config.out or Path("runs") / datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {str(out)!r} exists and is not a directory")
+    # Before the data loads: an unusable --out (a file, unwritable, another folder, another
+    # run's without --overwrite, in use) is one line now, not after minutes of loading.
+    try:
+        claim = claim_run_dir(out, overwrite=config.overwrite)
+    except RunDirectoryError as exc:
+        raise UserError(f"--out: {exc}") from None
+    with claim:
+        return _train_into(config, quiet, out)
+
+
+def _train_into(config: RunConfig, quiet: bool, out: Path) -> int:
+    from moefast import models
+    from moefast.nn.tower import check_specialist_start
+    from moefast.ops._backend import BackendUnavailableError
+    from moefast.train import fit
+    from moefast.train.rundir import plot_methods, write_json
+
     dataset = load_dataset(config.data)
     tower = config.tower_config()
     if TowerKind.MOE_MLORA in config.methods and tower.gate_init is GateInit.SPECIALIST:
@@ -171,7 +184,6 @@ def _train(config: RunConfig, quiet: bool) -> int:
     say = (lambda _msg: None) if quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
     say(f"dataset {dataset.name}: {len(dataset.train)} train / {len(dataset.val)} val / "
         f"{len(dataset.test)} test rows, {dataset.num_domains} domains")
-    out.mkdir(parents=True, exist_ok=True)
     (out / "config.toml").write_text(config_toml(config))
     results: dict[str, dict[str, Any]] = {}
     several = len(config.methods) > 1

@@ -18,7 +18,6 @@ a rerun skips finished cells and restarts an interrupted one from scratch.
 from __future__ import annotations
 
 import math
-import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields, replace
@@ -189,14 +188,14 @@ def run_grid(
             datasets[cell.data] = load(cell.data)
         dataset = datasets[cell.data]
         run_dir = cell.directory(out)
-        if run_dir.exists():
-            shutil.rmtree(run_dir)  # what an interrupted run left behind
         say(f"[{number}/{len(todo)}] {data_label(cell.data)} {cell.model} {cell.method_label} seed {cell.seed}")
         start = time.perf_counter()
         model = models.build(cell.model, dataset, cell.method, experts_per_domain=cell.experts_per_domain,
                              tower_config=config.tower or default_tower(config.train), seed=cell.seed)
+        # overwrite: what an interrupted run of this cell left behind (its directory carries the
+        # run marker; one without it is not cleared).
         result = fit(model, dataset, replace(config.train, seed=cell.seed), backend=config.backend,
-                     out_dir=run_dir)
+                     out_dir=run_dir, overwrite=True)
         test = result.metrics["test"]
         write_json(run_dir / DONE_FILE, {
             "data": data_label(cell.data), "model": cell.model, "method": cell.method.value,

@@ -36,7 +36,7 @@ from moefast.ops._backend import Backend, BackendLike, parse_backend
 from moefast.reference.embedding_optim import FusedOptimizer, LazyAdam, RowwiseAdagrad
 from moefast.train.checkpoint import load_checkpoint, save_checkpoint
 from moefast.train.metrics import EvalMetrics, evaluate_scores
-from moefast.train.rundir import write_run
+from moefast.train.rundir import RunDirectory, claim_run_dir, write_run
 from moefast.train.stages import Stage, StageStep, mask_gradients, plan_stages, set_stage
 
 __all__ = [
@@ -304,6 +304,7 @@ def fit(
     *,
     backend: BackendLike = None,
     out_dir: str | os.PathLike[str] | None = None,
+    overwrite: bool = False,
 ) -> FitResult:
     """Train ``model`` on ``dataset`` through its stages; evaluate on the test split.
 
@@ -314,15 +315,40 @@ def fit(
         backend: ``reference`` | ``fast`` | ``auto``, set on every moefast layer (``None``
             leaves the layers as built). Parameters are the same under every backend.
         out_dir: the run directory (checkpoints, ``metrics.json``, ``predictions.csv``,
-            ``config.json``, plots); ``None`` keeps the checkpoints in a temporary folder.
+            ``config.json``, plots); ``None`` keeps the checkpoints in a temporary folder. The
+            directory belongs to this run (:func:`moefast.train.rundir.claim_run_dir`): it gets
+            moefast's marker and a lock, and one that holds anything else is refused.
+        overwrite: clear ``out_dir`` first when it holds a previous moefast run (only a
+            directory carrying the marker, never an arbitrary folder).
 
     Returns:
         A :class:`FitResult` whose ``metrics`` follow DESIGN.md section 5's schema.
+
+    Raises:
+        moefast.train.rundir.RunDirectoryError: ``out_dir`` cannot be written, is not empty and
+            not a moefast run directory, holds a previous run without ``overwrite``, or is in
+            use by another live process (a ``ValueError``).
     """
     if model.num_domains != dataset.num_domains:
         raise ValueError(
             f"model built for {model.num_domains} domains, dataset {dataset.name!r} has {dataset.num_domains}"
         )
+    if out_dir is None:
+        if overwrite:
+            raise ValueError("fit(overwrite=True) needs an out_dir")
+        return _fit(model, dataset, config, backend, None)
+    with claim_run_dir(out_dir, overwrite=overwrite) as run_dir:
+        return _fit(model, dataset, config, backend, run_dir)
+
+
+def _fit(
+    model: CTRModel,
+    dataset: MultiDomainDataset,
+    config: TrainConfig,
+    backend: BackendLike,
+    claim: RunDirectory | None,
+) -> FitResult:
+    out_dir = None if claim is None else claim.path
     backend_name = _set_backend(model, backend, torch.device(config.device))
     set_embedding_optimizer(model, _fused_embedding_optimizer(config))
     device = torch.device(config.device)
@@ -337,9 +363,7 @@ def fit(
         tmp = tempfile.TemporaryDirectory(prefix="moefast-")
         ckpt_dir = Path(tmp.name)
     else:
-        run_dir = Path(out_dir)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        ckpt_dir = run_dir / "checkpoints"
+        ckpt_dir = out_dir / "checkpoints"
     try:
         records: list[StageRecord] = []
         for index, step in enumerate(plan):
@@ -379,9 +403,9 @@ def fit(
         "stages": [r.to_dict() for r in records],
         "train_samples_per_second": train_samples / train_seconds if train_seconds > 0 else 0.0,
     }
-    result = FitResult(metrics, test, records, test_logits, gate, None if out_dir is None else Path(out_dir))
+    result = FitResult(metrics, test, records, test_logits, gate, out_dir)
     if out_dir is not None:
-        write_run(Path(out_dir), result, dataset, model, config)
+        write_run(out_dir, result, dataset, model, config)
     return result
 
 

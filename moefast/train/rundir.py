@@ -12,15 +12,28 @@
 
 Predictions are ``CSV``; Parquet outputs come with the tabular source (pyarrow is a declared
 dependency).
+
+A run directory belongs to one run (:func:`claim_run_dir`). The run writes a marker,
+``<run>/.moefast-run`` (JSON: format, moefast version, creation time, pid), and holds an
+exclusive ``fcntl.flock`` on it while it runs, so a second live process on the same directory is
+refused. A directory that already holds anything besides the marker is refused unless
+``overwrite`` is given, and ``overwrite`` clears only a directory that carries the marker (what
+a previous run left: checkpoints of another plan, ``metrics.json``, ``.tmp`` files), never an
+arbitrary folder.
 """
 
 from __future__ import annotations
 
+import datetime
+import fcntl
 import json
 import math
+import os
+import shutil
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict
 from pathlib import Path
+from types import TracebackType
 from typing import Any, Protocol
 
 import torch
@@ -29,7 +42,147 @@ from moefast.config import TrainConfig
 from moefast.data.dataset import MultiDomainDataset
 from moefast.models.base import CTRModel
 
-__all__ = ["RunResult", "plot_methods", "to_jsonable", "write_json", "write_run"]
+__all__ = [
+    "MARKER",
+    "RunDirectory",
+    "RunDirectoryError",
+    "RunResult",
+    "claim_run_dir",
+    "plot_methods",
+    "to_jsonable",
+    "write_json",
+    "write_run",
+]
+
+MARKER = ".moefast-run"
+MARKER_FORMAT = 1
+
+
+class RunDirectoryError(ValueError):
+    """A run directory cannot be used: not writable, another run's, or in use by a live process."""
+
+
+# The run directories this process holds, by real path: a nested claim of one of them (the CLI
+# claims --out before the data loads, then fit() runs into it) shares the outer claim.
+_HELD: dict[str, RunDirectory] = {}
+
+
+class RunDirectory:
+    """A claimed run directory: the marker is written and locked until :meth:`release`."""
+
+    def __init__(self, path: Path, fd: int | None, created: bool) -> None:
+        self.path = path
+        self._fd = fd
+        self._created = created
+
+    @property
+    def owner(self) -> bool:
+        """Whether this handle holds the lock (a nested claim shares the outer one's)."""
+        return self._fd is not None
+
+    def release(self) -> None:
+        """Unlock. A directory the claim created and nothing was written into is removed again,
+        so a run refused after its claim (a bad data option) leaves nothing behind."""
+        if self._fd is None:
+            return
+        _HELD.pop(os.path.realpath(self.path), None)
+        try:
+            entries = [e for e in os.listdir(self.path) if e != MARKER]
+            if not entries:
+                (self.path / MARKER).unlink(missing_ok=True)
+                if self._created:
+                    self.path.rmdir()
+        except OSError:
+            pass  # best effort: the directory was already usable, the lock goes below
+        finally:
+            os.close(self._fd)  # closing the descriptor drops the flock
+            self._fd = None
+
+    def __enter__(self) -> RunDirectory:
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.release()
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("moefast")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def claim_run_dir(path: str | os.PathLike[str], *, overwrite: bool = False) -> RunDirectory:
+    """Make ``path`` this run's directory: create it, refuse another run's, lock it, write the marker.
+
+    Args:
+        path: the run directory (created with its parents if missing).
+        overwrite: clear a directory that holds a previous moefast run (it carries the marker).
+
+    Raises:
+        RunDirectoryError: ``path`` is a file or cannot be created or written; it is not empty and
+            carries no marker (never cleared, even with ``overwrite``); it holds a previous run
+            and ``overwrite`` is not set; or a live process holds it.
+    """
+    run_dir = Path(path)
+    held = _HELD.get(os.path.realpath(run_dir))
+    if held is not None:
+        return RunDirectory(run_dir, None, False)
+    where = str(run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise RunDirectoryError(f"run directory {where!r} exists and is not a directory")
+    created = not run_dir.exists()
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        entries = os.listdir(run_dir)
+    except OSError as exc:
+        raise RunDirectoryError(f"run directory {where!r} cannot be created: {exc.strerror or exc}") from None
+    if entries and MARKER not in entries:
+        raise RunDirectoryError(
+            f"run directory {where!r} is not empty and is not a moefast run directory (no {MARKER}); "
+            "choose another directory (overwrite clears only moefast's own run directories)"
+        )
+    try:
+        fd = os.open(run_dir / MARKER, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:
+        raise RunDirectoryError(f"run directory {where!r} is not writable: {exc.strerror or exc}") from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RunDirectoryError(
+                f"run directory {where!r} is in use by another live moefast process"
+            ) from None
+        previous = [e for e in os.listdir(run_dir) if e != MARKER]  # under the lock
+        if previous and not overwrite:
+            raise RunDirectoryError(
+                f"run directory {where!r} holds a previous run ({len(previous)} entries, e.g. "
+                f"{sorted(previous)[0]!r}); pass --overwrite (fit(..., overwrite=True)) to replace it, "
+                "or choose another directory"
+            )
+        for name in previous:
+            entry = run_dir / name
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
+        marker = {"format": MARKER_FORMAT, "moefast": _version(), "pid": os.getpid(),
+                  "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, (json.dumps(marker) + "\n").encode(), 0)
+    except OSError as exc:
+        os.close(fd)
+        raise RunDirectoryError(f"run directory {where!r} is not writable: {exc.strerror or exc}") from None
+    except BaseException:
+        os.close(fd)
+        raise
+    claim = RunDirectory(run_dir, fd, created)
+    _HELD[os.path.realpath(run_dir)] = claim
+    return claim
 
 
 class StageHistory(Protocol):

@@ -1,0 +1,139 @@
+"""A run directory belongs to one run: the marker, the lock, --overwrite and its limits (issue 15)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from moefast import cli, data, models
+from moefast.cli import _options
+from moefast.config import TrainConfig
+from moefast.data.dataset import MultiDomainDataset
+from moefast.train import fit
+from moefast.train.rundir import MARKER, RunDirectoryError, claim_run_dir
+
+TINY = ["train", "--rows", "400", "--num-domains", "2", "--num-users", "40", "--num-items", "30",
+        "--max-epochs", "1", "--batch-size", "256", "--method", "base", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def ds() -> MultiDomainDataset:
+    return data.load("synthetic", preset="paper", rows=400, num_domains=2, num_users=40, num_items=30)
+
+
+def _fit(ds: MultiDomainDataset, out: Path, **kwargs: bool) -> None:
+    model = models.build("deepfm", ds, "base")
+    fit(model, ds, TrainConfig(max_epochs=1, batch_size=256, progress=False), out_dir=out, **kwargs)
+
+
+def test_claim_writes_the_marker_and_refuses_what_is_not_its_own(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    with claim_run_dir(run) as claim:
+        assert claim.owner
+        marker = json.loads((run / MARKER).read_text())
+        assert marker["format"] == 1 and marker["pid"] == os.getpid()
+        (run / "metrics.json").write_text("{}")
+    # A previous run: refused without overwrite, cleared with it (the marker stays).
+    with pytest.raises(RunDirectoryError, match=r"holds a previous run.*--overwrite"):
+        claim_run_dir(run)
+    (run / "checkpoints").mkdir()
+    (run / "checkpoints" / "07_expert_9.pt").write_bytes(b"another plan")
+    (run / ".metrics.json.tmp").write_text("half")
+    with claim_run_dir(run, overwrite=True):
+        assert sorted(os.listdir(run)) == [MARKER]
+    # An arbitrary folder: never cleared, not even with overwrite.
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    (folder / "thesis.tex").write_text("precious")
+    for overwrite in (False, True):
+        with pytest.raises(RunDirectoryError, match="not a moefast run directory"):
+            claim_run_dir(folder, overwrite=overwrite)
+    assert sorted(os.listdir(folder)) == ["thesis.tex"]
+    # A file, or a path under a file.
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(RunDirectoryError, match="exists and is not a directory"):
+        claim_run_dir(tmp_path / "file")
+    with pytest.raises(RunDirectoryError, match="cannot be created"):
+        claim_run_dir(tmp_path / "file" / "run")
+    # A claim that wrote nothing leaves nothing behind.
+    with claim_run_dir(tmp_path / "a" / "unused"):
+        pass
+    assert not (tmp_path / "a" / "unused").exists()
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into a read-only directory")
+def test_unwritable_directory(tmp_path: Path) -> None:
+    locked = tmp_path / "ro"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        with pytest.raises(RunDirectoryError, match=r"cannot be created|not writable"):
+            claim_run_dir(locked / "run")
+    finally:
+        locked.chmod(0o700)
+
+
+def test_a_second_live_process_is_refused(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    script = (
+        "import sys\nfrom moefast.train.rundir import RunDirectoryError, claim_run_dir\n"
+        "try:\n    claim_run_dir(sys.argv[1], overwrite=True)\n"
+        "except RunDirectoryError as exc:\n    print(exc)\n    sys.exit(3)\n"
+    )
+    with claim_run_dir(run):
+        (run / "config.toml").write_text("")
+        done = subprocess.run([sys.executable, "-c", script, str(run)], capture_output=True, text=True)
+        assert done.returncode == 3 and "in use by another live moefast process" in done.stdout, done
+        assert (run / "config.toml").exists(), "the live run's files were not cleared"
+    # Released (the lock dies with its process or its release): the directory is usable again.
+    done = subprocess.run([sys.executable, "-c", script, str(run)], capture_output=True, text=True)
+    assert done.returncode == 0, done
+
+
+def test_fit_refuses_a_used_directory_unless_overwrite(ds: MultiDomainDataset, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    _fit(ds, run)
+    assert (run / MARKER).is_file() and (run / "metrics.json").is_file()
+    (run / "checkpoints" / "05_gate.pt").write_bytes(b"stale, another plan")
+    with pytest.raises(ValueError, match="holds a previous run"):
+        _fit(ds, run)
+    _fit(ds, run, overwrite=True)
+    assert not (run / "checkpoints" / "05_gate.pt").exists()
+    assert [p.name for p in (run / "checkpoints").iterdir()] == ["00_joint.pt"]
+
+
+def test_cli_out_is_checked_before_the_data_loads(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def no_load(*_: object) -> None:
+        raise AssertionError("the data loaded before --out was checked")
+
+    monkeypatch.setattr(_options, "load_dataset", no_load)
+    monkeypatch.setattr("moefast.cli.train.load_dataset", no_load)
+    (tmp_path / "file").write_text("x")
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("keep")
+    for out, message in ((tmp_path / "file" / "run", "cannot be created"),
+                         (tmp_path / "file", "exists and is not a directory"),
+                         (folder, "is not a moefast run directory")):
+        for extra in ([], ["--overwrite"]):
+            assert cli.main([*TINY, "--out", str(out), *extra]) == 2
+            err = capsys.readouterr().err
+            assert err.count("\n") == 1 and err.startswith("moefast: error: --out: ") and message in err, err
+    assert (folder / "notes.txt").read_text() == "keep"
+
+
+def test_cli_rerun_needs_overwrite(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "run"
+    assert cli.main([*TINY, "--out", str(out)]) == 0
+    (out / "old.tmp").write_text("a killed save")
+    assert cli.main([*TINY, "--out", str(out)]) == 2
+    assert "holds a previous run" in capsys.readouterr().err
+    assert cli.main([*TINY, "--out", str(out), "--overwrite"]) == 0
+    assert not (out / "old.tmp").exists() and (out / "metrics.json").is_file() and (out / MARKER).is_file()
