@@ -14,6 +14,7 @@ __all__ = [
     "FeatureSpec",
     "GateInit",
     "MLoRAMode",
+    "NumericSpec",
     "Pooling",
     "PretrainedMode",
     "RunConfig",
@@ -62,6 +63,23 @@ class FeatureSpec:
     @property
     def multi_valued(self) -> bool:
         return self.pooling is not Pooling.NONE
+
+
+@dataclass(frozen=True)
+class NumericSpec:
+    """One numeric (dense) field: its name.
+
+    A numeric field travels in the same ``features`` mapping as the categorical ones, as
+    float32 ``[B]`` (already transformed and filled: finite). A model concatenates its numeric
+    fields, in spec order, to the tower input and, where the backbone has first-order weights,
+    adds a bias-free ``Linear(n, 1)`` of them to the logit (DeepCTR-Torch's dense features).
+    """
+
+    name: str
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name:
+            raise ValueError(f"NumericSpec.name must be a non-empty string, got {self.name!r}")
 
 
 # --------------------------------------------------------------------------------------------

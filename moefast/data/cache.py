@@ -30,15 +30,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from moefast.config import FeatureSpec, Pooling
+from moefast.config import FeatureSpec, NumericSpec, Pooling
 from moefast.data.dataset import MultiDomainDataset, Split
 
 __all__ = ["CACHE_ENV", "FORMAT_VERSION", "CacheEntryError", "cached", "fingerprint", "read", "resolve_cache_dir", "write"]
 
 CACHE_ENV = "MOEFAST_CACHE"
 # Bump when a loader's output for the same inputs changes, so stale entries are never reused.
-# 2: pretrained tables are their own arrays, not in info; 3: a content digest in every entry
-FORMAT_VERSION = 3
+# 2: pretrained tables are their own arrays, not in info; 3: a content digest in every entry;
+# 4: numeric fields (meta["numeric"], float32 columns beside the categorical ones)
+FORMAT_VERSION = 4
 _SPLITS = ("train", "val", "test")
 _DIGEST = "digest"
 
@@ -117,6 +118,7 @@ def write(path: Path, dataset: MultiDomainDataset) -> None:
         "name": dataset.name,
         "pretrained": sorted(dataset.pretrained),
         "features": [[f.name, f.vocab_size, f.dim, f.pooling.value] for f in dataset.features],
+        "numeric": [s.name for s in dataset.numeric],
         "domain_names": list(dataset.domain_names),
         "info": _split_info(dict(dataset.info), arrays, ""),
     }
@@ -161,10 +163,12 @@ def _read(path: Path) -> MultiDomainDataset:
         raise CacheEntryError(f"cache entry {str(path)!r} does not match its content digest (altered)")
     meta = json.loads(arrays.pop("meta").tobytes().decode())
     features = tuple(FeatureSpec(n, v, d, Pooling(p)) for n, v, d, p in meta["features"])
+    numeric = tuple(NumericSpec(n) for n in meta.get("numeric", []))
+    columns = [f.name for f in features] + [s.name for s in numeric]
     splits = {}
     for split_name in _SPLITS:
         splits[split_name] = Split(
-            {f.name: torch.from_numpy(arrays[f"{split_name}/features/{f.name}"]) for f in features},
+            {c: torch.from_numpy(arrays[f"{split_name}/features/{c}"]) for c in columns},
             torch.from_numpy(arrays[f"{split_name}/domain"]),
             torch.from_numpy(arrays[f"{split_name}/label"]),
         )
@@ -178,6 +182,7 @@ def _read(path: Path) -> MultiDomainDataset:
         domain_names=tuple(meta["domain_names"]),
         info=info,
         pretrained=pretrained,
+        numeric=numeric,
         **splits,
     )
 
@@ -220,4 +225,5 @@ def cached(
         test=dataset.test,
         info=info,
         pretrained=dataset.pretrained,
+        numeric=dataset.numeric,
     )

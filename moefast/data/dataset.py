@@ -5,6 +5,8 @@ A :class:`MultiDomainDataset` holds train/val/test :class:`Split` s of the same 
 - one integer column per categorical feature, ids in ``[0, vocab_size)``:
   single-valued fields are ``int64 [n]``; multi-valued fields are ``int64 [n, L]`` padded on
   the right with id 0, which is reserved for padding in multi-valued fields and never pooled;
+- one float32 column ``[n]`` per numeric feature (``MultiDomainDataset.numeric``), finite
+  (transformed and filled by the source), in the same ``features`` mapping;
 - ``domain``: ``int64 [n]`` in ``[0, num_domains)``;
 - ``label``: ``float32 [n]`` in ``{0, 1}``.
 
@@ -23,14 +25,15 @@ from dataclasses import dataclass, field
 
 import torch
 
-from moefast.config import FeatureSpec
+from moefast.config import FeatureSpec, NumericSpec
 
 __all__ = ["Batch", "MultiDomainDataset", "Split", "check_pretrained_table"]
 
 
 @dataclass(frozen=True)
 class Batch:
-    """One mini-batch: ``features[name]`` is ``[B]`` or ``[B, L]``, ``domain`` ``[B]``, ``label`` ``[B]``."""
+    """One mini-batch: ``features[name]`` is ``[B]`` or ``[B, L]`` (float32 ``[B]`` for a numeric
+    field), ``domain`` ``[B]``, ``label`` ``[B]``."""
 
     features: Mapping[str, torch.Tensor]
     domain: torch.Tensor
@@ -101,6 +104,9 @@ class MultiDomainDataset:
     info: Mapping[str, object] = field(default_factory=dict)
     # Pretrained tables by field name: float32 [vocab_size, dim], finite.
     pretrained: Mapping[str, torch.Tensor] = field(default_factory=dict)
+    # Numeric fields: float32 [n] columns in each split's features, fed to the tower (and to
+    # the first-order part) of every backbone.
+    numeric: tuple[NumericSpec, ...] = ()
 
     def __post_init__(self) -> None:
         self.validate()
@@ -120,8 +126,9 @@ class MultiDomainDataset:
         if not self.domain_names:
             raise ValueError(f"dataset {self.name!r}: no domains")
         names = [f.name for f in self.features]
-        if len(set(names)) != len(names):
-            raise ValueError(f"dataset {self.name!r}: duplicate feature names {names}")
+        numeric = [s.name for s in self.numeric]
+        if len(set(names + numeric)) != len(names) + len(numeric):
+            raise ValueError(f"dataset {self.name!r}: duplicate feature names {names + numeric}")
         for name, table in self.pretrained.items():
             check_pretrained_table(self.feature(name) if name in names else None, name, table,
                                    f"dataset {self.name!r}")
@@ -132,8 +139,16 @@ class MultiDomainDataset:
                 raise ValueError(f"{where}: label must be float32 [n], got {split.label.dtype} {tuple(split.label.shape)}")
             if split.domain.dtype != torch.int64 or tuple(split.domain.shape) != (n,):
                 raise ValueError(f"{where}: domain must be int64 [{n}], got {split.domain.dtype} {tuple(split.domain.shape)}")
-            if set(split.features) != set(names):
-                raise ValueError(f"{where}: columns {sorted(split.features)} != features {sorted(names)}")
+            if set(split.features) != set(names + numeric):
+                raise ValueError(f"{where}: columns {sorted(split.features)} != features {sorted(names + numeric)}")
+            for name in numeric:
+                col = split.features[name]
+                if col.dtype != torch.float32 or tuple(col.shape) != (n,):
+                    raise ValueError(f"{where}: numeric feature {name!r} must be float32 [{n}], "
+                                     f"got {col.dtype} {tuple(col.shape)}")
+                if n and not bool(torch.isfinite(col).all()):
+                    row = int(torch.nonzero(~torch.isfinite(col))[0, 0])
+                    raise ValueError(f"{where}: numeric feature {name!r} is not finite in row {row}: {col[row].item()}")
             if n == 0:
                 continue
             bad = split.label[(split.label != 0) & (split.label != 1)]

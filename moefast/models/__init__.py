@@ -59,7 +59,7 @@ def build(
 
     Args:
         name: backbone (``deepfm``, ``wdl``, ...; see :data:`MODELS`).
-        dataset: gives the features, their dims and the number of domains ``D``.
+        dataset: gives the features, their dims, the numeric fields and the number of domains ``D``.
         tower: ``"base"`` | ``"mlora"`` | ``"moe-mlora"`` (or a :class:`TowerKind`).
         experts_per_domain: MoE-MLoRA's ``E / D``.
         tower_config: everything else about the tower (units, dropout, alpha or ranks); an
@@ -87,7 +87,8 @@ def build(
         config = replace(config, alpha=alpha_for(key, dataset.name))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = MODELS[key](dataset.features, dataset.num_domains, config, backend=backend)
+        model = MODELS[key](dataset.features, dataset.num_domains, config, backend=backend,
+                            numeric=dataset.numeric)
     if dataset.pretrained:
         model.load_pretrained(dataset.pretrained)
     return model

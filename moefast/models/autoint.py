@@ -7,7 +7,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import nn
 
-from moefast.config import FeatureSpec, TowerConfig
+from moefast.config import FeatureSpec, NumericSpec, TowerConfig
 from moefast.models._fields import as_fields, shared_dim
 from moefast.models.base import CTRModel, register
 from moefast.nn.interaction import InteractingLayer
@@ -34,11 +34,12 @@ class AutoInt(CTRModel):
         tower: TowerConfig,
         *,
         backend: BackendLike = None,
+        numeric: Sequence[NumericSpec] = (),
         attention_layers: int = 3,
         heads: int = 2,
     ) -> None:
         dim = shared_dim("AutoInt", features)
-        super().__init__(features, num_domains, tower, backend=backend)
+        super().__init__(features, num_domains, tower, backend=backend, numeric=numeric)
         self.attention = nn.ModuleList(InteractingLayer(dim, heads) for _ in range(attention_layers))
         self.attention_output = nn.Linear(len(self.features) * dim, 1, bias=False)
 

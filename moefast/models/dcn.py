@@ -7,7 +7,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import nn
 
-from moefast.config import FeatureSpec, TowerConfig
+from moefast.config import FeatureSpec, NumericSpec, TowerConfig
 from moefast.models.base import CTRModel, register
 from moefast.nn.interaction import CrossNet
 from moefast.ops._backend import BackendLike
@@ -30,9 +30,10 @@ class DCN(CTRModel):
         tower: TowerConfig,
         *,
         backend: BackendLike = None,
+        numeric: Sequence[NumericSpec] = (),
         cross_layers: int = 2,
     ) -> None:
-        super().__init__(features, num_domains, tower, backend=backend)
+        super().__init__(features, num_domains, tower, backend=backend, numeric=numeric)
         self.cross = CrossNet(self.embedding_width, cross_layers)
         self.cross_output = nn.Linear(self.embedding_width, 1, bias=False)
 

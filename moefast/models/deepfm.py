@@ -6,7 +6,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from moefast.config import FeatureSpec, TowerConfig
+from moefast.config import FeatureSpec, NumericSpec, TowerConfig
 from moefast.models._fields import as_fields
 from moefast.models.base import CTRModel, register
 from moefast.ops._backend import BackendLike
@@ -37,6 +37,7 @@ class DeepFM(CTRModel):
         tower: TowerConfig,
         *,
         backend: BackendLike = None,
+        numeric: Sequence[NumericSpec] = (),
     ) -> None:
         dims = {f.dim for f in features}
         if len(dims) > 1:
@@ -44,7 +45,7 @@ class DeepFM(CTRModel):
                 "DeepFM's FM term needs one embedding dim for every field, got "
                 + ", ".join(f"{f.name}={f.dim}" for f in features)
             )
-        super().__init__(features, num_domains, tower, backend=backend)
+        super().__init__(features, num_domains, tower, backend=backend, numeric=numeric)
 
     def interaction_logit(
         self, features: Mapping[str, torch.Tensor], embedded: torch.Tensor

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import torch
 
-from moefast.config import FeatureSpec, TowerConfig
+from moefast.config import FeatureSpec, NumericSpec, TowerConfig
 from moefast.models._fields import as_fields, shared_dim
 from moefast.models.base import CTRModel, register
 from moefast.nn.interaction import SENET, BilinearInteraction
@@ -32,12 +32,13 @@ class FiBiNET(CTRModel):
         tower: TowerConfig,
         *,
         backend: BackendLike = None,
+        numeric: Sequence[NumericSpec] = (),
         reduction: int = 3,
     ) -> None:
         dim = shared_dim("FiBiNET", features)
         if len(features) < 2:
             raise ValueError(f"FiBiNET needs at least 2 fields, got {len(features)}")
-        super().__init__(features, num_domains, tower, backend=backend)
+        super().__init__(features, num_domains, tower, backend=backend, numeric=numeric)
         self.senet = SENET(len(self.features), reduction)
         self.bilinear = BilinearInteraction(len(self.features), dim)
 

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import torch
 
-from moefast.config import FeatureSpec, TowerConfig
+from moefast.config import FeatureSpec, NumericSpec, TowerConfig
 from moefast.models._fields import as_fields, shared_dim
 from moefast.models.base import CTRModel, register
 from moefast.nn.interaction import bi_interaction
@@ -29,9 +29,10 @@ class NFM(CTRModel):
         tower: TowerConfig,
         *,
         backend: BackendLike = None,
+        numeric: Sequence[NumericSpec] = (),
     ) -> None:
         shared_dim("NFM", features)
-        super().__init__(features, num_domains, tower, backend=backend)
+        super().__init__(features, num_domains, tower, backend=backend, numeric=numeric)
 
     def tower_in_features(self) -> int:
         return self.features[0].dim

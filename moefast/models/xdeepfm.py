@@ -7,7 +7,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import nn
 
-from moefast.config import FeatureSpec, TowerConfig
+from moefast.config import FeatureSpec, NumericSpec, TowerConfig
 from moefast.models._fields import as_fields, shared_dim
 from moefast.models.base import CTRModel, register
 from moefast.nn.interaction import CIN
@@ -30,10 +30,11 @@ class XDeepFM(CTRModel):
         tower: TowerConfig,
         *,
         backend: BackendLike = None,
+        numeric: Sequence[NumericSpec] = (),
         cin_sizes: Sequence[int] = (256, 128),
     ) -> None:
         shared_dim("xDeepFM", features)
-        super().__init__(features, num_domains, tower, backend=backend)
+        super().__init__(features, num_domains, tower, backend=backend, numeric=numeric)
         self.cin = CIN(len(self.features), cin_sizes)
         self.cin_output = nn.Linear(self.cin.output_width, 1, bias=False)
 
