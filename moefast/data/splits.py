@@ -75,11 +75,12 @@ def make_splits(
     """Cut columns into train/val/test :class:`Split` s with :func:`assign_splits`.
 
     Args:
-        columns: feature name -> ``int [n]`` or ``int [n, L]`` ids.
+        columns: feature name -> ``int [n]`` or ``int [n, L]`` ids, or ``float [n]`` values of a
+            numeric field (kept float32).
         domain: ``int [n]``; label: ``[n]`` in {0, 1}.
 
     Returns:
-        ``(train, val, test)`` with int64 features and domain, float32 labels; rows keep their
+        ``(train, val, test)`` with int64 features (float32 numeric ones) and domain, float32 labels; rows keep their
         input order inside each split.
     """
     part = assign_splits(domain, label, fractions=fractions, seed=seed)
@@ -88,7 +89,8 @@ def make_splits(
         rows = np.flatnonzero(part == p)
         out.append(
             Split(
-                {k: torch.from_numpy(np.ascontiguousarray(v[rows], dtype=np.int64)) for k, v in columns.items()},
+                {k: torch.from_numpy(np.ascontiguousarray(v[rows], dtype=np.float32 if v.dtype.kind == "f" else np.int64))
+                 for k, v in columns.items()},
                 torch.from_numpy(domain[rows].astype(np.int64)),
                 torch.from_numpy(label[rows].astype(np.float32)),
             )

@@ -46,6 +46,12 @@ so they change neither the truth nor the rows. The noise level is the knob: 0 gi
 field the mean of its bag's effects (an empty bag adds 0). Context ids are Zipf distributed and
 independent of the user, item and domain.
 
+Numeric fields (``numeric_fields = F_x``, 0 in every preset): ``x1 .. x{F_x}``, float32 values
+``x_f ~ N(0, 1)`` per row, with true weights ``w_f ~ N(0, numeric_scale^2 / F_x)`` adding
+``sum_f w_f x_f`` to the logit: real signal, which a model that ignores them cannot recover.
+Their weights are drawn after every other part of the truth and their values after every other
+column of the rows, so ``numeric_fields = 0`` gives exactly the dataset it always gave.
+
 Presets
 -------
 ``paper``: features ``uid``, ``item``, ``domain`` (the domain id is also an input, like the
@@ -78,7 +84,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from moefast.config import FeatureSpec, Pooling
+from moefast.config import FeatureSpec, NumericSpec, Pooling
 from moefast.data.dataset import MultiDomainDataset
 from moefast.data.splits import SPLIT_SEED, make_splits
 
@@ -125,6 +131,9 @@ class SyntheticConfig:
     multi_vocab_max: int = 100_000
     multi_length: int = 8
     context_scale: float = 0.5
+    # Numeric (dense) fields x1..xF with a linear effect on the logit of total std numeric_scale.
+    numeric_fields: int = 0
+    numeric_scale: float = 1.0
     # Std of the noise on the pretrained user and item tables; None: no pretrained tables.
     pretrained_noise: float | None = None
 
@@ -135,14 +144,14 @@ class SyntheticConfig:
             value = getattr(self, knob)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"synthetic knob {knob} must be a positive int, got {value!r}")
-        for knob in ("context_fields", "multi_fields"):
+        for knob in ("context_fields", "multi_fields", "numeric_fields"):
             value = getattr(self, knob)
             if not isinstance(value, int) or value < 0:
                 raise ValueError(f"synthetic knob {knob} must be a non-negative int, got {value!r}")
         if not 0.0 <= self.diversity <= 1.0:
             raise ValueError(f"synthetic knob diversity must be in [0, 1], got {self.diversity!r}")
         for knob in ("imbalance", "popularity", "interaction_scale", "bias_scale",
-                     "domain_bias_scale", "context_scale"):
+                     "domain_bias_scale", "context_scale", "numeric_scale"):
             value = getattr(self, knob)
             if not isinstance(value, int | float) or value < 0:
                 raise ValueError(f"synthetic knob {knob} must be a non-negative number, got {value!r}")
@@ -247,6 +256,7 @@ class SyntheticTruth:
     domain_user_directions: np.ndarray  # float64 [D, r, k]
     domain_item_directions: np.ndarray  # float64 [D, r, k]
     context_effects: tuple[np.ndarray, ...]  # float64 [V_f] per context field, then multi field
+    numeric_weights: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0))  # float64 [F_x]
 
     def logits(self, features: Mapping[str, torch.Tensor | np.ndarray], domain: torch.Tensor | np.ndarray,
                *, diversity: float | None = None) -> np.ndarray:
@@ -276,6 +286,8 @@ class SyntheticTruth:
             filled = bag > 0
             total = np.where(filled, effects[bag], 0.0).sum(axis=1)
             z = z + total / np.maximum(filled.sum(axis=1), 1)
+        for f, weight in enumerate(self.numeric_weights.tolist()):
+            z = z + weight * np.asarray(features[f"x{f + 1}"], dtype=np.float64)
         out: np.ndarray = z
         return out
 
@@ -307,7 +319,7 @@ def ground_truth(config: SyntheticConfig) -> SyntheticTruth:
     num_context = config.context_fields + config.multi_fields
     context_sd = config.context_scale / math.sqrt(max(num_context, 1))
     vocabs = config.context_vocabs() + config.multi_vocabs()
-    return SyntheticTruth(
+    truth = SyntheticTruth(
         config=config,
         user_factors=truth_rng.standard_normal((config.num_users, k)),
         item_factors=truth_rng.standard_normal((config.num_items, k)),
@@ -318,6 +330,10 @@ def ground_truth(config: SyntheticConfig) -> SyntheticTruth:
         domain_item_directions=truth_rng.normal(0.0, 1.0 / math.sqrt(k), (config.num_domains, config.domain_rank, k)),
         context_effects=tuple(truth_rng.normal(0.0, context_sd, v) for v in vocabs),
     )
+    # Drawn last, so the rest of the truth does not depend on numeric_fields.
+    numeric_sd = config.numeric_scale / math.sqrt(max(config.numeric_fields, 1))
+    weights = truth_rng.normal(0.0, numeric_sd, config.numeric_fields)
+    return dataclasses.replace(truth, numeric_weights=weights)
 
 
 def _streams(seed: int) -> tuple[np.random.Generator, np.random.Generator]:
@@ -379,6 +395,9 @@ def generate(config: SyntheticConfig) -> MultiDomainDataset:
         ids[np.arange(cfg.multi_length)[None, :] >= length[:, None]] = 0
         columns[name] = ids
         specs.append(FeatureSpec(name, vocab, cfg.embedding_dim, Pooling.MEAN))
+    numeric = tuple(NumericSpec(f"x{f + 1}") for f in range(cfg.numeric_fields))
+    for spec in numeric:
+        columns[spec.name] = rng.standard_normal(n).astype(np.float32)
     z = truth.logits(columns, domain)
     label = (rng.random(n) < 1.0 / (1.0 + np.exp(-z))).astype(np.float32)
     train, val, test = make_splits(columns, domain, label, seed=cfg.split_seed)
@@ -399,4 +418,5 @@ def generate(config: SyntheticConfig) -> MultiDomainDataset:
         test=test,
         info=info,
         pretrained=pretrained_tables(truth),
+        numeric=numeric,
     )
