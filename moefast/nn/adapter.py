@@ -7,7 +7,10 @@ run unchanged.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
+from collections.abc import Iterator
 
 import torch
 
@@ -16,7 +19,27 @@ from moefast.ops.adapter import adapter_linear
 from moefast.ops.dropout import dropout_mask
 from moefast.reference.adapter import Activation
 
-__all__ = ["Activation", "AdapterLinear"]
+__all__ = ["Activation", "AdapterLinear", "global_batch_rows"]
+
+# (global rows, start, stop) while a data-parallel rank runs its slice of a global batch.
+_BATCH_SLICE: contextvars.ContextVar[tuple[int, int, int] | None] = contextvars.ContextVar(
+    "moefast_batch_slice", default=None
+)
+
+
+@contextlib.contextmanager
+def global_batch_rows(total: int, start: int, stop: int) -> Iterator[None]:
+    """Inside this block, a layer called on rows ``[start, stop)`` of a global batch of
+    ``total`` rows draws the dropout mask of the whole global batch and keeps its own rows, so
+    that N data-parallel ranks draw exactly the masks one process draws
+    (:mod:`moefast.train.distributed`). Every rank's generator advances by the same amount."""
+    if not 0 <= start <= stop <= total:
+        raise ValueError(f"a batch slice needs 0 <= start <= stop <= total, got {start}, {stop}, {total}")
+    token = _BATCH_SLICE.set((total, start, stop))
+    try:
+        yield
+    finally:
+        _BATCH_SLICE.reset(token)
 
 
 class AdapterLinear(torch.nn.Module):
@@ -106,8 +129,16 @@ class AdapterLinear(torch.nn.Module):
         """
         if not self.training or self.dropout == 0.0:
             return None
-        return dropout_mask((x.shape[0], self.out_features), self.dropout, dtype=x.dtype,
+        part = _BATCH_SLICE.get()
+        if part is None:
+            return dropout_mask((x.shape[0], self.out_features), self.dropout, dtype=x.dtype,
+                                device=x.device, backend=self.backend)
+        total, start, stop = part
+        if x.shape[0] != stop - start:
+            raise ValueError(f"input of {x.shape[0]} rows inside global_batch_rows({total}, {start}, {stop})")
+        full = dropout_mask((total, self.out_features), self.dropout, dtype=x.dtype,
                             device=x.device, backend=self.backend)
+        return full[start:stop]
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "

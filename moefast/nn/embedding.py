@@ -64,6 +64,10 @@ class EmbeddingCollection(nn.Module):
         self.backend = parse_backend(backend) if backend is not None else None
         self.optimizer = optimizer
         self.sparse = sparse
+        # Data-parallel training (moefast.train.distributed) splits the fused call: backward
+        # hands the batch's rows out as coalesced sparse gradients, the ranks exchange them,
+        # and the same fused update is applied on every rank (apply_row_update).
+        self.defer_update = False
         self.tables = nn.ParameterDict()
         for spec in features:
             weight = torch.empty(spec.vocab_size, spec.dim)
@@ -92,6 +96,26 @@ class EmbeddingCollection(nn.Module):
                 for slot, value in optimizer.init_state(self.tables[spec.name]).items():
                     holder.register_buffer(slot, value)
                 self.optimizer_state[spec.name] = holder
+
+    def apply_row_update(self, name: str, rows: torch.Tensor, grads: torch.Tensor) -> None:
+        """Apply the fused optimizer to table ``name`` for unique ``rows`` (int64 ``[U]``,
+        ascending) with summed gradients ``grads`` (float32 ``[U, D]``), through the same
+        engine call (and so the same update code) as a fused backward: a lookup of ``rows``,
+        one per sample, whose output gradient is ``grads``."""
+        if self.optimizer is None:
+            raise ValueError("apply_row_update needs a fused optimizer (set_optimizer)")
+        if rows.numel() == 0:
+            return
+        weight = self.tables[name]
+        states = self._states()
+        assert states is not None
+        state = states[[f.name for f in self._features].index(name)]
+        with torch.enable_grad():
+            out = embedding_collection(
+                [weight], [rows], [None], [Pooling.NONE], names=[name],
+                optimizer=self.optimizer, optimizer_states=[state], backend=self.backend,
+            )
+            out.backward(grads)
 
     @property
     def features(self) -> tuple[FeatureSpec, ...]:
@@ -186,6 +210,7 @@ def _can_share_a_call(collections: Sequence[EmbeddingCollection]) -> bool:
     first = collections[0]
     return all(
         c.backend == first.backend and c.sparse == first.sparse and c.optimizer == first.optimizer
+        and c.defer_update == first.defer_update
         for c in collections[1:]
     )
 
@@ -232,6 +257,7 @@ def embed_together(
             states += collection._states() or []
         widths.append(sum(collection.output_dims))
     first = collections[0]
+    deferred = first.optimizer is not None and first.defer_update
     out = embedding_collection(
         weights,
         indices,
@@ -239,9 +265,9 @@ def embed_together(
         poolings,
         padding_idx=padding,
         names=names,
-        sparse=first.sparse,
-        optimizer=first.optimizer,
-        optimizer_states=states,
+        sparse=first.sparse or deferred,
+        optimizer=None if deferred else first.optimizer,
+        optimizer_states=None if deferred else states,
         backend=first.backend,
     )
     return list(out.split(widths, dim=1)) if len(collections) > 1 else [out]

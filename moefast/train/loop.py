@@ -9,6 +9,7 @@ and writes its checkpoint, which the next stage loads strictly.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import tempfile
@@ -34,6 +35,7 @@ from moefast.nn.adapter import AdapterLinear
 from moefast.nn.embedding import EmbeddingCollection
 from moefast.ops._backend import Backend, BackendLike, parse_backend
 from moefast.reference.embedding_optim import FusedOptimizer, LazyAdam, RowwiseAdagrad
+from moefast.train import distributed
 from moefast.train.checkpoint import load_checkpoint, save_checkpoint
 from moefast.train.metrics import EvalMetrics, evaluate_scores
 from moefast.train.rundir import RunDirectory, claim_run_dir, write_run
@@ -277,24 +279,57 @@ def _train_epoch(
     device: torch.device,
     desc: str,
     losses: list[float],
+    parallel: distributed.DataParallel | None = None,
+    runner: torch.nn.Module | None = None,
+    *,
+    skip: int = 0,
+    after_step: Callable[[int], bool] | None = None,
 ) -> int:
+    """Train one epoch of ``loader``; return the rows trained.
+
+    ``skip`` batches of the epoch were trained before a resume (they are drawn, so the epoch's
+    order is the same, and not trained again). ``after_step(batches done)`` runs after each step;
+    when it returns ``True`` the epoch stops there with :class:`_Stopped` (preemption).
+    """
     model.train()
     samples = 0
     l2_params = l2_parameters(model)  # the stage's freezing is fixed for the epoch
     bar = tqdm(total=loader.num_rows, desc=desc, unit="row", leave=False, disable=not config.progress)
     try:
         for number, cpu_batch in enumerate(loader):
-            batch = cpu_batch.to(device)
+            if number < skip:
+                bar.update(len(cpu_batch))
+                continue
             try:
-                losses.append(train_step(model, batch, step, optimizer, config.l2, l2_params))
+                if parallel is not None:
+                    # Data-parallel: this rank's slice of the global batch (distributed.py).
+                    batch = cpu_batch
+                    losses.append(parallel.train_step(
+                        model, runner or model, cpu_batch, step.label, optimizer, config.l2, l2_params,
+                        after_backward=lambda m: mask_gradients(m, step),
+                    ))
+                else:
+                    batch = cpu_batch.to(device)
+                    losses.append(train_step(model, batch, step, optimizer, config.l2, l2_params))
             except NonFiniteError as exc:
                 detail = str(exc).removeprefix(f"{step.label}: ")
                 raise NonFiniteError(f"{desc}, batch {number}: {detail}") from None
             samples += len(batch)
             bar.update(len(batch))
+            if after_step is not None and after_step(number + 1):
+                raise _Stopped(number + 1, samples)
     finally:
         bar.close()
     return samples
+
+
+class _Stopped(Exception):  # noqa: N818 (a signal between two functions of this module)
+    """The epoch stopped at a step boundary because ``SIGTERM`` asked the run to stop."""
+
+    def __init__(self, batches: int, samples: int) -> None:
+        super().__init__(batches, samples)
+        self.batches = batches
+        self.samples = samples
 
 
 def fit(
@@ -305,6 +340,7 @@ def fit(
     backend: BackendLike = None,
     out_dir: str | os.PathLike[str] | None = None,
     overwrite: bool = False,
+    resume: bool = False,
 ) -> FitResult:
     """Train ``model`` on ``dataset`` through its stages; evaluate on the test split.
 
@@ -320,25 +356,41 @@ def fit(
             moefast's marker and a lock, and one that holds anything else is refused.
         overwrite: clear ``out_dir`` first when it holds a previous moefast run (only a
             directory carrying the marker, never an arbitrary folder).
+        resume: continue the run ``out_dir`` holds from its resume snapshot (the last epoch it
+            completed, or the step where ``SIGTERM`` stopped it; see :mod:`moefast.train.resume`),
+            ending bitwise equal to an uninterrupted run on CPU. ``model``, ``dataset``,
+            ``config`` and ``backend`` must be the first run's (``settings.json``; otherwise a
+            ``ValueError`` names the keys that differ). A directory without a snapshot (killed
+            before its first epoch ended, or missing) starts from the beginning; a finished run
+            only recomputes its outputs.
 
     Returns:
         A :class:`FitResult` whose ``metrics`` follow DESIGN.md section 5's schema.
 
     Raises:
         moefast.train.rundir.RunDirectoryError: ``out_dir`` cannot be written, is not empty and
-            not a moefast run directory, holds a previous run without ``overwrite``, or is in
-            use by another live process (a ``ValueError``).
+            not a moefast run directory, holds a previous run without ``overwrite`` or
+            ``resume``, or is in use by another live process (a ``ValueError``).
+        moefast.train.resume.Preempted: ``SIGTERM`` stopped the run at a step boundary; its
+            state is saved for ``resume``.
+        moefast.train.atomic.WriteError: a file of the run could not be written (a full disk);
+            nothing was left under its final name, and the run resumes from its last snapshot.
     """
     if model.num_domains != dataset.num_domains:
         raise ValueError(
             f"model built for {model.num_domains} domains, dataset {dataset.name!r} has {dataset.num_domains}"
         )
     if out_dir is None:
-        if overwrite:
-            raise ValueError("fit(overwrite=True) needs an out_dir")
+        if overwrite or resume:
+            raise ValueError(f"fit({'overwrite' if overwrite else 'resume'}=True) needs an out_dir")
         return _fit(model, dataset, config, backend, None)
-    with claim_run_dir(out_dir, overwrite=overwrite) as run_dir:
-        return _fit(model, dataset, config, backend, run_dir)
+    parallel = distributed.current(config.device)
+    if resume and parallel is not None:
+        raise ValueError("fit(resume=True) is not supported under torch.distributed yet")
+    if parallel is not None and not parallel.is_writer:
+        return _fit(model, dataset, config, backend, None)  # rank 0 alone writes
+    with claim_run_dir(out_dir, overwrite=overwrite, resume=resume) as run_dir:
+        return _fit(model, dataset, config, backend, run_dir, resume=resume)
 
 
 def _fit(
@@ -347,11 +399,18 @@ def _fit(
     config: TrainConfig,
     backend: BackendLike,
     claim: RunDirectory | None,
+    *,
+    resume: bool = False,
 ) -> FitResult:
     out_dir = None if claim is None else claim.path
     backend_name = _set_backend(model, backend, torch.device(config.device))
     set_embedding_optimizer(model, _fused_embedding_optimizer(config))
-    device = torch.device(config.device)
+    snapshot: dict[str, Any] | None = None
+    if out_dir is not None:
+        _check_run_settings(out_dir, model, dataset, config, backend_name, resume)
+        snapshot = load_snapshot(out_dir) if resume else None
+    parallel = distributed.current(config.device)
+    device = torch.device(config.device) if parallel is None else parallel.device
     model.to(device)
     torch.manual_seed(config.seed)  # dropout masks
     generator = torch.Generator().manual_seed(config.seed)  # batch and domain order
@@ -364,20 +423,39 @@ def _fit(
         ckpt_dir = Path(tmp.name)
     else:
         ckpt_dir = out_dir / "checkpoints"
+    records: list[StageRecord] = []
+    in_stage: dict[str, Any] | None = None
+    if snapshot is not None:
+        assert out_dir is not None
+        records, in_stage = _restore_snapshot(out_dir / SNAPSHOT, snapshot, plan, ckpt_dir, generator, device)
     try:
-        records: list[StageRecord] = []
-        for index, step in enumerate(plan):
-            if records:
-                previous = records[-1]
-                assert previous.checkpoint is not None
-                load_checkpoint(previous.checkpoint, model, expected_stage=previous.label)
-            # seeds_compat: the best validation score so far is carried into the next stage.
-            carried = records[-1].best_val_mean_auc if config.seeds_compat and records else -math.inf
-            records.append(
-                _run_stage(model, dataset, config, step, index, len(plan), all_domains,
-                           generator, device, ckpt_dir, backend_name, carried_best=-math.inf if math.isnan(carried) else carried)
-            )
-        test_logits = predict(model, dataset.test, batch_size=config.eval_batch_size, device=device)
+        with preemption(out_dir is not None) as stop:
+            saver = None if out_dir is None else _Saver(out_dir, generator, device, stop)
+            for index in range(len(records), len(plan)):
+                step = plan[index]
+                if records and (parallel is None or parallel.is_writer):
+                    # Other ranks hold the same state in memory (only rank 0 writes checkpoints).
+                    previous = records[-1]
+                    assert previous.checkpoint is not None
+                    load_checkpoint(previous.checkpoint, model, expected_stage=previous.label, dataset=dataset.name)
+                # seeds_compat: the best validation score so far is carried into the next stage.
+                carried = records[-1].best_val_mean_auc if config.seeds_compat and records else -math.inf
+                records.append(
+                    _run_stage(model, dataset, config, step, index, len(plan), all_domains,
+                               generator, device, ckpt_dir, backend_name, carried_best=-math.inf if math.isnan(carried) else carried,
+                               parallel=parallel, saver=saver, resume=in_stage)
+                )
+                in_stage = None
+                if saver is not None:
+                    saver.stage_done(records)
+                    if stop and index + 1 < len(plan):
+                        raise Preempted(saver.run_dir, f"after stage {step.label}")
+            if snapshot is not None and snapshot["stage"] is None and len(records) == len(plan):
+                # Resuming a run whose training had finished: its model is the last checkpoint.
+                last = records[-1]
+                assert last.checkpoint is not None
+                load_checkpoint(last.checkpoint, model, expected_stage=last.label, dataset=dataset.name)
+            test_logits = _predict_rows(model, dataset.test, None, config.eval_batch_size, device, parallel)
     finally:
         if tmp is not None:
             tmp.cleanup()
@@ -385,7 +463,8 @@ def _fit(
                 record.checkpoint = None
 
     _refuse_non_finite_scores(test_logits, "test")
-    test = evaluate_scores(test_logits, dataset.test.label, dataset.test.domain, dataset.domain_names)
+    test = _once(parallel, lambda: evaluate_scores(
+        test_logits, dataset.test.label, dataset.test.domain, dataset.domain_names))
     gate = None
     if model.tower.gate is not None:
         with torch.no_grad():
@@ -403,8 +482,11 @@ def _fit(
         "stages": [r.to_dict() for r in records],
         "train_samples_per_second": train_samples / train_seconds if train_seconds > 0 else 0.0,
     }
+    if parallel is not None:
+        metrics["distributed"] = {"world_size": parallel.world_size,
+                                  "bytes_per_step": parallel.traffic.per_step()}
     result = FitResult(metrics, test, records, test_logits, gate, out_dir)
-    if out_dir is not None:
+    if out_dir is not None and (parallel is None or parallel.is_writer):
         write_run(out_dir, result, dataset, model, config)
     return result
 
@@ -423,7 +505,13 @@ def _run_stage(
     backend: str,
     *,
     carried_best: float = -math.inf,
+    parallel: distributed.DataParallel | None = None,
+    saver: _Saver | None = None,
+    resume: dict[str, Any] | None = None,
 ) -> StageRecord:
+    """Train stage ``index`` of the plan (from its start, or from the snapshot state ``resume``)
+    and write its checkpoint; ``saver`` writes the resume snapshot after every epoch, and at the
+    step where ``SIGTERM`` stops the run (then :class:`Preempted` is raised)."""
     start = time.perf_counter()
     compat = config.seeds_compat
     params = set_stage(model, step, train_backbone=config.train_backbone_in_later_stages or compat,
@@ -456,38 +544,88 @@ def _run_stage(
     samples = 0
     train_seconds = 0.0
     epochs = 0
+    skip = 0  # batches of the current epoch trained before a resume
+    if resume is not None:
+        model.load_state_dict(resume["model"])  # buffers included: the fused optimizers' state
+        optimizer.load_state_dict(resume["optimizer"])
+        stopper.best, stopper.stale = float(resume["stopper"]["best"]), int(resume["stopper"]["stale"])
+        saved_best = resume["best_state"]
+        best_state = None if saved_best is None else {
+            id(p): t.to(device) for p, t in zip(params, saved_best, strict=True)}
+        history, losses = list(resume["history"]), list(resume["losses"])
+        samples, train_seconds, epochs = int(resume["samples"]), float(resume["train_seconds"]), int(resume["epochs"])
+        start -= float(resume["seconds"])
+        skip = int(resume["batches"])
+        if skip:
+            generator.set_state(resume["epoch_generator"])  # the epoch draws its order again
     loader = BatchLoader(
         dataset.train, config.batch_size, _ORDER[config.batches], domains=train_domains,
         generator=generator,
     )
-    for epoch in range(1, max_epochs + 1):
-        epochs = epoch
+
+    def save(batches: int, epoch_generator: torch.Tensor | None) -> None:
+        if saver is not None:
+            saver.in_stage({
+                "index": index, "label": step.label, "epochs": epochs, "batches": batches,
+                "epoch_generator": epoch_generator, "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "stopper": {"best": stopper.best, "stale": stopper.stale},
+                "best_state": None if best_state is None else [best_state[id(p)] for p in params],
+                "history": history, "losses": losses, "samples": samples,
+                "train_seconds": train_seconds, "seconds": time.perf_counter() - start,
+            })
+
+    stop = saver.stop if saver is not None else None
+    runner = distributed.begin_stage(parallel, model)  # a fresh DDP wrapper for each stage
+    # A snapshot taken after the stage's last epoch resumes straight into the stage's end.
+    done = skip == 0 and (epochs >= max_epochs or stopper.should_stop)
+    while not done:
+        epoch = epochs + 1
+        epoch_generator = generator.get_state()  # before the epoch draws its order
+        desc = f"[{index + 1}/{total}] {step.label} epoch {epoch}"
+
+        def after_step(batches: int, epoch: int = epoch) -> bool:
+            fault_step(index, epoch, batches)
+            return bool(stop)
+
         t0 = time.perf_counter()
-        samples += _train_epoch(
-            model, loader, step, optimizer, config, device,
-            desc=f"[{index + 1}/{total}] {step.label} epoch {epoch}", losses=losses,
-        )
+        try:
+            samples += _train_epoch(
+                model, loader, step, optimizer, config, device, desc=desc, losses=losses,
+                parallel=parallel, runner=runner, skip=skip, after_step=after_step,
+            )
+        except _Stopped as stopped:
+            samples += stopped.samples
+            train_seconds += time.perf_counter() - t0
+            save(stopped.batches, epoch_generator)
+            assert saver is not None
+            raise Preempted(saver.run_dir, f"at {desc}, batch {stopped.batches}") from None
+        skip = 0
         train_seconds += time.perf_counter() - t0
-        val_logits = predict(model, dataset.val, rows=val_rows, batch_size=config.eval_batch_size, device=device)
+        val_logits = _predict_rows(model, dataset.val, val_rows, config.eval_batch_size, device, parallel)
         _refuse_non_finite_scores(val_logits, f"[{index + 1}/{total}] {step.label} epoch {epoch}: validation")
-        val = evaluate_scores(
-            val_logits, dataset.val.label[val_rows], dataset.val.domain[val_rows], dataset.domain_names,
-            domains=val_domains,
-        )
+        val = _once(parallel, functools.partial(
+            evaluate_scores, val_logits, dataset.val.label[val_rows], dataset.val.domain[val_rows],
+            dataset.domain_names, domains=val_domains,
+        ))
         history.append(val.mean_auc)
         if config.progress:
             what = "val mean AUC" if len(val_domains) > 1 else f"val AUC of {dataset.domain_names[val_domains[0]]}"
             tqdm.write(f"[{index + 1}/{total}] {step.label} epoch {epoch}: {what} {val.mean_auc:.5f}")
         if stopper.update(val.mean_auc):
             best_state = {id(p): p.detach().clone() for p in params}
-        else:
-            if compat and best_state is not None:
-                # seeds_compat: the next epoch starts again from the best checkpoint.
-                with torch.no_grad():
-                    for p in params:
-                        p.copy_(best_state[id(p)])
-            if stopper.should_stop:
-                break
+        elif compat and best_state is not None:
+            # seeds_compat: the next epoch starts again from the best checkpoint.
+            with torch.no_grad():
+                for p in params:
+                    p.copy_(best_state[id(p)])
+        epochs = epoch
+        done = stopper.should_stop or epochs >= max_epochs
+        save(0, None)
+        if stop:
+            assert saver is not None
+            raise Preempted(saver.run_dir, f"after {desc}")
+    distributed.end_stage(parallel, model)
     # With no AUC at all (every validation domain one-class) nothing improves: keep the last
     # weights rather than the untrained ones.
     best = stopper.best
@@ -496,11 +634,12 @@ def _run_stage(
             for p in params:
                 p.copy_(best_state[id(p)])
     path = ckpt_dir / f"{index:02d}_{step.label}.pt"
-    save_checkpoint(
-        path, model, step.label,
-        {"model": model.name, "tower": model.tower.kind.value, "index": index,
-         "best_val_mean_auc": best if best > -math.inf else None},
-    )
+    if parallel is None or parallel.is_writer:
+        save_checkpoint(
+            path, model, step.label,
+            {"model": model.name, "tower": model.tower.kind.value, "dataset": dataset.name, "index": index,
+             "best_val_mean_auc": best if best > -math.inf else None},
+        )
     return StageRecord(
         label=step.label,
         epochs=epochs,
@@ -512,6 +651,28 @@ def _run_stage(
         checkpoint=path,
         losses=losses,
     )
+
+
+def _predict_rows(
+    model: CTRModel,
+    split: Split,
+    rows: torch.Tensor | None,
+    batch_size: int,
+    device: torch.device,
+    parallel: distributed.DataParallel | None,
+) -> torch.Tensor:
+    """:func:`predict`, or under data parallelism each rank's shard of the rows scored and the
+    logits gathered in row order on every rank."""
+    if parallel is None:
+        return predict(model, split, rows=rows, batch_size=batch_size, device=device)
+    index = torch.arange(len(split)) if rows is None else rows
+    mine = predict(model, split, rows=parallel.shard(index), batch_size=batch_size, device=device)
+    return parallel.gather_rows(mine)
+
+
+def _once(parallel: distributed.DataParallel | None, compute: Any) -> Any:
+    """``compute()`` here, or on rank 0 alone with the result broadcast (data parallelism)."""
+    return compute() if parallel is None else parallel.once(compute)
 
 
 def config_dict(config: TrainConfig) -> dict[str, Any]:
