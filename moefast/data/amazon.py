@@ -19,9 +19,9 @@ import gzip
 import json
 import os
 import re
-from collections.abc import Sequence
+import zlib
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import IO
 
 import numpy as np
 import pandas as pd
@@ -52,30 +52,43 @@ def find_category_files(raw_dir: Path) -> dict[str, Path]:
     return found
 
 
-def _open(path: Path) -> IO[str]:
-    if path.suffix == ".gz":
-        return gzip.open(path, "rt", encoding="utf-8")
-    return path.open(encoding="utf-8")
+def _lines(path: Path) -> Iterator[tuple[int, str]]:
+    """``(line number, text)`` of a review file, gzipped or not.
+
+    Bytes are decoded per line, so a byte that is not UTF-8 (a latin-1 export) names its line;
+    a truncated or corrupt gzip stream names the line it cut, not a zlib or EOF traceback.
+    """
+    number = 0
+    try:
+        with (gzip.open(path, "rb") if path.suffix == ".gz" else path.open("rb")) as f:
+            for number, raw in enumerate(f, 1):
+                try:
+                    yield number, raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise RawFormatError(path, number, None, f"not utf-8 text: byte {raw[e.start]:#04x} "
+                                         f"at byte {e.start + 1} of the line ({e.reason})") from None
+    except (EOFError, OSError, zlib.error) as e:
+        raise RawFormatError(path, number + 1, None,
+                             f"cannot be read from here on: truncated or corrupt gzip data ({e})") from None
 
 
 def _read_reviews(path: Path) -> tuple[list[str], list[str]]:
     users: list[str] = []
     items: list[str] = []
-    with _open(path) as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                review = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise RawFormatError(path, number, None, f"not a JSON object: {e.msg}") from None
-            if not isinstance(review, dict):
-                raise RawFormatError(path, number, None, "not a JSON object")
-            for key, out in (("reviewerID", users), ("asin", items)):
-                value = review.get(key)
-                if not isinstance(value, str) or not value:
-                    raise RawFormatError(path, number, key, f"missing or not a non-empty string: {value!r}")
-                out.append(value)
+    for number, line in _lines(path):
+        if not line.strip():
+            continue
+        try:
+            review = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise RawFormatError(path, number, None, f"not a JSON object: {e.msg}") from None
+        if not isinstance(review, dict):
+            raise RawFormatError(path, number, None, "not a JSON object")
+        for key, out in (("reviewerID", users), ("asin", items)):
+            value = review.get(key)
+            if not isinstance(value, str) or not value:
+                raise RawFormatError(path, number, key, f"missing or not a non-empty string: {value!r}")
+            out.append(value)
     if not users:
         raise RawFormatError(path, None, None, "no reviews (an empty domain)")
     return users, items

@@ -32,7 +32,15 @@ import pandas as pd
 
 from moefast.data import cache
 from moefast.data._clicks import clicks_to_dataset
-from moefast.data._raw import RawFormatError, need_dir, need_file
+from moefast.data._raw import (
+    BadInteger,
+    RawFormatError,
+    check_text,
+    int_problem,
+    need_dir,
+    need_file,
+    parse_int_column,
+)
 from moefast.data.dataset import MultiDomainDataset
 from moefast.data.splits import SPLIT_SEED
 
@@ -52,58 +60,73 @@ def _header(path: Path) -> list[str]:
 
 
 def _locate_bad_row(path: Path, header: list[str], int_columns: tuple[str, ...]) -> None:
-    """Scan the CSV and raise at the first row with a wrong field count or a non-integer id."""
+    """Scan the CSV and raise at the first row with a wrong field count or a non-integer id
+    (:func:`~moefast.data._raw.int_problem`'s grammar); the line is the file's, so a quoted
+    field spanning lines does not shift it."""
     positions = [header.index(c) for c in int_columns]
     with path.open(newline="", encoding="utf-8") as f:
         reader = csv.reader(f)
         next(reader)
-        for number, row in enumerate(reader, 2):
+        for row in reader:
+            number = reader.line_num
             if not row:
                 raise RawFormatError(path, number, None, "empty line")
             if len(row) != len(header):
                 raise RawFormatError(path, number, None, f"expected {len(header)} fields {header}, got {len(row)}")
             for col, pos in zip(int_columns, positions, strict=True):
-                try:
-                    int(row[pos])
-                except ValueError:
-                    raise RawFormatError(path, number, col, f"not an integer: {row[pos]!r}") from None
+                problem = int_problem(row[pos])
+                if problem is not None:
+                    raise RawFormatError(path, number, col, f"{problem}: {row[pos]!r}")
+
+
+def _int_columns(path: Path, header: list[str], frame: pd.DataFrame, columns: tuple[str, ...]) -> None:
+    """Parse ``frame``'s text ``columns`` in place under the strict integer grammar; on a bad
+    value, rescan the file so that the error names its line."""
+    for col in columns:
+        try:
+            frame[col] = parse_int_column(frame[col].tolist())
+        except BadInteger as e:
+            _locate_bad_row(path, header, columns)
+            raise RawFormatError(path, None, col, str(e)) from None
 
 
 def _read_clicks(path: Path) -> pd.DataFrame:
+    check_text(path, "utf-8")
     header = _header(path)
     for col in _COLUMNS:
         if col not in header:
             raise RawFormatError(path, 1, col, f"missing column (header is {header})")
-    # One spare column catches rows with an extra field (pandas would otherwise drop it or
-    # shift it into an index); a missing or empty field reads as NaN. Either sends the file to
-    # the line scan, which names the line.
+    # Every column as text (the ids are parsed strictly below). One spare column catches rows
+    # with an extra field (pandas would otherwise drop it or shift it into an index); a missing
+    # field reads as NaN. Either sends the file to the line scan, which names the line.
     names = [*header, "__extra__"]
     try:
-        frame = pd.read_csv(path, header=None, skiprows=1, names=names, index_col=False,
-                            skipinitialspace=True, dtype={c: np.int64 for c in _INT_COLUMNS},
-                            engine="c", on_bad_lines="error")
-        suspect = bool(frame["__extra__"].notna().any() or frame[list(_COLUMNS)].isna().to_numpy().any())
+        frame = pd.read_csv(path, header=None, skiprows=1, names=names, index_col=False, dtype=str,
+                            keep_default_na=False, na_values=[""], engine="c", on_bad_lines="error")
     except (ValueError, pd.errors.ParserError) as e:
         _locate_bad_row(path, header, _INT_COLUMNS)
         raise RawFormatError(path, None, None, str(e)) from None
-    if suspect:
+    missing = frame[list(_COLUMNS)].isna()
+    suspect = missing.any(axis=1).to_numpy() | frame["__extra__"].notna().to_numpy()
+    if suspect.any():
         _locate_bad_row(path, header, _INT_COLUMNS)
-        bad = int(np.flatnonzero(frame["reach_time"].isna().to_numpy())[0])
-        raise RawFormatError(path, bad + 2, "reach_time", "empty")
-    return frame[list(_COLUMNS)]
+        bad = int(np.flatnonzero(suspect)[0])
+        empty = [c for c in _COLUMNS if missing[c].iloc[bad]]
+        raise RawFormatError(path, bad + 2, empty[0] if empty else None, "empty")
+    frame = frame[list(_COLUMNS)].copy()
+    _int_columns(path, header, frame, _INT_COLUMNS)
+    return frame
 
 
 def _read_embeddings(path: Path) -> tuple[np.ndarray, np.ndarray]:
     """``(ids int64 [V], vectors float32 [V, dim])`` from an embedding CSV (formats above)."""
+    check_text(path, "utf-8")
     frame = pd.read_csv(path, dtype=str, keep_default_na=False, engine="c")
     if frame.shape[1] < 2:
         raise RawFormatError(path, 1, None, "expected an id column and a vector (one text column or several numbers)")
-    id_col = frame.columns[0]
-    try:
-        ids = frame[id_col].astype(np.int64).to_numpy()
-    except ValueError:
-        _locate_bad_row(path, list(frame.columns), (str(id_col),))
-        raise
+    id_col = str(frame.columns[0])
+    _int_columns(path, [str(c) for c in frame.columns], frame, (id_col,))
+    ids = frame[id_col].to_numpy()
     if frame.shape[1] == 2:
         text = frame.iloc[:, 1].str.replace(",", " ", regex=False)
         rows = text.str.split()
@@ -129,6 +152,10 @@ def _read_embeddings(path: Path) -> tuple[np.ndarray, np.ndarray]:
             except ValueError:
                 raise RawFormatError(path, number, str(frame.columns[1]), f"not numbers: {value!r}") from None
         raise
+    finite = np.isfinite(vectors).all(axis=1)
+    if not finite.all():
+        row = int(np.flatnonzero(~finite)[0])
+        raise RawFormatError(path, row + 2, str(frame.columns[-1]), "a vector holding NaN or infinity")
     dup = pd.Series(ids).duplicated().to_numpy()
     if dup.any():
         raise RawFormatError(path, int(np.flatnonzero(dup)[0]) + 2, str(id_col), "duplicate id")
