@@ -1,0 +1,61 @@
+"""``moefast train --nproc N``: the run handed to torchrun's elastic launcher.
+
+The launcher writes the resolved configuration to a TOML file and starts
+``torchrun --standalone --nproc-per-node N -m moefast train --config FILE --out DIR``; every
+worker then joins the process group (:func:`moefast.train.distributed.init_from_env`) and trains
+its slice of each global batch. torchrun sets ``OMP_NUM_THREADS=1`` in its workers; each rank's
+threads are set here to the machine's cores divided by ``N`` (``MOEFAST_THREADS_PER_RANK``
+overrides it).
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import tempfile
+from pathlib import Path
+
+from moefast.cli._options import UserError
+from moefast.config import RunConfig
+
+__all__ = ["launch", "torchrun_argv"]
+
+
+def torchrun_argv(nproc: int, config_file: Path, out: Path, *, overwrite: bool, quiet: bool) -> list[str]:
+    """torchrun's arguments for ``nproc`` workers on this machine (loopback rendezvous)."""
+    argv = ["--standalone", "--nnodes", "1", "--nproc-per-node", str(nproc),
+            "-m", "moefast", "train", "--config", str(config_file), "--out", str(out)]
+    if overwrite:
+        argv.append("--overwrite")
+    if quiet:
+        argv.append("--quiet")
+    return argv
+
+
+def launch(config: RunConfig, quiet: bool, nproc: int) -> int:
+    """Run ``config`` data-parallel on ``nproc`` local processes; the exit status of the job."""
+    from moefast.cli.train import config_toml
+
+    if isinstance(nproc, bool) or not isinstance(nproc, int) or nproc < 1:
+        raise UserError(f"--nproc must be a positive whole number, got {nproc!r}")
+    if "TORCHELASTIC_RUN_ID" in os.environ or "WORLD_SIZE" in os.environ:
+        raise UserError("--nproc inside a torchrun job: run `moefast train` there without --nproc")
+    import torch
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import main as torchrun
+
+    if config.train.device.startswith("cuda") and torch.cuda.device_count() < nproc:
+        raise UserError(f"--nproc {nproc} with --device {config.train.device}: only "
+                        f"{torch.cuda.device_count()} CUDA devices here (one per rank)")
+    out = Path(config.out or Path("runs") / datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))
+    os.environ.setdefault("MOEFAST_THREADS_PER_RANK", str(max(1, (os.cpu_count() or 1) // nproc)))
+    with tempfile.TemporaryDirectory(prefix="moefast-launch-") as tmp:
+        config_file = Path(tmp) / "config.toml"
+        config_file.write_text(config_toml(config))
+        try:
+            torchrun(torchrun_argv(nproc, config_file, out, overwrite=config.overwrite, quiet=quiet))
+        except ChildFailedError as exc:
+            rank, failure = exc.get_first_failure()
+            raise UserError(f"rank {rank} of {nproc} exited with status {failure.exitcode} "
+                            "(its message is above); every rank was stopped") from None
+    return 0
