@@ -12,7 +12,6 @@ the state dict loaded strictly.
 from __future__ import annotations
 
 import os
-import tempfile
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -21,7 +20,9 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["CHECKPOINT_FORMAT", "load_checkpoint", "save_checkpoint"]
+from moefast.train.atomic import atomic_write
+
+__all__ = ["CHECKPOINT_FORMAT", "load_checkpoint", "read_saved", "save_checkpoint"]
 
 CHECKPOINT_FORMAT = 1
 
@@ -29,7 +30,9 @@ CHECKPOINT_FORMAT = 1
 def save_checkpoint(
     path: str | os.PathLike[str], model: nn.Module, stage: str, meta: Mapping[str, Any] | None = None
 ) -> Path:
-    """Write ``model``'s state dict with ``stage`` (e.g. ``"expert_3"``) and ``meta`` atomically."""
+    """Write ``model``'s state dict with ``stage`` (e.g. ``"expert_3"``) and ``meta`` atomically
+    (:func:`moefast.train.atomic.atomic_write`: a failed write raises ``WriteError`` and leaves
+    nothing under ``path``)."""
     dest = Path(path)
     dest.parent.mkdir(parents=True, exist_ok=True)
     payload = {
@@ -38,17 +41,7 @@ def save_checkpoint(
         "meta": dict(meta or {}),
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
     }
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(payload, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, dest)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return dest
+    return atomic_write(dest, lambda handle: torch.save(payload, handle))
 
 
 def _describe(exc: BaseException) -> str:
@@ -70,12 +63,13 @@ def _model_identity(model: nn.Module) -> dict[str, str]:
     return found
 
 
-def _read_payload(src: Path) -> dict[str, Any]:
-    """The checkpoint's payload, checked for its shape; any unreadable file is a ``ValueError``."""
+def read_saved(src: Path, what: str = "checkpoint") -> dict[str, Any]:
+    """The ``torch.save`` payload of ``src`` (a dict), its archive checked (every member's CRC)
+    first; an unreadable file is a ``ValueError`` naming it as ``what``."""
     if not src.is_file():
-        raise ValueError(f"checkpoint {str(src)!r} does not exist")
+        raise ValueError(f"{what} {str(src)!r} does not exist")
     if src.stat().st_size == 0:
-        raise ValueError(f"checkpoint {str(src)!r} is empty (0 bytes)")
+        raise ValueError(f"{what} {str(src)!r} is empty (0 bytes)")
     # torch.load does not check the archive's CRC-32s: a flipped byte inside a tensor would load
     # silently. testzip reads every member and compares (about 1 GB/s, small beside the load).
     try:
@@ -83,20 +77,28 @@ def _read_payload(src: Path) -> dict[str, Any]:
             bad = archive.testzip()
     except (zipfile.BadZipFile, OSError, EOFError, ValueError) as exc:
         raise ValueError(
-            f"checkpoint {str(src)!r} cannot be read (corrupt, truncated or not a moefast "
+            f"{what} {str(src)!r} cannot be read (corrupt, truncated or not a moefast "
             f"checkpoint): {_describe(exc)}"
         ) from None
     if bad is not None:
-        raise ValueError(f"checkpoint {str(src)!r} is corrupt: its member {bad!r} fails its CRC check")
+        raise ValueError(f"{what} {str(src)!r} is corrupt: its member {bad!r} fails its CRC check")
     try:
         payload = torch.load(src, map_location="cpu", weights_only=True)
     except Exception as exc:
         # torch.load raises many kinds for a damaged file (RuntimeError for a truncated zip,
         # UnpicklingError for bad opcodes, EOFError for a short read): all mean "unreadable".
         raise ValueError(
-            f"checkpoint {str(src)!r} cannot be read (corrupt or truncated): {_describe(exc)}"
+            f"{what} {str(src)!r} cannot be read (corrupt or truncated): {_describe(exc)}"
         ) from None
-    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
+    if not isinstance(payload, dict):
+        raise ValueError(f"{str(src)!r} is not a moefast {what}")
+    return payload
+
+
+def _read_payload(src: Path) -> dict[str, Any]:
+    """The checkpoint's payload, checked for its shape; any unreadable file is a ``ValueError``."""
+    payload = read_saved(src)
+    if payload.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{str(src)!r} is not a moefast checkpoint (format {CHECKPOINT_FORMAT})")
     stage, meta, state = payload.get("stage"), payload.get("meta"), payload.get("state_dict")
     if not isinstance(stage, str) or not isinstance(meta, dict) or not isinstance(state, dict):
@@ -134,18 +136,23 @@ def _check_state(src: Path, model: nn.Module, state: Mapping[str, Any]) -> None:
 
 
 def load_checkpoint(
-    path: str | os.PathLike[str], model: nn.Module, *, expected_stage: str | None = None
+    path: str | os.PathLike[str],
+    model: nn.Module,
+    *,
+    expected_stage: str | None = None,
+    dataset: str | None = None,
 ) -> dict[str, Any]:
     """Load a checkpoint into ``model`` strictly and return its metadata (with ``"stage"``).
 
     Everything is checked before the first tensor is copied (the file reads, it is a moefast
     checkpoint, its stage, its recorded model and tower, every key, shape and dtype), so a
-    refused load leaves ``model`` untouched.
+    refused load leaves ``model`` untouched. ``dataset``, when given, is compared with the
+    dataset name the checkpoint recorded (``meta["dataset"]``, written by ``fit``).
 
     Raises:
         ValueError: naming the file: it is missing, empty, truncated or otherwise unreadable, not
             a moefast checkpoint, its stage is not ``expected_stage``, it was saved from another
-            model or tower kind, or its tensors do not match ``model``'s exactly.
+            model, tower kind or dataset, or its tensors do not match ``model``'s exactly.
     """
     src = Path(path)
     payload = _read_payload(src)
@@ -154,7 +161,10 @@ def load_checkpoint(
     if expected_stage is not None and stage != expected_stage:
         raise ValueError(f"checkpoint {str(src)!r} holds stage {stage!r}, expected {expected_stage!r}")
     identity = _model_identity(model)
-    differ = [f"{key} {meta[key]!r} (the model: {value!r})" for key, value in identity.items()
+    if dataset is not None:
+        identity["dataset"] = dataset
+    differ = [f"{key} {meta[key]!r} (the {'dataset' if key == 'dataset' else 'model'}: {value!r})"
+              for key, value in identity.items()
               if key in meta and meta[key] != value]
     if differ:
         raise ValueError(

@@ -402,22 +402,12 @@ def run_claims(config: ClaimsConfig, *, say: Callable[[str], None] = lambda _msg
 def _check_settings(config: ClaimsConfig) -> None:
     """Refuse to add runs to a CSV recorded with other fixed settings (``--max-epochs``, the
     backend, the library's training or tower defaults): their results would be mixed."""
-    import json
+    from moefast.train.rundir import check_settings
 
     path = config.csv_path.with_name("claims-settings.json")
-    settings = config.settings()
-    if path.exists():
-        recorded = json.loads(path.read_text())
-        if recorded != settings:
-            keys = [f"{group}.{k}" for group in settings for k in sorted(set(settings[group]) | set(recorded.get(group, {})))
-                    if isinstance(settings[group], dict) and settings[group].get(k) != recorded.get(group, {}).get(k)]
-            keys += [group for group in settings if not isinstance(settings[group], dict)
-                     and settings[group] != recorded.get(group)]
-            raise ValueError(f"{config.csv_path} holds runs made with other settings ({', '.join(keys)}; "
-                             f"recorded in {path}): use another --out or the same settings")
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(settings, indent=1, sort_keys=True) + "\n")
+    check_settings(path, config.settings(), lambda keys: (
+        f"{config.csv_path} holds runs made with other settings ({', '.join(keys)}; recorded in {path}): "
+        "use another --out or the same settings"))
 
 
 # ---------------------------------------------------------------------------------------------

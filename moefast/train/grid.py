@@ -28,7 +28,7 @@ import torch
 
 from moefast.config import DataConfig, TowerConfig, TowerKind, TrainConfig, default_tower
 from moefast.data.dataset import MultiDomainDataset
-from moefast.train.rundir import write_json
+from moefast.train.rundir import check_settings, write_json
 
 __all__ = ["GridCell", "GridConfig", "data_label", "load_data", "plan_grid", "run_grid", "write_results"]
 
@@ -223,28 +223,11 @@ def _settings(config: GridConfig) -> dict[str, Any]:
 def _check_settings(config: GridConfig) -> None:
     """Refuse to resume a grid directory with other training settings (its finished cells would
     be mixed with cells trained differently); the first run records them in ``grid.json``."""
-    import json
-
     out = Path(config.out)
     path = out / "grid.json"
-    settings = _settings(config)
-    if path.exists():
-        recorded = json.loads(path.read_text())
-        if recorded != settings:
-            keys = []
-            for group, value in settings.items():
-                old = recorded.get(group)
-                if isinstance(value, dict) and isinstance(old, dict):
-                    keys += [f"{group}.{k}" for k in sorted(set(value) | set(old)) if value.get(k) != old.get(k)]
-                elif old != value:
-                    keys.append(group)
-            raise ValueError(
-                f"grid directory {str(out)!r} was run with other settings ({', '.join(keys)}); "
-                f"use another --out or the same settings (recorded in {str(path)!r})"
-            )
-        return
-    out.mkdir(parents=True, exist_ok=True)
-    write_json(path, settings)
+    check_settings(path, _settings(config), lambda keys: (
+        f"grid directory {str(out)!r} was run with other settings ({', '.join(keys)}); "
+        f"use another --out or the same settings (recorded in {str(path)!r})"))
 
 
 def _finished(config: GridConfig) -> list[dict[str, Any]]:

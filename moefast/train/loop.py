@@ -14,6 +14,7 @@ import math
 import os
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,9 +37,20 @@ from moefast.nn.embedding import EmbeddingCollection
 from moefast.ops._backend import Backend, BackendLike, parse_backend
 from moefast.reference.embedding_optim import FusedOptimizer, LazyAdam, RowwiseAdagrad
 from moefast.train import distributed
+from moefast.train.atomic import fault_step
 from moefast.train.checkpoint import load_checkpoint, save_checkpoint
 from moefast.train.metrics import EvalMetrics, evaluate_scores
-from moefast.train.rundir import RunDirectory, claim_run_dir, write_run
+from moefast.train.resume import (
+    SETTINGS,
+    SNAPSHOT,
+    Preempted,
+    dataset_fingerprint,
+    load_snapshot,
+    preemption,
+    save_snapshot,
+    state_fingerprint,
+)
+from moefast.train.rundir import RunDirectory, check_settings, claim_run_dir, to_jsonable, write_run
 from moefast.train.stages import Stage, StageStep, mask_gradients, plan_stages, set_stage
 
 __all__ = [
@@ -323,7 +335,7 @@ def _train_epoch(
     return samples
 
 
-class _Stopped(Exception):  # noqa: N818 (a signal between two functions of this module)
+class _Stopped(Exception):
     """The epoch stopped at a step boundary because ``SIGTERM`` asked the run to stop."""
 
     def __init__(self, batches: int, samples: int) -> None:
@@ -651,6 +663,94 @@ def _run_stage(
         checkpoint=path,
         losses=losses,
     )
+
+
+class _Saver:
+    """Writes the run's resume snapshot (:mod:`moefast.train.resume`): in a stage, or after one."""
+
+    def __init__(self, run_dir: Path, generator: torch.Generator, device: torch.device, stop: Any) -> None:
+        self.run_dir = run_dir
+        self.generator = generator
+        self.device = device
+        self.stop = stop  # true once SIGTERM asked the run to stop
+        self.records: list[StageRecord] = []
+
+    def _rng(self) -> dict[str, Any]:
+        rng: dict[str, Any] = {"torch": torch.get_rng_state(), "generator": self.generator.get_state()}
+        if self.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        return rng
+
+    def in_stage(self, stage: dict[str, Any]) -> None:
+        save_snapshot(self.run_dir, {"records": [_record_state(r) for r in self.records],
+                                     "rng": self._rng(), "stage": stage})
+
+    def stage_done(self, records: list[StageRecord]) -> None:
+        self.records = list(records)
+        save_snapshot(self.run_dir, {"records": [_record_state(r) for r in records], "rng": self._rng(),
+                                     "stage": None})
+
+
+def _record_state(record: StageRecord) -> dict[str, Any]:
+    state = {f: getattr(record, f) for f in ("label", "epochs", "best_val_mean_auc", "seconds",
+                                              "train_samples", "train_seconds", "val_history", "losses")}
+    state["checkpoint"] = None if record.checkpoint is None else record.checkpoint.name
+    return state
+
+
+def _restore_snapshot(
+    path: Path,
+    snapshot: dict[str, Any],
+    plan: list[StageStep],
+    ckpt_dir: Path,
+    generator: torch.Generator,
+    device: torch.device,
+) -> tuple[list[StageRecord], dict[str, Any] | None]:
+    """The finished stages' records and the state inside the current stage (``None`` at a stage
+    boundary) of a snapshot; the RNG states are restored here."""
+    labels = [step.label for step in plan]
+    try:
+        records = [StageRecord(**{**r, "checkpoint": ckpt_dir / r["checkpoint"]}) for r in snapshot["records"]]
+        in_stage = snapshot["stage"]
+        rng = snapshot["rng"]
+        done = [r.label for r in records]
+        position = len(records)
+        if done != labels[:position] or (in_stage is not None and (
+                position == len(plan) or in_stage["index"] != position or in_stage["label"] != labels[position])):
+            raise ValueError(f"its stages ({', '.join(done)}) are not this run's plan ({', '.join(labels)})")
+        torch.set_rng_state(rng["torch"])
+        generator.set_state(rng["generator"])
+        if device.type == "cuda" and "cuda" in rng:
+            torch.cuda.set_rng_state(rng["cuda"], device)
+    except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+        raise ValueError(f"resume snapshot {str(path)!r} does not fit this run: {exc}") from None
+    for record in records:
+        assert record.checkpoint is not None
+        if not record.checkpoint.is_file():
+            raise ValueError(f"resume snapshot {str(path)!r} names the checkpoint {str(record.checkpoint)!r}, which is missing")
+    return records, in_stage
+
+
+def _check_run_settings(
+    out_dir: Path, model: CTRModel, dataset: MultiDomainDataset, config: TrainConfig, backend: str, resume: bool
+) -> None:
+    """Record what the run's continuation must share with it (``settings.json``), or, resuming,
+    refuse a model, data, configuration or backend that differ, naming the keys."""
+    train = config_dict(config)
+    train.pop("progress", None)
+    settings = {
+        "dataset": {"name": dataset.name, "fingerprint": dataset_fingerprint(dataset)},
+        "model": {"name": model.name, "tower": to_jsonable(model.tower_config),
+                  "initial_state": state_fingerprint(model)},
+        "backend": backend,
+        "train": train,
+    }
+    path = out_dir / SETTINGS
+    if not resume:
+        path.unlink(missing_ok=True)
+    check_settings(path, settings, lambda keys: (
+        f"run directory {str(out_dir)!r} was started with other settings ({', '.join(keys)}; recorded in "
+        f"{str(path)!r}): resume it with the same data, model and options, or start again with --overwrite"))
 
 
 def _predict_rows(

@@ -24,13 +24,14 @@ arbitrary folder.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import fcntl
 import json
 import math
 import os
 import shutil
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from types import TracebackType
@@ -41,13 +42,17 @@ import torch
 from moefast.config import TrainConfig
 from moefast.data.dataset import MultiDomainDataset
 from moefast.models.base import CTRModel
+from moefast.train.atomic import atomic_write
 
 __all__ = [
     "MARKER",
     "RunDirectory",
     "RunDirectoryError",
     "RunResult",
+    "check_settings",
     "claim_run_dir",
+    "differing_keys",
+    "hold_lock",
     "plot_methods",
     "to_jsonable",
     "write_json",
@@ -116,18 +121,24 @@ def _version() -> str:
         return "unknown"
 
 
-def claim_run_dir(path: str | os.PathLike[str], *, overwrite: bool = False) -> RunDirectory:
+def claim_run_dir(
+    path: str | os.PathLike[str], *, overwrite: bool = False, resume: bool = False
+) -> RunDirectory:
     """Make ``path`` this run's directory: create it, refuse another run's, lock it, write the marker.
 
     Args:
         path: the run directory (created with its parents if missing).
         overwrite: clear a directory that holds a previous moefast run (it carries the marker).
+        resume: keep what a previous run of this directory left (it carries the marker), to
+            continue it; only the temporary files of writes that a kill interrupted are removed.
 
     Raises:
         RunDirectoryError: ``path`` is a file or cannot be created or written; it is not empty and
             carries no marker (never cleared, even with ``overwrite``); it holds a previous run
-            and ``overwrite`` is not set; or a live process holds it.
+            and neither ``overwrite`` nor ``resume`` is set; or a live process holds it.
     """
+    if overwrite and resume:
+        raise RunDirectoryError("overwrite and resume exclude each other: one replaces the run, the other continues it")
     run_dir = Path(path)
     held = _HELD.get(os.path.realpath(run_dir))
     if held is not None:
@@ -158,7 +169,10 @@ def claim_run_dir(path: str | os.PathLike[str], *, overwrite: bool = False) -> R
                 f"run directory {where!r} is in use by another live moefast process"
             ) from None
         previous = [e for e in os.listdir(run_dir) if e != MARKER]  # under the lock
-        if previous and not overwrite:
+        if resume:
+            _remove_stale_temporaries(run_dir)
+            previous = []
+        elif previous and not overwrite:
             raise RunDirectoryError(
                 f"run directory {where!r} holds a previous run ({len(previous)} entries, e.g. "
                 f"{sorted(previous)[0]!r}); pass --overwrite (fit(..., overwrite=True)) to replace it, "
@@ -183,6 +197,74 @@ def claim_run_dir(path: str | os.PathLike[str], *, overwrite: bool = False) -> R
     claim = RunDirectory(run_dir, fd, created)
     _HELD[os.path.realpath(run_dir)] = claim
     return claim
+
+
+def _remove_stale_temporaries(run_dir: Path) -> None:
+    """The temporary files (``.<name>.<random>.tmp``, :func:`moefast.train.atomic.atomic_write`) of
+    writes a killed process never renamed; under the lock, no live writer owns them."""
+    for folder in (run_dir, run_dir / "checkpoints"):
+        if folder.is_dir():
+            for entry in folder.iterdir():
+                if entry.name.startswith(".") and entry.name.endswith(".tmp") and entry.is_file():
+                    entry.unlink()
+
+
+@contextlib.contextmanager
+def hold_lock(path: Path, what: str) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on the file ``path`` (created if missing) for the ``with`` block.
+
+    Raises:
+        RunDirectoryError: another live process holds it (``what`` names the thing locked), or
+            the lock file cannot be created.
+    """
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:
+        raise RunDirectoryError(f"{what} cannot be locked ({str(path)!r}): {exc.strerror or exc}") from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RunDirectoryError(f"{what} is in use by another live moefast process") from None
+        yield
+    finally:
+        os.close(fd)
+
+
+def differing_keys(recorded: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
+    """The keys whose values differ between two settings records: ``group.key`` inside a group
+    that is a dict on both sides, the group's name otherwise (one level deep, in ``current``'s
+    order, then the groups only ``recorded`` has)."""
+    keys: list[str] = []
+    for group in list(current) + [g for g in recorded if g not in current]:
+        new, old = current.get(group), recorded.get(group)
+        if isinstance(new, Mapping) and isinstance(old, Mapping):
+            keys += [f"{group}.{k}" for k in list(new) + sorted(set(old) - set(new)) if new.get(k) != old.get(k)]
+        elif new != old:
+            keys.append(group)
+    return keys
+
+
+def check_settings(
+    path: Path, settings: Mapping[str, Any], refusal: Callable[[list[str]], str]
+) -> None:
+    """Record ``settings`` in ``path`` the first time; afterwards refuse different ones.
+
+    The one record / compare / list-the-differing-keys rule behind a grid directory's
+    ``grid.json``, the claims' ``claims-settings.json`` and a run directory's ``settings.json``
+    (what ``--resume`` compares): ``settings`` are compared as JSON values (:func:`to_jsonable`).
+
+    Raises:
+        ValueError: ``refusal(keys)``, with the keys that differ (:func:`differing_keys`).
+    """
+    current = to_jsonable(settings)
+    if path.exists():
+        recorded = json.loads(path.read_text())
+        if recorded != current:
+            raise ValueError(refusal(differing_keys(recorded, current)))
+        return
+    write_json(path, current, indent=1, sort_keys=True)
 
 
 class StageHistory(Protocol):
@@ -229,10 +311,10 @@ def to_jsonable(value: Any) -> Any:
     return value
 
 
-def write_json(path: Path, payload: Any) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(to_jsonable(payload), indent=2) + "\n")
-    tmp.replace(path)
+def write_json(path: Path, payload: Any, *, indent: int = 2, sort_keys: bool = False) -> None:
+    """``payload`` as JSON (:func:`to_jsonable`), written atomically."""
+    text = json.dumps(to_jsonable(payload), indent=indent, sort_keys=sort_keys) + "\n"
+    atomic_write(path, lambda handle: handle.write(text.encode()))
 
 
 def write_run(
@@ -245,6 +327,10 @@ def write_run(
         {"dataset": dataset.name, "model": model.name, "tower": model.tower_config,
          "num_domains": dataset.num_domains, "train": config},
     )
+    # The features, domain map and id provenance that moefast export / predict read back.
+    from moefast.export._records import DATASET_RECORD, write_dataset_record
+
+    write_dataset_record(run_dir / DATASET_RECORD, dataset)
     write_json(run_dir / "metrics.json", result.metrics)
     _write_predictions(run_dir / "predictions.csv", dataset, result.test_logits)
     _plot_val_history(run_dir / "val_auc.png", result)
@@ -263,9 +349,8 @@ def _write_predictions(path: Path, dataset: MultiDomainDataset, logits: torch.Te
             "score": torch.sigmoid(logits.double()).numpy(),
         }
     )
-    tmp = path.with_suffix(".csv.tmp")
-    frame.to_csv(tmp, index=False)
-    tmp.replace(path)
+    text = frame.to_csv(index=False)
+    atomic_write(path, lambda handle: handle.write(text.encode()))
 
 
 def _pyplot() -> Any:

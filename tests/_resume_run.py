@@ -1,0 +1,39 @@
+"""A tiny training run for the resume tests (issue 15), run as a subprocess that a test kills.
+
+``python tests/_resume_run.py OUT_DIR OPTIMIZER [resume]``: one thread, MoE-MLoRA on DeepFM over
+a tiny synthetic dataset (four stages), so that a kill can land in any stage, epoch or write.
+The tests import :func:`run` to train the same run in their own process.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from moefast import data, models
+from moefast.config import EmbeddingOptimizer, TrainConfig
+from moefast.data.dataset import MultiDomainDataset
+from moefast.train import fit
+
+
+def dataset() -> MultiDomainDataset:
+    return data.load("synthetic", preset="paper", rows=600, num_domains=2, num_users=40, num_items=30)
+
+
+def config(optimizer: str, **changes: Any) -> TrainConfig:
+    return TrainConfig(max_epochs=3, patience=1, batch_size=128, progress=False,
+                       embedding_optimizer=EmbeddingOptimizer(optimizer), **changes)
+
+
+def run(out: Path, optimizer: str, *, resume: bool = False, method: str = "moe-mlora", **changes: Any) -> Any:
+    ds = dataset()
+    model = models.build("deepfm", ds, method, seed=7)
+    return fit(model, ds, config(optimizer, **changes), backend="fast", out_dir=out, resume=resume)
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)
+    run(Path(sys.argv[1]), sys.argv[2], resume=len(sys.argv) > 3)
