@@ -12,8 +12,10 @@ What it does, module by module (``named_modules`` order):
   op's gain is the adapter expansion; the shared product is one ``addmm`` under every backend.
 
 Options the engine does not implement (``max_norm``, ``scale_grad_by_freq``, ``sparse``, bag
-mode ``max``, ``include_last_offset``) raise ``ValueError`` naming the module: a layer is never
-swapped for one that computes something else.
+mode ``max``, ``include_last_offset``, a subclass's own ``forward``) raise ``ValueError`` naming
+the module, a weight that is not float32 ``TypeError``: a layer is never swapped for one that
+computes something else. The check is :func:`moefast.nn._torch_embedding.check_torch_embedding`,
+shared with :meth:`moefast.nn.EmbeddingCollection.from_torch`.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import torch
 from torch import nn
 
 from moefast.config import Pooling
+from moefast.nn._torch_embedding import check_padding_row, check_torch_embedding
 from moefast.nn.adapter import AdapterLinear
 from moefast.nn.embedding import EmbeddingCollection
 from moefast.ops._backend import Backend, BackendLike, parse_backend
@@ -65,15 +68,11 @@ class Embedding(nn.Module):
     def from_torch(cls, module: nn.Embedding, *, name: str = "embedding",
                    backend: BackendLike = None) -> Embedding:
         """Wrap ``module``'s own ``weight`` (shared, not copied)."""
-        for option in ("max_norm", "sparse", "scale_grad_by_freq"):
-            if getattr(module, option):
-                raise ValueError(f"{name}: nn.Embedding with {option}={getattr(module, option)!r} "
-                                 "is not supported by moefast's embedding op")
-        pad = module.padding_idx
-        if pad is not None and bool(module.weight.detach()[pad].any()):
-            # torch returns the stored padding row; moefast's op returns zeros for it.
-            raise ValueError(f"{name}: the padding row {pad} is not zero, so the lookups would differ")
-        return cls(module.weight, padding_idx=pad, name=name, backend=backend)
+        if not isinstance(module, nn.Embedding) or isinstance(module, nn.EmbeddingBag):
+            raise TypeError(f"{name}: expected nn.Embedding, got {type(module).__name__}")
+        check_torch_embedding(module, name, sparse=False)
+        check_padding_row(module, name)
+        return cls(module.weight, padding_idx=module.padding_idx, name=name, backend=backend)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         flat = input.reshape(-1)  # a single-valued field: one id per output row
@@ -112,10 +111,9 @@ class EmbeddingBag(nn.Module):
     def from_torch(cls, module: nn.EmbeddingBag, *, name: str = "embedding_bag",
                    backend: BackendLike = None) -> EmbeddingBag:
         """Wrap ``module``'s own ``weight`` (shared, not copied)."""
-        for option in ("max_norm", "sparse", "scale_grad_by_freq", "include_last_offset"):
-            if getattr(module, option):
-                raise ValueError(f"{name}: nn.EmbeddingBag with {option}={getattr(module, option)!r} "
-                                 "is not supported by moefast's embedding op")
+        if not isinstance(module, nn.EmbeddingBag):
+            raise TypeError(f"{name}: expected nn.EmbeddingBag, got {type(module).__name__}")
+        check_torch_embedding(module, name, sparse=False)
         return cls(module.weight, mode=module.mode, padding_idx=module.padding_idx, name=name,
                    backend=backend)
 

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from moefast.config import FeatureSpec, Pooling
+from moefast.nn._torch_embedding import check_collection_padding, check_torch_embedding
 from moefast.ops._backend import BackendLike, parse_backend
 from moefast.ops.embedding import embedding_collection
 from moefast.reference.embedding_optim import FusedOptimizer
@@ -155,28 +156,37 @@ class EmbeddingCollection(nn.Module):
         """Convert ``torch.nn.Embedding`` / ``EmbeddingBag`` (sum or mean) modules, keeping weights.
 
         A mapping gives the feature names; a sequence names them ``f0, f1, ...``. The result
-        takes moefast's input contract (``[B]`` ids, or ``[B, L]`` padded with id 0 for a bag).
+        takes moefast's input contract (``[B]`` ids, or ``[B, L]`` padded with id 0 for a bag)
+        and computes exactly what the modules compute on it, forward and gradient: the tables
+        are copies of the weights, on their device, frozen where a weight does not require grad.
+
+        Refused, naming the module and the option (the check is shared with
+        :func:`moefast.convert`): ``max_norm``, ``scale_grad_by_freq``, ``include_last_offset``,
+        bag mode ``max``, a weight that is not float32, a subclass with its own ``forward``, a
+        module whose ``sparse`` differs from ``sparse`` (unless a fused ``optimizer`` takes the
+        gradients), an ``nn.Embedding`` with a ``padding_idx`` and an ``nn.EmbeddingBag`` whose
+        ``padding_idx`` is not 0 (the contract's padding), modules on different devices.
+        ``per_sample_weights`` are not part of the collection's input (use
+        :class:`moefast.nn.convert.EmbeddingBag` for them).
         """
         items = list(modules.items()) if isinstance(modules, Mapping) else [
             (f"f{i}", m) for i, m in enumerate(modules)
         ]
         specs: list[FeatureSpec] = []
         for name, module in items:
-            if isinstance(module, nn.EmbeddingBag):
-                if module.mode not in ("sum", "mean"):
-                    raise ValueError(f"{name!r}: EmbeddingBag mode {module.mode!r} is not supported (sum, mean)")
-                pooling = Pooling.SUM if module.mode == "sum" else Pooling.MEAN
-            elif isinstance(module, nn.Embedding):
-                pooling = Pooling.NONE
-            else:
-                raise TypeError(f"{name!r}: expected nn.Embedding or nn.EmbeddingBag, got {type(module).__name__}")
-            if module.weight.dtype != torch.float32:
-                raise TypeError(f"{name!r}: weight must be float32, got {module.weight.dtype}")
+            label = f"EmbeddingCollection.from_torch: {name!r}"
+            pooling = check_torch_embedding(module, label, sparse=None if optimizer is not None else sparse)
+            check_collection_padding(module, label)  # type: ignore[arg-type]
             specs.append(FeatureSpec(name, module.num_embeddings, module.embedding_dim, pooling))
-        out = cls(specs, backend=backend, optimizer=optimizer, sparse=sparse)
+        devices = {module.weight.device for _, module in items}
+        if len(devices) > 1:
+            raise ValueError(f"EmbeddingCollection.from_torch: the modules' weights are on several devices "
+                             f"{sorted(str(d) for d in devices)}")
+        out = cls(specs, backend=backend, optimizer=optimizer, sparse=sparse).to(devices.pop())
         with torch.no_grad():
             for name, module in items:
                 out.tables[name].copy_(module.weight)
+                out.tables[name].requires_grad_(module.weight.requires_grad)
         return out
 
 
