@@ -1,0 +1,32 @@
+"""moefast.export: serving a trained model (DESIGN.md section 12).
+
+- :func:`merge` folds a trained MLoRA / MoE-MLoRA tower into per-domain ``[D, in, out]`` weights:
+  a plain inference module that costs what the base model costs;
+- :func:`export_program` writes it as a ``torch.export`` program (``.pt2``) that loads with
+  plain PyTorch, with its inputs, output and preprocessing (feature specs, domain map,
+  vocabularies) written beside it;
+- :func:`load_run` rebuilds the trained model of a run directory.
+
+See docs/serving.md.
+"""
+
+from __future__ import annotations
+
+from moefast.export._merge import MergedModel, MergedTower, domain_mixture, merge, merge_tower
+from moefast.export._program import ServingModule, export_program, serving_module
+from moefast.export._records import dataset_record
+from moefast.export._rundir import LoadedRun, load_run
+
+__all__ = [
+    "LoadedRun",
+    "MergedModel",
+    "MergedTower",
+    "ServingModule",
+    "dataset_record",
+    "domain_mixture",
+    "export_program",
+    "load_run",
+    "merge",
+    "merge_tower",
+    "serving_module",
+]
