@@ -14,6 +14,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import replace
 from typing import Any
 
+from moefast.cli._applies import check_options
 from moefast.cli._options import (
     DEFAULT_PRESET,
     TRAIN_OPTIONS,
@@ -133,6 +134,9 @@ def run(args: argparse.Namespace) -> int:
         config, quiet = resolve_grid(options)
     except (TypeError, ValueError) as exc:
         raise UserError(str(exc)) from None
+    experts = [f"--experts-per-domain {','.join(map(str, config.experts_per_domain))}"]
+    check_options(config.methods, config.train, experts if "experts_per_domain" in options else [],
+                  given_options(args))
     if config.backend is not None:
         try:
             parse_backend(config.backend)

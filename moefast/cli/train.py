@@ -19,6 +19,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from moefast.cli._applies import check_dataset_options, check_run
 from moefast.cli._options import (
     DATA_OPTIONS,
     RUN_OPTIONS,
@@ -65,6 +66,7 @@ def run(args: argparse.Namespace) -> int:
         config, quiet = resolve_config(options)
     except (TypeError, ValueError) as exc:
         raise UserError(str(exc)) from None
+    check_run(config, given_options(args))  # options that do nothing here (docs/cli.md)
     return _train(config, quiet)
 
 
@@ -177,6 +179,7 @@ def _train_into(config: RunConfig, quiet: bool, out: Path) -> int:
     from moefast.train.rundir import plot_methods, write_json
 
     dataset = load_dataset(config.data)
+    check_dataset_options(config.train, dataset)
     tower = config.tower_config()
     if TowerKind.MOE_MLORA in config.methods and tower.gate_init is GateInit.SPECIALIST:
         # Before any method trains: a bad own-expert weight for these domains is a user error.
