@@ -24,8 +24,8 @@ def dataset() -> MultiDomainDataset:
 
 
 def config(optimizer: str, **changes: Any) -> TrainConfig:
-    return TrainConfig(max_epochs=3, patience=1, batch_size=128, progress=False,
-                       embedding_optimizer=EmbeddingOptimizer(optimizer), **changes)
+    options: dict[str, Any] = {"max_epochs": 3, "patience": 1, "batch_size": 128, "progress": False}
+    return TrainConfig(embedding_optimizer=EmbeddingOptimizer(optimizer), **(options | changes))
 
 
 def run(out: Path, optimizer: str, *, resume: bool = False, method: str = "moe-mlora", **changes: Any) -> Any:

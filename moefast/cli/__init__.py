@@ -3,7 +3,9 @@
 Each subcommand is a module of this package that exposes ``NAME``, ``add_parser(subparsers)``
 and ``run(args) -> int``; a new command is a new module plus one entry in :data:`COMMANDS`.
 User mistakes (a bad path, an unknown model, experts inconsistent with the domains) end with
-one ``moefast: error: ...`` line and exit status 2, not a traceback.
+one ``moefast: error: ...`` line and exit status 2, not a traceback. A file that cannot be
+written (a full disk) is one line and status 1; a run stopped by ``SIGTERM`` (preemption) saves
+its state, says how to resume it, and exits with status 143 (128 + SIGTERM).
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import sys
 from collections.abc import Sequence
 from typing import Protocol
 
-from moefast.cli import grid, reproduce, train
+from moefast.cli import export, grid, predict, reproduce, train
 from moefast.cli._options import Parser, UserError
 
 __all__ = ["COMMANDS", "Command", "build_parser", "main", "version"]
@@ -30,7 +32,7 @@ class Command(Protocol):
 
 
 # The subcommands, in the order `moefast --help` lists them.
-COMMANDS: tuple[Command, ...] = (train, grid, reproduce)
+COMMANDS: tuple[Command, ...] = (train, grid, reproduce, export, predict)
 
 
 def version() -> str:
@@ -85,3 +87,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("moefast: interrupted", file=sys.stderr)
         return 130
+    except OSError as exc:
+        from moefast.train.atomic import WriteError
+
+        if not isinstance(exc, WriteError):
+            raise
+        # A full disk or a failed write: nothing was left under the file's final name, and the
+        # run resumes from its last snapshot once there is room (docs/reliability.md).
+        print(f"moefast: error: {exc}", file=sys.stderr)
+        return 1
+    except Exception as exc:
+        from moefast.train.resume import PREEMPTED_STATUS, Preempted
+
+        if not isinstance(exc, Preempted):
+            raise
+        print(f"moefast: {exc}", file=sys.stderr)
+        return PREEMPTED_STATUS

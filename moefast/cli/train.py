@@ -34,7 +34,8 @@ from moefast.cli._options import (
 )
 from moefast.config import DataConfig, GateInit, RunConfig, TowerKind, TrainConfig
 
-__all__ = ["NAME", "add_parser", "comparison_table", "config_toml", "read_config", "resolve_config", "run"]
+__all__ = ["NAME", "add_parser", "comparison_table", "config_toml", "read_config", "resolve_config", "resume_config",
+           "run"]
 
 NAME = "train"
 OPTIONS = converters(DATA_OPTIONS + RUN_OPTIONS + TRAIN_OPTIONS)
@@ -50,6 +51,16 @@ def add_parser(commands: Any) -> argparse.ArgumentParser:
     )
     add_config_and_quiet(parser, "no progress bars or per-epoch lines")
     add_option_groups(parser, (("data", DATA_OPTIONS), ("model", RUN_OPTIONS), ("training", TRAIN_OPTIONS)))
+    parser.add_argument(
+        "--resume", default=None, metavar="DIR",
+        help="continue the killed or stopped run in the run directory DIR from its last completed "
+        "epoch, with its recorded options (a flag that differs from them is refused)",
+    )
+    parser.add_argument(
+        "--nproc", type=int, default=None, metavar="N",
+        help="train data-parallel on N local processes: starts torchrun's elastic launcher "
+        "(the same as torchrun --nproc-per-node N -m moefast train ...; docs/distributed.md)",
+    )
     return parser
 
 
@@ -60,14 +71,56 @@ def read_config(path: str) -> dict[str, Any]:
 
 def run(args: argparse.Namespace) -> int:
     """Run ``moefast train`` for parsed ``args``; user mistakes raise :class:`UserError`."""
+    nproc = vars(args).pop("nproc", None)
+    resume = vars(args).pop("resume", None)
     options = read_config(args.config) if args.config else {}
     options.update(given_options(args))  # flags win over the file
+    if resume is not None:
+        config, quiet = resume_config(resume, options)
+        return _train(config, quiet, resume=True)
     try:
         config, quiet = resolve_config(options)
     except (TypeError, ValueError) as exc:
         raise UserError(str(exc)) from None
     check_run(config, given_options(args))  # options that do nothing here (docs/cli.md)
+    if nproc is not None:
+        from moefast.cli._launch import launch
+
+        return launch(config, quiet, nproc)
     return _train(config, quiet)
+
+
+def resume_config(run_dir: str, options: Mapping[str, Any]) -> tuple[RunConfig, bool]:
+    """The configuration of ``--resume run_dir``: the run's recorded ``config.toml`` with
+    ``options`` (a ``--config`` file's keys and the flags) over it; an option whose value differs
+    from the recorded one is refused, naming every such key."""
+    from moefast.train.rundir import differing_keys, to_jsonable
+
+    where = Path(run_dir)
+    recorded_file = where / "config.toml"
+    if not where.is_dir():
+        raise UserError(f"--resume {run_dir!r}: no such run directory")
+    if not recorded_file.is_file():
+        raise UserError(f"--resume {run_dir!r}: holds no config.toml (not a moefast train run directory, or "
+                        f"killed before it began); start it again with --out {run_dir} --overwrite")
+    if options.get("overwrite"):
+        raise UserError("--resume continues a run and --overwrite replaces it: give one of them")
+    if "out" in options and Path(options["out"]) != where:
+        raise UserError(f"--resume {run_dir!r} continues that directory; --out {options['out']!r} names another")
+    recorded = read_config(str(recorded_file))
+    try:
+        before, _ = resolve_config({**recorded, "out": run_dir})
+        config, quiet = resolve_config({**recorded, **options, "out": run_dir})
+    except (TypeError, ValueError) as exc:
+        raise UserError(str(exc)) from None
+    old, new = to_jsonable(before), to_jsonable(config)
+    for side in (old, new):
+        side["train"].pop("progress")  # --quiet changes no result
+    keys = differing_keys(old, new)
+    if keys:
+        raise UserError(f"--resume {run_dir!r}: options that differ from the run's ({', '.join(keys)}; recorded "
+                        f"in {str(recorded_file)!r}): drop them to continue the run, or start a new one")
+    return config, quiet
 
 
 def resolve_config(options: Mapping[str, Any]) -> tuple[RunConfig, bool]:
@@ -140,11 +193,12 @@ def comparison_table(results: Mapping[str, Mapping[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def _train(config: RunConfig, quiet: bool) -> int:
+def _train(config: RunConfig, quiet: bool, *, resume: bool = False) -> int:
     import torch
 
     from moefast import models
     from moefast.ops._backend import parse_backend
+    from moefast.train.atomic import atomic_write
     from moefast.train.rundir import RunDirectoryError, claim_run_dir
 
     if config.backend is not None:
@@ -161,17 +215,27 @@ def _train(config: RunConfig, quiet: bool) -> int:
     if config.model.lower() not in models.MODELS:
         raise UserError(f"unknown model {config.model!r}; choose one of {', '.join(sorted(models.MODELS))}")
     out = Path(config.out or Path("runs") / datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))
+    from moefast.train import distributed
+
+    # Under torchrun: join the job; rank 0 alone claims and writes the run directory.
+    parallel = distributed.init_from_env(config.train.device)
+    if parallel is not None and not parallel.is_writer:
+        quiet_config = dataclasses.replace(config, train=dataclasses.replace(config.train, progress=False))
+        return _train_into(quiet_config, True, out, writer=False)
     # Before the data loads: an unusable --out (a file, unwritable, another folder, another
     # run's without --overwrite, in use) is one line now, not after minutes of loading.
     try:
-        claim = claim_run_dir(out, overwrite=config.overwrite)
+        claim = claim_run_dir(out, overwrite=config.overwrite, resume=resume)
     except RunDirectoryError as exc:
-        raise UserError(f"--out: {exc}") from None
+        raise UserError(f"{'--resume' if resume else '--out'}: {exc}") from None
     with claim:
-        return _train_into(config, quiet, out)
+        if not resume:  # first, so that a run killed at any later point can be resumed
+            text = config_toml(config)
+            atomic_write(out / "config.toml", lambda handle: handle.write(text.encode()))
+        return _train_into(config, quiet, out, resume=resume)
 
 
-def _train_into(config: RunConfig, quiet: bool, out: Path) -> int:
+def _train_into(config: RunConfig, quiet: bool, out: Path, writer: bool = True, *, resume: bool = False) -> int:
     from moefast import models
     from moefast.nn.tower import check_specialist_start
     from moefast.ops._backend import BackendUnavailableError
@@ -187,7 +251,12 @@ def _train_into(config: RunConfig, quiet: bool, out: Path) -> int:
     say = (lambda _msg: None) if quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
     say(f"dataset {dataset.name}: {len(dataset.train)} train / {len(dataset.val)} val / "
         f"{len(dataset.test)} test rows, {dataset.num_domains} domains")
-    (out / "config.toml").write_text(config_toml(config))
+    if writer:
+        (out / "config.toml").write_text(config_toml(config))
+    if writer and "table" in dataset.info:
+        from moefast.data.table import save_vocab
+
+        save_vocab(dataset, out)  # once, at the top; each method's directory refers to it
     results: dict[str, dict[str, Any]] = {}
     several = len(config.methods) > 1
     for kind in config.methods:
@@ -196,14 +265,18 @@ def _train_into(config: RunConfig, quiet: bool, out: Path) -> int:
                              tower_config=tower, seed=config.train.seed)
         say(f"training {config.model} / {kind.value} -> {run_dir}")
         try:
-            result = fit(model, dataset, config.train, backend=config.backend, out_dir=run_dir)
+            result = fit(model, dataset, config.train, backend=config.backend, out_dir=run_dir, resume=resume)
         except BackendUnavailableError as exc:
             raise UserError(str(exc)) from None
-        if several:
+        if several and writer:
             (run_dir / "config.toml").write_text(
                 config_toml(dataclasses.replace(config, methods=(kind,), out=str(run_dir)))
             )
+            if "table" in dataset.info:
+                write_json(run_dir / "data.json", {"vocab": "../vocab.json"})
         results[kind.value] = result.metrics
+    if not writer:
+        return 0
     table = comparison_table(results)
     print(f"{dataset.name}, {config.model}: test metrics (AUC per domain; null = one class)")
     print(table)

@@ -13,8 +13,9 @@ Fault points (tests only). ``MOEFAST_TEST_FAULT`` names one fault, deterministic
   training step ``<batch>`` (counted from 1) of epoch ``<epoch>`` (from 1) of stage
   ``<stage index>`` (from 0, in plan order); ``term:step:...`` sends ``SIGTERM`` instead (what a
   scheduler's preemption does).
-- ``kill:write:<file name>[:<n>]``: ``SIGKILL`` after the ``n``-th (default first) write of a file
-  of that name has reached its temporary file (written and ``fsync``-ed), before the rename.
+- ``kill:write:<file name>[:<n>]``: ``SIGKILL`` after the process's ``n``-th (default first) write
+  of a file of that name has reached its temporary file (written and ``fsync``-ed), before the
+  rename.
 - ``enospc:write:<file name>[:<n>]``: that write fails part-way with ``OSError(ENOSPC)``, as on a
   full disk.
 
@@ -35,8 +36,9 @@ __all__ = ["FAULT_ENV", "WriteError", "atomic_write", "fault_step", "fsync_dir"]
 
 FAULT_ENV = "MOEFAST_TEST_FAULT"
 
-# Writes seen per file name, for the ``:<n>`` of a write fault.
-_WRITES: dict[str, int] = {}
+# Writes this process made per file name, for the ``:<n>`` of a write fault (keyed by pid too: a
+# forked child counts its own writes).
+_WRITES: dict[tuple[int, str], int] = {}
 
 
 class WriteError(OSError):
@@ -63,7 +65,7 @@ def _fault_write(name: str, action: str) -> bool:
     fault = _fault()
     if fault is None or fault[0] != action or len(fault) not in (3, 4) or fault[1:3] != ["write", name]:
         return False
-    return _WRITES.get(name, 0) == (int(fault[3]) if len(fault) == 4 else 1)
+    return _WRITES.get((os.getpid(), name), 0) == (int(fault[3]) if len(fault) == 4 else 1)
 
 
 class _Handle:
@@ -124,7 +126,8 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[Any], None]) -> 
     """
     dest = Path(path)
     name = dest.name
-    _WRITES[name] = _WRITES.get(name, 0) + 1
+    key = (os.getpid(), name)
+    _WRITES[key] = _WRITES.get(key, 0) + 1
     full_after = 512 if _fault_write(name, "enospc") else None
     try:
         dest.parent.mkdir(parents=True, exist_ok=True)

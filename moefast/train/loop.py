@@ -442,7 +442,7 @@ def _fit(
         records, in_stage = _restore_snapshot(out_dir / SNAPSHOT, snapshot, plan, ckpt_dir, generator, device)
     try:
         with preemption(out_dir is not None) as stop:
-            saver = None if out_dir is None else _Saver(out_dir, generator, device, stop)
+            saver = None if out_dir is None else _Saver(out_dir, generator, device, stop, records)
             for index in range(len(records), len(plan)):
                 step = plan[index]
                 if records and (parallel is None or parallel.is_writer):
@@ -668,12 +668,14 @@ def _run_stage(
 class _Saver:
     """Writes the run's resume snapshot (:mod:`moefast.train.resume`): in a stage, or after one."""
 
-    def __init__(self, run_dir: Path, generator: torch.Generator, device: torch.device, stop: Any) -> None:
+    def __init__(
+        self, run_dir: Path, generator: torch.Generator, device: torch.device, stop: Any, records: list[StageRecord]
+    ) -> None:
         self.run_dir = run_dir
         self.generator = generator
         self.device = device
         self.stop = stop  # true once SIGTERM asked the run to stop
-        self.records: list[StageRecord] = []
+        self.records = list(records)  # the finished stages (restored ones included)
 
     def _rng(self) -> dict[str, Any]:
         rng: dict[str, Any] = {"torch": torch.get_rng_state(), "generator": self.generator.get_state()}

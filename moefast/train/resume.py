@@ -43,6 +43,7 @@ from moefast.train.atomic import atomic_write
 from moefast.train.checkpoint import read_saved
 
 __all__ = [
+    "PREEMPTED_STATUS",
     "SETTINGS",
     "SNAPSHOT",
     "SNAPSHOT_FORMAT",
@@ -57,6 +58,7 @@ __all__ = [
 SNAPSHOT = "resume.pt"
 SETTINGS = "settings.json"
 SNAPSHOT_FORMAT = 1
+PREEMPTED_STATUS = 143  # the command line's exit status after SIGTERM: 128 + 15, as if killed by it
 
 
 class Preempted(Exception):

@@ -1,0 +1,243 @@
+"""Resume after a kill (issue 15): a training process killed anywhere (SIGKILL inside an epoch,
+during a checkpoint or snapshot write, at a random time), stopped by SIGTERM, or failing a write
+on a full disk, then resumed, ends bitwise equal to the uninterrupted run at one thread:
+metrics.json but for its timing keys, predictions byte for byte, every checkpoint tensor.
+
+The killed runs are forked children of the test process (real processes, killed by a real
+SIGKILL): a fresh interpreter would spend seconds importing torch before training began.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import sys
+import time
+import traceback
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from moefast import cli, data, models
+from moefast.train import atomic, fit, resume
+from moefast.train.atomic import FAULT_ENV, WriteError
+from moefast.train.resume import SNAPSHOT, Preempted
+
+sys.path.insert(0, str(Path(__file__).parent))
+import _resume_run as tiny
+
+TIMING = ("train_samples_per_second",)
+
+
+@pytest.fixture(autouse=True)
+def one_thread(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Bitwise equality holds at a fixed thread count; fault counters start fresh per test."""
+    monkeypatch.setattr(atomic, "_WRITES", {})
+    monkeypatch.delenv(FAULT_ENV, raising=False)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The uninterrupted runs, one per embedding optimizer the tests resume."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    base = tmp_path_factory.mktemp("reference")
+    runs = {"lazy-adam": base / "lazy-adam", "rowwise-adagrad": base / "rowwise-adagrad"}
+    tiny.run(runs["lazy-adam"], "lazy-adam")
+    tiny.run(runs["rowwise-adagrad"], "rowwise-adagrad", seeds_compat=True)
+    torch.set_num_threads(threads)
+    return runs
+
+
+def _metrics(run: Path) -> dict[str, Any]:
+    metrics = json.loads((run / "metrics.json").read_text())
+    for key in TIMING:
+        metrics.pop(key)
+    for stage in metrics.get("stages", []):
+        stage.pop("seconds")
+    return metrics
+
+
+def assert_same_run(resumed: Path, uninterrupted: Path) -> None:
+    assert _metrics(resumed) == _metrics(uninterrupted)
+    assert (resumed / "predictions.csv").read_bytes() == (uninterrupted / "predictions.csv").read_bytes()
+    names = sorted(p.name for p in (uninterrupted / "checkpoints").iterdir())
+    assert names and sorted(p.name for p in (resumed / "checkpoints").iterdir()) == names
+    for name in names:
+        mine = torch.load(resumed / "checkpoints" / name, weights_only=True)
+        theirs = torch.load(uninterrupted / "checkpoints" / name, weights_only=True)
+        assert mine["meta"] == theirs["meta"]
+        assert mine["state_dict"].keys() == theirs["state_dict"].keys()
+        for key, tensor in theirs["state_dict"].items():
+            assert torch.equal(mine["state_dict"][key], tensor), f"{name}: {key} differs"
+
+
+def _in_child(work: Callable[[], None], fault: str | None, kill_after: float | None = None) -> int:
+    """Run ``work`` in a forked child with ``MOEFAST_TEST_FAULT=fault`` (or SIGKILL it after
+    ``kill_after`` seconds); return the child's wait status."""
+    pid = os.fork()
+    if pid == 0:  # the child: never returns into pytest
+        code = 0
+        try:
+            if fault is not None:
+                os.environ[FAULT_ENV] = fault
+            work()
+        except BaseException:
+            traceback.print_exc()
+            code = 1
+        finally:
+            os._exit(code)
+    if kill_after is not None:
+        time.sleep(kill_after)
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    return os.waitpid(pid, 0)[1]
+
+
+def _killed(status: int) -> bool:
+    return os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
+
+
+def _temporaries(run: Path) -> list[str]:
+    return [p.name for p in run.rglob(".*.tmp")]
+
+
+def test_killed_anywhere_and_resumed_again_and_again_ends_bitwise_the_same(
+    tmp_path: Path, reference: dict[str, Path]
+) -> None:
+    run = tmp_path / "run"
+    # Killed inside epoch 2 of the first expert's stage, after its batch 1.
+    assert _killed(_in_child(lambda: tiny.run(run, "lazy-adam"), "kill:step:1:2:1"))
+    assert (run / SNAPSHOT).is_file() and [p.name for p in (run / "checkpoints").iterdir()] == ["00_backbone.pt"]
+    # Resumed (its first snapshot is inside that stage), and killed during the write of the
+    # second expert's checkpoint (after the temporary file is complete, before the rename):
+    # nothing under the final name.
+    status = _in_child(lambda: tiny.run(run, "lazy-adam", resume=True), "kill:write:02_expert_1.pt")
+    assert _killed(status)
+    assert not (run / "checkpoints" / "02_expert_1.pt").exists() and _temporaries(run)
+    # Resumed, and killed while writing its second resume snapshot.
+    assert _killed(_in_child(lambda: tiny.run(run, "lazy-adam", resume=True), "kill:write:resume.pt:2"))
+    # Resumed, and killed at a random time (whatever point it reached; printed to reproduce).
+    delay = random.uniform(0.05, 0.8)
+    print(f"random kill after {delay:.3f} s")
+    _in_child(lambda: tiny.run(run, "lazy-adam", resume=True), None, kill_after=delay)
+    tiny.run(run, "lazy-adam", resume=True)
+    assert not _temporaries(run)
+    assert_same_run(run, reference["lazy-adam"])
+    # A finished run resumed again only rewrites the same outputs.
+    tiny.run(run, "lazy-adam", resume=True)
+    assert_same_run(run, reference["lazy-adam"])
+
+
+def test_rowwise_adagrad_under_seeds_compat_resumes_mid_stage(tmp_path: Path, reference: dict[str, Path]) -> None:
+    """Row-wise Adagrad's state, the best weights carried across stages and the weights reverted
+    after an epoch without improvement (seeds_compat) all survive a kill in the backbone stage's
+    third epoch (which does not improve, so the weights go back to the snapshot's best)."""
+    run = tmp_path / "run"
+    status = _in_child(lambda: tiny.run(run, "rowwise-adagrad", seeds_compat=True), "kill:step:0:3:1")
+    assert _killed(status)
+    tiny.run(run, "rowwise-adagrad", resume=True, seeds_compat=True)
+    assert_same_run(run, reference["rowwise-adagrad"])
+
+
+def test_sigterm_stops_at_a_step_and_the_cli_resumes_each_method(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    flags = ["train", "--rows", "600", "--num-domains", "2", "--num-users", "40", "--num-items", "30",
+             "--max-epochs", "2", "--batch-size", "128", "--method", "base,moe-mlora", "--quiet",
+             "--embedding-optimizer", "lazy-adam", "--backend", "fast", "--seed", "3"]
+    assert cli.main([*flags, "--out", str(tmp_path / "whole")]) == 0
+    # SIGTERM (a scheduler's preemption) in the second method's expert_1 stage, epoch 1, batch 1.
+    monkeypatch.setenv(FAULT_ENV, "term:step:2:1:1")
+    run = tmp_path / "run"
+    assert cli.main([*flags, "--out", str(run)]) == resume.PREEMPTED_STATUS
+    err = capsys.readouterr().err
+    assert "stopped by SIGTERM at [3/4] expert_1 epoch 1, batch 1" in err and "--resume" in err
+    snapshot = torch.load(run / "moe-mlora" / SNAPSHOT, weights_only=True)
+    assert (snapshot["stage"]["label"], snapshot["stage"]["batches"]) == ("expert_1", 1)
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is gone again
+    monkeypatch.delenv(FAULT_ENV)
+    # Flags that differ from the recorded ones are refused, naming each key.
+    assert cli.main(["train", "--resume", str(run), "--lr", "0.01", "--max-epochs", "5"]) == 2
+    err = capsys.readouterr().err
+    assert "train.lr" in err and "train.max_epochs" in err and "differ" in err
+    assert cli.main(["train", "--resume", str(run), "--overwrite"]) == 2
+    assert cli.main(["train", "--resume", str(tmp_path / "nothing")]) == 2
+    # The same flags, or none, continue it.
+    assert cli.main(["train", "--resume", str(run), "--quiet", "--max-epochs", "2"]) == 0
+    for method in ("base", "moe-mlora"):
+        assert_same_run(run / method, tmp_path / "whole" / method)
+    assert (run / "table.txt").read_text() != ""
+
+
+def test_a_full_disk_leaves_no_partial_file_and_the_run_resumes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+    reference: dict[str, Path],
+) -> None:
+    run = tmp_path / "run"
+    # The second snapshot write fails part-way: the first snapshot stays whole, no temporary file.
+    monkeypatch.setenv(FAULT_ENV, "enospc:write:resume.pt:2")
+    with pytest.raises(WriteError, match=r"resume\.pt.*No space left on device.*nothing was written"):
+        tiny.run(run, "lazy-adam")
+    assert not _temporaries(run)
+    first = torch.load(run / SNAPSHOT, weights_only=True)
+    assert first["stage"]["epochs"] == 1
+    # A checkpoint write fails the same way.
+    monkeypatch.setattr(atomic, "_WRITES", {})
+    monkeypatch.setenv(FAULT_ENV, "enospc:write:01_expert_0.pt")
+    with pytest.raises(WriteError, match=r"01_expert_0\.pt"):
+        tiny.run(run, "lazy-adam", resume=True)
+    assert not (run / "checkpoints" / "01_expert_0.pt").exists() and not _temporaries(run)
+    monkeypatch.delenv(FAULT_ENV)
+    tiny.run(run, "lazy-adam", resume=True)
+    assert_same_run(run, reference["lazy-adam"])
+    # On the command line: one line, status 1, and metrics.json absent rather than half written.
+    flags = ["train", "--rows", "300", "--num-domains", "2", "--num-users", "30", "--num-items", "20",
+             "--max-epochs", "1", "--method", "base", "--quiet", "--out", str(tmp_path / "cli")]
+    monkeypatch.setattr(atomic, "_WRITES", {})
+    monkeypatch.setenv(FAULT_ENV, "enospc:write:metrics.json")
+    assert cli.main(flags) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("moefast: error: cannot write") and "metrics.json" in err and "\n" not in err
+    assert not (tmp_path / "cli" / "metrics.json").exists() and not _temporaries(tmp_path / "cli")
+
+
+def test_a_resume_with_other_settings_or_another_version_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    run = tmp_path / "run"
+    assert _killed(_in_child(lambda: tiny.run(run, "lazy-adam"), "kill:step:0:2:1"))
+    with pytest.raises(ValueError, match=r"other settings \(train\.lr, train\.patience;"):
+        tiny.run(run, "lazy-adam", resume=True, lr=0.01, patience=2)
+    ds = tiny.dataset()
+    with pytest.raises(ValueError, match=r"other settings \(model\.initial_state;"):
+        fit(models.build("deepfm", ds, "moe-mlora", seed=8), ds, tiny.config("lazy-adam"), backend="fast",
+            out_dir=run, resume=True)
+    other = data.load("synthetic", preset="paper", rows=600, num_domains=2, num_users=40, num_items=30, seed=5)
+    with pytest.raises(ValueError, match=r"other settings \(dataset\.fingerprint;"):
+        fit(models.build("deepfm", other, "moe-mlora", seed=7), other, tiny.config("lazy-adam"), backend="fast",
+            out_dir=run, resume=True)
+    current = resume._version
+    monkeypatch.setattr(resume, "_version", lambda: "0.0.0-other")
+    with pytest.raises(ValueError, match=r"written by moefast .*, this is moefast 0\.0\.0-other"):
+        tiny.run(run, "lazy-adam", resume=True)
+    monkeypatch.setattr(resume, "_version", current)
+    # Without out_dir there is nothing to resume.
+    with pytest.raises(ValueError, match="needs an out_dir"):
+        fit(models.build("deepfm", ds, "base"), ds, tiny.config("lazy-adam"), resume=True)
+
+
+def test_preempted_names_the_run_and_how_to_continue() -> None:
+    exc = Preempted(Path("runs/x"), "at [1/1] joint epoch 2, batch 3")
+    assert "moefast train --resume runs/x" in str(exc)
