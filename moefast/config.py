@@ -392,7 +392,8 @@ class DataConfig:
     ``None`` leaves an option to the source's default. ``preset``, ``rows``, ``num_domains``,
     ``num_users``, ``num_items``, ``diversity``, ``imbalance`` and ``data_seed`` apply to
     ``synthetic``; ``domain`` and
-    ``data_dir`` to the real sources.
+    ``data_dir`` to the real sources; ``data`` (a file or folder), ``schema`` (a TOML file) and
+    ``vocab_from`` (a run directory) to ``table``.
     """
 
     dataset: str = "synthetic"
@@ -406,6 +407,9 @@ class DataConfig:
     diversity: float | None = None
     imbalance: float | None = None
     data_seed: int | None = None
+    data: str | None = None
+    schema: str | None = None
+    vocab_from: str | None = None
 
 
 def default_tower(train: TrainConfig) -> TowerConfig:

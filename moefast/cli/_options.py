@@ -93,11 +93,14 @@ def parse_bool(text: str) -> bool:
 
 
 DATA_OPTIONS: list[Option] = [
-    ("dataset", str, "dataset name: synthetic (default), movielens-1m, taobao, amazon-6"),
+    ("dataset", str, "dataset name: synthetic (default), movielens-1m, taobao, amazon-6, table (your own)"),
     ("preset", str, f"synthetic preset: {DEFAULT_PRESET} (default; Taobao-like, pretrained tables), "
      "movielens (MovieLens-like), paper or wide"),
     ("domain", str, "which column is the domain (MovieLens: gender, age or occupation)"),
     ("data-dir", str, "folder of a real dataset's raw files"),
+    ("data", str, "table: a CSV / TSV (.gz) / Parquet file, or a folder of part files"),
+    ("schema", str, "table: the schema TOML file (docs/data.md)"),
+    ("vocab-from", str, "table: reuse this run directory's vocabularies, statistics and domain map"),
     ("rows", int, "synthetic: number of rows"),
     ("num-domains", int, "synthetic: number of domains"),
     ("num-users", int, "synthetic: number of users"),
@@ -254,6 +257,23 @@ def load_dataset(data: DataConfig) -> Any:
     from moefast import data as data_module
 
     options: dict[str, Any] = {}
+    table_keys = ("data", "schema", "vocab_from")
+    if data.dataset != "table":
+        for key in table_keys:
+            if getattr(data, key) is not None:
+                raise UserError(f"--{key.replace('_', '-')} applies to --dataset table only")
+    if data.dataset == "table":
+        for key in ("preset", "rows", "num_domains", "num_users", "num_items", "diversity", "imbalance",
+                    "data_seed", "domain", "data_dir"):
+            if getattr(data, key) is not None:
+                raise UserError(f"--{key.replace('_', '-')} does not apply to --dataset table "
+                                "(the schema names the columns)")
+        if data.data is None or data.schema is None:
+            raise UserError("--dataset table needs --data PATH and --schema schema.toml")
+        try:
+            return data_module.load("table", path=data.data, schema=data.schema, vocab_from=data.vocab_from)
+        except ValueError as exc:
+            raise UserError(str(exc)) from None
     if data.dataset == "synthetic":
         options["preset"] = DEFAULT_PRESET
         for key, dest in (("preset", "preset"), ("rows", "rows"), ("num_domains", "num_domains"),

@@ -39,10 +39,11 @@ def _load_synthetic(*, preset: str = "paper", cache_dir: object = None, **knobs:
 def _registry() -> dict[str, Callable[..., MultiDomainDataset]]:
     from moefast.data.amazon import load_amazon
     from moefast.data.movielens import load_movielens
+    from moefast.data.table import load_table
     from moefast.data.taobao import load_taobao
 
     return {"synthetic": _load_synthetic, "movielens-1m": load_movielens, "taobao": load_taobao,
-            "amazon-6": load_amazon}
+            "amazon-6": load_amazon, "table": load_table}
 
 
 def sources() -> list[str]:
@@ -63,6 +64,10 @@ def load(name: str, **options: object) -> MultiDomainDataset:
       vectors' dim, else 128), ``negative_seed=123``, ``split_seed=123``, ``cache_dir``.
     - ``"amazon-6"``: ``raw_dir``, ``categories=None`` (the six files found), ``embedding_dim=8``,
       ``negative_seed=123``, ``split_seed=123``, ``cache_dir``.
+    - ``"table"``: your own click log: ``path`` (CSV / TSV, gzip, Parquet, or a folder of
+      parts), ``schema`` (a TOML file, dict or :class:`moefast.data.schema.TableSchema`),
+      ``vocab_from=RUN_DIR``, ``scoring``, ``cache_dir``, ``use_cache``, ``progress``
+      (:func:`moefast.data.table.load_table`).
 
     Real sources read local raw files only (never download) and cache the processed dataset
     under ``cache_dir`` (default ``$MOEFAST_CACHE`` or ``~/.cache/moefast``).

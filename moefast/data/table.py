@@ -1,0 +1,749 @@
+"""The tabular source: your own click log (CSV / TSV, gzip or not, Parquet, or folders of parts).
+
+``load_table(path=..., schema=...)`` (``moefast.data.load("table", ...)``) reads the columns the
+:class:`~moefast.data.schema.TableSchema` names with pyarrow, in chunks (a CSV block or a
+Parquet batch at a time, behind a tqdm bar), and builds a :class:`MultiDomainDataset`:
+
+1. each chunk's columns become integer codes at once (pyarrow's dictionary encoding; only a
+   chunk's distinct values ever exist as Python objects), numbers are parsed strictly;
+2. after the last chunk, every field's per-chunk dictionaries are merged into one, the domain
+   policies apply, rows are split, vocabularies are counted on the **training** rows only, and
+   the numeric statistics are taken on them;
+3. the codes are mapped to final ids (``moefast.data.vocab`` documents the reserved ids).
+
+What is held in memory (the memory model, ``docs/data.md``): per row, 4 bytes per single-valued
+field and ``4 * max_len`` per multi-valued one while reading, 8 bytes per numeric value, then
+the final dataset's 8 bytes per id (``8 * width`` for a bag) and 4 per numeric value, label and
+domain; plus each field's distinct values once. The input is never held whole.
+
+Errors name the file, the row (1-based data row; the header is not a row) and the column.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import torch
+
+from moefast.config import FeatureSpec, NumericSpec, Pooling
+from moefast.data import cache
+from moefast.data.dataset import MultiDomainDataset, Split
+from moefast.data.schema import (
+    DOMAIN_FIELD,
+    CategoricalColumn,
+    DomainPolicy,
+    MissingPolicy,
+    SplitKind,
+    TableSchema,
+    Transform,
+    load_schema,
+)
+from moefast.data.splits import assign_splits
+from moefast.data.vocab import (
+    FORMAT,
+    HASH_NAME,
+    MISSING_ID,
+    OOV_ID,
+    PADDING_ID,
+    RESERVED,
+    VERSION,
+    hash_ids,
+    read_vocab,
+    write_vocab,
+)
+
+__all__ = ["TableError", "input_files", "load_table", "save_vocab"]
+
+_CSV_EXT = (".csv", ".tsv", ".csv.gz", ".tsv.gz", ".txt", ".txt.gz")
+_PARQUET_EXT = (".parquet", ".pq")
+CSV_BLOCK_BYTES = 16 << 20
+PARQUET_BATCH_ROWS = 1 << 18
+
+
+class TableError(ValueError):
+    """Bad tabular input: the message names the file, the row and the column."""
+
+    def __init__(self, path: Path | str, row: int | None, column: str | None, problem: str) -> None:
+        where = str(path) + (f", row {row}" if row is not None else "")
+        what = f", column {column!r}" if column else ""
+        super().__init__(f"{where}{what}: {problem}")
+        self.path, self.row, self.column = str(path), row, column
+
+
+# ----------------------------------------------------------------------------------------------
+# Files and chunks
+
+
+def input_files(path: str | os.PathLike[str]) -> tuple[list[Path], str]:
+    """``(files, "csv" | "parquet")`` for a file or a folder of part files (hidden files and
+    ``_SUCCESS``-style markers skipped; extension-less parts, as Hive writes them, are CSV)."""
+    p = Path(path)
+    if p.is_file():
+        files = [p]
+    elif p.is_dir():
+        files = sorted(f for f in p.iterdir() if f.is_file() and not f.name.startswith((".", "_"))
+                       and not f.name.endswith(".crc"))
+        if not files:
+            raise ValueError(f"table data folder {str(p)!r} holds no part files")
+    else:
+        raise ValueError(f"table data {str(p)!r} does not exist")
+    kinds = set()
+    for f in files:
+        name = f.name.lower()
+        if name.endswith(_PARQUET_EXT):
+            kinds.add("parquet")
+        elif name.endswith(_CSV_EXT) or "." not in name:
+            kinds.add("csv")
+        else:
+            raise ValueError(f"{f}: unknown table format (expected .csv, .tsv (optionally .gz) or .parquet)")
+    if len(kinds) > 1:
+        raise ValueError(f"table data folder {str(p)!r} mixes CSV and Parquet part files")
+    return files, kinds.pop()
+
+
+@dataclass
+class _Chunk:
+    path: Path
+    first_row: int  # 1-based data row of the chunk's first row in its file
+    columns: dict[str, pa.Array]
+
+
+def _csv_delimiter(path: Path) -> str:
+    return "\t" if ".tsv" in path.name.lower() else ","
+
+
+def _csv_header(path: Path) -> list[str]:
+    with pa.input_stream(str(path), compression="detect") as stream:
+        line = io.TextIOWrapper(stream, encoding="utf-8", newline="").readline()
+    return next(csv.reader([line], delimiter=_csv_delimiter(path)), [])
+
+
+def _chunks(files: list[Path], kind: str, columns: list[str], optional: set[str]) -> Iterator[_Chunk]:
+    """Every chunk of every file, with only ``columns`` (``optional`` ones may be absent)."""
+    import pyarrow.csv as pacsv
+    import pyarrow.parquet as pq
+
+    for path in files:
+        if kind == "csv":
+            header = _csv_header(path)
+        else:
+            try:
+                pfile = pq.ParquetFile(path)
+            except (pa.ArrowInvalid, OSError) as exc:
+                raise TableError(path, None, None, f"not a readable Parquet file ({exc})") from None
+            header = pfile.schema_arrow.names
+        have = [c for c in columns if c in header]
+        missing = [c for c in columns if c not in header and c not in optional]
+        if missing:
+            raise TableError(path, None, missing[0], f"missing column (the file has {header})")
+        row = 1
+        if kind == "csv":
+            try:
+                reader = pacsv.open_csv(
+                    str(path),
+                    read_options=pacsv.ReadOptions(block_size=CSV_BLOCK_BYTES),
+                    parse_options=pacsv.ParseOptions(delimiter=_csv_delimiter(path)),
+                    convert_options=pacsv.ConvertOptions(
+                        include_columns=have, column_types={c: pa.string() for c in have},
+                        strings_can_be_null=True, null_values=[""], quoted_strings_can_be_null=True),
+                )
+                for batch in reader:
+                    yield _Chunk(path, row, {c: batch.column(c) for c in have})
+                    row += batch.num_rows
+            except pa.ArrowInvalid as exc:
+                raise TableError(path, None, None, f"malformed CSV near data row {row}: {exc}") from None
+        else:
+            for batch in pfile.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=have):
+                yield _Chunk(path, row, {c: batch.column(c) for c in have})
+                row += batch.num_rows
+
+
+# ----------------------------------------------------------------------------------------------
+# Column conversions (one chunk)
+
+
+def _first_failure(arr: pa.Array, convert: Any) -> int:
+    """Index of the first element on which ``convert`` (a pyarrow cast) fails: binary search."""
+    lo, hi = 0, len(arr)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        try:
+            convert(arr.slice(lo, mid - lo))
+            lo = mid
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+            hi = mid
+    return lo
+
+
+def _as_float(chunk: _Chunk, column: str) -> np.ndarray:
+    """float64 ``[n]``, NaN where null; a non-number is a :class:`TableError` at its row."""
+    arr = chunk.columns[column]
+    if pa.types.is_boolean(arr.type):
+        arr = arr.cast(pa.int8())
+    if pa.types.is_string(arr.type) or pa.types.is_large_string(arr.type):
+        arr = pc.utf8_trim_whitespace(arr)
+
+    def convert(a: pa.Array) -> pa.Array:
+        return pc.cast(a, pa.float64())
+
+    try:
+        out = convert(arr)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        i = _first_failure(arr, convert)
+        raise TableError(chunk.path, chunk.first_row + i, column, f"not a number: {arr[i].as_py()!r}") from None
+    values: np.ndarray = out.to_numpy(zero_copy_only=False)
+    return values.astype(np.float64, copy=False)
+
+
+def _as_text(arr: pa.Array) -> pa.Array:
+    if pa.types.is_string(arr.type) or pa.types.is_large_string(arr.type):
+        return arr
+    if pa.types.is_floating(arr.type):
+        # A float column holding ids (1.0, 2.0) names them as integers; anything else as written.
+        as_int = pc.cast(arr, pa.int64(), safe=False)
+        if pc.all(pc.or_kleene(pc.is_null(arr), pc.equal(pc.cast(as_int, pa.float64()), arr))).as_py():
+            return pc.cast(as_int, pa.string())
+    return pc.cast(arr, pa.string())
+
+
+@dataclass
+class _Codes:
+    """One field's per-chunk codes: local indices into each chunk's dictionary."""
+
+    local: list[np.ndarray] = field(default_factory=list)  # int32 [n_chunk] or [n_chunk, max_len]
+    dicts: list[pa.Array] = field(default_factory=list)
+    width: int = 0  # longest bag seen (multi-valued)
+
+    def add_single(self, arr: pa.Array) -> None:
+        enc = pc.dictionary_encode(_as_text(arr))
+        self.dicts.append(enc.dictionary)
+        self.local.append(enc.indices.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int32))
+
+    def add_multi(self, arr: pa.Array, spec: CategoricalColumn, chunk: _Chunk) -> None:
+        if pa.types.is_list(arr.type) or pa.types.is_large_list(arr.type):
+            lists = arr
+        else:
+            lists = pc.split_pattern(_as_text(arr), pattern=spec.delimiter)
+        n = len(lists)
+        flat = pc.list_flatten(lists)
+        parent = pc.list_parent_indices(lists).to_numpy(zero_copy_only=False)
+        text = _as_text(flat)
+        keep = pc.and_(pc.is_valid(text), pc.not_equal(text, "")).fill_null(False)
+        text = text.filter(keep)
+        parent = parent[keep.to_numpy(zero_copy_only=False)]
+        # Position inside the bag, counting only the kept items: rank minus the bag's first rank.
+        pos = np.arange(parent.size) - np.searchsorted(parent, parent, side="left")
+        take = pos < spec.max_len  # the stated rule: a bag keeps its first max_len items
+        enc = pc.dictionary_encode(text.filter(pa.array(take)))
+        self.dicts.append(enc.dictionary)
+        local = np.full((n, spec.max_len), -2, dtype=np.int32)  # -2: padding
+        local[parent[take], pos[take]] = enc.indices.to_numpy(zero_copy_only=False)
+        if take.any():
+            self.width = max(self.width, int(pos[take].max()) + 1)
+        self.local.append(local)
+
+    def merge(self) -> tuple[pa.Array, np.ndarray]:
+        """``(uniques, codes)``: every distinct value once, and each row's index into it (-1
+        missing, -2 padding), concatenated over chunks."""
+        if not self.dicts:
+            return pa.array([], pa.string()), np.zeros(0, dtype=np.int64)
+        merged = pc.dictionary_encode(pa.concat_arrays([d.cast(pa.string()) for d in self.dicts]))
+        glob = merged.indices.to_numpy(zero_copy_only=False).astype(np.int64)
+        parts, start = [], 0
+        for local, d in zip(self.local, self.dicts, strict=True):
+            g = glob[start:start + len(d)]
+            start += len(d)
+            out = np.where(local >= 0, g[np.maximum(local, 0)] if g.size else 0, local).astype(np.int64)
+            parts.append(out)
+        codes = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+        return merged.dictionary, codes
+
+
+# ----------------------------------------------------------------------------------------------
+# The load
+
+
+class _Rows:
+    """Global row index -> (file, 1-based row) for messages."""
+
+    def __init__(self) -> None:
+        self.starts: list[int] = []
+        self.where: list[tuple[Path, int]] = []
+        self.total = 0
+
+    def add(self, chunk: _Chunk, n: int) -> None:
+        self.starts.append(self.total)
+        self.where.append((chunk.path, chunk.first_row))
+        self.total += n
+
+    def locate(self, index: int) -> tuple[Path, int]:
+        k = int(np.searchsorted(np.asarray(self.starts), index, side="right")) - 1
+        path, first = self.where[k]
+        return path, first + index - self.starts[k]
+
+
+def load_table(
+    *,
+    path: str | os.PathLike[str],
+    schema: str | os.PathLike[str] | TableSchema | Mapping[str, Any],
+    vocab_from: str | os.PathLike[str] | None = None,
+    scoring: bool = False,
+    cache_dir: str | os.PathLike[str] | None = None,
+    use_cache: bool = True,
+    progress: bool | None = None,
+) -> MultiDomainDataset:
+    """Load a click log described by ``schema`` (see :mod:`moefast.data.schema`).
+
+    Args:
+        path: a CSV / TSV file (``.gz`` allowed), a Parquet file, or a folder of part files.
+        schema: a TOML file, a dict of the same shape, or a :class:`TableSchema`.
+        vocab_from: a run directory (or its ``vocab.json``): its vocabularies, numeric
+            statistics and domain map are applied unchanged instead of built.
+        scoring: data without a label: every row lands in the ``test`` split with label 0, the
+            schema's ``key`` column passes through to ``info["keys"]`` in row order. Implied by
+            a schema without ``label``. Needs ``vocab_from``.
+        cache_dir / use_cache: the processed dataset is cached (``moefast.data.cache``) keyed by
+            the content of every input file, the schema and these options.
+        progress: show a tqdm bar (``None``: when stderr is a terminal).
+
+    ``info["table"]`` holds the vocabularies, statistics and domain map (the content of
+    ``vocab.json``, :func:`save_vocab`); a cache hit carries the same.
+    """
+    sch = load_schema(schema)
+    files, kind = input_files(path)
+    scoring = scoring or sch.label is None
+    saved: dict[str, Any] | None = None
+    vocab_file: Path | None = None
+    if vocab_from is not None:
+        saved, vocab_file = read_vocab(vocab_from)
+    if scoring and saved is None:
+        raise ValueError("scoring data (no label) needs vocab_from=<the run directory whose model scores it>")
+    extra = [Path(_pretrained_path(sch, c)) for c in sch.categorical if c.pretrained is not None]
+    options = {"schema": sch.to_dict(), "scoring": scoring, "kind": kind}
+    inputs = files + extra + ([vocab_file] if vocab_file is not None else [])
+
+    def build() -> MultiDomainDataset:
+        return _build(sch, files, kind, saved, scoring, progress)
+
+    if not use_cache:
+        return build()
+    return cache.cached("table", inputs, options, build, cache_dir)
+
+
+def _pretrained_path(sch: TableSchema, spec: CategoricalColumn) -> Path:
+    assert spec.pretrained is not None
+    p = Path(spec.pretrained)
+    return p if p.is_absolute() else sch.base_dir / p
+
+
+def _build(sch: TableSchema, files: list[Path], kind: str, saved: dict[str, Any] | None, scoring: bool,
+           progress: bool | None) -> MultiDomainDataset:
+    from tqdm import tqdm
+
+    label_col = None if scoring else sch.label
+    columns = sch.columns()
+    optional = {c for c in (sch.label, sch.split.column) if c is not None and scoring}
+    if sch.label is not None and scoring:
+        optional.add(sch.label)
+    rows = _Rows()
+    domain_codes = _Codes()
+    codes = {c.name: _Codes() for c in sch.categorical}
+    numeric: dict[str, list[np.ndarray]] = {n.name: [] for n in sch.numeric}
+    labels: list[np.ndarray] = []
+    split_vals: list[np.ndarray] = []
+    keys: list[pa.Array] = []
+    split_codes = _Codes()
+    bar = tqdm(desc="reading", unit=" rows", unit_scale=True, disable=(not progress) if progress is not None else None)
+    try:
+        for chunk in _chunks(files, kind, columns, optional):
+            n = len(next(iter(chunk.columns.values()))) if chunk.columns else 0
+            dom = chunk.columns[sch.domain.column]
+            if dom.null_count:
+                i = int(np.flatnonzero(dom.is_null().to_numpy(zero_copy_only=False))[0])
+                raise TableError(chunk.path, chunk.first_row + i, sch.domain.column, "empty domain value")
+            domain_codes.add_single(dom)
+            if label_col is not None:
+                labels.append(_label(chunk, label_col, sch.label_threshold))
+            if sch.key is not None:
+                keys.append(_as_text(chunk.columns[sch.key]))
+            for spec in sch.categorical:
+                arr = chunk.columns[spec.column]
+                if spec.multi:
+                    codes[spec.name].add_multi(arr, spec, chunk)
+                else:
+                    codes[spec.name].add_single(arr)
+            for nspec in sch.numeric:
+                values = _as_float(chunk, nspec.column)
+                bad = np.isinf(values)
+                if bad.any():
+                    i = int(np.flatnonzero(bad)[0])
+                    raise TableError(chunk.path, chunk.first_row + i, nspec.column, f"not a finite number: {values[i]}")
+                numeric[nspec.name].append(values)
+            if not scoring and sch.split.kind is SplitKind.COLUMN:
+                assert sch.split.column is not None
+                split_codes.add_single(chunk.columns[sch.split.column])
+            elif not scoring and sch.split.kind is SplitKind.TIME:
+                assert sch.split.column is not None
+                t = _as_float(chunk, sch.split.column)
+                if np.isnan(t).any():
+                    i = int(np.flatnonzero(np.isnan(t))[0])
+                    raise TableError(chunk.path, chunk.first_row + i, sch.split.column, "empty time value")
+                split_vals.append(t)
+            rows.add(chunk, n)
+            bar.update(n)
+    finally:
+        bar.close()
+    n = rows.total
+    if n == 0:
+        raise TableError(files[0], None, None, "no data rows")
+
+    # Domains.
+    dom_values, dom_codes = domain_codes.merge()
+    domain, domain_names, domain_map, keep_rows = _domains(sch, dom_values.to_pylist(), dom_codes, rows, saved)
+    label = np.concatenate(labels).astype(np.float32) if labels else np.zeros(n, dtype=np.float32)
+
+    # Splits.
+    if scoring:
+        part = np.full(n, 2, dtype=np.int8)
+    elif sch.split.kind is SplitKind.RANDOM:
+        part = np.full(n, -1, dtype=np.int8)
+        part[keep_rows] = assign_splits(domain[keep_rows], label[keep_rows], fractions=sch.split.fractions,
+                                        seed=sch.split.seed)
+    elif sch.split.kind is SplitKind.COLUMN:
+        values, scodes = split_codes.merge()
+        names = values.to_pylist()
+        lut = np.array([sch.split.values.index(v) if v in sch.split.values else -1 for v in names] + [-1],
+                       dtype=np.int8)
+        part = lut[scodes]  # -1 (null) takes the appended -1
+        bad = np.flatnonzero((part < 0) & keep_rows)
+        if bad.size:
+            path, row = rows.locate(int(bad[0]))
+            value = names[scodes[bad[0]]] if scodes[bad[0]] >= 0 else None
+            raise TableError(path, row, sch.split.column, f"split value {value!r} is none of {list(sch.split.values)}")
+    else:
+        assert sch.split.cuts is not None
+        t = np.concatenate(split_vals)
+        part = np.where(t < sch.split.cuts[0], 0, np.where(t < sch.split.cuts[1], 1, 2)).astype(np.int8)
+    part[~keep_rows] = -1
+    train_rows = part == 0
+    if not scoring:
+        counts = np.bincount(domain[train_rows], minlength=len(domain_names))
+        empty = np.flatnonzero(counts == 0)
+        if empty.size:
+            raise TableError(files[0] if len(files) == 1 else Path(files[0]).parent, None, sch.domain.column,
+                             f"domain {domain_names[int(empty[0])]!r} has no training rows (empty domain)")
+
+    # Categorical fields.
+    columns_out: dict[str, np.ndarray] = {}
+    specs: list[FeatureSpec] = []
+    artifacts_cat: dict[str, Any] = {}
+    pretrained: dict[str, torch.Tensor] = {}
+    for spec in sch.categorical:
+        uniques, c = codes[spec.name].merge()
+        if spec.multi:
+            width = max(codes[spec.name].width, 1)
+            c = c.reshape(n, spec.max_len)[:, :width]
+        prior = None if saved is None else saved["categorical"].get(spec.name)
+        if saved is not None and prior is None:
+            raise ValueError(f"{sch.source}: field {spec.name!r} is not in the vocabulary file")
+        ids, art = _vocabulary(spec, uniques, c, train_rows, prior)
+        columns_out[spec.name] = ids
+        art["width"] = int(ids.shape[1]) if spec.multi else 1
+        artifacts_cat[spec.name] = art
+        pooling = spec.pooling if spec.multi else Pooling.NONE
+        specs.append(FeatureSpec(spec.name, art["vocab_size"], spec.dim, pooling))
+        if spec.pretrained is not None:
+            pretrained[spec.name] = _read_pretrained(_pretrained_path(sch, spec), spec, art)
+    if sch.domain.feature:
+        dims = [c.dim for c in sch.categorical]
+        columns_out[DOMAIN_FIELD] = domain
+        specs.append(FeatureSpec(DOMAIN_FIELD, len(domain_names), dims[0] if dims else 8))
+
+    # Numeric fields.
+    numeric_specs: list[NumericSpec] = []
+    artifacts_num: dict[str, Any] = {}
+    for nspec in sch.numeric:
+        raw = np.concatenate(numeric[nspec.name])
+        prior = None if saved is None else saved["numeric"].get(nspec.name)
+        if saved is not None and prior is None:
+            raise ValueError(f"{sch.source}: numeric field {nspec.name!r} is not in the vocabulary file")
+        values, art = _numeric(nspec, raw, train_rows, rows, prior)
+        columns_out[nspec.name] = values
+        numeric_specs.append(NumericSpec(nspec.name))
+        artifacts_num[nspec.name] = art
+        if nspec.indicator:
+            columns_out[f"{nspec.name}_missing"] = np.isnan(raw).astype(np.float32)
+            numeric_specs.append(NumericSpec(f"{nspec.name}_missing"))
+
+    splits = []
+    for p in range(3):
+        idx = np.flatnonzero(part == p)
+        splits.append(Split(
+            {k: torch.from_numpy(np.ascontiguousarray(v[idx])) for k, v in columns_out.items()},
+            torch.from_numpy(domain[idx].astype(np.int64)),
+            torch.from_numpy(label[idx]),
+        ))
+    artifacts = {
+        "format": FORMAT,
+        "version": VERSION,
+        "schema": sch.to_dict(),
+        "hash": HASH_NAME,
+        "reserved": {"padding": PADDING_ID, "oov": OOV_ID, "missing": MISSING_ID, "first_value": RESERVED},
+        "domains": {"column": sch.domain.column, "names": list(domain_names), "values": domain_map,
+                    "other": (domain_names.index(sch.domain.other)
+                              if sch.domain.policy is DomainPolicy.OTHER and sch.domain.other in domain_names
+                              else None),
+                    "feature": DOMAIN_FIELD if sch.domain.feature else None},
+        "categorical": artifacts_cat,
+        "numeric": artifacts_num,
+        "label": None if sch.label is None else {"column": sch.label, "threshold": sch.label_threshold},
+        "key": sch.key,
+    }
+    info: dict[str, Any] = {
+        "source": "table",
+        "files": [str(f) for f in files],
+        "rows": n,
+        "dropped_rows": int((~keep_rows).sum()),
+        "table": artifacts,
+    }
+    if sch.key is not None:
+        key_all = pa.concat_arrays(keys) if keys else pa.array([], pa.string())
+        info["keys"] = key_all.filter(pa.array(part == 2)).to_pylist()
+    name = "table-" + (Path(files[0]).stem if len(files) == 1 else Path(files[0]).parent.name)
+    return MultiDomainDataset(
+        name=name,
+        features=tuple(specs),
+        domain_names=tuple(domain_names),
+        train=splits[0],
+        val=splits[1],
+        test=splits[2],
+        info=info,
+        pretrained=pretrained,
+        numeric=tuple(numeric_specs),
+    )
+
+
+def _label(chunk: _Chunk, column: str, threshold: float | None) -> np.ndarray:
+    values = _as_float(chunk, column)
+    nan = np.isnan(values)
+    if nan.any():
+        i = int(np.flatnonzero(nan)[0])
+        raise TableError(chunk.path, chunk.first_row + i, column, "empty label")
+    if threshold is not None:
+        out: np.ndarray = (values >= threshold).astype(np.float32)
+        return out
+    bad = (values != 0) & (values != 1)
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        raise TableError(chunk.path, chunk.first_row + i, column,
+                         f"label {values[i]:g} outside {{0, 1}} (set label_threshold to map other values)")
+    return values.astype(np.float32)
+
+
+def _domains(sch: TableSchema, values: list[str], codes: np.ndarray, rows: _Rows,
+             saved: dict[str, Any] | None) -> tuple[np.ndarray, list[str], dict[str, int], np.ndarray]:
+    # Under policy "other", a value unseen at vocabulary time also folds into "other" later.
+    """``(domain id per row, names, raw value -> id, rows kept)`` under the schema's policies."""
+    d = sch.domain
+    counts = np.bincount(codes, minlength=len(values))
+    keep_rows = np.ones(codes.size, dtype=bool)
+    if saved is not None:
+        domain_map: dict[str, int] = dict(saved["domains"]["values"])
+        names = list(saved["domains"]["names"])
+        other = saved["domains"].get("other")
+        lut = np.array([domain_map.get(v, -1 if other is None else other) for v in values], dtype=np.int64)
+        ids = lut[codes]
+        unknown = np.flatnonzero(ids < 0)
+        if unknown.size:
+            if d.policy is DomainPolicy.DROP:
+                keep_rows[unknown] = False
+                ids[unknown] = 0
+            else:
+                path, row = rows.locate(int(unknown[0]))
+                raise TableError(path, row, d.column, f"domain {values[codes[unknown[0]]]!r} is not in the "
+                                 f"vocabulary's domains {names}")
+        return ids, names, domain_map, keep_rows
+    if d.order is not None:
+        order = list(d.order)
+        index = {v: i for i, v in enumerate(values)}
+        absent = [v for v in order if v not in index or counts[index[v]] == 0]
+        if absent:
+            raise TableError(rows.where[0][0], None, d.column, f"domain {absent[0]!r} named in domain.order has no "
+                             "rows (empty domain)")
+        unlisted = [v for v in values if v not in set(order)]
+        if unlisted:
+            first = int(np.flatnonzero(codes == values.index(unlisted[0]))[0])
+            path, row = rows.locate(first)
+            if d.policy is DomainPolicy.ERROR:
+                raise TableError(path, row, d.column, f"domain {unlisted[0]!r} is not in domain.order {order}")
+    else:
+        # Sorted by the value's text (code points): the same order whatever the row order.
+        order = sorted(values)
+        unlisted = []
+    # Too few rows, then too many domains (the largest kept; ties by order).
+    small = [v for v in order if counts[values.index(v)] < d.min_rows]
+    if small and d.policy is DomainPolicy.ERROR:
+        raise TableError(rows.where[0][0], None, d.column,
+                         f"domain {small[0]!r} has {int(counts[values.index(small[0])])} rows, fewer than "
+                         f"domain.min_rows = {d.min_rows} (policy 'error'; 'drop' or 'other' to go on)")
+    kept = [v for v in order if v not in set(small)]
+    limit = d.max_domains - (1 if d.policy is DomainPolicy.OTHER and (small or unlisted or len(kept) > d.max_domains)
+                             else 0)
+    if len(kept) > d.max_domains:
+        if d.policy is DomainPolicy.ERROR:
+            raise TableError(rows.where[0][0], None, d.column,
+                             f"{len(kept)} domains, more than domain.max_domains = {d.max_domains} "
+                             "(policy 'error'; 'drop' or 'other' to go on)")
+        by_size = sorted(kept, key=lambda v: (-int(counts[values.index(v)]), order.index(v)))
+        chosen = set(by_size[:max(limit, 0)])
+        kept = [v for v in kept if v in chosen]
+    domain_map = {v: i for i, v in enumerate(kept)}
+    names = list(kept)
+    folded = [v for v in values if v not in domain_map]
+    if folded and d.policy is DomainPolicy.OTHER:
+        if d.other in domain_map:
+            raise ValueError(f"{sch.source}: domain.other = {d.other!r} is also a real domain value")
+        other = len(names)
+        names.append(d.other)
+        for v in folded:
+            domain_map[v] = other
+    lut = np.array([domain_map.get(v, -1) for v in values], dtype=np.int64)
+    ids = lut[codes]
+    keep_rows &= ids >= 0
+    ids[~keep_rows] = 0
+    if not names:
+        raise TableError(rows.where[0][0], None, d.column, "no domain left after the domain policies")
+    return ids, names, domain_map, keep_rows
+
+
+def _vocabulary(spec: CategoricalColumn, uniques: pa.Array, codes: np.ndarray, train_rows: np.ndarray,
+                prior: Mapping[str, Any] | None) -> tuple[np.ndarray, dict[str, Any]]:
+    """Final ids (int64, same shape as ``codes``) and the field's vocabulary record."""
+    missing_id = MISSING_ID if spec.missing is MissingPolicy.OWN else OOV_ID
+    art: dict[str, Any] = {"column": spec.column, "multi": spec.multi, "delimiter": spec.delimiter,
+                           "max_len": spec.max_len, "missing_id": missing_id}
+    buckets = spec.hash_buckets if prior is None else int((prior.get("hash") or {}).get("buckets", 0))
+    seed = spec.hash_seed if prior is None else int((prior.get("hash") or {}).get("seed", 0))
+    if buckets:
+        lut = hash_ids(uniques.to_pylist(), buckets, seed)
+        art.update(hash={"buckets": buckets, "seed": seed}, vocab_size=RESERVED + buckets, values=None)
+    elif prior is not None:
+        known = pa.array(prior["values"], pa.string())
+        pos = pc.index_in(uniques, value_set=known).fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64)
+        lut = np.where(pos >= 0, pos + RESERVED, OOV_ID)
+        art.update(hash=None, vocab_size=int(prior["vocab_size"]), values=list(prior["values"]))
+        missing_id = int(prior["missing_id"])
+        art["missing_id"] = missing_id
+    else:
+        train_codes = codes[train_rows].reshape(-1)
+        counts = np.bincount(train_codes[train_codes >= 0], minlength=len(uniques))
+        kept = np.flatnonzero(counts >= spec.min_count)
+        table = pa.table({"count": pa.array(counts[kept]), "value": uniques.take(pa.array(kept))})
+        ordered = table.sort_by([("count", "descending"), ("value", "ascending")])
+        lut = np.full(len(uniques), OOV_ID, dtype=np.int64)
+        rank = pc.index_in(uniques.take(pa.array(kept)), value_set=ordered["value"]).to_numpy(zero_copy_only=False)
+        lut[kept] = rank.astype(np.int64) + RESERVED
+        art.update(hash=None, vocab_size=RESERVED + len(kept), values=ordered["value"].to_pylist(),
+                   counts=ordered["count"].to_pylist())
+    lut_full = np.concatenate([lut.astype(np.int64), np.array([PADDING_ID, missing_id], dtype=np.int64)])
+    # codes: -1 missing -> lut_full[-1] = missing_id, -2 padding -> lut_full[-2] = padding.
+    ids = lut_full[codes]
+    if spec.multi and ids.size:
+        # An empty or missing bag stays all padding (a zero vector); a missing item is skipped.
+        ids = np.ascontiguousarray(ids)
+    return ids, art
+
+
+def _numeric(nspec: Any, raw: np.ndarray, train_rows: np.ndarray, rows: _Rows,
+             prior: Mapping[str, Any] | None) -> tuple[np.ndarray, dict[str, Any]]:
+    """Transformed, filled float32 values and the field's statistics record."""
+    transform = nspec.transform if prior is None else Transform(prior["transform"])
+    x = raw.copy()
+    if transform in (Transform.LOG1P, Transform.LOG1P_STANDARDISE):
+        bad = np.flatnonzero(x <= -1)
+        if bad.size:
+            path, row = rows.locate(int(bad[0]))
+            raise TableError(path, row, nspec.column, f"log1p needs values > -1, got {x[bad[0]]:g}")
+        x = np.log1p(x)
+    mean, std = 0.0, 1.0
+    if transform in (Transform.STANDARDISE, Transform.LOG1P_STANDARDISE):
+        if prior is not None:
+            mean, std = float(prior["mean"]), float(prior["std"])
+        else:
+            seen = x[train_rows & ~np.isnan(x)]
+            if seen.size:
+                mean = float(seen.mean())
+                # Population std (ddof 0); a constant column divides by 1, not 0.
+                std = float(seen.std()) or 1.0
+        x = (x - mean) / std
+    fill = nspec.fill if prior is None else float(prior["fill"])
+    x = np.where(np.isnan(x), fill, x)
+    if not np.isfinite(x).all():
+        i = int(np.flatnonzero(~np.isfinite(x))[0])
+        path, row = rows.locate(i)
+        raise TableError(path, row, nspec.column, f"value {raw[i]!r} overflows float32 after the transform")
+    art = {"column": nspec.column, "transform": transform.value, "mean": mean, "std": std, "fill": fill,
+           "indicator": nspec.indicator if prior is None else bool(prior["indicator"])}
+    if np.abs(x).max(initial=0.0) > np.finfo(np.float32).max:
+        raise TableError(rows.where[0][0], None, nspec.column, "a value overflows float32")
+    return x.astype(np.float32), art
+
+
+def _read_pretrained(path: Path, spec: CategoricalColumn, art: Mapping[str, Any]) -> torch.Tensor:
+    """float32 ``[vocab_size, dim]``: row ``3 + k`` the vector of the ``k``-th vocabulary value;
+    reserved ids and values without a vector stay zero."""
+    import pyarrow.csv as pacsv
+    import pyarrow.parquet as pq
+
+    if not path.is_file():
+        raise ValueError(f"pretrained vectors for {spec.name!r}: {str(path)!r} does not exist")
+    if path.name.lower().endswith(_PARQUET_EXT):
+        tab = pq.read_table(path)
+    else:
+        tab = pacsv.read_csv(str(path), read_options=pacsv.ReadOptions(autogenerate_column_names=True),
+                             parse_options=pacsv.ParseOptions(delimiter=_csv_delimiter(path)),
+                             convert_options=pacsv.ConvertOptions(column_types={"f0": pa.string()}))
+    if tab.num_columns < 2:
+        raise TableError(path, None, None, "pretrained vectors need a value column and then the vector")
+    keys = _as_text(tab.column(0).combine_chunks())
+    if tab.num_columns == 2 and pa.types.is_list(tab.column(1).type):
+        vec = np.array(tab.column(1).to_pylist(), dtype=np.float64)
+    else:
+        cols = []
+        for j in range(1, tab.num_columns):
+            chunk = _Chunk(path, 1, {"c": tab.column(j).combine_chunks()})
+            try:
+                cols.append(_as_float(chunk, "c"))
+            except TableError as exc:
+                raise TableError(path, exc.row, tab.column_names[j], str(exc).split(": ", 1)[-1]) from None
+        vec = np.stack(cols, axis=1)
+    if vec.ndim != 2 or vec.shape[1] != spec.dim:
+        raise TableError(path, None, None, f"vectors of width {vec.shape[-1] if vec.ndim == 2 else '?'}, "
+                         f"field {spec.name!r} has dim {spec.dim}")
+    bad = np.flatnonzero(~np.isfinite(vec).all(axis=1))
+    if bad.size:
+        raise TableError(path, int(bad[0]) + 1, None, "a non-finite or missing vector value")
+    table = np.zeros((art["vocab_size"], spec.dim), dtype=np.float32)
+    pos = pc.index_in(pa.array(art["values"], pa.string()), value_set=keys).fill_null(-1)
+    pos_np = pos.to_numpy(zero_copy_only=False)
+    have = np.flatnonzero(pos_np >= 0)
+    table[have + RESERVED] = vec[pos_np[have]]
+    return torch.from_numpy(table)
+
+
+def save_vocab(dataset: MultiDomainDataset, run_dir: str | os.PathLike[str]) -> Path:
+    """Write a table dataset's vocabularies to ``run_dir/vocab.json``; ``ValueError`` for a
+    dataset that is not from the tabular source."""
+    artifacts = dataset.info.get("table")
+    if not isinstance(artifacts, Mapping):
+        raise ValueError(f"dataset {dataset.name!r} carries no vocabularies (not loaded from a table)")
+    return write_vocab(run_dir, artifacts)
