@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 import torch.nn.functional as F
+from test_embedding_from_torch import assert_same_as_torch
 from torch import nn
 
 from moefast import _ext
@@ -243,15 +244,7 @@ def test_module_matches_torch_modules(backend: str) -> None:
     }
     emb = EmbeddingCollection.from_torch(torch_modules, backend=backend)
     assert emb.features == SPECS
-    batch = _batch(10)
-    expected = torch.cat([m(batch[name]) for name, m in torch_modules.items()], dim=1)
-    out = emb(batch)
-    torch.testing.assert_close(out, expected, rtol=TOL.rtol, atol=TOL.atol)
-    grad_out = torch.randn_like(out)
-    out.backward(grad_out)
-    expected.backward(grad_out)
-    for name, m in torch_modules.items():
-        torch.testing.assert_close(emb.tables[name].grad, m.weight.grad, rtol=TOL.rtol, atol=TOL.atol)
+    assert_same_as_torch(emb, torch_modules, _batch(10))
 
 
 def test_module_backends_share_state_and_results() -> None:

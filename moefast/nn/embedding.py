@@ -173,18 +173,23 @@ class EmbeddingCollection(nn.Module):
             (f"f{i}", m) for i, m in enumerate(modules)
         ]
         specs: list[FeatureSpec] = []
+        checked: list[tuple[str, nn.Embedding | nn.EmbeddingBag]] = []
         for name, module in items:
             label = f"EmbeddingCollection.from_torch: {name!r}"
             pooling = check_torch_embedding(module, label, sparse=None if optimizer is not None else sparse)
-            check_collection_padding(module, label)  # type: ignore[arg-type]
+            assert isinstance(module, nn.Embedding | nn.EmbeddingBag)  # else check_torch_embedding raised
+            check_collection_padding(module, label)
             specs.append(FeatureSpec(name, module.num_embeddings, module.embedding_dim, pooling))
-        devices = {module.weight.device for _, module in items}
+            checked.append((name, module))
+        devices = {module.weight.device for _, module in checked}
         if len(devices) > 1:
             raise ValueError(f"EmbeddingCollection.from_torch: the modules' weights are on several devices "
                              f"{sorted(str(d) for d in devices)}")
-        out = cls(specs, backend=backend, optimizer=optimizer, sparse=sparse).to(devices.pop())
+        out = cls(specs, backend=backend, optimizer=optimizer, sparse=sparse)
+        if devices:
+            out = out.to(devices.pop())
         with torch.no_grad():
-            for name, module in items:
+            for name, module in checked:
                 out.tables[name].copy_(module.weight)
                 out.tables[name].requires_grad_(module.weight.requires_grad)
         return out
