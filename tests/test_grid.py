@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from pathlib import Path
 
@@ -13,7 +14,8 @@ import torch
 from moefast.config import DataConfig, TowerConfig, TowerKind, TrainConfig
 from moefast.train import grid as grid_module
 from moefast.train.grid import DONE_FILE, GridConfig, data_label, plan_grid, run_grid
-from moefast.train.rundir import claim_run_dir
+from moefast.train.resume import SNAPSHOT, Preempted
+from moefast.train.rundir import RunDirectoryError, claim_run_dir, hold_lock
 
 TINY_DATA = (DataConfig(preset="paper", rows=600, num_domains=2, diversity=0.9, data_seed=5),)
 
@@ -43,9 +45,10 @@ def test_grid_runs_resumes_and_tabulates(tmp_path: Path, monkeypatch: pytest.Mon
     def flaky_fit(model: torch.nn.Module, dataset: object, train: TrainConfig, **kwargs: object) -> object:
         calls.append(f"{dataset.name}/{model.tower.kind.value}/{train.seed}")  # type: ignore[attr-defined]
         if len(calls) == 4:
-            # What a killed fit leaves: its claimed directory (marker) with a partial file.
+            # What a fit killed in its first epoch leaves: its claimed directory (marker) with the
+            # temporary file of a write it never renamed.
             with claim_run_dir(Path(str(kwargs["out_dir"]))) as claim:
-                (claim.path / "partial.pt").write_bytes(b"half a checkpoint")
+                (claim.path / ".partial.pt.x1y2.tmp").write_bytes(b"half a checkpoint")
             raise Interrupted("simulated interruption in the fourth cell")
         return real_fit(model, dataset, train, **kwargs)
 
@@ -70,7 +73,7 @@ def test_grid_runs_resumes_and_tabulates(tmp_path: Path, monkeypatch: pytest.Mon
     monkeypatch.setattr("moefast.train.loop.fit", counting_fit)
     paths = run_grid(config)
     assert len(counted) == 6 - 3  # the finished cells are not run again
-    assert not (broken / "partial.pt").exists() and (broken / DONE_FILE).exists()  # rerun from scratch
+    assert not (broken / ".partial.pt.x1y2.tmp").exists() and (broken / DONE_FILE).exists()  # resumed
     assert all((c.directory(out) / DONE_FILE).stat().st_mtime_ns == stamps[c] for c in done)
 
     runs = pd.read_csv(paths["runs.csv"])
@@ -95,6 +98,45 @@ def test_grid_runs_resumes_and_tabulates(tmp_path: Path, monkeypatch: pytest.Mon
     # Resuming with other training settings would mix differently trained cells.
     with pytest.raises(ValueError, match=r"other settings \(train\.max_epochs\)"):
         run_grid(dataclasses.replace(config, train=dataclasses.replace(config.train, max_epochs=2)))
+
+
+def test_a_killed_cell_resumes_and_other_data_or_a_second_grid_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # bitwise equality holds at a fixed thread count
+    try:
+        config = dataclasses.replace(
+            tiny_grid(tmp_path / "grid"), methods=(TowerKind.MLORA,), seeds=(1,),
+            train=TrainConfig(max_epochs=2, patience=2, batch_size=128, progress=False))
+        whole = dataclasses.replace(config, out=str(tmp_path / "whole"))
+        run_grid(whole)
+        # The cell is stopped (SIGTERM, as a scheduler would) in its second epoch: rerunning the
+        # grid continues it from its first, not from scratch, and ends where the whole run did.
+        monkeypatch.setenv("MOEFAST_TEST_FAULT", "term:step:0:2:1")
+        with pytest.raises(Preempted):
+            run_grid(config)
+        monkeypatch.delenv("MOEFAST_TEST_FAULT")
+        (cell,) = plan_grid(config)
+        snapshot = torch.load(cell.directory(Path(config.out)) / SNAPSHOT, weights_only=True)
+        assert snapshot["stage"]["epochs"] == 1 and snapshot["stage"]["batches"] == 1
+        said: list[str] = []
+        run_grid(config, say=said.append)
+        assert any(line.endswith("(resumed)") for line in said)
+        done = json.loads((cell.directory(Path(config.out)) / DONE_FILE).read_text())
+        reference = json.loads((cell.directory(Path(whole.out)) / DONE_FILE).read_text())
+        assert {k: done[k] for k in ("wauc", "mean_auc", "logloss")} == {
+            k: reference[k] for k in ("wauc", "mean_auc", "logloss")}
+    finally:
+        torch.set_num_threads(threads)
+    # The same setting label over other data (another --data-dir, other files) is refused.
+    other = dataclasses.replace(config, seeds=(1, 2))
+    with pytest.raises(ValueError, match="trained on other data"):
+        run_grid(other, load=lambda d: grid_module.load_data(dataclasses.replace(d, data_seed=6)))
+    # A second live grid on the directory is refused.
+    with hold_lock(Path(config.out) / grid_module.LOCK_FILE, "test"), pytest.raises(
+            RunDirectoryError, match="in use by another live moefast process"):
+        run_grid(other)
 
 
 def grid_module_fit() -> object:

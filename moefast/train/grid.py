@@ -12,7 +12,11 @@ Each cell trains in its own run directory::
     <out>/results.png                                    WAUC per backbone and method
 
 A cell counts as finished only once ``cell.json`` exists (written atomically after training), so
-a rerun skips finished cells and restarts an interrupted one from scratch.
+a rerun skips finished cells and continues an interrupted one from its last completed epoch
+(``fit(..., resume=True)``). ``<out>/grid.json`` records the training settings and
+``<out>/data.json`` the content fingerprint of each data setting: a rerun with other settings or
+other data is refused, never mixed. A lock (``<out>/.moefast-grid``) refuses a second live grid
+on the same directory.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ import torch
 
 from moefast.config import DataConfig, TowerConfig, TowerKind, TrainConfig, default_tower
 from moefast.data.dataset import MultiDomainDataset
-from moefast.train.rundir import check_settings, write_json
+from moefast.train.rundir import check_settings, hold_lock, write_json
 
 __all__ = ["GridCell", "GridConfig", "data_label", "load_data", "plan_grid", "run_grid", "write_results"]
 
@@ -36,6 +40,8 @@ __all__ = ["GridCell", "GridConfig", "data_label", "load_data", "plan_grid", "ru
 _QUIET_TRAINING = TrainConfig(progress=False)
 BACKBONES = ("autoint", "dcn", "deepfm", "fibinet", "nfm", "pnn", "wdl", "xdeepfm")
 DONE_FILE = "cell.json"
+DATA_FILE = "data.json"  # the content fingerprint of each data setting
+LOCK_FILE = ".moefast-grid"  # flock'ed while a grid runs in the directory
 
 
 @dataclass(frozen=True)
@@ -171,39 +177,50 @@ def run_grid(
     same grid resumes at that cell.
     """
     from moefast import models
-    from moefast.train.loop import fit
 
     for name in config.models:
         if name.lower() not in models.MODELS:
             raise ValueError(f"unknown model {name!r}; choose one of {', '.join(sorted(models.MODELS))}")
     out = Path(config.out)
-    _check_settings(config)
-    cells = plan_grid(config)
-    todo = [c for c in cells if not (c.directory(out) / DONE_FILE).exists()]
-    say(f"grid {out}: {len(cells)} cells, {len(cells) - len(todo)} finished, {len(todo)} to run")
-    datasets: dict[DataConfig, MultiDomainDataset] = {}
-    for number, cell in enumerate(todo, 1):
-        if cell.data not in datasets:
-            datasets.clear()  # one dataset in memory at a time; cells are grouped by data
-            datasets[cell.data] = load(cell.data)
-        dataset = datasets[cell.data]
-        run_dir = cell.directory(out)
-        say(f"[{number}/{len(todo)}] {data_label(cell.data)} {cell.model} {cell.method_label} seed {cell.seed}")
-        start = time.perf_counter()
-        model = models.build(cell.model, dataset, cell.method, experts_per_domain=cell.experts_per_domain,
-                             tower_config=config.tower or default_tower(config.train), seed=cell.seed)
-        # overwrite: what an interrupted run of this cell left behind (its directory carries the
-        # run marker; one without it is not cleared).
-        result = fit(model, dataset, replace(config.train, seed=cell.seed), backend=config.backend,
-                     out_dir=run_dir, overwrite=True)
-        test = result.metrics["test"]
-        write_json(run_dir / DONE_FILE, {
-            "data": data_label(cell.data), "model": cell.model, "method": cell.method.value,
-            "experts_per_domain": cell.experts_per_domain, "seed": cell.seed,
-            "wauc": test["wauc"], "mean_auc": test["mean_auc"], "logloss": test["logloss"],
-            "seconds": time.perf_counter() - start,
-        })
+    with hold_lock(out / LOCK_FILE, f"grid directory {str(out)!r}"):
+        _check_settings(config)
+        cells = plan_grid(config)
+        todo = [c for c in cells if not (c.directory(out) / DONE_FILE).exists()]
+        say(f"grid {out}: {len(cells)} cells, {len(cells) - len(todo)} finished, {len(todo)} to run")
+        datasets: dict[DataConfig, MultiDomainDataset] = {}
+        for number, cell in enumerate(todo, 1):
+            if cell.data not in datasets:
+                datasets.clear()  # one dataset in memory at a time; cells are grouped by data
+                datasets[cell.data] = load(cell.data)
+                _check_data(out, cell.data, datasets[cell.data])
+            _run_cell(config, cell, datasets[cell.data], f"[{number}/{len(todo)}]", say)
     return write_results(config)
+
+
+def _run_cell(
+    config: GridConfig, cell: GridCell, dataset: MultiDomainDataset, count: str, say: Callable[[str], None]
+) -> None:
+    from moefast import models
+    from moefast.train.loop import fit
+
+    run_dir = cell.directory(Path(config.out))
+    # An interrupted cell continues from its last snapshot (fit(resume=True): the same data,
+    # model and options, checked; a cell killed before its first epoch ended starts over).
+    interrupted = run_dir.exists()
+    say(f"{count} {data_label(cell.data)} {cell.model} {cell.method_label} seed {cell.seed}"
+        + (" (resumed)" if interrupted else ""))
+    start = time.perf_counter()
+    model = models.build(cell.model, dataset, cell.method, experts_per_domain=cell.experts_per_domain,
+                         tower_config=config.tower or default_tower(config.train), seed=cell.seed)
+    result = fit(model, dataset, replace(config.train, seed=cell.seed), backend=config.backend,
+                 out_dir=run_dir, resume=True)
+    test = result.metrics["test"]
+    write_json(run_dir / DONE_FILE, {
+        "data": data_label(cell.data), "model": cell.model, "method": cell.method.value,
+        "experts_per_domain": cell.experts_per_domain, "seed": cell.seed,
+        "wauc": test["wauc"], "mean_auc": test["mean_auc"], "logloss": test["logloss"],
+        "seconds": time.perf_counter() - start,
+    })
 
 
 def _settings(config: GridConfig) -> dict[str, Any]:
@@ -218,6 +235,29 @@ def _settings(config: GridConfig) -> dict[str, Any]:
     train["batch_mode"] = config.train.batches.value  # the protocol in force, not "default"
     tower = config.tower or default_tower(config.train)
     return {"train": train, "tower": to_jsonable(tower), "backend": config.backend}
+
+
+def _check_data(out: Path, data: DataConfig, dataset: MultiDomainDataset) -> None:
+    """Refuse to mix data: the first run records each data setting's content fingerprint in
+    ``data.json``; a later run whose data differ (another ``--data-dir`` holding other files, an
+    edited raw file, another generator) is refused rather than averaged with the old cells. The
+    same data moved to another folder is the same data."""
+    import json
+
+    from moefast.train.resume import dataset_fingerprint
+
+    path = out / DATA_FILE
+    label = data_label(data)
+    recorded = json.loads(path.read_text()) if path.exists() else {}
+    fingerprint = dataset_fingerprint(dataset)
+    if label not in recorded:
+        write_json(path, recorded | {label: fingerprint})
+    elif recorded[label] != fingerprint:
+        raise ValueError(
+            f"grid directory {str(out)!r} holds cells of data setting {label!r} trained on other data (its "
+            f"content fingerprint, recorded in {str(path)!r}, differs from the data loaded now); refusing to "
+            "mix them: use another --out, or the data the grid was started with"
+        )
 
 
 def _check_settings(config: GridConfig) -> None:
