@@ -67,7 +67,7 @@ class EmbeddingCollection(nn.Module):
         self.sparse = sparse
         # Data-parallel training (moefast.train.distributed) splits the fused call: backward
         # hands the batch's rows out as coalesced sparse gradients, the ranks exchange them,
-        # and the same fused update is applied on every rank (apply_row_update).
+        # and the same fused update is applied on every rank (apply_row_updates).
         self.defer_update = False
         self.tables = nn.ParameterDict()
         for spec in features:
@@ -98,25 +98,40 @@ class EmbeddingCollection(nn.Module):
                     holder.register_buffer(slot, value)
                 self.optimizer_state[spec.name] = holder
 
-    def apply_row_update(self, name: str, rows: torch.Tensor, grads: torch.Tensor) -> None:
-        """Apply the fused optimizer to table ``name`` for unique ``rows`` (int64 ``[U]``,
-        ascending) with summed gradients ``grads`` (float32 ``[U, D]``), through the same
-        engine call (and so the same update code) as a fused backward: a lookup of ``rows``,
-        one per sample, whose output gradient is ``grads``."""
+    def apply_row_updates(self, updates: Mapping[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Apply the fused optimizer to tables ``name -> (rows, grads)``: unique ``rows`` (int64
+        ``[U]``, ascending) with their summed gradients ``grads`` (float32 ``[U, D]``).
+
+        One call of the same op (and so the same update code) as a fused backward: a lookup in
+        which field ``t`` has ``max U`` bags, bag ``b < U_t`` holding the single id
+        ``rows_t[b]`` (sum pooling; the other bags empty), whose output gradient holds
+        ``grads_t`` in those bags' rows. Each row then appears once and gets ``grads_t`` as its
+        summed gradient."""
         if self.optimizer is None:
-            raise ValueError("apply_row_update needs a fused optimizer (set_optimizer)")
-        if rows.numel() == 0:
-            return
-        weight = self.tables[name]
+            raise ValueError("apply_row_updates needs a fused optimizer (set_optimizer)")
         states = self._states()
         assert states is not None
-        state = states[[f.name for f in self._features].index(name)]
+        position = {f.name: k for k, f in enumerate(self._features)}
+        chosen = [(name, rows, grads) for name, (rows, grads) in updates.items() if rows.numel() > 0]
+        if not chosen:
+            return
+        bags = max(int(rows.numel()) for _, rows, _ in chosen)
+        weights, indices, offsets, names, picked_states, blocks = [], [], [], [], [], []
+        for name, rows, grads in chosen:
+            count = int(rows.numel())
+            weights.append(self.tables[name])
+            indices.append(rows)
+            offsets.append(torch.cat([torch.arange(count + 1, dtype=torch.int64, device=rows.device),
+                                      torch.full((bags - count,), count, dtype=torch.int64, device=rows.device)]))
+            names.append(name)
+            picked_states.append(states[position[name]])
+            blocks.append(torch.nn.functional.pad(grads, (0, 0, 0, bags - count)))  # [bags, D]
         with torch.enable_grad():
             out = embedding_collection(
-                [weight], [rows], [None], [Pooling.NONE], names=[name],
-                optimizer=self.optimizer, optimizer_states=[state], backend=self.backend,
+                weights, indices, offsets, [Pooling.SUM] * len(weights), names=names,
+                optimizer=self.optimizer, optimizer_states=picked_states, backend=self.backend,
             )
-            out.backward(grads)
+            out.backward(torch.cat(blocks, dim=1))
 
     @property
     def features(self) -> tuple[FeatureSpec, ...]:

@@ -347,8 +347,12 @@ class DataParallel:
             weight.grad = None
         merged, sent = RowExchange(self.row_group, self.world_size, self.device).exchange(local, dims)
         self.traffic.sparse += sent
+        updates: dict[int, tuple[EmbeddingCollection, dict[str, tuple[torch.Tensor, torch.Tensor]]]] = {}
         for (_, collection, name, weight), (rows, grads) in zip(tables, merged, strict=True):
-            collection.apply_row_update(name, rows.to(weight.device), grads.to(weight.device))
+            entry = updates.setdefault(id(collection), (collection, {}))
+            entry[1][name] = (rows.to(weight.device), grads.to(weight.device))
+        for collection, per_table in updates.values():  # one engine call per collection
+            collection.apply_row_updates(per_table)
 
     # -- evaluation -----------------------------------------------------------------------
 
