@@ -640,7 +640,8 @@ def _vocabulary(spec: CategoricalColumn, uniques: pa.Array, codes: np.ndarray, t
         known = pa.array(prior["values"], pa.string())
         pos = pc.index_in(uniques, value_set=known).fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64)
         lut = np.where(pos >= 0, pos + RESERVED, OOV_ID)
-        art.update(hash=None, vocab_size=int(prior["vocab_size"]), values=list(prior["values"]))
+        art.update(hash=None, vocab_size=int(prior["vocab_size"]), values=list(prior["values"]),
+                   counts=prior.get("counts"))
         missing_id = int(prior["missing_id"])
         art["missing_id"] = missing_id
     else:
