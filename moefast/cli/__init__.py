@@ -15,7 +15,7 @@ import sys
 from collections.abc import Sequence
 from typing import Protocol
 
-from moefast.cli import grid, reproduce, train
+from moefast.cli import export, grid, predict, reproduce, train
 from moefast.cli._options import Parser, UserError
 
 __all__ = ["COMMANDS", "Command", "build_parser", "main", "version"]
@@ -32,7 +32,7 @@ class Command(Protocol):
 
 
 # The subcommands, in the order `moefast --help` lists them.
-COMMANDS: tuple[Command, ...] = (train, grid, reproduce)
+COMMANDS: tuple[Command, ...] = (train, grid, reproduce, export, predict)
 
 
 def version() -> str:

@@ -15,7 +15,7 @@ from __future__ import annotations
 from moefast.export._merge import MergedModel, MergedTower, domain_mixture, merge, merge_tower
 from moefast.export._program import ServingModule, export_program, serving_module
 from moefast.export._records import dataset_record
-from moefast.export._rundir import LoadedRun, load_run
+from moefast.export._rundir import LoadedRun, load_run, method_dir
 
 __all__ = [
     "LoadedRun",
@@ -28,5 +28,6 @@ __all__ = [
     "load_run",
     "merge",
     "merge_tower",
+    "method_dir",
     "serving_module",
 ]

@@ -122,9 +122,10 @@ class MergedTower(nn.Module):
         order = torch.argsort(domain, stable=True)  # [N]: rows grouped by domain
         grouped = x.index_select(0, order)  # [N, in]
         sizes = counts.tolist()
-        for size in sizes:
-            torch._check(size >= 0)
-        torch._check(sum(sizes) == grouped.shape[0])
+        if tracing:  # tell torch.export what the data-dependent sizes satisfy
+            for size in sizes:
+                torch._check(size >= 0)
+            torch._check(sum(sizes) == grouped.shape[0])
         layers = [self.layer(k) for k in range(self.num_layers)]
         parts = []
         for d, part in enumerate(grouped.split(sizes)):

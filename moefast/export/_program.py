@@ -153,7 +153,8 @@ def export_program(
     out: str | os.PathLike[str],
     *,
     record: Mapping[str, Any] | None = None,
-    extra_files: Mapping[str, Path] = {},
+    extra_files: Mapping[str, Path] | None = None,
+    data_options: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Export ``merged`` with ``torch.export`` (dynamic batch) to ``out`` (``.pt2``) and write the
     preprocessing beside it.
@@ -161,8 +162,9 @@ def export_program(
     Writes ``out``, ``<out>.json`` (format, torch and moefast versions, the inputs in call order,
     the output, the domain map, the features and their provenance from ``record``, a
     ``dataset.json`` record) and copies each of ``extra_files`` (name -> source path: the run's
-    vocabularies and numeric statistics) into ``<out stem>.preprocessing/``. Returns the
-    ``.json`` payload.
+    vocabularies and numeric statistics) into ``<out stem>.preprocessing/``. ``data_options``
+    (the run's data flags) are recorded so that ``moefast predict`` can load the same data.
+    Returns the ``.json`` payload.
 
     Raises:
         ValueError: ``out`` does not end in ``.pt2``.
@@ -180,13 +182,11 @@ def export_program(
     dims: tuple[Any, ...] = (ids_dims, {0: batch}, {0: batch}) if numeric else (ids_dims, {0: batch})
     with torch.no_grad():
         program = torch.export.export(serving, args, dynamic_shapes=dims, strict=False)
-    from moefast.cli import version as moefast_version
-
     payload: dict[str, Any] = {
         "format": PROGRAM_FORMAT,
         "program": dest.name,
         "torch_version": torch.__version__,
-        "moefast_version": moefast_version(),
+        "moefast_version": _moefast_version(),
         "load": "torch.export.load(path).module()(*inputs)",
         "inputs": program_inputs(features, numeric),
         "output": {"name": "logit", "dtype": "float32", "shape": ["B"],
@@ -194,6 +194,8 @@ def export_program(
         "model": merged.name,
         "domains": [{"id": d, "name": n} for d, n in enumerate(_domain_names(record, merged.num_domains))],
         "dataset": dict(record) if record is not None else None,
+        "data_options": dict(data_options) if data_options is not None else None,
+        "preprocessing": sorted(extra_files or {}),
     }
     text = json.dumps(payload, indent=2) + "\n"
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -201,7 +203,7 @@ def export_program(
     torch.export.save(program, tmp, extra_files={"moefast.json": text})
     tmp.replace(dest)
     (dest.parent / f"{dest.name}.json").write_text(text)
-    if extra_files:
+    if extra_files:  # in the payload above as names relative to the folder
         folder = dest.parent / f"{dest.stem}.preprocessing"
         folder.mkdir(exist_ok=True)
         for name, src in extra_files.items():
@@ -211,6 +213,15 @@ def export_program(
             else:
                 shutil.copyfile(src, target)
     return payload
+
+
+def _moefast_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("moefast")
+    except PackageNotFoundError:  # a source tree that was never installed
+        return "unknown"
 
 
 def _domain_names(record: Mapping[str, Any] | None, num_domains: int) -> list[str]:

@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from moefast.config import GateInit, TowerConfig, TowerKind
+from moefast.config import GateInit, NumericSpec, TowerConfig, TowerKind
 from moefast.export._records import (
     DATASET_RECORD,
     dataset_record,
@@ -102,13 +102,8 @@ def tower_config_from_json(value: Mapping[str, Any], where: str) -> TowerConfig:
         raise ValueError(f"{where}: the recorded tower is invalid: {exc}") from None
 
 
-def _numeric_specs(record: Mapping[str, Any]) -> tuple[Any, ...]:
-    names = [str(entry["name"]) for entry in record["numeric"]]
-    if not names:
-        return ()
-    from moefast import config
-
-    return tuple(config.NumericSpec(n) for n in names)  # type: ignore[attr-defined]
+def _numeric_specs(record: Mapping[str, Any]) -> tuple[NumericSpec, ...]:
+    return tuple(NumericSpec(str(entry["name"])) for entry in record["numeric"])
 
 
 def load_run(
@@ -156,9 +151,7 @@ def load_run(
     checkpoints = [p for _, p in sorted(numbered)]
     if not checkpoints:
         raise ValueError(f"run directory {str(folder)!r} has no checkpoint under checkpoints/")
-    numeric = _numeric_specs(record)
-    extra = {"numeric": numeric} if numeric else {}
-    model = MODELS[name](features, num_domains, tower, backend=backend, **extra)
-    load_checkpoint(checkpoints[-1], model)
+    model = MODELS[name](features, num_domains, tower, backend=backend, numeric=_numeric_specs(record))
+    load_checkpoint(checkpoints[-1], model, dataset=str(record.get("name")))
     model.eval()
     return LoadedRun(model, record, folder, checkpoints[-1])

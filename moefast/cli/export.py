@@ -1,0 +1,72 @@
+"""``moefast export RUN_DIR [--method NAME] --out model.pt2``: a run's merged model as a program.
+
+The run's trained model is rebuilt from its last checkpoint, merged per domain
+(:func:`moefast.export.merge`) and exported with ``torch.export`` (dynamic batch dimension); it
+loads with plain PyTorch (``torch.export.load``), without moefast. Beside ``model.pt2`` go
+``model.pt2.json`` (inputs, output, torch version, domain map, features, the run's data flags)
+and, when the run has them, its vocabularies and numeric statistics under
+``model.preprocessing/`` (docs/serving.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+from moefast.cli._options import UserError
+
+__all__ = ["NAME", "add_parser", "run"]
+
+NAME = "export"
+# Files of a run directory (or of the top folder of a several-method run) that carry the data's
+# preprocessing, copied beside the program: the tabular source's vocabularies, numeric
+# statistics and domain map (moefast.data.vocab) and the run's dataset record.
+PREPROCESSING_FILES = ("vocab.json", "dataset.json")
+
+
+def add_parser(commands: Any) -> argparse.ArgumentParser:
+    """Add the ``export`` subcommand to ``moefast``'s subparsers."""
+    parser: argparse.ArgumentParser = commands.add_parser(
+        NAME,
+        help="export a run's merged model as a torch.export program (.pt2)",
+        description="Merge a trained run's adapters per domain and export the result with "
+        "torch.export (dynamic batch); it loads with plain torch.export.load, without moefast.",
+    )
+    parser.add_argument("run_dir", metavar="RUN_DIR", help="the run directory (moefast train --out)")
+    parser.add_argument("--method", help="base | mlora | moe-mlora, when RUN_DIR holds several")
+    parser.add_argument("--out", required=True, help="the program file, ending in .pt2")
+    parser.add_argument("--quiet", "-q", action="store_true", help="no progress lines")
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run ``moefast export`` for parsed ``args``."""
+    from moefast import export
+    from moefast.cli._options import load_dataset
+    from moefast.cli.predict import _data_config, run_data_options
+
+    out = Path(args.out)
+    if out.suffix != ".pt2":
+        raise UserError(f"--out {args.out!r}: an exported program is a .pt2 file")
+    folder = export.method_dir(args.run_dir, args.method)
+    options = run_data_options(folder)
+    dataset = None
+    if not (folder / "dataset.json").is_file():  # a run older than dataset.json: its data says
+        if options is None:
+            raise UserError(f"run directory {str(folder)!r} has neither dataset.json nor config.toml")
+        dataset = load_dataset(_data_config(options))
+    loaded = export.load_run(folder, dataset=dataset, backend="reference")
+    merged = export.merge(loaded.model, backend="reference")
+    say = (lambda _m: None) if args.quiet else (lambda m: print(m, file=sys.stderr, flush=True))
+    say(f"exporting the merged {loaded.model.name} / {loaded.model.tower.kind.value} model of {folder} "
+        f"({len(loaded.record['domains'])} domains)")
+    extra = {name: folder / name for name in PREPROCESSING_FILES if (folder / name).is_file()}
+    for name in PREPROCESSING_FILES:
+        if name not in extra and (folder.parent / name).is_file() and folder != Path(args.run_dir):
+            extra[name] = folder.parent / name
+    payload = export.export_program(merged, out, record=loaded.record, extra_files=extra,
+                                    data_options=options)
+    say(f"program: {out} (torch {payload['torch_version']}); inputs and preprocessing: {out}.json")
+    return 0

@@ -1,0 +1,262 @@
+"""``moefast predict``: score a dataset with a trained run or an exported program.
+
+``moefast predict --model RUN_DIR_or_model.pt2 [the train command's data flags] --out
+scores.csv`` loads the data as ``moefast train`` does (without data flags: the run's own, from
+its ``config.toml`` or the program's ``.json``), checks that it speaks the model's language
+(same fields and vocabulary sizes, known domains, ids numbered from the same files), scores one
+split in batches with a progress bar and writes ``row, domain, domain_name, label, logit,
+score`` (``score = sigmoid(logit)``) as CSV or Parquet. A run directory is served by its merged
+model (:func:`moefast.export.merge`; ``--unmerged`` scores with the trained model itself), a
+``.pt2`` by the program through plain ``torch.export.load``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from moefast.cli._options import (
+    DATA_OPTIONS,
+    UserError,
+    add_option_groups,
+    converters,
+    given_options,
+    load_dataset,
+)
+from moefast.config import DataConfig
+
+__all__ = ["NAME", "SPLITS", "add_parser", "check_compatible", "domain_ids", "run", "run_data_options"]
+
+NAME = "predict"
+SPLITS = ("test", "val", "train")
+OUT_SUFFIXES = (".csv", ".parquet")
+
+
+def add_parser(commands: Any) -> argparse.ArgumentParser:
+    """Add the ``predict`` subcommand to ``moefast``'s subparsers."""
+    parser: argparse.ArgumentParser = commands.add_parser(
+        NAME,
+        help="score a dataset with a trained run directory or an exported .pt2 program",
+        description="Score one split of a dataset (the train command's data flags; default: the "
+        "run's own data) with a run directory's merged model or an exported program, in batches, "
+        "and write row, domain, domain_name, label, logit and score (the probability).",
+    )
+    parser.add_argument("--model", required=True, help="a run directory (or a method's subfolder) or a .pt2 file")
+    parser.add_argument("--method", help="the method to serve when the run directory holds several")
+    parser.add_argument("--out", required=True, help="scores file: .csv or .parquet")
+    parser.add_argument("--split", choices=SPLITS, default="test", help="the split to score (default test)")
+    parser.add_argument("--batch-size", type=int, default=4096, help="rows per batch (default 4096)")
+    parser.add_argument("--unmerged", action="store_true",
+                        help="score a run directory with its trained model, not the merged one")
+    parser.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    add_option_groups(parser, (("data (default: the run's own)", DATA_OPTIONS),))
+    return parser
+
+
+def run_data_options(folder: Path) -> dict[str, Any] | None:
+    """The data flags a run was trained with (its ``config.toml``, or its parent's for one
+    method of several), or None when it recorded none (a ``fit`` run)."""
+    from moefast.cli.train import read_config
+
+    for candidate in (folder / "config.toml", folder.parent / "config.toml"):
+        if candidate.is_file():
+            try:
+                options = read_config(str(candidate))
+            except UserError as exc:
+                raise UserError(f"the run's data flags cannot be read: {exc}") from None
+            return {k: v for k, v in options.items() if k in DataConfig.__dataclass_fields__}
+    return None
+
+
+def _data_config(options: Mapping[str, Any]) -> DataConfig:
+    try:
+        return DataConfig(**options)
+    except (TypeError, ValueError) as exc:
+        raise UserError(str(exc)) from None
+
+
+def check_compatible(record: Mapping[str, Any], dataset: Any) -> None:
+    """Refuse data the model cannot read the same way it was trained: other fields or vocabulary
+    sizes, other numeric fields, another source, or (real-format loaders, which number ids from
+    the files they read) other raw files. ``UserError`` naming the difference."""
+    want = [(f["name"], int(f["vocab_size"]), f["pooling"]) for f in record["features"]]
+    have = [(f.name, f.vocab_size, f.pooling.value) for f in dataset.features]
+    if want != have:
+        diff = next((f"{w} vs {h}" for w, h in zip(want, have, strict=False) if w != h),
+                    f"{len(want)} fields vs {len(have)}")
+        raise UserError(f"dataset {dataset.name!r} does not have the model's fields (name, vocabulary size, "
+                        f"pooling): model {want} vs data {have}; first difference: {diff}")
+    numeric_want = [str(s["name"]) for s in record["numeric"]]
+    numeric_have = [s.name for s in getattr(dataset, "numeric", ())]
+    if numeric_want != numeric_have:
+        raise UserError(f"dataset {dataset.name!r} has numeric fields {numeric_have}, the model {numeric_want}")
+    source = record["source"]
+    info = dataset.info
+    name = str(info.get("source", dataset.name))
+    if name != source.get("name"):
+        raise UserError(f"the model was trained on source {source.get('name')!r}, the data is {name!r}")
+    if source.get("id_map") == "fingerprint":
+        cache = info.get("cache")
+        fingerprint = cache.get("key") if isinstance(cache, Mapping) else None
+        if fingerprint != source.get("fingerprint"):
+            raise UserError(
+                f"the {name} loader numbers users and items from the files it reads, and the run recorded "
+                f"no raw-id map, only the fingerprint of its files and options ({source.get('fingerprint')}); "
+                f"these give {fingerprint}, so an id would name another user or item. Score the run's own "
+                "files (same --data-dir and options), or train on these"
+            )
+
+
+def domain_ids(record: Mapping[str, Any], dataset: Any, domain: Any) -> Any:
+    """The model's domain ids of a split's ``domain`` column (int64 ``[n]``), mapped by name
+    through the model's domain map; ``UserError`` naming a domain the model does not know."""
+    import torch
+
+    model_names = [str(d["name"]) for d in record["domains"]]
+    data_names = [str(n) for n in dataset.domain_names]
+    if data_names == model_names:
+        return domain
+    index = {n: k for k, n in enumerate(model_names)}
+    table = torch.full((len(data_names),), -1, dtype=torch.int64)
+    for k, n in enumerate(data_names):
+        table[k] = index.get(n, -1)
+    mapped = table[domain]
+    if domain.numel() and bool((mapped < 0).any()):
+        bad = int(domain[mapped < 0][0])
+        raise UserError(f"domain {data_names[bad]!r} (id {bad} in {dataset.name!r}) is unknown to the model; "
+                        f"it knows {model_names}")
+    return mapped
+
+
+def _load_program(path: Path) -> tuple[Callable[..., Any], dict[str, Any]]:
+    import torch
+
+    meta_path = path.parent / f"{path.name}.json"
+    try:
+        meta = json.loads(meta_path.read_text())
+    except FileNotFoundError:
+        raise UserError(f"{str(meta_path)!r} is missing: it describes the program's inputs (moefast export writes it)") from None
+    except (OSError, json.JSONDecodeError) as exc:
+        raise UserError(f"{str(meta_path)!r} cannot be read: {exc}") from None
+    try:
+        program = torch.export.load(str(path)).module()
+    except Exception as exc:  # a damaged or foreign file: said in one line
+        raise UserError(f"{str(path)!r} cannot be loaded as a torch.export program: {exc}") from None
+    if not isinstance(meta.get("dataset"), dict):
+        raise UserError(f"{str(meta_path)!r} records no dataset: export it again with moefast export")
+    return program, meta
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run ``moefast predict`` for parsed ``args``."""
+    import torch
+
+    from moefast import export
+
+    if args.batch_size < 1:
+        raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
+    out = Path(args.out)
+    if out.suffix not in OUT_SUFFIXES:
+        raise UserError(f"--out {args.out!r}: scores are written as .csv or .parquet")
+    model_path = Path(args.model)
+    given = {k: v for k, v in given_options(args).items() if k in converters(DATA_OPTIONS)}
+    say = (lambda _m: None) if args.quiet else (lambda m: print(m, file=sys.stderr, flush=True))
+
+    score: Callable[[dict[str, torch.Tensor], torch.Tensor], torch.Tensor]
+    if model_path.suffix == ".pt2":
+        if args.unmerged or args.method:
+            raise UserError("--unmerged and --method apply to a run directory, not a .pt2 program")
+        if not model_path.is_file():
+            raise UserError(f"--model {args.model!r} does not exist")
+        program, meta = _load_program(model_path)
+        record = meta["dataset"]
+        options = given or meta.get("data_options")
+        numeric_names = [str(s["name"]) for s in record["numeric"]]
+        field_names = [str(f["name"]) for f in record["features"]]
+
+        def score(features: dict[str, torch.Tensor], domain: torch.Tensor) -> torch.Tensor:
+            ids = {n: features[n] for n in field_names}
+            if numeric_names:
+                return program(ids, torch.stack([features[n] for n in numeric_names], dim=1), domain)
+            return program(ids, domain)
+
+        what = f"program {model_path}"
+    else:
+        folder = export.method_dir(model_path, args.method) if model_path.exists() else None
+        if folder is None:
+            raise UserError(f"--model {args.model!r} does not exist")
+        options = given or run_data_options(folder)
+        dataset = None
+        if not (folder / "dataset.json").is_file():  # a run older than dataset.json
+            if options is None:
+                raise UserError(f"run directory {str(folder)!r} predates dataset.json and records no data "
+                                "flags: give them")
+            dataset = load_dataset(_data_config(options))
+        loaded = export.load_run(folder, dataset=dataset)
+        record = loaded.record
+        model = loaded.model if args.unmerged else export.merge(loaded.model)
+
+        def score(features: dict[str, torch.Tensor], domain: torch.Tensor) -> torch.Tensor:
+            with torch.no_grad():
+                return model(features, domain)
+
+        what = (f"{'trained' if args.unmerged else 'merged'} {loaded.model.name} / "
+                f"{loaded.model.tower.kind.value} model of {folder}")
+    if options is None:
+        raise UserError("the model records no data flags (a fit() run): give the data flags")
+    if not given:
+        say(f"data: the run's own ({', '.join(f'{k}={v}' for k, v in options.items()) or 'defaults'})")
+    dataset = load_dataset(_data_config(options))
+    check_compatible(record, dataset)
+    split = getattr(dataset, args.split)
+    domain = domain_ids(record, dataset, split.domain)
+    say(f"scoring split {args.split!r} of {dataset.name} ({len(split)} rows) with the {what}")
+    logits = _score_split(split, domain, score, args.batch_size, quiet=args.quiet)
+    _write_scores(out, split, domain, logits, [str(d["name"]) for d in record["domains"]])
+    say(f"scores: {out}")
+    return 0
+
+
+def _score_split(split: Any, domain: Any, score: Callable[..., Any], batch_size: int, *, quiet: bool) -> Any:
+    import torch
+    from tqdm import tqdm
+
+    n = len(split)
+    out = torch.empty(n, dtype=torch.float32)
+    with tqdm(total=n, unit="row", disable=quiet, desc="predict", file=sys.stderr) as bar:
+        for start in range(0, n, batch_size):
+            rows = torch.arange(start, min(start + batch_size, n))
+            batch = split.rows(rows)
+            out[rows] = score(dict(batch.features), domain[rows]).float()
+            bar.update(len(rows))
+    if n and not bool(torch.isfinite(out).all()):
+        row = int(torch.nonzero(~torch.isfinite(out))[0, 0])
+        raise ValueError(f"the model gave a non-finite logit ({out[row].item()}) for row {row}")
+    return out
+
+
+def _write_scores(out: Path, split: Any, domain: Any, logits: Any, domain_names: list[str]) -> None:
+    import numpy as np
+    import pandas as pd
+    import torch
+
+    names = np.array(domain_names, dtype=object)
+    frame = pd.DataFrame({
+        "row": np.arange(len(split), dtype=np.int64),
+        "domain": domain.numpy(),
+        "domain_name": names[domain.numpy()] if len(split) else np.array([], dtype=object),
+        "label": split.label.numpy().astype("int8"),
+        "logit": logits.numpy(),
+        "score": torch.sigmoid(logits.double()).numpy(),
+    })
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    if out.suffix == ".parquet":
+        frame.to_parquet(tmp, index=False)
+    else:
+        frame.to_csv(tmp, index=False)
+    tmp.replace(out)

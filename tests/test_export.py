@@ -1,0 +1,194 @@
+"""``moefast.export.merge``: the per-domain merged tower equals the trained model's eval output.
+
+Freshly built adapters are zero (B = c = 0), so a merge that dropped them would pass on a fresh
+model: every test first randomises B, c, the gate and the embedding tables (trained tables are not
+the 1e-4 start, and the tower's inputs must not vanish). The bound is a relative difference
+``max|merged - model| / max|model| <= 1e-5`` (fp32: both sides round differently, the merge in
+float64 once). Every test also checks that the adapters change the output far beyond that bound,
+so a no-op merge fails.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+import torch
+
+from moefast import models
+from moefast.config import FeatureSpec, Pooling, TowerConfig
+from moefast.data import MultiDomainDataset, Split, load
+from moefast.export import MergedTower, merge, merge_tower, serving_module
+from moefast.nn.tower import DomainGate, Routing
+
+REL = 1e-5
+# The adapters' effect on the logits must be far above REL for a test to tell a merge from none.
+ADAPTER_EFFECT = 1e-3
+BACKBONES = sorted(models.MODELS)
+# (tower kind, experts per domain): base, MLoRA, MoE-MLoRA with 1 and 2 experts per domain.
+TOWERS = [("base", 1), ("mlora", 1), ("moe-mlora", 1), ("moe-mlora", 2)]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread() -> Iterator[None]:
+    """Shapes this small gain nothing from a second thread, and on a loaded 2-core machine the
+    threads' hand-offs cost up to 30x the work."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def dataset() -> MultiDomainDataset:
+    return load("synthetic", preset="paper", rows=1500, num_domains=4, num_users=80, num_items=40)
+
+
+def randomise(model: models.CTRModel, seed: int = 0) -> models.CTRModel:
+    """Random embedding tables, adapter B and c, and gate (A is random from the start)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for table in model.embedding.tables.values():
+            table.copy_(torch.randn(table.shape, generator=g) * 0.3)
+        for layer in model.tower.hidden_layers():
+            layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=g) * 0.3)
+            layer.lora_c.copy_(torch.randn(layer.lora_c.shape, generator=g) * 0.1)
+        for p in model.tower.gate_parameters():
+            p.copy_(torch.randn(p.shape, generator=g))
+    return model.eval()
+
+
+def rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max() / b.abs().max())
+
+
+def shared_only(model: models.CTRModel, features: dict[str, torch.Tensor], domain: torch.Tensor) -> torch.Tensor:
+    """The model's output without its adapters (the shared routing)."""
+    routing, expert = model.tower.routing, model.tower.active_expert
+    model.tower.set_routing(Routing.SHARED)
+    try:
+        with torch.no_grad():
+            return model(features, domain)
+    finally:
+        model.tower.set_routing(routing, expert)
+
+
+def mixed_batch(dataset: MultiDomainDataset, rows: int = 192) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    batch = dataset.test.rows(torch.arange(rows))
+    assert len(set(batch.domain.tolist())) == dataset.num_domains  # every domain, interleaved
+    return dict(batch.features), batch.domain
+
+
+@pytest.mark.parametrize(("kind", "experts"), TOWERS, ids=[f"{k}-{e}" for k, e in TOWERS])
+@pytest.mark.parametrize("name", BACKBONES)
+def test_merged_equals_the_model(dataset: MultiDomainDataset, name: str, kind: str, experts: int) -> None:
+    model = randomise(models.build(name, dataset, kind, experts_per_domain=experts, seed=1))
+    features, domain = mixed_batch(dataset)
+    with torch.no_grad():
+        expected = model(features, domain)
+    merged = merge(model)
+    got = merged(features, domain)
+    assert rel_diff(got, expected) <= REL
+    # The torch-only form the program is exported from computes the same (every backbone).
+    assert rel_diff(serving_module(merge(model, backend="reference"))(features, domain), expected) <= REL
+    if kind != "base":
+        assert rel_diff(shared_only(model, features, domain), expected) > ADAPTER_EFFECT
+    tower = merged.backbone.tower
+    assert isinstance(tower, MergedTower)
+    assert tower.layer(0)[0].shape == (dataset.num_domains, model.tower.layers[0].in_features,
+                                       model.tower.layers[0].out_features)
+
+
+@pytest.mark.parametrize("routing", [Routing.SHARED, Routing.EXPERT])
+def test_every_routing_merges(dataset: MultiDomainDataset, routing: Routing) -> None:
+    """The merge follows the routing the model is in (the expert stage: one expert everywhere)."""
+    model = randomise(models.build("deepfm", dataset, "moe-mlora", experts_per_domain=2, seed=2))
+    model.tower.set_routing(routing, 5 if routing is Routing.EXPERT else None)
+    features, domain = mixed_batch(dataset)
+    with torch.no_grad():
+        expected = model(features, domain)
+    assert rel_diff(merge(model)(features, domain), expected) <= REL
+
+
+def test_merge_does_not_touch_the_model(dataset: MultiDomainDataset) -> None:
+    model = randomise(models.build("wdl", dataset, "mlora", seed=3))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    keys = list(model.state_dict())
+    merged = merge(model)
+    assert list(model.state_dict()) == keys
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert not any(p.requires_grad for p in merged.parameters())
+    with torch.no_grad():
+        next(iter(merged.backbone.embedding.tables.values())).add_(1.0)  # a copy, not shared
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    with pytest.raises(ValueError, match="inference only"):
+        merged.train()
+
+
+def test_awkward_batches(dataset: MultiDomainDataset) -> None:
+    """A domain with no rows, every row in one domain, a single row, no rows at all."""
+    model = randomise(models.build("dcn", dataset, "moe-mlora", seed=4))
+    merged = merge(model)
+    features, domain = mixed_batch(dataset)
+    for rows in (domain != 2, domain == 1, torch.arange(len(domain)) == 7):
+        sub = {k: v[rows] for k, v in features.items()}
+        with torch.no_grad():
+            expected = model(sub, domain[rows])
+        assert rel_diff(merged(sub, domain[rows]), expected) <= REL
+    empty = {k: v[:0] for k, v in features.items()}
+    assert merged(empty, domain[:0]).shape == (0,)
+
+
+def test_an_unknown_domain_is_refused(dataset: MultiDomainDataset) -> None:
+    merged = merge(randomise(models.build("pnn", dataset, "mlora", seed=5)))
+    features, domain = mixed_batch(dataset, 16)
+    for bad in (dataset.num_domains, -1):
+        wrong = domain.clone()
+        wrong[3] = bad
+        with pytest.raises(ValueError, match=f"domain id {bad} is outside"):
+            merged(features, wrong)
+
+
+def test_a_gate_that_sees_more_than_the_domain_is_refused(dataset: MultiDomainDataset) -> None:
+    class FeatureGate(DomainGate):
+        """An extension DESIGN.md allows: a gate that would also read the sample."""
+
+    model = models.build("deepfm", dataset, "moe-mlora", seed=6)
+    gate = FeatureGate(dataset.num_domains, model.tower.num_experts)
+    gate.load_state_dict(model.tower.gate.state_dict())  # type: ignore[union-attr]
+    model.tower.gate = gate
+    with pytest.raises(ValueError, match="FeatureGate, not moefast's DomainGate"):
+        merge(model)
+    model.tower.layers[1] = torch.nn.Linear(4, 4)  # type: ignore[assignment]
+    with pytest.raises(ValueError, match="tower layer 1 is a Linear"):
+        merge_tower(model.tower)
+
+
+def _pooled_dataset() -> MultiDomainDataset:
+    """Single-valued, sum- and mean-pooled fields (with padding and empty bags), 3 domains."""
+    g = torch.Generator().manual_seed(7)
+    specs = (FeatureSpec("user", 30, 8), FeatureSpec("tags", 12, 8, Pooling.SUM),
+             FeatureSpec("genres", 9, 8, Pooling.MEAN))
+
+    def split(n: int) -> Split:
+        tags = torch.randint(0, 12, (n, 5), generator=g)
+        tags[:, 3:] = 0  # right padding
+        genres = torch.randint(1, 9, (n, 4), generator=g)
+        genres[::5] = 0  # empty bags
+        return Split({"user": torch.randint(0, 30, (n,), generator=g), "tags": tags, "genres": genres},
+                     torch.arange(n) % 3, (torch.rand(n, generator=g) < 0.5).float())
+
+    return MultiDomainDataset("pooled", specs, ("a", "b", "c"), split(60), split(20), split(40))
+
+
+@pytest.mark.parametrize("name", ["deepfm", "fibinet"])
+def test_pooled_fields(name: str) -> None:
+    """Multi-valued fields: torch's lookups in the exported form pool as moefast's do."""
+    dataset = _pooled_dataset()
+    model = randomise(models.build(name, dataset, "moe-mlora", seed=8,
+                                   tower_config=TowerConfig(hidden_units=(32, 16))))
+    batch = dataset.test.rows(torch.arange(40))
+    with torch.no_grad():
+        expected = model(batch.features, batch.domain)
+    serving = serving_module(merge(model, backend="reference"))
+    assert rel_diff(serving(dict(batch.features), batch.domain), expected) <= REL
