@@ -298,10 +298,10 @@ class TableSchema:
         cuts = sr.opt("cuts", list)
         split = SplitSpec(
             kind=kind,
-            fractions=_triple(source, "split.fractions", fractions, float),  # type: ignore[arg-type]
+            fractions=_triple(source, "split.fractions", fractions, float),
             seed=sr.get("seed", int, SPLIT_SEED, lo=0),
             column=sr.opt("column", str),
-            values=_triple(source, "split.values", values, str),  # type: ignore[arg-type]
+            values=_triple(source, "split.values", values, str),
             cuts=None if cuts is None else _pair(source, "split.cuts", cuts),
         )
         sr.done()
@@ -354,7 +354,7 @@ def _triple(source: str, where: str, value: list[Any], kind: type) -> tuple[Any,
     if len(value) != 3 or any(isinstance(v, bool) or not isinstance(v, (int, float) if kind is float else kind)
                               for v in value):
         raise ValueError(f"{source}: {where} must be three {kind.__name__} values, got {value!r}")
-    return tuple(kind(v) for v in value)  # type: ignore[return-value]
+    return tuple(kind(v) for v in value)
 
 
 def _pair(source: str, where: str, value: list[Any]) -> tuple[float, float]:
