@@ -79,43 +79,47 @@ def _locate_bad_row(path: Path, header: list[str], int_columns: tuple[str, ...])
                     raise RawFormatError(path, number, col, f"{problem}: {row[pos]!r}")
 
 
-def _int_columns(path: Path, header: list[str], frame: pd.DataFrame, columns: tuple[str, ...]) -> None:
-    """Parse ``frame``'s text ``columns`` in place under the strict integer grammar; on a bad
-    value, rescan the file so that the error names its line."""
-    for col in columns:
+def _int_columns(path: Path, header: list[str], columns: dict[str, object]) -> dict[str, np.ndarray]:
+    """The text ``columns`` (name -> values) parsed under the strict integer grammar; on a bad
+    value, the file is rescanned so that the error names its line."""
+    parsed = {}
+    for col, values in columns.items():
         try:
-            frame[col] = parse_int_column(frame[col].tolist())
+            parsed[col] = parse_int_column(values)  # type: ignore[arg-type]
         except BadInteger as e:
-            _locate_bad_row(path, header, columns)
+            _locate_bad_row(path, header, tuple(columns))
             raise RawFormatError(path, None, col, str(e)) from None
+    return parsed
 
 
 def _read_clicks(path: Path) -> pd.DataFrame:
+    import pyarrow as pa
+    import pyarrow.csv as pacsv
+
     check_text(path, "utf-8")
     header = _header(path)
     for col in _COLUMNS:
         if col not in header:
             raise RawFormatError(path, 1, col, f"missing column (header is {header})")
-    # Every column as text (the ids are parsed strictly below). One spare column catches rows
-    # with an extra field (pandas would otherwise drop it or shift it into an index); a missing
-    # field reads as NaN. Either sends the file to the line scan, which names the line.
-    names = [*header, "__extra__"]
+    # Every column as text, the ids parsed strictly below. Arrow refuses a row with a missing
+    # or extra field; the line scan then names the line.
     try:
-        frame = pd.read_csv(path, header=None, skiprows=1, names=names, index_col=False, dtype=str,
-                            keep_default_na=False, na_values=[""], engine="c", on_bad_lines="error")
-    except (ValueError, pd.errors.ParserError) as e:
+        table = pacsv.read_csv(
+            path,
+            read_options=pacsv.ReadOptions(column_names=header, skip_rows=1),
+            parse_options=pacsv.ParseOptions(newlines_in_values=True),  # as the csv module reads them
+            convert_options=pacsv.ConvertOptions(column_types={c: pa.string() for c in header},
+                                                 include_columns=list(_COLUMNS), strings_can_be_null=False),
+        )
+    except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
         _locate_bad_row(path, header, _INT_COLUMNS)
-        raise RawFormatError(path, None, None, str(e)) from None
-    missing = frame[list(_COLUMNS)].isna()
-    suspect = missing.any(axis=1).to_numpy() | frame["__extra__"].notna().to_numpy()
-    if suspect.any():
-        _locate_bad_row(path, header, _INT_COLUMNS)
-        bad = int(np.flatnonzero(suspect)[0])
-        empty = [c for c in _COLUMNS if missing[c].iloc[bad]]
-        raise RawFormatError(path, bad + 2, empty[0] if empty else None, "empty")
-    frame = frame[list(_COLUMNS)].copy()
-    _int_columns(path, header, frame, _INT_COLUMNS)
-    return frame
+        raise RawFormatError(path, None, None, str(e).splitlines()[0]) from None
+    ids = _int_columns(path, header, {c: table.column(c) for c in _INT_COLUMNS})
+    reach = table.column("reach_time").to_numpy(zero_copy_only=False)
+    empty = np.flatnonzero(reach == "")
+    if empty.size:
+        raise RawFormatError(path, int(empty[0]) + 2, "reach_time", "empty")
+    return pd.DataFrame({**ids, "reach_time": reach})
 
 
 def _read_embeddings(path: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -125,8 +129,7 @@ def _read_embeddings(path: Path) -> tuple[np.ndarray, np.ndarray]:
     if frame.shape[1] < 2:
         raise RawFormatError(path, 1, None, "expected an id column and a vector (one text column or several numbers)")
     id_col = str(frame.columns[0])
-    _int_columns(path, [str(c) for c in frame.columns], frame, (id_col,))
-    ids = frame[id_col].to_numpy()
+    ids = _int_columns(path, [str(c) for c in frame.columns], {id_col: frame[id_col]})[id_col]
     if frame.shape[1] == 2:
         text = frame.iloc[:, 1].str.replace(",", " ", regex=False)
         rows = text.str.split()
