@@ -132,3 +132,15 @@ def test_recorded_model_and_tower_are_compared(ds: MultiDomainDataset, tmp_path:
     assert load_checkpoint(path, target)["model"] == "deepfm"
     for key, tensor in source.state_dict().items():
         assert torch.equal(target.state_dict()[key], tensor), key
+
+
+def test_recorded_dataset_is_compared_when_the_caller_names_one(ds: MultiDomainDataset, tmp_path: Path) -> None:
+    source: CTRModel = models.build("deepfm", ds, "mlora", tower_config=SMALL, seed=1)
+    target: CTRModel = models.build("deepfm", ds, "mlora", tower_config=SMALL, seed=2)
+    before = _snapshot(target)
+    path = save_checkpoint(tmp_path / "c.pt", source, "joint", {"model": "deepfm", "dataset": "movielens-1m"})
+    with pytest.raises(ValueError, match=r"c\.pt.*saved from dataset 'movielens-1m' \(the dataset: 'other'\)"):
+        load_checkpoint(path, target, dataset="other")
+    _assert_untouched(target, before)
+    assert load_checkpoint(path, target, dataset="movielens-1m")["dataset"] == "movielens-1m"
+    assert load_checkpoint(path, target)["stage"] == "joint"  # no dataset named: not compared

@@ -102,7 +102,7 @@ def resume_config(run_dir: str, options: Mapping[str, Any]) -> tuple[RunConfig, 
         raise UserError(f"--resume {run_dir!r}: no such run directory")
     if not recorded_file.is_file():
         raise UserError(f"--resume {run_dir!r}: holds no config.toml (not a moefast train run directory, or "
-                        f"killed before it began); start it again with --out {run_dir} --overwrite")
+                        f"killed while its data loaded, before training began); start it again with --out {run_dir}")
     if options.get("overwrite"):
         raise UserError("--resume continues a run and --overwrite replaces it: give one of them")
     if "out" in options and Path(options["out"]) != where:
@@ -198,7 +198,6 @@ def _train(config: RunConfig, quiet: bool, *, resume: bool = False) -> int:
 
     from moefast import models
     from moefast.ops._backend import parse_backend
-    from moefast.train.atomic import atomic_write
     from moefast.train.rundir import RunDirectoryError, claim_run_dir
 
     if config.backend is not None:
@@ -229,9 +228,6 @@ def _train(config: RunConfig, quiet: bool, *, resume: bool = False) -> int:
     except RunDirectoryError as exc:
         raise UserError(f"{'--resume' if resume else '--out'}: {exc}") from None
     with claim:
-        if not resume:  # first, so that a run killed at any later point can be resumed
-            text = config_toml(config)
-            atomic_write(out / "config.toml", lambda handle: handle.write(text.encode()))
         return _train_into(config, quiet, out, resume=resume)
 
 
