@@ -175,7 +175,14 @@ def test_check_text_counts_lines_across_chunks(tmp_path: Path, monkeypatch: pyte
     monkeypatch.setattr(_raw, "_TEXT_CHUNK", 7)
     path = tmp_path / "t.csv"
     path.write_bytes("ab\ncé\néé\nx".encode() + b"\xff\n")
-    with pytest.raises(_raw.RawFormatError, match=r"t\.csv, line 4: not utf-8 text: byte 0xff at byte 2"):
+    with pytest.raises(_raw.RawFormatError, match=r"t\.csv, line 4: not utf-8 text: byte 0xff at byte 2 "):
+        _raw.check_text(path, "utf-8")
+    # A line longer than a chunk, and a bad byte on the first line: columns count from the line.
+    path.write_bytes("ééé abcdefgh é".encode() + b"\xe9!\nok\n")
+    with pytest.raises(_raw.RawFormatError, match=r"line 1: not utf-8 text: byte 0xe9 at byte 19 "):
+        _raw.check_text(path, "utf-8")
+    path.write_bytes(b"ab\n" + "ééé abcdefgh é".encode() + b"\xe9!\n")
+    with pytest.raises(_raw.RawFormatError, match=r"line 2: not utf-8 text: byte 0xe9 at byte 19 "):
         _raw.check_text(path, "utf-8")
     path.write_bytes("ab\ncé\néé\nx\n".encode())
     _raw.check_text(path, "utf-8")

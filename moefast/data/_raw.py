@@ -62,8 +62,10 @@ def int_problem(text: object) -> str | None:
     (`` 5``), ``1_0``, ``5.0``, ``4.9999999999999999``, ``1e1``, ``0x5``, non-ASCII digits, and
     anything int64 cannot hold. No column of these datasets' documented formats is negative.
     """
-    if not isinstance(text, str) or not text:
+    if text is None or text == "" or (isinstance(text, float) and text != text):  # a NaN: a missing field
         return "empty, not an integer"
+    if not isinstance(text, str):
+        return f"not text ({type(text).__name__})"
     if not (text.isascii() and text.isdigit()):
         return "not an integer (ASCII digits 0-9 only: no sign, space, '_', '.', exponent or prefix)"
     if len(text) > _SAFE_DIGITS and int(text) > INT64_MAX:
@@ -145,23 +147,26 @@ def check_text(path: Path, encoding: str) -> None:
     """
     decoder = codecs.getincrementaldecoder(encoding)()
     lines_before = 0
+    since_newline = 0  # bytes read after the last newline, before this chunk
     with path.open("rb") as f:
         while True:
             chunk = f.read(_TEXT_CHUNK)
             try:
                 decoder.decode(chunk, final=not chunk)
             except UnicodeDecodeError as e:
-                # e.object is the decoder's pending bytes (a partial character, never a newline)
-                # plus this chunk; e.start indexes into it.
+                # e.object is the decoder's pending bytes (the start of a character cut by the
+                # previous chunk, never a newline) plus this chunk; e.start indexes into it.
                 head = e.object[: e.start]
                 line = lines_before + head.count(b"\n") + 1
-                column = e.start - (head.rfind(b"\n") + 1) + 1 if b"\n" in head else None
-                where = f" at byte {column} of the line" if column is not None else ""
-                raise RawFormatError(path, line, None, f"not {encoding} text: byte "
-                                     f"{e.object[e.start]:#04x}{where} ({e.reason})") from None
+                pending = len(e.object) - len(chunk)
+                column = e.start - head.rfind(b"\n") if b"\n" in head else since_newline - pending + e.start + 1
+                raise RawFormatError(path, line, None, f"not {encoding} text: byte {e.object[e.start]:#04x} "
+                                     f"at byte {column} of the line ({e.reason})") from None
             if not chunk:
                 return
-            lines_before += chunk.count(b"\n")
+            newlines = chunk.count(b"\n")
+            lines_before += newlines
+            since_newline = len(chunk) - chunk.rfind(b"\n") - 1 if newlines else since_newline + len(chunk)
 
 
 def need_dir(raw_dir: str | os.PathLike[str] | None, source: str) -> Path:
