@@ -68,8 +68,8 @@ def _lines(path: Path) -> Iterator[tuple[int, str]]:
                     raise RawFormatError(path, number, None, f"not utf-8 text: byte {raw[e.start]:#04x} "
                                          f"at byte {e.start + 1} of the line ({e.reason})") from None
     except (EOFError, OSError, zlib.error) as e:
-        raise RawFormatError(path, number + 1, None,
-                             f"cannot be read from here on: truncated or corrupt gzip data ({e})") from None
+        what = "truncated or corrupt gzip data" if path.suffix == ".gz" else "read error"
+        raise RawFormatError(path, number + 1, None, f"cannot be read from here on: {what} ({e})") from None
 
 
 def _read_reviews(path: Path) -> tuple[list[str], list[str]]:
