@@ -6,6 +6,8 @@
     <run>/metrics.json         the schema of DESIGN.md section 5 (keys may be added, not renamed)
     <run>/predictions.csv      the test split: domain, label, score (probability)
     <run>/checkpoints/NN_<stage>.pt   one per stage, best weights, atomic
+    <run>/settings.json        what a resume must share: data fingerprint, model, options
+    <run>/resume.pt            the last resume snapshot (moefast.train.resume)
     <run>/val_auc.png          validation AUC per epoch, one line per stage
     <run>/per_domain_auc.png   test AUC per domain
     <run>/gate_weights.png     MoE-MLoRA only: gate weight of every expert for every domain
@@ -13,13 +15,14 @@
 Predictions are ``CSV``; Parquet outputs come with the tabular source (pyarrow is a declared
 dependency).
 
-A run directory belongs to one run (:func:`claim_run_dir`). The run writes a marker,
+Every file is written atomically (:func:`moefast.train.atomic.atomic_write`). A run directory
+belongs to one run (:func:`claim_run_dir`). The run writes a marker,
 ``<run>/.moefast-run`` (JSON: format, moefast version, creation time, pid), and holds an
 exclusive ``fcntl.flock`` on it while it runs, so a second live process on the same directory is
 refused. A directory that already holds anything besides the marker is refused unless
 ``overwrite`` is given, and ``overwrite`` clears only a directory that carries the marker (what
 a previous run left: checkpoints of another plan, ``metrics.json``, ``.tmp`` files), never an
-arbitrary folder.
+arbitrary folder; ``resume`` keeps it to continue the run.
 """
 
 from __future__ import annotations
