@@ -28,6 +28,7 @@ class _Doubled(nn.Embedding):
 # (module, option named in the error, error type): refused by both entry points.
 REFUSED = [
     (lambda: nn.Embedding(10, 4, max_norm=1.0), "max_norm", ValueError),
+    (lambda: nn.Embedding(10, 4, max_norm=0.0), "max_norm=0.0", ValueError),  # 0.0 == False, still a norm
     (lambda: nn.EmbeddingBag(10, 4, max_norm=1.0, norm_type=1.0, padding_idx=0), "max_norm", ValueError),
     (lambda: nn.Embedding(10, 4, scale_grad_by_freq=True), "scale_grad_by_freq", ValueError),
     (lambda: nn.EmbeddingBag(10, 4, scale_grad_by_freq=True, padding_idx=0), "scale_grad_by_freq", ValueError),
@@ -122,7 +123,7 @@ def test_frozen_table_is_not_updated_by_a_fused_optimizer() -> None:
 def test_sparse_modules_give_the_same_sparse_gradient() -> None:
     torch.manual_seed(0)
     module = nn.EmbeddingBag(12, 4, mode="sum", padding_idx=0, sparse=True)
-    with pytest.raises(ValueError, match=r"'f'.*sparse=True.*dense gradients"):
+    with pytest.raises(ValueError, match=r"'f'.*sparse=True.*gives dense gradients"):
         EmbeddingCollection.from_torch({"f": module})
     emb = EmbeddingCollection.from_torch({"f": module}, sparse=True)
     ids = _batch()["tags"]

@@ -15,13 +15,11 @@ from moefast.config import Pooling
 __all__ = ["check_collection_padding", "check_padding_row", "check_torch_embedding"]
 
 # Options whose every non-default value changes what the module computes, and why the op
-# cannot: (attribute, nn class it exists on, what torch does with it).
+# cannot (``include_last_offset`` exists on ``nn.EmbeddingBag`` only).
 _UNSUPPORTED = (
-    ("max_norm", nn.Embedding, "torch renormalises the looked-up rows of the weight in place"),
-    ("max_norm", nn.EmbeddingBag, "torch renormalises the looked-up rows of the weight in place"),
-    ("scale_grad_by_freq", nn.Embedding, "torch divides each row's gradient by its count in the batch"),
-    ("scale_grad_by_freq", nn.EmbeddingBag, "torch divides each row's gradient by its count in the batch"),
-    ("include_last_offset", nn.EmbeddingBag, "torch reads offsets as B + 1 bounds, not B bag starts"),
+    ("max_norm", "torch renormalises the looked-up rows of the weight in place"),
+    ("scale_grad_by_freq", "torch divides each row's gradient by its count in the batch"),
+    ("include_last_offset", "torch reads offsets as B + 1 bounds, not B bag starts"),
 )
 
 
@@ -46,13 +44,13 @@ def check_torch_embedding(module: nn.Module, name: str, *, sparse: bool | None) 
     kind = f"{name} (nn.{base.__name__})"
     if type(module).forward is not base.forward:
         raise ValueError(f"{kind}: {type(module).__name__} overrides forward, so moefast cannot know what it computes")
-    for option, owner, why in _UNSUPPORTED:
+    for option, why in _UNSUPPORTED:
         value = getattr(module, option, None)
-        if owner is base and value not in (None, False):
+        if value is not None and value is not False:  # max_norm=0.0 renormalises too
             raise ValueError(f"{kind}: {option}={value!r} is not supported by moefast's embedding op ({why})")
     if sparse is not None and bool(module.sparse) != sparse:
-        raise ValueError(f"{kind}: sparse={module.sparse!r}, but the moefast module gives "
-                         f"{'sparse' if sparse else 'dense'} gradients (pass sparse={module.sparse!r})")
+        raise ValueError(f"{kind}: sparse={module.sparse!r}, but the moefast module that replaces it gives "
+                         f"{'sparse' if sparse else 'dense'} gradients")
     if module.weight.dtype != torch.float32:
         raise TypeError(f"{kind}: moefast embeddings hold float32 tables, got {module.weight.dtype}")
     if base is nn.Embedding:
