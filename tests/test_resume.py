@@ -98,11 +98,16 @@ def _in_child(work: Callable[[], None], fault: str | None, kill_after: float | N
             os._exit(code)
     if kill_after is not None:
         time.sleep(kill_after)
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    return os.waitpid(pid, 0)[1]
+        os.kill(pid, signal.SIGKILL)  # a zombie until reaped below: never ProcessLookupError
+    deadline = time.monotonic() + 120  # a hung child fails the test instead of hanging it
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return status
+        time.sleep(0.02)
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    raise AssertionError(f"the training child {pid} did not finish within 120 s")
 
 
 def _killed(status: int) -> bool:
