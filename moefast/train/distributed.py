@@ -55,6 +55,7 @@ __all__ = [
     "current",
     "end_stage",
     "init_from_env",
+    "restarted",
     "shard_bounds",
     "slice_batch",
 ]
@@ -406,6 +407,12 @@ def init_from_env(device: str = "cpu") -> DataParallel | None:
         elif "OMP_NUM_THREADS" not in os.environ:
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
     return current(device)
+
+
+def restarted() -> bool:
+    """Whether torchrun restarted this job after a failure (``TORCHELASTIC_RESTART_COUNT > 0``):
+    ``moefast train`` then resumes the run from its last snapshot."""
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or "0") > 0
 
 
 _CONTEXT: dict[tuple[int, str], DataParallel] = {}

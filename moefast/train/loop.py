@@ -397,10 +397,10 @@ def fit(
             raise ValueError(f"fit({'overwrite' if overwrite else 'resume'}=True) needs an out_dir")
         return _fit(model, dataset, config, backend, None)
     parallel = distributed.current(config.device)
-    if resume and parallel is not None:
-        raise ValueError("fit(resume=True) is not supported under torch.distributed yet")
     if parallel is not None and not parallel.is_writer:
-        return _fit(model, dataset, config, backend, None)  # rank 0 alone writes
+        # Rank 0 alone writes; resuming, every rank reads its snapshot (one machine, or a
+        # shared file system), so that all continue from the same state.
+        return _fit(model, dataset, config, backend, None, resume_from=Path(out_dir) if resume else None)
     with claim_run_dir(out_dir, overwrite=overwrite, resume=resume) as run_dir:
         return _fit(model, dataset, config, backend, run_dir, resume=resume)
 
@@ -413,6 +413,7 @@ def _fit(
     claim: RunDirectory | None,
     *,
     resume: bool = False,
+    resume_from: Path | None = None,
 ) -> FitResult:
     out_dir = None if claim is None else claim.path
     backend_name = _set_backend(model, backend, torch.device(config.device))
@@ -421,6 +422,9 @@ def _fit(
     if out_dir is not None:
         _check_run_settings(out_dir, model, dataset, config, backend_name, resume)
         snapshot = load_snapshot(out_dir) if resume else None
+    elif resume_from is not None:  # a data-parallel rank other than 0 (see fit)
+        snapshot = load_snapshot(resume_from)
+    source = out_dir if out_dir is not None else resume_from
     parallel = distributed.current(config.device)
     device = torch.device(config.device) if parallel is None else parallel.device
     model.to(device)
@@ -438,15 +442,17 @@ def _fit(
     records: list[StageRecord] = []
     in_stage: dict[str, Any] | None = None
     if snapshot is not None:
-        assert out_dir is not None
-        records, in_stage = _restore_snapshot(out_dir / SNAPSHOT, snapshot, plan, ckpt_dir, generator, device)
+        assert source is not None
+        records, in_stage = _restore_snapshot(source / SNAPSHOT, snapshot, plan, source / "checkpoints", generator, device)
+    restored = len(records) if snapshot is not None and in_stage is None else -1
     try:
         with preemption(out_dir is not None) as stop:
             saver = None if out_dir is None else _Saver(out_dir, generator, device, stop, records)
             for index in range(len(records), len(plan)):
                 step = plan[index]
-                if records and (parallel is None or parallel.is_writer):
-                    # Other ranks hold the same state in memory (only rank 0 writes checkpoints).
+                if records and (parallel is None or parallel.is_writer or index == restored):
+                    # Other ranks hold the same state in memory (only rank 0 writes checkpoints),
+                    # except right after a resume.
                     previous = records[-1]
                     assert previous.checkpoint is not None
                     load_checkpoint(previous.checkpoint, model, expected_stage=previous.label, dataset=dataset.name)
