@@ -4,6 +4,7 @@ warned about (docs/cli.md, "Options that do nothing")."""
 from __future__ import annotations
 
 import itertools
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -84,6 +85,24 @@ def test_options_a_method_uses_pass_and_read_back(
     written.write_text(cli_train.config_toml(config))
     again, _ = cli_train.resolve_config(cli_train.read_config(str(written)))
     _applies.check_run(again)
+    assert capsys.readouterr().err == ""
+
+
+def test_each_methods_own_config_reads_back_alone(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # A multi-method run writes each method's config.toml; MoE-MLoRA's options stay in its own
+    # and leave the others', which then read back as runs of that method alone.
+    args = cli.build_parser().parse_args(["train", "--method", "all", "--experts-per-domain", "2", "--gate-init",
+                                          "random", "--gate-max-epochs", "2", "--mlora-mode", "pretrain-freeze"])
+    config, _ = cli_train.resolve_config(cli_train.given_options(args))
+    for kind in TowerKind:
+        written = tmp_path / f"{kind.value}.toml"
+        written.write_text(cli_train.config_toml(replace(config, methods=(kind,))))
+        again, _ = cli_train.resolve_config(cli_train.read_config(str(written)))
+        _applies.check_run(again)
+        moe = kind is TowerKind.MOE_MLORA
+        assert (again.experts_per_domain, again.gate_init is not None, again.train.gate_max_epochs) == (
+            (2, True, 2) if moe else (1, False, None))
+        assert (again.train.mlora_mode.value == "pretrain-freeze") == (kind is TowerKind.MLORA)
     assert capsys.readouterr().err == ""
 
 

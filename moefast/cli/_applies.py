@@ -11,7 +11,7 @@ any run reads back without a complaint.
 from __future__ import annotations
 
 import sys
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
 from moefast.cli._options import UserError
@@ -24,44 +24,66 @@ from moefast.config import (
     TrainConfig,
 )
 
-__all__ = ["check_dataset_options", "check_options", "check_run", "inapplicable", "redundant", "warn"]
+__all__ = [
+    "check_dataset_options",
+    "check_options",
+    "check_run",
+    "inapplicable",
+    "redundant",
+    "unused_keys",
+    "warn",
+]
+
+_MOE = "moe-mlora only"
+_LATER = "the stages after the backbone's (moe-mlora, or mlora under --mlora-mode pretrain-freeze)"
+# The options that only some methods use: key (the TOML name) -> (default, what uses it).
+_SCOPED: dict[str, tuple[object, str]] = {
+    "experts_per_domain": (1, _MOE),
+    "gate_init": (None, _MOE),
+    "gate_own_weight": (None, _MOE),
+    "expert_max_epochs": (None, _MOE),
+    "gate_max_epochs": (None, _MOE),
+    "expert_stop": (ExpertStopRule.OWN_DOMAIN, _MOE),
+    "mlora_mode": (MLoRAMode.JOINT, "mlora only"),
+    "train_backbone_in_later_stages": (False, _LATER),
+}
 
 
-def _names(methods: Collection[TowerKind]) -> str:
-    return ", ".join(m.value for m in methods)
+def unused_keys(methods: Collection[TowerKind], train: TrainConfig) -> set[str]:
+    """The keys of :data:`_SCOPED` that none of ``methods`` uses (a method's own ``config.toml``
+    leaves them out, so that it reads back for that method alone)."""
+    moe = TowerKind.MOE_MLORA in methods
+    uses = {_MOE: moe, "mlora only": TowerKind.MLORA in methods,
+            _LATER: moe or (TowerKind.MLORA in methods and train.mlora_mode is MLoRAMode.PRETRAIN_FREEZE)}
+    return {key for key, (_, user) in _SCOPED.items() if not uses[user]}
+
+
+def _shown(value: object) -> str:
+    if isinstance(value, tuple):
+        return ",".join(_shown(v) for v in value)
+    return str(getattr(value, "value", value))
 
 
 def inapplicable(
-    methods: Collection[TowerKind], train: TrainConfig, moe_options: Sequence[str] = ()
+    methods: Collection[TowerKind], train: TrainConfig, run_options: Mapping[str, object] | None = None
 ) -> list[str]:
-    """One message per option (set away from its default) that none of ``methods`` uses.
+    """One message per option, set away from its default, that none of ``methods`` uses.
 
     Args:
         methods: the towers the run trains.
         train: its training options.
-        moe_options: run-level options the caller found set that only MoE-MLoRA uses (flags
-            such as ``--experts-per-domain 2``, ``--gate-init random``).
+        run_options: the run-level options the caller found set (``experts_per_domain``,
+            ``gate_init``, ``gate_own_weight``), by key.
     """
+    values = {**{k: getattr(train, k) for k in _SCOPED if hasattr(train, k)}, **(run_options or {})}
+    trains = ", ".join(m.value for m in methods)
     problems = []
-    trains = f"this run trains {_names(methods)} (--method)"
-    if TowerKind.MOE_MLORA not in methods:
-        moe = [*moe_options]
-        for flag, value, default in (
-            ("--expert-max-epochs", train.expert_max_epochs, None),
-            ("--gate-max-epochs", train.gate_max_epochs, None),
-            ("--expert-stop", train.expert_stop, ExpertStopRule.OWN_DOMAIN),
-        ):
-            if value != default:
-                moe.append(f"{flag} {getattr(value, 'value', value)}")
-        problems += [f"{option} applies to moe-mlora only, and {trains}" for option in moe]
-    if TowerKind.MLORA not in methods and train.mlora_mode is not MLoRAMode.JOINT:
-        problems.append(f"--mlora-mode {train.mlora_mode.value} applies to mlora only, and {trains}")
-    later = TowerKind.MOE_MLORA in methods or (
-        TowerKind.MLORA in methods and train.mlora_mode is MLoRAMode.PRETRAIN_FREEZE
-    )
-    if train.train_backbone_in_later_stages and not later:
-        problems.append("--train-backbone-in-later-stages applies to the stages after the backbone's "
-                        f"(moe-mlora, or mlora under --mlora-mode pretrain-freeze), and {trains}")
+    for key in sorted(unused_keys(methods, train), key=list(_SCOPED).index):
+        default, user = _SCOPED[key]
+        value = values.get(key, default)
+        if value != default:
+            flag = "--" + key.replace("_", "-") + ("" if value is True else f" {_shown(value)}")
+            problems.append(f"{flag} applies to {user}, and this run trains {trains} (--method)")
     return problems
 
 
@@ -81,24 +103,15 @@ def redundant(train: TrainConfig, given: Collection[str] = ()) -> list[str]:
     return notes
 
 
-def moe_run_options(config: RunConfig) -> list[str]:
-    """The run-level MoE-MLoRA options ``config`` sets away from their defaults."""
-    found = []
-    if config.experts_per_domain != 1:
-        found.append(f"--experts-per-domain {config.experts_per_domain}")
-    if config.gate_init is not None:
-        found.append(f"--gate-init {config.gate_init.value}")
-    if config.gate_own_weight is not None:
-        found.append(f"--gate-own-weight {config.gate_own_weight}")
-    return found
-
-
 def check_options(
-    methods: Collection[TowerKind], train: TrainConfig, moe_options: Sequence[str] = (), given: Collection[str] = ()
+    methods: Collection[TowerKind],
+    train: TrainConfig,
+    run_options: Mapping[str, object] | None = None,
+    given: Collection[str] = (),
 ) -> None:
     """Before any data loads: :class:`UserError` naming every option that does nothing for
     ``methods`` (:func:`inapplicable`); a warning for each redundant one (:func:`redundant`)."""
-    problems = inapplicable(methods, train, moe_options)
+    problems = inapplicable(methods, train, run_options)
     if problems:
         raise UserError("; ".join(problems) + ": drop it, or train the method it applies to")
     warn(redundant(train, given))
@@ -106,7 +119,8 @@ def check_options(
 
 def check_run(config: RunConfig, given: Collection[str] = ()) -> None:
     """:func:`check_options` for a ``moefast train`` configuration."""
-    check_options(config.methods, config.train, moe_run_options(config), given)
+    run_options = {k: getattr(config, k) for k in ("experts_per_domain", "gate_init", "gate_own_weight")}
+    check_options(config.methods, config.train, run_options, given)
 
 
 def check_dataset_options(train: TrainConfig, dataset: Any) -> None:

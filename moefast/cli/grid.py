@@ -134,9 +134,8 @@ def run(args: argparse.Namespace) -> int:
         config, quiet = resolve_grid(options)
     except (TypeError, ValueError) as exc:
         raise UserError(str(exc)) from None
-    experts = [f"--experts-per-domain {','.join(map(str, config.experts_per_domain))}"]
-    check_options(config.methods, config.train, experts if "experts_per_domain" in options else [],
-                  given_options(args))
+    experts = {"experts_per_domain": config.experts_per_domain} if "experts_per_domain" in options else None
+    check_options(config.methods, config.train, experts, given_options(args))
     if config.backend is not None:
         try:
             parse_backend(config.backend)

@@ -19,7 +19,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from moefast.cli._applies import check_dataset_options, check_run
+from moefast.cli._applies import check_dataset_options, check_run, unused_keys
 from moefast.cli._options import (
     DATA_OPTIONS,
     RUN_OPTIONS,
@@ -161,8 +161,11 @@ def config_toml(config: RunConfig) -> str:
               ("gate_init", config.gate_init), ("gate_own_weight", config.gate_own_weight)]
     items += [(f.name, getattr(config.train, f.name)) for f in dataclasses.fields(config.train)
               if f.name in OPTIONS]
+    # Options no method of this config uses are left out: a method's own file of a multi-method
+    # run then reads back for that method alone (docs/cli.md, "Options that do nothing").
+    unused = unused_keys(config.methods, config.train)
     for key, value in items:
-        if value is not None:
+        if value is not None and key not in unused:
             lines.append(f"{key} = {_toml_value(value)}")
     return "\n".join(lines) + "\n"
 
