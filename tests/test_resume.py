@@ -13,6 +13,7 @@ import json
 import os
 import random
 import signal
+import subprocess
 import sys
 import time
 import traceback
@@ -156,13 +157,42 @@ def test_rowwise_adagrad_under_seeds_compat_resumes_mid_stage(tmp_path: Path, re
     assert_same_run(run, reference["rowwise-adagrad"])
 
 
-def test_sigterm_stops_at_a_step_and_the_cli_resumes_each_method(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
-) -> None:
-    flags = ["train", "--rows", "600", "--num-domains", "2", "--num-users", "40", "--num-items", "30",
+CLI_FLAGS = ["train", "--rows", "600", "--num-domains", "2", "--num-users", "40", "--num-items", "30",
              "--max-epochs", "2", "--batch-size", "128", "--method", "base,moe-mlora", "--quiet",
              "--embedding-optimizer", "lazy-adam", "--backend", "fast", "--seed", "3"]
-    assert cli.main([*flags, "--out", str(tmp_path / "whole")]) == 0
+
+
+@pytest.fixture(scope="module")
+def cli_reference(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The uninterrupted two-method command-line run, at one thread."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    whole = tmp_path_factory.mktemp("cli") / "whole"
+    assert cli.main([*CLI_FLAGS, "--out", str(whole)]) == 0
+    torch.set_num_threads(threads)
+    return whole
+
+
+def test_a_moefast_train_process_killed_mid_epoch_resumes_from_the_command_line(
+    tmp_path: Path, cli_reference: Path
+) -> None:
+    """A fresh interpreter running ``python -m moefast train``, SIGKILLed inside the first
+    method's second epoch; ``moefast train --resume`` finishes both methods."""
+    run = tmp_path / "run"
+    env = {**os.environ, FAULT_ENV: "kill:step:0:2:1", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "moefast", *CLI_FLAGS, "--out", str(run)], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == -signal.SIGKILL, done.stderr
+    assert (run / "base" / SNAPSHOT).is_file() and not (run / "moe-mlora").exists()
+    assert cli.main(["train", "--resume", str(run)]) == 0
+    for method in ("base", "moe-mlora"):
+        assert_same_run(run / method, cli_reference / method)
+
+
+def test_sigterm_stops_at_a_step_and_the_cli_resumes_each_method(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], cli_reference: Path
+) -> None:
+    flags = CLI_FLAGS
     # SIGTERM (a scheduler's preemption) in the second method's expert_1 stage, epoch 1, batch 1.
     monkeypatch.setenv(FAULT_ENV, "term:step:2:1:1")
     run = tmp_path / "run"
@@ -182,7 +212,7 @@ def test_sigterm_stops_at_a_step_and_the_cli_resumes_each_method(
     # The same flags, or none, continue it.
     assert cli.main(["train", "--resume", str(run), "--quiet", "--max-epochs", "2"]) == 0
     for method in ("base", "moe-mlora"):
-        assert_same_run(run / method, tmp_path / "whole" / method)
+        assert_same_run(run / method, cli_reference / method)
     assert (run / "table.txt").read_text() != ""
 
 
