@@ -99,6 +99,15 @@ def check_compatible(record: Mapping[str, Any], dataset: Any) -> None:
     name = str(info.get("source", dataset.name))
     if name != source.get("name"):
         raise UserError(f"the model was trained on source {source.get('name')!r}, the data is {name!r}")
+    if source.get("id_map") == "vocabulary":
+        from moefast.export._records import vocabulary_digest
+
+        if vocabulary_digest(dataset) != source.get("vocabulary"):
+            raise UserError(
+                f"dataset {dataset.name!r} maps raw values through other vocabularies than the run's "
+                "vocab.json: load it with --vocab-from the run directory (predict does so unless "
+                "--vocab-from is given)"
+            )
     if source.get("id_map") == "fingerprint":
         cache = info.get("cache")
         fingerprint = cache.get("key") if isinstance(cache, Mapping) else None
@@ -185,6 +194,7 @@ def run(args: argparse.Namespace) -> int:
             return program(ids, domain)
 
         what = f"program {model_path}"
+        vocab_source: Path | None = model_path.parent / f"{model_path.stem}.preprocessing" / "vocab.json"
     else:
         folder = export.method_dir(model_path, args.method) if model_path.exists() else None
         if folder is None:
@@ -204,10 +214,18 @@ def run(args: argparse.Namespace) -> int:
             with torch.no_grad():
                 return model(features, domain)
 
+        vocab_source = folder
         what = (f"{'trained' if args.unmerged else 'merged'} {loaded.model.name} / "
                 f"{loaded.model.tower.kind.value} model of {folder}")
     if options is None:
         raise UserError("the model records no data flags (a fit() run): give the data flags")
+    if options.get("dataset") == "table" and options.get("vocab_from") is None:
+        # The tabular source maps raw values (unseen ones to the OOV id) with the run's vocabularies.
+        vocab = vocab_source
+        if vocab is None or not Path(vocab).exists():
+            raise UserError(f"the model has no vocab.json beside it ({vocab}): give --vocab-from")
+        options = {**options, "vocab_from": str(vocab)}
+        say(f"vocabularies: {vocab}")
     if not given:
         say(f"data: the run's own ({', '.join(f'{k}={v}' for k, v in options.items()) or 'defaults'})")
     dataset = load_dataset(_data_config(options))
@@ -216,7 +234,8 @@ def run(args: argparse.Namespace) -> int:
     domain = domain_ids(record, dataset, split.domain)
     say(f"scoring split {args.split!r} of {dataset.name} ({len(split)} rows) with the {what}")
     logits = _score_split(split, domain, score, args.batch_size, quiet=args.quiet)
-    _write_scores(out, split, domain, logits, [str(d["name"]) for d in record["domains"]])
+    keys = dataset.info.get("keys") if args.split == "test" else None
+    _write_scores(out, split, domain, logits, [str(d["name"]) for d in record["domains"]], keys)
     say(f"scores: {out}")
     return 0
 
@@ -239,7 +258,11 @@ def _score_split(split: Any, domain: Any, score: Callable[..., Any], batch_size:
     return out
 
 
-def _write_scores(out: Path, split: Any, domain: Any, logits: Any, domain_names: list[str]) -> None:
+def _write_scores(
+    out: Path, split: Any, domain: Any, logits: Any, domain_names: list[str], keys: Any = None
+) -> None:
+    """``row, [key,] domain, domain_name, label, logit, score``; ``key`` is the tabular source's
+    key column of scoring data (``info["keys"]``, the test split's rows in order)."""
     import numpy as np
     import pandas as pd
     import torch
@@ -253,6 +276,8 @@ def _write_scores(out: Path, split: Any, domain: Any, logits: Any, domain_names:
         "logit": logits.numpy(),
         "score": torch.sigmoid(logits.double()).numpy(),
     })
+    if isinstance(keys, list) and len(keys) == len(split):
+        frame.insert(1, "key", keys)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp")
     if out.suffix == ".parquet":

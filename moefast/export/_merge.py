@@ -133,7 +133,7 @@ class MergedTower(nn.Module):
                 continue
             h = part  # [n_d, in]
             for weight, bias in layers:
-                h = torch.relu(torch.addmm(bias[d], h, weight[d]))  # [n_d, out]
+                h = torch.addmm(bias[d], h, weight[d]).relu_()  # [n_d, out]; in place: a fresh tensor
             parts.append(h)
         hidden = torch.cat(parts) if parts else x.new_zeros(0, layers[-1][0].shape[2])  # [N, last]
         logits = self.output(hidden).squeeze(-1)  # [N], grouped order

@@ -12,11 +12,14 @@ values itself:
   fingerprint of the raw files and options that numbered them (``id_map: "fingerprint"``). Those
   loaders number users and items from the files they read, so an id means the same raw value
   only for the same files: ``moefast predict`` refuses another fingerprint rather than remap
-  silently. Synthetic ids are the generator's own (``id_map: "ids"``).
+  silently. The tabular source maps raw values through the run's ``vocab.json``
+  (``id_map: "vocabulary"``, with the SHA-256 of its content); synthetic ids are the
+  generator's own (``id_map: "ids"``).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Mapping
 from pathlib import Path
@@ -25,7 +28,7 @@ from typing import Any
 from moefast.config import FeatureSpec, Pooling
 
 __all__ = ["DATASET_RECORD", "RECORD_FORMAT", "dataset_record", "features_from_record", "read_dataset_record",
-           "write_dataset_record"]
+           "vocabulary_digest", "write_dataset_record"]
 
 DATASET_RECORD = "dataset.json"
 RECORD_FORMAT = 1
@@ -39,22 +42,34 @@ def dataset_record(dataset: Any) -> dict[str, Any]:
     source = str(info.get("source", dataset.name))
     cache = info.get("cache")
     fingerprint = cache.get("key") if isinstance(cache, Mapping) else None
+    vocabulary = vocabulary_digest(dataset)
     if source in _ID_SOURCES:
         id_map = "ids"
-    elif "vocabulary" in info or "vocabularies" in info:
-        id_map = "vocabulary"  # the tabular source maps raw values through saved vocabularies
+    elif vocabulary is not None:
+        id_map = "vocabulary"  # the tabular source maps raw values through its saved vocab.json
     else:
         id_map = "fingerprint"
     return {
         "format": RECORD_FORMAT,
         "name": dataset.name,
-        "source": {"name": source, "id_map": id_map, "fingerprint": fingerprint},
+        "source": {"name": source, "id_map": id_map, "fingerprint": fingerprint, "vocabulary": vocabulary},
         "features": [{"name": f.name, "vocab_size": f.vocab_size, "dim": f.dim, "pooling": f.pooling.value}
                      for f in dataset.features],
         "numeric": [{"name": s.name} for s in getattr(dataset, "numeric", ())],
         "pretrained": sorted(getattr(dataset, "pretrained", {}) or {}),
         "domains": [{"id": d, "name": str(n)} for d, n in enumerate(dataset.domain_names)],
     }
+
+
+def vocabulary_digest(dataset: Any) -> str | None:
+    """SHA-256 of the tabular source's vocabularies, statistics and domain map
+    (``info["table"]``, the content of the run's ``vocab.json``) as canonical JSON; None for
+    other sources."""
+    artifacts = dataset.info.get("table")
+    if not isinstance(artifacts, Mapping):
+        return None
+    text = json.dumps(artifacts, sort_keys=True, ensure_ascii=False, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
 def write_dataset_record(path: Path, dataset: Any) -> None:
