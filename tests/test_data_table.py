@@ -279,6 +279,9 @@ def test_time_split_and_domain_policies(tmp_path: Path) -> None:
         _load(path, {**schema, "domain": {"column": "site", "min_rows": 6}})
     many = _load(path, {**schema, "domain": {"column": "site", "max_domains": 2, "policy": "other"}})
     assert len(many.domain_names) == 2 and many.domain_names[-1] == "other"
+    # max_domains counts the folded domain: 3 real domains + "rare" folded -> 2 kept + "other".
+    folded = _load(path, {**schema, "domain": {"column": "site", "min_rows": 6, "max_domains": 3, "policy": "other"}})
+    assert len(folded.domain_names) == 3 and folded.domain_names[-1] == "other"
 
 
 def test_scoring_needs_a_run_and_keeps_keys_in_order(tmp_path: Path) -> None:
@@ -401,3 +404,14 @@ def test_schema_errors_name_the_file_and_key(tmp_path: Path) -> None:
         TableSchema.from_dict({"label": "y"})
     good = load_schema(Path(__file__).parents[1] / "examples" / "clicklog" / "schema.toml")
     assert TableSchema.from_dict(good.to_dict(), good.source) == good
+
+
+def test_a_reused_vocabulary_must_describe_the_same_fields(tmp_path: Path) -> None:
+    path = _write_csv(_frame(), tmp_path / "log.csv")
+    run = _save(_load(path), tmp_path / "run")
+    other = {**SCHEMA, "categorical": {**SCHEMA["categorical"], "user": {"min_count": 2, "dim": 8}}}
+    with pytest.raises(ValueError, match=r"\[categorical\.user\] differs from the vocabulary's schema .* at 'dim': 8 here, 4 there"):
+        _load(path, other, vocab_from=run)
+    fewer = {**SCHEMA, "numeric": {k: v for k, v in SCHEMA["numeric"].items() if k != "age"}}
+    with pytest.raises(ValueError, match=r"\[numeric\.age\] differs .* \(absent here\)"):
+        _load(path, fewer, vocab_from=run)

@@ -325,6 +325,7 @@ def load_table(
     vocab_file: Path | None = None
     if vocab_from is not None:
         saved, vocab_file = read_vocab(vocab_from)
+        _check_same_fields(sch, saved, vocab_file)
     if scoring and saved is None:
         raise ValueError("scoring data (no label) needs vocab_from=<the run directory whose model scores it>")
     extra = [Path(_pretrained_path(sch, c)) for c in sch.categorical if c.pretrained is not None]
@@ -337,6 +338,25 @@ def load_table(
     if not use_cache:
         return build()
     return cache.cached("table", inputs, options, build, cache_dir)
+
+
+def _check_same_fields(sch: TableSchema, saved: Mapping[str, Any], vocab_file: Path) -> None:
+    """A reused vocabulary must describe the same fields: the model trained on them reads them."""
+    mine, theirs = sch.to_dict(), saved.get("schema", {})
+    for part in ("categorical", "numeric"):
+        a, b = mine.get(part, {}), theirs.get(part, {})
+        for name in sorted(set(a) | set(b)):
+            if a.get(name) != b.get(name):
+                key = next((k for k in sorted(set(a.get(name, {})) | set(b.get(name, {})))
+                            if a.get(name, {}).get(k) != b.get(name, {}).get(k)), None)
+                raise ValueError(
+                    f"{sch.source}: [{part}.{name}] differs from the vocabulary's schema ({vocab_file})"
+                    + (f" at {key!r}: {a.get(name, {}).get(key)!r} here, {b.get(name, {}).get(key)!r} there"
+                       if a.get(name) and b.get(name) else (" (absent there)" if a.get(name) else " (absent here)"))
+                )
+    if mine["domain"]["column"] != theirs.get("domain", {}).get("column") or \
+            mine["domain"]["feature"] != theirs.get("domain", {}).get("feature"):
+        raise ValueError(f"{sch.source}: [domain] column or feature differs from the vocabulary's schema ({vocab_file})")
 
 
 def _pretrained_path(sch: TableSchema, spec: CategoricalColumn) -> Path:
@@ -518,7 +538,7 @@ def _build(sch: TableSchema, files: list[Path], kind: str, saved: dict[str, Any]
     if sch.key is not None:
         key_all = pa.concat_arrays(keys) if keys else pa.array([], pa.string())
         info["keys"] = key_all.filter(pa.array(part == 2)).to_pylist()
-    name = "table-" + (Path(files[0]).stem if len(files) == 1 else Path(files[0]).parent.name)
+    name = "table-" + (files[0].name.split(".")[0] if len(files) == 1 else files[0].parent.name)
     return MultiDomainDataset(
         name=name,
         features=tuple(specs),
@@ -596,9 +616,10 @@ def _domains(sch: TableSchema, values: list[str], codes: np.ndarray, rows: _Rows
                          f"domain {small[0]!r} has {int(counts[values.index(small[0])])} rows, fewer than "
                          f"domain.min_rows = {d.min_rows} (policy 'error'; 'drop' or 'other' to go on)")
     kept = [v for v in order if v not in set(small)]
-    limit = d.max_domains - (1 if d.policy is DomainPolicy.OTHER and (small or unlisted or len(kept) > d.max_domains)
-                             else 0)
-    if len(kept) > d.max_domains:
+    # Under "other", the folded domain counts towards max_domains.
+    needs_other = d.policy is DomainPolicy.OTHER and bool(small or unlisted or len(kept) > d.max_domains)
+    limit = d.max_domains - (1 if needs_other else 0)
+    if len(kept) > limit:
         if d.policy is DomainPolicy.ERROR:
             raise TableError(rows.where[0][0], None, d.column,
                              f"{len(kept)} domains, more than domain.max_domains = {d.max_domains} "
