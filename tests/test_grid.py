@@ -114,7 +114,7 @@ def test_a_killed_cell_resumes_and_other_data_or_a_second_grid_is_refused(
         # The cell is stopped (SIGTERM, as a scheduler would) in its second epoch: rerunning the
         # grid continues it from its first, not from scratch, and ends where the whole run did.
         monkeypatch.setenv("MOEFAST_TEST_FAULT", "term:step:0:2:1")
-        with pytest.raises(Preempted):
+        with pytest.raises(Preempted, match="continue it with the same moefast grid command"):
             run_grid(config)
         monkeypatch.delenv("MOEFAST_TEST_FAULT")
         (cell,) = plan_grid(config)

@@ -32,6 +32,7 @@ import torch
 
 from moefast.config import DataConfig, TowerConfig, TowerKind, TrainConfig, default_tower
 from moefast.data.dataset import MultiDomainDataset
+from moefast.train.resume import Preempted
 from moefast.train.rundir import check_settings, hold_lock, write_json
 
 __all__ = ["GridCell", "GridConfig", "data_label", "load_data", "plan_grid", "run_grid", "write_results"]
@@ -193,7 +194,11 @@ def run_grid(
                 datasets.clear()  # one dataset in memory at a time; cells are grouped by data
                 datasets[cell.data] = load(cell.data)
                 _check_data(out, cell.data, datasets[cell.data])
-            _run_cell(config, cell, datasets[cell.data], f"[{number}/{len(todo)}]", say)
+            try:
+                _run_cell(config, cell, datasets[cell.data], f"[{number}/{len(todo)}]", say)
+            except Preempted as exc:
+                raise Preempted(exc.run_dir, exc.where, "the same moefast grid command (it resumes this "
+                                "cell)") from None
     return write_results(config)
 
 

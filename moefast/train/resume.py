@@ -69,9 +69,10 @@ class Preempted(Exception):
     terminated).
     """
 
-    def __init__(self, run_dir: Path, where: str) -> None:
+    def __init__(self, run_dir: Path, where: str, how: str | None = None) -> None:
+        how = how or f"moefast train --resume {run_dir}"
         super().__init__(f"stopped by SIGTERM {where}; the state is saved in {str(run_dir)!r}: "
-                         f"continue it with moefast train --resume {run_dir}")
+                         f"continue it with {how}")
         self.run_dir = run_dir
         self.where = where
 
