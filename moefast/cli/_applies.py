@@ -35,6 +35,7 @@ __all__ = [
 ]
 
 _MOE = "moe-mlora only"
+_MLORA = "mlora only"
 _LATER = "the stages after the backbone's (moe-mlora, or mlora under --mlora-mode pretrain-freeze)"
 # The options that only some methods use: key (the TOML name) -> (default, what uses it).
 _SCOPED: dict[str, tuple[object, str]] = {
@@ -44,7 +45,7 @@ _SCOPED: dict[str, tuple[object, str]] = {
     "expert_max_epochs": (None, _MOE),
     "gate_max_epochs": (None, _MOE),
     "expert_stop": (ExpertStopRule.OWN_DOMAIN, _MOE),
-    "mlora_mode": (MLoRAMode.JOINT, "mlora only"),
+    "mlora_mode": (MLoRAMode.JOINT, _MLORA),
     "train_backbone_in_later_stages": (False, _LATER),
 }
 
@@ -53,7 +54,7 @@ def unused_keys(methods: Collection[TowerKind], train: TrainConfig) -> set[str]:
     """The keys of :data:`_SCOPED` that none of ``methods`` uses (a method's own ``config.toml``
     leaves them out, so that it reads back for that method alone)."""
     moe = TowerKind.MOE_MLORA in methods
-    uses = {_MOE: moe, "mlora only": TowerKind.MLORA in methods,
+    uses = {_MOE: moe, _MLORA: TowerKind.MLORA in methods,
             _LATER: moe or (TowerKind.MLORA in methods and train.mlora_mode is MLoRAMode.PRETRAIN_FREEZE)}
     return {key for key, (_, user) in _SCOPED.items() if not uses[user]}
 
