@@ -142,6 +142,17 @@ def test_sparse_modules_give_the_same_sparse_gradient() -> None:
     EmbeddingCollection.from_torch({"f": module}, optimizer=LazyAdam(lr=0.1))
 
 
+@pytest.mark.parametrize("backend", ["reference", "fast", "auto"])
+def test_converted_bag_refuses_ids_without_bags(backend: str) -> None:
+    # torch.nn.EmbeddingBag returns [0, D] for 3 ids and no offsets, dropping the ids silently.
+    if backend == "fast" and not moefast._ext.available():
+        pytest.skip("moefast._C not built")
+    bag = moefast.nn.convert.EmbeddingBag.from_torch(nn.EmbeddingBag(10, 4, mode="sum"), backend=backend)
+    with pytest.raises(ValueError, match="offsets is empty \\(0 bags\\) but input holds 3 ids"):
+        bag(torch.tensor([1, 2, 3]), torch.zeros(0, dtype=torch.int64))
+    assert bag(torch.zeros(0, dtype=torch.int64), torch.zeros(0, dtype=torch.int64)).shape == (0, 4)
+
+
 def test_modules_on_several_devices_are_refused() -> None:
     with pytest.raises(ValueError, match="several devices"):
         EmbeddingCollection.from_torch([nn.Embedding(3, 2), nn.Embedding(3, 2, device="meta")])

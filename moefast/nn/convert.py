@@ -132,6 +132,9 @@ class EmbeddingBag(nn.Module):
             if offsets is None or offsets.dim() != 1:
                 raise ValueError(f"{self.name}: a 1-D input needs 1-D offsets (bag starts)")
             flat = input
+            if offsets.numel() == 0 and flat.numel() > 0:
+                # torch returns [0, D] here, silently dropping every id.
+                raise ValueError(f"{self.name}: offsets is empty (0 bags) but input holds {flat.numel()} ids")
             # torch gives bag starts [B]; the op takes bounds [B + 1] ending at N.
             bounds = torch.cat([offsets.to(input.dtype), flat.new_tensor([flat.numel()])])
             psw = per_sample_weights
