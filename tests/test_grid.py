@@ -73,7 +73,7 @@ def test_grid_runs_resumes_and_tabulates(tmp_path: Path, monkeypatch: pytest.Mon
     monkeypatch.setattr("moefast.train.loop.fit", counting_fit)
     paths = run_grid(config)
     assert len(counted) == 6 - 3  # the finished cells are not run again
-    assert not (broken / ".partial.pt.x1y2.tmp").exists() and (broken / DONE_FILE).exists()  # resumed
+    assert not (broken / ".partial.pt.x1y2.tmp").exists() and (broken / DONE_FILE).exists()  # started over
     assert all((c.directory(out) / DONE_FILE).stat().st_mtime_ns == stamps[c] for c in done)
 
     runs = pd.read_csv(paths["runs.csv"])

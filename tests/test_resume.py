@@ -268,6 +268,11 @@ def test_a_resume_with_other_settings_or_another_version_is_refused(
     with pytest.raises(ValueError, match=r"written by moefast .*, this is moefast 0\.0\.0-other"):
         tiny.run(run, "lazy-adam", resume=True)
     monkeypatch.setattr(resume, "_version", current)
+    # Results without a snapshot (a run finished by a moefast without resume): nothing to resume.
+    (run / SNAPSHOT).unlink()
+    (run / "metrics.json").write_text("{}")
+    with pytest.raises(ValueError, match="holds a run's results but no resume snapshot"):
+        tiny.run(run, "lazy-adam", resume=True)
     # Without out_dir there is nothing to resume.
     with pytest.raises(ValueError, match="needs an out_dir"):
         fit(models.build("deepfm", ds, "base"), ds, tiny.config("lazy-adam"), resume=True)

@@ -32,7 +32,7 @@ import torch
 
 from moefast.config import DataConfig, TowerConfig, TowerKind, TrainConfig, default_tower
 from moefast.data.dataset import MultiDomainDataset
-from moefast.train.resume import Preempted
+from moefast.train.resume import SNAPSHOT, Preempted
 from moefast.train.rundir import check_settings, hold_lock, write_json
 
 __all__ = ["GridCell", "GridConfig", "data_label", "load_data", "plan_grid", "run_grid", "write_results"]
@@ -210,15 +210,17 @@ def _run_cell(
 
     run_dir = cell.directory(Path(config.out))
     # An interrupted cell continues from its last snapshot (fit(resume=True): the same data,
-    # model and options, checked; a cell killed before its first epoch ended starts over).
-    interrupted = run_dir.exists()
+    # model and options, checked). One without a snapshot (killed before its first epoch ended,
+    # or by a moefast without resume) starts over: overwrite clears what it left, and only a
+    # directory carrying the run marker.
+    resumable = (run_dir / SNAPSHOT).exists()
     say(f"{count} {data_label(cell.data)} {cell.model} {cell.method_label} seed {cell.seed}"
-        + (" (resumed)" if interrupted else ""))
+        + (" (resumed)" if resumable else ""))
     start = time.perf_counter()
     model = models.build(cell.model, dataset, cell.method, experts_per_domain=cell.experts_per_domain,
                          tower_config=config.tower or default_tower(config.train), seed=cell.seed)
     result = fit(model, dataset, replace(config.train, seed=cell.seed), backend=config.backend,
-                 out_dir=run_dir, resume=True)
+                 out_dir=run_dir, resume=resumable, overwrite=not resumable)
     test = result.metrics["test"]
     write_json(run_dir / DONE_FILE, {
         "data": data_label(cell.data), "model": cell.model, "method": cell.method.value,

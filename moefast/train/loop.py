@@ -422,6 +422,13 @@ def _fit(
     if out_dir is not None:
         _check_run_settings(out_dir, model, dataset, config, backend_name, resume)
         snapshot = load_snapshot(out_dir) if resume else None
+        if resume and snapshot is None and ((out_dir / "checkpoints").exists() or (out_dir / "metrics.json").exists()):
+            # Every checkpoint is written after a snapshot, and no snapshot is ever deleted: this
+            # run finished under a moefast without resume, or lost its snapshot.
+            raise ValueError(
+                f"run directory {str(out_dir)!r} holds a run's results but no resume snapshot ({SNAPSHOT}): "
+                "nothing to resume from; start it again with --overwrite (fit(..., overwrite=True))"
+            )
     elif resume_from is not None:  # a data-parallel rank other than 0 (see fit)
         snapshot = load_snapshot(resume_from)
     source = out_dir if out_dir is not None else resume_from
