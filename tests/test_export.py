@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from moefast import models
-from moefast.config import FeatureSpec, Pooling, TowerConfig
+from moefast.config import FeatureSpec, NumericSpec, Pooling, TowerConfig
 from moefast.data import MultiDomainDataset, Split, load
 from moefast.export import MergedTower, merge, merge_tower, serving_module
 from moefast.nn.tower import DomainGate, Routing
@@ -165,7 +165,8 @@ def test_a_gate_that_sees_more_than_the_domain_is_refused(dataset: MultiDomainDa
 
 
 def _pooled_dataset() -> MultiDomainDataset:
-    """Single-valued, sum- and mean-pooled fields (with padding and empty bags), 3 domains."""
+    """Single-valued, sum- and mean-pooled fields (with padding and empty bags), two numeric
+    fields, 3 domains."""
     g = torch.Generator().manual_seed(7)
     specs = (FeatureSpec("user", 30, 8), FeatureSpec("tags", 12, 8, Pooling.SUM),
              FeatureSpec("genres", 9, 8, Pooling.MEAN))
@@ -175,20 +176,29 @@ def _pooled_dataset() -> MultiDomainDataset:
         tags[:, 3:] = 0  # right padding
         genres = torch.randint(1, 9, (n, 4), generator=g)
         genres[::5] = 0  # empty bags
-        return Split({"user": torch.randint(0, 30, (n,), generator=g), "tags": tags, "genres": genres},
+        return Split({"user": torch.randint(0, 30, (n,), generator=g), "tags": tags, "genres": genres,
+                      "price": torch.randn(n, generator=g), "age": torch.rand(n, generator=g)},
                      torch.arange(n) % 3, (torch.rand(n, generator=g) < 0.5).float())
 
-    return MultiDomainDataset("pooled", specs, ("a", "b", "c"), split(60), split(20), split(40))
+    return MultiDomainDataset("pooled", specs, ("a", "b", "c"), split(60), split(20), split(40),
+                              numeric=(NumericSpec("price"), NumericSpec("age")))
 
 
 @pytest.mark.parametrize("name", ["deepfm", "fibinet"])
-def test_pooled_fields(name: str) -> None:
-    """Multi-valued fields: torch's lookups in the exported form pool as moefast's do."""
+def test_pooled_and_numeric_fields(name: str) -> None:
+    """Multi-valued fields: torch's lookups in the exported form pool as moefast's do; numeric
+    fields reach the tower (and DeepFM's first-order part) as in the model."""
     dataset = _pooled_dataset()
     model = randomise(models.build(name, dataset, "moe-mlora", seed=8,
                                    tower_config=TowerConfig(hidden_units=(32, 16))))
     batch = dataset.test.rows(torch.arange(40))
     with torch.no_grad():
         expected = model(batch.features, batch.domain)
+    assert rel_diff(merge(model)(batch.features, batch.domain), expected) <= REL
     serving = serving_module(merge(model, backend="reference"))
-    assert rel_diff(serving(dict(batch.features), batch.domain), expected) <= REL
+    numeric = torch.stack([batch.features["price"], batch.features["age"]], dim=1)  # [B, 2]
+    ids = {k: v for k, v in batch.features.items() if k not in ("price", "age")}
+    assert rel_diff(serving(ids, numeric, batch.domain), expected) <= REL
+    moved = dict(batch.features, price=batch.features["price"] + 1.0)  # the numeric fields matter
+    with torch.no_grad():
+        assert rel_diff(model(moved, batch.domain), expected) > ADAPTER_EFFECT

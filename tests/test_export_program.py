@@ -2,7 +2,7 @@
 imported, at batch 1, 64 and 4096, gives the trained model's scores.
 
 Three representative backbones: DeepFM (first-order weights and FM, on single-, sum- and
-mean-pooled fields), DCN (cross network) and AutoInt (attention). The subprocess blocks every
+mean-pooled fields and two numeric fields), DCN (cross network) and AutoInt (attention). The subprocess blocks every
 ``moefast`` import before loading anything, so the program must stand on torch alone.
 """
 
@@ -63,15 +63,23 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(threads)
 
 
-def _random_inputs(dataset: MultiDomainDataset, rows: int, bag: int, seed: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """``rows`` rows of random valid ids (multi-valued fields ``bag`` wide, some padding) and
-    domains."""
+def _random_inputs(
+    dataset: MultiDomainDataset, rows: int, bag: int, seed: int
+) -> tuple[dict[str, torch.Tensor], tuple[object, ...], torch.Tensor]:
+    """The model's ``features`` for ``rows`` rows of random valid ids (multi-valued fields
+    ``bag`` wide, some padding) and numeric values, the program's arguments for the same, and
+    the domains."""
     g = torch.Generator().manual_seed(seed)
     ids = {}
     for f in dataset.features:
         shape = (rows, bag) if f.multi_valued else (rows,)
         ids[f.name] = torch.randint(0, f.vocab_size, shape, generator=g)
-    return ids, torch.randint(0, dataset.num_domains, (rows,), generator=g)
+    domain = torch.randint(0, dataset.num_domains, (rows,), generator=g)
+    if not dataset.numeric:
+        return ids, (ids, domain), domain
+    numeric = torch.randn(rows, len(dataset.numeric), generator=g)  # [B, n]
+    features = {**ids, **{s.name: numeric[:, k] for k, s in enumerate(dataset.numeric)}}
+    return features, (ids, numeric, domain), domain
 
 
 def test_the_program_serves_without_moefast(tmp_path: Path) -> None:
@@ -83,21 +91,21 @@ def test_the_program_serves_without_moefast(tmp_path: Path) -> None:
     expected: dict[str, list[torch.Tensor]] = {}
     for k, (name, dataset, kind, experts) in enumerate(cases):
         model = randomise(models.build(name, dataset, kind, experts_per_domain=experts, seed=k,
-                                       tower_config=small if k else None))
+                                       tower_config=small))
         path = tmp_path / f"{name}.pt2"
         payload = export_program(merge(model, backend="reference"), path)
         meta = json.loads((tmp_path / f"{name}.pt2.json").read_text())
         assert meta == json.loads(json.dumps(payload))
         assert meta["torch_version"] == torch.__version__
-        assert [i["name"] for i in meta["inputs"]] == ["ids", "domain"]
+        assert [i["name"] for i in meta["inputs"]] == ["ids", *(["numeric"] if dataset.numeric else []), "domain"]
         assert meta["output"]["name"] == "logit"
         saved[str(path)], expected[str(path)] = [], []
         for rows in BATCHES:
             # The bag width changes between calls too (a dynamic dimension of its own).
-            ids, domain = _random_inputs(dataset, rows, bag=3 + rows % 5, seed=rows)
-            saved[str(path)].append((ids, domain))
+            features, args, domain = _random_inputs(dataset, rows, bag=3 + rows % 5, seed=rows)
+            saved[str(path)].append(args)
             with torch.no_grad():
-                expected[str(path)].append(model(ids, domain))
+                expected[str(path)].append(model(features, domain))
     torch.save(saved, tmp_path / "inputs.pt")
     done = subprocess.run([sys.executable, "-I", "-c", LOADER, str(tmp_path / "inputs.pt"), str(tmp_path / "out.pt")],
                           cwd=tmp_path, capture_output=True, text=True, timeout=300)

@@ -113,7 +113,8 @@ def test_ids_numbered_from_other_files_are_refused() -> None:
     dataset = load("synthetic", preset="paper", rows=300, num_domains=3, num_users=20, num_items=10)
     trained = dataclasses.replace(dataset, info={"source": "movielens-1m", "cache": {"key": "aaa"}})
     record = dataset_record(trained)
-    assert record["source"] == {"name": "movielens-1m", "id_map": "fingerprint", "fingerprint": "aaa"}
+    assert record["source"] == {"name": "movielens-1m", "id_map": "fingerprint", "fingerprint": "aaa",
+                                "vocabulary": None}
     check_compatible(record, trained)
     other = dataclasses.replace(dataset, info={"source": "movielens-1m", "cache": {"key": "bbb"}})
     with pytest.raises(UserError, match="numbers users and items from the files it reads"):
