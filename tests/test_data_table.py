@@ -415,3 +415,31 @@ def test_a_reused_vocabulary_must_describe_the_same_fields(tmp_path: Path) -> No
     fewer = {**SCHEMA, "numeric": {k: v for k, v in SCHEMA["numeric"].items() if k != "age"}}
     with pytest.raises(ValueError, match=r"\[numeric\.age\] differs .* \(absent here\)"):
         _load(path, fewer, vocab_from=run)
+
+
+def test_the_command_line_saves_the_vocabularies_once_and_reuses_them(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from moefast import cli
+
+    path = _write_csv(_frame(), tmp_path / "log.csv")
+    schema = tmp_path / "schema.toml"
+    schema.write_text('label = "click"\ndim = 4\n[domain]\ncolumn = "site"\n[categorical.user]\n'
+                      '[categorical.tags]\nmulti = true\nmax_len = 3\n[numeric.price]\ntransform = "log1p"\n')
+    common = ["train", "--dataset", "table", "--data", str(path), "--schema", str(schema), "--quiet",
+              "--max-epochs", "1", "--batch-size", "128", "--method", "base,mlora"]
+    out = tmp_path / "run"
+    assert cli.main([*common, "--out", str(out)]) == 0
+    vocab = json.loads((out / "vocab.json").read_text())
+    assert sorted(vocab["categorical"]) == ["tags", "user"] and vocab["domains"]["names"] == ["a", "b", "c"]
+    for method in ("base", "mlora"):
+        assert json.loads((out / method / "data.json").read_text()) == {"vocab": "../vocab.json"}
+        assert not (out / method / "vocab.json").exists()
+    again = tmp_path / "again"
+    assert cli.main([*common, "--out", str(again), "--vocab-from", str(out / "mlora")]) == 0
+    assert (again / "vocab.json").read_bytes() == (out / "vocab.json").read_bytes()
+    capsys.readouterr()
+    assert cli.main(["train", "--dataset", "table", "--data", str(path), "--out", str(tmp_path / "x")]) == 2
+    assert "needs --data PATH and --schema" in capsys.readouterr().err
+    assert cli.main([*common, "--out", str(tmp_path / "y"), "--rows", "10"]) == 2
+    assert "--rows does not apply to --dataset table" in capsys.readouterr().err
