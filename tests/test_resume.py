@@ -281,3 +281,22 @@ def test_a_resume_with_other_settings_or_another_version_is_refused(
 def test_preempted_names_the_run_and_how_to_continue() -> None:
     exc = Preempted(Path("runs/x"), "at [1/1] joint epoch 2, batch 3")
     assert "moefast train --resume runs/x" in str(exc)
+
+
+def test_an_interrupted_or_failed_write_keeps_the_previous_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """What Ctrl-C or a full disk in the middle of a write leaves: the previous content, no
+    temporary file."""
+    path = tmp_path / "resume.pt"
+    atomic.atomic_write(path, lambda handle: handle.write(b"the previous snapshot"))
+
+    def interrupted(handle: Any) -> None:
+        handle.write(b"half of the next")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        atomic.atomic_write(path, interrupted)
+    monkeypatch.setenv(FAULT_ENV, "enospc:write:resume.pt:3")
+    with pytest.raises(WriteError, match="No space left on device") as failed:
+        atomic.atomic_write(path, lambda handle: torch.save({"w": torch.zeros(1000)}, handle))
+    assert failed.value.errno == 28  # ENOSPC, though torch.save reported a RuntimeError
+    assert path.read_bytes() == b"the previous snapshot" and os.listdir(tmp_path) == ["resume.pt"]
