@@ -19,7 +19,7 @@ from moefast.config import EmbeddingOptimizer, TowerConfig, TrainConfig
 from moefast.data.batching import BatchLoader, BatchOrder
 from moefast.data.dataset import Batch, MultiDomainDataset
 from moefast.train import fit, stage_optimizer
-from moefast.train.distributed import RankFailedError, current
+from moefast.train.distributed import RankFailedError, RowExchange, current
 from moefast.train.loop import NonFiniteError, l2_parameters, set_embedding_optimizer
 from moefast.train.stages import plan_stages, set_stage
 
@@ -119,6 +119,22 @@ def _failures(ds: MultiDomainDataset, device: str) -> dict[str, str]:
     return seen
 
 
+def _exchange(device: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The row exchange on known inputs: rank r sends table 0 rows [r, 2, 5] with gradients
+    r + 1 (dim 2), table 1 no rows on rank 0 and row 7 with gradient 10 (dim 1) elsewhere."""
+    parallel = current(device)
+    assert parallel is not None
+    r = parallel.rank
+    grads = [
+        (torch.tensor([r, 2, 5]) if r != 2 else torch.tensor([2, 5]),
+         torch.full((3 if r != 2 else 2, 2), float(r + 1))),
+        (torch.zeros(0, dtype=torch.int64) if r == 0 else torch.tensor([7]),
+         torch.zeros(0, 1) if r == 0 else torch.full((1, 1), 10.0)),
+    ]
+    merged, _ = RowExchange(parallel.row_group, parallel.world_size, parallel.device).exchange(grads, [2, 1])
+    return merged
+
+
 def run(rank: int, world_size: int, port: int, out: str, device: str) -> None:
     os.environ.update({
         "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),
@@ -135,6 +151,7 @@ def run(rank: int, world_size: int, port: int, out: str, device: str) -> None:
         result: dict[str, Any] = {"fit": train_all(device)}
         result["hand"] = {name: _by_hand(ds, name, device) for name in ("adam", "lazy-adam")}
         result["failures"] = _failures(ds, device)
+        result["exchange"] = _exchange(device)
         torch.save(result, Path(out) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()

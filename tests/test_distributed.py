@@ -11,7 +11,10 @@ One expert stage ends on a 1-row global batch (rank 1's slice is empty). About 3
 from __future__ import annotations
 
 import itertools
+import os
 import socket
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -93,11 +96,48 @@ def test_two_gloo_ranks_match_one_process(tmp_path: Path, single: dict[str, Any]
             _assert_bitwise_equal(a["adam"][key], b["adam"][key], f"{name} Adam state {key}")
     assert any(k.endswith("exp_avg") for k in ranks[0]["hand"]["lazy-adam"]["state"])
 
+    # The row exchange: the union of the ranks' rows, gradients summed and divided by 2
+    # (TorchRec's convention), the same on both ranks. Lazy Adam and row-wise Adagrad barely
+    # see a gradient's scale (only through eps), so the parity above cannot check the division.
+    for rank in ranks:
+        (rows0, grads0), (rows1, grads1) = rank["exchange"]
+        assert rows0.tolist() == [0, 1, 2, 5]
+        assert grads0.tolist() == [[0.5, 0.5], [1.0, 1.0], [1.5, 1.5], [1.5, 1.5]]
+        assert rows1.tolist() == [7] and grads1.tolist() == [[5.0]]
+
     # A failing rank stops every rank, each with the failing rank's message.
     for rank in ranks:
         bad, nan = rank["failures"]["bad_id"], rank["failures"]["nan"]
         assert bad.startswith("RankFailedError: rank 1 of 2 failed: ValueError") and "1000000000" in bad
         assert nan.startswith("NonFiniteError: nan: the training loss is nan")
+
+
+def test_torchrun_restart_resumes_from_rank0_snapshot(tmp_path: Path, single: dict[str, Any]) -> None:
+    """Rank 1 dies in stage 1; torchrun restarts both ranks, which resume from rank 0's snapshot
+    and end as the uninterrupted run does."""
+    script = Path(__file__).parent / "_restart_script.py"
+    out = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(script.parent), os.environ.get("PYTHONPATH", "")]),
+           "GLOO_SOCKET_IFNAME": "lo"}
+    done = subprocess.run(
+        # The c10d rendezvous, as `moefast train --nproc` uses (docs/distributed.md, "Restarts").
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--max-restarts", "1",
+         "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{_free_port()}", str(script), str(out)],
+        env={**env, "MOEFAST_COLLECTIVE_TIMEOUT": "60"}, capture_output=True, text=True, timeout=180,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = torch.load(out / "result-rank0.pt", weights_only=False)
+    assert result["restarts"] == 1
+    # The restarted attempt trained only what the snapshot had not: stage 0 and the first epoch
+    # of stage 1 came from rank 0's snapshot.
+    trained_before = len(result["losses"][0]) + len(result["losses"][1]) // 2
+    assert result["steps"] == sum(len(losses) for losses in result["losses"]) - trained_before
+    ref = single["adam"]
+    for mine, want in zip(result["losses"], ref["losses"], strict=True):
+        assert len(mine) == len(want)
+        got, expect = torch.tensor(mine, dtype=torch.float64), torch.tensor(want, dtype=torch.float64)
+        assert float(((got - expect).abs() / expect.abs()).max()) <= LOSS_RTOL
+    assert abs(result["wauc"] - ref["wauc"]) <= WAUC_ATOL
 
 
 @pytest.mark.gpu

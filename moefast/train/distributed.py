@@ -400,7 +400,19 @@ def init_from_env(device: str = "cpu") -> DataParallel | None:
         kind = torch.device(device).type
         if kind == "cuda":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group("nccl" if kind == "cuda" else "gloo", timeout=collective_timeout())
+        backend = "nccl" if kind == "cuda" else "gloo"
+        restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        if restart not in ("", "0") and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+            # torchrun's agent keeps one store across restarts: without a fresh prefix, a
+            # restarted rank reads the previous attempt's gloo addresses and waits on dead ports.
+            store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
+                                  int(os.environ["WORLD_SIZE"]), is_master=False, timeout=collective_timeout())
+            dist.init_process_group(
+                backend, store=dist.PrefixStore(f"moefast/attempt-{restart}", store),
+                rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]), timeout=collective_timeout(),
+            )
+        else:
+            dist.init_process_group(backend, timeout=collective_timeout())
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ["WORLD_SIZE"]))
         if os.environ.get("MOEFAST_THREADS_PER_RANK") is not None:
             torch.set_num_threads(int(os.environ["MOEFAST_THREADS_PER_RANK"]))
