@@ -11,7 +11,9 @@ One expert stage ends on a 1-row global batch (rank 1's slice is empty). About 3
 from __future__ import annotations
 
 import itertools
+import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -138,6 +140,27 @@ def test_torchrun_restart_resumes_from_rank0_snapshot(tmp_path: Path, single: di
         got, expect = torch.tensor(mine, dtype=torch.float64), torch.tensor(want, dtype=torch.float64)
         assert float(((got - expect).abs() / expect.abs()).max()) <= LOSS_RTOL
     assert abs(result["wauc"] - ref["wauc"]) <= WAUC_ATOL
+
+
+def test_moefast_train_nproc(tmp_path: Path) -> None:
+    """`moefast train --nproc 2`: rank 0 alone writes the run directory (metrics.json records
+    the world size and bytes per step); a rank that dies makes the command exit non-zero,
+    naming it."""
+    flags = ["--rows", "1200", "--num-domains", "2", "--method", "base", "--max-epochs", "1", "--quiet"]
+    env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo"}
+    ok = subprocess.run([sys.executable, "-m", "moefast", "train", "--nproc", "2", *flags, "--out", str(tmp_path / "ok")],
+                        env=env, capture_output=True, text=True, timeout=180)
+    assert ok.returncode == 0, ok.stderr[-3000:]
+    metrics = json.loads((tmp_path / "ok" / "metrics.json").read_text())
+    assert metrics["distributed"]["world_size"] == 2 and metrics["distributed"]["bytes_per_step"]["dense"] > 0
+    assert ok.stdout.count("run directory:") == 1  # one table, printed by rank 0
+
+    dead = subprocess.run(
+        [sys.executable, "-m", "moefast", "train", "--nproc", "2", *flags, "--out", str(tmp_path / "dead")],
+        env={**env, "MOEFAST_TEST_FAULT": "kill:step:0:1:1"}, capture_output=True, text=True, timeout=180,
+    )
+    assert dead.returncode == 2
+    assert re.search(r"moefast: error: rank [01] of 2 exited with status -9", dead.stderr), dead.stderr[-3000:]
 
 
 @pytest.mark.gpu

@@ -247,8 +247,8 @@ class DataParallel:
         ids = [self.device.index] if self.device.type == "cuda" else None
         # No buffer sync in forward: the only buffers are the fused optimizers' state, which
         # DDP ignores (torch 2.13 renamed broadcast_buffers; the GPU machines run 2.11).
-        sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in _DDP_ARGS
-                else {"broadcast_buffers": False})
+        sync: dict[str, Any] = ({"forward_sync_buffers": False} if "forward_sync_buffers" in _DDP_ARGS
+                                else {"broadcast_buffers": False})
         self._ddp = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=ids, find_unused_parameters=False, **sync,
         )
