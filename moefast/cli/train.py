@@ -221,9 +221,13 @@ def _train(config: RunConfig, quiet: bool, *, resume: bool = False) -> int:
 
     # Under torchrun: join the job; rank 0 alone claims and writes the run directory.
     parallel = distributed.init_from_env(config.train.device)
+    if parallel is not None and distributed.restarted() and not resume:
+        # torchrun restarted the job (--max-restarts): continue from the run's last snapshot.
+        resume = True
+        config = dataclasses.replace(config, overwrite=False)
     if parallel is not None and not parallel.is_writer:
         quiet_config = dataclasses.replace(config, train=dataclasses.replace(config.train, progress=False))
-        return _train_into(quiet_config, True, out, writer=False)
+        return _train_into(quiet_config, True, out, writer=False, resume=resume)
     # Before the data loads: an unusable --out (a file, unwritable, another folder, another
     # run's without --overwrite, in use) is one line now, not after minutes of loading.
     try:
