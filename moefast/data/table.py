@@ -475,21 +475,34 @@ def _build(sch: TableSchema, files: list[Path], kind: str, saved: dict[str, Any]
                              f"domain {domain_names[int(empty[0])]!r} has no training rows (empty domain)")
 
     # Categorical fields.
+    # Every column is gathered once into split order (train, val, test rows, each in input
+    # order) as soon as it is final, and the three splits are views of it: the final dataset is
+    # never held twice.
+    parts = [np.flatnonzero(part == p) for p in range(3)]
+    order = np.concatenate(parts)
+    bounds = np.cumsum([0, *(x.size for x in parts)])
     columns_out: dict[str, np.ndarray] = {}
+
+    def keep(name: str, values: np.ndarray) -> None:
+        columns_out[name] = np.ascontiguousarray(values[order])
+
     specs: list[FeatureSpec] = []
     artifacts_cat: dict[str, Any] = {}
     pretrained: dict[str, torch.Tensor] = {}
     for spec in sch.categorical:
-        uniques, c = codes[spec.name].merge()
+        field_codes = codes.pop(spec.name)
+        uniques, c = field_codes.merge()
         if spec.multi:
-            width = max(codes[spec.name].width, 1)
+            width = max(field_codes.width, 1)
             c = c.reshape(n, spec.max_len)[:, :width]
         prior = None if saved is None else saved["categorical"].get(spec.name)
         if saved is not None and prior is None:
             raise ValueError(f"{sch.source}: field {spec.name!r} is not in the vocabulary file")
         ids, art = _vocabulary(spec, uniques, c, train_rows, prior)
-        columns_out[spec.name] = ids
+        del field_codes, c
         art["width"] = int(ids.shape[1]) if spec.multi else 1
+        keep(spec.name, ids)
+        del ids
         artifacts_cat[spec.name] = art
         pooling = spec.pooling if spec.multi else Pooling.NONE
         specs.append(FeatureSpec(spec.name, art["vocab_size"], spec.dim, pooling))
@@ -497,32 +510,34 @@ def _build(sch: TableSchema, files: list[Path], kind: str, saved: dict[str, Any]
             pretrained[spec.name] = _read_pretrained(_pretrained_path(sch, spec), spec, art)
     if sch.domain.feature:
         dims = [c.dim for c in sch.categorical]
-        columns_out[DOMAIN_FIELD] = domain
+        keep(DOMAIN_FIELD, domain)
         specs.append(FeatureSpec(DOMAIN_FIELD, len(domain_names), dims[0] if dims else 8))
 
     # Numeric fields.
     numeric_specs: list[NumericSpec] = []
     artifacts_num: dict[str, Any] = {}
     for nspec in sch.numeric:
-        raw = np.concatenate(numeric[nspec.name])
+        raw = np.concatenate(numeric.pop(nspec.name))
         prior = None if saved is None else saved["numeric"].get(nspec.name)
         if saved is not None and prior is None:
             raise ValueError(f"{sch.source}: numeric field {nspec.name!r} is not in the vocabulary file")
         values, art = _numeric(nspec, raw, train_rows, rows, prior)
-        columns_out[nspec.name] = values
+        keep(nspec.name, values)
         numeric_specs.append(NumericSpec(nspec.name))
         artifacts_num[nspec.name] = art
         if nspec.indicator:
-            columns_out[f"{nspec.name}_missing"] = np.isnan(raw).astype(np.float32)
+            keep(f"{nspec.name}_missing", np.isnan(raw).astype(np.float32))
             numeric_specs.append(NumericSpec(f"{nspec.name}_missing"))
 
     splits = []
+    domain_sorted = domain[order].astype(np.int64)
+    label_sorted = label[order]
     for p in range(3):
-        idx = np.flatnonzero(part == p)
+        lo, hi = int(bounds[p]), int(bounds[p + 1])
         splits.append(Split(
-            {k: torch.from_numpy(np.ascontiguousarray(v[idx])) for k, v in columns_out.items()},
-            torch.from_numpy(domain[idx].astype(np.int64)),
-            torch.from_numpy(label[idx]),
+            {k: torch.from_numpy(v[lo:hi]) for k, v in columns_out.items()},
+            torch.from_numpy(domain_sorted[lo:hi]),
+            torch.from_numpy(label_sorted[lo:hi]),
         ))
     artifacts = {
         "format": FORMAT,
