@@ -27,7 +27,12 @@ import torch.multiprocessing as mp
 
 from moefast.data.dataset import Batch
 from moefast.nn.adapter import AdapterLinear, global_batch_rows
-from moefast.train.distributed import shard_bounds, slice_batch
+from moefast.train.distributed import (
+    collective_timeout,
+    shard_bounds,
+    slice_batch,
+    threads_per_rank,
+)
 
 LOSS_RTOL = 1e-5  # the fixed tolerance on the per-step loss
 WAUC_ATOL = 0.002
@@ -200,6 +205,26 @@ def test_slices_draw_the_global_batch_dropout_mask(backend: str) -> None:
     assert torch.equal(torch.cat(parts), whole)
     with global_batch_rows(9, 0, 3), pytest.raises(ValueError, match="input of 2 rows"):
         layer.dropout_mask_for(x[:2])
+
+
+def test_threads_per_rank(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("MOEFAST_THREADS_PER_RANK", raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 16)
+    assert threads_per_rank(2) == 8 and threads_per_rank(32) == 1
+    monkeypatch.setenv("MOEFAST_THREADS_PER_RANK", "3")
+    assert threads_per_rank(2) == 3
+    monkeypatch.setenv("MOEFAST_THREADS_PER_RANK", "0")
+    with pytest.raises(ValueError, match="MOEFAST_THREADS_PER_RANK must be a positive whole number, got '0'"):
+        threads_per_rank(2)
+
+
+def test_collective_timeout(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MOEFAST_COLLECTIVE_TIMEOUT", "12.5")
+    assert collective_timeout().total_seconds() == 12.5
+    for bad in ("0", "nan", "soon"):
+        monkeypatch.setenv("MOEFAST_COLLECTIVE_TIMEOUT", bad)
+        with pytest.raises(ValueError, match=f"MOEFAST_COLLECTIVE_TIMEOUT must be .* got '{bad}'"):
+            collective_timeout()
 
 
 def test_slice_batch_keeps_contiguous_rows() -> None:

@@ -52,12 +52,14 @@ __all__ = [
     "RowExchange",
     "StepTraffic",
     "begin_stage",
+    "collective_timeout",
     "current",
     "end_stage",
     "init_from_env",
     "restarted",
     "shard_bounds",
     "slice_batch",
+    "threads_per_rank",
 ]
 
 # Seconds a collective may wait for the other ranks before it fails (a rank that hangs or died
@@ -386,12 +388,25 @@ class DataParallel:
         dist.barrier()
 
 
+def threads_per_rank(local_world_size: int) -> int:
+    """Torch threads (and so the embedding engine's pool) of each of ``local_world_size`` ranks
+    on this machine: ``MOEFAST_THREADS_PER_RANK``, else the cores divided by the ranks. torchrun's
+    ``OMP_NUM_THREADS=1`` default is not followed (it leaves cores idle when there are fewer ranks
+    than cores)."""
+    raw = os.environ.get("MOEFAST_THREADS_PER_RANK")
+    if raw is None:
+        return max(1, (os.cpu_count() or 1) // max(1, local_world_size))
+    if not raw.isdigit() or int(raw) < 1:
+        raise ValueError(f"MOEFAST_THREADS_PER_RANK must be a positive whole number, got {raw!r}")
+    return int(raw)
+
+
 def init_from_env(device: str = "cpu") -> DataParallel | None:
     """Join the job ``torchrun`` describes in the environment (``WORLD_SIZE``, ``RANK``,
     ``LOCAL_RANK``, ``MASTER_ADDR``...) unless a default group exists already; ``None`` outside
     torchrun. gloo on CPU, NCCL on CUDA (each rank on ``cuda:LOCAL_RANK``); collectives time out
-    after :func:`collective_timeout`. Each rank's torch threads (and so the engine's pool) are the
-    machine's cores divided by the ranks on it, unless ``OMP_NUM_THREADS`` was set explicitly."""
+    after :func:`collective_timeout`. Each rank's torch threads (and so the engine's pool):
+    :func:`threads_per_rank`."""
     if not dist.is_available():
         return None
     if not dist.is_initialized():
@@ -414,10 +429,7 @@ def init_from_env(device: str = "cpu") -> DataParallel | None:
         else:
             dist.init_process_group(backend, timeout=collective_timeout())
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ["WORLD_SIZE"]))
-        if os.environ.get("MOEFAST_THREADS_PER_RANK") is not None:
-            torch.set_num_threads(int(os.environ["MOEFAST_THREADS_PER_RANK"]))
-        elif "OMP_NUM_THREADS" not in os.environ:
-            torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+        torch.set_num_threads(threads_per_rank(local_world))
     return current(device)
 
 
