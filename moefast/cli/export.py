@@ -37,6 +37,8 @@ def add_parser(commands: Any) -> argparse.ArgumentParser:
     parser.add_argument("run_dir", metavar="RUN_DIR", help="the run directory (moefast train --out)")
     parser.add_argument("--method", help="base | mlora | moe-mlora, when RUN_DIR holds several")
     parser.add_argument("--out", required=True, help="the program file, ending in .pt2")
+    parser.add_argument("--onnx", metavar="PATH", help="also write the program as ONNX (.onnx; needs the "
+                        "onnx and onnxscript packages, which moefast does not install)")
     parser.add_argument("--quiet", "-q", action="store_true", help="no progress lines")
     return parser
 
@@ -50,6 +52,14 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.suffix != ".pt2":
         raise UserError(f"--out {args.out!r}: an exported program is a .pt2 file")
+    if args.onnx is not None:
+        from moefast.export._program import onnx_missing
+
+        if Path(args.onnx).suffix != ".onnx":
+            raise UserError(f"--onnx {args.onnx!r}: an ONNX model is a .onnx file")
+        missing = onnx_missing()
+        if missing is not None:  # before the minutes of work, not after
+            raise UserError(f"--onnx: {missing}")
     folder = export.method_dir(args.run_dir, args.method)
     options = run_data_options(folder)
     dataset = None
@@ -69,4 +79,6 @@ def run(args: argparse.Namespace) -> int:
     payload = export.export_program(merged, out, record=loaded.record, extra_files=extra,
                                     data_options=options)
     say(f"program: {out} (torch {payload['torch_version']}); inputs and preprocessing: {out}.json")
+    if args.onnx is not None:
+        say(f"ONNX: {export.export_onnx(merged, args.onnx)}")
     return 0

@@ -13,7 +13,7 @@ See docs/serving.md.
 from __future__ import annotations
 
 from moefast.export._merge import MergedModel, MergedTower, domain_mixture, merge, merge_tower
-from moefast.export._program import ServingModule, export_program, serving_module
+from moefast.export._program import ServingModule, export_onnx, export_program, serving_module
 from moefast.export._records import dataset_record
 from moefast.export._rundir import LoadedRun, load_run, method_dir
 
@@ -24,6 +24,7 @@ __all__ = [
     "ServingModule",
     "dataset_record",
     "domain_mixture",
+    "export_onnx",
     "export_program",
     "load_run",
     "merge",

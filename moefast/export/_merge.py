@@ -88,7 +88,7 @@ class MergedTower(nn.Module):
         output: the tower's output layer (``Linear(last, 1)``), copied.
 
     Forward: ``x`` float32 ``[N, in]``, ``domain`` int64 ``[N]`` in ``[0, D)`` -> logits float32
-    ``[N]``. Rows are grouped by domain (stable sort) and each group goes through its domain's
+    ``[N]``. Rows are grouped by domain (a sort on the domain id) and each group goes through its domain's
     matrices as one dense product.
     """
 
@@ -119,7 +119,9 @@ class MergedTower(nn.Module):
         # the data, which torch.export cannot trace.
         counts = torch.zeros(num_domains, dtype=torch.int64, device=domain.device)
         counts = counts.index_add(0, domain, torch.ones_like(domain))
-        order = torch.argsort(domain, stable=True)  # [N]: rows grouped by domain
+        # [N]: rows grouped by domain. Not a stable sort: ONNX has none (aten.sort.stable does not
+        # convert), and the order within a group does not matter, each row goes back to its place.
+        order = torch.argsort(domain)
         grouped = x.index_select(0, order)  # [N, in]
         sizes = counts.tolist()
         if tracing:  # tell torch.export what the data-dependent sizes satisfy

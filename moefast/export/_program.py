@@ -35,7 +35,8 @@ from moefast.config import FeatureSpec, Pooling
 from moefast.export._merge import MergedModel, MergedTower
 from moefast.nn.embedding import EmbeddingCollection
 
-__all__ = ["PROGRAM_FORMAT", "NumericServingModule", "ServingModule", "example_inputs", "export_program", "program_inputs", "serving_module"]
+__all__ = ["PROGRAM_FORMAT", "NumericServingModule", "ServingModule", "example_inputs", "export_onnx",
+           "export_program", "onnx_missing", "program_inputs", "serving_module"]
 
 PROGRAM_FORMAT = 1
 # torch.export specialises a dimension whose example size is 0 or 1: examples have at least 2 rows.
@@ -175,11 +176,7 @@ def export_program(
     serving = serving_module(merged)
     features = merged.features
     numeric = serving.numeric_names
-    batch = torch.export.Dim("batch", min=1)
-    args = example_inputs(features, len(numeric), merged.num_domains)
-    ids_dims = {f.name: ({0: batch, 1: torch.export.Dim(f"bag_{k}", min=1)} if f.multi_valued else {0: batch})
-                for k, f in enumerate(features)}
-    dims: tuple[Any, ...] = (ids_dims, {0: batch}, {0: batch}) if numeric else (ids_dims, {0: batch})
+    args, dims = _example_and_dims(merged)
     with torch.no_grad():
         program = torch.export.export(serving, args, dynamic_shapes=dims, strict=False)
     payload: dict[str, Any] = {
@@ -213,6 +210,52 @@ def export_program(
             else:
                 shutil.copyfile(src, target)
     return payload
+
+
+def _example_and_dims(merged: MergedModel) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
+    """Example arguments (2 rows) and their dynamic shapes: the batch everywhere, each bag's width."""
+    features = merged.features
+    batch = torch.export.Dim("batch", min=1)
+    args = example_inputs(features, len(merged.numeric), merged.num_domains)
+    ids_dims = {f.name: ({0: batch, 1: torch.export.Dim(f"bag_{k}", min=1)} if f.multi_valued else {0: batch})
+                for k, f in enumerate(features)}
+    dims: tuple[Any, ...] = (ids_dims, {0: batch}, {0: batch}) if merged.numeric else (ids_dims, {0: batch})
+    return args, dims
+
+
+def onnx_missing() -> str | None:
+    """Why ONNX export cannot run here (a package missing), or None."""
+    import importlib.util
+
+    for name in ("onnx", "onnxscript"):
+        if importlib.util.find_spec(name) is None:
+            return (f"ONNX export needs the onnx and onnxscript packages ({name} is missing: pip install "
+                    "onnx onnxscript); the .pt2 program needs neither")
+    return None
+
+
+def export_onnx(merged: MergedModel, out: str | os.PathLike[str]) -> Path:
+    """The same program as ONNX (``torch.onnx.export(..., dynamo=True)``), optional: it needs the
+    ``onnx`` and ``onnxscript`` packages, which moefast does not depend on.
+
+    Inputs are named ``ids_<field>``, ``numeric`` (when any) and ``domain``, with the dtypes and
+    shapes of the ``.pt2`` program; the output is the logit. Checked with onnxruntime 1.32 at
+    batch 1, 64 and 4096 (docs/serving.md).
+
+    Raises:
+        ValueError: ``out`` does not end in ``.onnx``, or the ONNX packages are missing.
+    """
+    dest = Path(out)
+    if dest.suffix != ".onnx":
+        raise ValueError(f"{str(dest)!r}: an ONNX model is a .onnx file")
+    missing = onnx_missing()
+    if missing is not None:
+        raise ValueError(missing)
+    args, dims = _example_and_dims(merged)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with torch.no_grad():
+        torch.onnx.export(serving_module(merged), args, str(dest), dynamic_shapes=dims, dynamo=True)
+    return dest
 
 
 def _moefast_version() -> str:
