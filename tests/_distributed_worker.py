@@ -116,6 +116,11 @@ def _failures(ds: MultiDomainDataset, device: str) -> dict[str, str]:
         except (RankFailedError, NonFiniteError) as exc:
             seen[key] = f"{type(exc).__name__}: {exc}"
         parallel.unwrap(model)
+    try:  # an error computing rank 0's metrics reaches the ranks waiting for them
+        parallel.once(lambda: 1 / 0)
+        seen["once"] = "no error"
+    except ZeroDivisionError as exc:
+        seen["once"] = f"ZeroDivisionError: {exc}"
     return seen
 
 

@@ -117,6 +117,7 @@ def test_two_gloo_ranks_match_one_process(tmp_path: Path, single: dict[str, Any]
         bad, nan = rank["failures"]["bad_id"], rank["failures"]["nan"]
         assert bad.startswith("RankFailedError: rank 1 of 2 failed: ValueError") and "1000000000" in bad
         assert nan.startswith("NonFiniteError: nan: the training loss is nan")
+        assert rank["failures"]["once"] == "ZeroDivisionError: division by zero"
 
 
 def test_torchrun_restart_resumes_from_rank0_snapshot(tmp_path: Path, single: dict[str, Any]) -> None:

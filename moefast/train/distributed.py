@@ -380,9 +380,17 @@ class DataParallel:
     def once(self, compute: Any) -> Any:
         """``compute()`` on rank 0, its result broadcast to every rank (the exact AUC is
         computed once, and every rank acts on the same number)."""
-        box = [compute() if self.rank == 0 else None]
+        box: list[Any] = [None]
+        if self.rank == 0:
+            try:
+                box = [(True, compute())]
+            except Exception as exc:  # the other ranks wait in the broadcast: they raise it too
+                box = [(False, exc)]
         dist.broadcast_object_list(box, src=0)
-        return box[0]
+        ok, value = box[0]
+        if not ok:
+            raise value
+        return value
 
     def barrier(self) -> None:
         dist.barrier()
