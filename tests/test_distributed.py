@@ -168,6 +168,14 @@ def test_moefast_train_nproc(tmp_path: Path) -> None:
     assert dead.returncode == 2
     assert re.search(r"moefast: error: rank [01] of 2 exited with status -9", dead.stderr), dead.stderr[-3000:]
 
+    # --resume with --nproc continues it data-parallel, and it ends as the run that was not killed.
+    again = subprocess.run([sys.executable, "-m", "moefast", "train", "--resume", str(tmp_path / "dead"),
+                            "--nproc", "2", "--quiet"], env=env, capture_output=True, text=True, timeout=180)
+    assert again.returncode == 0, again.stderr[-3000:]
+    resumed = json.loads((tmp_path / "dead" / "metrics.json").read_text())
+    assert resumed["distributed"]["world_size"] == 2
+    assert resumed["test"] == metrics["test"]
+
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -21,19 +21,23 @@ from moefast.config import RunConfig
 __all__ = ["launch", "torchrun_argv"]
 
 
-def torchrun_argv(nproc: int, config_file: Path, out: Path, *, overwrite: bool, quiet: bool) -> list[str]:
-    """torchrun's arguments for ``nproc`` workers on this machine (loopback rendezvous)."""
-    argv = ["--standalone", "--nnodes", "1", "--nproc-per-node", str(nproc),
-            "-m", "moefast", "train", "--config", str(config_file), "--out", str(out)]
-    if overwrite:
+def torchrun_argv(
+    nproc: int, config_file: Path, out: Path, *, overwrite: bool, quiet: bool, resume: bool = False
+) -> list[str]:
+    """torchrun's arguments for ``nproc`` workers on this machine (loopback rendezvous); with
+    ``resume`` the workers continue the run ``out`` with its recorded options."""
+    argv = ["--standalone", "--nnodes", "1", "--nproc-per-node", str(nproc), "-m", "moefast", "train"]
+    argv += ["--resume", str(out)] if resume else ["--config", str(config_file), "--out", str(out)]
+    if overwrite and not resume:
         argv.append("--overwrite")
     if quiet:
         argv.append("--quiet")
     return argv
 
 
-def launch(config: RunConfig, quiet: bool, nproc: int) -> int:
-    """Run ``config`` data-parallel on ``nproc`` local processes; the exit status of the job."""
+def launch(config: RunConfig, quiet: bool, nproc: int, *, resume: bool = False) -> int:
+    """Run ``config`` data-parallel on ``nproc`` local processes (``resume``: continue the run
+    directory ``config.out``); the exit status of the job."""
     from moefast.cli.train import config_toml
 
     if isinstance(nproc, bool) or not isinstance(nproc, int) or nproc < 1:
@@ -53,7 +57,7 @@ def launch(config: RunConfig, quiet: bool, nproc: int) -> int:
         config_file = Path(tmp) / "config.toml"
         config_file.write_text(config_toml(config))
         try:
-            torchrun(torchrun_argv(nproc, config_file, out, overwrite=config.overwrite, quiet=quiet))
+            torchrun(torchrun_argv(nproc, config_file, out, overwrite=config.overwrite, quiet=quiet, resume=resume))
         except ChildFailedError as exc:
             rank, failure = exc.get_first_failure()
             raise UserError(f"rank {rank} of {nproc} exited with status {failure.exitcode} "

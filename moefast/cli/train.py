@@ -77,6 +77,10 @@ def run(args: argparse.Namespace) -> int:
     options.update(given_options(args))  # flags win over the file
     if resume is not None:
         config, quiet = resume_config(resume, options)
+        if nproc is not None:
+            from moefast.cli._launch import launch
+
+            return launch(config, quiet, nproc, resume=True)
         return _train(config, quiet, resume=True)
     try:
         config, quiet = resolve_config(options)
