@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -196,9 +197,12 @@ def export_program(
     }
     text = json.dumps(payload, indent=2) + "\n"
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f".tmp-{dest.name}")  # torch.export.save wants the .pt2 suffix
-    torch.export.save(program, tmp, extra_files={"moefast.json": text})
-    tmp.replace(dest)
+    # Written under its final name (the archive's folder is named after the file) in a temporary
+    # folder beside it, then renamed: no half-written program under the final name.
+    with tempfile.TemporaryDirectory(prefix=".moefast-export-", dir=dest.parent) as folder:
+        tmp = Path(folder) / dest.name
+        torch.export.save(program, tmp, extra_files={"moefast.json": text})
+        tmp.replace(dest)
     (dest.parent / f"{dest.name}.json").write_text(text)
     if extra_files:  # in the payload above as names relative to the folder
         folder = dest.parent / f"{dest.stem}.preprocessing"
