@@ -102,10 +102,12 @@ def test_user_mistakes_are_one_line(
 def test_an_unknown_domain_is_a_clear_error() -> None:
     dataset = load("synthetic", preset="paper", rows=300, num_domains=3, num_users=20, num_items=10)
     record = dataset_record(dataset)
+    assert domain_ids(record, dataset, torch.tensor([0, 2])).tolist() == [0, 2]
     renamed = dataclasses.replace(dataset, domain_names=("domain2", "domain0", "elsewhere"))
-    assert domain_ids(record, renamed, torch.tensor([0, 1, 0])).tolist() == [2, 0, 2]  # mapped by name
-    with pytest.raises(UserError, match=r"domain 'elsewhere' .* is unknown to the model"):
+    with pytest.raises(UserError, match=r"domain 'elsewhere' \(id 2 in 'synthetic-paper'\) is unknown to the model"):
         domain_ids(record, renamed, torch.tensor([0, 2]))
+    with pytest.raises(UserError, match="numbers its domains"):  # the same names in another order
+        domain_ids(record, renamed, torch.tensor([0, 1]))
 
 
 def test_ids_numbered_from_other_files_are_refused() -> None:

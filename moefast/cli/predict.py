@@ -3,7 +3,7 @@
 ``moefast predict --model RUN_DIR_or_model.pt2 [the train command's data flags] --out
 scores.csv`` loads the data as ``moefast train`` does (without data flags: the run's own, from
 its ``config.toml`` or the program's ``.json``), checks that it speaks the model's language
-(same fields and vocabulary sizes, known domains, ids numbered from the same files), scores one
+(same fields and vocabulary sizes, the same domain map, ids numbered from the same files), scores one
 split in batches with a progress bar and writes ``row, domain, domain_name, label, logit,
 score`` (``score = sigmoid(logit)``) as CSV or Parquet. A run directory is served by its merged
 model (:func:`moefast.export.merge`; ``--unmerged`` scores with the trained model itself), a
@@ -121,24 +121,21 @@ def check_compatible(record: Mapping[str, Any], dataset: Any) -> None:
 
 
 def domain_ids(record: Mapping[str, Any], dataset: Any, domain: Any) -> Any:
-    """The model's domain ids of a split's ``domain`` column (int64 ``[n]``), mapped by name
-    through the model's domain map; ``UserError`` naming a domain the model does not know."""
-    import torch
-
+    """A split's ``domain`` column (int64 ``[n]``) if the data numbers its domains as the model's
+    domain map does; ``UserError`` naming a domain the model does not know, or saying that the
+    data numbers the same domains in another order (remapping them would leave a ``domain``
+    feature column with the old ids: no silent remapping)."""
     model_names = [str(d["name"]) for d in record["domains"]]
     data_names = [str(n) for n in dataset.domain_names]
     if data_names == model_names:
         return domain
-    index = {n: k for k, n in enumerate(model_names)}
-    table = torch.full((len(data_names),), -1, dtype=torch.int64)
-    for k, n in enumerate(data_names):
-        table[k] = index.get(n, -1)
-    mapped = table[domain]
-    if domain.numel() and bool((mapped < 0).any()):
-        bad = int(domain[mapped < 0][0])
-        raise UserError(f"domain {data_names[bad]!r} (id {bad} in {dataset.name!r}) is unknown to the model; "
-                        f"it knows {model_names}")
-    return mapped
+    present = sorted(set(domain.tolist())) if domain.numel() else []
+    unknown = [d for d in present if data_names[d] not in model_names]
+    if unknown:
+        raise UserError(f"domain {data_names[unknown[0]]!r} (id {unknown[0]} in {dataset.name!r}) is unknown to "
+                        f"the model; it knows {model_names}")
+    raise UserError(f"dataset {dataset.name!r} numbers its domains {data_names}, the model {model_names}: "
+                    "load the data so that its domain map is the model's")
 
 
 def _load_program(path: Path) -> tuple[Callable[..., Any], dict[str, Any]]:
