@@ -252,8 +252,9 @@ def _wrong_toml_type(conv: type | Conv, value: object) -> str | None:
     return "a string or an array of strings / numbers"
 
 
-def load_dataset(data: DataConfig) -> Any:
-    """The dataset a :class:`DataConfig` names; options that do not apply are user errors."""
+def load_dataset(data: DataConfig, *, progress: bool | None = None) -> Any:
+    """The dataset a :class:`DataConfig` names; options that do not apply are user errors.
+    ``progress=False`` hides the tabular source's reading bar (``None``: on a terminal)."""
     from moefast import data as data_module
 
     options: dict[str, Any] = {}
@@ -271,7 +272,8 @@ def load_dataset(data: DataConfig) -> Any:
         if data.data is None or data.schema is None:
             raise UserError("--dataset table needs --data PATH and --schema schema.toml")
         try:
-            return data_module.load("table", path=data.data, schema=data.schema, vocab_from=data.vocab_from)
+            return data_module.load("table", path=data.data, schema=data.schema, vocab_from=data.vocab_from,
+                                    progress=progress)
         except ValueError as exc:
             raise UserError(str(exc)) from None
     if data.dataset == "synthetic":

@@ -249,7 +249,7 @@ def _train_into(config: RunConfig, quiet: bool, out: Path, writer: bool = True, 
     from moefast.train import fit
     from moefast.train.rundir import plot_methods, write_json
 
-    dataset = load_dataset(config.data)
+    dataset = load_dataset(config.data, progress=None if not quiet else False)
     check_dataset_options(config.train, dataset)
     tower = config.tower_config()
     if TowerKind.MOE_MLORA in config.methods and tower.gate_init is GateInit.SPECIALIST:

@@ -168,6 +168,8 @@ class TableSchema:
     categorical: tuple[CategoricalColumn, ...] = ()
     numeric: tuple[NumericColumn, ...] = ()
     split: SplitSpec = field(default_factory=SplitSpec)
+    # The default embedding dim (every field without its own; the domain field's).
+    dim: int = 8
     # Where the schema came from (for messages, and the base of relative pretrained paths).
     source: str = "<schema>"
 
@@ -218,6 +220,7 @@ class TableSchema:
                                  "indicator": n.indicator} for n in self.numeric},
             "split": {"kind": self.split.kind.value, "fractions": list(self.split.fractions),
                       "seed": self.split.seed, "values": list(self.split.values)},
+            "dim": self.dim,
         }
         if d.order is not None:
             out["domain"]["order"] = list(d.order)
@@ -316,7 +319,7 @@ class TableSchema:
             raise ValueError(f"{source}: split.column applies to kind 'column' or 'time', not 'random'")
         r.done()
         return cls(domain=domain, label=label, label_threshold=threshold, key=key,
-                   categorical=tuple(categorical), numeric=tuple(numeric), split=split, source=source)
+                   categorical=tuple(categorical), numeric=tuple(numeric), split=split, dim=dim, source=source)
 
 
 def load_schema(path: str | os.PathLike[str] | TableSchema | Mapping[str, Any]) -> TableSchema:

@@ -123,7 +123,7 @@ def _csv_delimiter(path: Path) -> str:
 
 def _csv_header(path: Path) -> list[str]:
     with pa.input_stream(str(path), compression="detect") as stream:
-        line = io.TextIOWrapper(stream, encoding="utf-8", newline="").readline()
+        line = io.TextIOWrapper(stream, encoding="utf-8-sig", newline="").readline()
     return next(csv.reader([line], delimiter=_csv_delimiter(path)), [])
 
 
@@ -509,9 +509,8 @@ def _build(sch: TableSchema, files: list[Path], kind: str, saved: dict[str, Any]
         if spec.pretrained is not None:
             pretrained[spec.name] = _read_pretrained(_pretrained_path(sch, spec), spec, art)
     if sch.domain.feature:
-        dims = [c.dim for c in sch.categorical]
         keep(DOMAIN_FIELD, domain)
-        specs.append(FeatureSpec(DOMAIN_FIELD, len(domain_names), dims[0] if dims else 8))
+        specs.append(FeatureSpec(DOMAIN_FIELD, len(domain_names), sch.dim))
 
     # Numeric fields.
     numeric_specs: list[NumericSpec] = []
