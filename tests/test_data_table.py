@@ -443,3 +443,14 @@ def test_the_command_line_saves_the_vocabularies_once_and_reuses_them(
     assert "needs --data PATH and --schema" in capsys.readouterr().err
     assert cli.main([*common, "--out", str(tmp_path / "y"), "--rows", "10"]) == 2
     assert "--rows does not apply to --dataset table" in capsys.readouterr().err
+
+
+def test_a_malformed_csv_names_the_file_and_a_bom_is_not_a_name(tmp_path: Path) -> None:
+    text = _frame().to_csv(index=False)
+    (tmp_path / "bom.csv").write_bytes(b"\xef\xbb\xbf" + text.encode())
+    _same(_load(_write_csv(_frame(), tmp_path / "log.csv")), _load(tmp_path / "bom.csv"))
+    lines = text.splitlines()
+    lines[40] = lines[40].rsplit(",", 1)[0]  # a row one field short
+    (tmp_path / "short.csv").write_text("\n".join(lines) + "\n")
+    with pytest.raises(ValueError, match=r"short\.csv, row 40: malformed CSV \(.*Expected 11 columns, got 10"):
+        _load(tmp_path / "short.csv")

@@ -169,11 +169,23 @@ def _chunks(files: list[Path], kind: str, columns: list[str], optional: set[str]
                     yield _Chunk(path, row, {c: batch.column(c) for c in have})
                     row += batch.num_rows
             except pa.ArrowInvalid as exc:
-                raise TableError(path, None, None, f"malformed CSV near data row {row}: {exc}") from None
+                bad = _first_malformed_row(path, len(header))
+                detail = str(exc).strip().splitlines()[0]
+                raise TableError(path, bad, None, f"malformed CSV ({detail})") from None
         else:
             for batch in pfile.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=have):
                 yield _Chunk(path, row, {c: batch.column(c) for c in have})
                 row += batch.num_rows
+
+
+def _first_malformed_row(path: Path, width: int) -> int | None:
+    """The first data row whose field count is not the header's (the slow path of an error)."""
+    with pa.input_stream(str(path), compression="detect") as stream:
+        text = io.TextIOWrapper(stream, encoding="utf-8-sig", errors="replace", newline="")
+        for number, fields in enumerate(csv.reader(text, delimiter=_csv_delimiter(path))):
+            if number and len(fields) != width:
+                return number
+    return None
 
 
 # ----------------------------------------------------------------------------------------------
