@@ -199,16 +199,16 @@ def export_program(
     dest.parent.mkdir(parents=True, exist_ok=True)
     # Written under its final name (the archive's folder is named after the file) in a temporary
     # folder beside it, then renamed: no half-written program under the final name.
-    with tempfile.TemporaryDirectory(prefix=".moefast-export-", dir=dest.parent) as folder:
-        tmp = Path(folder) / dest.name
+    with tempfile.TemporaryDirectory(prefix=".moefast-export-", dir=dest.parent) as scratch:
+        tmp = Path(scratch) / dest.name
         torch.export.save(program, tmp, extra_files={"moefast.json": text})
         tmp.replace(dest)
     (dest.parent / f"{dest.name}.json").write_text(text)
     if extra_files:  # in the payload above as names relative to the folder
-        folder = dest.parent / f"{dest.stem}.preprocessing"
-        folder.mkdir(exist_ok=True)
+        beside = dest.parent / f"{dest.stem}.preprocessing"
+        beside.mkdir(exist_ok=True)
         for name, src in extra_files.items():
-            target = folder / name
+            target = beside / name
             if Path(src).is_dir():
                 shutil.copytree(src, target, dirs_exist_ok=True)
             else:
