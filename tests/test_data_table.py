@@ -454,3 +454,37 @@ def test_a_malformed_csv_names_the_file_and_a_bom_is_not_a_name(tmp_path: Path) 
     (tmp_path / "short.csv").write_text("\n".join(lines) + "\n")
     with pytest.raises(ValueError, match=r"short\.csv, row 40: malformed CSV \(.*Expected 11 columns, got 10"):
         _load(tmp_path / "short.csv")
+
+
+def test_an_unseen_domain_at_scoring_folds_into_other_or_is_refused(tmp_path: Path) -> None:
+    frame = _frame()
+    frame.loc[:4, "site"] = "rare"
+    path = _write_csv(frame, tmp_path / "log.csv")
+    unlabeled = {k: v for k, v in SCHEMA.items() if k != "label"}
+    for policy, want in (("other", 3), ("error", None)):
+        domain = {"column": "site", "min_rows": 6, "policy": policy if policy == "other" else "drop"}
+        run = _save(_load(path, {**SCHEMA, "domain": domain}), tmp_path / f"run-{policy}")
+        new = frame.copy()
+        new.loc[7, "site"] = "brand-new"
+        new_path = _write_csv(new, tmp_path / f"new-{policy}.csv")
+        scoring = {**unlabeled, "domain": {**domain, "policy": policy}}
+        if want is None:
+            with pytest.raises(ValueError, match=r"new-error\.csv, row 1, column 'site': domain 'rare' is not in"):
+                _load(new_path, scoring, vocab_from=run)
+        else:
+            scored = _load(new_path, scoring, vocab_from=run).test
+            assert scored.domain[:5].tolist() == [want] * 5 and int(scored.domain[7]) == want
+
+
+def test_pretrained_vectors_from_parquet_lists(tmp_path: Path) -> None:
+    path = _write_csv(_frame(), tmp_path / "log.csv")
+    keys = [f"u{i}" for i in range(50)]
+    pq.write_table(pa.table({"value": keys, "vector": [[float(i)] * 4 for i in range(50)]}), tmp_path / "vec.parquet")
+    schema = {**SCHEMA, "categorical": {**SCHEMA["categorical"], "user": {"pretrained": str(tmp_path / "vec.parquet")}}}
+    ds = _load(path, schema)
+    values = ds.info["table"]["categorical"]["user"]["values"]
+    assert ds.pretrained["user"][RESERVED:].tolist() == [[float(v[1:])] * 4 for v in values]
+    pq.write_table(pa.table({"value": keys, "vector": [[1.0] * 3] * 50}), tmp_path / "bad.parquet")
+    schema["categorical"]["user"] = {"pretrained": str(tmp_path / "bad.parquet")}
+    with pytest.raises(ValueError, match=r"bad\.parquet: vectors of width 3, field 'user' has dim 4"):
+        _load(path, schema)

@@ -49,7 +49,8 @@ class BatchLoader:
         drop_last: drop each domain's (``BY_DOMAIN``) or the epoch's incomplete last batch.
 
     Batches are :class:`Batch` es of CPU tensors: ``features[name]`` ``int64 [B]`` or
-    ``[B, L]``, ``domain`` ``int64 [B]``, ``label`` ``float32 [B]``.
+    ``[B, L]`` (``float32 [B]`` for a numeric field), ``domain`` ``int64 [B]``, ``label``
+    ``float32 [B]``.
     """
 
     def __init__(
