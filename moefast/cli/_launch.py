@@ -35,11 +35,9 @@ def torchrun_argv(
     return argv
 
 
-def launch(config: RunConfig, quiet: bool, nproc: int, *, resume: bool = False) -> int:
-    """Run ``config`` data-parallel on ``nproc`` local processes (``resume``: continue the run
-    directory ``config.out``); the exit status of the job."""
-    from moefast.cli.train import config_toml
-
+def launch(config: RunConfig, config_text: str, quiet: bool, nproc: int, *, resume: bool = False) -> int:
+    """Run ``config`` (``config_text``: it as ``moefast train``'s TOML) data-parallel on ``nproc``
+    local processes (``resume``: continue the run directory ``config.out``); the exit status."""
     if isinstance(nproc, bool) or not isinstance(nproc, int) or nproc < 1:
         raise UserError(f"--nproc must be a positive whole number, got {nproc!r}")
     if "TORCHELASTIC_RUN_ID" in os.environ or "WORLD_SIZE" in os.environ:
@@ -55,7 +53,7 @@ def launch(config: RunConfig, quiet: bool, nproc: int, *, resume: bool = False) 
     os.environ.setdefault("MOEFAST_THREADS_PER_RANK", str(max(1, (os.cpu_count() or 1) // nproc)))
     with tempfile.TemporaryDirectory(prefix="moefast-launch-") as tmp:
         config_file = Path(tmp) / "config.toml"
-        config_file.write_text(config_toml(config))
+        config_file.write_text(config_text)
         try:
             torchrun(torchrun_argv(nproc, config_file, out, overwrite=config.overwrite, quiet=quiet, resume=resume))
         except ChildFailedError as exc:

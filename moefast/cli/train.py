@@ -80,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
         if nproc is not None:
             from moefast.cli._launch import launch
 
-            return launch(config, quiet, nproc, resume=True)
+            return launch(config, config_toml(config), quiet, nproc, resume=True)
         return _train(config, quiet, resume=True)
     try:
         config, quiet = resolve_config(options)
@@ -90,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
     if nproc is not None:
         from moefast.cli._launch import launch
 
-        return launch(config, quiet, nproc)
+        return launch(config, config_toml(config), quiet, nproc)
     return _train(config, quiet)
 
 

@@ -45,6 +45,7 @@ import torch.distributed as dist
 from moefast.data.dataset import Batch
 from moefast.nn.adapter import global_batch_rows
 from moefast.nn.embedding import EmbeddingCollection
+from moefast.train.errors import NonFiniteError
 
 __all__ = [
     "DataParallel",
@@ -280,8 +281,6 @@ class DataParallel:
 
         ``runner`` is what :meth:`wrap` returned; ``after_backward(model)`` runs between
         backward and the optimizer step (gradient masking of the expert stages)."""
-        from moefast.train.loop import NonFiniteError
-
         total = len(batch)
         start, stop = shard_bounds(total, self.rank, self.world_size)
         local = slice_batch(batch, start, stop).to(self.device)

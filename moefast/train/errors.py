@@ -1,0 +1,12 @@
+"""Errors the training loop and the data-parallel step share (a module of its own, so that
+:mod:`moefast.train.distributed` need not import the loop that imports it)."""
+
+from __future__ import annotations
+
+__all__ = ["NonFiniteError"]
+
+
+class NonFiniteError(ValueError):
+    """A training loss or a model score is NaN or infinite: the stage stops here, before the
+    value reaches an optimizer step, an AUC or early stopping (a ``ValueError``, so the command
+    line reports it as one line)."""
