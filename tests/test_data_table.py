@@ -18,6 +18,7 @@ import torch
 
 import moefast
 from moefast.data import table as table_mod
+from moefast.data import vocab as _vocab  # noqa: F401  (moefast.data.vocab below)
 from moefast.data.schema import TableSchema, load_schema
 from moefast.data.vocab import MISSING_ID, OOV_ID, RESERVED, read_vocab, stable_hash
 
@@ -328,11 +329,14 @@ def test_stable_hash_known_answers_in_another_process() -> None:
     # in a fresh interpreter with another PYTHONHASHSEED: never Python's salted hash().
     want = {("user_42", 0): 355006681296020221, ("user_42", 7): 7107835326923254360,
             ("", 0): 4331143152044847043, ("é", 2**64 - 1): 16913898963951191388}
-    code = ("import json, sys; from moefast.data.vocab import stable_hash; "
-            "print(json.dumps([stable_hash(v, s) for v, s in json.loads(sys.argv[1])]))")
+    # The module file alone (it needs only hashlib and numpy), so the child skips importing torch.
+    code = ("import importlib.util, json, sys; spec = importlib.util.spec_from_file_location('v', sys.argv[2]); "
+            "v = importlib.util.module_from_spec(spec); spec.loader.exec_module(v); "
+            "print(json.dumps([v.stable_hash(x, s) for x, s in json.loads(sys.argv[1])]))")
+    module = Path(moefast.data.vocab.__file__)
     for salt in ("1", "2"):
-        out = subprocess.run([sys.executable, "-c", code, json.dumps(list(want))], capture_output=True, text=True,
-                             check=True, env={**os.environ, "PYTHONHASHSEED": salt})
+        out = subprocess.run([sys.executable, "-c", code, json.dumps(list(want)), str(module)], capture_output=True,
+                             text=True, check=True, env={**os.environ, "PYTHONHASHSEED": salt})
         assert json.loads(out.stdout) == list(want.values())
     assert [stable_hash(v, s) for v, s in want] == list(want.values())
     assert stable_hash("user_42", 0) != stable_hash("user_42", 1)
