@@ -35,7 +35,7 @@ import datetime
 import inspect
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -274,7 +274,7 @@ class DataParallel:
         optimizer: torch.optim.Optimizer,
         l2: float,
         l2_params: list[torch.nn.Parameter],
-        after_backward: Any = None,
+        after_backward: Callable[[Any], None] | None = None,
     ) -> float:
         """One synchronised step on this rank's slice of the global ``batch`` (CPU tensors);
         returns the global batch's loss (the same float on every rank).
@@ -376,7 +376,7 @@ class DataParallel:
         dist.all_gather(parts, self._comm(pad))
         return torch.cat([p.cpu()[:c] for p, c in zip(parts, counts, strict=True)])
 
-    def once(self, compute: Any) -> Any:
+    def once(self, compute: Callable[[], Any]) -> Any:
         """``compute()`` on rank 0, its result broadcast to every rank (the exact AUC is
         computed once, and every rank acts on the same number)."""
         box: list[Any] = [None]
