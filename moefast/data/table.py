@@ -162,7 +162,10 @@ def _chunks(files: list[Path], kind: str, columns: list[str], optional: set[str]
                     read_options=pacsv.ReadOptions(block_size=CSV_BLOCK_BYTES),
                     parse_options=pacsv.ParseOptions(delimiter=_csv_delimiter(path)),
                     convert_options=pacsv.ConvertOptions(
-                        include_columns=have, column_types={c: pa.string() for c in have},
+                        include_columns=have,
+                        # Coded columns come out dictionary-encoded by the reader's own threads.
+                        column_types={c: pa.dictionary(pa.int32(), pa.string()) if c in coded else pa.string()
+                                      for c in have},
                         strings_can_be_null=True, null_values=[""], quoted_strings_can_be_null=True),
                 )
                 for batch in reader:
