@@ -99,6 +99,27 @@ def test_merged_equals_the_model(dataset: MultiDomainDataset, name: str, kind: s
                                        model.tower.layers[0].out_features)
 
 
+def test_the_cpp_op_is_the_loop(dataset: MultiDomainDataset) -> None:
+    """``torch.ops.moefast.merged_tower`` (what runs on CPU when built) equals the torch loop it
+    implements (what the program exports): mixed rows, a domain with none, one row, no rows."""
+    from moefast.export._merge import _merged_tower_op
+
+    if _merged_tower_op() is None:
+        pytest.skip("moefast._tower_ops is not built here")
+    tower = merge(randomise(models.build("dcn", dataset, "moe-mlora", experts_per_domain=2, seed=9))).backbone.tower
+    assert isinstance(tower, MergedTower)
+    g = torch.Generator().manual_seed(9)
+    x = torch.randn(700, tower.layer(0)[0].shape[1], generator=g)  # 700: several 256-row chunks per domain
+    domain = torch.randint(0, dataset.num_domains, (700,), generator=g)
+    domain[domain == 1] = 3
+    for rows in (slice(None), slice(5, 6), slice(0, 0)):
+        with torch.no_grad():
+            got, want = tower(x[rows], domain[rows]), tower.grouped_forward(x[rows], domain[rows])
+        assert got.shape == want.shape
+        if want.numel():
+            assert rel_diff(got, want) <= REL
+
+
 @pytest.mark.parametrize("routing", [Routing.SHARED, Routing.EXPERT])
 def test_every_routing_merges(dataset: MultiDomainDataset, routing: Routing) -> None:
     """The merge follows the routing the model is in (the expert stage: one expert everywhere)."""

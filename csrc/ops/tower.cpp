@@ -15,6 +15,9 @@
 #include <torch/autograd.h>
 #include <torch/library.h>
 
+#include <ATen/Parallel.h>
+
+#include <algorithm>
 #include <cstdint>
 #include <optional>
 #include <vector>
@@ -273,15 +276,74 @@ Tensor tower(const Tensor& x, const std::optional<Tensor>& gate, const std::opti
   return moefast::TowerFunction::apply(x, gate, domain, params, expert, masks);
 }
 
+// Rows of one work unit of merged_tower: small enough that the units of a 4096-row batch over
+// 20 domains spread over the threads, large enough for an efficient product.
+constexpr int64_t kMergedChunk = 256;
+
+// The merged tower's forward (moefast/export/_merge.py, MergedTower, whose Python loop is the
+// specification and what torch.export traces): rows grouped by domain, each domain's rows through
+// that domain's [in, out] matrices, logits back in row order. The (domain, row chunk) units run in
+// one at::parallel_for, so a batch costs one parallel region instead of one per product (the
+// products inside run on the calling thread: ATen does not nest parallel regions).
+Tensor merged_tower(const Tensor& x, const Tensor& domain, at::TensorList weights, at::TensorList biases,
+                    const Tensor& out_weight, const Tensor& out_bias) {
+  TORCH_CHECK_VALUE(x.dim() == 2 && domain.dim() == 1 && domain.size(0) == x.size(0),
+                    "merged_tower: x must be [N, in] and domain [N]");
+  TORCH_CHECK_VALUE(!weights.empty() && weights.size() == biases.size(), "merged_tower: one bias per weight");
+  const int64_t n = x.size(0);
+  const int64_t num_domains = weights[0].size(0);
+  for (size_t k = 0; k < weights.size(); ++k) {
+    TORCH_CHECK_VALUE(weights[k].dim() == 3 && weights[k].size(0) == num_domains && biases[k].dim() == 2 &&
+                          biases[k].size(0) == num_domains && biases[k].size(1) == weights[k].size(2) &&
+                          weights[k].size(1) == (k == 0 ? x.size(1) : weights[k - 1].size(2)),
+                      "merged_tower: layer ", k, " has mismatched shapes");
+  }
+  const Tensor order = std::get<1>(domain.sort());
+  const Tensor counts = at::bincount(domain, {}, num_domains).cpu();
+  TORCH_CHECK_VALUE(counts.size(0) == num_domains, "merged_tower: a domain id is outside [0, ", num_domains, ")");
+  const Tensor grouped = x.index_select(0, order);
+  const int64_t last = weights.back().size(2);
+  Tensor hidden = at::empty({n, last}, x.options());
+  struct Unit {
+    int64_t domain, start, rows;
+  };
+  std::vector<Unit> units;
+  const auto* count = counts.data_ptr<int64_t>();
+  int64_t start = 0;
+  for (int64_t d = 0; d < num_domains; ++d) {
+    for (int64_t offset = 0; offset < count[d]; offset += kMergedChunk) {
+      units.push_back({d, start + offset, std::min(kMergedChunk, count[d] - offset)});
+    }
+    start += count[d];
+  }
+  at::parallel_for(0, static_cast<int64_t>(units.size()), 1, [&](int64_t begin, int64_t end) {
+    for (int64_t u = begin; u < end; ++u) {
+      const Unit& unit = units[u];
+      Tensor h = grouped.narrow(0, unit.start, unit.rows);
+      for (size_t k = 0; k < weights.size(); ++k) {
+        h = at::addmm(biases[k].select(0, unit.domain), h, weights[k].select(0, unit.domain)).relu_();
+      }
+      hidden.narrow(0, unit.start, unit.rows).copy_(h);
+    }
+  });
+  const Tensor logits = at::addmm(out_bias, hidden, out_weight.t()).view({-1});
+  return at::empty_like(logits).index_copy_(0, order, logits);
+}
+
 }  // namespace
 
 TORCH_LIBRARY(moefast, m) {
   m.def("tower(Tensor x, Tensor? gate, Tensor? domain, Tensor[] params, int? expert, Tensor?[] masks) -> Tensor");
+  m.def("merged_tower(Tensor x, Tensor domain, Tensor[] weights, Tensor[] biases, Tensor out_weight, "
+        "Tensor out_bias) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(moefast, CompositeImplicitAutograd, m) { m.impl("tower", tower); }
 
+TORCH_LIBRARY_IMPL(moefast, CPU, m) { m.impl("merged_tower", merged_tower); }
+
 // Importing moefast._tower_ops registers the op (the static initialisers above run at load).
 NB_MODULE(_tower_ops, m) {
-  m.doc() = "Registers torch.ops.moefast.tower: the CPU adapter tower as one C++ autograd node.";
+  m.doc() = "Registers torch.ops.moefast.tower (the CPU adapter tower as one C++ autograd node) and "
+            "torch.ops.moefast.merged_tower (the per-domain merged tower's forward).";
 }

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Mapping
+from typing import Any
 
 import torch
 from torch import nn
@@ -88,8 +89,11 @@ class MergedTower(nn.Module):
         output: the tower's output layer (``Linear(last, 1)``), copied.
 
     Forward: ``x`` float32 ``[N, in]``, ``domain`` int64 ``[N]`` in ``[0, D)`` -> logits float32
-    ``[N]``. Rows are grouped by domain (a sort on the domain id) and each group goes through its domain's
-    matrices as one dense product.
+    ``[N]``. Rows are grouped by domain (a sort on the domain id) and each group goes through its
+    domain's matrices as one dense product (:meth:`grouped_forward`). On CPU, outside tracing, the
+    same runs as one C++ op (``torch.ops.moefast.merged_tower``) whose (domain, row chunk) units
+    share one parallel region: as a Python loop every product is a parallel region of its own,
+    which cost 2x at 2 threads (docs/serving.md).
     """
 
     def __init__(self, weights: list[torch.Tensor], biases: list[torch.Tensor], output: nn.Linear) -> None:
@@ -115,6 +119,18 @@ class MergedTower(nn.Module):
         tracing = torch.compiler.is_compiling()
         if not tracing and domain.device.type == "cpu":  # on CUDA, reading the ids would synchronise
             check_domain_ids(domain, num_domains, f"the merged model has {num_domains} domains")
+            op = _merged_tower_op()
+            if op is not None and x.device.type == "cpu" and not (torch.is_grad_enabled() and x.requires_grad):
+                layers = [self.layer(k) for k in range(self.num_layers)]
+                return op(x, domain, [w for w, _ in layers], [b for _, b in layers],
+                          self.output.weight, self.output.bias)
+        return self.grouped_forward(x, domain)
+
+    def grouped_forward(self, x: torch.Tensor, domain: torch.Tensor) -> torch.Tensor:
+        """The forward in torch ops: the specification of ``torch.ops.moefast.merged_tower``,
+        what ``torch.export`` traces, and what runs on CUDA or without the C++ op."""
+        num_domains = self.num_domains
+        tracing = torch.compiler.is_compiling()
         # Rows per domain as a [D] tensor whatever the ids: bincount's length would depend on
         # the data, which torch.export cannot trace.
         counts = torch.zeros(num_domains, dtype=torch.int64, device=domain.device)
@@ -140,6 +156,27 @@ class MergedTower(nn.Module):
         hidden = torch.cat(parts) if parts else x.new_zeros(0, layers[-1][0].shape[2])  # [N, last]
         logits = self.output(hidden).squeeze(-1)  # [N], grouped order
         return torch.empty_like(logits).index_copy(0, order, logits)
+
+
+_MERGED_OP: list[Any] = []
+
+
+def _merged_tower_op() -> Any:
+    """``torch.ops.moefast.merged_tower`` (``csrc/ops/tower.cpp``: this forward in C++, its
+    (domain, row chunk) units in one parallel region), or None where ``moefast._tower_ops`` is not
+    built for this torch or predates the op; then the Python loop below runs (same function)."""
+    if not _MERGED_OP:
+        from moefast import _ext
+
+        op = None
+        if _ext.tower_op_refusal() is None:
+            try:
+                _ext.tower_op()
+                op = torch.ops.moefast.merged_tower
+            except (RuntimeError, AttributeError):  # not loadable, or built before the op existed
+                op = None
+        _MERGED_OP.append(op)
+    return _MERGED_OP[0]
 
 
 def merge_tower(tower: Tower) -> MergedTower:
