@@ -16,8 +16,9 @@ Fault points (tests only). ``MOEFAST_TEST_FAULT`` names one fault, deterministic
 - ``kill:write:<file name>[:<n>]``: ``SIGKILL`` after the process's ``n``-th (default first) write
   of a file of that name has reached its temporary file (written and ``fsync``-ed), before the
   rename.
-- ``enospc:write:<file name>[:<n>]``: that write fails part-way with ``OSError(ENOSPC)``, as on a
-  full disk.
+- ``enospc:write:<file name>[:<n>]``: that write fails part-way (after 512 bytes) with
+  ``OSError(ENOSPC)``, as on a full disk; a smaller file fails at its ``fsync`` (where a file
+  system that allocates late reports it).
 
 Unset (always, outside tests) every fault point is one dictionary lookup.
 """
@@ -102,6 +103,12 @@ def _write_error(dest: Path, cause: OSError) -> WriteError:
     return error
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)  # reading the umask means setting it: put it straight back
+    os.umask(mask)
+    return mask
+
+
 def fsync_dir(path: Path) -> None:
     """``fsync`` a directory, so that a rename into it is durable (best effort where unsupported)."""
     try:
@@ -134,12 +141,20 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[Any], None]) -> 
         fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=dest.parent)
     except OSError as exc:
         raise _write_error(dest, exc) from None
+    try:
+        # mkstemp creates the file 0600; the final file gets the mode a plain open() would give
+        # it (0666 less the umask), as the run's other files have.
+        os.fchmod(fd, 0o666 & ~_umask())
+    except OSError:
+        pass  # a file system without modes (some network mounts): the write itself is what matters
     handle: _Handle | None = None
     try:
         with os.fdopen(fd, "wb") as raw:
             handle = _Handle(raw, full_after)
             write(handle)
             raw.flush()
+            if full_after is not None:  # a file smaller than the injected room fails at fsync,
+                raise OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)} (injected by {FAULT_ENV})")
             os.fsync(raw.fileno())
         if _fault_write(name, "kill"):
             os.kill(os.getpid(), signal.SIGKILL)

@@ -32,8 +32,9 @@ import torch
 
 from moefast.config import DataConfig, TowerConfig, TowerKind, TrainConfig, default_tower
 from moefast.data.dataset import MultiDomainDataset
+from moefast.train.atomic import atomic_write
 from moefast.train.resume import SNAPSHOT, Preempted
-from moefast.train.rundir import check_settings, hold_lock, write_json
+from moefast.train.rundir import check_settings, hold_lock, read_json, save_figure, write_json
 
 __all__ = ["GridCell", "GridConfig", "data_label", "load_data", "plan_grid", "run_grid", "write_results"]
 
@@ -249,13 +250,11 @@ def _check_data(out: Path, data: DataConfig, dataset: MultiDomainDataset) -> Non
     ``data.json``; a later run whose data differ (another ``--data-dir`` holding other files, an
     edited raw file, another generator) is refused rather than averaged with the old cells. The
     same data moved to another folder is the same data."""
-    import json
-
     from moefast.train.resume import dataset_fingerprint
 
     path = out / DATA_FILE
     label = data_label(data)
-    recorded = json.loads(path.read_text()) if path.exists() else {}
+    recorded = read_json(path, "grid data record") if path.exists() else {}
     fingerprint = dataset_fingerprint(dataset)
     if label not in recorded:
         write_json(path, recorded | {label: fingerprint})
@@ -278,14 +277,12 @@ def _check_settings(config: GridConfig) -> None:
 
 
 def _finished(config: GridConfig) -> list[dict[str, Any]]:
-    import json
-
     rows = []
     out = Path(config.out)
     for cell in plan_grid(config):
         path = cell.directory(out) / DONE_FILE
         if path.exists():
-            row = json.loads(path.read_text())
+            row = read_json(path, "grid cell record")
             row["method_label"] = cell.method_label
             rows.append(row)
     return rows
@@ -316,7 +313,7 @@ def write_results(config: GridConfig) -> dict[str, Path]:
         "wauc", "mean_auc", "logloss", "seconds",
     ])
     paths = {name: out / name for name in ("runs.csv", "results.csv", "results.md", "results.png")}
-    runs.to_csv(paths["runs.csv"], index=False)
+    _write_text(paths["runs.csv"], runs.to_csv(index=False))
     summary = []
     for (data, model, label), group in runs.groupby(["data", "model", "method_label"], sort=False):
         wauc, wauc_std = _mean_std(list(group["wauc"]))
@@ -337,10 +334,14 @@ def write_results(config: GridConfig) -> dict[str, Path]:
         if str(r.method).startswith("moe-mlora") and (r.data, r.model) in mlora else math.nan
         for r in table.itertuples()
     ]
-    table.to_csv(paths["results.csv"], index=False)
-    paths["results.md"].write_text(_markdown(table, config))
+    _write_text(paths["results.csv"], table.to_csv(index=False))
+    _write_text(paths["results.md"], _markdown(table, config))
     _plot(paths["results.png"], table)
     return paths
+
+
+def _write_text(path: Path, text: str) -> None:
+    atomic_write(path, lambda handle: handle.write(text.encode()))
 
 
 def _methods_in_order(table: Any) -> list[str]:
@@ -408,6 +409,6 @@ def _plot(path: Path, table: Any) -> None:
         ax.set_title(str(data))
         ax.legend(fontsize="small", ncol=len(methods))
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    save_figure(fig, path)
     plt.close(fig)
 

@@ -57,6 +57,8 @@ __all__ = [
     "differing_keys",
     "hold_lock",
     "plot_methods",
+    "read_json",
+    "save_figure",
     "to_jsonable",
     "write_json",
     "write_run",
@@ -263,7 +265,7 @@ def check_settings(
     """
     current = to_jsonable(settings)
     if path.exists():
-        recorded = json.loads(path.read_text())
+        recorded = read_json(path, "settings record")
         if recorded != current:
             raise ValueError(refusal(differing_keys(recorded, current)))
         return
@@ -312,6 +314,23 @@ def to_jsonable(value: Any) -> Any:
     if isinstance(value, Path):
         return str(value)
     return value
+
+
+def read_json(path: Path, what: str) -> Any:
+    """A JSON file moefast wrote; a damaged one (edited, or cut by a disk that filled before
+    writes were atomic) is a ``ValueError`` naming the file, ``what`` it is, and the line."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{what} {str(path)!r} is not utf-8 text: {exc.reason}") from None
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{what} {str(path)!r} is damaged: {exc.msg} at line {exc.lineno}, column "
+                         f"{exc.colno}") from None
+
+
+def save_figure(fig: Any, path: Path) -> None:
+    """A matplotlib figure as a PNG, written atomically (a full disk is a ``WriteError``)."""
+    atomic_write(path, lambda handle: fig.savefig(handle, format="png", dpi=100))
 
 
 def write_json(path: Path, payload: Any, *, indent: int = 2, sort_keys: bool = False) -> None:
@@ -379,7 +398,7 @@ def _plot_val_history(path: Path, result: RunResult) -> None:
     if len(result.stages) <= 12:
         ax.legend(fontsize="small")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    save_figure(fig, path)
     plt.close(fig)
 
 
@@ -394,7 +413,7 @@ def _plot_gate(path: Path, gate: torch.Tensor, domain_names: Sequence[str]) -> N
     ax.set_xticks(range(e))
     fig.colorbar(image, ax=ax, label="gate weight")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    save_figure(fig, path)
     plt.close(fig)
 
 
@@ -418,5 +437,5 @@ def plot_methods(path: Path, metrics_by_method: Mapping[str, Mapping[str, Any]])
     ax.set_ylabel("test AUC")
     ax.legend(fontsize="small")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    save_figure(fig, path)
     plt.close(fig)
