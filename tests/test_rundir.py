@@ -137,3 +137,49 @@ def test_cli_rerun_needs_overwrite(tmp_path: Path, capsys: pytest.CaptureFixture
     assert "holds a previous run" in capsys.readouterr().err
     assert cli.main([*TINY, "--out", str(out), "--overwrite"]) == 0
     assert not (out / "old.tmp").exists() and (out / "metrics.json").is_file() and (out / MARKER).is_file()
+
+
+def test_resume_of_what_the_command_line_cannot_continue_says_what_to_do(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``--resume`` of a folder that is no run, of a grid cell, of a run fit() wrote, of a run
+    killed while its data loaded: one line each, pointing at what does continue it."""
+    from moefast.train.grid import LOCK_FILE
+
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("keep")
+    cell = tmp_path / "grid" / "cells" / "synthetic" / "wdl" / "base" / "seed3"
+    cell.mkdir(parents=True)
+    (tmp_path / "grid" / LOCK_FILE).touch()
+    python = tmp_path / "python"
+    python.mkdir()
+    loading = tmp_path / "loading"
+    loading.mkdir()
+    for run in (cell, python, loading):
+        (run / MARKER).touch()
+    for run in (cell, python):
+        (run / "settings.json").write_text("{}")
+    for run, message in ((folder, "not a moefast run directory (no .moefast-run)"),
+                         (cell, "a cell of the moefast grid in "),
+                         (python, "written by fit() (no config.toml): continue it in Python with fit("),
+                         (loading, f"killed while its data loaded, before training began); start it again with "
+                                   f"--out {loading}\n")):
+        assert cli.main(["train", "--resume", str(run)]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and message in err, err
+    assert (folder / "notes.txt").read_text() == "keep"
+
+
+def test_a_damaged_record_is_one_error_naming_its_file(tmp_path: Path) -> None:
+    from moefast.train.rundir import check_settings
+
+    path = tmp_path / "settings.json"
+    check_settings(path, {"train": {"lr": 0.001}}, lambda keys: ", ".join(keys))
+    check_settings(path, {"train": {"lr": 0.001}}, lambda keys: ", ".join(keys))
+    with pytest.raises(ValueError, match=r"^train\.lr$"):
+        check_settings(path, {"train": {"lr": 0.01}}, lambda keys: ", ".join(keys))
+    for damaged, reason in ((b'{"train": {"lr"', "is damaged: .* at line 1"), (b"\xff\xfe", "is not utf-8 text")):
+        path.write_bytes(damaged)
+        with pytest.raises(ValueError, match=rf"settings record '.*settings\.json' {reason}"):
+            check_settings(path, {"train": {"lr": 0.001}}, lambda keys: ", ".join(keys))

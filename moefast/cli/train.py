@@ -105,8 +105,7 @@ def resume_config(run_dir: str, options: Mapping[str, Any]) -> tuple[RunConfig, 
     if not where.is_dir():
         raise UserError(f"--resume {run_dir!r}: no such run directory")
     if not recorded_file.is_file():
-        raise UserError(f"--resume {run_dir!r}: holds no config.toml (not a moefast train run directory, or "
-                        f"killed while its data loaded, before training began); start it again with --out {run_dir}")
+        raise UserError(f"--resume {run_dir!r}: {_not_resumable(where)}")
     if options.get("overwrite"):
         raise UserError("--resume continues a run and --overwrite replaces it: give one of them")
     if "out" in options and Path(options["out"]) != where:
@@ -125,6 +124,33 @@ def resume_config(run_dir: str, options: Mapping[str, Any]) -> tuple[RunConfig, 
         raise UserError(f"--resume {run_dir!r}: options that differ from the run's ({', '.join(keys)}; recorded "
                         f"in {str(recorded_file)!r}): drop them to continue the run, or start a new one")
     return config, quiet
+
+
+def _not_resumable(where: Path) -> str:
+    """Why a directory without ``config.toml`` cannot be resumed from the command line, and what to
+    do instead."""
+    from moefast.train.grid import LOCK_FILE
+    from moefast.train.resume import SETTINGS
+    from moefast.train.rundir import MARKER
+
+    grid = next((p for p in where.resolve().parents if (p / LOCK_FILE).exists()), None)
+    if grid is not None and (where / MARKER).exists():
+        return (f"a cell of the moefast grid in {str(grid)!r}: rerun the same moefast grid command, which "
+                "continues its interrupted cells")
+    if not (where / MARKER).exists():
+        return f"not a moefast run directory (no {MARKER}); name the directory a moefast train run wrote"
+    if (where / SETTINGS).exists():
+        return ("a run directory written by fit() (no config.toml): continue it in Python with "
+                "fit(..., out_dir=..., resume=True)")
+    used = any(entry.name != MARKER for entry in where.iterdir())
+    return (f"holds no config.toml (killed while its data loaded, before training began); start it again "
+            f"with --out {where!s}{' --overwrite' if used else ''}")
+
+
+def _write_text(path: Path, text: str) -> None:
+    from moefast.train.atomic import atomic_write
+
+    atomic_write(path, lambda handle: handle.write(text.encode()))
 
 
 def resolve_config(options: Mapping[str, Any]) -> tuple[RunConfig, bool]:
@@ -247,6 +273,7 @@ def _train_into(config: RunConfig, quiet: bool, out: Path, writer: bool = True, 
     from moefast.nn.tower import check_specialist_start
     from moefast.ops._backend import BackendUnavailableError
     from moefast.train import fit
+    from moefast.train.resume import Preempted
     from moefast.train.rundir import plot_methods, write_json
 
     dataset = load_dataset(config.data, progress=None if not quiet else False)
@@ -259,7 +286,7 @@ def _train_into(config: RunConfig, quiet: bool, out: Path, writer: bool = True, 
     say(f"dataset {dataset.name}: {len(dataset.train)} train / {len(dataset.val)} val / "
         f"{len(dataset.test)} test rows, {dataset.num_domains} domains")
     if writer:
-        (out / "config.toml").write_text(config_toml(config))
+        _write_text(out / "config.toml", config_toml(config))
     if writer and "table" in dataset.info:
         from moefast.data.table import save_vocab
 
@@ -275,10 +302,15 @@ def _train_into(config: RunConfig, quiet: bool, out: Path, writer: bool = True, 
             result = fit(model, dataset, config.train, backend=config.backend, out_dir=run_dir, resume=resume)
         except BackendUnavailableError as exc:
             raise UserError(str(exc)) from None
+        except Preempted as exc:
+            if not several:
+                raise
+            # The command continues the whole run (out), not the method's subdirectory, which
+            # has no config.toml of its own until the method finishes.
+            raise Preempted(out, f"{exc.where} of method {kind.value}") from None
         if several and writer:
-            (run_dir / "config.toml").write_text(
-                config_toml(dataclasses.replace(config, methods=(kind,), out=str(run_dir)))
-            )
+            _write_text(run_dir / "config.toml",
+                        config_toml(dataclasses.replace(config, methods=(kind,), out=str(run_dir))))
             if "table" in dataset.info:
                 write_json(run_dir / "data.json", {"vocab": "../vocab.json"})
         results[kind.value] = result.metrics
@@ -287,7 +319,7 @@ def _train_into(config: RunConfig, quiet: bool, out: Path, writer: bool = True, 
     table = comparison_table(results)
     print(f"{dataset.name}, {config.model}: test metrics (AUC per domain; null = one class)")
     print(table)
-    (out / "table.txt").write_text(table + "\n")
+    _write_text(out / "table.txt", table + "\n")
     if several:
         write_json(out / "metrics.json", {"methods": results})
         plot_methods(out / "per_domain_auc.png", results)
