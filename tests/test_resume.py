@@ -198,7 +198,8 @@ def test_sigterm_stops_at_a_step_and_the_cli_resumes_each_method(
     run = tmp_path / "run"
     assert cli.main([*flags, "--out", str(run)]) == resume.PREEMPTED_STATUS
     err = capsys.readouterr().err
-    assert "stopped by SIGTERM at [3/4] expert_1 epoch 1, batch 1" in err and "--resume" in err
+    assert "stopped by SIGTERM at [3/4] expert_1 epoch 1, batch 1 of method moe-mlora" in err
+    assert f"continue it with moefast train --resume {run}\n" in err  # the run, not run/moe-mlora
     snapshot = torch.load(run / "moe-mlora" / SNAPSHOT, weights_only=True)
     assert (snapshot["stage"]["label"], snapshot["stage"]["batches"]) == ("expert_1", 1)
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is gone again
@@ -300,3 +301,86 @@ def test_an_interrupted_or_failed_write_keeps_the_previous_file(tmp_path: Path, 
         atomic.atomic_write(path, lambda handle: torch.save({"w": torch.zeros(1000)}, handle))
     assert failed.value.errno == 28  # ENOSPC, though torch.save reported a RuntimeError
     assert path.read_bytes() == b"the previous snapshot" and os.listdir(tmp_path) == ["resume.pt"]
+    # The final file has the mode a plain open() gives (mkstemp's 0600 would hide a run's results
+    # from the group that shares its directory).
+    umask = os.umask(0o027)
+    try:
+        atomic.atomic_write(path, lambda handle: handle.write(b"x"))
+        assert path.stat().st_mode & 0o777 == 0o640
+    finally:
+        os.umask(umask)
+
+
+def test_every_output_is_written_atomically_a_full_disk_is_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The plots, the grid's tables and the command line's config.toml and table.txt too: a full
+    disk is a WriteError (one line, status 1), never a traceback or a half-written file."""
+    import matplotlib
+
+    from moefast.train.rundir import save_figure
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots()
+    ax.plot([0.0, 1.0])
+    monkeypatch.setenv(FAULT_ENV, "enospc:write:val_auc.png")
+    with pytest.raises(WriteError, match=r"val_auc\.png"):
+        save_figure(fig, tmp_path / "val_auc.png")
+    plt.close(fig)
+    assert os.listdir(tmp_path) == []
+    flags = ["train", "--rows", "300", "--num-domains", "2", "--num-users", "30", "--num-items", "20",
+             "--max-epochs", "1", "--method", "base", "--quiet"]
+    for name in ("config.toml", "table.txt"):
+        monkeypatch.setattr(atomic, "_WRITES", {})
+        monkeypatch.setenv(FAULT_ENV, f"enospc:write:{name}")
+        out = tmp_path / name.replace(".", "-")
+        assert cli.main([*flags, "--out", str(out)]) == 1
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("moefast: error: cannot write") and name in err and "\n" not in err
+        assert not (out / name).exists() and not _temporaries(out)
+
+
+def test_a_replaced_checkpoint_or_a_lost_settings_record_is_refused_and_a_late_sigterm_stops(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, reference: dict[str, Path]
+) -> None:
+    """What a resume must not take on trust: every finished stage's checkpoint (each an output of
+    the run, though only the last is loaded again), and the settings record (without it a resume
+    with other options would go unnoticed). A SIGTERM after the last step boundary stops the run
+    too, rather than being forgotten."""
+    run = tmp_path / "run"
+    assert _killed(_in_child(lambda: tiny.run(run, "lazy-adam"), "kill:step:2:1:1"))
+    first = run / "checkpoints" / "00_backbone.pt"  # not the checkpoint the resumed stage loads
+    kept = first.read_bytes()
+    for damaged in (b"garbage", kept[:-1] + bytes([kept[-1] ^ 1]), (run / "checkpoints" / "01_expert_0.pt").read_bytes()):
+        first.write_bytes(damaged)
+        with pytest.raises(ValueError, match=r"00_backbone\.pt' is not the one this run wrote"):
+            tiny.run(run, "lazy-adam", resume=True)
+    first.write_bytes(kept)
+    settings = run / resume.SETTINGS
+    recorded = settings.read_bytes()
+    settings.unlink()
+    with pytest.raises(ValueError, match=r"holds a resume snapshot but no settings\.json"):
+        tiny.run(run, "lazy-adam", resume=True, lr=0.05)
+    settings.write_bytes(recorded[: len(recorded) // 2])
+    with pytest.raises(ValueError, match=r"settings record '.*settings\.json' is damaged: .* at line"):
+        tiny.run(run, "lazy-adam", resume=True)
+    settings.write_bytes(recorded)
+    # SIGTERM while the test split is scored (after training's last step boundary).
+    from moefast.train import loop
+
+    scored = loop._predict_rows
+
+    def terminated(model: Any, split: Any, rows: Any, *args: Any) -> torch.Tensor:
+        if rows is None:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return scored(model, split, rows, *args)
+
+    monkeypatch.setattr(loop, "_predict_rows", terminated)
+    with pytest.raises(Preempted, match="after training, before the outputs were written"):
+        tiny.run(run, "lazy-adam", resume=True)
+    assert not (run / "metrics.json").exists()
+    monkeypatch.setattr(loop, "_predict_rows", scored)
+    tiny.run(run, "lazy-adam", resume=True)
+    assert_same_run(run, reference["lazy-adam"])

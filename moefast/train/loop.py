@@ -38,7 +38,8 @@ from moefast.ops._backend import Backend, BackendLike, parse_backend
 from moefast.reference.embedding_optim import FusedOptimizer, LazyAdam, RowwiseAdagrad
 from moefast.train import distributed
 from moefast.train.atomic import fault_step
-from moefast.train.checkpoint import load_checkpoint, save_checkpoint
+from moefast.train.checkpoint import file_sha256, load_checkpoint, save_checkpoint
+from moefast.train.errors import NonFiniteError
 from moefast.train.metrics import EvalMetrics, evaluate_scores
 from moefast.train.resume import (
     SETTINGS,
@@ -66,12 +67,6 @@ __all__ = [
     "stage_optimizer",
     "train_step",
 ]
-
-
-class NonFiniteError(ValueError):
-    """A training loss or a model score is NaN or infinite: the stage stops here, before the
-    value reaches an optimizer step, an AUC or early stopping (a ``ValueError``, so the command
-    line reports it as one line)."""
 
 
 def _refuse_non_finite_scores(logits: torch.Tensor, what: str) -> None:
@@ -125,6 +120,8 @@ class StageRecord:
     val_history: list[float] = field(default_factory=list)
     checkpoint: Path | None = None
     losses: list[float] = field(default_factory=list)
+    # SHA-256 of the checkpoint file as written; a resume refuses a checkpoint that differs.
+    checkpoint_sha256: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """One entry of ``metrics.json``'s ``stages``."""
@@ -481,6 +478,11 @@ def _fit(
                 assert last.checkpoint is not None
                 load_checkpoint(last.checkpoint, model, expected_stage=last.label, dataset=dataset.name)
             test_logits = _predict_rows(model, dataset.test, None, config.eval_batch_size, device, parallel)
+            if stop:
+                # SIGTERM after the last step boundary (in the test predictions): stop now rather
+                # than forget it (a multi-method command would train its next method).
+                assert saver is not None
+                raise Preempted(saver.run_dir, "after training, before the outputs were written")
     finally:
         if tmp is not None:
             tmp.cleanup()
@@ -659,12 +661,14 @@ def _run_stage(
             for p in params:
                 p.copy_(best_state[id(p)])
     path = ckpt_dir / f"{index:02d}_{step.label}.pt"
+    digest = None
     if parallel is None or parallel.is_writer:
         save_checkpoint(
             path, model, step.label,
             {"model": model.name, "tower": model.tower.kind.value, "dataset": dataset.name, "index": index,
              "best_val_mean_auc": best if best > -math.inf else None},
         )
+        digest = file_sha256(path)
     return StageRecord(
         label=step.label,
         epochs=epochs,
@@ -675,6 +679,7 @@ def _run_stage(
         val_history=history,
         checkpoint=path,
         losses=losses,
+        checkpoint_sha256=digest,
     )
 
 
@@ -708,7 +713,8 @@ class _Saver:
 
 def _record_state(record: StageRecord) -> dict[str, Any]:
     state = {f: getattr(record, f) for f in ("label", "epochs", "best_val_mean_auc", "seconds",
-                                              "train_samples", "train_seconds", "val_history", "losses")}
+                                              "train_samples", "train_seconds", "val_history", "losses",
+                                              "checkpoint_sha256")}
     state["checkpoint"] = None if record.checkpoint is None else record.checkpoint.name
     return state
 
@@ -743,6 +749,12 @@ def _restore_snapshot(
         assert record.checkpoint is not None
         if not record.checkpoint.is_file():
             raise ValueError(f"resume snapshot {str(path)!r} names the checkpoint {str(record.checkpoint)!r}, which is missing")
+        # Every finished stage's checkpoint is an output of the run, not only the last one (which
+        # the next stage loads): one edited, damaged or replaced since it was written is refused.
+        if record.checkpoint_sha256 is not None and file_sha256(record.checkpoint) != record.checkpoint_sha256:
+            raise ValueError(f"checkpoint {str(record.checkpoint)!r} is not the one this run wrote (its SHA-256 "
+                             f"differs from the one recorded in {str(path)!r}): it was damaged or replaced; "
+                             "start the run again with --overwrite")
     return records, in_stage
 
 
@@ -763,6 +775,13 @@ def _check_run_settings(
     path = out_dir / SETTINGS
     if not resume:
         path.unlink(missing_ok=True)
+    elif not path.exists() and (out_dir / SNAPSHOT).exists():
+        # Written before the first snapshot: without it nothing tells this run's options, model
+        # and data from the first run's, and a resume with other ones would go unnoticed.
+        raise ValueError(
+            f"run directory {str(out_dir)!r} holds a resume snapshot but no {SETTINGS} (deleted?): what the "
+            "run was started with cannot be checked; start it again with --overwrite"
+        )
     check_settings(path, settings, lambda keys: (
         f"run directory {str(out_dir)!r} was started with other settings ({', '.join(keys)}; recorded in "
         f"{str(path)!r}): resume it with the same data, model and options, or start again with --overwrite"))
