@@ -13,9 +13,12 @@ Providers (all in the same process, so ratios compare like with like):
 - ``base-torch``: the base model with torch's own lookups (the reference backend).
 - ``reference``: the trained MoE-MLoRA model, reference backend (the seeds' per-expert loop).
 - ``fast``: the trained MoE-MLoRA model, fast backend (C++ engine, fused tower node).
-- ``merged``: :func:`moefast.export.merge` of it, C++ embedding engine, per-domain tower.
-- ``merged-torch``: the merged model as exported (torch-only lookups), run eagerly.
-- ``exported``: the ``torch.export`` program (``.pt2``) loaded with ``torch.export.load``.
+- ``merged``: :func:`moefast.export.merge` of it, C++ embedding engine, per-domain tower (the C++
+  op ``torch.ops.moefast.merged_tower``).
+- ``merged-torch``: the merged model's :class:`~moefast.export.ServingModule` (torch's own
+  lookups) run eagerly, its tower still the C++ op.
+- ``exported``: the ``torch.export`` program (``.pt2``) loaded with ``torch.export.load``: torch
+  lookups and the tower as the traced torch loop (``MergedTower.grouped_forward``).
 
 ``test_ratio_to_base`` times ``base``, ``merged``, ``merged-torch``, ``exported`` and ``fast``
 interleaved, call after call in each round, so that a shared machine's load falls on all of them
