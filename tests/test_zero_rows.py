@@ -45,3 +45,22 @@ def test_zero_row_batch_forward_and_backward(name: str, kind: str, backend: str)
         model.eval()
         with torch.no_grad():
             assert model(empty.features, empty.domain).shape == (0,)
+
+
+@pytest.mark.parametrize("kind", list(ROUTINGS))
+def test_training_on_domains_without_rows_finishes(kind: str) -> None:
+    """The issue's reproduction end to end (``moefast train --rows 5``): most of the 20 domains
+    have no training, validation or test rows, and every MoE-MLoRA expert stage of such a domain
+    scores 0 rows. Training finishes; a domain without test rows reports a null AUC."""
+    from moefast import data
+    from moefast.config import TrainConfig
+    from moefast.train import fit
+
+    ds = data.load("synthetic", rows=5)
+    empty = [d for d in range(ds.num_domains) if not bool((ds.val.domain == d).any())]
+    assert len(empty) > ds.num_domains // 2
+    model = models.build("deepfm", ds, kind, tower_config=TOWER, seed=3)
+    result = fit(model, ds, TrainConfig(max_epochs=1, batch_size=64, progress=False))
+    assert len(result.stages) == (ds.num_domains + 2 if kind == "moe-mlora" else 1)
+    per_domain = result.metrics["test"]["per_domain"]
+    assert all(row["auc"] is None for row in per_domain if row["n"] == 0)
