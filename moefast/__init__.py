@@ -6,7 +6,7 @@ Importing moefast never imports triton and never queries CUDA: the Triton kernel
 
 from __future__ import annotations
 
-from moefast import config, data, models, nn, ops, reference, train
+from moefast import config, data, export, models, nn, ops, reference, train
 from moefast.config import FeatureSpec, Pooling, TrainConfig
 from moefast.nn.convert import convert
 
@@ -20,6 +20,7 @@ __all__ = [
     "config",
     "convert",
     "data",
+    "export",
     "models",
     "nn",
     "ops",

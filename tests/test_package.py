@@ -42,6 +42,7 @@ def test_public_surface_is_pinned() -> None:
             "config",
             "convert",
             "data",
+            "export",
             "models",
             "nn",
             "ops",
