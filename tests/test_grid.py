@@ -137,6 +137,11 @@ def test_a_killed_cell_resumes_and_other_data_or_a_second_grid_is_refused(
     with hold_lock(Path(config.out) / grid_module.LOCK_FILE, "test"), pytest.raises(
             RunDirectoryError, match="in use by another live moefast process"):
         run_grid(other)
+    # A killed write's temporary file is removed by the next run.
+    stale = Path(config.out) / ".results.csv.k1ll3d.tmp"
+    stale.write_text("half a table")
+    run_grid(config)
+    assert not stale.exists()
     # A damaged record of the grid is one error naming it, never a JSON traceback.
     data_record = Path(config.out) / grid_module.DATA_FILE
     data_record.write_text(data_record.read_text()[:-5])

@@ -185,6 +185,10 @@ def run_grid(
             raise ValueError(f"unknown model {name!r}; choose one of {', '.join(sorted(models.MODELS))}")
     out = Path(config.out)
     with hold_lock(out / LOCK_FILE, f"grid directory {str(out)!r}"):
+        # Temporary files of writes a killed grid never renamed (its records and tables; each
+        # cell's own are removed when the cell resumes); under the lock no live writer owns them.
+        for entry in out.glob(".*.tmp"):
+            entry.unlink()
         _check_settings(config)
         cells = plan_grid(config)
         todo = [c for c in cells if not (c.directory(out) / DONE_FILE).exists()]
