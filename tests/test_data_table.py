@@ -492,3 +492,14 @@ def test_pretrained_vectors_from_parquet_lists(tmp_path: Path) -> None:
     schema["categorical"]["user"] = {"pretrained": str(tmp_path / "bad.parquet")}
     with pytest.raises(ValueError, match=r"bad\.parquet: vectors of width 3, field 'user' has dim 4"):
         _load(path, schema)
+
+
+def test_one_column_can_feed_a_categorical_and_a_numeric_field(tmp_path: Path) -> None:
+    schema = {**SCHEMA, "categorical": {**SCHEMA["categorical"], "age_bucket": {"column": "age"}}}
+    for path in (_write_csv(_frame(), tmp_path / "log.csv"), _write_parquet(_frame(), tmp_path / "log.parquet")):
+        ds = _load(path, schema)
+        ages = ds.info["table"]["categorical"]["age_bucket"]["values"]
+        ids = ds.train.features["age_bucket"]
+        want = torch.tensor([float(ages[i - RESERVED]) if i >= RESERVED else float("nan") for i in ids.tolist()])
+        stats = ds.info["table"]["numeric"]["age"]
+        torch.testing.assert_close(ds.train.features["age"], ((want - stats["mean"]) / stats["std"]).float())

@@ -211,6 +211,8 @@ def _first_failure(arr: pa.Array, convert: Any) -> int:
 def _as_float(chunk: _Chunk, column: str) -> np.ndarray:
     """float64 ``[n]``, NaN where null; a non-number is a :class:`TableError` at its row."""
     arr = chunk.columns[column]
+    if pa.types.is_dictionary(arr.type):  # a column read as a categorical field too
+        arr = arr.dictionary_decode()
     if pa.types.is_boolean(arr.type):
         arr = arr.cast(pa.int8())
     if pa.types.is_string(arr.type) or pa.types.is_large_string(arr.type):
@@ -513,10 +515,11 @@ def _build(sch: TableSchema, files: list[Path], kind: str, saved: dict[str, Any]
         prior = None if saved is None else saved["categorical"].get(spec.name)
         if saved is not None and prior is None:
             raise ValueError(f"{sch.source}: field {spec.name!r} is not in the vocabulary file")
-        ids, art = _vocabulary(spec, uniques, c, train_rows, prior)
+        c = c[order]  # split order: the training rows first
+        ids, art = _vocabulary(spec, uniques, c, int(bounds[1]), prior)
         del field_codes, c
         art["width"] = int(ids.shape[1]) if spec.multi else 1
-        keep(spec.name, ids)
+        columns_out[spec.name] = ids
         del ids
         artifacts_cat[spec.name] = art
         pooling = spec.pooling if spec.multi else Pooling.NONE
@@ -687,9 +690,10 @@ def _domains(sch: TableSchema, values: list[str], codes: np.ndarray, rows: _Rows
     return ids, names, domain_map, keep_rows
 
 
-def _vocabulary(spec: CategoricalColumn, uniques: pa.Array, codes: np.ndarray, train_rows: np.ndarray,
+def _vocabulary(spec: CategoricalColumn, uniques: pa.Array, codes: np.ndarray, num_train: int,
                 prior: Mapping[str, Any] | None) -> tuple[np.ndarray, dict[str, Any]]:
-    """Final ids (int64, same shape as ``codes``) and the field's vocabulary record."""
+    """Final ids (int64, same shape as ``codes``, whose first ``num_train`` rows are the training
+    split's) and the field's vocabulary record."""
     missing_id = MISSING_ID if spec.missing is MissingPolicy.OWN else OOV_ID
     art: dict[str, Any] = {"column": spec.column, "multi": spec.multi, "delimiter": spec.delimiter,
                            "max_len": spec.max_len, "missing_id": missing_id}
@@ -707,8 +711,8 @@ def _vocabulary(spec: CategoricalColumn, uniques: pa.Array, codes: np.ndarray, t
         missing_id = int(prior["missing_id"])
         art["missing_id"] = missing_id
     else:
-        train_codes = codes[train_rows].reshape(-1)
-        counts = np.bincount(train_codes[train_codes >= 0], minlength=len(uniques))
+        # Codes -2 (padding) and -1 (missing) land in the first two bins, which are dropped.
+        counts = np.bincount(codes[:num_train].reshape(-1) + 2, minlength=len(uniques) + 2)[2:]
         kept = np.flatnonzero(counts >= spec.min_count)
         table = pa.table({"count": pa.array(counts[kept]), "value": uniques.take(pa.array(kept))})
         ordered = table.sort_by([("count", "descending"), ("value", "ascending")])
