@@ -183,3 +183,32 @@ def test_a_damaged_record_is_one_error_naming_its_file(tmp_path: Path) -> None:
         path.write_bytes(damaged)
         with pytest.raises(ValueError, match=rf"settings record '.*settings\.json' {reason}"):
             check_settings(path, {"train": {"lr": 0.001}}, lambda keys: ", ".join(keys))
+
+
+def test_a_run_inside_or_around_a_live_run_is_refused(tmp_path: Path) -> None:
+    """A method's subdirectory of a live multi-method run, or the run around a live method's
+    directory: claiming one (--overwrite least of all) would change the live run's files. The
+    other process's lock is taken here on a file description of its own (flock locks conflict
+    between descriptions, within a process too)."""
+    import fcntl
+
+    multi = tmp_path / "multi"
+    with claim_run_dir(multi):
+        (multi / "config.toml").write_text("")
+    (multi / "base").mkdir()
+    (multi / "base" / MARKER).touch()
+    (multi / "base" / "metrics.json").write_text("{}")
+    for held, claimed, overwrite in ((multi, multi / "base", True), (multi, multi / "mlora", False),
+                                     (multi / "base", multi, True)):
+        fd = os.open(held / MARKER, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)  # the other, live process
+            with pytest.raises(RunDirectoryError, match=rf"part of the run '{held}', in use by another live"):
+                claim_run_dir(claimed, overwrite=overwrite)
+        finally:
+            os.close(fd)
+    assert (multi / "base" / "metrics.json").exists() and (multi / "config.toml").exists()
+    assert not (multi / "mlora").exists()  # refused before anything was created
+    # This process's own claim around fit's is not another's.
+    with claim_run_dir(multi, overwrite=True), claim_run_dir(multi / "base"):
+        pass

@@ -34,7 +34,7 @@ import json
 import math
 import os
 import shutil
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from types import TracebackType
@@ -149,6 +149,12 @@ def claim_run_dir(
     if held is not None:
         return RunDirectory(run_dir, None, False)
     where = str(run_dir)
+    # Inside a run that a live process holds (a method's subdirectory of a live multi-method
+    # run): writing or clearing here would change that run's files under it. Checked before
+    # anything is created.
+    live = _live_run(Path(os.path.realpath(run_dir)).parents)
+    if live is not None:
+        raise _part_of(where, live)
     if run_dir.exists() and not run_dir.is_dir():
         raise RunDirectoryError(f"run directory {where!r} exists and is not a directory")
     created = not run_dir.exists()
@@ -174,6 +180,9 @@ def claim_run_dir(
                 f"run directory {where!r} is in use by another live moefast process"
             ) from None
         previous = [e for e in os.listdir(run_dir) if e != MARKER]  # under the lock
+        live = _live_run(run_dir / e for e in previous) if overwrite else None
+        if live is not None:  # a live method's subdirectory of the run --overwrite would clear
+            raise _part_of(where, live)
         if resume:
             _remove_stale_temporaries(run_dir)
             previous = []
@@ -202,6 +211,31 @@ def claim_run_dir(
     claim = RunDirectory(run_dir, fd, created)
     _HELD[os.path.realpath(run_dir)] = claim
     return claim
+
+
+def _part_of(where: str, live: Path) -> RunDirectoryError:
+    return RunDirectoryError(f"run directory {where!r} is part of the run {str(live)!r}, in use by another live "
+                             "moefast process")
+
+
+def _live_run(folders: Iterable[Path]) -> Path | None:
+    """The first of ``folders`` whose marker another process holds locked (one this process holds,
+    the command line's claim around fit's, is not another's)."""
+    for folder in folders:
+        marker = folder / MARKER
+        if os.path.realpath(folder) in _HELD or not marker.is_file():
+            continue
+        try:
+            fd = os.open(marker, os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return folder
+        finally:
+            os.close(fd)  # drops the shared lock, if taken
+    return None
 
 
 def _remove_stale_temporaries(run_dir: Path) -> None:
