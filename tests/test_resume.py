@@ -367,6 +367,14 @@ def test_a_replaced_checkpoint_or_a_lost_settings_record_is_refused_and_a_late_s
     with pytest.raises(ValueError, match=r"settings record '.*settings\.json' is damaged: .* at line"):
         tiny.run(run, "lazy-adam", resume=True)
     settings.write_bytes(recorded)
+    # Another run's snapshot (same plan, another lr) copied in: it would load without error.
+    other = tmp_path / "other"
+    assert _killed(_in_child(lambda: tiny.run(other, "lazy-adam", lr=0.002), "kill:step:0:2:1"))
+    snapshot = (run / SNAPSHOT).read_bytes()
+    (run / SNAPSHOT).write_bytes((other / SNAPSHOT).read_bytes())
+    with pytest.raises(ValueError, match=r"resume\.pt' was not written by the run recorded in"):
+        tiny.run(run, "lazy-adam", resume=True)
+    (run / SNAPSHOT).write_bytes(snapshot)
     # SIGTERM while the test split is scored (after training's last step boundary).
     from moefast.train import loop
 

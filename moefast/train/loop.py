@@ -416,9 +416,18 @@ def _fit(
     backend_name = _set_backend(model, backend, torch.device(config.device))
     set_embedding_optimizer(model, _fused_embedding_optimizer(config))
     snapshot: dict[str, Any] | None = None
+    settings_digest: str | None = None
     if out_dir is not None:
         _check_run_settings(out_dir, model, dataset, config, backend_name, resume)
+        settings_digest = file_sha256(out_dir / SETTINGS)
         snapshot = load_snapshot(out_dir) if resume else None
+        if snapshot is not None and snapshot.get("settings_sha256") != settings_digest:
+            # A snapshot copied in from another run (of the same plan) would load without error
+            # and continue that run, not this one.
+            raise ValueError(
+                f"resume snapshot {str(out_dir / SNAPSHOT)!r} was not written by the run recorded in "
+                f"{str(out_dir / SETTINGS)!r} (another run's snapshot?); start it again with --overwrite"
+            )
         if resume and snapshot is None and ((out_dir / "checkpoints").exists() or (out_dir / "metrics.json").exists()):
             # Every checkpoint is written after a snapshot, and no snapshot is ever deleted: this
             # run finished under a moefast without resume, or lost its snapshot.
@@ -451,7 +460,7 @@ def _fit(
     restored = len(records) if snapshot is not None and in_stage is None else -1
     try:
         with preemption(out_dir is not None) as stop:
-            saver = None if out_dir is None else _Saver(out_dir, generator, device, stop, records)
+            saver = None if out_dir is None else _Saver(out_dir, generator, device, stop, records, settings_digest)
             for index in range(len(records), len(plan)):
                 step = plan[index]
                 if records and (parallel is None or parallel.is_writer or index == restored):
@@ -687,9 +696,11 @@ class _Saver:
     """Writes the run's resume snapshot (:mod:`moefast.train.resume`): in a stage, or after one."""
 
     def __init__(
-        self, run_dir: Path, generator: torch.Generator, device: torch.device, stop: Any, records: list[StageRecord]
+        self, run_dir: Path, generator: torch.Generator, device: torch.device, stop: Any, records: list[StageRecord],
+        settings_digest: str | None,
     ) -> None:
         self.run_dir = run_dir
+        self.settings_digest = settings_digest  # binds each snapshot to this run's settings.json
         self.generator = generator
         self.device = device
         self.stop = stop  # true once SIGTERM asked the run to stop
@@ -703,12 +714,12 @@ class _Saver:
 
     def in_stage(self, stage: dict[str, Any]) -> None:
         save_snapshot(self.run_dir, {"records": [_record_state(r) for r in self.records],
-                                     "rng": self._rng(), "stage": stage})
+                                     "rng": self._rng(), "stage": stage, "settings_sha256": self.settings_digest})
 
     def stage_done(self, records: list[StageRecord]) -> None:
         self.records = list(records)
         save_snapshot(self.run_dir, {"records": [_record_state(r) for r in records], "rng": self._rng(),
-                                     "stage": None})
+                                     "stage": None, "settings_sha256": self.settings_digest})
 
 
 def _record_state(record: StageRecord) -> dict[str, Any]:
