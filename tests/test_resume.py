@@ -269,6 +269,12 @@ def test_a_resume_with_other_settings_or_another_version_is_refused(
     with pytest.raises(ValueError, match=r"written by moefast .*, this is moefast 0\.0\.0-other"):
         tiny.run(run, "lazy-adam", resume=True)
     monkeypatch.setattr(resume, "_version", current)
+    # Another torch: warned about (the arithmetic may differ), not refused.
+    real = torch.__version__
+    monkeypatch.setattr(torch, "__version__", "0.0.0-other")
+    with pytest.warns(UserWarning, match=r"written under torch .*, this is torch 0\.0\.0-other"):
+        assert resume.load_snapshot(run) is not None
+    monkeypatch.setattr(torch, "__version__", real)
     # Results without a snapshot (a run finished by a moefast without resume): nothing to resume.
     (run / SNAPSHOT).unlink()
     (run / "metrics.json").write_text("{}")
