@@ -275,6 +275,11 @@ def test_a_resume_with_other_settings_or_another_version_is_refused(
     with pytest.warns(UserWarning, match=r"written under torch .*, this is torch 0\.0\.0-other"):
         assert resume.load_snapshot(run) is not None
     monkeypatch.setattr(torch, "__version__", real)
+    # Another thread count: warned about (bitwise equality holds at a fixed one).
+    torch.set_num_threads(2)
+    with pytest.warns(UserWarning, match=r"written with 1 threads, this process uses 2"):
+        resume.load_snapshot(run)
+    torch.set_num_threads(1)
     # Results without a snapshot (a run finished by a moefast without resume): nothing to resume.
     (run / SNAPSHOT).unlink()
     (run / "metrics.json").write_text("{}")

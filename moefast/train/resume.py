@@ -119,7 +119,8 @@ def state_fingerprint(module: torch.nn.Module) -> str:
 
 def save_snapshot(run_dir: Path, payload: Mapping[str, Any]) -> None:
     """Write ``<run_dir>/resume.pt`` atomically over the previous one (``WriteError`` if it cannot)."""
-    full = {"format": SNAPSHOT_FORMAT, "moefast": _version(), "torch": str(torch.__version__), **payload}
+    full = {"format": SNAPSHOT_FORMAT, "moefast": _version(), "torch": str(torch.__version__),
+            "threads": torch.get_num_threads(), **payload}
     atomic_write(run_dir / SNAPSHOT, lambda handle: torch.save(full, handle))
 
 
@@ -147,6 +148,15 @@ def load_snapshot(run_dir: Path) -> dict[str, Any] | None:
         warnings.warn(
             f"{str(path)!r} was written under torch {payload.get('torch')}, this is torch "
             f"{torch.__version__}: the resumed run may not be bitwise equal to an uninterrupted one",
+            stacklevel=2,
+        )
+    threads = payload.get("threads")
+    if threads is not None and threads != torch.get_num_threads():
+        # torch's dense kernels split their sums by thread: the continuation stays a correct
+        # training run but may differ from an uninterrupted one in the last bits.
+        warnings.warn(
+            f"{str(path)!r} was written with {threads} threads, this process uses {torch.get_num_threads()}: the "
+            "resumed run may not be bitwise equal to an uninterrupted one (set OMP_NUM_THREADS to match)",
             stacklevel=2,
         )
     return payload
