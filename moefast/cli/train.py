@@ -200,6 +200,11 @@ def config_toml(config: RunConfig) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _size(count: float) -> str:
+    """Bytes as a short readable figure."""
+    return f"{count / 1e6:.2f} MB" if count >= 1e5 else f"{count / 1e3:.1f} kB"
+
+
 def _fmt(value: float | None, width: int) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "null".rjust(width)
@@ -308,6 +313,10 @@ def _train_into(config: RunConfig, quiet: bool, out: Path, writer: bool = True, 
             # The command continues the whole run (out), not the method's subdirectory, which
             # has no config.toml of its own until the method finishes.
             raise Preempted(out, f"{exc.where} of method {kind.value}") from None
+        if "distributed" in result.metrics:
+            sent = result.metrics["distributed"]["bytes_per_step"]
+            say(f"data-parallel on {result.metrics['distributed']['world_size']} ranks: {_size(sent['total'])} "
+                f"per step per rank (dense all-reduce {_size(sent['dense'])}, embedding rows {_size(sent['sparse'])})")
         if several and writer:
             _write_text(run_dir / "config.toml",
                         config_toml(dataclasses.replace(config, methods=(kind,), out=str(run_dir))))
