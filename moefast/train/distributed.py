@@ -164,9 +164,12 @@ class RowExchange:
     ) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], int]:
         """``grads[t] = (rows int64 [U_t], values float32 [U_t, D_t])`` on this rank ->
         per table the merged ``(rows [U'_t], mean gradients [U'_t, D_t])``, and the payload
-        bytes this rank contributed."""
+        bytes this rank contributed. Row ids must be below 2^32 (the engine's table limit)."""
         n = self.world_size
         dev = self.device
+        # Tables of one dim travel next to each other, so that each dim's tables merge in one
+        # pass (one unique and one index_add_ per rank) instead of one pass per table.
+        order = sorted(range(len(dims)), key=lambda t: dims[t])
         lengths = torch.tensor([int(r.numel()) for r, _ in grads], dtype=torch.int64, device=dev)
         all_lengths = torch.stack(self._gather(lengths)).cpu()  # [N, T]
         id_counts = all_lengths.sum(1)  # [N]
@@ -175,34 +178,43 @@ class RowExchange:
         ids = torch.zeros(id_pad, dtype=torch.int64, device=dev)
         vals = torch.zeros(val_pad, dtype=torch.float32, device=dev)
         if grads:
-            mine_ids = torch.cat([r for r, _ in grads]).to(dev)
-            mine_vals = torch.cat([v.reshape(-1) for _, v in grads]).to(dev)
+            mine_ids = torch.cat([grads[t][0] for t in order]).to(dev)
+            mine_vals = torch.cat([grads[t][1].reshape(-1) for t in order]).to(dev)
             ids[: mine_ids.numel()] = mine_ids
             vals[: mine_vals.numel()] = mine_vals
         every_ids = [t.cpu() for t in self._gather(ids)]
         every_vals = [t.cpu() for t in self._gather(vals)]
         sent = lengths.numel() * 8 + id_pad * 8 + val_pad * 4
-        merged: list[tuple[torch.Tensor, torch.Tensor]] = []
+        merged: list[tuple[torch.Tensor, torch.Tensor]] = [(torch.zeros(0, dtype=torch.int64), torch.zeros(0, d))
+                                                           for d in dims]
         id_base = [0] * n
         val_base = [0] * n
-        for t, dim in enumerate(dims):
-            parts_ids, parts_vals = [], []
+        for dim in sorted(set(dims)):
+            tables = torch.tensor([t for t in order if dims[t] == dim], dtype=torch.int64)
+            keys_parts, vals_parts = [], []
             for r in range(n):
-                count = int(all_lengths[r, t])
-                parts_ids.append(every_ids[r][id_base[r] : id_base[r] + count])
-                parts_vals.append(every_vals[r][val_base[r] : val_base[r] + count * dim].view(count, dim))
+                counts = all_lengths[r, tables]  # [G]
+                count = int(counts.sum())
+                # key = table index * 2^32 + row id: sorted keys are sorted by table, then row.
+                keys_parts.append(torch.repeat_interleave(tables, counts) * 2**32
+                                  + every_ids[r][id_base[r] : id_base[r] + count])
+                vals_parts.append(every_vals[r][val_base[r] : val_base[r] + count * dim].view(count, dim))
                 id_base[r] += count
                 val_base[r] += count * dim
-            rows, inverse = torch.unique(torch.cat(parts_ids), sorted=True, return_inverse=True)
-            total = torch.zeros(rows.numel(), dim, dtype=torch.float32)
+            keys, inverse = torch.unique(torch.cat(keys_parts), sorted=True, return_inverse=True)
+            total = torch.zeros(keys.numel(), dim, dtype=torch.float32)
             start = 0
             for r in range(n):
-                # Each rank's rows are unique: every index_add_ writes a row at most once, so
+                # Each rank's keys are unique: every index_add_ writes a row at most once, so
                 # the sum runs in rank order on every rank, whatever the thread count.
-                count = parts_ids[r].numel()
-                total.index_add_(0, inverse[start : start + count], parts_vals[r])
+                count = keys_parts[r].numel()
+                total.index_add_(0, inverse[start : start + count], vals_parts[r])
                 start += count
-            merged.append((rows, total.div_(n)))
+            total.div_(n)
+            per_table = torch.bincount(keys // 2**32, minlength=len(dims))[tables].tolist()
+            rows = keys % 2**32
+            for t, rows_t, grads_t in zip(tables.tolist(), rows.split(per_table), total.split(per_table), strict=True):
+                merged[t] = (rows_t, grads_t)
         return merged, sent
 
 
@@ -338,7 +350,9 @@ class DataParallel:
             return
         local: list[tuple[torch.Tensor, torch.Tensor]] = []
         dims: list[int] = []
-        for _, _, _, weight in tables:
+        for qual, _, _, weight in tables:
+            if weight.shape[0] >= 2**32:
+                raise ValueError(f"{qual}: the row exchange takes tables of fewer than 2^32 rows, got {weight.shape[0]}")
             grad = weight.grad
             dims.append(weight.shape[1])
             if grad is None:
