@@ -401,5 +401,10 @@ def test_a_replaced_checkpoint_or_a_lost_settings_record_is_refused_and_a_late_s
         tiny.run(run, "lazy-adam", resume=True)
     assert not (run / "metrics.json").exists()
     monkeypatch.setattr(loop, "_predict_rows", scored)
-    tiny.run(run, "lazy-adam", resume=True)
+    # A snapshot of a data-parallel run resumed by one process: warned about, not refused.
+    state = torch.load(run / SNAPSHOT, weights_only=True)
+    assert state["world_size"] == 1
+    torch.save({**state, "world_size": 2}, run / SNAPSHOT)
+    with pytest.warns(UserWarning, match=r"written by 2 process\(es\), this run has 1"):
+        tiny.run(run, "lazy-adam", resume=True)
     assert_same_run(run, reference["lazy-adam"])

@@ -14,6 +14,7 @@ import math
 import os
 import tempfile
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -439,6 +440,11 @@ def _fit(
         snapshot = load_snapshot(resume_from)
     source = out_dir if out_dir is not None else resume_from
     parallel = distributed.current(config.device)
+    world = 1 if parallel is None else parallel.world_size
+    if snapshot is not None and snapshot.get("world_size", world) != world and (parallel is None or parallel.is_writer):
+        # A valid continuation (the global batch is the same), but its sums are split otherwise.
+        warnings.warn(f"the resume snapshot was written by {snapshot['world_size']} process(es), this run has {world}: "
+                      "the resumed run may not be bitwise equal to an uninterrupted one", stacklevel=3)
     device = torch.device(config.device) if parallel is None else parallel.device
     model.to(device)
     torch.manual_seed(config.seed)  # dropout masks
@@ -460,7 +466,7 @@ def _fit(
     restored = len(records) if snapshot is not None and in_stage is None else -1
     try:
         with preemption(out_dir is not None) as stop:
-            saver = None if out_dir is None else _Saver(out_dir, generator, device, stop, records, settings_digest)
+            saver = None if out_dir is None else _Saver(out_dir, generator, device, stop, records, settings_digest, world)
             for index in range(len(records), len(plan)):
                 step = plan[index]
                 if records and (parallel is None or parallel.is_writer or index == restored):
@@ -697,10 +703,11 @@ class _Saver:
 
     def __init__(
         self, run_dir: Path, generator: torch.Generator, device: torch.device, stop: Any, records: list[StageRecord],
-        settings_digest: str | None,
+        settings_digest: str | None, world_size: int,
     ) -> None:
         self.run_dir = run_dir
         self.settings_digest = settings_digest  # binds each snapshot to this run's settings.json
+        self.world_size = world_size
         self.generator = generator
         self.device = device
         self.stop = stop  # true once SIGTERM asked the run to stop
@@ -714,12 +721,14 @@ class _Saver:
 
     def in_stage(self, stage: dict[str, Any]) -> None:
         save_snapshot(self.run_dir, {"records": [_record_state(r) for r in self.records],
-                                     "rng": self._rng(), "stage": stage, "settings_sha256": self.settings_digest})
+                                     "rng": self._rng(), "stage": stage, "settings_sha256": self.settings_digest,
+                                     "world_size": self.world_size})
 
     def stage_done(self, records: list[StageRecord]) -> None:
         self.records = list(records)
         save_snapshot(self.run_dir, {"records": [_record_state(r) for r in records], "rng": self._rng(),
-                                     "stage": None, "settings_sha256": self.settings_digest})
+                                     "stage": None, "settings_sha256": self.settings_digest,
+                                     "world_size": self.world_size})
 
 
 def _record_state(record: StageRecord) -> dict[str, Any]:
