@@ -75,6 +75,20 @@ def test_a_failed_write_leaves_nothing(tmp_path: Path, monkeypatch: pytest.Monke
     assert list(tmp_path.iterdir()) == []
 
 
+def test_an_entry_that_cannot_be_written_is_a_warning_not_a_failure(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "raw.txt").write_text("x")
+
+    def full(*args: object, **kwargs: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(cache.np, "savez", full)
+    with pytest.warns(UserWarning, match=r"cannot write the cache entry .*\(No space left on device\); continuing"):
+        dataset = cache.cached("src", [tmp_path / "raw.txt"], {}, _small, tmp_path / "c")
+    assert dataset.info["cache"]["hit"] is False and list((tmp_path / "c").iterdir()) == []  # type: ignore[index]
+
+
 def test_location_order(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv(cache.CACHE_ENV, str(tmp_path / "env"))
     assert cache.resolve_cache_dir() == tmp_path / "env"

@@ -197,7 +197,8 @@ def cached(
     """Return the cached dataset for this fingerprint, or ``build()`` it and cache the result.
 
     A damaged or altered entry (:class:`CacheEntryError`) is reported with one warning and
-    rebuilt.
+    rebuilt; an entry that cannot be written (a full disk, a read-only folder) is one warning too,
+    and the dataset is returned uncached.
 
     ``info["cache"]`` tells which happened: ``{"key", "path", "hit"}``.
     """
@@ -213,7 +214,13 @@ def cached(
             hit = False
     if not hit:
         dataset = build()
-        write(path, dataset)
+        try:
+            write(path, dataset)
+        except OSError as exc:
+            # The cache only saves time: a full disk or a read-only cache folder costs the next
+            # load a rebuild, not this run.
+            warnings.warn(f"cannot write the cache entry {str(path)!r} ({exc.strerror or exc}); continuing "
+                          "without it", stacklevel=2)
     info = dict(dataset.info)
     info["cache"] = {"key": key, "path": str(path), "hit": hit}
     return MultiDomainDataset(
