@@ -280,6 +280,12 @@ def test_a_resume_with_other_settings_or_another_version_is_refused(
     with pytest.warns(UserWarning, match=r"written with 1 threads, this process uses 2"):
         resume.load_snapshot(run)
     torch.set_num_threads(1)
+    # A snapshot of an earlier format (development builds share a version number).
+    kept = (run / SNAPSHOT).read_bytes()
+    torch.save({**torch.load(run / SNAPSHOT, weights_only=True), "format": resume.SNAPSHOT_FORMAT - 1}, run / SNAPSHOT)
+    with pytest.raises(ValueError, match=rf"snapshot of format {resume.SNAPSHOT_FORMAT - 1}, this moefast reads"):
+        tiny.run(run, "lazy-adam", resume=True)
+    (run / SNAPSHOT).write_bytes(kept)
     # Results without a snapshot (a run finished by a moefast without resume): nothing to resume.
     (run / SNAPSHOT).unlink()
     (run / "metrics.json").write_text("{}")

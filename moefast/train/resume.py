@@ -57,7 +57,7 @@ __all__ = [
 
 SNAPSHOT = "resume.pt"
 SETTINGS = "settings.json"
-SNAPSHOT_FORMAT = 1
+SNAPSHOT_FORMAT = 2  # 2: the settings' and checkpoints' SHA-256, the thread count and world size
 PREEMPTED_STATUS = 143  # the command line's exit status after SIGTERM: 128 + 15, as if killed by it
 
 
@@ -135,8 +135,14 @@ def load_snapshot(run_dir: Path) -> dict[str, Any] | None:
     if not path.exists():
         return None
     payload = read_saved(path, "resume snapshot")
-    if payload.get("format") != SNAPSHOT_FORMAT or not isinstance(payload.get("records"), list):
+    if not isinstance(payload.get("format"), int) or not isinstance(payload.get("records"), list):
         raise ValueError(f"{str(path)!r} is not a moefast resume snapshot (format {SNAPSHOT_FORMAT})")
+    if payload["format"] != SNAPSHOT_FORMAT:
+        # The package version alone does not change between development builds; the format does.
+        raise ValueError(
+            f"{str(path)!r} is a resume snapshot of format {payload['format']}, this moefast reads format "
+            f"{SNAPSHOT_FORMAT}: finish the run with the moefast that started it, or start again with --overwrite"
+        )
     version = _version()
     if payload.get("moefast") != version:
         raise ValueError(
