@@ -318,6 +318,10 @@ def test_an_interrupted_or_failed_write_keeps_the_previous_file(tmp_path: Path, 
         atomic.atomic_write(path, lambda handle: torch.save({"w": torch.zeros(1000)}, handle))
     assert failed.value.errno == 28  # ENOSPC, though torch.save reported a RuntimeError
     assert path.read_bytes() == b"the previous snapshot" and os.listdir(tmp_path) == ["resume.pt"]
+    monkeypatch.setenv(FAULT_ENV, "kill:write:resume.pt:second")
+    with pytest.raises(ValueError, match=r"MOEFAST_TEST_FAULT='kill:write:resume\.pt:second'"):
+        atomic.atomic_write(path, lambda handle: handle.write(b"x"))
+    monkeypatch.delenv(FAULT_ENV)
     # The final file has the mode a plain open() gives (mkstemp's 0600 would hide a run's results
     # from the group that shares its directory).
     umask = os.umask(0o027)

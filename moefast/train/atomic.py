@@ -66,6 +66,8 @@ def _fault_write(name: str, action: str) -> bool:
     fault = _fault()
     if fault is None or fault[0] != action or len(fault) not in (3, 4) or fault[1:3] != ["write", name]:
         return False
+    if len(fault) == 4 and not fault[3].isdigit():
+        raise ValueError(f"{FAULT_ENV}={':'.join(fault)!r}: the write's number must be a whole number")
     return _WRITES.get((os.getpid(), name), 0) == (int(fault[3]) if len(fault) == 4 else 1)
 
 
