@@ -10,8 +10,6 @@ so a no-op merge fails.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 import torch
 
@@ -28,15 +26,9 @@ BACKBONES = sorted(models.MODELS)
 # (tower kind, experts per domain): base, MLoRA, MoE-MLoRA with 1 and 2 experts per domain.
 TOWERS = [("base", 1), ("mlora", 1), ("moe-mlora", 1), ("moe-mlora", 2)]
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    """Shapes this small gain nothing from a second thread, and on a loaded 2-core machine the
-    threads' hand-offs cost up to 30x the work."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Small shapes gain nothing from a second thread; on a loaded 2-core machine the hand-offs cost
+# up to 30x the work (the fixture is in conftest.py).
+pytestmark = pytest.mark.usefixtures("one_thread_module")
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -54,13 +53,9 @@ for program_path, calls in cases.items():
 torch.save(outputs, sys.argv[2])
 """
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Small shapes gain nothing from a second thread; on a loaded 2-core machine the hand-offs cost
+# up to 30x the work (the fixture is in conftest.py).
+pytestmark = pytest.mark.usefixtures("one_thread_module")
 
 
 def _random_inputs(

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import pandas as pd
@@ -27,13 +26,9 @@ TINY = ["--preset", "paper", "--rows", "1500", "--num-domains", "3", "--num-user
 # Probabilities from the merged model against the trained one's (fp32 logits, rounded differently).
 MERGED_ATOL = 1e-6
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Small shapes gain nothing from a second thread; on a loaded 2-core machine the hand-offs cost
+# up to 30x the work (the fixture is in conftest.py).
+pytestmark = pytest.mark.usefixtures("one_thread_module")
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,6 @@ model (:func:`moefast.export.merge`; ``--unmerged`` scores with the trained mode
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -141,13 +140,12 @@ def domain_ids(record: Mapping[str, Any], dataset: Any, domain: Any) -> Any:
 def _load_program(path: Path) -> tuple[Callable[..., Any], dict[str, Any]]:
     import torch
 
+    from moefast.export._records import read_json_object
+
     meta_path = path.parent / f"{path.name}.json"
-    try:
-        meta = json.loads(meta_path.read_text())
-    except FileNotFoundError:
-        raise UserError(f"{str(meta_path)!r} is missing: it describes the program's inputs (moefast export writes it)") from None
-    except (OSError, json.JSONDecodeError) as exc:
-        raise UserError(f"{str(meta_path)!r} cannot be read: {exc}") from None
+    if not meta_path.exists():
+        raise UserError(f"{str(meta_path)!r} is missing: it describes the program's inputs (moefast export writes it)")
+    meta = read_json_object(meta_path)
     try:
         program = torch.export.load(str(path)).module()
     except Exception as exc:  # a damaged or foreign file: said in one line

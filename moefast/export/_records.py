@@ -28,7 +28,7 @@ from typing import Any
 from moefast.config import FeatureSpec, Pooling
 
 __all__ = ["DATASET_RECORD", "RECORD_FORMAT", "dataset_record", "features_from_record", "read_dataset_record",
-           "vocabulary_digest", "write_dataset_record"]
+           "read_json_object", "vocabulary_digest", "write_dataset_record"]
 
 DATASET_RECORD = "dataset.json"
 RECORD_FORMAT = 1
@@ -78,15 +78,24 @@ def write_dataset_record(path: Path, dataset: Any) -> None:
     tmp.replace(path)
 
 
-def read_dataset_record(path: Path) -> dict[str, Any]:
-    """The record at ``path``, checked for its shape; ``ValueError`` naming the file otherwise."""
+def read_json_object(path: Path) -> dict[str, Any]:
+    """The JSON object in ``path``; ``ValueError`` naming the file when it is missing, unreadable
+    or not an object."""
     try:
-        record = json.loads(path.read_text())
+        value = json.loads(path.read_text())
     except FileNotFoundError:
         raise ValueError(f"{str(path)!r} does not exist") from None
-    except (OSError, json.JSONDecodeError) as exc:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ValueError(f"{str(path)!r} cannot be read: {exc}") from None
-    if not isinstance(record, dict) or record.get("format") != RECORD_FORMAT:
+    if not isinstance(value, dict):
+        raise ValueError(f"{str(path)!r} is not a JSON object")
+    return value
+
+
+def read_dataset_record(path: Path) -> dict[str, Any]:
+    """The record at ``path``, checked for its shape; ``ValueError`` naming the file otherwise."""
+    record = read_json_object(path)
+    if record.get("format") != RECORD_FORMAT:
         raise ValueError(f"{str(path)!r} is not a moefast dataset record (format {RECORD_FORMAT})")
     for key, kind in (("features", list), ("numeric", list), ("domains", list), ("source", dict)):
         if not isinstance(record.get(key), kind):

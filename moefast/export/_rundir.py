@@ -11,7 +11,6 @@ method under ``DIR``.
 from __future__ import annotations
 
 import dataclasses
-import json
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,7 @@ from moefast.export._records import (
     dataset_record,
     features_from_record,
     read_dataset_record,
+    read_json_object,
 )
 from moefast.models.base import MODELS, CTRModel
 from moefast.ops._backend import BackendLike
@@ -52,7 +52,7 @@ def method_dir(run_dir: str | Path, method: str | None = None) -> Path:
         raise ValueError(f"run directory {str(root)!r} does not exist")
     if (root / "config.json").is_file():
         if method is not None:
-            recorded = _read_json(root / "config.json").get("tower", {}).get("kind")
+            recorded = read_json_object(root / "config.json").get("tower", {}).get("kind")
             if recorded != method:
                 raise ValueError(f"run directory {str(root)!r} holds method {recorded!r}, not {method!r}")
         return root
@@ -68,18 +68,6 @@ def method_dir(run_dir: str | Path, method: str | None = None) -> Path:
     if method not in methods:
         raise ValueError(f"run directory {str(root)!r} has no method {method!r}; it holds {', '.join(methods)}")
     return root / method
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        value = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise ValueError(f"{str(path)!r} does not exist") from None
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ValueError(f"{str(path)!r} cannot be read: {exc}") from None
-    if not isinstance(value, dict):
-        raise ValueError(f"{str(path)!r} is not a JSON object")
-    return value
 
 
 def tower_config_from_json(value: Mapping[str, Any], where: str) -> TowerConfig:
@@ -128,7 +116,7 @@ def load_run(
     folder = method_dir(run_dir, method)
     if not (folder / "metrics.json").is_file():
         raise ValueError(f"run directory {str(folder)!r} has no metrics.json: the run did not finish")
-    config = _read_json(folder / "config.json")
+    config = read_json_object(folder / "config.json")
     name = config.get("model")
     if name not in MODELS:
         raise ValueError(f"{str(folder / 'config.json')!r}: unknown model {name!r}")

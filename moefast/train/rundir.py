@@ -168,17 +168,8 @@ def claim_run_dir(
             f"run directory {where!r} is not empty and is not a moefast run directory (no {MARKER}); "
             "choose another directory (overwrite clears only moefast's own run directories)"
         )
+    fd = _open_locked(run_dir / MARKER, f"run directory {where!r}")
     try:
-        fd = os.open(run_dir / MARKER, os.O_RDWR | os.O_CREAT, 0o644)
-    except OSError as exc:
-        raise RunDirectoryError(f"run directory {where!r} is not writable: {exc.strerror or exc}") from None
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise RunDirectoryError(
-                f"run directory {where!r} is in use by another live moefast process"
-            ) from None
         previous = [e for e in os.listdir(run_dir) if e != MARKER]  # under the lock
         live = _live_run(run_dir / e for e in previous) if overwrite else None
         if live is not None:  # a live method's subdirectory of the run --overwrite would clear
@@ -258,17 +249,32 @@ def hold_lock(path: Path, what: str) -> Iterator[None]:
     """
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     except OSError as exc:
         raise RunDirectoryError(f"{what} cannot be locked ({str(path)!r}): {exc.strerror or exc}") from None
+    fd = _open_locked(path, what)
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise RunDirectoryError(f"{what} is in use by another live moefast process") from None
         yield
     finally:
         os.close(fd)
+
+
+def _open_locked(path: Path, what: str) -> int:
+    """A descriptor of the file ``path`` (created if missing) holding an exclusive ``flock``.
+
+    Raises:
+        RunDirectoryError: the file cannot be opened for writing, or another live process holds
+            the lock (``what`` names the thing locked).
+    """
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:
+        raise RunDirectoryError(f"{what} is not writable ({str(path)!r}): {exc.strerror or exc}") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise RunDirectoryError(f"{what} is in use by another live moefast process") from None
+    return fd
 
 
 def differing_keys(recorded: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
