@@ -25,8 +25,9 @@ import pytest
 import torch
 
 from moefast import cli, data, models
-from moefast.train import atomic, fit, resume
+from moefast.train import atomic, fit, loop, resume
 from moefast.train.atomic import FAULT_ENV, WriteError
+from moefast.train.checkpoint import load_checkpoint
 from moefast.train.resume import SNAPSHOT, Preempted
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -418,3 +419,46 @@ def test_a_replaced_checkpoint_or_a_lost_settings_record_is_refused_and_a_late_s
     with pytest.warns(UserWarning, match=r"written by 2 process\(es\), this run has 1"):
         tiny.run(run, "lazy-adam", resume=True)
     assert_same_run(run, reference["lazy-adam"])
+
+
+def test_a_crafted_snapshot_that_passes_the_format_checks_is_refused_before_the_model_changes(
+    tmp_path: Path,
+) -> None:
+    """A snapshot with the right format, version and settings digest whose stage state is
+    incomplete, mistyped or shaped for another model: one ValueError, and the model passed to
+    fit is untouched (the checks run before any load)."""
+    run = tmp_path / "run"
+    assert _killed(_in_child(lambda: tiny.run(run, "lazy-adam"), "kill:step:1:2:1"))
+    good = torch.load(run / SNAPSHOT, weights_only=True)
+    assert good["stage"] is not None  # inside stage 1, after its first epoch
+
+    def without(key: str) -> dict[str, Any]:
+        return {k: v for k, v in good["stage"].items() if k != key}
+
+    name, tensor = next((k, v) for k, v in good["stage"]["model"].items() if v.dim() == 2)
+    adam = good["stage"]["optimizer"]
+    index = next(iter(adam["state"]))
+    crafted = {
+        r"'optimizer' is NoneType": without("optimizer"),
+        r"'samples' is str": {**good["stage"], "samples": "12"},
+        r"a mid-epoch state without its epoch's generator state": {**without("epoch_generator"), "batches": 3},
+        r"the early-stopping state lacks 'best' or 'stale'": {**good["stage"], "stopper": {"best": 0.5}},
+        rf"its model tensors differ from this model's by name \({name}": {
+            **good["stage"], "model": {k: v for k, v in good["stage"]["model"].items() if k != name}},
+        rf"model tensor '{name}' is not a torch.float32 tensor": {
+            **good["stage"], "model": {**good["stage"]["model"], name: tensor[:-1]}},
+        r"its optimizer state is for other parameter groups": {**good["stage"], "optimizer": {**adam, "param_groups": []}},
+        rf"optimizer state 'exp_avg' of parameter {index} has shape": {**good["stage"], "optimizer": {
+            **adam, "state": {**adam["state"], index: {**adam["state"][index], "exp_avg": torch.zeros(3)}}}},
+    }
+    ds = tiny.dataset()
+    # What the model holds before the stage's state is loaded: the finished stage's checkpoint.
+    expected = models.build("deepfm", ds, "moe-mlora", seed=7)
+    loop.set_embedding_optimizer(expected, loop._fused_embedding_optimizer(tiny.config("lazy-adam")))
+    load_checkpoint(run / "checkpoints" / "00_backbone.pt", expected)
+    for message, stage in crafted.items():
+        torch.save({**good, "stage": stage}, run / SNAPSHOT)
+        model = models.build("deepfm", ds, "moe-mlora", seed=7)
+        with pytest.raises(ValueError, match=rf"snapshot's state of stage .* does not fit this run: {message}"):
+            fit(model, ds, tiny.config("lazy-adam"), backend="fast", out_dir=run, resume=True)
+        assert all(torch.equal(expected.state_dict()[k], v) for k, v in model.state_dict().items()), message

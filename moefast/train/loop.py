@@ -15,7 +15,7 @@ import os
 import tempfile
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -588,6 +588,7 @@ def _run_stage(
     epochs = 0
     skip = 0  # batches of the current epoch trained before a resume
     if resume is not None:
+        _check_stage_state(resume, model, optimizer, params)  # before anything is written
         model.load_state_dict(resume["model"])  # buffers included: the fused optimizers' state
         optimizer.load_state_dict(resume["optimizer"])
         stopper.best, stopper.stale = float(resume["stopper"]["best"]), int(resume["stopper"]["stale"])
@@ -776,6 +777,60 @@ def _restore_snapshot(
                              f"differs from the one recorded in {str(path)!r}): it was damaged or replaced; "
                              "start the run again with --overwrite")
     return records, in_stage
+
+
+_STAGE_STATE = {
+    "epochs": int, "batches": int, "model": dict, "optimizer": dict, "stopper": dict, "history": list,
+    "losses": list, "samples": int, "train_seconds": float, "seconds": float,
+}
+
+
+def _check_stage_state(
+    state: Mapping[str, Any], model: CTRModel, optimizer: torch.optim.Optimizer, params: list[torch.nn.Parameter]
+) -> None:
+    """Refuse, before anything is loaded into the model or optimizer, a snapshot's in-stage state
+    that this stage cannot take (a crafted or foreign file that passed the format checks): a
+    missing or mistyped entry, or a tensor of another name, shape or dtype than the model's."""
+
+    def refuse(what: str) -> ValueError:
+        return ValueError(f"the resume snapshot's state of stage {state.get('label')!r} does not fit this run: {what}")
+
+    for key, kind in _STAGE_STATE.items():
+        value = state.get(key)
+        if not isinstance(value, kind) or isinstance(value, bool):
+            raise refuse(f"{key!r} is {type(value).__name__}, not {kind.__name__}")
+    if state["batches"] and not isinstance(state.get("epoch_generator"), torch.Tensor):
+        raise refuse("a mid-epoch state without its epoch's generator state")
+    if not {"best", "stale"} <= set(state["stopper"]):
+        raise refuse("the early-stopping state lacks 'best' or 'stale'")
+    expected = model.state_dict()
+    saved = state["model"]
+    if set(saved) != set(expected):
+        names = sorted(set(saved) ^ set(expected))
+        raise refuse(f"its model tensors differ from this model's by name ({', '.join(names[:5])})")
+    for name, tensor in expected.items():
+        got = saved[name]
+        if not isinstance(got, torch.Tensor) or got.shape != tensor.shape or got.dtype != tensor.dtype:
+            raise refuse(f"model tensor {name!r} is not a {tensor.dtype} tensor of shape {tuple(tensor.shape)}")
+    best = state.get("best_state")
+    if best is not None and (not isinstance(best, list) or len(best) != len(params) or any(
+            not isinstance(t, torch.Tensor) or t.shape != p.shape for t, p in zip(best, params, strict=False))):
+        raise refuse("its best weights do not match the stage's trainable parameters")
+    groups, mine = state["optimizer"].get("param_groups"), optimizer.state_dict()["param_groups"]
+    if not isinstance(groups, list) or [len(g.get("params", ())) for g in groups if isinstance(g, dict)] != [
+            len(g["params"]) for g in mine]:
+        raise refuse("its optimizer state is for other parameter groups")
+    shapes = [p.shape for group in optimizer.param_groups for p in group["params"]]
+    entries = state["optimizer"].get("state")
+    if not isinstance(entries, dict):
+        raise refuse("its optimizer state has no per-parameter state")
+    for index, entry in entries.items():
+        if not isinstance(index, int) or not 0 <= index < len(shapes) or not isinstance(entry, dict):
+            raise refuse(f"its optimizer state names parameter {index!r}, which this stage does not train")
+        for key, value in entry.items():
+            if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape != shapes[index]:
+                raise refuse(f"optimizer state {key!r} of parameter {index} has shape {tuple(value.shape)}, "
+                             f"the parameter {tuple(shapes[index])}")
 
 
 def _check_run_settings(
