@@ -154,7 +154,8 @@ def test_moefast_train_nproc(tmp_path: Path) -> None:
     metrics.json with the world size and bytes per step), and it ends as one process does."""
     from moefast import cli
 
-    flags = ["--rows", "1200", "--num-domains", "2", "--method", "base", "--max-epochs", "1", "--quiet"]
+    flags = ["--rows", "1200", "--num-domains", "2", "--method", "base", "--max-epochs", "1", "--batch-size", "256",
+             "--quiet"]
     env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo"}
     dead = subprocess.run(
         [sys.executable, "-m", "moefast", "train", "--nproc", "2", *flags, "--out", str(tmp_path / "dead")],
@@ -169,6 +170,26 @@ def test_moefast_train_nproc(tmp_path: Path) -> None:
     assert again.stdout.count("run directory:") == 1  # one table, printed by rank 0
     metrics = json.loads((tmp_path / "dead" / "metrics.json").read_text())
     assert metrics["distributed"]["world_size"] == 2 and metrics["distributed"]["bytes_per_step"]["dense"] > 0
+
+    # SIGTERM reaching rank 1 alone, after its first step: both ranks stop at the same step
+    # boundary (agreed in the next step's all-reduce), rank 0 saves there, the command exits 143;
+    # the resumed run ends bitwise as the run resumed after the SIGKILL above.
+    termed = subprocess.run(
+        [sys.executable, "-m", "moefast", "train", "--nproc", "2", *flags, "--out", str(tmp_path / "term")],
+        env={**env, "MOEFAST_TEST_FAULT": "term:step:0:1:1:rank1"}, capture_output=True, text=True, timeout=180,
+    )
+    assert termed.returncode == 143, termed.stderr[-3000:]
+    assert "a rank was sent SIGTERM" in termed.stderr and "--resume" in termed.stderr, termed.stderr[-3000:]
+    assert "Traceback" not in termed.stderr, termed.stderr[-3000:]
+    snapshot = torch.load(tmp_path / "term" / "resume.pt", weights_only=True)
+    assert snapshot["stage"] is not None and snapshot["stage"]["batches"] == 2, snapshot["stage"]
+    again = subprocess.run([sys.executable, "-m", "moefast", "train", "--resume", str(tmp_path / "term"),
+                            "--nproc", "2", "--quiet"], env=env, capture_output=True, text=True, timeout=180)
+    assert again.returncode == 0, again.stderr[-3000:]
+    checkpoints = sorted(p.name for p in (tmp_path / "dead" / "checkpoints").iterdir())
+    assert checkpoints == sorted(p.name for p in (tmp_path / "term" / "checkpoints").iterdir())
+    for name in ["predictions.csv", *(f"checkpoints/{c}" for c in checkpoints)]:
+        assert (tmp_path / "term" / name).read_bytes() == (tmp_path / "dead" / name).read_bytes(), name
 
     assert cli.main(["train", *flags, "--out", str(tmp_path / "one")]) == 0
     one = json.loads((tmp_path / "one" / "metrics.json").read_text())

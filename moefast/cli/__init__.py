@@ -11,6 +11,7 @@ its state, says how to resume it, and exits with status 143 (128 + SIGTERM).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 from typing import Protocol
@@ -101,5 +102,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         if not isinstance(exc, Preempted):
             raise
-        print(f"moefast: {exc}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # under torchrun every rank stops; rank 0 says so
+            print(f"moefast: {exc}", file=sys.stderr)
         return PREEMPTED_STATUS

@@ -5,18 +5,22 @@ The launcher writes the resolved configuration to a TOML file and starts
 worker then joins the process group (:func:`moefast.train.distributed.init_from_env`) and trains
 its slice of each global batch. torchrun sets ``OMP_NUM_THREADS=1`` in its workers; each rank's
 threads are set here to the machine's cores divided by ``N`` (``MOEFAST_THREADS_PER_RANK``
-overrides it).
+overrides it). ``SIGTERM`` to the command (or to any rank) stops every rank at the same step
+boundary, rank 0 saving the run there, and the command exits with status 143.
 """
 
 from __future__ import annotations
 
 import datetime
 import os
+import signal
+import sys
 import tempfile
 from pathlib import Path
 
 from moefast.cli._options import UserError
 from moefast.config import RunConfig
+from moefast.train.resume import PREEMPTED_STATUS
 
 __all__ = ["launch", "torchrun_argv"]
 
@@ -43,6 +47,7 @@ def launch(config: RunConfig, config_text: str, quiet: bool, nproc: int, *, resu
     if "TORCHELASTIC_RUN_ID" in os.environ or "WORLD_SIZE" in os.environ:
         raise UserError("--nproc inside a torchrun job: run `moefast train` there without --nproc")
     import torch
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import main as torchrun
 
@@ -57,7 +62,19 @@ def launch(config: RunConfig, config_text: str, quiet: bool, nproc: int, *, resu
         try:
             torchrun(torchrun_argv(nproc, config_file, out, overwrite=config.overwrite, quiet=quiet, resume=resume))
         except ChildFailedError as exc:
+            if all(f.exitcode == PREEMPTED_STATUS for f in exc.failures.values()):
+                return _preempted(out, nproc, "a rank was sent SIGTERM")
             rank, failure = exc.get_first_failure()
             raise UserError(f"rank {rank} of {nproc} exited with status {failure.exitcode} "
                             "(its message is above); every rank was stopped") from None
+        except SignalException as exc:
+            # torchrun passed the signal on to every rank and waited for them: each stopped at
+            # the same step boundary, rank 0 saving the run there.
+            return _preempted(out, nproc, f"this command was sent {signal.Signals(exc.sigval).name}")
     return 0
+
+
+def _preempted(out: Path, nproc: int, why: str) -> int:
+    print(f"moefast: stopped: {why}; the ranks stopped together and rank 0 saved the run in {str(out)!r}; "
+          f"continue it with `moefast train --resume {out} --nproc {nproc}`", file=sys.stderr)
+    return PREEMPTED_STATUS

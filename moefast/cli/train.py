@@ -260,17 +260,26 @@ def _train(config: RunConfig, quiet: bool, *, resume: bool = False) -> int:
         # torchrun restarted the job (--max-restarts): continue from the run's last snapshot.
         resume = True
         config = dataclasses.replace(config, overwrite=False)
-    if parallel is not None and not parallel.is_writer:
-        quiet_config = dataclasses.replace(config, train=dataclasses.replace(config.train, progress=False))
-        return _train_into(quiet_config, True, out, writer=False, resume=resume)
-    # Before the data loads: an unusable --out (a file, unwritable, another folder, another
-    # run's without --overwrite, in use) is one line now, not after minutes of loading.
+    finished = False
     try:
-        claim = claim_run_dir(out, overwrite=config.overwrite, resume=resume)
-    except RunDirectoryError as exc:
-        raise UserError(f"{'--resume' if resume else '--out'}: {exc}") from None
-    with claim:
-        return _train_into(config, quiet, out, resume=resume)
+        if parallel is not None and not parallel.is_writer:
+            quiet_config = dataclasses.replace(config, train=dataclasses.replace(config.train, progress=False))
+            status = _train_into(quiet_config, True, out, writer=False, resume=resume)
+        else:
+            # Before the data loads: an unusable --out (a file, unwritable, another folder,
+            # another run's without --overwrite, in use) is one line now, not after minutes of
+            # loading.
+            try:
+                claim = claim_run_dir(out, overwrite=config.overwrite, resume=resume)
+            except RunDirectoryError as exc:
+                raise UserError(f"{'--resume' if resume else '--out'}: {exc}") from None
+            with claim:
+                status = _train_into(config, quiet, out, resume=resume)
+        finished = True
+        return status
+    finally:
+        if parallel is not None:
+            distributed.leave(finished)
 
 
 def _train_into(config: RunConfig, quiet: bool, out: Path, writer: bool = True, *, resume: bool = False) -> int:

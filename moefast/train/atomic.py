@@ -12,7 +12,8 @@ Fault points (tests only). ``MOEFAST_TEST_FAULT`` names one fault, deterministic
 - ``kill:step:<stage index>:<epoch>:<batch>``: the process sends itself ``SIGKILL`` right after
   training step ``<batch>`` (counted from 1) of epoch ``<epoch>`` (from 1) of stage
   ``<stage index>`` (from 0, in plan order); ``term:step:...`` sends ``SIGTERM`` instead (what a
-  scheduler's preemption does).
+  scheduler's preemption does). In a data-parallel job ``...:rank<r>`` after the batch limits the
+  step fault to rank ``r`` (a signal that reaches one rank first).
 - ``kill:write:<file name>[:<n>]``: ``SIGKILL`` after the process's ``n``-th (default first) write
   of a file of that name has reached its temporary file (written and ``fsync``-ed), before the
   rename.
@@ -55,9 +56,11 @@ def _fault() -> list[str] | None:
 def fault_step(stage: int, epoch: int, batch: int) -> None:
     """The fault point after a training step (see the module docstring)."""
     fault = _fault()
-    if fault is None or len(fault) != 5 or fault[1] != "step":
+    if fault is None or len(fault) not in (5, 6) or fault[1] != "step":
         return
-    if (str(stage), str(epoch), str(batch)) == tuple(fault[2:]):
+    if len(fault) == 6 and fault[5] != f"rank{os.environ.get('RANK', '0')}":
+        return
+    if (str(stage), str(epoch), str(batch)) == tuple(fault[2:5]):
         os.kill(os.getpid(), signal.SIGKILL if fault[0] == "kill" else signal.SIGTERM)
 
 

@@ -37,6 +37,7 @@ import math
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -57,6 +58,7 @@ __all__ = [
     "current",
     "end_stage",
     "init_from_env",
+    "leave",
     "restarted",
     "shard_bounds",
     "slice_batch",
@@ -114,7 +116,7 @@ class StepTraffic:
     the wire bytes of a particular algorithm: a ring all-reduce moves about 2 (N-1)/N times its
     payload per rank). ``dense``: DDP's gradient all-reduce; ``sparse``: the row exchange
     (lengths, padded ids and padded row gradients gathered from every rank); ``control``: the
-    loss and failure all-reduce."""
+    loss, failure and stop all-reduce."""
 
     steps: int = 0
     dense: int = 0
@@ -229,6 +231,12 @@ class DataParallel:
     device: torch.device
     row_group: Any
     traffic: StepTraffic = field(default_factory=StepTraffic)
+    # SIGTERM: ``preempt`` is this rank's flag (true once the signal arrived here); the step's
+    # all-reduce carries it, and ``stop_agreed`` is true on every rank after the same step once
+    # any rank has it, so that all stop at one step boundary (rank 0 writes the snapshot).
+    preempt: Any = None
+    stop_agreed: bool = False
+    run_dir: Path | None = None  # the job's run directory (rank 0 writes it), named when stopping
     _ddp: torch.nn.parallel.DistributedDataParallel | None = None
     _dense_bytes: int = 0
 
@@ -313,13 +321,15 @@ class DataParallel:
             bce_sum = float(bce.detach())
         except Exception as exc:  # any error here must reach every rank, not hang them
             failure = f"{type(exc).__name__}: {exc}"
-        flags = torch.zeros(self.world_size + 1, dtype=torch.float64)
+        flags = torch.zeros(self.world_size + 2, dtype=torch.float64)
         flags[0] = bce_sum
         flags[1 + self.rank] = 1.0 if failure else 0.0
+        flags[-1] = 1.0 if self.preempt else 0.0
         flags = self._comm(flags)
         dist.all_reduce(flags)
         flags = flags.cpu()
         self.traffic.control += flags.numel() * 8
+        self.stop_agreed = bool(flags[-1] > 0)
         failed = [r for r in range(self.world_size) if flags[1 + r] > 0]
         if failed:
             messages: list[Any] = [None] * self.world_size
@@ -405,8 +415,30 @@ class DataParallel:
             raise value
         return value
 
+    def agree_to_stop(self) -> bool:
+        """Whether any rank has been asked to stop (``SIGTERM``), the same answer on every rank:
+        the check at a boundary outside a step (an epoch's or a stage's end)."""
+        flag = self._comm(torch.tensor([1.0 if self.preempt else 0.0], dtype=torch.float64))
+        dist.all_reduce(flag)
+        self.stop_agreed = self.stop_agreed or bool(flag.item() > 0)
+        return self.stop_agreed
+
     def barrier(self) -> None:
         dist.barrier()
+
+
+def leave(finished: bool) -> None:
+    """Leave the job this process joined (:func:`init_from_env`): after a finished run, wait
+    for every rank (rank 0 writes the run's outputs last), then destroy the process group. A
+    gloo group left to the interpreter's exit can abort the process ("terminate called without
+    an active exception") while its threads are torn down."""
+    if not dist.is_available() or not dist.is_initialized():
+        return
+    try:
+        if finished:
+            dist.barrier()
+    finally:
+        dist.destroy_process_group()
 
 
 def threads_per_rank(local_world_size: int) -> int:

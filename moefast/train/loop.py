@@ -398,7 +398,8 @@ def fit(
     if parallel is not None and not parallel.is_writer:
         # Rank 0 alone writes; resuming, every rank reads its snapshot (one machine, or a
         # shared file system), so that all continue from the same state.
-        return _fit(model, dataset, config, backend, None, resume_from=Path(out_dir) if resume else None)
+        return _fit(model, dataset, config, backend, None, resume_from=Path(out_dir) if resume else None,
+                    job_dir=Path(out_dir))
     with claim_run_dir(out_dir, overwrite=overwrite, resume=resume) as run_dir:
         return _fit(model, dataset, config, backend, run_dir, resume=resume)
 
@@ -412,6 +413,7 @@ def _fit(
     *,
     resume: bool = False,
     resume_from: Path | None = None,
+    job_dir: Path | None = None,
 ) -> FitResult:
     out_dir = None if claim is None else claim.path
     backend_name = _set_backend(model, backend, torch.device(config.device))
@@ -465,8 +467,14 @@ def _fit(
         records, in_stage = _restore_snapshot(source / SNAPSHOT, snapshot, plan, source / "checkpoints", generator, device)
     restored = len(records) if snapshot is not None and in_stage is None else -1
     try:
-        with preemption(out_dir is not None) as stop:
+        if parallel is not None:
+            parallel.run_dir = out_dir if out_dir is not None else job_dir
+        # Under data parallelism every rank of a job with a run directory listens: SIGTERM may
+        # reach any of them first.
+        with preemption(out_dir is not None or (parallel is not None and parallel.run_dir is not None)) as stop:
             saver = None if out_dir is None else _Saver(out_dir, generator, device, stop, records, settings_digest, world)
+            if parallel is not None:
+                parallel.preempt = stop
             for index in range(len(records), len(plan)):
                 step = plan[index]
                 if records and (parallel is None or parallel.is_writer or index == restored):
@@ -485,19 +493,18 @@ def _fit(
                 in_stage = None
                 if saver is not None:
                     saver.stage_done(records)
-                    if stop and index + 1 < len(plan):
-                        raise Preempted(saver.run_dir, f"after stage {step.label}")
+                if index + 1 < len(plan) and _stopping(stop, parallel):
+                    raise Preempted(_preempted_dir(saver, parallel), f"after stage {step.label}")
             if snapshot is not None and snapshot["stage"] is None and len(records) == len(plan):
                 # Resuming a run whose training had finished: its model is the last checkpoint.
                 last = records[-1]
                 assert last.checkpoint is not None
                 load_checkpoint(last.checkpoint, model, expected_stage=last.label, dataset=dataset.name)
             test_logits = _predict_rows(model, dataset.test, None, config.eval_batch_size, device, parallel)
-            if stop:
+            if _stopping(stop, parallel):
                 # SIGTERM after the last step boundary (in the test predictions): stop now rather
                 # than forget it (a multi-method command would train its next method).
-                assert saver is not None
-                raise Preempted(saver.run_dir, "after training, before the outputs were written")
+                raise Preempted(_preempted_dir(saver, parallel), "after training, before the outputs were written")
     finally:
         if tmp is not None:
             tmp.cleanup()
@@ -618,7 +625,7 @@ def _run_stage(
                 "train_seconds": train_seconds, "seconds": time.perf_counter() - start,
             })
 
-    stop = saver.stop if saver is not None else None
+    stop = saver.stop if saver is not None else None if parallel is None else parallel.preempt
     runner = distributed.begin_stage(parallel, model)  # a fresh DDP wrapper for each stage
     # A snapshot taken after the stage's last epoch resumes straight into the stage's end.
     done = skip == 0 and (epochs >= max_epochs or stopper.should_stop)
@@ -629,7 +636,8 @@ def _run_stage(
 
         def after_step(batches: int, epoch: int = epoch) -> bool:
             fault_step(index, epoch, batches)
-            return bool(stop)
+            # Data-parallel: decided in the step's all-reduce, the same on every rank.
+            return bool(stop) if parallel is None else parallel.stop_agreed
 
         t0 = time.perf_counter()
         try:
@@ -641,8 +649,7 @@ def _run_stage(
             samples += stopped.samples
             train_seconds += time.perf_counter() - t0
             save(stopped.batches, epoch_generator)
-            assert saver is not None
-            raise Preempted(saver.run_dir, f"at {desc}, batch {stopped.batches}") from None
+            raise Preempted(_preempted_dir(saver, parallel), f"at {desc}, batch {stopped.batches}") from None
         skip = 0
         train_seconds += time.perf_counter() - t0
         val_logits = _predict_rows(model, dataset.val, val_rows, config.eval_batch_size, device, parallel)
@@ -665,9 +672,8 @@ def _run_stage(
         epochs = epoch
         done = stopper.should_stop or epochs >= max_epochs
         save(0, None)
-        if stop:
-            assert saver is not None
-            raise Preempted(saver.run_dir, f"after {desc}")
+        if _stopping(stop, parallel):
+            raise Preempted(_preempted_dir(saver, parallel), f"after {desc}")
     distributed.end_stage(parallel, model)
     # With no AUC at all (every validation domain one-class) nothing improves: keep the last
     # weights rather than the untrained ones.
@@ -697,6 +703,21 @@ def _run_stage(
         losses=losses,
         checkpoint_sha256=digest,
     )
+
+
+def _stopping(stop: Any, parallel: distributed.DataParallel | None) -> bool:
+    """Whether ``SIGTERM`` stops the run at this boundary outside a step: this process's flag, or
+    under data parallelism any rank's (one all-reduce, the same answer on every rank)."""
+    return bool(stop) if parallel is None else parallel.agree_to_stop()
+
+
+def _preempted_dir(saver: _Saver | None, parallel: distributed.DataParallel | None) -> Path:
+    """The run directory a :class:`Preempted` names: rank 0's, or the job's on another rank
+    (which writes nothing)."""
+    if saver is not None:
+        return saver.run_dir
+    assert parallel is not None and parallel.run_dir is not None  # preemption is enabled only then
+    return parallel.run_dir
 
 
 class _Saver:
