@@ -93,7 +93,8 @@ def test_merged_equals_the_model(dataset: MultiDomainDataset, name: str, kind: s
 
 def test_the_cpp_op_is_the_loop(dataset: MultiDomainDataset) -> None:
     """``torch.ops.moefast.merged_tower`` (what runs on CPU when built) equals the torch loop it
-    implements (what the program exports): mixed rows, a domain with none, one row, no rows."""
+    implements (what the program exports): mixed rows, a domain with none, one row, no rows; and
+    it is bitwise the same at 1, 2 and 3 threads (its work units depend on the data alone)."""
     from moefast.export._merge import _merged_tower_op
 
     if _merged_tower_op() is None:
@@ -101,8 +102,9 @@ def test_the_cpp_op_is_the_loop(dataset: MultiDomainDataset) -> None:
     tower = merge(randomise(models.build("dcn", dataset, "moe-mlora", experts_per_domain=2, seed=9))).backbone.tower
     assert isinstance(tower, MergedTower)
     g = torch.Generator().manual_seed(9)
-    x = torch.randn(700, tower.layer(0)[0].shape[1], generator=g)  # 700: several 256-row chunks per domain
-    domain = torch.randint(0, dataset.num_domains, (700,), generator=g)
+    # 5000 rows over 3 domains: every domain is cut into several work units of up to 1024 rows.
+    x = torch.randn(5000, tower.layer(0)[0].shape[1], generator=g)
+    domain = torch.randint(0, dataset.num_domains, (5000,), generator=g)
     domain[domain == 1] = 3
     for rows in (slice(None), slice(5, 6), slice(0, 0)):
         with torch.no_grad():
@@ -110,6 +112,16 @@ def test_the_cpp_op_is_the_loop(dataset: MultiDomainDataset) -> None:
         assert got.shape == want.shape
         if want.numel():
             assert rel_diff(got, want) <= REL
+    threads = torch.get_num_threads()
+    try:
+        with torch.no_grad():
+            torch.set_num_threads(1)
+            one = tower(x, domain)
+            for count in (2, 3):
+                torch.set_num_threads(count)
+                assert torch.equal(tower(x, domain), one), f"{count} threads"
+    finally:
+        torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize("routing", [Routing.SHARED, Routing.EXPERT])
