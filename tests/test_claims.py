@@ -274,6 +274,7 @@ def test_reproduce_runs_end_to_end_and_resumes(tmp_path: Path, capsys: pytest.Ca
     assert set(runs["pretrained"]) == {"frozen"}
     report = (out / "claims.md").read_text()
     assert "No real dataset was run here" in report and "core 9/9 runs" in report
+    assert "; domains 0/" in report  # the progress of the whole grid, not only the sections run
     assert (out / "claims.png").stat().st_size > 0
     frame = pd.read_csv(out / "claims-runs.csv", dtype={"num_domains": str, "diversity": str, "seed": str})
     mean, _, pairs = paired(frame, Setting("taobao", 20, 0.8), "mixed", "mlora", "base")

@@ -664,9 +664,10 @@ def write_report(config: ClaimsConfig) -> dict[str, Path]:
     out.mkdir(parents=True, exist_ok=True)
     frame = _relevant(_read_csv(config.csv_path), config)
     paths = {"claims-runs.csv": config.csv_path, "claims.md": out / "claims.md", "claims.png": out / "claims.png"}
-    planned = plan_runs(config)
+    # Progress of the whole grid, whichever sections this process ran: the report covers them all.
+    planned = plan_runs(replace(config, sections=SECTIONS))
     done = {tuple(r) for r in frame[list(KEY_COLUMNS)].itertuples(index=False)} if len(frame) else set()
-    per_section = {name: [0, 0] for name in config.sections}
+    per_section = {name: [0, 0] for name in SECTIONS}
     for run in planned:
         per_section[run.section][1] += 1
         per_section[run.section][0] += run.key(config.rows_of(run.setting), config.model) in done
