@@ -503,3 +503,51 @@ def test_one_column_can_feed_a_categorical_and_a_numeric_field(tmp_path: Path) -
         want = torch.tensor([float(ages[i - RESERVED]) if i >= RESERVED else float("nan") for i in ids.tolist()])
         stats = ds.info["table"]["numeric"]["age"]
         torch.testing.assert_close(ds.train.features["age"], ((want - stats["mean"]) / stats["std"]).float())
+
+
+def test_hive_partition_folders_are_columns(tmp_path: Path) -> None:
+    """Spark's and Hive's partitioned output: ``key=value`` folders, nested, percent-escaped, with
+    ``__HIVE_DEFAULT_PARTITION__`` for a missing value, give the dataset of the flat file whose
+    rows are the partitions' in sorted order; a stray folder, mixed keys and a column that is
+    both in the files and in the folders are refused; renaming a partition misses the cache."""
+    frame = _frame()
+    frame.loc[frame["site"] == "c", "site"] = "c/x"  # written as site=c%2Fx
+    frame.loc[frame["city"] == "kyiv", "city"] = ""  # written as city=__HIVE_DEFAULT_PARTITION__
+    root = tmp_path / "hive"
+    order = []
+    for (site, city), rows in sorted(frame.groupby(["site", "city"]).groups.items(),
+                                     key=lambda kv: (kv[0][0].replace("/", "%2F"), kv[0][1] or "__HIVE_DEFAULT_PARTITION__")):
+        folder = root / f"site={site.replace('/', '%2F')}" / f"city={city or '__HIVE_DEFAULT_PARTITION__'}"
+        folder.mkdir(parents=True)
+        _write_csv(frame.loc[rows].drop(columns=["site", "city"]), folder / "part-00000.csv")
+        (folder / "part-00000.csv.crc").write_text("")
+        order.extend(rows)
+    (root / "_SUCCESS").write_text("")
+    flat = _write_csv(frame.loc[order], tmp_path / "flat.csv")
+    _same(_load(flat), _load(root))
+    assert "c/x" in _load(root).domain_names
+
+    (root / "misc").mkdir()
+    with pytest.raises(ValueError, match=r"holds the folder 'misc', which is neither a part file nor a Hive partition"):
+        _load(root)
+    (root / "misc").rmdir()
+    _write_csv(frame.drop(columns=["site", "city"]).head(5), root / "part-extra.csv")
+    with pytest.raises(ValueError, match=r"partition folders name different keys"):
+        _load(root)
+    (root / "part-extra.csv").unlink()
+    both = next(root.glob("site=a/city=*"))
+    _write_csv(frame[frame["site"] == "a"].drop(columns=["city"]), both / "part-00000.csv")
+    with pytest.raises(table_mod.TableError, match=r"site.*both a column of the file and a partition"):
+        _load(root)
+
+    cached = tmp_path / "cached"
+    cached.mkdir()
+    (cached / "site=a").mkdir()
+    (cached / "site=b").mkdir()
+    _write_csv(frame.head(200).drop(columns=["site"]), cached / "site=a" / "part-0.csv")
+    _write_csv(frame.tail(200).drop(columns=["site"]), cached / "site=b" / "part-0.csv")
+    load = lambda: moefast.data.load("table", path=cached, schema=SCHEMA, cache_dir=tmp_path / "cache", progress=False)
+    assert load().domain_names == ("a", "b") and load().info["cache"]["hit"]
+    (cached / "site=b").rename(cached / "site=z")
+    again = load()
+    assert again.domain_names == ("a", "z") and not again.info["cache"]["hit"]

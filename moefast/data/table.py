@@ -85,15 +85,24 @@ class TableError(ValueError):
 
 def input_files(path: str | os.PathLike[str]) -> tuple[list[Path], str]:
     """``(files, "csv" | "parquet")`` for a file or a folder of part files (hidden files and
-    ``_SUCCESS``-style markers skipped; extension-less parts, as Hive writes them, are CSV)."""
+    ``_SUCCESS``-style markers skipped; extension-less parts, as Hive writes them, are CSV).
+
+    A folder may hold Hive-style partition folders (``dt=2024-01-01/part-0.parquet``, nested to
+    any depth), read in sorted order; each file's partition values are
+    :func:`partition_values`. Any other subfolder is refused: its files would be left out.
+    """
     p = Path(path)
     if p.is_file():
         files = [p]
     elif p.is_dir():
-        files = sorted(f for f in p.iterdir() if f.is_file() and not f.name.startswith((".", "_"))
-                       and not f.name.endswith(".crc"))
+        files = []
+        _collect(p, p, files)
         if not files:
             raise ValueError(f"table data folder {str(p)!r} holds no part files")
+        keys = {tuple(partition_values(p, f)) for f in files}
+        if len(keys) > 1:
+            raise ValueError(f"table data folder {str(p)!r}: its partition folders name different keys "
+                             f"({' / '.join(', '.join(k) or '(none)' for k in sorted(keys))})")
     else:
         raise ValueError(f"table data {str(p)!r} does not exist")
     kinds = set()
@@ -108,6 +117,39 @@ def input_files(path: str | os.PathLike[str]) -> tuple[list[Path], str]:
     if len(kinds) > 1:
         raise ValueError(f"table data folder {str(p)!r} mixes CSV and Parquet part files")
     return files, kinds.pop()
+
+
+def _collect(root: Path, folder: Path, files: list[Path]) -> None:
+    """The part files under ``folder``, in sorted order, into ``files``."""
+    for entry in sorted(folder.iterdir(), key=lambda e: e.name):
+        if entry.name.startswith((".", "_")) or entry.name.endswith(".crc"):
+            continue  # hidden files, _SUCCESS, _temporary/, Spark's checksums
+        if entry.is_dir():
+            key, eq, _ = entry.name.partition("=")
+            if not eq or not key:
+                raise ValueError(f"table data folder {str(root)!r} holds the folder {str(entry.relative_to(root))!r}, "
+                                 "which is neither a part file nor a Hive partition (key=value); move it out")
+            _collect(root, entry, files)
+        elif entry.is_file():
+            files.append(entry)
+
+
+HIVE_NULL = "__HIVE_DEFAULT_PARTITION__"
+
+
+def partition_values(root: Path, file: Path) -> dict[str, str | None]:
+    """The Hive partition values of ``file`` under the folder ``root``: ``{key: value}`` from
+    each ``key=value`` folder on its path (percent-escapes decoded; ``__HIVE_DEFAULT_PARTITION__``
+    is a missing value)."""
+    from urllib.parse import unquote
+
+    values: dict[str, str | None] = {}
+    if file == root:
+        return values
+    for part in file.parent.relative_to(root).parts:
+        key, _, value = part.partition("=")
+        values[unquote(key)] = None if value == HIVE_NULL else unquote(value)
+    return values
 
 
 @dataclass
@@ -128,8 +170,11 @@ def _csv_header(path: Path) -> list[str]:
 
 
 def _chunks(files: list[Path], kind: str, columns: list[str], optional: set[str],
-            coded: set[str] | frozenset[str] = frozenset()) -> Iterator[_Chunk]:
+            coded: set[str] | frozenset[str] = frozenset(), root: Path | None = None) -> Iterator[_Chunk]:
     """Every chunk of every file, with only ``columns`` (``optional`` ones may be absent).
+
+    Under a folder ``root``, a column the files lack may come from their Hive partition folders
+    (``key=value``): one value for the whole file, as text. A column in both is refused.
 
     Parquet string columns in ``coded`` are read as dictionary arrays: the file's own dictionary
     pages become the codes, and each distinct string is decoded once per row group, not per row
@@ -151,7 +196,12 @@ def _chunks(files: list[Path], kind: str, columns: list[str], optional: set[str]
                 raise TableError(path, None, None, f"not a readable Parquet file ({exc})") from None
             header = pfile.schema_arrow.names
         have = [c for c in columns if c in header]
-        missing = [c for c in columns if c not in header and c not in optional]
+        partition = partition_values(root, path) if root is not None else {}
+        both = [c for c in columns if c in header and c in partition]
+        if both:
+            raise TableError(path, None, both[0], "is both a column of the file and a partition folder's key")
+        constant = {c: partition[c] for c in columns if c in partition}
+        missing = [c for c in columns if c not in header and c not in constant and c not in optional]
         if missing:
             raise TableError(path, None, missing[0], f"missing column (the file has {header})")
         row = 1
@@ -169,7 +219,7 @@ def _chunks(files: list[Path], kind: str, columns: list[str], optional: set[str]
                         strings_can_be_null=True, null_values=[""], quoted_strings_can_be_null=True),
                 )
                 for batch in reader:
-                    yield _Chunk(path, row, {c: batch.column(c) for c in have})
+                    yield _Chunk(path, row, _with_constants(batch, have, constant, coded))
                     row += batch.num_rows
             except pa.ArrowInvalid as exc:
                 bad = _first_malformed_row(path, len(header))
@@ -177,8 +227,23 @@ def _chunks(files: list[Path], kind: str, columns: list[str], optional: set[str]
                 raise TableError(path, bad, None, f"malformed CSV ({detail})") from None
         else:
             for batch in pfile.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=have):
-                yield _Chunk(path, row, {c: batch.column(c) for c in have})
+                yield _Chunk(path, row, _with_constants(batch, have, constant, coded))
                 row += batch.num_rows
+
+
+def _with_constants(batch: pa.RecordBatch, have: list[str], constant: Mapping[str, str | None],
+                    coded: set[str] | frozenset[str]) -> dict[str, pa.Array]:
+    """The batch's columns ``have``, and one column per partition value repeated over its rows
+    (dictionary-encoded where the file's own column would be)."""
+    columns = {c: batch.column(c) for c in have}
+    for name, value in constant.items():
+        if name in coded:
+            columns[name] = pa.DictionaryArray.from_arrays(
+                pa.array(np.zeros(batch.num_rows, dtype=np.int32), mask=None if value is not None
+                         else np.ones(batch.num_rows, dtype=bool)), pa.array([value or ""], pa.string()))
+        else:
+            columns[name] = pa.array([value] * batch.num_rows, pa.string())
+    return columns
 
 
 def _first_malformed_row(path: Path, width: int) -> int | None:
@@ -355,11 +420,15 @@ def load_table(
     if scoring and saved is None:
         raise ValueError("scoring data (no label) needs vocab_from=<the run directory whose model scores it>")
     extra = [Path(_pretrained_path(sch, c)) for c in sch.categorical if c.pretrained is not None]
-    options = {"schema": sch.to_dict(), "scoring": scoring, "kind": kind}
+    root = Path(path) if Path(path).is_dir() else None
+    options: dict[str, Any] = {"schema": sch.to_dict(), "scoring": scoring, "kind": kind}
+    if root is not None:
+        # The files' places under the folder: the order of the rows, and the partition values.
+        options["parts"] = [f.relative_to(root).as_posix() for f in files]
     inputs = files + extra + ([vocab_file] if vocab_file is not None else [])
 
     def build() -> MultiDomainDataset:
-        return _build(sch, files, kind, saved, scoring, progress)
+        return _build(sch, files, kind, saved, scoring, progress, root)
 
     if not use_cache:
         return build()
@@ -392,7 +461,7 @@ def _pretrained_path(sch: TableSchema, spec: CategoricalColumn) -> Path:
 
 
 def _build(sch: TableSchema, files: list[Path], kind: str, saved: dict[str, Any] | None, scoring: bool,
-           progress: bool | None) -> MultiDomainDataset:
+           progress: bool | None, root: Path | None = None) -> MultiDomainDataset:
     from tqdm import tqdm
 
     label_col = None if scoring else sch.label
@@ -413,7 +482,7 @@ def _build(sch: TableSchema, files: list[Path], kind: str, saved: dict[str, Any]
         coded = {sch.domain.column, *(c.column for c in sch.categorical if not c.multi)}
         if sch.split.kind is SplitKind.COLUMN and sch.split.column is not None:
             coded.add(sch.split.column)
-        for chunk in _chunks(files, kind, columns, optional, coded):
+        for chunk in _chunks(files, kind, columns, optional, coded, root):
             n = len(next(iter(chunk.columns.values()))) if chunk.columns else 0
             dom = chunk.columns[sch.domain.column]
             if dom.null_count:
