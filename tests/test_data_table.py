@@ -551,3 +551,20 @@ def test_hive_partition_folders_are_columns(tmp_path: Path) -> None:
     (cached / "site=b").rename(cached / "site=z")
     again = load()
     assert again.domain_names == ("a", "z") and not again.info["cache"]["hit"]
+
+
+def test_a_quoted_field_may_hold_a_line_break_wherever_a_block_ends(tmp_path: Path) -> None:
+    """Quoted line breaks load the same whatever the CSV block size (pyarrow's parallel chunker
+    used to lose sync when a block ended inside such a field)."""
+    frame = _frame()
+    frame["rid"] = [f"r{i}\nsecond line\nthird" for i in range(len(frame))]
+    path = _write_csv(frame, tmp_path / "log.csv")
+    ref = _load(path)
+    mp = pytest.MonkeyPatch()
+    try:
+        for block in (1000, 1001, 1003, 2048, 4093):
+            mp.setattr(table_mod, "CSV_BLOCK_BYTES", block)
+            _same(ref, _load(path))
+    finally:
+        mp.undo()
+    _same(ref, _load(_write_csv(frame.assign(rid=[f"r{i}" for i in range(len(frame))]), tmp_path / "plain.csv")))
