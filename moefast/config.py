@@ -7,6 +7,7 @@ import math
 from dataclasses import dataclass, replace
 
 __all__ = [
+    "SYNTHETIC_OPTIONS",
     "BatchMode",
     "DataConfig",
     "EmbeddingOptimizer",
@@ -389,11 +390,11 @@ class TrainConfig:
 class DataConfig:
     """Which dataset a run loads (``moefast.data.load``'s name and options).
 
-    ``None`` leaves an option to the source's default. ``preset``, ``rows``, ``num_domains``,
-    ``num_users``, ``num_items``, ``diversity``, ``imbalance`` and ``data_seed`` apply to
-    ``synthetic``; ``domain`` and
-    ``data_dir`` to the real sources; ``data`` (a file or folder), ``schema`` (a TOML file) and
-    ``vocab_from`` (a run directory) to ``table``.
+    ``None`` leaves an option to the source's default. The keys of :data:`SYNTHETIC_OPTIONS`
+    (``preset``, ``rows``, ``num_domains``, ``num_users``, ``num_items``, ``diversity``,
+    ``imbalance``, ``data_seed``, ``numeric_fields``, ``numeric_scale``) apply to
+    ``synthetic``; ``domain`` and ``data_dir`` to the real sources; ``data`` (a file or folder),
+    ``schema`` (a TOML file) and ``vocab_from`` (a run directory) to ``table``.
     """
 
     dataset: str = "synthetic"
@@ -410,6 +411,16 @@ class DataConfig:
     data: str | None = None
     schema: str | None = None
     vocab_from: str | None = None
+    numeric_fields: int | None = None
+    numeric_scale: float | None = None
+
+
+# DataConfig's synthetic options and the synthetic source's keyword for each.
+SYNTHETIC_OPTIONS = {
+    "preset": "preset", "rows": "rows", "num_domains": "num_domains", "num_users": "num_users",
+    "num_items": "num_items", "diversity": "diversity", "imbalance": "imbalance", "data_seed": "seed",
+    "numeric_fields": "numeric_fields", "numeric_scale": "numeric_scale",
+}
 
 
 def default_tower(train: TrainConfig) -> TowerConfig:

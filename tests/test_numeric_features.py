@@ -4,6 +4,9 @@ first-order part), backend parity with them, and a trained model that really use
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -78,3 +81,18 @@ def test_a_trained_model_uses_its_numeric_inputs() -> None:
     without = evaluate_scores(predict(model, test), test.label, test.domain, ds.domain_names).wauc
     # The generator's numeric effect (std 2 on the logit) is the largest single signal.
     assert wauc - without > 0.05, (wauc, without)
+
+
+def test_the_command_line_draws_synthetic_numeric_fields(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``--numeric-fields`` / ``--numeric-scale`` reach the synthetic generator (recorded in the
+    run's config.toml and dataset record), and are refused for a dataset they do not apply to."""
+    from moefast import cli
+
+    out = tmp_path / "run"
+    flags = ["--rows", "1200", "--num-domains", "2", "--method", "base", "--max-epochs", "1", "--quiet"]
+    assert cli.main(["train", *flags, "--numeric-fields", "2", "--numeric-scale", "0.5", "--out", str(out)]) == 0
+    assert "numeric_fields = 2" in (out / "config.toml").read_text()
+    assert json.loads((out / "dataset.json").read_text())["numeric"] == [{"name": "x1"}, {"name": "x2"}]
+    capsys.readouterr()
+    assert cli.main(["train", "--dataset", "movielens", "--data-dir", str(tmp_path), "--numeric-fields", "2"]) == 2
+    assert "--numeric-fields applies to the synthetic dataset only" in capsys.readouterr().err

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from moefast.config import (
+    SYNTHETIC_OPTIONS,
     BatchMode,
     DataConfig,
     EmbeddingOptimizer,
@@ -108,6 +109,8 @@ DATA_OPTIONS: list[Option] = [
     ("diversity", float, "synthetic: how far each domain's click function departs from the shared one"),
     ("imbalance", float, "synthetic: domain-size imbalance"),
     ("data-seed", int, "synthetic: generator seed"),
+    ("numeric-fields", int, "synthetic: numeric (dense) fields x1..xN with a linear effect on the click (default 0)"),
+    ("numeric-scale", float, "synthetic: standard deviation of the numeric fields' total effect on the logit (default 1)"),
 ]
 RUN_OPTIONS: list[Option] = [
     ("model", str, "backbone (default deepfm)"),
@@ -264,8 +267,7 @@ def load_dataset(data: DataConfig, *, progress: bool | None = None) -> Any:
             if getattr(data, key) is not None:
                 raise UserError(f"--{key.replace('_', '-')} applies to --dataset table only")
     if data.dataset == "table":
-        for key in ("preset", "rows", "num_domains", "num_users", "num_items", "diversity", "imbalance",
-                    "data_seed", "domain", "data_dir"):
+        for key in (*SYNTHETIC_OPTIONS, "domain", "data_dir"):
             if getattr(data, key) is not None:
                 raise UserError(f"--{key.replace('_', '-')} does not apply to --dataset table "
                                 "(the schema names the columns)")
@@ -278,9 +280,7 @@ def load_dataset(data: DataConfig, *, progress: bool | None = None) -> Any:
             raise UserError(str(exc)) from None
     if data.dataset == "synthetic":
         options["preset"] = DEFAULT_PRESET
-        for key, dest in (("preset", "preset"), ("rows", "rows"), ("num_domains", "num_domains"),
-                          ("num_users", "num_users"), ("num_items", "num_items"),
-                          ("diversity", "diversity"), ("imbalance", "imbalance"), ("data_seed", "seed")):
+        for key, dest in SYNTHETIC_OPTIONS.items():
             value = getattr(data, key)
             if value is not None:
                 options[dest] = value
@@ -288,8 +288,7 @@ def load_dataset(data: DataConfig, *, progress: bool | None = None) -> Any:
             if getattr(data, key) is not None:
                 raise UserError(f"--{key.replace('_', '-')} does not apply to the synthetic dataset")
     else:
-        for key in ("preset", "rows", "num_domains", "num_users", "num_items", "diversity", "imbalance",
-                    "data_seed"):
+        for key in SYNTHETIC_OPTIONS:
             if getattr(data, key) is not None:
                 raise UserError(f"--{key.replace('_', '-')} applies to the synthetic dataset only")
         if data.data_dir is None:

@@ -30,7 +30,14 @@ from typing import Any
 
 import torch
 
-from moefast.config import DataConfig, TowerConfig, TowerKind, TrainConfig, default_tower
+from moefast.config import (
+    SYNTHETIC_OPTIONS,
+    DataConfig,
+    TowerConfig,
+    TowerKind,
+    TrainConfig,
+    default_tower,
+)
 from moefast.data.dataset import MultiDomainDataset
 from moefast.train.atomic import atomic_write
 from moefast.train.resume import SNAPSHOT, Preempted
@@ -125,10 +132,8 @@ def load_data(data: DataConfig) -> MultiDomainDataset:
     not apply to the dataset, naming it)."""
     from moefast import data as data_module
 
-    synthetic_only = {"preset": "preset", "rows": "rows", "num_domains": "num_domains",
-                      "diversity": "diversity", "imbalance": "imbalance", "data_seed": "seed"}
     options: dict[str, Any] = {}
-    for key, dest in synthetic_only.items():
+    for key, dest in SYNTHETIC_OPTIONS.items():
         value = getattr(data, key)
         if value is None:
             continue
