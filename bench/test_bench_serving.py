@@ -149,7 +149,7 @@ def test_ratio_to_base(benchmark: Any, batch: int, threads: int) -> None:
                 times[name].append(time.perf_counter() - start)
 
     benchmark.group = f"interleaved-batch{batch}-threads{threads}"
-    rounds = {1: 400, 64: 200, 4096: 40}[batch]
+    rounds = {1: 400, 64: 200, 4096: 200}[batch]
     benchmark.pedantic(run, rounds=rounds, iterations=1, warmup_rounds=WARMUP)
     medians = {name: statistics.median(t[WARMUP:]) for name, t in times.items()}
     # The fastest round: the cost without the waits a shared machine adds (timeit's rule).
