@@ -450,6 +450,20 @@ def test_a_crafted_snapshot_that_passes_the_format_checks_is_refused_before_the_
         r"its optimizer state is for other parameter groups": {**good["stage"], "optimizer": {**adam, "param_groups": []}},
         rf"optimizer state 'exp_avg' of parameter {index} has shape": {**good["stage"], "optimizer": {
             **adam, "state": {**adam["state"], index: {**adam["state"][index], "exp_avg": torch.zeros(3)}}}},
+        # Found by review: these crashed the process (a segfault, an abort) or raised a TypeError.
+        r"its optimizer state is for other parameter groups$": {**good["stage"], "optimizer": {
+            **adam, "param_groups": [{**g, "params": g["params"][::-1]} for g in adam["param_groups"]]}},
+        rf"optimizer state 'exp_avg' of parameter {index} has shape \(\)": {**good["stage"], "optimizer": {
+            **adam, "state": {**adam["state"], index: {**adam["state"][index], "exp_avg": torch.tensor(0.0)}}}},
+        rf"the optimizer state of parameter {index} holds \['exp_avg_sq', 'step'\]": {**good["stage"], "optimizer": {
+            **adam, "state": {**adam["state"], index: {k: v for k, v in adam["state"][index].items() if k != "exp_avg"}}}},
+        r"its optimizer state is for other parameter groups(?#: no lr)": {**good["stage"], "optimizer": {
+            **adam, "param_groups": [{k: v for k, v in g.items() if k != "lr"} for g in adam["param_groups"]]}},
+        r"the early-stopping state .* is not a score and a count": {**good["stage"], "stopper": {"best": 0.5, "stale": [1]}},
+        r"'history' holds something other than numbers": {**good["stage"], "history": ["a"]},
+        r"'batches' is -3, below 0": {**good["stage"], "batches": -3},
+        r"a mid-epoch state without its epoch's generator state \(a uint8": {
+            **good["stage"], "batches": 2, "epoch_generator": torch.zeros(3)},
     }
     ds = tiny.dataset()
     # What the model holds before the stage's state is loaded: the finished stage's checkpoint.

@@ -62,19 +62,35 @@ def launch(config: RunConfig, config_text: str, quiet: bool, nproc: int, *, resu
         try:
             torchrun(torchrun_argv(nproc, config_file, out, overwrite=config.overwrite, quiet=quiet, resume=resume))
         except ChildFailedError as exc:
-            if all(f.exitcode == PREEMPTED_STATUS for f in exc.failures.values()):
+            codes = {f.exitcode for f in exc.failures.values()}
+            # A preempted rank exits 143; torchrun then sends SIGTERM to the ranks still running
+            # (-15 if one was already past its own handler).
+            if PREEMPTED_STATUS in codes and codes <= {PREEMPTED_STATUS, -signal.SIGTERM}:
                 return _preempted(out, nproc, "a rank was sent SIGTERM")
             rank, failure = exc.get_first_failure()
             raise UserError(f"rank {rank} of {nproc} exited with status {failure.exitcode} "
                             "(its message is above); every rank was stopped") from None
         except SignalException as exc:
+            if exc.sigval != signal.SIGTERM:
+                # SIGINT (Ctrl-C): the ranks were interrupted where they were, not at a step
+                # boundary; what the last snapshot holds is what --resume continues.
+                saved = "the ranks stopped where they were; the run's last snapshot is what resumes"
+                print(f"moefast: interrupted; {_continue(out, nproc, saved)}", file=sys.stderr)
+                return 130
             # torchrun passed the signal on to every rank and waited for them: each stopped at
             # the same step boundary, rank 0 saving the run there.
-            return _preempted(out, nproc, f"this command was sent {signal.Signals(exc.sigval).name}")
+            return _preempted(out, nproc, "this command was sent SIGTERM")
     return 0
 
 
+def _continue(out: Path, nproc: int, saved: str) -> str:
+    """How to continue the run ``out`` (``saved``: what was kept), or that it saved nothing."""
+    if (out / "config.toml").is_file():  # written before training starts; --resume takes it
+        return f"{saved}; continue it with `moefast train --resume {out} --nproc {nproc}`"
+    return f"nothing was saved in {str(out)!r} yet (stopped before training began); start it again"
+
+
 def _preempted(out: Path, nproc: int, why: str) -> int:
-    print(f"moefast: stopped: {why}; the ranks stopped together and rank 0 saved the run in {str(out)!r}; "
-          f"continue it with `moefast train --resume {out} --nproc {nproc}`", file=sys.stderr)
+    saved = "the ranks stopped at the same step boundary and rank 0 saved the run there"
+    print(f"moefast: stopped: {why}; {_continue(out, nproc, saved)}", file=sys.stderr)
     return PREEMPTED_STATUS

@@ -14,6 +14,7 @@ import dataclasses
 import datetime
 import enum
 import math
+import signal
 import sys
 from collections.abc import Mapping
 from pathlib import Path
@@ -236,6 +237,7 @@ def _train(config: RunConfig, quiet: bool, *, resume: bool = False) -> int:
 
     from moefast import models
     from moefast.ops._backend import parse_backend
+    from moefast.train.resume import Preempted
     from moefast.train.rundir import RunDirectoryError, claim_run_dir
 
     if config.backend is not None:
@@ -277,6 +279,14 @@ def _train(config: RunConfig, quiet: bool, *, resume: bool = False) -> int:
                 status = _train_into(config, quiet, out, resume=resume)
         finished = True
         return status
+    except Preempted:
+        if parallel is not None:
+            # Every rank stopped at the same step boundary. Once one rank exits, torchrun sends
+            # SIGTERM to the others: ignored from here, so that no rank dies while rank 0
+            # writes the snapshot or in the barrier below.
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            finished = True
+        raise
     finally:
         if parallel is not None:
             distributed.leave(finished)

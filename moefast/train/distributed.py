@@ -68,6 +68,8 @@ __all__ = [
 # Seconds a collective may wait for the other ranks before it fails (a rank that hangs or died
 # outside a collective). MOEFAST_COLLECTIVE_TIMEOUT overrides it.
 DEFAULT_COLLECTIVE_TIMEOUT_S = 300.0
+# How long the ranks wait for each other when they leave the job (rank 0 may still be writing).
+LEAVE_TIMEOUT = datetime.timedelta(hours=6)
 
 
 _DDP_ARGS = inspect.signature(torch.nn.parallel.DistributedDataParallel.__init__).parameters
@@ -428,15 +430,21 @@ class DataParallel:
 
 
 def leave(finished: bool) -> None:
-    """Leave the job this process joined (:func:`init_from_env`): after a finished run, wait
-    for every rank (rank 0 writes the run's outputs last), then destroy the process group. A
+    """Leave the job this process joined (:func:`init_from_env`): after a finished or
+    preempted run (every rank stops at the same boundary), wait for every rank (rank 0 writes the
+    run's outputs or its snapshot last), then destroy the process group. A
     gloo group left to the interpreter's exit can abort the process ("terminate called without
     an active exception") while its threads are torn down."""
     if not dist.is_available() or not dist.is_initialized():
         return
     try:
         if finished:
-            dist.barrier()
+            if dist.get_backend() == "gloo":
+                # Not the collective timeout: the other ranks wait here while rank 0 writes the
+                # run's outputs, which may take longer (a large snapshot or checkpoint).
+                dist.monitored_barrier(timeout=LEAVE_TIMEOUT)
+            else:
+                dist.barrier()
     finally:
         dist.destroy_process_group()
 

@@ -820,10 +820,7 @@ def _check_stage_state(
         value = state.get(key)
         if not isinstance(value, kind) or isinstance(value, bool):
             raise refuse(f"{key!r} is {type(value).__name__}, not {kind.__name__}")
-    if state["batches"] and not isinstance(state.get("epoch_generator"), torch.Tensor):
-        raise refuse("a mid-epoch state without its epoch's generator state")
-    if not {"best", "stale"} <= set(state["stopper"]):
-        raise refuse("the early-stopping state lacks 'best' or 'stale'")
+    _check_numbers(state, refuse)
     expected = model.state_dict()
     saved = state["model"]
     if set(saved) != set(expected):
@@ -837,20 +834,69 @@ def _check_stage_state(
     if best is not None and (not isinstance(best, list) or len(best) != len(params) or any(
             not isinstance(t, torch.Tensor) or t.shape != p.shape for t, p in zip(best, params, strict=False))):
         raise refuse("its best weights do not match the stage's trainable parameters")
-    groups, mine = state["optimizer"].get("param_groups"), optimizer.state_dict()["param_groups"]
-    if not isinstance(groups, list) or [len(g.get("params", ())) for g in groups if isinstance(g, dict)] != [
-            len(g["params"]) for g in mine]:
+    _check_adam_state(state["optimizer"], optimizer, refuse)
+
+
+def _check_numbers(state: Mapping[str, Any], refuse: Callable[[str], ValueError]) -> None:
+    """The counters and histories of a snapshot's in-stage state: whole numbers in range, real
+    numbers where they are read as such, and a generator state of torch's size."""
+    for key in ("epochs", "batches", "samples"):
+        if state[key] < 0:
+            raise refuse(f"{key!r} is {state[key]}, below 0")
+    stopper = state["stopper"]
+    if not {"best", "stale"} <= set(stopper):
+        raise refuse("the early-stopping state lacks 'best' or 'stale'")
+    if not isinstance(stopper["best"], (int, float)) or isinstance(stopper["best"], bool) \
+            or not isinstance(stopper["stale"], int) or isinstance(stopper["stale"], bool) or stopper["stale"] < 0:
+        raise refuse(f"the early-stopping state {stopper!r} is not a score and a count")
+    for key in ("history", "losses"):
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in state[key]):
+            raise refuse(f"{key!r} holds something other than numbers")
+    if state["batches"]:
+        generator = state.get("epoch_generator")
+        size = torch.Generator().get_state().shape
+        if not isinstance(generator, torch.Tensor) or generator.dtype != torch.uint8 or generator.shape != size:
+            raise refuse("a mid-epoch state without its epoch's generator state (a uint8 tensor "
+                         f"of shape {tuple(size)})")
+
+
+def _check_adam_state(saved: Mapping[str, Any], optimizer: torch.optim.Optimizer,
+                      refuse: Callable[[str], ValueError]) -> None:
+    """A saved ``torch.optim.Adam`` state for exactly this optimizer's groups: the same
+    parameter numbering and group options, and each parameter's ``step``, ``exp_avg`` and
+    ``exp_avg_sq`` (``max_exp_avg_sq`` under amsgrad), the moments of the parameter's shape."""
+    mine = optimizer.state_dict()["param_groups"]
+    groups = saved.get("param_groups")
+    if not isinstance(groups, list) or len(groups) != len(mine) or any(
+            not isinstance(g, dict) or set(g) != set(m) or g.get("params") != m["params"]
+            for g, m in zip(groups, mine, strict=False)):
         raise refuse("its optimizer state is for other parameter groups")
-    shapes = [p.shape for group in optimizer.param_groups for p in group["params"]]
-    entries = state["optimizer"].get("state")
+    for g, m in zip(groups, mine, strict=True):
+        for key, value in g.items():
+            if key != "params" and type(value) is not type(m[key]) and not (
+                    isinstance(value, (int, float)) and isinstance(m[key], (int, float))):
+                raise refuse(f"optimizer option {key!r} is {value!r}, not like {m[key]!r}")
+    shapes = {i: p.shape for i, p in zip((i for m in mine for i in m["params"]),
+                                         (p for group in optimizer.param_groups for p in group["params"]),
+                                         strict=True)}
+    entries = saved.get("state")
     if not isinstance(entries, dict):
         raise refuse("its optimizer state has no per-parameter state")
+    moments = ("exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if mine and mine[0].get("amsgrad") else ())
     for index, entry in entries.items():
-        if not isinstance(index, int) or not 0 <= index < len(shapes) or not isinstance(entry, dict):
+        if not isinstance(index, int) or index not in shapes or not isinstance(entry, dict):
             raise refuse(f"its optimizer state names parameter {index!r}, which this stage does not train")
-        for key, value in entry.items():
-            if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape != shapes[index]:
-                raise refuse(f"optimizer state {key!r} of parameter {index} has shape {tuple(value.shape)}, "
+        if set(entry) != {"step", *moments}:
+            raise refuse(f"the optimizer state of parameter {index} holds {sorted(entry)}, not "
+                         f"{sorted({'step', *moments})}")
+        step = entry["step"]
+        if not (isinstance(step, torch.Tensor) and step.numel() == 1 and step.is_floating_point()) or float(step) < 0:
+            raise refuse(f"the optimizer step of parameter {index} is not a count")
+        for key in moments:
+            value = entry[key]
+            if not isinstance(value, torch.Tensor) or value.shape != shapes[index] or not value.is_floating_point():
+                got = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+                raise refuse(f"optimizer state {key!r} of parameter {index} has shape {got}, "
                              f"the parameter {tuple(shapes[index])}")
 
 
