@@ -73,6 +73,11 @@ def test_unknown_preset_and_options_are_named() -> None:
         moefast.data.load("synthetic", num_domains=0)
     with pytest.raises(ValueError, match="'criteo'"):
         moefast.data.load("criteo")
+    # NaN passes a "< 0" check, inf makes every logit infinite: both silently broke the labels.
+    for knob in ("numeric_scale", "imbalance", "bias_scale", "diversity"):
+        for bad in (float("nan"), float("inf"), True):
+            with pytest.raises(ValueError, match=knob):
+                moefast.data.load("synthetic", rows=100, numeric_fields=2, **{knob: bad})
 
 
 @pytest.mark.parametrize("imbalance", [0.0, 1.5])

@@ -568,3 +568,33 @@ def test_a_quoted_field_may_hold_a_line_break_wherever_a_block_ends(tmp_path: Pa
     finally:
         mp.undo()
     _same(ref, _load(_write_csv(frame.assign(rid=[f"r{i}" for i in range(len(frame))]), tmp_path / "plain.csv")))
+
+
+def test_hive_folders_links_repeated_keys_and_empty_values(tmp_path: Path) -> None:
+    """A link to a folder (it could loop back up and read the files again and again) and a key
+    named twice on one path are refused; ``key=`` is a missing value like an empty CSV field; the
+    dataset is named after the folder, not its first partition."""
+    frame = _frame()
+    root = tmp_path / "log"
+    for site, rows in frame.groupby("site").groups.items():
+        folder = root / f"site={site}"
+        folder.mkdir(parents=True)
+        _write_csv(frame.loc[rows].drop(columns=["site"]), folder / "part-0.csv")
+    assert _load(root).name == "table-log"
+    (root / "site=a" / "site=b").symlink_to(root)
+    with pytest.raises(ValueError, match=r"'site=a/site=b' is a link to a folder"):
+        _load(root)
+    (root / "site=a" / "site=b").unlink()
+    (root / "site=a" / "site=c").mkdir()
+    _write_csv(frame.head(3).drop(columns=["site"]), root / "site=a" / "site=c" / "part-0.csv")
+    with pytest.raises(ValueError, match=r"names the partition key 'site' twice"):
+        _load(root)
+    empty = tmp_path / "empty"
+    for city, rows in frame.groupby("city").groups.items():
+        folder = empty / f"city={'' if city == 'kyiv' else city}"
+        folder.mkdir(parents=True)
+        _write_csv(frame.loc[rows].drop(columns=["city"]), folder / "part-0.csv")
+    flat = frame.copy()
+    flat.loc[flat["city"] == "kyiv", "city"] = ""
+    order = [i for _, rows in sorted(flat.groupby("city").groups.items()) for i in rows]
+    _same(_load(_write_csv(flat.loc[order], tmp_path / "flat.csv")), _load(empty))

@@ -94,7 +94,9 @@ def test_merged_equals_the_model(dataset: MultiDomainDataset, name: str, kind: s
 def test_the_cpp_op_is_the_loop(dataset: MultiDomainDataset) -> None:
     """``torch.ops.moefast.merged_tower`` (what runs on CPU when built) equals the torch loop it
     implements (what the program exports): mixed rows, a domain with none, one row, no rows; and
-    it is bitwise the same at 1, 2 and 3 threads (its work units depend on the data alone)."""
+    with units of hundreds of rows it is bitwise the same at 1, 2 and 3 threads (its work units
+    depend on the data alone; MKL may round a product of a few rows differently at another
+    thread setting, so small batches are only within the tolerance)."""
     from moefast.export._merge import _merged_tower_op
 
     if _merged_tower_op() is None:

@@ -290,8 +290,10 @@ constexpr int64_t kMergedChunk = 1024;
 // that domain's [in, out] matrices, logits back in row order.
 //
 // Work units: each domain's rows cut into ceil(rows / kMergedChunk) pieces of equal size (543 rows
-// -> 3 x 181, never 256 + 256 + 31). The units depend on the data alone, and each runs the same
-// products whichever thread takes it, so the result is bitwise the same at any thread count. One
+// -> 3 x 181, never 256 + 256 + 31). The units depend on the data alone, not on the thread count.
+// (That alone does not make the result bitwise the same at any thread count: a product of a few
+// rows can round differently when MKL runs it at another thread setting; units of hundreds of
+// rows were equal at 1, 2 and 3 threads in tests/test_export.py, units of 5 rows were not.) One
 // at::parallel_for over the threads, each taking a contiguous run of units holding about 1/T of
 // the rows (domains differ in size: splitting the list of units evenly by count left one thread
 // with the large domains); the products inside run on the calling thread (ATen does not nest

@@ -146,15 +146,17 @@ class SyntheticConfig:
                 raise ValueError(f"synthetic knob {knob} must be a positive int, got {value!r}")
         for knob in ("context_fields", "multi_fields", "numeric_fields"):
             value = getattr(self, knob)
-            if not isinstance(value, int) or value < 0:
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ValueError(f"synthetic knob {knob} must be a non-negative int, got {value!r}")
-        if not 0.0 <= self.diversity <= 1.0:
+        if isinstance(self.diversity, bool) or not isinstance(self.diversity, int | float) \
+                or not 0.0 <= self.diversity <= 1.0:
             raise ValueError(f"synthetic knob diversity must be in [0, 1], got {self.diversity!r}")
         for knob in ("imbalance", "popularity", "interaction_scale", "bias_scale",
                      "domain_bias_scale", "context_scale", "numeric_scale"):
             value = getattr(self, knob)
-            if not isinstance(value, int | float) or value < 0:
-                raise ValueError(f"synthetic knob {knob} must be a non-negative number, got {value!r}")
+            # NaN passes "value < 0"; inf would make every logit infinite.
+            if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < math.inf:
+                raise ValueError(f"synthetic knob {knob} must be a finite non-negative number, got {value!r}")
         if self.pretrained_noise is not None and (
             isinstance(self.pretrained_noise, bool) or not isinstance(self.pretrained_noise, int | float)
             or not 0 <= self.pretrained_noise < math.inf

@@ -125,10 +125,17 @@ def _collect(root: Path, folder: Path, files: list[Path]) -> None:
         if entry.name.startswith((".", "_")) or entry.name.endswith(".crc"):
             continue  # hidden files, _SUCCESS, _temporary/, Spark's checksums
         if entry.is_dir():
+            where = str(entry.relative_to(root))
+            if entry.is_symlink():  # could loop back up the tree, or read a folder twice
+                raise ValueError(f"table data folder {str(root)!r}: {where!r} is a link to a folder; "
+                                 "partition folders must be real folders")
             key, eq, _ = entry.name.partition("=")
             if not eq or not key:
-                raise ValueError(f"table data folder {str(root)!r} holds the folder {str(entry.relative_to(root))!r}, "
+                raise ValueError(f"table data folder {str(root)!r} holds the folder {where!r}, "
                                  "which is neither a part file nor a Hive partition (key=value); move it out")
+            above = [part.partition("=")[0] for part in entry.relative_to(root).parent.parts]
+            if key in above:
+                raise ValueError(f"table data folder {str(root)!r}: {where!r} names the partition key {key!r} twice")
             _collect(root, entry, files)
         elif entry.is_file():
             files.append(entry)
@@ -140,7 +147,7 @@ HIVE_NULL = "__HIVE_DEFAULT_PARTITION__"
 def partition_values(root: Path, file: Path) -> dict[str, str | None]:
     """The Hive partition values of ``file`` under the folder ``root``: ``{key: value}`` from
     each ``key=value`` folder on its path (percent-escapes decoded; ``__HIVE_DEFAULT_PARTITION__``
-    is a missing value)."""
+    and an empty value are missing)."""
     from urllib.parse import unquote
 
     values: dict[str, str | None] = {}
@@ -148,7 +155,8 @@ def partition_values(root: Path, file: Path) -> dict[str, str | None]:
         return values
     for part in file.parent.relative_to(root).parts:
         key, _, value = part.partition("=")
-        values[unquote(key)] = None if value == HIVE_NULL else unquote(value)
+        # An empty value (what pyarrow writes for "") is missing, like an empty CSV field.
+        values[unquote(key)] = None if value in (HIVE_NULL, "") else unquote(value)
     return values
 
 
@@ -657,7 +665,7 @@ def _build(sch: TableSchema, files: list[Path], kind: str, saved: dict[str, Any]
     if sch.key is not None:
         key_all = pa.concat_arrays(keys) if keys else pa.array([], pa.string())
         info["keys"] = key_all.filter(pa.array(part == 2)).to_pylist()
-    name = "table-" + (files[0].name.split(".")[0] if len(files) == 1 else files[0].parent.name)
+    name = "table-" + (root.name if root is not None else files[0].name.split(".")[0])
     return MultiDomainDataset(
         name=name,
         features=tuple(specs),
