@@ -664,10 +664,19 @@ def write_report(config: ClaimsConfig) -> dict[str, Path]:
     out.mkdir(parents=True, exist_ok=True)
     frame = _relevant(_read_csv(config.csv_path), config)
     paths = {"claims-runs.csv": config.csv_path, "claims.md": out / "claims.md", "claims.png": out / "claims.png"}
-    # Progress of the whole grid, whichever sections this process ran: the report covers them all.
-    planned = plan_runs(replace(config, sections=SECTIONS))
+    # Progress of the whole grid, whichever sections this process ran: the report covers them
+    # all, but those whose data this configuration lacks (a real section without its folder).
+    planned = plan_runs(config)
+    plannable = list(config.sections)
+    for name in SECTIONS:
+        if name not in config.sections:
+            try:
+                planned += plan_runs(replace(config, sections=(name,)))
+                plannable.append(name)
+            except ValueError:
+                continue
     done = {tuple(r) for r in frame[list(KEY_COLUMNS)].itertuples(index=False)} if len(frame) else set()
-    per_section = {name: [0, 0] for name in SECTIONS}
+    per_section = {name: [0, 0] for name in SECTIONS if name in plannable}
     for run in planned:
         per_section[run.section][1] += 1
         per_section[run.section][0] += run.key(config.rows_of(run.setting), config.model) in done
