@@ -277,12 +277,11 @@ Tensor tower(const Tensor& x, const std::optional<Tensor>& gate, const std::opti
 }
 
 // Rows of one work unit of merged_tower at most. The products of a unit are small GEMMs whose
-// efficiency grows with their rows: on the serving benchmark's tower (24 -> 256 -> 128 -> 64, 20
-// domains, 4096 rows, fastest of 300 calls) the whole merged model cost 1.10x / 1.28x the base
-// model at 1 / 2 threads with units of at most 1024 rows, 1.10x / 1.35x with 256, and the tower
-// alone 1.7x at 1 thread with 128. The threads share the rows through the partition below, not
-// through more, smaller units. (Two threads each running small GEMMs side by side on this 2-core
-// machine run 1.05x to 1.27x slower per thread than one alone, which bounds the 2-thread ratio.)
+// efficiency grows with their rows (the tower alone at 1 thread: 1.7x the base tower with units
+// of 128 rows); units of 256 and 1024 rows measured alike on the serving benchmark once the
+// units really ran in parallel (this module built with -fopenmp, see CMakeLists.txt), and the
+// larger gives the threads fewer, larger products. The threads share the rows through the
+// partition below, not through more, smaller units.
 constexpr int64_t kMergedChunk = 1024;
 
 // The merged tower's forward (moefast/export/_merge.py, MergedTower, whose Python loop is the
@@ -290,10 +289,8 @@ constexpr int64_t kMergedChunk = 1024;
 // that domain's [in, out] matrices, logits back in row order.
 //
 // Work units: each domain's rows cut into ceil(rows / kMergedChunk) pieces of equal size (543 rows
-// -> 3 x 181, never 256 + 256 + 31). The units depend on the data alone, not on the thread count.
-// (That alone does not make the result bitwise the same at any thread count: a product of a few
-// rows can round differently when MKL runs it at another thread setting; units of hundreds of
-// rows were equal at 1, 2 and 3 threads in tests/test_export.py, units of 5 rows were not.) One
+// -> 3 x 181, never 256 + 256 + 31). The units depend on the data alone, not on the thread count,
+// and every product runs on one thread (see `parts` below): bitwise the same at any thread count. One
 // at::parallel_for over the threads, each taking a contiguous run of units holding about 1/T of
 // the rows (domains differ in size: splitting the list of units evenly by count left one thread
 // with the large domains); the products inside run on the calling thread (ATen does not nest
@@ -337,7 +334,11 @@ Tensor merged_tower(const Tensor& x, const Tensor& domain, at::TensorList weight
     start += count[d];
   }
   const int64_t num_units = static_cast<int64_t>(units.size());
-  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), num_units));
+  // One part per thread, even when there are fewer units (some parts are then empty): with more
+  // than one thread the products always run inside the parallel region, where MKL runs them on
+  // one thread, as it does at 1 thread. A product run outside it would be threaded by MKL and
+  // could round differently; this way the result is bitwise the same at any thread count.
+  const int64_t parts = std::max<int64_t>(1, at::get_num_threads());
   // Part p runs the units whose first row lies in [n p / parts, n (p + 1) / parts).
   std::vector<int64_t> first(parts + 1, num_units);
   for (int64_t p = parts - 1, u = num_units; p >= 0; --p) {
