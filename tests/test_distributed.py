@@ -261,3 +261,14 @@ def test_slice_batch_keeps_contiguous_rows() -> None:
     part = slice_batch(batch, 2, 5)
     assert part.features["a"].is_contiguous() and part.features["a"].tolist() == [[4, 5], [6, 7], [8, 9]]
     assert len(slice_batch(batch, 6, 6)) == 0
+
+
+def test_torchrun_without_out_is_refused(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """Under torchrun every rank and every restart must name the same run directory: without
+    --out each would pick its own timestamped one (found by review), so it is refused."""
+    from moefast import cli
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    assert cli.main(["train", "--rows", "500", "--quiet"]) == 2
+    assert "under torchrun, give --out DIR" in capsys.readouterr().err

@@ -253,8 +253,14 @@ def _train(config: RunConfig, quiet: bool, *, resume: bool = False) -> int:
         raise UserError(f"--device {config.train.device!r}: no CUDA device is available here")
     if config.model.lower() not in models.MODELS:
         raise UserError(f"unknown model {config.model!r}; choose one of {', '.join(sorted(models.MODELS))}")
-    out = Path(config.out or Path("runs") / datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))
     from moefast.train import distributed
+
+    if config.out is None and distributed.launched():
+        # Each rank (and each torchrun restart) would name its own timestamped directory: the
+        # ranks would read different snapshots, and a restart would not find the run it continues.
+        raise UserError("under torchrun, give --out DIR: every rank and every restart must use the same "
+                        "run directory (moefast train --nproc N picks one for you)")
+    out = Path(config.out or Path("runs") / datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))
 
     # Under torchrun: join the job; rank 0 alone claims and writes the run directory.
     parallel = distributed.init_from_env(config.train.device)

@@ -58,6 +58,7 @@ __all__ = [
     "current",
     "end_stage",
     "init_from_env",
+    "launched",
     "leave",
     "restarted",
     "shard_bounds",
@@ -492,6 +493,12 @@ def init_from_env(device: str = "cpu") -> DataParallel | None:
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ["WORLD_SIZE"]))
         torch.set_num_threads(threads_per_rank(local_world))
     return current(device)
+
+
+def launched() -> bool:
+    """Whether this process is a rank of a job torchrun (or another launcher) described in the
+    environment (``WORLD_SIZE`` set)."""
+    return "WORLD_SIZE" in os.environ and "RANK" in os.environ
 
 
 def restarted() -> bool:
