@@ -171,6 +171,15 @@ def _csv_delimiter(path: Path) -> str:
     return "\t" if ".tsv" in path.name.lower() else ","
 
 
+def _csv_parse_options(path: Path) -> Any:
+    """pyarrow's CSV parse options for ``path`` (its delimiter). A quoted field may hold a line
+    break: without ``newlines_in_values`` the parse failed or not depending on where a block
+    ended. It cost nothing measurable (26 columns, 1M rows: 1.96-2.01 s either way)."""
+    import pyarrow.csv as pacsv
+
+    return pacsv.ParseOptions(delimiter=_csv_delimiter(path), newlines_in_values=True)
+
+
 def _csv_header(path: Path) -> list[str]:
     with pa.input_stream(str(path), compression="detect") as stream:
         line = io.TextIOWrapper(stream, encoding="utf-8-sig", newline="").readline()
@@ -218,13 +227,7 @@ def _chunks(files: list[Path], kind: str, columns: list[str], optional: set[str]
                 reader = pacsv.open_csv(
                     str(path),
                     read_options=pacsv.ReadOptions(block_size=CSV_BLOCK_BYTES),
-                    # A quoted field may hold a line break: without this option the parse
-                    # fails (or not) depending on where a 16 MiB block ends. It cost nothing
-                    # measurable (26 columns, 1M rows: 1.96-2.01 s either way).
-                    # A quoted field may hold a line break: without this option the parse
-                    # fails (or not) depending on where a 16 MiB block ends. It cost nothing
-                    # measurable (26 columns, 1M rows: 1.96-2.01 s either way).
-                    parse_options=pacsv.ParseOptions(delimiter=_csv_delimiter(path), newlines_in_values=True),
+                    parse_options=_csv_parse_options(path),
                     convert_options=pacsv.ConvertOptions(
                         include_columns=have,
                         # Coded columns come out dictionary-encoded by the reader's own threads.
@@ -860,13 +863,7 @@ def _read_pretrained(path: Path, spec: CategoricalColumn, art: Mapping[str, Any]
         tab = pq.read_table(path)
     else:
         tab = pacsv.read_csv(str(path), read_options=pacsv.ReadOptions(autogenerate_column_names=True),
-                             # A quoted field may hold a line break: without this option the parse
-                    # fails (or not) depending on where a 16 MiB block ends. It cost nothing
-                    # measurable (26 columns, 1M rows: 1.96-2.01 s either way).
-                    # A quoted field may hold a line break: without this option the parse
-                    # fails (or not) depending on where a 16 MiB block ends. It cost nothing
-                    # measurable (26 columns, 1M rows: 1.96-2.01 s either way).
-                    parse_options=pacsv.ParseOptions(delimiter=_csv_delimiter(path), newlines_in_values=True),
+                             parse_options=_csv_parse_options(path),
                              convert_options=pacsv.ConvertOptions(column_types={"f0": pa.string()}))
     if tab.num_columns < 2:
         raise TableError(path, None, None, "pretrained vectors need a value column and then the vector")

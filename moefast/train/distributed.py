@@ -472,7 +472,7 @@ def init_from_env(device: str = "cpu") -> DataParallel | None:
     if not dist.is_available():
         return None
     if not dist.is_initialized():
-        if "WORLD_SIZE" not in os.environ or "RANK" not in os.environ:
+        if not launched():
             return None
         kind = torch.device(device).type
         if kind == "cuda":
