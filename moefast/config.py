@@ -19,6 +19,7 @@ __all__ = [
     "Pooling",
     "PretrainedMode",
     "RunConfig",
+    "SeedsGate",
     "TowerConfig",
     "TowerKind",
     "TrainConfig",
@@ -118,13 +119,34 @@ class BatchMode(enum.Enum):
 class ExpertStopRule(enum.Enum):
     """What expert ``i``'s stage early-stops on.
 
-    ``OWN_DOMAIN`` (moefast's default): the validation AUC of its own domain ``i % D``.
+    ``OWN_DOMAIN``: the validation AUC of its own domain ``i % D``.
+    ``OWN_DOMAIN_LOSS``: the validation logloss of its own domain (lower is better; the stage
+    keeps the weights of its lowest loss). On a small domain (1k to 5k validation rows) the loss
+    moves smoothly where the AUC of a rank-1 expert jumps from one validation to the next.
     ``ALL_DOMAINS`` (the seeds' code): the mean validation AUC over all domains, with expert
     ``i`` applied to every domain.
     """
 
     OWN_DOMAIN = "own-domain"
+    OWN_DOMAIN_LOSS = "own-domain-loss"
     ALL_DOMAINS = "all-domains"
+
+
+class SeedsGate(enum.Enum):
+    """Under ``seeds_compat``, what the gate's weights do (docs/method.md, "The seeds' code as
+    it runs"). The seeds build the gate's ``Dense`` in ``MloraMoE.build`` and its
+    ``Embedding(D, 4)`` inside ``MloraMoE.call``; TF 1.12's Keras collects neither into the
+    model's trainable weights, but a later TF 1.x tracks a sub-layer assigned as an attribute.
+
+    ``FROZEN`` (the default; TF 1.12 as the seeds pin it, read line by line): the gate never
+    trains and stays bitwise at its Keras start. ``GATE_STAGE`` (a later TF 1.x): the gate's
+    ``Dense`` (moefast's ``gate.linear``) trains in the gate stage only, the layer-level
+    ``trainable`` flag the seeds set per stage then being honoured; the domain table still never
+    trains.
+    """
+
+    FROZEN = "frozen"
+    GATE_STAGE = "gate-stage"
 
 
 class MLoRAMode(enum.Enum):
@@ -155,14 +177,18 @@ class EmbeddingOptimizer(enum.Enum):
 class GateInit(enum.Enum):
     """How the MoE-MLoRA gate starts (the paper does not say; see docs/results/claims.md).
 
-    ``RANDOM``: torch's default initialisation of ``Embedding`` and ``Linear`` (the seeds' Keras
-    code starts its gate at random too); the gate stage begins by diluting every domain's
-    specialist with the other domains' experts. ``SPECIALIST``: each domain starts with weight
+    ``RANDOM``: torch's default initialisation of ``Embedding`` (N(0, 1)) and ``Linear``
+    (Kaiming-uniform): logits with a standard deviation of about 0.6, far from uniform, so the
+    gate stage begins by diluting every domain's specialist with other domains' experts at
+    random. This is *not* the seeds' start. ``KERAS``: the seeds' start, Keras' initialisers
+    (``Embedding`` U(-0.05, 0.05), ``Dense`` Glorot-uniform, zero bias): logits of at most
+    about 0.1, a near-uniform gate. ``SPECIALIST``: each domain starts with weight
     ``TowerConfig.gate_own_weight`` on its own expert(s), within the gate's architecture
     (:meth:`moefast.nn.tower.DomainGate.start_on_own_experts`).
     """
 
     RANDOM = "random"
+    KERAS = "keras"
     SPECIALIST = "specialist"
 
 
@@ -300,6 +326,19 @@ class TrainConfig:
     ``seeds_compat`` and ``train_backbone_in_later_stages`` too) or are fine-tuned.
     ``batch_mode`` ``None`` is the library's default protocol (:attr:`batches`).
 
+    **Budget** (docs/method.md, "Budget"): ``eval_every`` validates every that many optimizer
+    steps of a stage (``None``: after every epoch, the protocol of claims v1). ``patience``
+    counts validations without a strict improvement; ``max_steps`` and ``max_epochs`` cap a
+    stage (``None``: no cap of that kind; at least one must be set). Steps mean the same in
+    every stage, where an epoch does not: an expert's epoch (its own domain) is 4 to 16 steps,
+    a mixed-batch epoch over all domains about 118. A stage ended by a cap is recorded
+    (``stopped_by: cap`` in ``metrics.json``) and warned about: a cap that binds is a defect of
+    the budget. ``frozen_path_dropout`` keeps the tower's dropout in the stages whose shared
+    path is frozen (MoE-MLoRA's expert and gate stages, MLoRA's ``pretrain-freeze`` adapter
+    stage); off, those stages draw no mask, since dropout on a frozen path only adds noise to
+    the adapters' gradients. Stages that train the shared path always keep their dropout.
+    ``seeds_gate`` says whether the gate trains under ``seeds_compat`` (:class:`SeedsGate`).
+
     Accepted values (anything else is a ``ValueError`` here, before any data loads): ``lr`` and
     ``embedding_lr`` finite in (0, 10]; ``eps`` finite in (0, 1]; ``l2`` finite in [0, 1];
     ``betas`` two numbers in [0, 1); batch sizes, epoch caps and ``patience`` whole numbers
@@ -314,10 +353,14 @@ class TrainConfig:
     batch_size: int = 1024
     eval_batch_size: int = 32768
     l2: float = 1e-5
-    max_epochs: int = 10
+    max_epochs: int | None = 10
     expert_max_epochs: int | None = None
     gate_max_epochs: int | None = None
     patience: int = 3
+    eval_every: int | None = None
+    max_steps: int | None = None
+    frozen_path_dropout: bool = True
+    seeds_gate: SeedsGate = SeedsGate.FROZEN
     batch_mode: BatchMode | None = None
     expert_stop: ExpertStopRule = ExpertStopRule.OWN_DOMAIN
     mlora_mode: MLoRAMode = MLoRAMode.JOINT
@@ -335,12 +378,16 @@ class TrainConfig:
         _in_range("TrainConfig", "lr", self.lr, *LR_RANGE, low_open=True)
         _in_range("TrainConfig", "eps", self.eps, *EPS_RANGE, low_open=True)
         _in_range("TrainConfig", "l2", self.l2, *L2_RANGE, low_open=False)
-        for name in ("batch_size", "eval_batch_size", "max_epochs", "patience"):
+        for name in ("batch_size", "eval_batch_size", "patience"):
             _count("TrainConfig", name, getattr(self, name))
-        for name in ("expert_max_epochs", "gate_max_epochs"):
+        for name in ("max_epochs", "expert_max_epochs", "gate_max_epochs", "eval_every", "max_steps"):
             value = getattr(self, name)
             if value is not None:
                 _count("TrainConfig", name, value)
+        if self.max_epochs is None and self.max_steps is None:
+            raise ValueError("TrainConfig needs a cap on every stage: max_epochs or max_steps (or both)")
+        if not isinstance(self.frozen_path_dropout, bool):
+            raise TypeError(f"TrainConfig.frozen_path_dropout must be a bool, got {self.frozen_path_dropout!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ValueError(f"TrainConfig.seed must be a whole number, got {self.seed!r}")
         device_type = str(self.device).split(":", 1)[0]
@@ -371,6 +418,7 @@ class TrainConfig:
             ("mlora_mode", MLoRAMode),
             ("embedding_optimizer", EmbeddingOptimizer),
             ("pretrained", PretrainedMode),
+            ("seeds_gate", SeedsGate),
         ):
             if not isinstance(getattr(self, name), kind):
                 raise TypeError(f"TrainConfig.{name} must be a {kind.__name__}, got {getattr(self, name)!r}")
@@ -424,9 +472,9 @@ SYNTHETIC_OPTIONS = {
 
 
 def default_tower(train: TrainConfig) -> TowerConfig:
-    """The tower a run builds when it names none: the method's, with a random gate start under
-    ``seeds_compat`` (the seeds' code) and :class:`TowerConfig`'s default start otherwise."""
-    return TowerConfig(gate_init=GateInit.RANDOM) if train.seeds_compat else TowerConfig()
+    """The tower a run builds when it names none: the method's, with the seeds' Keras gate start
+    under ``seeds_compat`` and :class:`TowerConfig`'s default start otherwise."""
+    return TowerConfig(gate_init=GateInit.KERAS) if train.seeds_compat else TowerConfig()
 
 
 @dataclass(frozen=True)

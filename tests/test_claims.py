@@ -191,8 +191,8 @@ def test_the_gate_stage_starts_specialist_and_moves_the_gate(tmp_path: Path) -> 
     assert (own_end - own_start).abs().max() > 1e-3, (own_start, own_end)
 
 
-def test_seeds_compat_starts_the_gate_at_random() -> None:
-    assert default_tower(TrainConfig(seeds_compat=True)).gate_init is GateInit.RANDOM
+def test_seeds_compat_starts_the_gate_like_keras() -> None:
+    assert default_tower(TrainConfig(seeds_compat=True)).gate_init is GateInit.KERAS
     assert default_tower(TrainConfig()).gate_init is GateInit.SPECIALIST
 
 

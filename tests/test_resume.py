@@ -148,11 +148,14 @@ def test_killed_anywhere_and_resumed_again_and_again_ends_bitwise_the_same(
 
 
 def test_rowwise_adagrad_under_seeds_compat_resumes_mid_stage(tmp_path: Path, reference: dict[str, Path]) -> None:
-    """Row-wise Adagrad's state, the best weights carried across stages and the weights reverted
-    after an epoch without improvement (seeds_compat) all survive a kill in the backbone stage's
-    third epoch (which does not improve, so the weights go back to the snapshot's best)."""
+    """Row-wise Adagrad's state, the best weights carried across stages, the weights reverted
+    after an epoch without improvement and the Adam state carried across stages (seeds_compat)
+    all survive a kill in the backbone stage's second epoch, then one in the first expert's
+    first epoch (whose last snapshot is the backbone stage's end)."""
     run = tmp_path / "run"
-    status = _in_child(lambda: tiny.run(run, "rowwise-adagrad", seeds_compat=True), "kill:step:0:3:1")
+    status = _in_child(lambda: tiny.run(run, "rowwise-adagrad", seeds_compat=True), "kill:step:0:2:1")
+    assert _killed(status)
+    status = _in_child(lambda: tiny.run(run, "rowwise-adagrad", resume=True, seeds_compat=True), "kill:step:1:1:1")
     assert _killed(status)
     tiny.run(run, "rowwise-adagrad", resume=True, seeds_compat=True)
     assert_same_run(run, reference["rowwise-adagrad"])

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import warnings
 from collections.abc import Sequence
 from typing import Protocol
 
@@ -78,6 +79,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 0
     (command,) = (c for c in COMMANDS if c.NAME == args.command)
+    with warnings.catch_warnings():
+        warnings.showwarning = _show_warning
+        return _run(command, args)
+
+
+def _show_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                  file: object = None, line: str | None = None) -> None:
+    """moefast's own warnings as one ``moefast: warning:`` line; others as Python prints them."""
+    if category.__module__.startswith("moefast."):
+        print(f"moefast: warning: {message}", file=sys.stderr)
+    else:
+        sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
+
+
+def _run(command: Command, args: argparse.Namespace) -> int:
     try:
         return command.run(args)
     except (UserError, ValueError) as exc:

@@ -20,6 +20,7 @@ from moefast.config import (
     MLoRAMode,
     PretrainedMode,
     RunConfig,
+    SeedsGate,
     TowerKind,
     TrainConfig,
 )
@@ -47,6 +48,7 @@ _SCOPED: dict[str, tuple[object, str]] = {
     "expert_stop": (ExpertStopRule.OWN_DOMAIN, _MOE),
     "mlora_mode": (MLoRAMode.JOINT, _MLORA),
     "train_backbone_in_later_stages": (False, _LATER),
+    "frozen_path_dropout": (TrainConfig().frozen_path_dropout, _LATER),
 }
 
 
@@ -98,9 +100,12 @@ def redundant(train: TrainConfig, given: Collection[str] = ()) -> list[str]:
     if train.seeds_compat and train.train_backbone_in_later_stages:
         notes.append("--train-backbone-in-later-stages is implied by --seeds-compat (the backbone trains "
                      "in every stage)")
-    if train.seeds_compat and "expert_stop" in given and train.expert_stop is ExpertStopRule.OWN_DOMAIN:
-        notes.append("--expert-stop own-domain does nothing under --seeds-compat: its experts stop on the "
-                     "mean validation AUC over all domains, like the seeds' code")
+    if train.seeds_compat and "expert_stop" in given and train.expert_stop is not ExpertStopRule.ALL_DOMAINS:
+        notes.append(f"--expert-stop {train.expert_stop.value} does nothing under --seeds-compat: its experts stop "
+                     "on the mean validation AUC over all domains, like the seeds' code")
+    if train.seeds_compat and "frozen_path_dropout" in given:
+        notes.append("--frozen-path-dropout does nothing under --seeds-compat: every weight trains in every "
+                     "stage, so no stage has a frozen path (dropout stays on, like the seeds' code)")
     return notes
 
 
@@ -113,6 +118,8 @@ def check_options(
     """Before any data loads: :class:`UserError` naming every option that does nothing for
     ``methods`` (:func:`inapplicable`); a warning for each redundant one (:func:`redundant`)."""
     problems = inapplicable(methods, train, run_options)
+    if train.seeds_gate is not SeedsGate.FROZEN and not train.seeds_compat:
+        problems.append(f"--seeds-gate {train.seeds_gate.value} applies under --seeds-compat only")
     if problems:
         raise UserError("; ".join(problems) + ": drop it, or train the method it applies to")
     warn(redundant(train, given))

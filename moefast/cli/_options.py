@@ -23,6 +23,7 @@ from moefast.config import (
     GateInit,
     MLoRAMode,
     PretrainedMode,
+    SeedsGate,
     TowerKind,
     TrainConfig,
 )
@@ -39,6 +40,7 @@ __all__ = [
     "load_dataset",
     "parse_bool",
     "parse_choice",
+    "parse_count_or_none",
     "parse_methods",
     "read_toml",
 ]
@@ -46,7 +48,10 @@ __all__ = [
 # The synthetic preset of a run that names none: the claims' core setting (Taobao-like,
 # pretrained tables, 20 domains), where the three methods differ (docs/results/claims.md).
 DEFAULT_PRESET = "taobao"
-# Time budget of the default run (no flags) on 2 CPU cores, 200,000 rows x 20 domains.
+# The default budget (docs/method.md, "Budget"): validate every DEFAULT_EVAL_EVERY steps, stop
+# after `patience` validations without improvement, cap a stage at DEFAULT_MAX_STEPS steps.
+DEFAULT_EVAL_EVERY = TrainConfig().eval_every
+DEFAULT_MAX_STEPS = TrainConfig().max_steps
 DEFAULT_MAX_EPOCHS = TrainConfig().max_epochs
 
 
@@ -82,6 +87,24 @@ def parse_methods(text: str) -> tuple[TowerKind, ...]:
             choices = ", ".join([*(k.value for k in TowerKind), "all"])
             raise argparse.ArgumentTypeError(f"unknown method {part.strip()!r}; choose {choices}") from None
     return tuple(parsed)
+
+
+def parse_count_or_none(text: str) -> int | None:
+    """A whole number >= 1, or ``none`` (no such cap / the per-epoch rule)."""
+    if str(text).lower() == "none":
+        return None
+    try:
+        value = int(str(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number or none") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not >= 1 (or none)")
+    return value
+
+
+def parse_on_off(text: str) -> bool:
+    """``on`` / ``off`` (and the booleans' other spellings)."""
+    return parse_bool(text)
 
 
 def parse_bool(text: str) -> bool:
@@ -131,12 +154,20 @@ TRAIN_OPTIONS: list[Option] = [
     ("batch-size", int, "training batch size (default 1024)"),
     ("eval-batch-size", int, "evaluation batch size"),
     ("l2", float, "L2 weight on embeddings and linear parts (default 1e-5)"),
-    ("max-epochs", int, f"epoch cap of every stage (default {DEFAULT_MAX_EPOCHS})"),
+    ("eval-every", parse_count_or_none, f"validate every N optimizer steps of a stage, or none: after every "
+     f"epoch (default {DEFAULT_EVAL_EVERY})"),
+    ("max-steps", parse_count_or_none, f"step cap of every stage, or none (default {DEFAULT_MAX_STEPS})"),
+    ("max-epochs", parse_count_or_none, f"epoch cap of every stage, or none (default {DEFAULT_MAX_EPOCHS})"),
     ("expert-max-epochs", int, "epoch cap of each MoE-MLoRA expert stage"),
     ("gate-max-epochs", int, "epoch cap of the MoE-MLoRA gate stage"),
-    ("patience", int, "early-stopping patience in epochs (default 3)"),
+    ("patience", int, "early-stopping patience in validations without improvement (default 3)"),
+    ("frozen-path-dropout", parse_on_off, "on | off: the tower's dropout in the stages whose shared path is "
+     f"frozen (moe-mlora's expert and gate stages, mlora's pretrain-freeze adapters; default "
+     f"{'on' if TrainConfig().frozen_path_dropout else 'off'})"),
     ("batch-mode", parse_choice(BatchMode), "mixed (default) or single-domain batches (the seeds'; the default under --seeds-compat)"),
-    ("expert-stop", parse_choice(ExpertStopRule), "own-domain (default) or all-domains (the seeds')"),
+    ("expert-stop", parse_choice(ExpertStopRule), f"what an expert stage stops on: own-domain (its domain's "
+     f"validation AUC), own-domain-loss (its logloss) or all-domains (the seeds'; default "
+     f"{TrainConfig().expert_stop.value})"),
     ("mlora-mode", parse_choice(MLoRAMode), "joint (default) or pretrain-freeze"),
     ("embedding-optimizer", parse_choice(EmbeddingOptimizer),
      "adam (default: dense, the method's), lazy-adam or rowwise-adagrad (sparse, fused in backward)"),
@@ -145,9 +176,13 @@ TRAIN_OPTIONS: list[Option] = [
      "a dataset's pretrained tables: frozen in every stage (default) or finetune"),
     ("train-backbone-in-later-stages", parse_bool,
      "keep embeddings and non-tower parts trainable in the expert and gate stages"),
-    ("seeds-compat", parse_bool, "behave like the seeds' public code (see docs/method.md): backbone "
-     "trainable in every stage, best validation score carried across stages, weights reverted to "
-     "the best after every epoch"),
+    ("seeds-compat", parse_bool, "compute what the seeds' code computes as it runs (docs/method.md): "
+     "the gated mixture and every weight trained in every stage, one Adam across stages, the best "
+     "score carried across stages and the best weights reloaded after every validation, the Keras gate "
+     "start, single-domain batches"),
+    ("seeds-gate", parse_choice(SeedsGate), "under --seeds-compat: frozen (default; TF 1.12 as the seeds pin "
+     "it: the gate keeps its Keras start) or gate-stage (a later TF 1.x: its linear part trains in the gate "
+     "stage); docs/method.md"),
 ]
 FLAGS_WITHOUT_VALUE = {"train-backbone-in-later-stages", "seeds-compat", "overwrite"}
 
@@ -245,6 +280,11 @@ def _wrong_toml_type(conv: type | Conv, value: object) -> str | None:
         return None if _is_number(value) else "a number"
     if conv is parse_bool:
         return None if isinstance(value, bool) else "true or false"
+    if conv is parse_on_off:
+        return None if isinstance(value, bool) or value in ("on", "off") else "\"on\", \"off\", true or false"
+    if conv is parse_count_or_none:
+        ok = (isinstance(value, int) and not isinstance(value, bool)) or value == "none"
+        return None if ok else "an integer or \"none\""
     if conv is str:
         return None if isinstance(value, str) else "a string"
     # Choices and comma-separated lists (method, the grid's lists): a string, a number for a

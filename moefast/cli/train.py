@@ -31,6 +31,7 @@ from moefast.cli._options import (
     converters,
     given_options,
     load_dataset,
+    parse_count_or_none,
     read_toml,
 )
 from moefast.config import DataConfig, GateInit, RunConfig, TowerKind, TrainConfig
@@ -196,7 +197,11 @@ def config_toml(config: RunConfig) -> str:
     # run then reads back for that method alone (docs/cli.md, "Options that do nothing").
     unused = unused_keys(config.methods, config.train)
     for key, value in items:
-        if value is not None and key not in unused:
+        if key in unused:
+            continue
+        if value is None and OPTIONS.get(key) is parse_count_or_none:
+            lines.append(f'{key} = "none"')  # no cap / per-epoch: not the default's value
+        elif value is not None:
             lines.append(f"{key} = {_toml_value(value)}")
     return "\n".join(lines) + "\n"
 

@@ -89,6 +89,9 @@ class AdapterLinear(torch.nn.Module):
         self.rank = rank
         self.activation = activation
         self.dropout = float(dropout)
+        # False: no mask is drawn even in training mode (a stage whose shared path is frozen,
+        # under TrainConfig.frozen_path_dropout off). Not a parameter: set per stage.
+        self.dropout_active = True
         self.backend: Backend | None = None if backend is None else parse_backend(backend)
         self.weight = torch.nn.Parameter(torch.empty(out_features, in_features))
         self.bias = torch.nn.Parameter(torch.empty(out_features))
@@ -122,12 +125,13 @@ class AdapterLinear(torch.nn.Module):
         )
 
     def dropout_mask_for(self, x: torch.Tensor) -> torch.Tensor | None:
-        """The dropout factor for input ``x [N, in]`` (None outside training or without dropout).
+        """The dropout factor for input ``x [N, in]`` (None outside training, without dropout,
+        or while ``dropout_active`` is off).
 
         Drawn as ``torch.rand < keep`` (see :mod:`moefast.reference.dropout`); the fast backend
         draws the same bits natively on CPU, so both backends see the same masks.
         """
-        if not self.training or self.dropout == 0.0:
+        if not self.training or self.dropout == 0.0 or not self.dropout_active:
             return None
         part = _BATCH_SLICE.get()
         if part is None:

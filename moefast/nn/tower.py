@@ -107,6 +107,16 @@ class DomainGate(nn.Module):
         self.linear.weight[:, : points.shape[1]] = points[owner].float()
         return scale
 
+    @torch.no_grad()
+    def start_like_keras(self) -> None:
+        """The seeds' start: Keras' default initialisers, ``Embedding`` U(-0.05, 0.05) and
+        ``Dense`` Glorot-uniform (limit ``sqrt(6 / (dim + E))``) with a zero bias. Every logit
+        is then at most ``dim * 0.05 * limit`` in size (0.1 at ``dim = 4``, ``E = 20``): a
+        near-uniform gate."""
+        torch.nn.init.uniform_(self.embedding.weight, -0.05, 0.05)
+        torch.nn.init.xavier_uniform_(self.linear.weight)
+        torch.nn.init.zeros_(self.linear.bias)
+
     def table(self) -> torch.Tensor:
         """``[D, E]``: row ``d`` is the gate of domain ``d``."""
         return torch.softmax(self.linear(self.embedding.weight), dim=-1)
@@ -225,6 +235,8 @@ class Tower(nn.Module):
         )
         if self.gate is not None and config.gate_init is GateInit.SPECIALIST:
             self.gate.start_on_own_experts(config.gate_own_weight)
+        elif self.gate is not None and config.gate_init is GateInit.KERAS:
+            self.gate.start_like_keras()
         self.routing = _DEFAULT_ROUTING[config.kind]
         self.active_expert: int | None = None
 
@@ -238,6 +250,12 @@ class Tower(nn.Module):
             raise ValueError(f"expert {expert} outside [0, {self.num_experts})")
         self.routing = routing
         self.active_expert = expert
+
+    def set_shared_dropout(self, active: bool) -> None:
+        """Draw (``True``) or skip the hidden layers' dropout masks on the shared path in
+        training mode (:attr:`moefast.config.TrainConfig.frozen_path_dropout`)."""
+        for layer in self.hidden_layers():
+            layer.dropout_active = active
 
     def expert_domain(self, expert: int) -> int:
         """The domain expert ``expert`` belongs to: ``expert % D``."""

@@ -40,7 +40,7 @@ from moefast.reference.embedding_optim import FusedOptimizer, LazyAdam, RowwiseA
 from moefast.train import distributed
 from moefast.train.atomic import fault_step
 from moefast.train.checkpoint import file_sha256, load_checkpoint, save_checkpoint
-from moefast.train.errors import NonFiniteError
+from moefast.train.errors import CapWarning, NonFiniteError
 from moefast.train.metrics import EvalMetrics, evaluate_scores
 from moefast.train.resume import (
     SETTINGS,
@@ -56,6 +56,7 @@ from moefast.train.rundir import RunDirectory, check_settings, claim_run_dir, to
 from moefast.train.stages import Stage, StageStep, mask_gradients, plan_stages, set_stage
 
 __all__ = [
+    "CapWarning",
     "EarlyStopping",
     "FitResult",
     "NonFiniteError",
@@ -123,6 +124,13 @@ class StageRecord:
     losses: list[float] = field(default_factory=list)
     # SHA-256 of the checkpoint file as written; a resume refuses a checkpoint that differs.
     checkpoint_sha256: str | None = None
+    # Where the best validation was (None: no improvement in this stage), and what ended the
+    # stage: "patience" (early stopping; also when patience runs out on the cap's last step) or
+    # "cap" (max_steps / max_epochs while still improving within patience).
+    best_epoch: int | None = None
+    best_step: int | None = None
+    stopped_by: str | None = None
+    val_loss_history: list[float] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         """One entry of ``metrics.json``'s ``stages``."""
@@ -130,9 +138,15 @@ class StageRecord:
         return {
             "stage": self.label,
             "epochs": self.epochs,
+            "steps": len(self.losses),
+            "best_epoch": self.best_epoch,
+            "best_step": self.best_step,
+            "stopped_by": self.stopped_by,
+            "capped": self.stopped_by == "cap",
             "best_val_mean_auc": best,
             "seconds": self.seconds,
             "val_history": [None if math.isnan(v) else v for v in self.val_history],
+            "val_logloss_history": [None if math.isnan(v) else v for v in self.val_loss_history],
         }
 
 
@@ -293,13 +307,16 @@ def _train_epoch(
     runner: torch.nn.Module | None = None,
     *,
     skip: int = 0,
-    after_step: Callable[[int], bool] | None = None,
+    after_step: Callable[[int, int], str | None] | None = None,
 ) -> int:
     """Train one epoch of ``loader``; return the rows trained.
 
     ``skip`` batches of the epoch were trained before a resume (they are drawn, so the epoch's
-    order is the same, and not trained again). ``after_step(batches done)`` runs after each step;
-    when it returns ``True`` the epoch stops there with :class:`_Stopped` (preemption).
+    order is the same, and not trained again). ``after_step(batches done, rows trained in this
+    call)`` runs after each step
+    (and may validate there); when it returns ``"preempt"`` the epoch stops with
+    :class:`_Stopped`, when it returns ``"end"`` (the stage is over) the epoch stops there and
+    returns.
     """
     model.train()
     samples = 0
@@ -326,8 +343,11 @@ def _train_epoch(
                 raise NonFiniteError(f"{desc}, batch {number}: {detail}") from None
             samples += len(batch)
             bar.update(len(batch))
-            if after_step is not None and after_step(number + 1):
+            action = None if after_step is None else after_step(number + 1, samples)
+            if action == "preempt":
                 raise _Stopped(number + 1, samples)
+            if action == "end":
+                break
     finally:
         bar.close()
     return samples
@@ -466,13 +486,15 @@ def _fit(
         assert source is not None
         records, in_stage = _restore_snapshot(source / SNAPSHOT, snapshot, plan, source / "checkpoints", generator, device)
     restored = len(records) if snapshot is not None and in_stage is None else -1
+    carried_adam = _carried_optimizer(model, plan, config, backend_name, snapshot if in_stage is None else None)
     try:
         if parallel is not None:
             parallel.run_dir = out_dir if out_dir is not None else job_dir
         # Under data parallelism every rank of a job with a run directory listens: SIGTERM may
         # reach any of them first.
         with preemption(out_dir is not None or (parallel is not None and parallel.run_dir is not None)) as stop:
-            saver = None if out_dir is None else _Saver(out_dir, generator, device, stop, records, settings_digest, world)
+            saver = None if out_dir is None else _Saver(out_dir, generator, device, stop, records, settings_digest, world,
+                                                        carried_adam)
             if parallel is not None:
                 parallel.preempt = stop
             for index in range(len(records), len(plan)):
@@ -488,7 +510,7 @@ def _fit(
                 records.append(
                     _run_stage(model, dataset, config, step, index, len(plan), all_domains,
                                generator, device, ckpt_dir, backend_name, carried_best=-math.inf if math.isnan(carried) else carried,
-                               parallel=parallel, saver=saver, resume=in_stage)
+                               parallel=parallel, saver=saver, resume=in_stage, optimizer=carried_adam)
                 )
                 in_stage = None
                 if saver is not None:
@@ -540,6 +562,27 @@ def _fit(
     return result
 
 
+@dataclass(frozen=True)
+class StageBudget:
+    """When a stage validates and when it must end (:class:`TrainConfig`'s budget for one
+    stage): every ``eval_every`` steps (``None``: at every epoch's end), at most ``max_steps``
+    steps and ``max_epochs`` epochs (``None``: no cap of that kind)."""
+
+    eval_every: int | None
+    max_steps: int | None
+    max_epochs: int | None
+
+    @classmethod
+    def of(cls, config: TrainConfig, step: StageStep) -> StageBudget:
+        max_epochs = config.max_epochs
+        if step.stage is Stage.EXPERT:
+            max_epochs = config.expert_max_epochs or max_epochs
+        elif step.stage is Stage.GATE:
+            max_epochs = config.gate_max_epochs or max_epochs
+        # The seeds validate after every epoch, with patience counted in epochs.
+        return cls(None if config.seeds_compat else config.eval_every, config.max_steps, max_epochs)
+
+
 def _run_stage(
     model: CTRModel,
     dataset: MultiDomainDataset,
@@ -557,28 +600,35 @@ def _run_stage(
     parallel: distributed.DataParallel | None = None,
     saver: _Saver | None = None,
     resume: dict[str, Any] | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
 ) -> StageRecord:
     """Train stage ``index`` of the plan (from its start, or from the snapshot state ``resume``)
-    and write its checkpoint; ``saver`` writes the resume snapshot after every epoch, and at the
-    step where ``SIGTERM`` stops the run (then :class:`Preempted` is raised)."""
+    and write its checkpoint; ``saver`` writes the resume snapshot after every validation, and
+    at the step where ``SIGTERM`` stops the run (then :class:`Preempted` is raised).
+    ``optimizer``: the Adam carried from stage to stage under ``seeds_compat`` (``None``: a
+    fresh one over the stage's parameters)."""
     start = time.perf_counter()
     compat = config.seeds_compat
     params = set_stage(model, step, train_backbone=config.train_backbone_in_later_stages or compat,
-                       freeze_pretrained=config.pretrained is PretrainedMode.FROZEN)
+                       freeze_pretrained=config.pretrained is PretrainedMode.FROZEN,
+                       seeds_as_run=compat, seeds_gate=config.seeds_gate)
+    # Dropout on a shared path that does not train only adds noise to the adapters' gradients.
+    shared_trains = any(p.requires_grad for p in model.tower.shared_parameters())
+    model.tower.set_shared_dropout(shared_trains or config.frozen_path_dropout)
     fused = _table_ids(model)  # updated inside the embedding backward, not by Adam
-    optimizer = stage_optimizer([p for p in params if id(p) not in fused], config, backend)
-    max_epochs = config.max_epochs
+    if optimizer is None:
+        optimizer = stage_optimizer([p for p in params if id(p) not in fused], config, backend)
+    budget = StageBudget.of(config, step)
     train_domains = all_domains
     val_domains: list[int] = all_domains
+    by_loss = False
     if step.stage is Stage.EXPERT:
         assert step.expert is not None
         own = model.tower.expert_domain(step.expert)
         train_domains = [own]
-        if config.expert_stop is ExpertStopRule.OWN_DOMAIN and not compat:
+        if config.expert_stop is not ExpertStopRule.ALL_DOMAINS and not compat:
             val_domains = [own]
-        max_epochs = config.expert_max_epochs or max_epochs
-    elif step.stage is Stage.GATE:
-        max_epochs = config.gate_max_epochs or max_epochs
+            by_loss = config.expert_stop is ExpertStopRule.OWN_DOMAIN_LOSS
 
     # Only the rows that decide early stopping are evaluated (one domain for an expert).
     val_rows = torch.nonzero(torch.isin(dataset.val.domain, torch.tensor(val_domains))).squeeze(1)
@@ -588,22 +638,29 @@ def _run_stage(
         # seeds_compat: the stage starts from the best checkpoint so far and must beat its score.
         stopper.best = carried_best
         best_state = {id(p): p.detach().clone() for p in params}
+    best = _Best(auc=carried_best if carried_best > -math.inf else math.nan)
     history: list[float] = []
+    loss_history: list[float] = []
     losses: list[float] = []
     samples = 0
     train_seconds = 0.0
     epochs = 0
+    stopped_by: str | None = None
     skip = 0  # batches of the current epoch trained before a resume
     if resume is not None:
         _check_stage_state(resume, model, optimizer, params)  # before anything is written
         model.load_state_dict(resume["model"])  # buffers included: the fused optimizers' state
         optimizer.load_state_dict(resume["optimizer"])
-        stopper.best, stopper.stale = float(resume["stopper"]["best"]), int(resume["stopper"]["stale"])
+        saved_stopper = resume["stopper"]
+        stopper.best, stopper.stale = float(saved_stopper["best"]), int(saved_stopper["stale"])
+        best = _Best.from_state(saved_stopper)
         saved_best = resume["best_state"]
         best_state = None if saved_best is None else {
             id(p): t.to(device) for p, t in zip(params, saved_best, strict=True)}
         history, losses = list(resume["history"]), list(resume["losses"])
+        loss_history = list(resume.get("loss_history", []))
         samples, train_seconds, epochs = int(resume["samples"]), float(resume["train_seconds"]), int(resume["epochs"])
+        stopped_by = resume.get("stopped_by")
         start -= float(resume["seconds"])
         skip = int(resume["batches"])
         if skip:
@@ -613,31 +670,81 @@ def _run_stage(
         generator=generator,
     )
 
-    def save(batches: int, epoch_generator: torch.Tensor | None) -> None:
+    def save(batches: int, epoch_generator: torch.Tensor | None, epoch_samples: int = 0) -> None:
+        """The in-stage snapshot; ``epoch_samples``: rows of the current epoch not yet in
+        ``samples`` (a snapshot inside the epoch, after a validation)."""
         if saver is not None:
             saver.in_stage({
                 "index": index, "label": step.label, "epochs": epochs, "batches": batches,
                 "epoch_generator": epoch_generator, "model": model.state_dict(),
                 "optimizer": optimizer.state_dict(),
-                "stopper": {"best": stopper.best, "stale": stopper.stale},
+                "stopper": {"best": stopper.best, "stale": stopper.stale, **best.state()},
                 "best_state": None if best_state is None else [best_state[id(p)] for p in params],
-                "history": history, "losses": losses, "samples": samples,
+                "history": history, "loss_history": loss_history, "losses": losses,
+                "samples": samples + epoch_samples,
                 "train_seconds": train_seconds, "seconds": time.perf_counter() - start,
+                "stopped_by": stopped_by,
             })
+
+    def validate(epoch: int) -> bool:
+        """Score the validation rows, update early stopping; ``True`` once patience runs out."""
+        nonlocal best_state
+        where = f"[{index + 1}/{total}] {step.label} epoch {epoch}, step {len(losses)}"
+        val_logits = _predict_rows(model, dataset.val, val_rows, config.eval_batch_size, device, parallel)
+        _refuse_non_finite_scores(val_logits, f"{where}: validation")
+        val = _once(parallel, functools.partial(
+            evaluate_scores, val_logits, dataset.val.label[val_rows], dataset.val.domain[val_rows],
+            dataset.domain_names, domains=val_domains,
+        ))
+        history.append(val.mean_auc)
+        loss_history.append(val.logloss)
+        if config.progress:
+            own = dataset.domain_names[val_domains[0]]
+            what = (f"val logloss of {own} {val.logloss:.5f} (AUC {val.mean_auc:.5f})" if by_loss
+                    else "val mean AUC" if len(val_domains) > 1 else f"val AUC of {own}")
+            tqdm.write(f"{where}: {what}" + ("" if by_loss else f" {val.mean_auc:.5f}"))
+        if stopper.update(-val.logloss if by_loss else val.mean_auc):
+            best_state = {id(p): p.detach().clone() for p in params}
+            best.auc, best.step, best.epoch = val.mean_auc, len(losses), epoch
+        elif compat and best_state is not None:
+            # seeds_compat: training goes on from the best checkpoint (the seeds reload it).
+            with torch.no_grad():
+                for p in params:
+                    p.copy_(best_state[id(p)])
+        return stopper.should_stop
 
     stop = saver.stop if saver is not None else None if parallel is None else parallel.preempt
     runner = distributed.begin_stage(parallel, model)  # a fresh DDP wrapper for each stage
-    # A snapshot taken after the stage's last epoch resumes straight into the stage's end.
-    done = skip == 0 and (epochs >= max_epochs or stopper.should_stop)
+    # A snapshot taken after the stage's end resumes straight into it (snapshots written before
+    # stopped_by was recorded: the epoch rule, the only one there was).
+    done = stopped_by is not None or (skip == 0 and resume is not None and "stopped_by" not in resume and (
+        stopper.should_stop or (budget.max_epochs is not None and epochs >= budget.max_epochs)))
     while not done:
         epoch = epochs + 1
         epoch_generator = generator.get_state()  # before the epoch draws its order
         desc = f"[{index + 1}/{total}] {step.label} epoch {epoch}"
+        validated_at = -1  # the step of this epoch's last validation
 
-        def after_step(batches: int, epoch: int = epoch) -> bool:
+        def after_step(batches: int, epoch_samples: int, epoch: int = epoch,
+                       epoch_generator: torch.Tensor = epoch_generator) -> str | None:
+            nonlocal stopped_by, validated_at
             fault_step(index, epoch, batches)
+            steps = len(losses)
+            if budget.eval_every is not None and steps % budget.eval_every == 0:
+                validated_at = steps
+                if validate(epoch):
+                    stopped_by = "patience"
+            if stopped_by is None and budget.max_steps is not None and steps >= budget.max_steps:
+                if validated_at != steps:
+                    validated_at = steps
+                    validate(epoch)
+                stopped_by = "patience" if stopper.should_stop else "cap"
+            if stopped_by is not None:
+                return "end"
+            if validated_at == steps:
+                save(batches, epoch_generator, epoch_samples)
             # Data-parallel: decided in the step's all-reduce, the same on every rank.
-            return bool(stop) if parallel is None else parallel.stop_agreed
+            return "preempt" if (bool(stop) if parallel is None else parallel.stop_agreed) else None
 
         t0 = time.perf_counter()
         try:
@@ -652,49 +759,46 @@ def _run_stage(
             raise Preempted(_preempted_dir(saver, parallel), f"at {desc}, batch {stopped.batches}") from None
         skip = 0
         train_seconds += time.perf_counter() - t0
-        val_logits = _predict_rows(model, dataset.val, val_rows, config.eval_batch_size, device, parallel)
-        _refuse_non_finite_scores(val_logits, f"[{index + 1}/{total}] {step.label} epoch {epoch}: validation")
-        val = _once(parallel, functools.partial(
-            evaluate_scores, val_logits, dataset.val.label[val_rows], dataset.val.domain[val_rows],
-            dataset.domain_names, domains=val_domains,
-        ))
-        history.append(val.mean_auc)
-        if config.progress:
-            what = "val mean AUC" if len(val_domains) > 1 else f"val AUC of {dataset.domain_names[val_domains[0]]}"
-            tqdm.write(f"[{index + 1}/{total}] {step.label} epoch {epoch}: {what} {val.mean_auc:.5f}")
-        if stopper.update(val.mean_auc):
-            best_state = {id(p): p.detach().clone() for p in params}
-        elif compat and best_state is not None:
-            # seeds_compat: the next epoch starts again from the best checkpoint.
-            with torch.no_grad():
-                for p in params:
-                    p.copy_(best_state[id(p)])
         epochs = epoch
-        done = stopper.should_stop or epochs >= max_epochs
+        if stopped_by is None:
+            steps = len(losses)
+            # Per-epoch validation, or (step budget) an epoch that trained no step at all.
+            if budget.eval_every is None or (validated_at < 0 and not len(loader)):
+                validated_at = steps
+                if validate(epoch):
+                    stopped_by = "patience"
+            if stopped_by is None and budget.max_epochs is not None and epochs >= budget.max_epochs:
+                if validated_at != steps:
+                    validate(epoch)
+                stopped_by = "patience" if stopper.should_stop else "cap"
+        done = stopped_by is not None
         save(0, None)
         if _stopping(stop, parallel):
             raise Preempted(_preempted_dir(saver, parallel), f"after {desc}")
     distributed.end_stage(parallel, model)
+    if stopped_by == "cap" and (parallel is None or parallel.is_writer):
+        warnings.warn(f"stage {step.label} ended at its cap ({_cap_text(budget)}) while still improving within "
+                      f"its patience of {config.patience} validations: it did not converge", CapWarning, stacklevel=2)
     # With no AUC at all (every validation domain one-class) nothing improves: keep the last
     # weights rather than the untrained ones.
-    best = stopper.best
     if best_state is not None:
         with torch.no_grad():
             for p in params:
                 p.copy_(best_state[id(p)])
     path = ckpt_dir / f"{index:02d}_{step.label}.pt"
     digest = None
+    best_auc = best.auc if stopper.best > -math.inf else math.nan
     if parallel is None or parallel.is_writer:
         save_checkpoint(
             path, model, step.label,
             {"model": model.name, "tower": model.tower.kind.value, "dataset": dataset.name, "index": index,
-             "best_val_mean_auc": best if best > -math.inf else None},
+             "best_val_mean_auc": None if math.isnan(best_auc) else best_auc},
         )
         digest = file_sha256(path)
     return StageRecord(
         label=step.label,
         epochs=epochs,
-        best_val_mean_auc=best if best > -math.inf else math.nan,
+        best_val_mean_auc=best_auc,
         seconds=time.perf_counter() - start,
         train_samples=samples,
         train_seconds=train_seconds,
@@ -702,7 +806,40 @@ def _run_stage(
         checkpoint=path,
         losses=losses,
         checkpoint_sha256=digest,
+        best_epoch=best.epoch,
+        best_step=best.step,
+        stopped_by=stopped_by,
+        val_loss_history=loss_history,
     )
+
+
+def _cap_text(budget: StageBudget) -> str:
+    caps = [f"{budget.max_steps} steps" if budget.max_steps is not None else "",
+            f"{budget.max_epochs} epochs" if budget.max_epochs is not None else ""]
+    return " or ".join(c for c in caps if c)
+
+
+@dataclass
+class _Best:
+    """Where a stage's best validation was: its AUC (the loss rule's best is a loss, so the AUC
+    is kept beside it), step and epoch (``None`` before any improvement)."""
+
+    auc: float = math.nan
+    step: int | None = None
+    epoch: int | None = None
+
+    def state(self) -> dict[str, Any]:
+        return {"best_auc": self.auc, "best_step": self.step, "best_epoch": self.epoch}
+
+    @classmethod
+    def from_state(cls, state: Mapping[str, Any]) -> _Best:
+        """From a snapshot's stopper state (written before these were recorded: the AUC was the
+        stopping score, the step and epoch unknown)."""
+        if "best_auc" not in state:
+            return cls(auc=float(state["best"]) if state["best"] > -math.inf else math.nan)
+        step, epoch = state.get("best_step"), state.get("best_epoch")
+        return cls(auc=float(state["best_auc"]), step=None if step is None else int(step),
+                   epoch=None if epoch is None else int(epoch))
 
 
 def _stopping(stop: Any, parallel: distributed.DataParallel | None) -> bool:
@@ -725,8 +862,9 @@ class _Saver:
 
     def __init__(
         self, run_dir: Path, generator: torch.Generator, device: torch.device, stop: Any, records: list[StageRecord],
-        settings_digest: str | None, world_size: int,
+        settings_digest: str | None, world_size: int, carried: torch.optim.Optimizer | None = None,
     ) -> None:
+        self.carried = carried  # the Adam carried across stages under seeds_compat
         self.run_dir = run_dir
         self.settings_digest = settings_digest  # binds each snapshot to this run's settings.json
         self.world_size = world_size
@@ -748,15 +886,42 @@ class _Saver:
 
     def stage_done(self, records: list[StageRecord]) -> None:
         self.records = list(records)
-        save_snapshot(self.run_dir, {"records": [_record_state(r) for r in records], "rng": self._rng(),
-                                     "stage": None, "settings_sha256": self.settings_digest,
-                                     "world_size": self.world_size})
+        snapshot = {"records": [_record_state(r) for r in records], "rng": self._rng(),
+                    "stage": None, "settings_sha256": self.settings_digest, "world_size": self.world_size}
+        if self.carried is not None:
+            snapshot["carried_optimizer"] = self.carried.state_dict()
+        save_snapshot(self.run_dir, snapshot)
+
+
+def _carried_optimizer(
+    model: CTRModel, plan: list[StageStep], config: TrainConfig, backend: str, snapshot: Mapping[str, Any] | None
+) -> torch.optim.Optimizer | None:
+    """Under ``seeds_compat``, the one Adam that every stage steps (the seeds compile their
+    model once, so its optimizer state carries from stage to stage), restored from a snapshot
+    taken at a stage boundary; ``None`` otherwise (each stage gets a fresh Adam)."""
+    if not config.seeds_compat:
+        return None
+    # The last stage trains the most (under SeedsGate.GATE_STAGE also the gate's linear part;
+    # Adam leaves a parameter without a gradient untouched in the stages that freeze it).
+    params = set_stage(model, plan[-1], train_backbone=True, freeze_pretrained=config.pretrained is PretrainedMode.FROZEN,
+                       seeds_as_run=True, seeds_gate=config.seeds_gate)
+    fused = _table_ids(model)
+    optimizer = stage_optimizer([p for p in params if id(p) not in fused], config, backend)
+    saved = None if snapshot is None else snapshot.get("carried_optimizer")
+    if snapshot is not None and snapshot.get("records") and saved is None:
+        raise ValueError("the resume snapshot of a seeds_compat run lacks the optimizer state carried across stages")
+    if saved is not None:
+        _check_adam_state(saved, optimizer, lambda what: ValueError(
+            f"the resume snapshot's carried optimizer state does not fit this run: {what}"))
+        optimizer.load_state_dict(saved)
+    return optimizer
 
 
 def _record_state(record: StageRecord) -> dict[str, Any]:
     state = {f: getattr(record, f) for f in ("label", "epochs", "best_val_mean_auc", "seconds",
                                               "train_samples", "train_seconds", "val_history", "losses",
-                                              "checkpoint_sha256")}
+                                              "checkpoint_sha256", "best_epoch", "best_step", "stopped_by",
+                                              "val_loss_history")}
     state["checkpoint"] = None if record.checkpoint is None else record.checkpoint.name
     return state
 
@@ -849,9 +1014,19 @@ def _check_numbers(state: Mapping[str, Any], refuse: Callable[[str], ValueError]
     if not isinstance(stopper["best"], (int, float)) or isinstance(stopper["best"], bool) \
             or not isinstance(stopper["stale"], int) or isinstance(stopper["stale"], bool) or stopper["stale"] < 0:
         raise refuse(f"the early-stopping state {stopper!r} is not a score and a count")
-    for key in ("history", "losses"):
-        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in state[key]):
+    for key in ("history", "losses", "loss_history"):
+        values = state.get(key, [])
+        if not isinstance(values, list) or not all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
             raise refuse(f"{key!r} holds something other than numbers")
+    if state.get("stopped_by") not in (None, "patience", "cap"):
+        raise refuse(f"'stopped_by' is {state['stopped_by']!r}, not patience, cap or None")
+    for key in ("best_step", "best_epoch"):
+        value = stopper.get(key)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
+            raise refuse(f"the early-stopping state's {key!r} is {value!r}, not a count")
+    if "best_auc" in stopper and (not isinstance(stopper["best_auc"], (int, float)) or isinstance(stopper["best_auc"], bool)):
+        raise refuse(f"the early-stopping state's 'best_auc' is {stopper['best_auc']!r}, not a number")
     if state["batches"]:
         generator = state.get("epoch_generator")
         size = torch.Generator().get_state().shape

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from moefast.config import MLoRAMode, TowerKind
+from moefast.config import MLoRAMode, SeedsGate, TowerKind
 from moefast.models.base import CTRModel
 from moefast.nn.tower import Routing
 
@@ -77,7 +77,13 @@ _ROUTING: dict[tuple[TowerKind, Stage], Routing] = {
 
 
 def set_stage(
-    model: CTRModel, step: StageStep, *, train_backbone: bool = False, freeze_pretrained: bool = True
+    model: CTRModel,
+    step: StageStep,
+    *,
+    train_backbone: bool = False,
+    freeze_pretrained: bool = True,
+    seeds_as_run: bool = False,
+    seeds_gate: SeedsGate = SeedsGate.FROZEN,
 ) -> list[nn.Parameter]:
     """Route the tower for ``step``, freeze everything outside it, return its parameters.
 
@@ -91,6 +97,13 @@ def set_stage(
             (``model.pretrained_parameters()``) frozen in every stage, whatever the rest says
             (the seeds' Taobao runs); ``False`` fine-tunes them where the stage trains the
             embeddings.
+        seeds_as_run: the seeds' code as it runs under TF 1.12 (docs/method.md): its graph is
+            built once with the gate, so every stage computes the full mixture (no expert
+            routing) and every weight but the gate's trains; only ``freeze_pretrained`` and
+            ``seeds_gate`` still apply. The stage then decides only which domains train
+            (expert ``i``: domain ``i % D``).
+        seeds_gate: with ``seeds_as_run``, what the gate does (:class:`moefast.config.SeedsGate`):
+            ``GATE_STAGE`` trains its linear part in the ``GATE`` stage.
 
     Returns:
         The tensors the stage's optimizer must hold, in ``model.parameters()`` order.
@@ -99,13 +112,20 @@ def set_stage(
     routing = _ROUTING.get((tower.kind, step.stage))
     if routing is None:
         raise ValueError(f"a {tower.kind.value} model has no {step.stage.value!r} stage")
-    tower.set_routing(routing, step.expert)
+    if seeds_as_run and tower.kind is TowerKind.MOE_MLORA:
+        tower.set_routing(Routing.MIXTURE)
+    else:
+        tower.set_routing(routing, step.expert)
 
     backbone = model.backbone_parameters()
     shared = tower.shared_parameters()
     adapters = tower.adapter_parameters()
     gate = tower.gate_parameters()
-    if step.stage is Stage.JOINT:
+    if seeds_as_run:
+        gate_linear = [] if tower.gate is None else list(tower.gate.linear.parameters())
+        gate_trains = seeds_gate is SeedsGate.GATE_STAGE and step.stage is Stage.GATE
+        chosen = [*backbone, *shared, *adapters, *(gate_linear if gate_trains else [])]
+    elif step.stage is Stage.JOINT:
         chosen = [*backbone, *shared, *adapters]
     elif step.stage is Stage.BACKBONE:
         chosen = [*backbone, *shared]
@@ -127,12 +147,13 @@ def set_stage(
 
 
 def mask_gradients(model: CTRModel, step: StageStep) -> None:
-    """In an ``EXPERT i`` stage, zero the gradient slices of every expert but ``i``.
+    """In an ``EXPERT i`` stage routed to expert ``i``, zero the gradient slices of every expert
+    but ``i`` (under the seeds' as-run mixture routing every expert trains: nothing is masked).
 
     The forward only reads expert ``i``, so those slices are zero already on the reference
     path; this makes the guarantee independent of how a backend fills them.
     """
-    if step.stage is not Stage.EXPERT:
+    if step.stage is not Stage.EXPERT or model.tower.routing is not Routing.EXPERT:
         return
     e = step.expert
     assert e is not None
