@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -230,3 +232,27 @@ def test_cluster_knobs_are_validated() -> None:
         synthetic.preset("paper", cluster_spread=0.5)
     with pytest.raises(ValueError, match="2 domains"):
         synthetic.domain_effect_correlations(synthetic.preset("paper", num_domains=1))
+
+
+def test_cluster_flags_and_toml_keys_reach_the_generator(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from moefast import cli
+    from moefast.cli import grid as cli_grid
+    from moefast.cli import train as cli_train
+    from moefast.cli._options import given_options, load_dataset
+
+    for command in ("train", "grid"):  # a "%" in a help text breaks --help
+        with pytest.raises(SystemExit) as stop:
+            cli.build_parser().parse_args([command, "--help"])
+        assert stop.value.code == 0 and "--cluster-spread" in capsys.readouterr().out
+    flags = ["train", "--num-domains", "6", "--clusters", "3", "--cluster-spread", "0.4"]
+    config, _ = cli_train.resolve_config(given_options(cli.build_parser().parse_args(flags)))
+    assert (config.data.clusters, config.data.cluster_spread) == (3, 0.4)
+    toml = tmp_path / "run.toml"
+    toml.write_text(cli_train.config_toml(config))
+    assert cli_train.resolve_config(cli_train.read_config(str(toml)))[0].data == config.data
+    toml.write_text("clusters = 3\ncluster-spread = 0.4\nnum-domains = 6\n")
+    assert cli_train.resolve_config(cli_train.read_config(str(toml)))[0].data == config.data
+    ds = load_dataset(dataclasses.replace(config.data, rows=3_000))
+    assert (ds.info["config"]["clusters"], ds.info["config"]["cluster_spread"]) == (3, 0.4)
+    grid, _ = cli_grid.resolve_grid(given_options(cli.build_parser().parse_args(["grid", *flags[1:]])))
+    assert all((d.clusters, d.cluster_spread) == (3, 0.4) for d in grid.data)
