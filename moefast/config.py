@@ -440,7 +440,8 @@ class DataConfig:
 
     ``None`` leaves an option to the source's default. The keys of :data:`SYNTHETIC_OPTIONS`
     (``preset``, ``rows``, ``num_domains``, ``num_users``, ``num_items``, ``diversity``,
-    ``imbalance``, ``data_seed``, ``numeric_fields``, ``numeric_scale``) apply to
+    ``imbalance``, ``data_seed``, ``numeric_fields``, ``numeric_scale``, ``clusters``,
+    ``cluster_spread``) apply to
     ``synthetic``; ``domain`` and ``data_dir`` to the real sources; ``data`` (a file or folder),
     ``schema`` (a TOML file) and ``vocab_from`` (a run directory) to ``table``.
     """
@@ -461,6 +462,8 @@ class DataConfig:
     vocab_from: str | None = None
     numeric_fields: int | None = None
     numeric_scale: float | None = None
+    clusters: int | None = None
+    cluster_spread: float | None = None
 
 
 # DataConfig's synthetic options and the synthetic source's keyword for each.
@@ -468,6 +471,7 @@ SYNTHETIC_OPTIONS = {
     "preset": "preset", "rows": "rows", "num_domains": "num_domains", "num_users": "num_users",
     "num_items": "num_items", "diversity": "diversity", "imbalance": "imbalance", "data_seed": "seed",
     "numeric_fields": "numeric_fields", "numeric_scale": "numeric_scale",
+    "clusters": "clusters", "cluster_spread": "cluster_spread",
 }
 
 

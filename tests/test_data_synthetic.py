@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -148,3 +150,109 @@ def test_domain_term_has_no_pairwise_part() -> None:
         g = truth.domain_term(uid, item, np.full(20_000, d))
         residual = g - x @ np.linalg.lstsq(x, g, rcond=None)[0]
         assert 1 - residual.var() / g.var() < 0.01, d
+
+
+def _arrays(ds: moefast.data.MultiDomainDataset) -> dict[str, np.ndarray]:
+    out = {}
+    for split_name in ("train", "val", "test"):
+        split = getattr(ds, split_name)
+        out |= {f"{split_name}.{k}": v.numpy() for k, v in split.features.items()}
+        out |= {f"{split_name}.domain": split.domain.numpy(), f"{split_name}.label": split.label.numpy()}
+    out |= {f"pretrained.{k}": v.numpy() for k, v in ds.pretrained.items()}
+    return out
+
+
+@pytest.mark.parametrize("name", ["paper", "taobao", "movielens"])
+def test_clusters_off_leave_the_data_and_the_truth_bit_identical(name: str) -> None:
+    # Issue 24: the related-domains knobs, off, must not move one draw of today's data.
+    small = {"rows": 6_000}
+    base = synthetic.preset(name, **small)
+    want, truth = _arrays(synthetic.generate(base)), synthetic.ground_truth(base)
+    feats, domain, _ = _all_rows(synthetic.generate(base))
+    for off in ({"clusters": 4, "cluster_spread": 1.0}, {"clusters": 1}, {"clusters": base.num_domains}):
+        cfg = synthetic.preset(name, **small, **off)
+        got = _arrays(synthetic.generate(cfg))
+        assert got.keys() == want.keys()
+        for key, value in want.items():
+            assert value.dtype == got[key].dtype and value.tobytes() == got[key].tobytes(), (off, key)
+        other = synthetic.ground_truth(cfg)
+        assert other.logits(feats, domain).tobytes() == truth.logits(feats, domain).tobytes(), off
+
+
+def test_clusters_move_only_the_domain_directions() -> None:
+    base = synthetic.preset("taobao", rows=6_000)
+    cfg = synthetic.preset("taobao", rows=6_000, clusters=4, cluster_spread=0.3)
+    plain, clustered = synthetic.ground_truth(base), synthetic.ground_truth(cfg)
+    for field in ("user_factors", "item_factors", "user_bias", "item_bias", "domain_bias", "numeric_weights"):
+        assert np.array_equal(getattr(plain, field), getattr(clustered, field)), field
+    assert not np.array_equal(plain.domain_user_directions, clustered.domain_user_directions)
+    # The rows' ids and domains come from their own stream; only the labels (and so the
+    # stratified split) follow the new truth.
+    a, b = synthetic.generate(base), synthetic.generate(cfg)
+    assert a.info["domain_rows"] == b.info["domain_rows"]
+    assert np.array_equal(np.sort(_all_rows(a)[0]["uid"]), np.sort(_all_rows(b)[0]["uid"]))
+    assert torch.equal(a.pretrained["uid"], b.pretrained["uid"])
+    # The oracle reads the clustered truth: labels are Bernoulli of its logits.
+    feats, domain, label = _all_rows(b)
+    p = 1.0 / (1.0 + np.exp(-clustered.logits(feats, domain)))
+    assert abs(label.sum() - p.sum()) <= 5 * math.sqrt((p * (1 - p)).sum())
+    assert np.array_equal(synthetic.domain_clusters(cfg), np.arange(20) % 4)
+
+
+def test_clusters_make_domains_of_one_cluster_alike() -> None:
+    def corr(**knobs: object) -> synthetic.EffectCorrelations:
+        return synthetic.domain_effect_correlations(synthetic.preset("taobao", **knobs))
+
+    independent, half, close = corr(clusters=4), corr(clusters=4, cluster_spread=0.5), corr(clusters=4, cluster_spread=0.3)
+    # Independent domains: the centring alone, about -1/(D - 1) = -0.05, within and across.
+    for value in (independent["within"], independent["across"]):
+        assert abs(value + 1 / 19) < 0.05, independent
+    assert close["within"] > 0.5 and close["across"] < 0, close
+    assert independent["within"] < half["within"] < close["within"], (independent, half, close)
+    matrix = close["matrix"]
+    assert matrix.shape == (20, 20) and np.allclose(np.diag(matrix), 1.0) and np.allclose(matrix, matrix.T)
+    # The correlation of the logits' effects (each domain's true logit minus the mean over the
+    # domains) is the same: the domain term carries every part that differs between domains.
+    cfg = synthetic.preset("taobao", clusters=4, cluster_spread=0.3)
+    rng = np.random.default_rng(0)
+    uid, item = rng.integers(0, cfg.num_users, 4096), rng.integers(0, cfg.num_items, 4096)
+    truth = synthetic.ground_truth(cfg)
+    z = np.stack([truth.logits({"uid": uid, "item": item}, np.full(4096, d)) for d in range(20)])
+    assert np.allclose(np.corrcoef(z - z.mean(axis=0)), matrix, atol=1e-9)
+
+
+def test_cluster_knobs_are_validated() -> None:
+    for bad in (0, 11, 2.0, True, -1):
+        with pytest.raises(ValueError, match="clusters"):
+            synthetic.preset("paper", clusters=bad)
+    for bad in (0.0, 1.5, -0.2, float("nan"), float("inf"), True):
+        with pytest.raises(ValueError, match="cluster_spread"):
+            synthetic.preset("paper", clusters=2, cluster_spread=bad)
+    with pytest.raises(ValueError, match=r"cluster_spread 0\.5 needs clusters"):
+        synthetic.preset("paper", cluster_spread=0.5)
+    with pytest.raises(ValueError, match="2 domains"):
+        synthetic.domain_effect_correlations(synthetic.preset("paper", num_domains=1))
+
+
+def test_cluster_flags_and_toml_keys_reach_the_generator(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from moefast import cli
+    from moefast.cli import grid as cli_grid
+    from moefast.cli import train as cli_train
+    from moefast.cli._options import given_options, load_dataset
+
+    for command in ("train", "grid"):  # a "%" in a help text breaks --help
+        with pytest.raises(SystemExit) as stop:
+            cli.build_parser().parse_args([command, "--help"])
+        assert stop.value.code == 0 and "--cluster-spread" in capsys.readouterr().out
+    flags = ["train", "--num-domains", "6", "--clusters", "3", "--cluster-spread", "0.4"]
+    config, _ = cli_train.resolve_config(given_options(cli.build_parser().parse_args(flags)))
+    assert (config.data.clusters, config.data.cluster_spread) == (3, 0.4)
+    toml = tmp_path / "run.toml"
+    toml.write_text(cli_train.config_toml(config))
+    assert cli_train.resolve_config(cli_train.read_config(str(toml)))[0].data == config.data
+    toml.write_text("clusters = 3\ncluster-spread = 0.4\nnum-domains = 6\n")
+    assert cli_train.resolve_config(cli_train.read_config(str(toml)))[0].data == config.data
+    ds = load_dataset(dataclasses.replace(config.data, rows=3_000))
+    assert (ds.info["config"]["clusters"], ds.info["config"]["cluster_spread"]) == (3, 0.4)
+    grid, _ = cli_grid.resolve_grid(given_options(cli.build_parser().parse_args(["grid", *flags[1:]])))
+    assert all((d.clusters, d.cluster_spread) == (3, 0.4) for d in grid.data)

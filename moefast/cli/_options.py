@@ -134,6 +134,9 @@ DATA_OPTIONS: list[Option] = [
     ("data-seed", int, "synthetic: generator seed"),
     ("numeric-fields", int, "synthetic: numeric (dense) fields x1..xN with a linear effect on the click (default 0)"),
     ("numeric-scale", float, "synthetic: standard deviation of the numeric fields' total effect on the logit (default 1)"),
+    ("clusters", int, "synthetic: related domains: the number K of clusters, domain d in cluster d mod K (default none)"),
+    ("cluster-spread", float, "synthetic: related domains: how far each domain sits from its cluster's "
+     "prototype, in (0, 1] (default 1: independent domains)"),
 ]
 RUN_OPTIONS: list[Option] = [
     ("model", str, "backbone (default deepfm)"),

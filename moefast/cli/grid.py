@@ -68,6 +68,9 @@ _DATA: list[Option] = [
     ("rows", int, "synthetic: number of rows"),
     ("num-domains", int, "synthetic: number of domains"),
     ("imbalance", float, "synthetic: domain-size imbalance"),
+    ("clusters", int, "synthetic: related domains: the number K of clusters, domain d in cluster d mod K"),
+    ("cluster-spread", float, "synthetic: related domains: distance from the cluster's prototype, in (0, 1] "
+     "(default 1: independent)"),
     ("data-seed", int, "synthetic: generator seed"),
 ]
 _GRID: list[Option] = [

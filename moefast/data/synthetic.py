@@ -52,6 +52,27 @@ Numeric fields (``numeric_fields = F_x``, 0 in every preset): ``x1 .. x{F_x}``, 
 Their weights are drawn after every other part of the truth and their values after every other
 column of the rows, so ``numeric_fields = 0`` gives exactly the dataset it always gave.
 
+Related domains (``clusters = K``, ``cluster_spread = rho``; off by default): without them every
+domain's taste directions are an independent draw, so once the shared part is removed two
+domains' effects are unrelated and a gate has nothing to share. With them, domain ``d`` belongs
+to cluster ``c(d) = d % K`` (:func:`domain_clusters`) and its directions are
+
+    a_dj = sqrt(1 - rho²) * A_c(d)j + rho * a°_dj,    b_dj = sqrt(1 - rho²) * B_c(d)j + rho * b°_dj
+
+where ``a°, b°`` are the independent draws above (unchanged) and the prototypes ``A_cj, B_cj ~
+N(0, I_k / k)`` come from a fourth stream of the seed. Prototype and own draw are independent
+with the same law, so each domain's directions keep their law ``N(0, I_k / k)``: ``g_d`` keeps
+its unit variance, its rank ``r`` and its form, ``diversity`` keeps its meaning, and a domain
+alone is indistinguishable from today's. Only the dependence between domains changes: two
+domains of one cluster have directions correlated by ``1 - rho²`` (0 at ``rho = 1``, identical
+at ``rho → 0``), domains of different clusters stay independent. The mixture is of the
+directions, not of the functions ``g``: a mixture of two ``g`` would need ``2r`` directions and
+change the family a rank-``r`` adapter models. Because ``|x|`` is even, ``g``'s correlation
+grows slower than the directions' (about ``(sqrt(1 - c²) + c arcsin c - 1) / (π/2 - 1)`` for
+directions correlated by ``c``); :func:`domain_effect_correlations` measures it. With
+``clusters`` unset or ``cluster_spread = 1`` nothing is drawn from the fourth stream, and the
+data and the truth are bit-identical to the generator without the knobs.
+
 Presets
 -------
 ``paper``: features ``uid``, ``item``, ``domain`` (the domain id is also an input, like the
@@ -80,6 +101,7 @@ import dataclasses
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import TypedDict
 
 import numpy as np
 import torch
@@ -88,7 +110,8 @@ from moefast.config import FeatureSpec, NumericSpec, Pooling
 from moefast.data.dataset import MultiDomainDataset
 from moefast.data.splits import SPLIT_SEED, make_splits
 
-__all__ = ["PRESETS", "SyntheticConfig", "SyntheticTruth", "generate", "ground_truth", "preset", "pretrained_tables"]
+__all__ = ["PRESETS", "EffectCorrelations", "SyntheticConfig", "SyntheticTruth", "domain_clusters",
+           "domain_effect_correlations", "generate", "ground_truth", "preset", "pretrained_tables"]
 
 
 @dataclass(frozen=True)
@@ -136,6 +159,11 @@ class SyntheticConfig:
     numeric_scale: float = 1.0
     # Std of the noise on the pretrained user and item tables; None: no pretrained tables.
     pretrained_noise: float | None = None
+    # Related domains (see the module docstring): K, the number of clusters the domains' taste
+    # directions are drawn around (None: no clusters), and rho, how far each domain sits from
+    # its cluster's prototype (1 = independent of it: today's data; smaller = closer).
+    clusters: int | None = None
+    cluster_spread: float = 1.0
 
     def __post_init__(self) -> None:
         positive = ("rows", "num_domains", "num_users", "num_items", "embedding_dim", "latent_dim",
@@ -164,6 +192,18 @@ class SyntheticConfig:
             raise ValueError(
                 f"synthetic knob pretrained_noise must be None or a finite number >= 0, got {self.pretrained_noise!r}"
             )
+        if self.clusters is not None and (
+            not isinstance(self.clusters, int) or isinstance(self.clusters, bool)
+            or not 1 <= self.clusters <= self.num_domains
+        ):
+            raise ValueError(f"synthetic knob clusters must be None or a whole number from 1 to num_domains "
+                             f"({self.num_domains}), got {self.clusters!r}")
+        if isinstance(self.cluster_spread, bool) or not isinstance(self.cluster_spread, int | float) \
+                or not 0.0 < self.cluster_spread <= 1.0:
+            raise ValueError(f"synthetic knob cluster_spread must be in (0, 1], got {self.cluster_spread!r}")
+        if self.cluster_spread < 1.0 and self.clusters is None:
+            raise ValueError(f"synthetic knob cluster_spread {self.cluster_spread!r} needs clusters (the number "
+                             "of prototypes the domains are drawn around)")
         if self.context_fields and not 2 <= self.context_vocab_min <= self.context_vocab_max:
             raise ValueError(
                 f"synthetic context vocabularies must satisfy 2 <= min <= max, got "
@@ -335,7 +375,88 @@ def ground_truth(config: SyntheticConfig) -> SyntheticTruth:
     # Drawn last, so the rest of the truth does not depend on numeric_fields.
     numeric_sd = config.numeric_scale / math.sqrt(max(config.numeric_fields, 1))
     weights = truth_rng.normal(0.0, numeric_sd, config.numeric_fields)
-    return dataclasses.replace(truth, numeric_weights=weights)
+    truth = dataclasses.replace(truth, numeric_weights=weights)
+    if config.clusters is not None and config.cluster_spread < 1.0:
+        # Only when the clusters change something: off, no extra draw and not one bit moves.
+        user, item = _cluster_directions(config, truth.domain_user_directions, truth.domain_item_directions)
+        truth = dataclasses.replace(truth, domain_user_directions=user, domain_item_directions=item)
+    return truth
+
+
+def domain_clusters(config: SyntheticConfig) -> np.ndarray:
+    """The cluster of each domain, int64 ``[D]``: ``d % clusters`` (``arange(D)``, every domain in
+    a cluster of its own, when ``clusters`` is ``None``).
+
+    Round-robin rather than a random draw: the assignment does not depend on the seed, each
+    cluster holds ``D / K`` domains (give or take one), and since domain sizes fall with the
+    index (``imbalance``), every cluster mixes large and small domains, so a small domain always
+    has larger relatives to borrow from.
+    """
+    d = np.arange(config.num_domains, dtype=np.int64)
+    return d if config.clusters is None else d % config.clusters
+
+
+def _cluster_directions(config: SyntheticConfig, user: np.ndarray, item: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each domain's taste directions moved towards its cluster's prototype (module docstring):
+    ``sqrt(1 - rho²) * prototype + rho * own``, float64 ``[D, r, k]`` each. The prototypes come
+    from the fourth child of the seed, so they shift no other draw, and depend only on ``seed``,
+    ``clusters``, ``domain_rank`` and ``latent_dim``: a sweep of ``cluster_spread`` moves the same
+    domains between the same prototypes and today's independent directions."""
+    k, rho = config.latent_dim, config.cluster_spread
+    assert config.clusters is not None
+    rng = np.random.default_rng(np.random.SeedSequence(config.seed).spawn(4)[3])
+    shape = (config.clusters, config.domain_rank, k)
+    proto_user = rng.normal(0.0, 1.0 / math.sqrt(k), shape)
+    proto_item = rng.normal(0.0, 1.0 / math.sqrt(k), shape)
+    c = domain_clusters(config)
+    pull = math.sqrt(1.0 - rho * rho)
+    return pull * proto_user[c] + rho * user, pull * proto_item[c] + rho * item
+
+
+class EffectCorrelations(TypedDict):
+    """What :func:`domain_effect_correlations` returns."""
+
+    within: float  # mean correlation over pairs of distinct domains in one cluster (NaN: no such pair)
+    across: float  # mean correlation over pairs of domains in different clusters (NaN: no such pair)
+    matrix: np.ndarray  # float64 [D, D], the correlation of every pair of domains (1 on the diagonal)
+    clusters: np.ndarray  # int64 [D], each domain's cluster (domain_clusters)
+
+
+def domain_effect_correlations(config: SyntheticConfig, pairs: int = 4096, seed: int = 0) -> EffectCorrelations:
+    """How related the domains' click functions are once the part they share is removed.
+
+    On ``pairs`` (user, item) pairs drawn uniformly from ``numpy.random.default_rng(seed)``
+    (independent of the generator's streams, so the sample is the same for every config with
+    the same users and items), each domain's *effect* is ``e_d(u, i) = g_d(u, i) - mean_e g_e(u, i)``,
+    the domain term minus its mean over the domains. This is ``(z_d - mean_e z_e) / (s λ)`` up to
+    a constant per domain (the bias ``b_d``): the true logit of ``(u, i)`` in domain ``d`` minus its
+    mean over the domains, so its correlations are those of the logits' effects whenever
+    ``diversity > 0``, and stay defined (those of the truth's directions) at ``diversity = 0``.
+
+    Independent domains (``clusters`` unset or ``cluster_spread = 1``) correlate at about
+    ``-1 / (D - 1)`` (the centring), both within and across; clusters raise ``within`` and
+    lower ``across``. Needs at least 2 domains and 2 pairs.
+    """
+    if config.num_domains < 2:
+        raise ValueError(f"domain effect correlations need at least 2 domains, got {config.num_domains}")
+    if isinstance(pairs, bool) or not isinstance(pairs, int) or pairs < 2:
+        raise ValueError(f"pairs must be an int >= 2, got {pairs!r}")
+    truth = ground_truth(config)
+    rng = np.random.default_rng(seed)
+    uid = rng.integers(0, config.num_users, pairs)
+    item = rng.integers(0, config.num_items, pairs)
+    g = np.stack([truth.domain_term(uid, item, np.full(pairs, d)) for d in range(config.num_domains)])  # [D, n]
+    matrix = np.corrcoef(g - g.mean(axis=0))  # [D, D]
+    clusters = domain_clusters(config)
+    same = clusters[:, None] == clusters[None, :]
+    distinct = ~np.eye(config.num_domains, dtype=bool)
+    within, across = matrix[same & distinct], matrix[~same]
+    return EffectCorrelations(
+        within=float(within.mean()) if within.size else math.nan,
+        across=float(across.mean()) if across.size else math.nan,
+        matrix=matrix,
+        clusters=clusters,
+    )
 
 
 def _streams(seed: int) -> tuple[np.random.Generator, np.random.Generator]:
