@@ -4,8 +4,10 @@ the gate's start, and the ``moefast reproduce`` report."""
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -262,30 +264,49 @@ def test_t_interval_matches_the_textbook() -> None:
 def test_reproduce_runs_end_to_end_and_resumes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     import pandas as pd
 
-    from moefast.train.claims import Setting
+    from moefast.train.claims import ROLE_BASE, ROLE_MLORA, Setting
 
     out = tmp_path / "claims"
-    argv = ["reproduce", "--sections", "core", "--rows", "800", "--max-epochs", "1", "--out", str(out)]
+    argv = ["reproduce", "--sections", "core", "--rows", "800", "--budget", "converged", "--max-steps", "2",
+            "--out", str(out)]
     assert main([*argv, "--seeds", "1"]) == 0
     runs = pd.read_csv(out / "claims-runs.csv", dtype=str, keep_default_na=False)
-    # 4 variants x 2 protocols + the seeds' as-run mode (single-domain only).
-    assert len(runs) == 9
-    assert set(runs["gate_init"]) == {"", "random", "specialist"}
-    assert set(runs["pretrained"]) == {"frozen"}
+    # (base, mlora) + 2 MoE-MLoRA starts x frozen-path dropout on / off, x 2 protocols, + the
+    # seeds' as-run mode (single-domain, its own budget).
+    assert len(runs) == 13
+    assert set(runs["gate_init"]) == {"", "random", "specialist", "keras"}
+    assert set(runs["budget"]) == {"converged", "seeds"} and set(runs["max_steps"]) == {"2"}
+    assert set(runs[runs["method"] == "moe-mlora"]["frozen_path_dropout"]) >= {"on", "off"}
+    assert set(runs[runs["method"] != "moe-mlora"]["frozen_path_dropout"]) == {""}
+    assert set(runs["pretrained"]) == {"frozen"} and set(runs["expert_stop"]) == {"own-domain"}
+    # Every stage stopped at the 2-step cap: counted per run.
+    assert (runs["capped_stages"].astype(int) == runs["stages"].astype(int)).all()
     report = (out / "claims.md").read_text()
-    assert "No real dataset was run here" in report and "core 9/9 runs" in report
-    assert "; domains 0/" in report  # the progress of the whole grid, not only the sections run
+    assert "No real dataset was run here" in report and "core 13/" in report and "protocol v2" in report
+    assert "; related 0/" in report  # the progress of the whole grid, not only the sections run
+    assert "Budget ablation" in report and "[cap:" in report
     assert (out / "claims.png").stat().st_size > 0
-    frame = pd.read_csv(out / "claims-runs.csv", dtype={"num_domains": str, "diversity": str, "seed": str})
-    mean, _, pairs = paired(frame, Setting("taobao", 20, 0.8), "mixed", "mlora", "base")
+    frame = pd.read_csv(out / "claims-runs.csv", dtype=str, keep_default_na=False)
+    frame["wauc"] = frame["wauc"].astype(float)
+    cell = {"batch_mode": "mixed", "budget": "converged"}
+    mean, _, pairs = paired(frame, Setting("taobao", 20, 0.8), (ROLE_MLORA, cell), (ROLE_BASE, cell))
     wauc = frame[frame["batch_mode"] == "mixed"].set_index("variant")["wauc"]
     assert pairs == 1 and mean == pytest.approx(wauc["mlora"] - wauc["base"])
     capsys.readouterr()
     # Resumed with a second seed and a budget already spent: the finished runs are skipped, the
     # first new run starts, then the budget stops the plan.
     assert main([*argv, "--seeds", "1,2", "--budget-hours", "1e-9"]) == 0
-    assert "18 runs planned, 9 in" in capsys.readouterr().err
-    assert len(pd.read_csv(out / "claims-runs.csv")) == 10
+    assert "26 runs planned, 13 in" in capsys.readouterr().err
+    assert len(pd.read_csv(out / "claims-runs.csv")) == 14
+
+
+def test_a_v1_table_is_refused_not_mixed(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "claims"
+    out.mkdir()
+    (out / "claims-runs.csv").write_text("source,preset,num_domains,seed,wauc\nsynthetic,taobao,20,1,0.7\n")
+    assert main(["reproduce", "--sections", "core", "--rows", "800", "--out", str(out), "--report-only"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "claims-runs.csv holds claims runs of format 1" in err
 
 
 def _taobao_raw(root: Path, themes: int = 20) -> Path:
@@ -312,7 +333,7 @@ def test_reproduce_on_real_files(tmp_path: Path, capsys: pytest.CaptureFixture[s
     raw = _taobao_raw(tmp_path / "taobao")
     out = tmp_path / "claims"
     common = ["reproduce", "--taobao-dir", str(raw), "--cache-dir", str(tmp_path / "cache"), "--seeds", "1",
-              "--max-epochs", "1", "--out", str(out), "-q", "--variants", "base,mlora"]
+              "--budget", "converged", "--max-steps", "2", "--out", str(out), "-q", "--variants", "base,mlora"]
     assert main([*common, "--sections", "core"]) == 0
     runs = pd.read_csv(out / "claims-runs.csv", dtype=str, keep_default_na=False)
     assert set(runs["source"]) == {"real"} and len(runs) == 4  # 2 variants x 2 protocols
@@ -341,8 +362,8 @@ def test_report_keeps_other_sizes_and_settings_apart(tmp_path: Path, capsys: pyt
     import pandas as pd
 
     out = tmp_path / "claims"
-    argv = ["reproduce", "--sections", "core", "--seeds", "1", "--max-epochs", "1", "--out", str(out), "-q",
-            "--variants", "base,mlora"]
+    argv = ["reproduce", "--sections", "core", "--seeds", "1", "--budget", "converged", "--max-steps", "2",
+            "--out", str(out), "-q", "--variants", "base,mlora"]
     assert main([*argv, "--rows", "800"]) == 0
     assert main([*argv, "--rows", "900"]) == 0  # a second size in the same CSV
     frame = pd.read_csv(out / "claims-runs.csv")
@@ -353,7 +374,120 @@ def test_report_keeps_other_sizes_and_settings_apart(tmp_path: Path, capsys: pyt
     report = (out / "claims.md").read_text()
     assert "Rows per dataset: 900." in report and "800" not in report.split("## Tables")[1]
     capsys.readouterr()
-    # Other fixed settings (here the epoch cap) are refused, naming the key, not mixed in.
-    other_cap = [*argv[:5], "--max-epochs", "2", *argv[7:]]
+    # Other fixed settings (here the step cap) are refused, naming the key, not mixed in.
+    other_cap = [*argv[:8], "3", *argv[9:]]
     assert main([*other_cap, "--rows", "900"]) == 2
-    assert "train.max_epochs" in capsys.readouterr().err
+    assert "converged_max_steps" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------
+# The verdict logic, table-driven on hand-built per-seed frames
+# ---------------------------------------------------------------------------------------------
+
+
+def _frame(cells: dict[tuple[str, str, str, str], list[float]]) -> Any:
+    """A claims table of the core setting: ``(variant, batch_mode, budget, dropout) -> WAUC per
+    seed``; each variant's key columns are its role's (the display name is scrambled, so that
+    the logic must find variants by role)."""
+    import pandas as pd
+
+    from moefast.train.claims import KEY_COLUMNS, VARIANTS
+
+    by_name = {v.name: v for v in VARIANTS}
+    rows = []
+    for (name, mode, budget, dropout), values in cells.items():
+        v = by_name[name]
+        for seed, wauc in enumerate(values, 1):
+            row = dict.fromkeys(KEY_COLUMNS, "")
+            row |= {"source": "synthetic", "preset": "taobao", "num_domains": "20", "diversity": "0.8",
+                    "cluster_spread": "1", "method": v.kind.value, "gate_init": v.gate_init.value if v.gate_init else "",
+                    "experts_per_domain": "1", "seeds_compat": str(v.seeds_compat).lower(), "batch_mode": mode,
+                    "budget": budget, "frozen_path_dropout": dropout, "seed": str(seed)}
+            rows.append(row | {"variant": f"x{len(rows)}", "wauc": wauc})
+    return pd.DataFrame(rows)
+
+
+_NOISE = [0.001, -0.002, 0.0005, 0.0015, -0.001]
+
+
+def _seeds(level: float, n: int = 5) -> list[float]:
+    return [level + e for e in _NOISE[:n]]
+
+
+@pytest.mark.parametrize(
+    ("moe", "mlora", "base", "expected"),
+    [
+        (_seeds(0.75), _seeds(0.73), _seeds(0.70), "supported"),
+        (_seeds(0.70), _seeds(0.73), _seeds(0.71), "contradicted"),
+        ([0.73, 0.72, 0.74, 0.72, 0.73], [0.725, 0.73, 0.73, 0.725, 0.735], _seeds(0.70), "inconclusive"),
+        (_seeds(0.75, 3), _seeds(0.73, 3), _seeds(0.70, 3), "preliminary, 3 seeds: supported"),
+        (_seeds(0.75, 1), _seeds(0.73, 1), _seeds(0.70, 1), "not enough runs"),
+    ],
+    ids=["supported", "contradicted", "inconclusive", "preliminary", "one-seed"],
+)
+def test_claim_one_verdicts(moe: list[float], mlora: list[float], base: list[float], expected: str) -> None:
+    from moefast.train.claims import (
+        ROLE_MLORA,
+        ROLE_SPECIALIST,
+        Setting,
+        best_baseline,
+        gain,
+        verdict,
+    )
+
+    frame = _frame({("moe-specialist", "mixed", "converged", "off"): moe, ("mlora", "mixed", "converged", ""): mlora,
+                    ("base", "mixed", "converged", ""): base})
+    core = Setting("taobao", 20, 0.8)
+    cell = {"batch_mode": "mixed", "budget": "converged", "frozen_path_dropout": "off"}
+    assert best_baseline(frame, core, cell) == ROLE_MLORA  # the better baseline by mean, here MLoRA
+    assert verdict(*t_interval(gain(frame, core, cell, ROLE_SPECIALIST).values())).startswith(expected)
+
+
+def test_the_best_baseline_and_cells_are_kept_apart() -> None:
+    """Base wins when its mean is higher; runs of another budget, batch mode or dropout never
+    enter a cell."""
+    from moefast.train.claims import ROLE_BASE, ROLE_SPECIALIST, Setting, best_baseline, gain
+
+    frame = _frame({("moe-specialist", "mixed", "converged", "off"): _seeds(0.75),
+                    ("moe-specialist", "mixed", "converged", "on"): _seeds(0.10),
+                    ("moe-specialist", "mixed", "cap10", "off"): _seeds(0.20),
+                    ("mlora", "mixed", "converged", ""): _seeds(0.70), ("base", "mixed", "converged", ""): _seeds(0.72),
+                    ("base", "single-domain", "converged", ""): _seeds(0.99)})
+    core = Setting("taobao", 20, 0.8)
+    cell = {"batch_mode": "mixed", "budget": "converged", "frozen_path_dropout": "off"}
+    assert best_baseline(frame, core, cell) == ROLE_BASE
+    assert gain(frame, core, cell, ROLE_SPECIALIST) == pytest.approx(dict.fromkeys(map(str, range(1, 6)), 0.03))
+
+
+@pytest.mark.parametrize(
+    ("off", "on", "expected"),
+    [(_seeds(0.75), _seeds(0.73), False), (_seeds(0.73), _seeds(0.75), True),
+     ([0.73, 0.72, 0.74, 0.72, 0.73], [0.725, 0.73, 0.73, 0.725, 0.735], True), (_seeds(0.75, 4), _seeds(0.73, 4), None)],
+    ids=["off-wins", "on-wins", "inconclusive-keeps-on", "too-few-seeds"],
+)
+def test_frozen_path_dropout_rule(off: list[float], on: list[float], expected: bool | None) -> None:
+    from moefast.train.claims import frozen_path_dropout_rule
+
+    frame = _frame({("moe-specialist", "mixed", "converged", "off"): off,
+                    ("moe-specialist", "mixed", "converged", "on"): on,
+                    ("moe-specialist", "single-domain", "converged", "off"): _seeds(0.9)})  # never read
+    assert frozen_path_dropout_rule(frame) is expected
+
+
+_FLAT = [[0.750, 0.748, 0.752, 0.749, 0.751], [0.751, 0.750, 0.748, 0.752, 0.749],
+         [0.749, 0.751, 0.750, 0.748, 0.752], [0.752, 0.749, 0.751, 0.750, 0.748]]
+
+
+@pytest.mark.parametrize(
+    ("by_k", "expected"),
+    [([_seeds(m) for m in (0.75, 0.73, 0.74, 0.745)], "supported"),
+     ([_seeds(m) for m in (0.70, 0.72, 0.74, 0.76)], "contradicted"), (_FLAT, "inconclusive")],
+    ids=["a-step-worse", "every-step-better", "flat"],
+)
+def test_more_experts_verdicts(by_k: list[list[float]], expected: str) -> None:
+    from moefast.train.claims import experts_verdict
+
+    steps = [t_interval([b - a for a, b in zip(x, y, strict=True)]) for x, y in itertools.pairwise(by_k)]
+    assert experts_verdict(steps).startswith(expected)
+    assert experts_verdict([t_interval([b - a for a, b in zip(x[:3], y[:3], strict=True)])
+                            for x, y in itertools.pairwise(by_k)]).startswith("preliminary")

@@ -42,6 +42,7 @@ __all__ = [
     "parse_choice",
     "parse_count_or_none",
     "parse_methods",
+    "parse_on_off",
     "read_toml",
 ]
 

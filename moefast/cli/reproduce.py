@@ -13,7 +13,7 @@ import argparse
 import sys
 from typing import Any
 
-from moefast.cli._options import UserError
+from moefast.cli._options import UserError, parse_on_off
 
 __all__ = ["NAME", "add_parser", "run"]
 
@@ -53,7 +53,12 @@ def add_parser(commands: Any) -> argparse.ArgumentParser:
                         default=None, help="comma-separated subset: base, mlora, moe-specialist, moe-random, "
                         "moe-seeds-compat (-k2..-k4 for more experts); default all")
     parser.add_argument("--rows", type=int, default=None, help="rows of every dataset (default: the presets')")
-    parser.add_argument("--max-epochs", type=int, default=None, help="epoch cap of every stage (default 10)")
+    parser.add_argument("--budget", choices=("converged", "cap10"), default=None,
+                        help="run only this budget (default: each section's; the core runs both)")
+    parser.add_argument("--max-steps", type=int, default=None,
+                        help="the converged budget's step cap (default 20000; for smoke runs)")
+    parser.add_argument("--frozen-path-dropout", type=parse_on_off, default=None,
+                        help="on | off for the sections after the core (default: the rule over the core's runs)")
     parser.add_argument("--budget-hours", type=float, default=None,
                         help="start no new run after this many hours (rerun to continue)")
     parser.add_argument("--model", default=None, help="backbone (default deepfm)")
@@ -76,7 +81,8 @@ def run(args: argparse.Namespace) -> int:
 
     from moefast.train.claims import ClaimsConfig, run_claims, write_report
 
-    fields = {name: getattr(args, name) for name in ("sections", "seeds", "rows", "max_epochs", "budget_hours",
+    fields = {name: getattr(args, name) for name in ("sections", "seeds", "rows", "budget", "max_steps",
+                                                     "frozen_path_dropout", "budget_hours",
                                                      "model", "backend", "out", "taobao_dir", "variants", "movielens_dir",
                                                      "cache_dir")}
     try:

@@ -240,25 +240,27 @@ def _remove_stale_temporaries(run_dir: Path) -> None:
 
 
 @contextlib.contextmanager
-def hold_lock(path: Path, what: str) -> Iterator[None]:
-    """Hold an exclusive ``flock`` on the file ``path`` (created if missing) for the ``with`` block.
+def hold_lock(path: Path, what: str, *, wait: bool = False) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on the file ``path`` (created if missing) for the ``with`` block;
+    ``wait``: block while another process holds it (a short critical section, such as adding a
+    row to a shared table) instead of refusing.
 
     Raises:
-        RunDirectoryError: another live process holds it (``what`` names the thing locked), or
-            the lock file cannot be created.
+        RunDirectoryError: another live process holds it (``what`` names the thing locked; not
+            with ``wait``), or the lock file cannot be created.
     """
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise RunDirectoryError(f"{what} cannot be locked ({str(path)!r}): {exc.strerror or exc}") from None
-    fd = _open_locked(path, what)
+    fd = _open_locked(path, what, wait=wait)
     try:
         yield
     finally:
         os.close(fd)
 
 
-def _open_locked(path: Path, what: str) -> int:
+def _open_locked(path: Path, what: str, *, wait: bool = False) -> int:
     """A descriptor of the file ``path`` (created if missing) holding an exclusive ``flock``.
 
     Raises:
@@ -270,7 +272,7 @@ def _open_locked(path: Path, what: str) -> int:
     except OSError as exc:
         raise RunDirectoryError(f"{what} is not writable ({str(path)!r}): {exc.strerror or exc}") from None
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(fd)
         raise RunDirectoryError(f"{what} is in use by another live moefast process") from None
