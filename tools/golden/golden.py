@@ -178,7 +178,7 @@ def moefast(argv: list[str], cwd: Path, log: Path, env: Mapping[str, str] | None
         code = 1
         try:
             os.chdir(cwd)
-            fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
             os.dup2(fd, 1)
             os.dup2(fd, 2)
             os.environ.update(env or {})
@@ -247,37 +247,42 @@ def run_one(name: str, spec: Mapping[str, Any], protocol: Mapping[str, Any], wor
     out = folder / "out"
     log = folder / "log.txt"
     kind = spec["kind"]
+    # The processed-data cache in the run's own folder: a table parsed by an earlier run (or an
+    # earlier commit, under an unchanged cache key) must not stand in for this one's parse.
+    env = {"MOEFAST_CACHE": str(folder / "cache")}
     if kind == "export":
         source = outputs[spec["run"]]
         program = out / "model.pt2"
         out.mkdir()
         status = moefast(["export", str(source), "--method", spec["method"], "--out", str(program), "--quiet"],
-                         folder, log)
+                         folder, log, env)
         check_status(name, "moefast export", status, log)
         status = moefast(["predict", "--model", str(program), "--out", str(out / "scores.csv"),
                           "--split", spec["split"], "--batch-size", str(spec["batch_size"]), "--quiet"],
-                         folder, log)
+                         folder, log, env)
         check_status(name, "moefast predict", status, log)
         return out
     config = str(config_file(protocol, spec, folder))
     if kind == "grid":
-        status = moefast(["grid", "--config", config, "--out", str(out), "--quiet"], folder, log)
+        status = moefast(["grid", "--config", config, "--out", str(out), "--quiet"], folder, log, env)
         check_status(name, "moefast grid", status, log)
         return out
     argv = ["train", "--config", config, "--out", str(out), "--quiet"]
     if "nproc" in spec:
         argv += ["--nproc", str(spec["nproc"])]
     if kind == "kill-resume":
-        status = moefast(argv, folder, log, {"MOEFAST_TEST_FAULT": spec["fault"]})
+        status = moefast(argv, folder, log, {**env, "MOEFAST_TEST_FAULT": spec["fault"]})
         check_status(name, f"the run with MOEFAST_TEST_FAULT={spec['fault']}", status, log, want=-9)
         if not (out / "resume.pt").is_file():
             raise RunFailed(f"{name}: the killed run left no resume.pt to continue from")
-        status = moefast(["train", "--resume", str(out), "--quiet"], folder, log)
+        status = moefast(["train", "--resume", str(out), "--quiet"], folder, log, env)
         check_status(name, "moefast train --resume", status, log)
         return out
     if kind != "train":
         raise ValueError(f"protocol.toml: run {name!r} has an unknown kind {kind!r}")
-    status = moefast(argv, folder, log, {"GLOO_SOCKET_IFNAME": "lo"} if "nproc" in spec else None)
+    if "nproc" in spec:
+        env["GLOO_SOCKET_IFNAME"] = "lo"  # torchrun's ranks talk over the loopback (as the tests do)
+    status = moefast(argv, folder, log, env)
     check_status(name, "moefast train", status, log)
     return out
 
@@ -343,6 +348,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("mode", choices=("check", "record"))
     parser.add_argument("--only", nargs="+", metavar="RUN", help="these runs only (check; default all)")
     parser.add_argument("--keep", metavar="DIR", help="run in DIR (must not exist) and keep the outputs")
+    parser.add_argument("--reference", metavar="FILE", default=str(REFERENCE),
+                        help="the recorded hashes to check against or record into (default tools/golden/reference.json)")
     args = parser.parse_args(argv)
 
     torch.set_num_threads(1)
@@ -364,7 +371,7 @@ def main(argv: list[str] | None = None) -> int:
         chosen = [n for n in runs if n in wanted]
     reference: dict[str, Any] = {"runs": {}}
     if args.mode == "check":
-        reference = json.loads(REFERENCE.read_text())
+        reference = json.loads(Path(args.reference).read_text())
         if reference.get("torch") != torch.__version__:
             print(f"golden: note: recorded under torch {reference.get('torch')}, this is {torch.__version__}")
 
@@ -424,9 +431,9 @@ def main(argv: list[str] | None = None) -> int:
             "python": sys.version.split()[0],
             "runs": reference["runs"],
         }
-        REFERENCE.write_text(json.dumps(payload, indent=1, sort_keys=False) + "\n")
+        Path(args.reference).write_text(json.dumps(payload, indent=1) + "\n")
         keys = sum(len(k) for files in reference["runs"].values() for k in files.values())
-        print(f"golden: recorded {len(reference['runs'])} runs, {keys} keys, in {REFERENCE} ({took:.0f} s)")
+        print(f"golden: recorded {len(reference['runs'])} runs, {keys} keys, in {args.reference} ({took:.0f} s)")
         return 0
     print(f"golden: {len(chosen)} runs, {compared} keys: all bitwise equal ({took:.0f} s)")
     return 0
