@@ -387,26 +387,28 @@ def main(argv: list[str] | None = None) -> int:
     compared = 0
     outputs: dict[str, Path] = {}
     try:
+        # Every run first, then every comparison: the runs are forked from this process before
+        # it has loaded a model or a checkpoint.
         for name in chosen:
-            spec = runs[name]
             began = time.perf_counter()
             try:
-                outputs[name] = run_one(name, spec, protocol, work, outputs)
+                outputs[name] = run_one(name, runs[name], protocol, work, outputs)
             except RunFailed as exc:
                 problems.append(str(exc))
-                print(f"golden: {name}: FAILED to run")
+                print(f"golden: {name}: FAILED to run", flush=True)
                 continue
+            print(f"golden: {name}: ran ({time.perf_counter() - began:.1f} s)", flush=True)
+        for name, out in outputs.items():
+            spec = runs[name]
             if args.mode == "record" and "same_as" not in spec:
-                reference["runs"][name] = observed(outputs[name])
-                done = "recorded"
-            else:
-                # A kill-resume run is compared with its uninterrupted run also when recording:
-                # the equality must hold at the recorded commit.
-                found, count = compare(name, recorded_for(reference, name, spec), outputs[name])
-                problems += found
-                compared += count
-                done = f"{count} keys compared, {len(found)} mismatches"
-            print(f"golden: {name}: {done} ({time.perf_counter() - began:.1f} s)", flush=True)
+                reference["runs"][name] = observed(out)
+                continue
+            # A kill-resume run is compared with its uninterrupted run also when recording: the
+            # equality must hold at the recorded commit.
+            found, count = compare(name, recorded_for(reference, name, spec), out)
+            problems += found
+            compared += count
+            print(f"golden: {name}: {count} keys compared, {len(found)} mismatches", flush=True)
     finally:
         if holder is not None:
             holder.cleanup()
