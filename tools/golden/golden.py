@@ -251,6 +251,8 @@ def run_one(name: str, spec: Mapping[str, Any], protocol: Mapping[str, Any], wor
     # earlier commit, under an unchanged cache key) must not stand in for this one's parse.
     env = {"MOEFAST_CACHE": str(folder / "cache")}
     if kind == "export":
+        if spec["run"] not in outputs:
+            raise RunFailed(f"{name}: exports run {spec['run']!r}, which did not run")
         source = outputs[spec["run"]]
         program = out / "model.pt2"
         out.mkdir()
