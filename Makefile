@@ -12,7 +12,7 @@ NATIVE_SRC  := pyproject.toml CMakeLists.txt $(wildcard csrc/*.cpp csrc/*.h csrc
 BENCH_NAME  ?= cpu-$(shell uname -m)
 BENCH_PATH  ?= bench/
 
-.PHONY: setup run test check-install lint bench stubs clean sanitize
+.PHONY: setup run test check-install lint bench stubs clean sanitize golden golden-record
 
 setup: $(BUILD_STAMP)
 
@@ -56,6 +56,17 @@ sanitize: setup
 	cmake -S . -B $(SANITIZE_DIR) -DMOEFAST_SANITIZE=ON -DMOEFAST_TOWER_OPS=ON -DPython_EXECUTABLE=$(abspath $(BIN)/python)
 	cmake --build $(SANITIZE_DIR) -j2
 	tools/sanitize/run.sh $(SANITIZE_DIR) $(SANITIZE_TESTS)
+
+# The golden runs (tools/golden, docs/reliability.md "Golden runs"), not part of `make test`
+# (about a minute on 2 cores): tiny runs with every protocol option explicit, at one thread,
+# compared bitwise key by key with tools/golden/reference.json. Run it before every push of a
+# behaviour-preserving commit; `make golden-record` rewrites the reference, only in a commit
+# whose message names the intended behaviour change.
+golden: setup
+	OMP_NUM_THREADS=1 $(BIN)/python tools/golden/golden.py check
+
+golden-record: setup
+	OMP_NUM_THREADS=1 $(BIN)/python tools/golden/golden.py record
 
 bench: setup
 	mkdir -p bench/results
