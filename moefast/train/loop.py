@@ -53,7 +53,14 @@ from moefast.train.resume import (
     state_fingerprint,
 )
 from moefast.train.rundir import RunDirectory, check_settings, claim_run_dir, to_jsonable, write_run
-from moefast.train.stages import Stage, StageStep, mask_gradients, plan_stages, set_stage
+from moefast.train.stages import (
+    Stage,
+    StageStep,
+    apply_frozen_path_dropout,
+    mask_gradients,
+    plan_stages,
+    set_stage,
+)
 
 __all__ = [
     "CapWarning",
@@ -612,9 +619,7 @@ def _run_stage(
     params = set_stage(model, step, train_backbone=config.train_backbone_in_later_stages or compat,
                        freeze_pretrained=config.pretrained is PretrainedMode.FROZEN,
                        seeds_as_run=compat, seeds_gate=config.seeds_gate)
-    # Dropout on a shared path that does not train only adds noise to the adapters' gradients.
-    shared_trains = any(p.requires_grad for p in model.tower.shared_parameters())
-    model.tower.set_shared_dropout(shared_trains or config.frozen_path_dropout)
+    apply_frozen_path_dropout(model, config.frozen_path_dropout)
     fused = _table_ids(model)  # updated inside the embedding backward, not by Adam
     if optimizer is None:
         optimizer = stage_optimizer([p for p in params if id(p) not in fused], config, backend)

@@ -24,7 +24,7 @@ from moefast.config import MLoRAMode, SeedsGate, TowerKind
 from moefast.models.base import CTRModel
 from moefast.nn.tower import Routing
 
-__all__ = ["Stage", "StageStep", "mask_gradients", "plan_stages", "set_stage"]
+__all__ = ["Stage", "StageStep", "apply_frozen_path_dropout", "mask_gradients", "plan_stages", "set_stage"]
 
 
 class Stage(enum.Enum):
@@ -161,3 +161,14 @@ def mask_gradients(model: CTRModel, step: StageStep) -> None:
         if p.grad is not None:
             p.grad[:e].zero_()
             p.grad[e + 1 :].zero_()
+
+
+def apply_frozen_path_dropout(model: CTRModel, frozen_path_dropout: bool) -> bool:
+    """After :func:`set_stage`: keep the tower's dropout on its shared path when that path
+    trains, or when ``frozen_path_dropout`` asks for it on a frozen one (the seeds' behaviour);
+    otherwise draw no mask (dropout on a path that does not train only adds noise to the
+    adapters' gradients). Returns whether dropout is on."""
+    shared_trains = any(p.requires_grad for p in model.tower.shared_parameters())
+    active = shared_trains or frozen_path_dropout
+    model.tower.set_shared_dropout(active)
+    return active
