@@ -353,12 +353,16 @@ class TrainConfig:
     batch_size: int = 1024
     eval_batch_size: int = 32768
     l2: float = 1e-5
-    max_epochs: int | None = 10
+    # The budget (docs/method.md, "Budget"): a validation every 100 steps, patience 3
+    # validations, a safety cap of 20,000 steps a stage that should never bind (the claims'
+    # core at 200,000 rows: the longest stage, the backbone, stopped by patience after about
+    # 2,700 steps; docs/results/claims-pilot.md), no epoch cap.
+    max_epochs: int | None = None
     expert_max_epochs: int | None = None
     gate_max_epochs: int | None = None
     patience: int = 3
-    eval_every: int | None = None
-    max_steps: int | None = None
+    eval_every: int | None = 100
+    max_steps: int | None = 20_000
     frozen_path_dropout: bool = True
     seeds_gate: SeedsGate = SeedsGate.FROZEN
     batch_mode: BatchMode | None = None

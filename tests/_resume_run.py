@@ -24,7 +24,10 @@ def dataset() -> MultiDomainDataset:
 
 
 def config(optimizer: str, **changes: Any) -> TrainConfig:
-    options: dict[str, Any] = {"max_epochs": 3, "patience": 1, "batch_size": 128, "progress": False}
+    # A validation after every epoch, so that the kill points (stage, epoch, batch) land in
+    # epochs that end with one.
+    options: dict[str, Any] = {"max_epochs": 3, "patience": 1, "batch_size": 128, "progress": False,
+                               "eval_every": None}
     return TrainConfig(embedding_optimizer=EmbeddingOptimizer(optimizer), **(options | changes))
 
 

@@ -32,7 +32,7 @@ TOWER = TowerConfig(hidden_units=(8, 4), ranks=(2, 1), dropout=0.0)
 
 
 def _config(**overrides: Any) -> TrainConfig:
-    base = TrainConfig(max_epochs=3, patience=2, batch_size=16, progress=False)
+    base = TrainConfig(max_epochs=3, patience=2, batch_size=16, progress=False, eval_every=None)
     return dataclasses.replace(base, **overrides)
 
 

@@ -46,7 +46,7 @@ def checkpoints(run: Path) -> Iterator[dict[str, torch.Tensor]]:
 
 
 def config(compat: bool, **overrides: Any) -> TrainConfig:
-    base = TrainConfig(max_epochs=2, patience=1, batch_size=16, progress=False, seeds_compat=compat)
+    base = TrainConfig(max_epochs=2, patience=1, batch_size=16, progress=False, seeds_compat=compat, eval_every=None)
     return dataclasses.replace(base, **overrides)
 
 
