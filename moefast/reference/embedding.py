@@ -27,7 +27,12 @@ import torch
 import torch.nn.functional as F
 
 from moefast.config import Pooling
-from moefast.reference.embedding_optim import TABLE_DTYPES, FusedOptimizer, sparse_update_, table_key
+from moefast.reference.embedding_optim import (
+    TABLE_DTYPES,
+    FusedOptimizer,
+    sparse_update_,
+    table_key,
+)
 
 __all__ = [
     "FieldLayout",
