@@ -248,3 +248,55 @@ def test_avx512_avx2_and_baseline_clones_agree_bitwise(tmp_path: pathlib.Path) -
                 assert torch.equal(a, b), (name, levels[0], other)
     if len(levels) < 3:
         pytest.skip("no AVX-512 (F, BW, VL) on this CPU: compared AVX2 with baseline only")
+
+
+def test_half_tables_with_dense_adam_are_refused_in_one_line() -> None:
+    from moefast.config import EmbeddingOptimizer, TablePrecision, TrainConfig
+
+    with pytest.raises(ValueError, match="--embedding-optimizer") as info:
+        TrainConfig(table_precision=TablePrecision.BF16)
+    assert "\n" not in str(info.value)
+    config = TrainConfig(table_precision=TablePrecision.FP16, embedding_optimizer=EmbeddingOptimizer.LAZY_ADAM)
+    assert config.table_precision.dtype == torch.float16
+
+
+def test_collection_precision_checkpoint_round_trip_and_mismatch_refused(tmp_path: pathlib.Path) -> None:
+    """Tables stored in their own precision (2 bytes an element, in the tensors and the file);
+    a round trip is exact; loading into another precision is refused until converted."""
+    from moefast.config import FeatureSpec, TablePrecision
+    from moefast.nn import EmbeddingCollection
+    from moefast.train.checkpoint import load_checkpoint, save_checkpoint
+
+    specs = [FeatureSpec("a", 4000, 16), FeatureSpec("b", 30, 8, Pooling.SUM)]
+    torch.manual_seed(0)
+    full = EmbeddingCollection(specs, init_std=0.1, optimizer=LazyAdam())
+    torch.manual_seed(0)
+    half = EmbeddingCollection(specs, init_std=0.1, optimizer=LazyAdam(), precision=TablePrecision.BF16)
+    assert half.precision is TablePrecision.BF16
+    assert all(t.element_size() == 2 and torch.equal(t, f.to(torch.bfloat16))
+               for t, f in zip(half.tables.values(), full.tables.values(), strict=True))
+    save_checkpoint(tmp_path / "full.pt", full, "joint")
+    save_checkpoint(tmp_path / "half.pt", half, "joint")
+    table_bytes = 4000 * 16 * 2
+    assert (tmp_path / "full.pt").stat().st_size - (tmp_path / "half.pt").stat().st_size > 0.9 * table_bytes
+    other = EmbeddingCollection(specs, optimizer=LazyAdam())
+    with pytest.raises(ValueError, match="dtype"):
+        load_checkpoint(tmp_path / "half.pt", other)
+    with pytest.raises(ValueError, match="own precision"):
+        other.load_state_dict(half.state_dict())
+    other.set_precision(TablePrecision.BF16)
+    load_checkpoint(tmp_path / "half.pt", other)
+    assert all(torch.equal(_bits(a), _bits(b)) for a, b in zip(other.tables.values(), half.tables.values(), strict=True))
+
+
+def test_from_torch_with_precision_computes_on_the_rounded_weights() -> None:
+    from torch import nn
+
+    from moefast.config import TablePrecision
+    from moefast.nn import EmbeddingCollection
+
+    module = nn.EmbeddingBag(20, 4, mode="sum", padding_idx=0)
+    collection = EmbeddingCollection.from_torch({"x": module}, precision=TablePrecision.FP16)
+    ids = torch.randint(0, 20, (6, 3))
+    expected = nn.functional.embedding_bag(ids, module.weight.detach().half().float(), mode="sum", padding_idx=0)
+    torch.testing.assert_close(collection({"x": ids}), expected, rtol=1e-5, atol=1e-5)
