@@ -8,7 +8,8 @@ Workload: ``test_bench_embedding.py``'s (26 fields, batch 4096, Zipf ids, 4 bagg
 Each workload's tables are converted once per precision; the moefast update is lazy Adam and
 row-wise Adagrad (FBGEMM: ``EXACT_ROWWISE_ADAGRAD`` with ``stochastic_rounding=True``).
 Weights' bytes per precision go to ``extra_info`` (``table_bytes``), measured from the tensors.
-Run: ``make bench ARGS="-k embedding_half"``; ratios in docs/performance.md.
+Run: ``make bench BENCH_PATH=bench/test_bench_embedding_half.py BENCH_NAME=cpu-x86_64-embedding-half``;
+ratios in docs/performance.md.
 """
 
 from __future__ import annotations

@@ -26,7 +26,7 @@ from moefast.export._records import (
 from moefast.models.base import MODELS, CTRModel
 from moefast.nn.embedding import EmbeddingCollection
 from moefast.ops._backend import BackendLike
-from moefast.reference.embedding_optim import LazyAdam, RowwiseAdagrad
+from moefast.reference.embedding_optim import FusedOptimizer, LazyAdam, RowwiseAdagrad
 
 __all__ = ["LoadedRun", "load_run", "method_dir", "tower_config_from_json"]
 
@@ -153,7 +153,8 @@ def load_run(
     # optimizer of the run's kind so that the state loads (its hyperparameters play no part).
     settings = folder / "settings.json"
     kind = (read_json_object(settings).get("train") or {}).get("embedding_optimizer") if settings.is_file() else None
-    fused = {"lazy-adam": LazyAdam(), "rowwise-adagrad": RowwiseAdagrad()}.get(str(kind))
+    fused: FusedOptimizer | None = (LazyAdam() if kind == "lazy-adam" else
+                                    RowwiseAdagrad() if kind == "rowwise-adagrad" else None)
     for module in model.modules():
         if isinstance(module, EmbeddingCollection):
             module.set_precision(table_precision)

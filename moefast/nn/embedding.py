@@ -138,7 +138,7 @@ class EmbeddingCollection(nn.Module):
                     "model: tables load only into their own precision; convert one explicitly first "
                     "(EmbeddingCollection.set_precision, or TrainConfig.table_precision)"
                 )
-        super()._load_from_state_dict(  # type: ignore[no-untyped-call]
+        super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
 
