@@ -30,7 +30,8 @@ using Int64Vector = nb::ndarray<int64_t, nb::ndim<1>, nb::c_contig, nb::device::
 
 constexpr int64_t kMaxRowsOrIds = int64_t{1} << 32;  // ids and positions are packed in 32 bits
 constexpr size_t kPointersPerField = 4;  // weight, indices, offsets, per_sample_weights
-constexpr size_t kMetaPerField = 6;      // rows, dim, num_indices, index_is_64, pooling, padding_idx
+// rows, dim, num_indices, index_is_64, pooling, padding_idx, table type, table key
+constexpr size_t kMetaPerField = 8;
 
 // Why raw pointers for the per-field tensors: importing a torch tensor as an nb::ndarray costs
 // about 3 us (DLPack), 150 us for the 52 tensors of a 26-field batch, as much as a 4096-row
@@ -43,7 +44,7 @@ std::vector<moefast::EmbeddingField> unpack_fields(const std::vector<uintptr_t>&
                                                    int64_t batch) {
   const size_t n = names.size();
   if (pointers.size() != n * kPointersPerField || meta.size() != n * kMetaPerField) {
-    throw std::invalid_argument("pointers / meta must hold 4 / 6 entries per field");
+    throw std::invalid_argument("pointers / meta must hold 4 / 8 entries per field");
   }
   if (batch < 0) throw std::invalid_argument("batch must be >= 0");
   std::vector<moefast::EmbeddingField> fields(n);
@@ -53,7 +54,7 @@ std::vector<moefast::EmbeddingField> unpack_fields(const std::vector<uintptr_t>&
     const int64_t* m = meta.data() + t * kMetaPerField;
     f.name = names[t];
     const std::string where = "field '" + f.name + "': ";
-    f.weight = reinterpret_cast<float*>(p[0]);
+    f.weight = reinterpret_cast<void*>(p[0]);
     f.indices = reinterpret_cast<const void*>(p[1]);
     f.offsets = reinterpret_cast<const void*>(p[2]);
     f.per_sample_weights = reinterpret_cast<const float*>(p[3]);
@@ -80,6 +81,9 @@ std::vector<moefast::EmbeddingField> unpack_fields(const std::vector<uintptr_t>&
     }
     if (m[5] < -1 || m[5] >= f.rows) throw std::invalid_argument(where + "padding_idx out of range");
     f.padding_idx = m[5];
+    if (m[6] < 0 || m[6] > 2) throw std::invalid_argument(where + "unknown table type");
+    f.type = static_cast<moefast::TableType>(m[6]);
+    f.table_key = static_cast<uint64_t>(m[7]);
   }
   return fields;
 }
@@ -130,8 +134,8 @@ std::vector<int64_t> backward_rows(const std::vector<uintptr_t>& pointers,
 void backward_update(const std::vector<uintptr_t>& pointers, const std::vector<int64_t>& meta,
                      const std::vector<std::string>& names, int64_t batch, Table grad_out,
                      const std::vector<bool>& need, int kind, double lr, double eps,
-                     double beta1, double beta2, const std::vector<uintptr_t>& state_pointers,
-                     int num_threads) {
+                     double beta1, double beta2, uint64_t seed,
+                     const std::vector<uintptr_t>& state_pointers, int num_threads) {
   auto fields = unpack_fields(pointers, meta, names, batch);
   check_out(grad_out, batch, total_dim(fields), "grad_out");
   const size_t n = fields.size();
@@ -145,6 +149,7 @@ void backward_update(const std::vector<uintptr_t>& pointers, const std::vector<i
   config.eps = static_cast<float>(eps);
   config.beta1 = beta1;
   config.beta2 = beta2;
+  config.seed = seed;
   std::vector<moefast::OptimizerState> states(n);
   for (size_t t = 0; t < n; ++t) {
     if (!need[t]) continue;
@@ -188,8 +193,9 @@ NB_MODULE(_C, m) {
         "Table-batched lookup into out [batch, >= sum of dims] (float32). Spec: "
         "moefast.reference.embedding.embedding_collection. Per field, pointers = (weight, "
         "indices, offsets or 0, per_sample_weights or 0) and meta = (rows, dim, num_indices, "
-        "index_is_64, pooling 0 none / 1 sum / 2 mean, padding_idx or -1). ValueError names the "
-        "field for an id out of range or inconsistent offsets.");
+        "index_is_64, pooling 0 none / 1 sum / 2 mean, padding_idx or -1, table type 0 float32 / "
+        "1 float16 / 2 bfloat16, table key). Half tables are pooled in float32. ValueError names "
+        "the field for an id out of range or inconsistent offsets.");
   m.def("embedding_backward_rows", &backward_rows, "pointers"_a, "meta"_a, "names"_a, "batch"_a,
         "grad_out"_a.noconvert(), "need"_a, "rows_out"_a.noconvert(), "grads_out"_a.noconvert(),
         "num_threads"_a,
@@ -198,10 +204,14 @@ NB_MODULE(_C, m) {
         "per field. Spec: moefast.reference.embedding.embedding_collection_row_grads.");
   m.def("embedding_backward_update", &backward_update, "pointers"_a, "meta"_a, "names"_a,
         "batch"_a, "grad_out"_a.noconvert(), "need"_a, "kind"_a, "lr"_a, "eps"_a, "beta1"_a,
-        "beta2"_a, "state_pointers"_a, "num_threads"_a,
+        "beta2"_a, "seed"_a, "state_pointers"_a, "num_threads"_a,
         "Backward fused with a sparse optimizer (kind 0: row-wise Adagrad with state_pointers "
         "(sum, 0, 0, 0) per field; 1: lazy Adam with (0, exp_avg, exp_avg_sq, step)) that "
-        "updates the rows seen in place. Spec: moefast.reference.embedding_optim.");
+        "updates the rows seen in place; half tables are rounded back stochastically with bits "
+        "drawn from seed. Spec: moefast.reference.embedding_optim.");
+  m.def("simd_level", &moefast::simd_level,
+        "The clone of the engine's kernels this process runs: 'avx512', 'avx2' or 'baseline' "
+        "(chosen once from the CPU and MOEFAST_DISABLE_AVX512 / MOEFAST_DISABLE_AVX2).");
   m.def("dropout_mask", &dropout_mask, "state"_a.noconvert(), "out"_a.noconvert(), "keep_below"_a,
         "scale"_a,
         "Fills out (float32) with the dropout factors torch.rand(out.numel()) < keep would draw "

@@ -8,7 +8,12 @@
 #include <stdexcept>
 
 #include "cpu_features.h"
+#include "half.h"
 #include "thread_pool.h"
+
+// 32- and 64-byte vectors passed between always-inline helpers: GCC notes an ABI change that
+// cannot matter here (nothing with these types crosses a translation unit).
+#pragma GCC diagnostic ignored "-Wpsabi"
 
 namespace moefast {
 namespace {
@@ -25,9 +30,9 @@ constexpr int64_t kMinRowsAhead = 4;
 // Counted in whole cache lines per row: a row smaller than a line (dim-1 first-order weights)
 // still costs a line per random id, and counting its 4 bytes would put the prefetch 1024 rows
 // ahead, far past what the core keeps in flight.
-inline int64_t rows_ahead(int64_t bytes, int64_t dim) {
+inline int64_t rows_ahead(int64_t bytes, int64_t dim, int64_t element_size = sizeof(float)) {
   constexpr int64_t kLine = 64;
-  const int64_t row_bytes = dim * static_cast<int64_t>(sizeof(float));
+  const int64_t row_bytes = dim * element_size;
   const int64_t lines = (row_bytes + kLine - 1) / kLine;
   return std::max<int64_t>(kMinRowsAhead, bytes / (lines * kLine));
 }
@@ -47,16 +52,18 @@ inline int64_t load(const void* p, int64_t i) {
   return static_cast<int64_t>(static_cast<const Idx*>(p)[i]);
 }
 
-inline void prefetch_row(const float* row, int64_t dim) {
+template <typename T>
+inline void prefetch_row(const T* row, int64_t dim) {
   const char* p = reinterpret_cast<const char*>(row);
-  for (int64_t byte = 0; byte < dim * static_cast<int64_t>(sizeof(float)); byte += kCacheLine) {
+  for (int64_t byte = 0; byte < dim * static_cast<int64_t>(sizeof(T)); byte += kCacheLine) {
     __builtin_prefetch(p + byte, 0, 3);
   }
 }
 
-inline void prefetch_row_for_write(const float* row, int64_t dim) {
+template <typename T>
+inline void prefetch_row_for_write(const T* row, int64_t dim) {
   const char* p = reinterpret_cast<const char*>(row);
-  for (int64_t byte = 0; byte < dim * static_cast<int64_t>(sizeof(float)); byte += kCacheLine) {
+  for (int64_t byte = 0; byte < dim * static_cast<int64_t>(sizeof(T)); byte += kCacheLine) {
     __builtin_prefetch(p + byte, 1, 3);
   }
 }
@@ -78,6 +85,8 @@ inline void store4(float* p, Vec4 v) { std::memcpy(p, &v, sizeof(v)); }
 // 8-float lanes for the AVX2 clone of the forward (x86-64 only, chosen at run time): same
 // per-element additions in the same order as Vec4, so results are identical on either path.
 typedef float Vec8 __attribute__((vector_size(32)));
+// 16-float lanes for the AVX-512 clone.
+typedef float Vec16 __attribute__((vector_size(64)));
 
 template <int kWidth>
 struct Lanes;
@@ -94,6 +103,10 @@ template <>
 struct Lanes<8> {
   using type = Vec8;
 };
+template <>
+struct Lanes<16> {
+  using type = Vec16;
+};
 
 template <typename V>
 inline V load_lanes(const float* p) {
@@ -107,11 +120,125 @@ inline void store_lanes(float* p, V v) {
   std::memcpy(p, &v, sizeof(v));
 }
 
+// Which clone a kernel is compiled into (its template argument kIsa): what the fp16 lane loads
+// may use.
+constexpr int kIsaBaseline = 0;
+constexpr int kIsaAvx2 = 1;    // + F16C
+constexpr int kIsaAvx512 = 2;  // + AVX-512 F, BW, VL
+
+// Table element types: the stored type, its exact conversion to fp32 (scalar and kWidth lanes),
+// and for half types the stochastic rounding back.
+struct Float32Table {
+  using Raw = float;
+  static constexpr bool kHalf = false;
+  static float to_float(float x) { return x; }
+  template <typename V, int kIsa>
+  MOEFAST_INLINE static V load(const float* p) {
+    if constexpr (sizeof(V) == sizeof(float)) {
+      return *p;
+    } else {
+      return load_lanes<V>(p);
+    }
+  }
+};
+
+// kWidth uint16 / uint32 lanes, for the half types' conversions.
+template <int kWidth>
+struct HalfLanes {
+  typedef uint16_t U16 __attribute__((vector_size(2 * kWidth)));
+  typedef uint32_t U32 __attribute__((vector_size(4 * kWidth)));
+};
+
+template <typename V>
+MOEFAST_INLINE typename HalfLanes<sizeof(V) / sizeof(float)>::U32 load_u32_lanes(const uint16_t* p) {
+  using L = HalfLanes<sizeof(V) / sizeof(float)>;
+  typename L::U16 h;
+  std::memcpy(&h, p, sizeof h);
+  return __builtin_convertvector(h, typename L::U32);
+}
+
+template <typename V, typename U>
+MOEFAST_INLINE V bitcast_lanes(U u) {
+  static_assert(sizeof(V) == sizeof(U), "lane sizes differ");
+  V v;
+  std::memcpy(&v, &u, sizeof v);
+  return v;
+}
+
+struct BFloat16Table {
+  using Raw = uint16_t;
+  static constexpr bool kHalf = true;
+  static float to_float(uint16_t x) { return half::bf16_to_float(x); }
+  static uint16_t round(float x, uint64_t bits) { return half::round_bf16(x, bits); }
+  template <typename V, int kIsa>
+  MOEFAST_INLINE static V load(const uint16_t* p) {
+    if constexpr (sizeof(V) == sizeof(float)) {
+      return to_float(*p);
+    } else {
+      return bitcast_lanes<V>(load_u32_lanes<V>(p) << 16);
+    }
+  }
+};
+
+struct Float16Table {
+  using Raw = uint16_t;
+  static constexpr bool kHalf = true;
+  static float to_float(uint16_t x) { return half::f16_to_float(x); }
+  static uint16_t round(float x, uint64_t bits) { return half::round_f16(x, bits); }
+  template <typename V, int kIsa>
+  MOEFAST_INLINE static V load(const uint16_t* p) {
+    constexpr int kWidth = sizeof(V) / sizeof(float);
+    if constexpr (kWidth == 1) {
+      return to_float(*p);
+    } else if constexpr (kIsa >= kIsaAvx2 && kWidth == 4) {
+      // F16C's vcvtph2ps, in inline assembly: its intrinsic cannot be inlined into the generic
+      // kernel template (the template has no target attribute), the assembly can; it only runs
+      // in the clones, whose targets include F16C (or AVX-512 F for 16 lanes).
+      uint64_t h;
+      std::memcpy(&h, p, sizeof h);
+      typedef uint64_t U64x2 __attribute__((vector_size(16)));
+      const U64x2 in = {h, 0};
+      V out;
+      asm("vcvtph2ps %1, %0" : "=x"(out) : "x"(in));
+      return out;
+    } else if constexpr (kIsa >= kIsaAvx2 && kWidth == 8) {
+      typename HalfLanes<8>::U16 in;
+      std::memcpy(&in, p, sizeof in);
+      V out;
+      asm("vcvtph2ps %1, %0" : "=x"(out) : "x"(in));
+      return out;
+    } else if constexpr (kIsa >= kIsaAvx512 && kWidth == 16) {
+      typename HalfLanes<16>::U16 in;
+      std::memcpy(&in, p, sizeof in);
+      V out;
+      asm("vcvtph2ps %1, %0" : "=v"(out) : "v"(in));
+      return out;
+    } else {
+      // half::f16_to_float in lanes (the baseline: no F16C).
+      using U32 = typename HalfLanes<kWidth>::U32;
+      const U32 h = load_u32_lanes<V>(p);
+      const U32 sign = (h & 0x8000u) << 16;
+      const U32 em = h & 0x7fffu;
+      const U32 shifted = em << 13;
+      const U32 normal = bitcast_lanes<U32>(bitcast_lanes<V>(shifted) * 0x1p112f);
+      const U32 special = shifted | 0x7f800000u | ((U32)(em > 0x7c00u) & 0x00400000u);
+      const U32 is_special = (U32)(em >= 0x7c00u);
+      return bitcast_lanes<V>(((special & is_special) | (normal & ~is_special)) | sign);
+    }
+  }
+};
+
 // acc[0:dim] += w * row[0:dim], for the generic (runtime dim) paths.
 template <int kDim>
 inline void axpy(float* __restrict__ acc, const float* __restrict__ row, float w, int64_t dim) {
   const int64_t n = kDim > 0 ? kDim : dim;
   for (int64_t d = 0; d < n; ++d) acc[d] += w * row[d];
+}
+
+template <typename S>
+inline void axpy_table(float* __restrict__ acc, const typename S::Raw* __restrict__ row, float w,
+                       int64_t dim) {
+  for (int64_t d = 0; d < dim; ++d) acc[d] += w * S::to_float(row[d]);
 }
 
 // The first error seen per field; reported in field order after the parallel region.
@@ -200,22 +327,24 @@ struct ForwardTask {
   int64_t b1;
 };
 
-// Pools bags [b0, b1) of one field into out[:, col : col + dim]. kDim > 0 fixes the dim at
-// compile time so the accumulator lives in registers; kDim == 0 is the generic loop.
-template <typename Idx, int kDim, int kWidth = 4>
+// Pools bags [b0, b1) of one field into out[:, col : col + dim], the table's elements of type S
+// converted exactly to fp32 and accumulated in fp32. kDim > 0 fixes the dim at compile time so
+// the accumulator lives in registers; kDim == 0 is the generic loop.
+template <typename Idx, int kDim, int kWidth = 4, typename S = Float32Table, int kIsa = kIsaBaseline>
 __attribute__((always_inline)) inline bool pool_bags(const EmbeddingField& f, int64_t b0,
                                                      int64_t b1, float* out, int64_t stride,
                                                      std::string* error) {
   using V = typename Lanes<kWidth>::type;
+  using Raw = typename S::Raw;
   static_assert(kDim % kWidth == 0, "kDim must be a multiple of the lane width");
   const int64_t dim = kDim > 0 ? kDim : f.dim;
   const auto rows = static_cast<uint64_t>(f.rows);
-  const float* weight = f.weight;
+  const Raw* weight = static_cast<const Raw*>(f.weight);
   const float* psw = f.per_sample_weights;
   const bool mean = f.pooling == Pooling::kMean;
   if (f.offsets != nullptr && !check_offset_range<Idx>(f, b0, b1, error)) return false;
   const int64_t j_end = f.offsets != nullptr ? load<Idx>(f.offsets, b1) : b1;
-  const int64_t ahead_rows = rows_ahead(kForwardPrefetchBytes, dim);
+  const int64_t ahead_rows = rows_ahead(kForwardPrefetchBytes, dim, sizeof(Raw));
 
   // kDim > 0: the accumulator is kDim / kWidth vectors; kDim == 0: scalars.
   constexpr int kLanes = kDim > 0 ? kDim / kWidth : 1;
@@ -240,13 +369,13 @@ __attribute__((always_inline)) inline bool pool_bags(const EmbeddingField& f, in
       }
       if (id == f.padding_idx) continue;
       const float w = psw != nullptr ? psw[j] : 1.0f;
-      const float* row = weight + id * dim;
+      const Raw* row = weight + id * dim;
       if (kDim > 0 && psw == nullptr) {  // unweighted: no multiply (16 fewer per row at dim 64)
-        for (int l = 0; l < kLanes; ++l) acc[l] += load_lanes<V>(row + kWidth * l);
+        for (int l = 0; l < kLanes; ++l) acc[l] += S::template load<V, kIsa>(row + kWidth * l);
       } else if (kDim > 0) {
-        for (int l = 0; l < kLanes; ++l) acc[l] += w * load_lanes<V>(row + kWidth * l);
+        for (int l = 0; l < kLanes; ++l) acc[l] += w * S::template load<V, kIsa>(row + kWidth * l);
       } else {
-        axpy<0>(dynamic_acc.data(), row, w, dim);
+        axpy_table<S>(dynamic_acc.data(), row, w, dim);
       }
       ++count;
     }
@@ -261,51 +390,101 @@ __attribute__((always_inline)) inline bool pool_bags(const EmbeddingField& f, in
   return true;
 }
 
-template <typename Idx>
-bool pool_bags_dispatch(const EmbeddingField& f, int64_t b0, int64_t b1, float* out,
-                        int64_t stride, std::string* error) {
+template <typename Idx, typename S>
+MOEFAST_INLINE bool pool_bags_dispatch(const EmbeddingField& f, int64_t b0, int64_t b1, float* out,
+                                       int64_t stride, std::string* error) {
   switch (f.dim) {
-    case 1: return pool_bags<Idx, 1, 1>(f, b0, b1, out, stride, error);
-    case 4: return pool_bags<Idx, 4>(f, b0, b1, out, stride, error);
-    case 8: return pool_bags<Idx, 8>(f, b0, b1, out, stride, error);
-    case 16: return pool_bags<Idx, 16>(f, b0, b1, out, stride, error);
-    case 32: return pool_bags<Idx, 32>(f, b0, b1, out, stride, error);
-    case 64: return pool_bags<Idx, 64>(f, b0, b1, out, stride, error);
-    case 128: return pool_bags<Idx, 128>(f, b0, b1, out, stride, error);
-    default: return pool_bags<Idx, 0>(f, b0, b1, out, stride, error);
+    case 1: return pool_bags<Idx, 1, 1, S>(f, b0, b1, out, stride, error);
+    case 4: return pool_bags<Idx, 4, 4, S>(f, b0, b1, out, stride, error);
+    case 8: return pool_bags<Idx, 8, 4, S>(f, b0, b1, out, stride, error);
+    case 16: return pool_bags<Idx, 16, 4, S>(f, b0, b1, out, stride, error);
+    case 32: return pool_bags<Idx, 32, 4, S>(f, b0, b1, out, stride, error);
+    case 64: return pool_bags<Idx, 64, 4, S>(f, b0, b1, out, stride, error);
+    case 128: return pool_bags<Idx, 128, 4, S>(f, b0, b1, out, stride, error);
+    default: return pool_bags<Idx, 0, 4, S>(f, b0, b1, out, stride, error);
+  }
+}
+
+// One entry point per clone and index type; the table type is a switch inside.
+template <typename Idx>
+bool pool_bags_baseline(const EmbeddingField& f, int64_t b0, int64_t b1, float* out,
+                        int64_t stride, std::string* error) {
+  switch (f.type) {
+    case TableType::kFloat16: return pool_bags_dispatch<Idx, Float16Table>(f, b0, b1, out, stride, error);
+    case TableType::kBFloat16: return pool_bags_dispatch<Idx, BFloat16Table>(f, b0, b1, out, stride, error);
+    default: return pool_bags_dispatch<Idx, Float32Table>(f, b0, b1, out, stride, error);
   }
 }
 
 #ifdef MOEFAST_AVX2_CLONES
-// The same kernels compiled for AVX2 (8-float lanes), picked at run time: the shipped build
-// targets baseline x86-64 (no -march), where a dim-64 row is 16 vector adds instead of 8.
-template <typename Idx>
-__attribute__((target("avx2"))) bool pool_bags_avx2(const EmbeddingField& f, int64_t b0,
-                                                    int64_t b1, float* out, int64_t stride,
-                                                    std::string* error) {
+// The same kernels compiled for AVX2 (8-float lanes; fp16 rows converted by F16C), picked at run
+// time: the shipped build targets baseline x86-64 (no -march), where a dim-64 row is 16 vector
+// adds instead of 8. Same per-element additions in the same order: identical results.
+template <typename Idx, typename S>
+MOEFAST_INLINE bool pool_bags_dispatch_avx2(const EmbeddingField& f, int64_t b0, int64_t b1,
+                                            float* out, int64_t stride, std::string* error) {
   switch (f.dim) {
-    case 8: return pool_bags<Idx, 8, 8>(f, b0, b1, out, stride, error);
-    case 16: return pool_bags<Idx, 16, 8>(f, b0, b1, out, stride, error);
-    case 32: return pool_bags<Idx, 32, 8>(f, b0, b1, out, stride, error);
-    case 64: return pool_bags<Idx, 64, 8>(f, b0, b1, out, stride, error);
-    case 128: return pool_bags<Idx, 128, 8>(f, b0, b1, out, stride, error);
-    default: return pool_bags_dispatch<Idx>(f, b0, b1, out, stride, error);
+    case 8: return pool_bags<Idx, 8, 8, S, kIsaAvx2>(f, b0, b1, out, stride, error);
+    case 16: return pool_bags<Idx, 16, 8, S, kIsaAvx2>(f, b0, b1, out, stride, error);
+    case 32: return pool_bags<Idx, 32, 8, S, kIsaAvx2>(f, b0, b1, out, stride, error);
+    case 64: return pool_bags<Idx, 64, 8, S, kIsaAvx2>(f, b0, b1, out, stride, error);
+    case 128: return pool_bags<Idx, 128, 8, S, kIsaAvx2>(f, b0, b1, out, stride, error);
+    case 4: return pool_bags<Idx, 4, 4, S, kIsaAvx2>(f, b0, b1, out, stride, error);
+    default: return pool_bags_dispatch<Idx, S>(f, b0, b1, out, stride, error);
+  }
+}
+
+template <typename Idx>
+__attribute__((target(MOEFAST_TARGET_AVX2))) bool pool_bags_avx2(const EmbeddingField& f, int64_t b0,
+                                                                 int64_t b1, float* out, int64_t stride,
+                                                                 std::string* error) {
+  switch (f.type) {
+    case TableType::kFloat16: return pool_bags_dispatch_avx2<Idx, Float16Table>(f, b0, b1, out, stride, error);
+    case TableType::kBFloat16: return pool_bags_dispatch_avx2<Idx, BFloat16Table>(f, b0, b1, out, stride, error);
+    default: return pool_bags_dispatch_avx2<Idx, Float32Table>(f, b0, b1, out, stride, error);
+  }
+}
+
+// AVX-512 (16-float lanes) for dims of 16 and more; Zen 4 runs each 512-bit op as two 256-bit
+// halves, so it can only win where instruction count, not memory latency, limits the loop
+// (docs/performance.md has the measurement).
+template <typename Idx, typename S>
+MOEFAST_INLINE bool pool_bags_dispatch_avx512(const EmbeddingField& f, int64_t b0, int64_t b1,
+                                              float* out, int64_t stride, std::string* error) {
+  switch (f.dim) {
+    case 16: return pool_bags<Idx, 16, 16, S, kIsaAvx512>(f, b0, b1, out, stride, error);
+    case 32: return pool_bags<Idx, 32, 16, S, kIsaAvx512>(f, b0, b1, out, stride, error);
+    case 64: return pool_bags<Idx, 64, 16, S, kIsaAvx512>(f, b0, b1, out, stride, error);
+    case 128: return pool_bags<Idx, 128, 16, S, kIsaAvx512>(f, b0, b1, out, stride, error);
+    default: return pool_bags_dispatch_avx2<Idx, S>(f, b0, b1, out, stride, error);
+  }
+}
+
+template <typename Idx>
+__attribute__((target(MOEFAST_TARGET_AVX512))) bool pool_bags_avx512(
+    const EmbeddingField& f, int64_t b0, int64_t b1, float* out, int64_t stride, std::string* error) {
+  switch (f.type) {
+    case TableType::kFloat16: return pool_bags_dispatch_avx512<Idx, Float16Table>(f, b0, b1, out, stride, error);
+    case TableType::kBFloat16: return pool_bags_dispatch_avx512<Idx, BFloat16Table>(f, b0, b1, out, stride, error);
+    default: return pool_bags_dispatch_avx512<Idx, Float32Table>(f, b0, b1, out, stride, error);
   }
 }
 
 const bool kHasAvx2 = use_avx2_clones();
+const bool kHasAvx512 = use_avx512_clones();
 
 template <typename Idx>
 bool pool_bags_best(const EmbeddingField& f, int64_t b0, int64_t b1, float* out, int64_t stride,
                     std::string* error) {
-  return kHasAvx2 ? pool_bags_avx2<Idx>(f, b0, b1, out, stride, error)
-                  : pool_bags_dispatch<Idx>(f, b0, b1, out, stride, error);
+  if (kHasAvx512) return pool_bags_avx512<Idx>(f, b0, b1, out, stride, error);
+  if (kHasAvx2) return pool_bags_avx2<Idx>(f, b0, b1, out, stride, error);
+  return pool_bags_baseline<Idx>(f, b0, b1, out, stride, error);
 }
 #else
 template <typename Idx>
 bool pool_bags_best(const EmbeddingField& f, int64_t b0, int64_t b1, float* out, int64_t stride,
                     std::string* error) {
-  return pool_bags_dispatch<Idx>(f, b0, b1, out, stride, error);
+  return pool_bags_baseline<Idx>(f, b0, b1, out, stride, error);
 }
 #endif
 
@@ -474,12 +653,37 @@ MOEFAST_INLINE float sum_of_squares(const float* g, int64_t dim) {
   return total;
 }
 
+// The stochastic rounding bits of one row's elements (half tables; unused for fp32).
+struct RowBits {
+  uint64_t key;
+  MOEFAST_INLINE uint64_t operator()(int64_t column) const {
+    return half::element_bits(key, static_cast<uint64_t>(column));
+  }
+};
+
+// Row-wise Adagrad has no step count: what changes from one update of a row to the next is its
+// accumulator and its gradient, so both feed the rounding bits (the accumulator alone stops
+// changing once mean(g^2) falls below half its ulp, and the bits would repeat). The fold is a
+// sum, so the reference computes it in any order: sum_d bits(g[d]) * (2d + 1) mod 2^32.
+MOEFAST_INLINE uint32_t gradient_fold(const float* g, int64_t dim) {
+  uint32_t fold = 0;
+  for (int64_t d = 0; d < dim; ++d) {
+    uint32_t bits;
+    std::memcpy(&bits, g + d, sizeof bits);
+    fold += bits * static_cast<uint32_t>(2 * d + 1);
+  }
+  return fold;
+}
+
+template <typename S>
 struct RowwiseAdagradUpdate {
-  float* weight;
+  using Raw = typename S::Raw;
+  Raw* weight;
   int64_t dim;
   float* sum;
   float lr;
   float eps;
+  uint64_t table_key;  // half::table_key(seed, field's table_key)
   void prefetch(int64_t id) const {
     prefetch_row_for_write(weight + id * dim, dim);
     __builtin_prefetch(sum + id, 1, 3);
@@ -489,13 +693,23 @@ struct RowwiseAdagradUpdate {
     const float acc = sum[id] + square_sum / static_cast<float>(dim);
     sum[id] = acc;
     const float multiplier = lr / (std::sqrt(acc) + eps);
-    float* w = weight + id * dim;
-    for (int64_t d = 0; d < dim; ++d) w[d] -= multiplier * g[d];
+    Raw* w = weight + id * dim;
+    if constexpr (!S::kHalf) {
+      for (int64_t d = 0; d < dim; ++d) w[d] -= multiplier * g[d];
+    } else {
+      uint32_t acc_bits;
+      std::memcpy(&acc_bits, &acc, sizeof acc_bits);
+      const uint64_t step = (static_cast<uint64_t>(acc_bits) << 32) | gradient_fold(g, dim);
+      const RowBits bits{half::row_key(table_key, static_cast<uint64_t>(id), step)};
+      for (int64_t d = 0; d < dim; ++d) w[d] = S::round(S::to_float(w[d]) - multiplier * g[d], bits(d));
+    }
   }
 };
 
+template <typename S>
 struct LazyAdamUpdate {
-  float* weight;
+  using Raw = typename S::Raw;
+  Raw* weight;
   int64_t dim;
   float* exp_avg;
   float* exp_avg_sq;
@@ -504,6 +718,7 @@ struct LazyAdamUpdate {
   double beta1;
   double beta2;
   float eps;
+  uint64_t table_key;  // half::table_key(seed, field's table_key)
   void prefetch(int64_t id) const {
     prefetch_row_for_write(weight + id * dim, dim);
     prefetch_row_for_write(exp_avg + id * dim, dim);
@@ -519,18 +734,58 @@ struct LazyAdamUpdate {
     const auto b2 = static_cast<float>(beta2);
     const float one_minus_b1 = static_cast<float>(1.0 - beta1);
     const float one_minus_b2 = static_cast<float>(1.0 - beta2);
-    float* w = weight + id * dim;
+    Raw* w = weight + id * dim;
     float* m = exp_avg + id * dim;
     float* v = exp_avg_sq + id * dim;
-    for (int64_t d = 0; d < dim; ++d) {
-      const float md = m[d] * b1 + one_minus_b1 * g[d];
-      const float vd = v[d] * b2 + one_minus_b2 * g[d] * g[d];
-      m[d] = md;
-      v[d] = vd;
-      w[d] -= step_size * md / (std::sqrt(vd) / bc2_sqrt + eps);
+    if constexpr (!S::kHalf) {
+      for (int64_t d = 0; d < dim; ++d) {
+        const float md = m[d] * b1 + one_minus_b1 * g[d];
+        const float vd = v[d] * b2 + one_minus_b2 * g[d] * g[d];
+        m[d] = md;
+        v[d] = vd;
+        w[d] -= step_size * md / (std::sqrt(vd) / bc2_sqrt + eps);
+      }
+    } else {
+      const RowBits bits{half::row_key(table_key, static_cast<uint64_t>(id), static_cast<uint64_t>(t))};
+      for (int64_t d = 0; d < dim; ++d) {
+        const float md = m[d] * b1 + one_minus_b1 * g[d];
+        const float vd = v[d] * b2 + one_minus_b2 * g[d] * g[d];
+        m[d] = md;
+        v[d] = vd;
+        w[d] = S::round(S::to_float(w[d]) - step_size * md / (std::sqrt(vd) / bc2_sqrt + eps), bits(d));
+      }
     }
   }
 };
+
+// The optimizer step on a table's unique rows (scratch.unique_ids) with their summed gradients
+// sums [unique, dim]: the one dispatch (optimizer x table type) both backward paths use.
+template <typename S>
+MOEFAST_INLINE void update_rows_typed(const EmbeddingField& f, const Scratch& scratch, int64_t unique,
+                                      const float* sums, const OptimizerConfig& config,
+                                      const OptimizerState& st) {
+  using Raw = typename S::Raw;
+  Raw* weight = static_cast<Raw*>(f.weight);
+  const uint64_t key = S::kHalf ? half::table_key(config.seed, f.table_key) : 0;
+  if (config.kind == OptimizerKind::kRowwiseAdagrad) {
+    const RowwiseAdagradUpdate<S> update{weight, f.dim, st.sum, static_cast<float>(config.lr), config.eps, key};
+    apply_rows(scratch, unique, f.dim, sums, update);
+  } else {
+    const LazyAdamUpdate<S> update{weight, f.dim, st.exp_avg, st.exp_avg_sq, st.step,
+                                   config.lr, config.beta1, config.beta2, config.eps, key};
+    apply_rows(scratch, unique, f.dim, sums, update);
+  }
+}
+
+MOEFAST_INLINE void update_rows(const EmbeddingField& f, const Scratch& scratch, int64_t unique,
+                                const float* sums, const OptimizerConfig& config,
+                                const OptimizerState& st) {
+  switch (f.type) {
+    case TableType::kFloat16: return update_rows_typed<Float16Table>(f, scratch, unique, sums, config, st);
+    case TableType::kBFloat16: return update_rows_typed<BFloat16Table>(f, scratch, unique, sums, config, st);
+    default: return update_rows_typed<Float32Table>(f, scratch, unique, sums, config, st);
+  }
+}
 
 // The fused backward of one field after sorting: sum each unique row's gradient, then update it.
 MOEFAST_INLINE void sum_and_update(const EmbeddingField& f, Scratch& scratch, int64_t n,
@@ -538,29 +793,47 @@ MOEFAST_INLINE void sum_and_update(const EmbeddingField& f, Scratch& scratch, in
                                    const OptimizerConfig& config, const OptimizerState& st) {
   scratch.sums.resize(static_cast<size_t>(n * f.dim));
   const int64_t unique = sum_rows_dispatch(f, scratch, n, grad_out, grad_stride, scratch.sums.data());
-  if (config.kind == OptimizerKind::kRowwiseAdagrad) {
-    const RowwiseAdagradUpdate update{f.weight, f.dim, st.sum, static_cast<float>(config.lr), config.eps};
-    apply_rows(scratch, unique, f.dim, scratch.sums.data(), update);
-  } else {
-    const LazyAdamUpdate update{f.weight, f.dim, st.exp_avg, st.exp_avg_sq, st.step,
-                                config.lr, config.beta1, config.beta2, config.eps};
-    apply_rows(scratch, unique, f.dim, scratch.sums.data(), update);
-  }
+  update_rows(f, scratch, unique, scratch.sums.data(), config, st);
 }
 
+// Each entry point below exists once per clone; the _best functions pick the clone.
 void sum_and_update_baseline(const EmbeddingField& f, Scratch& scratch, int64_t n,
                              const float* grad_out, int64_t grad_stride,
                              const OptimizerConfig& config, const OptimizerState& st) {
   sum_and_update(f, scratch, n, grad_out, grad_stride, config, st);
 }
 
+void update_rows_baseline(const EmbeddingField& f, const Scratch& scratch, int64_t unique,
+                          const float* sums, const OptimizerConfig& config, const OptimizerState& st) {
+  update_rows(f, scratch, unique, sums, config, st);
+}
+
 #ifdef MOEFAST_AVX2_CLONES
-// AVX2 clone (see pool_bags_avx2): the same per-element operations in the same order (the sum of
-// squares keeps its four partial sums), so both clones give identical results.
-__attribute__((target("avx2"))) void sum_and_update_avx2(
+// AVX2 and AVX-512 clones (see pool_bags_avx2): the same per-element operations in the same
+// order (the sum of squares keeps its four partial sums; rounding is integer arithmetic), so
+// every clone gives identical results.
+__attribute__((target(MOEFAST_TARGET_AVX2))) void sum_and_update_avx2(
     const EmbeddingField& f, Scratch& scratch, int64_t n, const float* grad_out,
     int64_t grad_stride, const OptimizerConfig& config, const OptimizerState& st) {
   sum_and_update(f, scratch, n, grad_out, grad_stride, config, st);
+}
+
+__attribute__((target(MOEFAST_TARGET_AVX2))) void update_rows_avx2(
+    const EmbeddingField& f, const Scratch& scratch, int64_t unique, const float* sums,
+    const OptimizerConfig& config, const OptimizerState& st) {
+  update_rows(f, scratch, unique, sums, config, st);
+}
+
+__attribute__((target(MOEFAST_TARGET_AVX512))) void sum_and_update_avx512(
+    const EmbeddingField& f, Scratch& scratch, int64_t n, const float* grad_out,
+    int64_t grad_stride, const OptimizerConfig& config, const OptimizerState& st) {
+  sum_and_update(f, scratch, n, grad_out, grad_stride, config, st);
+}
+
+__attribute__((target(MOEFAST_TARGET_AVX512))) void update_rows_avx512(
+    const EmbeddingField& f, const Scratch& scratch, int64_t unique, const float* sums,
+    const OptimizerConfig& config, const OptimizerState& st) {
+  update_rows(f, scratch, unique, sums, config, st);
 }
 #endif
 
@@ -568,9 +841,19 @@ void sum_and_update_best(const EmbeddingField& f, Scratch& scratch, int64_t n,
                          const float* grad_out, int64_t grad_stride,
                          const OptimizerConfig& config, const OptimizerState& st) {
 #ifdef MOEFAST_AVX2_CLONES
+  if (kHasAvx512) return sum_and_update_avx512(f, scratch, n, grad_out, grad_stride, config, st);
   if (kHasAvx2) return sum_and_update_avx2(f, scratch, n, grad_out, grad_stride, config, st);
 #endif
   sum_and_update_baseline(f, scratch, n, grad_out, grad_stride, config, st);
+}
+
+void update_rows_best(const EmbeddingField& f, const Scratch& scratch, int64_t unique,
+                      const float* sums, const OptimizerConfig& config, const OptimizerState& st) {
+#ifdef MOEFAST_AVX2_CLONES
+  if (kHasAvx512) return update_rows_avx512(f, scratch, unique, sums, config, st);
+  if (kHasAvx2) return update_rows_avx2(f, scratch, unique, sums, config, st);
+#endif
+  update_rows_baseline(f, scratch, unique, sums, config, st);
 }
 
 std::vector<int64_t> column_offsets(const std::vector<EmbeddingField>& fields) {
@@ -668,8 +951,9 @@ std::vector<std::vector<int>> table_groups(const std::vector<EmbeddingField>& fi
     }
     const int g = static_cast<int>(groups.size());
     groups.push_back({static_cast<int>(t)});
-    const int64_t row_bytes = f.dim * static_cast<int64_t>(sizeof(float));
-    add(f.weight, f.rows * row_bytes, g, static_cast<int>(t));
+    const int64_t row_bytes = f.dim * static_cast<int64_t>(sizeof(float));  // of the state
+    const int64_t table_row_bytes = f.type == TableType::kFloat32 ? row_bytes : f.dim * 2;
+    add(f.weight, f.rows * table_row_bytes, g, static_cast<int>(t));
     if (adam) {
       add(states[t].exp_avg, f.rows * row_bytes, g, static_cast<int>(t));
       add(states[t].exp_avg_sq, f.rows * row_bytes, g, static_cast<int>(t));
@@ -722,6 +1006,14 @@ void merge_row_sums(const int64_t* field_ids, const float* field_sums, int64_t u
 }
 
 }  // namespace
+
+const char* simd_level() {
+#ifdef MOEFAST_AVX2_CLONES
+  if (kHasAvx512) return "avx512";
+  if (kHasAvx2) return "avx2";
+#endif
+  return "baseline";
+}
 
 void embedding_forward(const std::vector<EmbeddingField>& fields, int64_t batch, float* out,
                        int64_t out_stride, int num_threads) {
@@ -826,18 +1118,9 @@ void embedding_backward_update(const std::vector<EmbeddingField>& fields, int64_
                                                    field_sums.data());
           merge_row_sums(scratch.unique_ids.data(), field_sums.data(), unique, dim, ids, sums);
         }
-        const EmbeddingField& f = fields[group[0]];
-        const OptimizerState& st = states[group[0]];
         scratch.unique_ids = ids;
-        const auto unique = static_cast<int64_t>(ids.size());
-        if (config.kind == OptimizerKind::kRowwiseAdagrad) {
-          const RowwiseAdagradUpdate update{f.weight, dim, st.sum, static_cast<float>(config.lr), config.eps};
-          apply_rows(scratch, unique, dim, sums.data(), update);
-        } else {
-          const LazyAdamUpdate update{f.weight, dim, st.exp_avg, st.exp_avg_sq, st.step,
-                                      config.lr, config.beta1, config.beta2, config.eps};
-          apply_rows(scratch, unique, dim, sums.data(), update);
-        }
+        update_rows_best(fields[group[0]], scratch, static_cast<int64_t>(ids.size()), sums.data(),
+                         config, states[group[0]]);
       });
   errors.throw_first();
 }

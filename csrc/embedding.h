@@ -13,10 +13,18 @@ namespace moefast {
 
 enum class Pooling : int { kNone = 0, kSum = 1, kMean = 2 };
 
+// How a table's elements are stored. Lookups convert each element to fp32 exactly and pool in
+// fp32; fused updates compute in fp32 and write half tables back with stochastic rounding.
+enum class TableType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
+
 // One field of a batch. Pointers are borrowed for the duration of a call.
 struct EmbeddingField {
   std::string name;
-  float* weight = nullptr;  // [rows, dim], row-major
+  void* weight = nullptr;  // [rows, dim], row-major, elements of `type`
+  TableType type = TableType::kFloat32;
+  // Identifies the table in the stochastic rounding bits (half tables): a stable function of
+  // the field's name, the same on every rank and after a resume.
+  uint64_t table_key = 0;
   int64_t rows = 0;
   int64_t dim = 0;
   const void* indices = nullptr;  // [num_indices] int32 or int64 (index_is_64)
@@ -55,6 +63,7 @@ struct OptimizerConfig {
   float eps = 1e-8f;
   double beta1 = 0.9;
   double beta2 = 0.999;
+  uint64_t seed = 0;  // of the stochastic rounding of half tables
 };
 
 // Per-table optimizer state (row-wise Adagrad: sum [rows]; lazy Adam: exp_avg and exp_avg_sq
@@ -73,9 +82,20 @@ struct OptimizerState {
 // (same pointer and shape) must have the same state; such a table is updated once per row with
 // the gradient summed over its fields (each field's row sums added in field order). Any other
 // overlap of the tables and states written throws std::invalid_argument (it would race).
+//
+// Half tables (fp16, bf16): each updated element is computed in fp32 from the stored value and
+// rounded back stochastically; its random bits are half::element_bits(half::row_key(
+// half::table_key(config.seed, table_key), row, step), column), where step is the row's new
+// step count (lazy Adam) or, for row-wise Adagrad (no step count), the bits of the row's new
+// accumulator in the upper 32 bits and a fold of its gradient in the lower 32 (see
+// gradient_fold in embedding.cpp). Nothing else enters, so the result does not depend on the
+// thread count, the rank or a resume.
 void embedding_backward_update(const std::vector<EmbeddingField>& fields, int64_t batch,
                                const float* grad_out, int64_t grad_stride,
                                const std::vector<bool>& need, const OptimizerConfig& config,
                                const std::vector<OptimizerState>& states, int num_threads);
+
+// Which clone of the kernels runs in this process: "avx512", "avx2" or "baseline".
+const char* simd_level();
 
 }  // namespace moefast

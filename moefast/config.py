@@ -5,6 +5,10 @@ from __future__ import annotations
 import enum
 import math
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = [
     "SYNTHETIC_OPTIONS",
@@ -20,6 +24,7 @@ __all__ = [
     "PretrainedMode",
     "RunConfig",
     "SeedsGate",
+    "TablePrecision",
     "TowerConfig",
     "TowerKind",
     "TrainConfig",
@@ -174,6 +179,25 @@ class EmbeddingOptimizer(enum.Enum):
     ROWWISE_ADAGRAD = "rowwise-adagrad"
 
 
+class TablePrecision(enum.Enum):
+    """How embedding tables are stored. ``FP32`` (the default) is bitwise what moefast computed
+    before half tables existed. ``FP16`` / ``BF16`` halve the tables' bytes: lookups convert each
+    element exactly and pool in float32; the fused sparse optimizers (lazy Adam, row-wise
+    Adagrad) keep their state in float32 and round updated rows back stochastically
+    (:mod:`moefast.reference.embedding_optim`). A training option, not a property of the data
+    (:class:`FeatureSpec`)."""
+
+    FP32 = "fp32"
+    FP16 = "fp16"
+    BF16 = "bf16"
+
+    @property
+    def dtype(self) -> torch.dtype:
+        import torch  # this module stays free of torch at import
+
+        return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[self.value]
+
+
 class GateInit(enum.Enum):
     """How the MoE-MLoRA gate starts (the paper does not say; see docs/results/claims.md).
 
@@ -321,7 +345,9 @@ class TrainConfig:
     validation AUC over all domains. ``seed`` seeds model-independent randomness of the loop (batch
     order, dropout); the model's initial weights come from :func:`moefast.models.build`'s seed.
     ``embedding_optimizer`` chooses how the tables are updated (:class:`EmbeddingOptimizer`);
-    ``embedding_lr`` is its learning rate (``None``: ``lr``). ``pretrained`` decides whether a
+    ``embedding_lr`` is its learning rate (``None``: ``lr``). ``table_precision`` stores the
+    tables in float32 (default), float16 or bfloat16 (:class:`TablePrecision`); half tables need
+    a fused ``embedding_optimizer``. ``pretrained`` decides whether a
     dataset's pretrained tables stay frozen in every stage (the default, and under
     ``seeds_compat`` and ``train_backbone_in_later_stages`` too) or are fine-tuned.
     ``batch_mode`` ``None`` is the library's default protocol (:attr:`batches`).
@@ -376,6 +402,7 @@ class TrainConfig:
     embedding_optimizer: EmbeddingOptimizer = EmbeddingOptimizer.ADAM
     embedding_lr: float | None = None
     pretrained: PretrainedMode = PretrainedMode.FROZEN
+    table_precision: TablePrecision = TablePrecision.FP32
 
     def __post_init__(self) -> None:
         # Ranges: LR_RANGE, EPS_RANGE, L2_RANGE above; every value must be finite.
@@ -423,9 +450,15 @@ class TrainConfig:
             ("embedding_optimizer", EmbeddingOptimizer),
             ("pretrained", PretrainedMode),
             ("seeds_gate", SeedsGate),
+            ("table_precision", TablePrecision),
         ):
             if not isinstance(getattr(self, name), kind):
                 raise TypeError(f"TrainConfig.{name} must be a {kind.__name__}, got {getattr(self, name)!r}")
+        if self.table_precision is not TablePrecision.FP32 and self.embedding_optimizer is EmbeddingOptimizer.ADAM:
+            raise ValueError(
+                f"--table-precision {self.table_precision.value} needs a fused embedding optimizer that keeps "
+                "float32 state: pass --embedding-optimizer lazy-adam or rowwise-adagrad (dense adam is refused)"
+            )
 
     @property
     def batches(self) -> BatchMode:

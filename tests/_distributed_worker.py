@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 
 from moefast import data, models
-from moefast.config import EmbeddingOptimizer, TowerConfig, TrainConfig
+from moefast.config import EmbeddingOptimizer, TablePrecision, TowerConfig, TrainConfig
 from moefast.data.batching import BatchLoader, BatchOrder
 from moefast.data.dataset import Batch, MultiDomainDataset
 from moefast.train import fit, stage_optimizer
@@ -27,7 +27,9 @@ from moefast.train.stages import plan_stages, set_stage
 # 1-row global batch, so the second rank's slice is empty there.
 DATASET: dict[str, Any] = {"preset": "paper", "rows": 2410, "num_domains": 3}
 TOWER = TowerConfig(hidden_units=(16, 8), ranks=(2, 1))
-OPTIMIZERS = ("adam", "lazy-adam", "rowwise-adagrad")
+# "lazy-adam-bf16": bf16 tables, stochastic rounding with hashed bits (the same on every rank;
+# the row exchange still sends float32 gradients).
+OPTIMIZERS = ("adam", "lazy-adam", "rowwise-adagrad", "lazy-adam-bf16")
 HAND_STEPS = 12
 
 
@@ -37,8 +39,10 @@ def dataset() -> MultiDomainDataset:
 
 def config(optimizer: str, device: str = "cpu") -> TrainConfig:
     """Fixed epochs, no early stopping (patience = max_epochs), dropout on (the tower's 0.5)."""
+    bf16 = optimizer.endswith("-bf16")
     return TrainConfig(max_epochs=2, patience=2, batch_size=256, progress=False, device=device,
-                       embedding_optimizer=EmbeddingOptimizer(optimizer))
+                       embedding_optimizer=EmbeddingOptimizer(optimizer.removesuffix("-bf16")),
+                       table_precision=TablePrecision.BF16 if bf16 else TablePrecision.FP32)
 
 
 def train_all(device: str = "cpu") -> dict[str, Any]:

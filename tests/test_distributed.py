@@ -27,6 +27,7 @@ import torch.multiprocessing as mp
 
 from moefast.data.dataset import Batch
 from moefast.nn.adapter import AdapterLinear, global_batch_rows
+from moefast.testing import tolerance
 from moefast.train.distributed import (
     collective_timeout,
     shard_bounds,
@@ -66,7 +67,11 @@ def _check_parity(ranks: list[dict[str, Any]], single: dict[str, Any]) -> None:
             got = torch.tensor(mine[:COMPARED_STEPS], dtype=torch.float64)
             want = torch.tensor(ref[:COMPARED_STEPS], dtype=torch.float64)
             rel = ((got - want).abs() / want.abs()).max()
-            assert rel <= LOSS_RTOL, f"{name} {label}: per-step loss rel diff {float(rel):.3g}"
+            # bf16 tables: a last-bit difference of a summed float32 gradient (the ranks sum in
+            # another order) can move a stochastically rounded element by one bf16 ulp, so the
+            # loss is held to the bf16 table's tolerance; the ranks still agree bit for bit.
+            rtol = tolerance(torch.bfloat16).rtol if name.endswith("-bf16") else LOSS_RTOL
+            assert rel <= rtol, f"{name} {label}: per-step loss rel diff {float(rel):.3g}"
         assert abs(many["wauc"] - one["wauc"]) <= WAUC_ATOL, (name, many["wauc"], one["wauc"])
         for other in ranks[1:]:
             _assert_bitwise_equal(many["state"], other["fit"][name]["state"], f"{name} after fit")

@@ -7,10 +7,6 @@ reference optimizers of ``moefast.reference.embedding_optim`` fed with torch's o
 
 from __future__ import annotations
 
-import os
-import pathlib
-import subprocess
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -318,38 +314,7 @@ def test_small_calls_run_on_one_thread(monkeypatch: pytest.MonkeyPatch) -> None:
     assert asked == [1, 2]
 
 
-@pytest.mark.skipif(not _ext.available(), reason="moefast._C not built")
-def test_baseline_and_avx2_kernels_agree_bitwise(tmp_path: pathlib.Path) -> None:
-    """The engine picks an AVX2 clone of its kernels at run time where the CPU has AVX2;
-    ``MOEFAST_DISABLE_AVX2=1`` forces the baseline clone. Both must give the same bits."""
-    script = tmp_path / "run.py"
-    script.write_text(
-        "import sys, torch\n"
-        "sys.path.insert(0, sys.argv[2])\n"
-        "from test_embedding import make_fields, run_op\n"
-        "from moefast.reference.embedding_optim import LazyAdam, RowwiseAdagrad\n"
-        "fields = make_fields(300, seed=9)\n"
-        "grad_out = torch.randn(300, sum(f.weight.shape[1] for f in fields), generator=torch.Generator().manual_seed(1))\n"
-        "saved = {}\n"
-        "for name, config in (('adagrad', RowwiseAdagrad(lr=0.1)), ('adam', LazyAdam(lr=0.1))):\n"
-        "    weights = [f.weight.clone().requires_grad_() for f in fields]\n"
-        "    states = [config.init_state(w) for w in weights]\n"
-        "    out = run_op(fields, weights, 'fast', optimizer=config, optimizer_states=states)\n"
-        "    out.backward(grad_out)\n"
-        "    saved[name] = [out.detach(), *(w.detach() for w in weights)]\n"
-        "torch.save(saved, sys.argv[1])\n"
-    )
-    results = []
-    for disable in ("0", "1"):
-        path = tmp_path / f"out{disable}.pt"
-        env = {**os.environ, "MOEFAST_DISABLE_AVX2": disable}
-        subprocess.run(
-            [sys.executable, str(script), str(path), str(pathlib.Path(__file__).parent)], check=True, env=env
-        )
-        results.append(torch.load(path))
-    for name in results[0]:
-        for a, b in zip(results[0][name], results[1][name], strict=True):
-            assert torch.equal(a, b), name
+# The SIMD clones (AVX-512, AVX2, baseline) are compared bit for bit in test_embedding_half.py.
 
 
 def test_embed_together_matches_separate_lookups_and_splits_calls_only_when_it_must(

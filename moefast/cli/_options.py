@@ -24,6 +24,7 @@ from moefast.config import (
     MLoRAMode,
     PretrainedMode,
     SeedsGate,
+    TablePrecision,
     TowerKind,
     TrainConfig,
 )
@@ -176,6 +177,9 @@ TRAIN_OPTIONS: list[Option] = [
     ("embedding-optimizer", parse_choice(EmbeddingOptimizer),
      "adam (default: dense, the method's), lazy-adam or rowwise-adagrad (sparse, fused in backward)"),
     ("embedding-lr", float, "learning rate of the embedding optimizer (default: --lr)"),
+    ("table-precision", parse_choice(TablePrecision),
+     "embedding tables stored in fp32 (default), fp16 or bf16 (half tables need --embedding-optimizer "
+     "lazy-adam or rowwise-adagrad; updates round stochastically)"),
     ("pretrained", parse_choice(PretrainedMode),
      "a dataset's pretrained tables: frozen in every stage (default) or finetune"),
     ("train-backbone-in-later-stages", parse_bool,

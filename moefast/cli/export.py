@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from moefast.cli._options import UserError
+from moefast.config import TablePrecision
 
 __all__ = ["NAME", "add_parser", "run"]
 
@@ -39,6 +40,9 @@ def add_parser(commands: Any) -> argparse.ArgumentParser:
     parser.add_argument("--out", required=True, help="the program file, ending in .pt2")
     parser.add_argument("--onnx", metavar="PATH", help="also write the program as ONNX (.onnx; needs the "
                         "onnx and onnxscript packages, which moefast does not install)")
+    parser.add_argument("--table-precision", choices=[p.value for p in TablePrecision], default="fp32",
+                        help="the exported embedding tables: fp32 (default, whatever the run trained) "
+                        "or the run's own half precision (fp16 / bf16)")
     parser.add_argument("--quiet", "-q", action="store_true", help="no progress lines")
     return parser
 
@@ -48,6 +52,7 @@ def run(args: argparse.Namespace) -> int:
     from moefast import export
     from moefast.cli._options import load_dataset
     from moefast.cli.predict import _data_config, run_data_options
+    from moefast.nn.embedding import EmbeddingCollection
 
     out = Path(args.out)
     if out.suffix != ".pt2":
@@ -68,6 +73,10 @@ def run(args: argparse.Namespace) -> int:
             raise UserError(f"run directory {str(folder)!r} has neither dataset.json nor config.toml")
         dataset = load_dataset(_data_config(options))
     loaded = export.load_run(folder, dataset=dataset, backend="reference")
+    # The program holds float32 tables unless asked otherwise (half tables convert exactly).
+    for module in loaded.model.modules():
+        if isinstance(module, EmbeddingCollection):
+            module.set_precision(TablePrecision(args.table_precision))
     merged = export.merge(loaded.model, backend="reference")
     say = (lambda _m: None) if args.quiet else (lambda m: print(m, file=sys.stderr, flush=True))
     say(f"exporting the merged {loaded.model.name} / {loaded.model.tower.kind.value} model of {folder} "

@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from moefast.config import GateInit, NumericSpec, TowerConfig, TowerKind
+from moefast.config import GateInit, NumericSpec, TablePrecision, TowerConfig, TowerKind
 from moefast.export._records import (
     DATASET_RECORD,
     dataset_record,
@@ -24,7 +24,9 @@ from moefast.export._records import (
     read_json_object,
 )
 from moefast.models.base import MODELS, CTRModel
+from moefast.nn.embedding import EmbeddingCollection
 from moefast.ops._backend import BackendLike
+from moefast.reference.embedding_optim import FusedOptimizer, LazyAdam, RowwiseAdagrad
 
 __all__ = ["LoadedRun", "load_run", "method_dir", "tower_config_from_json"]
 
@@ -140,6 +142,24 @@ def load_run(
     if not checkpoints:
         raise ValueError(f"run directory {str(folder)!r} has no checkpoint under checkpoints/")
     model = MODELS[name](features, num_domains, tower, backend=backend, numeric=_numeric_specs(record))
+    # The checkpoint holds the tables in the run's precision (metrics.json; float32 before half
+    # tables existed): the model is converted to it explicitly, then loads strictly.
+    precision = read_json_object(folder / "metrics.json").get("table_precision", TablePrecision.FP32.value)
+    try:
+        table_precision = TablePrecision(precision)
+    except ValueError:
+        raise ValueError(f"{str(folder / 'metrics.json')!r}: unknown table_precision {precision!r}") from None
+    # A fused embedding optimizer's state is in the checkpoint too (buffers): give the tables an
+    # optimizer of the run's kind so that the state loads (its hyperparameters play no part).
+    settings = folder / "settings.json"
+    kind = (read_json_object(settings).get("train") or {}).get("embedding_optimizer") if settings.is_file() else None
+    fused: FusedOptimizer | None = (LazyAdam() if kind == "lazy-adam" else
+                                    RowwiseAdagrad() if kind == "rowwise-adagrad" else None)
+    for module in model.modules():
+        if isinstance(module, EmbeddingCollection):
+            module.set_precision(table_precision)
+            if fused is not None:
+                module.set_optimizer(fused)
     load_checkpoint(checkpoints[-1], model, dataset=str(record.get("name")))
     model.eval()
     return LoadedRun(model, record, folder, checkpoints[-1])

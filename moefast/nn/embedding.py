@@ -1,8 +1,9 @@
 """EmbeddingCollection: every categorical field of a model in one module, one lookup call.
 
-A drop-in for a collection of ``torch.nn.Embedding`` / ``torch.nn.EmbeddingBag``: one float32
+A drop-in for a collection of ``torch.nn.Embedding`` / ``torch.nn.EmbeddingBag``: one
 ``[vocab_size, dim]`` table per feature under ``tables.<name>`` (the same parameters and the same
-``state_dict`` under every backend), initialised as ``torch.nn.Embedding`` does.
+``state_dict`` under every backend), initialised as ``torch.nn.Embedding`` does, stored in float32
+or, with ``precision``, in float16 / bfloat16 (:class:`moefast.config.TablePrecision`).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import nn
 
-from moefast.config import FeatureSpec, Pooling
+from moefast.config import FeatureSpec, Pooling, TablePrecision
 from moefast.nn._torch_embedding import check_collection_padding, check_torch_embedding
 from moefast.ops._backend import BackendLike, parse_backend
 from moefast.ops.embedding import embedding_collection
@@ -35,6 +36,12 @@ class EmbeddingCollection(nn.Module):
             Its state lives in buffers ``optimizer_state.<name>.<slot>`` (saved in the state_dict).
         sparse: without a fused optimizer, give the tables sparse COO gradients (for
             ``torch.optim.SparseAdam``) instead of dense ones (for ``torch.optim.Adam``).
+        precision: how the tables are stored (:class:`~moefast.config.TablePrecision`; default
+            float32). Half tables are initialised in float32 and rounded to nearest once; they
+            are pooled in float32, and a fused optimizer keeps float32 state and rounds updated
+            rows back stochastically. Train them with a fused optimizer (a dense optimizer would
+            round every row to nearest each step). :meth:`set_precision` converts later;
+            ``load_state_dict`` refuses tables of another precision.
 
     Input of :meth:`forward`: a mapping from feature name to ids. A single-valued field is int64
     (or int32) ``[B]``; a multi-valued one is ``[B, L]`` padded on the right with id 0, which is
@@ -49,8 +56,11 @@ class EmbeddingCollection(nn.Module):
         backend: BackendLike = None,
         optimizer: FusedOptimizer | None = None,
         sparse: bool = False,
+        precision: TablePrecision = TablePrecision.FP32,
     ) -> None:
         super().__init__()
+        if not isinstance(precision, TablePrecision):
+            raise TypeError(f"precision must be a TablePrecision, got {precision!r}")
         features = tuple(features)
         if not features:
             raise ValueError("EmbeddingCollection needs at least one feature")
@@ -73,7 +83,7 @@ class EmbeddingCollection(nn.Module):
         for spec in features:
             weight = torch.empty(spec.vocab_size, spec.dim)
             nn.init.normal_(weight, 0.0, 1.0 if init_std is None else init_std)
-            self.tables[spec.name] = nn.Parameter(weight)
+            self.tables[spec.name] = nn.Parameter(weight.to(precision.dtype))
         self.optimizer_state = nn.ModuleDict()
         if optimizer is not None:
             for spec in features:
@@ -97,6 +107,40 @@ class EmbeddingCollection(nn.Module):
                 for slot, value in optimizer.init_state(self.tables[spec.name]).items():
                     holder.register_buffer(slot, value)
                 self.optimizer_state[spec.name] = holder
+
+    @property
+    def precision(self) -> TablePrecision:
+        """How the tables are stored (all of a collection's tables share it)."""
+        dtype = next(iter(self.tables.values())).dtype
+        return next(p for p in TablePrecision if p.dtype == dtype)
+
+    def set_precision(self, precision: TablePrecision) -> None:
+        """Convert every table to ``precision`` explicitly (round to nearest; new parameters with
+        the same ``requires_grad``, so build any torch optimizer afterwards). The fused
+        optimizer's float32 state is kept. A no-op when the tables already have it."""
+        if not isinstance(precision, TablePrecision):
+            raise TypeError(f"precision must be a TablePrecision, got {precision!r}")
+        for name, table in list(self.tables.items()):
+            if table.dtype != precision.dtype:
+                with torch.no_grad():
+                    self.tables[name] = nn.Parameter(table.to(precision.dtype), requires_grad=table.requires_grad)
+
+    def _load_from_state_dict(
+        self, state_dict: Mapping[str, object], prefix: str, local_metadata: dict[str, object], strict: bool,
+        missing_keys: list[str], unexpected_keys: list[str], error_msgs: list[str],
+    ) -> None:
+        # torch would copy a float32 table into a half one (or back) converting silently.
+        for name, table in self.tables.items():
+            theirs = state_dict.get(f"{prefix}tables.{name}")
+            if isinstance(theirs, torch.Tensor) and theirs.dtype != table.dtype:
+                raise ValueError(
+                    f"table {prefix}tables.{name} is {theirs.dtype} in the state dict but {table.dtype} in the "
+                    "model: tables load only into their own precision; convert one explicitly first "
+                    "(EmbeddingCollection.set_precision, or TrainConfig.table_precision)"
+                )
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
 
     def apply_row_updates(self, updates: Mapping[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
         """Apply the fused optimizer to tables ``name -> (rows, grads)``: unique ``rows`` (int64
@@ -167,6 +211,7 @@ class EmbeddingCollection(nn.Module):
         backend: BackendLike = None,
         optimizer: FusedOptimizer | None = None,
         sparse: bool = False,
+        precision: TablePrecision = TablePrecision.FP32,
     ) -> EmbeddingCollection:
         """Convert ``torch.nn.Embedding`` / ``EmbeddingBag`` (sum or mean) modules, keeping weights.
 
@@ -182,7 +227,9 @@ class EmbeddingCollection(nn.Module):
         gradients), an ``nn.Embedding`` with a ``padding_idx`` and an ``nn.EmbeddingBag`` whose
         ``padding_idx`` is not 0 (the contract's padding), modules on different devices.
         ``per_sample_weights`` are not part of the collection's input (use
-        :class:`moefast.nn.convert.EmbeddingBag` for them).
+        :class:`moefast.nn.convert.EmbeddingBag` for them). ``precision`` stores the copies in
+        float16 / bfloat16 (rounded to nearest once); the result then computes what the modules
+        compute on those rounded weights.
         """
         items = list(modules.items()) if isinstance(modules, Mapping) else [
             (f"f{i}", m) for i, m in enumerate(modules)
@@ -207,6 +254,7 @@ class EmbeddingCollection(nn.Module):
             for name, module in checked:
                 out.tables[name].copy_(module.weight)
                 out.tables[name].requires_grad_(module.weight.requires_grad)
+        out.set_precision(precision)
         return out
 
 

@@ -17,7 +17,7 @@ from moefast import _ext
 from moefast.config import Pooling
 from moefast.ops._backend import Backend, BackendLike, resolve_backend
 from moefast.reference import embedding as _ref
-from moefast.reference.embedding_optim import FusedOptimizer, LazyAdam, RowwiseAdagrad
+from moefast.reference.embedding_optim import FusedOptimizer, LazyAdam, RowwiseAdagrad, table_key
 
 __all__ = [
     "EmbeddingCollectionFunction",
@@ -29,6 +29,8 @@ __all__ = [
 
 _POOLING_CODE = {Pooling.NONE: 0, Pooling.SUM: 1, Pooling.MEAN: 2}
 _INDEX_IS_64 = {torch.int64: 1, torch.int32: 0}
+# The engine's TableType: half tables reach it as they are (never converted), pooled in float32.
+_TABLE_TYPE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
 
 class _Recheck(Exception):
@@ -61,7 +63,7 @@ class _NativeCall:
     """
 
     __slots__ = (
-        "batch", "dims", "keep", "meta", "names", "num_indices", "pointers", "snapshot", "vocab_sizes",
+        "batch", "dims", "dtypes", "keep", "meta", "names", "num_indices", "pointers", "snapshot", "vocab_sizes",
     )
 
     def __init__(
@@ -87,11 +89,12 @@ class _NativeCall:
         pointers: list[int] = []
         meta: list[int] = []
         self.dims, self.vocab_sizes, self.num_indices = [], [], []
+        self.dtypes: list[torch.dtype] = []
         for t in range(n):
             w, idx, off, p, pad = weights[t], indices[t], offsets[t], psw[t], pads[t]
             if (
                 not isinstance(w, torch.Tensor)
-                or w.dtype != torch.float32
+                or w.dtype not in _TABLE_TYPE
                 or w.dim() != 2
                 or not w.is_contiguous()
                 or not w.is_cpu
@@ -119,8 +122,10 @@ class _NativeCall:
                 off.data_ptr() if off is not None else 0,
                 p.data_ptr() if p is not None else 0,
             ]
-            meta += [rows, dim, count, is_64, code, -1 if pad is None else pad]
+            meta += [rows, dim, count, is_64, code, -1 if pad is None else pad, _TABLE_TYPE[w.dtype],
+                     table_key(self.names[t])]
             self.dims.append(dim)
+            self.dtypes.append(w.dtype)
             self.vocab_sizes.append(rows)
             self.num_indices.append(count)
         self.pointers = pointers
@@ -216,7 +221,7 @@ class EmbeddingCollectionFunction(torch.autograd.Function):
             native.embedding_backward_update(
                 call.pointers, call.meta, call.names, call.batch, grad_out, need,
                 1 if is_adam else 0, opt.lr, opt.eps,
-                opt.beta1 if is_adam else 0.0, opt.beta2 if is_adam else 0.0,
+                opt.beta1 if is_adam else 0.0, opt.beta2 if is_adam else 0.0, opt.seed,
                 _state_pointers(opt, ctx.states, call, need),
                 _threads(call),
             )
@@ -224,6 +229,8 @@ class EmbeddingCollectionFunction(torch.autograd.Function):
         total_ids = sum(call.num_indices)
         rows_all = torch.empty(total_ids, dtype=torch.int64)
         grads_all = torch.empty(sum(n * d for n, d in zip(call.num_indices, call.dims, strict=True)))
+        # A half table's gradient is computed in float32 and handed to autograd in the table's
+        # dtype (autograd wants the gradient of a tensor in its own dtype).
         counts = native.embedding_backward_rows(
             call.pointers, call.meta, call.names, call.batch, grad_out, need, rows_all, grads_all, _threads(call)
         )
@@ -233,13 +240,13 @@ class EmbeddingCollectionFunction(torch.autograd.Function):
             dim, vocab = call.dims[t], call.vocab_sizes[t]
             if need[t]:
                 rows = rows_all[row_base : row_base + count]
-                values = grads_all[grad_base : grad_base + count * dim].view(count, dim)
+                values = grads_all[grad_base : grad_base + count * dim].view(count, dim).to(call.dtypes[t])
                 if ctx.sparse:
                     grads.append(torch.sparse_coo_tensor(
                         rows[None], values, (vocab, dim), is_coalesced=True, check_invariants=False
                     ))
                 else:
-                    grads.append(torch.zeros(vocab, dim).index_copy_(0, rows, values))
+                    grads.append(torch.zeros(vocab, dim, dtype=call.dtypes[t]).index_copy_(0, rows, values))
             else:
                 grads.append(None)
             row_base += call.num_indices[t]
@@ -282,6 +289,9 @@ def embedding_collection(
     backend: BackendLike = None,
 ) -> torch.Tensor:
     """Look up every field of a batch; float32 ``[B, sum_t D_t]``.
+
+    Tables may be float32, float16 or bfloat16 (each element converted exactly, pooled in
+    float32); a fused optimizer rounds half tables back stochastically (seeded by its ``seed``).
 
     ``backend``: ``"reference"``, ``"fast"`` (the C++ engine: CPU tensors only) or ``"auto"``
     (default, or ``MOEFAST_BACKEND``). See :func:`moefast.reference.embedding.embedding_collection`

@@ -1,7 +1,8 @@
 """Table-batched embedding lookup in plain PyTorch: the specification of the C++ engine.
 
 One call looks up every categorical field of a batch (as FBGEMM's table-batched embedding
-does). Field ``t`` has a table ``weights[t]`` (float32 ``[V_t, D_t]``) and jagged input:
+does). Field ``t`` has a table ``weights[t]`` (float32, float16 or bfloat16 ``[V_t, D_t]``; a
+half table's rows are converted exactly to float32 and pooled in float32) and jagged input:
 
 - ``indices[t]``: int32 or int64 ``[N_t]``, ids in ``[0, V_t)``;
 - ``offsets[t]``: ``None`` for a single-valued field (``N_t == B``, a plain gather), else
@@ -26,7 +27,12 @@ import torch
 import torch.nn.functional as F
 
 from moefast.config import Pooling
-from moefast.reference.embedding_optim import FusedOptimizer, sparse_update_
+from moefast.reference.embedding_optim import (
+    TABLE_DTYPES,
+    FusedOptimizer,
+    sparse_update_,
+    table_key,
+)
 
 __all__ = [
     "FieldLayout",
@@ -100,7 +106,7 @@ class InputSnapshot:
     """
 
     __slots__ = ("indices", "names", "offsets", "per_sample_weights", "read", "read_pointers", "read_versions",
-                 "weight_pointers", "weight_shapes", "weights")
+                 "weight_dtypes", "weight_pointers", "weight_shapes", "weights")
 
     def __init__(
         self,
@@ -115,6 +121,7 @@ class InputSnapshot:
         self.indices, self.offsets, self.per_sample_weights = indices, offsets, per_sample_weights
         self.weight_pointers = [w.data_ptr() for w in weights]
         self.weight_shapes = [w.shape for w in weights]
+        self.weight_dtypes = [w.dtype for w in weights]
         self.read = [x for group in (indices, offsets, per_sample_weights) for x in group if x is not None]
         self.read_pointers = [x.data_ptr() for x in self.read]
         self.read_versions = _versions(self.read)
@@ -125,12 +132,13 @@ class InputSnapshot:
         if (
             [w.data_ptr() for w in weights] != self.weight_pointers
             or [w.shape for w in weights] != self.weight_shapes
-            or any(w.dtype != torch.float32 or not w.is_contiguous() for w in weights)
+            or [w.dtype for w in weights] != self.weight_dtypes
+            or any(not w.is_contiguous() for w in weights)
         ):
             for t, w in enumerate(weights):
                 if (
                     w.data_ptr() != self.weight_pointers[t]
-                    or w.dtype != torch.float32
+                    or w.dtype != self.weight_dtypes[t]
                     or w.shape != self.weight_shapes[t]
                     or not w.is_contiguous()
                 ):
@@ -264,9 +272,11 @@ def check_inputs(
     for t in range(n):
         name = names[t]
         w = weights[t]
-        if not isinstance(w, torch.Tensor) or w.dtype != torch.float32 or w.dim() != 2:
+        if not isinstance(w, torch.Tensor) or w.dtype not in TABLE_DTYPES or w.dim() != 2:
             desc = f"{w.dtype} {tuple(w.shape)}" if isinstance(w, torch.Tensor) else type(w).__name__
-            raise TypeError(f"field {name!r}: table must be a float32 [V, D] tensor, got {desc}")
+            raise TypeError(
+                f"field {name!r}: table must be a float32, float16 or bfloat16 [V, D] tensor, got {desc}"
+            )
         if not w.is_contiguous():
             raise TypeError(f"field {name!r}: table must be contiguous (it is never copied silently)")
         idx = _check_tensor(indices[t], f"field {name!r}: indices", _INDEX_DTYPES, 1, w.device)
@@ -365,9 +375,9 @@ def _lookup(
     outs = []
     for t, w in enumerate(weights):
         bag_of = _bag_of(layout, t)
-        rows = F.embedding(layout.indices[t].long(), w, sparse=sparse)  # [N_t, D_t]
-        contrib = rows * _scales(layout, t, bag_of)[:, None]
-        outs.append(w.new_zeros(layout.batch_size, w.shape[1]).index_add(0, bag_of, contrib))
+        rows = F.embedding(layout.indices[t].long(), w, sparse=sparse)  # [N_t, D_t], w's dtype
+        contrib = rows.float() * _scales(layout, t, bag_of)[:, None]  # exact for half rows
+        outs.append(contrib.new_zeros(layout.batch_size, w.shape[1]).index_add(0, bag_of, contrib))
     return torch.cat(outs, dim=1)
 
 
@@ -425,7 +435,8 @@ class _FusedUpdateFunction(torch.autograd.Function):
                     grads = grads.new_zeros(rows.shape[0], grads.shape[1]).index_add_(
                         0, inverse, torch.cat([row_grads[u][1] for u in group])
                     )
-                sparse_update_(ctx.weights[t].data, ctx.states[t], rows, grads, ctx.optimizer)
+                sparse_update_(ctx.weights[t].data, ctx.states[t], rows, grads, ctx.optimizer,
+                               key=table_key(ctx.layout.names[t]))
         return (None,) * (3 + len(ctx.weights))
 
 

@@ -209,9 +209,9 @@ def _fused_embedding_optimizer(config: TrainConfig) -> FusedOptimizer | None:
     """The sparse optimizer fused into the embedding backward, or ``None`` for dense Adam."""
     lr = config.embedding_lr if config.embedding_lr is not None else config.lr
     if config.embedding_optimizer is EmbeddingOptimizer.LAZY_ADAM:
-        return LazyAdam(lr=lr, beta1=config.betas[0], beta2=config.betas[1], eps=config.eps)
+        return LazyAdam(lr=lr, beta1=config.betas[0], beta2=config.betas[1], eps=config.eps, seed=config.seed)
     if config.embedding_optimizer is EmbeddingOptimizer.ROWWISE_ADAGRAD:
-        return RowwiseAdagrad(lr=lr, eps=config.eps)
+        return RowwiseAdagrad(lr=lr, eps=config.eps, seed=config.seed)
     return None
 
 
@@ -445,6 +445,8 @@ def _fit(
     out_dir = None if claim is None else claim.path
     backend_name = _set_backend(model, backend, torch.device(config.device))
     set_embedding_optimizer(model, _fused_embedding_optimizer(config))
+    for collection in embedding_collections(model):  # half tables: TrainConfig checked the optimizer
+        collection.set_precision(config.table_precision)
     snapshot: dict[str, Any] | None = None
     settings_digest: str | None = None
     if out_dir is not None:
@@ -556,6 +558,7 @@ def _fit(
         "backend": backend_name,
         "device": str(device),
         "seed": config.seed,
+        "table_precision": config.table_precision.value,
         "test": test.to_dict(),
         "stages": [r.to_dict() for r in records],
         "train_samples_per_second": train_samples / train_seconds if train_seconds > 0 else 0.0,
