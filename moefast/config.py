@@ -17,6 +17,7 @@ __all__ = [
     "MLoRAMode",
     "NumericSpec",
     "Pooling",
+    "Precision",
     "PretrainedMode",
     "RunConfig",
     "TowerConfig",
@@ -166,6 +167,21 @@ class GateInit(enum.Enum):
     SPECIALIST = "specialist"
 
 
+class Precision(enum.Enum):
+    """The arithmetic of a training step (``TrainConfig.precision``, ``--precision``).
+
+    ``FP32`` (the default): everything in float32, bitwise what moefast computed before the
+    option existed. ``BF16_MIXED``: the operands of the wide products (the tower's shared
+    weights and layer inputs, the interaction parts' dense layers) are rounded to bfloat16 and
+    multiplied with float32 accumulation and a float32 result; the rank-space intermediate, the
+    gate weights, the adapter sum, every epilogue, the master weights and the optimizer state
+    stay float32 (:mod:`moefast.precision`, docs/performance.md).
+    """
+
+    FP32 = "fp32"
+    BF16_MIXED = "bf16-mixed"
+
+
 class PretrainedMode(enum.Enum):
     """What training does to a dataset's pretrained tables (``dataset.pretrained``).
 
@@ -298,7 +314,8 @@ class TrainConfig:
     ``embedding_lr`` is its learning rate (``None``: ``lr``). ``pretrained`` decides whether a
     dataset's pretrained tables stay frozen in every stage (the default, and under
     ``seeds_compat`` and ``train_backbone_in_later_stages`` too) or are fine-tuned.
-    ``batch_mode`` ``None`` is the library's default protocol (:attr:`batches`).
+    ``batch_mode`` ``None`` is the library's default protocol (:attr:`batches`). ``precision``
+    is the step's arithmetic (:class:`Precision`; evaluation always runs in float32).
 
     Accepted values (anything else is a ``ValueError`` here, before any data loads): ``lr`` and
     ``embedding_lr`` finite in (0, 10]; ``eps`` finite in (0, 1]; ``l2`` finite in [0, 1];
@@ -329,6 +346,7 @@ class TrainConfig:
     embedding_optimizer: EmbeddingOptimizer = EmbeddingOptimizer.ADAM
     embedding_lr: float | None = None
     pretrained: PretrainedMode = PretrainedMode.FROZEN
+    precision: Precision = Precision.FP32
 
     def __post_init__(self) -> None:
         # Ranges: LR_RANGE, EPS_RANGE, L2_RANGE above; every value must be finite.
@@ -371,6 +389,7 @@ class TrainConfig:
             ("mlora_mode", MLoRAMode),
             ("embedding_optimizer", EmbeddingOptimizer),
             ("pretrained", PretrainedMode),
+            ("precision", Precision),
         ):
             if not isinstance(getattr(self, name), kind):
                 raise TypeError(f"TrainConfig.{name} must be a {kind.__name__}, got {getattr(self, name)!r}")

@@ -25,6 +25,7 @@ from torch import nn
 from moefast.config import GateInit, TowerConfig, TowerKind
 from moefast.nn.adapter import Activation, AdapterLinear
 from moefast.ops._backend import Backend, BackendLike, resolve_backend
+from moefast import precision
 from moefast.ops._tower_cpu import tower_cpu
 from moefast.ops.adapter import FastImpl, fast_implementation
 from moefast.reference.adapter import check_domain_ids
@@ -257,7 +258,8 @@ class Tower(nn.Module):
             # Drawn in layer order before any layer runs: the bits the per-layer path draws.
             masks = [layer.dropout_mask_for(x) for layer in layers]
             params = [(layer.weight, layer.bias, layer.lora_A, layer.lora_B, layer.lora_c) for layer in layers]
-            return tower_cpu(x, params, self.output.weight, self.output.bias, masks=masks, **routing)
+            return tower_cpu(x, params, self.output.weight, self.output.bias, masks=masks,
+                             bf16=precision.bf16_mixed(), **routing)
         h = x
         for layer in self.layers:
             h = layer(h, **routing)
