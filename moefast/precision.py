@@ -208,13 +208,13 @@ def _mm_bf16_op() -> Any:
     global _LIBRARY
     from moefast import _ext
 
-    native = _ext.tower_op_available(warn=False)
-    if not native:
-        _LIBRARY = torch.library.Library("moefast", "FRAGMENT")  # noqa: TOR901 (kept for the process)
+    _ext.tower_op_available(warn=False)  # loads moefast._tower_ops where it can
+    if not hasattr(torch.ops.moefast, "mm_bf16"):
+        _LIBRARY = torch.library.Library("moefast", "FRAGMENT")
         _LIBRARY.define("mm_bf16(Tensor a, Tensor b) -> Tensor")
         _LIBRARY.impl("mm_bf16", _mm_bf16_cpu, "CPU")
     if _LIBRARY is None:
-        _LIBRARY = torch.library.Library("moefast", "IMPL")  # noqa: TOR901
+        _LIBRARY = torch.library.Library("moefast", "IMPL")
     _LIBRARY.impl("mm_bf16", _mm_bf16_cuda, "CUDA")
     return torch.ops.moefast.mm_bf16.default
 

@@ -22,10 +22,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from moefast import precision
 from moefast.config import GateInit, TowerConfig, TowerKind
 from moefast.nn.adapter import Activation, AdapterLinear
 from moefast.ops._backend import Backend, BackendLike, resolve_backend
-from moefast import precision
 from moefast.ops._tower_cpu import tower_cpu
 from moefast.ops.adapter import FastImpl, fast_implementation
 from moefast.reference.adapter import check_domain_ids
