@@ -256,7 +256,7 @@ def test_cuda_bf16_mixed_selects_the_triton_bf16_path(monkeypatch: pytest.Monkey
 
     monkeypatch.setattr(adapter_ops, "_kernels", lambda: Kernels)
     layer = _tower(TowerKind.MOE_MLORA, Routing.MIXTURE, None, "fast").hidden_layers()[0]
-    x, domain = _inputs()
+    x, _ = _inputs()
     gate = torch.softmax(torch.randn(ROWS, layer.num_experts), dim=-1)
     y = adapter_ops._triton_bf16_mixed(x, layer.weight, layer.bias, layer.lora_A, layer.lora_B, layer.lora_c,
                                        gate, None, None, None, True)
@@ -279,9 +279,9 @@ def test_the_option_parses_and_refuses_bad_values_naming_it() -> None:
     assert converters(TRAIN_OPTIONS)["precision"]("bf16-mixed") is BF16
     with pytest.raises(TypeError, match="precision"):
         TrainConfig(precision="bf16-mixed")  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match="TrainConfig.precision"):
+    with pytest.raises(ValueError, match=r"TrainConfig\.precision"):
         precision.parse_precision("fp8")
-    with pytest.raises(ValueError, match=r"--precision bf16-mixed \(TrainConfig.precision\)"):
+    with pytest.raises(ValueError, match=r"--precision bf16-mixed \(TrainConfig\.precision\)"):
         precision.check_device(BF16, "meta")
     assert precision.check_device(Precision.FP32, "meta") is Precision.FP32
     assert precision.current() is Precision.FP32
