@@ -17,7 +17,7 @@ output (a matrix-vector product). In the interaction parts, every product with a
 (:func:`wide_matmul`, :func:`wide_linear`): DCN's cross kernels, xDeepFM's CIN convolutions,
 AutoInt's projections, FiBiNET's SENET and bilinear weights, and each backbone's output vector.
 
-The switch is a context variable, set by :func:`autocast` (``with moefast.precision.autocast(
+The switch is a process-wide setting, set by :func:`autocast` (``with moefast.precision.autocast(
 "bf16-mixed"): ...``, what a training step under ``TrainConfig.precision`` runs its forward in,
 :func:`moefast.train.loop.step_precision`). Layers decide at forward time and keep what their
 backward needs (bf16 operands) in their autograd nodes, so backward needs no context. Outside
@@ -44,7 +44,6 @@ process names the missing flag (:func:`check_cpu`).
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import functools
 import warnings
 from collections.abc import Iterator
@@ -74,7 +73,10 @@ __all__ = [
 
 BF16 = torch.bfloat16
 
-_CURRENT: contextvars.ContextVar[Precision] = contextvars.ContextVar("moefast_precision", default=Precision.FP32)
+# The precision in force: a plain module global (set and restored by ``autocast``), not a
+# ContextVar, because torch.compile cannot trace ContextVar.get (a graph break) while it traces
+# a global's value under a guard. One per process, like the training step that sets it.
+_CURRENT: list[Precision] = [Precision.FP32]
 
 
 class PrecisionWarning(UserWarning):
@@ -94,12 +96,12 @@ def parse_precision(value: Precision | str) -> Precision:
 
 def current() -> Precision:
     """The precision moefast layers compute in here (``fp32`` outside :func:`autocast`)."""
-    return _CURRENT.get()
+    return _CURRENT[0]
 
 
 def bf16_mixed() -> bool:
     """Whether layers called here compute their wide products with bf16 operands."""
-    return _CURRENT.get() is Precision.BF16_MIXED
+    return _CURRENT[0] is Precision.BF16_MIXED
 
 
 @contextlib.contextmanager
@@ -109,11 +111,12 @@ def autocast(precision: Precision | str) -> Iterator[None]:
     Unlike ``torch.autocast``, it rounds only the wide products' operands and returns float32:
     outputs, gradients and parameters keep their dtype.
     """
-    token = _CURRENT.set(parse_precision(precision))
+    previous = _CURRENT[0]
+    _CURRENT[0] = parse_precision(precision)
     try:
         yield
     finally:
-        _CURRENT.reset(token)
+        _CURRENT[0] = previous
 
 
 def round_bf16(t: torch.Tensor) -> torch.Tensor:
@@ -157,7 +160,7 @@ class WideProduct(torch.autograd.Function):
 def wide_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``torch.matmul(a, b)``; under bf16-mixed a :class:`WideProduct`. In fp32 this is exactly
     ``a @ b`` (the same torch call)."""
-    if _CURRENT.get() is Precision.BF16_MIXED and a.dtype == torch.float32:
+    if _CURRENT[0] is Precision.BF16_MIXED and a.dtype == torch.float32:
         out: torch.Tensor = WideProduct.apply(a, b)
         return out
     return a @ b
@@ -165,7 +168,7 @@ def wide_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 def wide_linear(x: torch.Tensor, linear: torch.nn.Linear) -> torch.Tensor:
     """``linear(x)``; under bf16-mixed ``x W^T`` as a :class:`WideProduct`, plus the float32 bias."""
-    if _CURRENT.get() is Precision.BF16_MIXED and x.dtype == torch.float32:
+    if _CURRENT[0] is Precision.BF16_MIXED and x.dtype == torch.float32:
         y: torch.Tensor = WideProduct.apply(x, linear.weight.T)
         return y if linear.bias is None else y + linear.bias
     out: torch.Tensor = linear(x)

@@ -329,3 +329,26 @@ def test_checkpoints_and_resume_under_bf16_mixed_are_bitwise_at_one_thread(
         tiny.run(cut, "lazy-adam", method="mlora", resume=True, max_epochs=2)
     tiny.run(cut, "lazy-adam", method="mlora", resume=True, **changes)
     assert_same_run(cut, whole)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize(("kind", "routing", "expert"), CASES, ids=[f"{k.value}-{r.value}" for k, r, _ in CASES])
+def test_triton_bf16_mixed_matches_the_bf16_reference_within_the_bound(
+    kind: TowerKind, routing: Routing, expert: int | None
+) -> None:
+    """The numerics of the CUDA path: the Triton kernels' bf16 path against the bf16 reference,
+    forward and every gradient, within the derived bound."""
+    x, domain = _inputs()
+    x, domain = x.cuda(), domain.cuda()
+    fast = _tower(kind, routing, expert, "fast").cuda()
+    reference = _tower(kind, routing, expert, "reference").cuda()
+    got = _run(fast, x, domain, BF16)
+    want = _run(reference, x, domain, BF16)
+    fp32 = _run(fast, x, domain, Precision.FP32)
+    scale = _magnitude(reference, x, domain)
+    k = max(IN, *UNITS, ROWS)
+    for name, a, b, m in zip(["logits", "x", *(n for n, _ in fast.named_parameters())], got, want, scale, strict=True):
+        err = (a.double() - b.double()).abs()
+        assert bool((err <= wide_product_bound(k, m, products=2 * len(UNITS))).all()), name
+    assert not torch.equal(got[0], fp32[0])

@@ -136,6 +136,7 @@ class CIN(nn.Module):
         for index, conv in enumerate(self.convs):
             # Sizes spelled out (no -1): a 0-row batch has nothing to infer them from.
             z = torch.einsum("bhd,bmd->bhmd", hidden, fields).reshape(batch, hidden.shape[1] * fields.shape[1], dim)  # [B, H F, k]
+            assert isinstance(conv, nn.Conv1d)
             x = torch.relu(_pointwise_conv(conv, z))  # [B, H_l, k]
             if self.split_half and index < len(self.convs) - 1:
                 half = x.shape[1] // 2

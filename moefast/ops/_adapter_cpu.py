@@ -150,6 +150,7 @@ def layer_backward(
     du = d[:, d_out:]
     dzm = d[:, :d_out]
     grad_w = grad_b = None
+    da_sel_t: torch.Tensor | None
     if bf16:  # the same products, their d operand in bf16 (only the part each one reads)
         ds = d.to(BF16) if need_x or (need_w and need_a and adapter) else None
         grad_x = mm_bf16(ds, w_rows) if ds is not None and need_x else None
