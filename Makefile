@@ -12,7 +12,7 @@ NATIVE_SRC  := pyproject.toml CMakeLists.txt $(wildcard csrc/*.cpp csrc/*.h csrc
 BENCH_NAME  ?= cpu-$(shell uname -m)
 BENCH_PATH  ?= bench/
 
-.PHONY: setup run test check-install lint bench stubs clean sanitize golden golden-record
+.PHONY: setup run test check-install lint bench stubs clean sanitize golden golden-record gpu-check
 
 setup: $(BUILD_STAMP)
 
@@ -71,6 +71,13 @@ golden-record: setup
 bench: setup
 	mkdir -p bench/results
 	$(BIN)/python -m pytest $(BENCH_PATH) --benchmark-only --benchmark-json=bench/results/$(BENCH_NAME).json $(ARGS)
+
+# The day a GPU is lent (issue 27): build into the running Python (the GPU image's torch, not the
+# CPU venv), every gpu-marked test, the GPU benchmarks, and OUT/summary.md; each part under its
+# own time limit, the whole under 8 minutes on one H100. Without CUDA: one line, exit 0.
+OUT ?= gpu-check
+gpu-check:
+	$(PYTHON) tools/gpu_check.py $(OUT)
 
 stubs: setup
 	$(BIN)/python -m nanobind.stubgen -q -m moefast._C -o moefast/_C.pyi

@@ -37,10 +37,11 @@ import pytest
 import torch
 
 from moefast import _ext, data, models
-from moefast.config import MLoRAMode, TowerKind, TrainConfig
+from moefast.config import MLoRAMode, Precision, TowerKind, TrainConfig
 from moefast.data.dataset import Batch, MultiDomainDataset
 from moefast.models.base import CTRModel
 from moefast.nn.tower import Tower
+from moefast.precision import cpu_flags
 from moefast.reference.embedding_optim import LazyAdam
 from moefast.train.loop import (
     _set_backend,
@@ -97,7 +98,8 @@ def _sync() -> None:
 
 
 def _staged_round(
-    model: CTRModel, batches: list[list[Batch]], backend: str, mix: str = "equal-steps"
+    model: CTRModel, batches: list[list[Batch]], backend: str, mix: str = "equal-steps",
+    precision: Precision = Precision.FP32,
 ) -> Callable[[], int]:
     """One round of shortened staged training; returns the number of training samples.
 
@@ -125,7 +127,7 @@ def _staged_round(
             optimizer = stage_optimizer([p for p in params if id(p) not in tables], ADAM, backend)
             l2_params = l2_parameters(model)
             for batch in stage_batches(step):
-                train_step(model, batch, step, optimizer, 1e-5, l2_params)
+                train_step(model, batch, step, optimizer, 1e-5, l2_params, precision)
                 samples += len(batch)
         _sync()
         return samples
@@ -142,18 +144,30 @@ def _record(benchmark: Any, samples: int, **info: Any) -> None:
 PRESETS = [pytest.param("paper", False, id="paper-adam"), pytest.param("wide", True, id="wide-lazyadam")]
 
 
+@pytest.mark.parametrize("precision", [p.value for p in Precision])
 @pytest.mark.parametrize("mix", ["equal-steps", "fit-rows"])
 @pytest.mark.parametrize(("preset", "lazy"), PRESETS)
 @pytest.mark.parametrize("provider", ["reference", "fast"])
-def test_train(benchmark: Any, provider: str, preset: str, lazy: bool, mix: str) -> None:
+def test_train(benchmark: Any, provider: str, preset: str, lazy: bool, mix: str, precision: str) -> None:
+    """Staged training samples/s; ``precision``: TrainConfig.precision (issue 27's table: fast
+    and reference in fp32 and bf16-mixed, side by side in one run)."""
+    if mix != "equal-steps" and precision != Precision.FP32.value:
+        pytest.skip("bf16-mixed is measured on the equal-steps mix")
     ds = _dataset(preset)
     model = _model(ds, provider, lazy=lazy)
-    run = _staged_round(model, _domain_batches(ds, STEPS, BATCH), provider, mix)
+    run = _staged_round(model, _domain_batches(ds, STEPS, BATCH), provider, mix, Precision(precision))
     benchmark.group = f"train-{preset}" if mix == "equal-steps" else f"train-{preset}-{mix}"
     samples = run()  # warm-up: Adam state, allocator, first-call costs
     benchmark.pedantic(run, rounds=ROUNDS, iterations=1)
     _record(benchmark, samples, provider=provider, preset=preset, device=DEVICE, batch=BATCH,
-            embedding_optimizer="lazy-adam" if lazy else "adam", mode="staged-train", mix=mix)
+            embedding_optimizer="lazy-adam" if lazy else "adam", mode="staged-train", mix=mix,
+            precision=precision, cpu_flags=_cpu_flags())
+
+
+def _cpu_flags() -> str:
+    """The CPU's SIMD flags that decide bf16 speed (issue 27: say which CPU produced a figure)."""
+    flags = cpu_flags() or frozenset()
+    return " ".join(sorted(f for f in flags if f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16")))
 
 
 @pytest.mark.parametrize(("preset", "lazy"), PRESETS)
@@ -227,8 +241,11 @@ def _deepctr_deepfm(ds: MultiDomainDataset) -> tuple[torch.nn.Module, Callable[[
     return model, inputs
 
 
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "autocast-bf16"])
 @pytest.mark.parametrize("preset", ["paper", "wide"])
-def test_train_peer_deepctr_deepfm(benchmark: Any, preset: str) -> None:
+def test_train_peer_deepctr_deepfm(benchmark: Any, preset: str, autocast: bool) -> None:
+    """DeepCTR-Torch's DeepFM stepped by hand, in fp32 and under ``torch.autocast(bfloat16)``
+    (the form a PyTorch user tries first)."""
     ds = _dataset(preset)
     model, inputs = _deepctr_deepfm(ds)
     batches = [(inputs(b), b.label) for per_domain in _domain_batches(ds, STEPS, BATCH) for b in per_domain]
@@ -238,8 +255,9 @@ def test_train_peer_deepctr_deepfm(benchmark: Any, preset: str) -> None:
     def run() -> int:
         model.train()
         for x, y in batches:
-            pred = model(x).squeeze(1)
-            loss = torch.nn.functional.binary_cross_entropy(pred, y) + model.get_regularization_loss()
+            with torch.autocast(DEVICE, torch.bfloat16, enabled=autocast):
+                pred = model(x).squeeze(1)
+            loss = torch.nn.functional.binary_cross_entropy(pred.float(), y) + model.get_regularization_loss()
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
@@ -249,7 +267,8 @@ def test_train_peer_deepctr_deepfm(benchmark: Any, preset: str) -> None:
     samples = run()
     benchmark.pedantic(run, rounds=ROUNDS, iterations=1)
     _record(benchmark, samples, provider="deepctr-deepfm", preset=preset, device=DEVICE, batch=BATCH,
-            embedding_optimizer="adam", mode="plain-train")
+            embedding_optimizer="adam", mode="plain-train",
+            precision="autocast-bf16" if autocast else "fp32", cpu_flags=_cpu_flags())
 
 
 def test_train_peer_deepctr_deepfm_fit(benchmark: Any) -> None:

@@ -120,16 +120,17 @@ def tower_op() -> Any:
     return _tower_op
 
 
-def tower_op_available() -> bool:
+def tower_op_available(*, warn: bool = True) -> bool:
     """True when the C++ tower node can run; the first False of a process warns once
-    (:class:`TowerOpWarning`) that the Python node runs instead, and why."""
+    (:class:`TowerOpWarning`) that the Python node runs instead, and why (unless ``warn`` is
+    False: a caller that only asks)."""
     global _tower_warned
     if _tower_op is not None:
         return True
     try:
         tower_op()
     except RuntimeError as exc:
-        if not _tower_warned:
+        if warn and not _tower_warned:
             _tower_warned = True
             warnings.warn(
                 f"moefast: the C++ tower node is not used, the Python node runs instead (same results, "

@@ -21,6 +21,7 @@ __all__ = [
     "MLoRAMode",
     "NumericSpec",
     "Pooling",
+    "Precision",
     "PretrainedMode",
     "RunConfig",
     "SeedsGate",
@@ -216,6 +217,21 @@ class GateInit(enum.Enum):
     SPECIALIST = "specialist"
 
 
+class Precision(enum.Enum):
+    """The arithmetic of a training step (``TrainConfig.precision``, ``--precision``).
+
+    ``FP32`` (the default): everything in float32, bitwise what moefast computed before the
+    option existed. ``BF16_MIXED``: the operands of the wide products (the tower's shared
+    weights and layer inputs, the interaction parts' dense layers) are rounded to bfloat16 and
+    multiplied with float32 accumulation and a float32 result; the rank-space intermediate, the
+    gate weights, the adapter sum, every epilogue, the master weights and the optimizer state
+    stay float32 (:mod:`moefast.precision`, docs/performance.md).
+    """
+
+    FP32 = "fp32"
+    BF16_MIXED = "bf16-mixed"
+
+
 class PretrainedMode(enum.Enum):
     """What training does to a dataset's pretrained tables (``dataset.pretrained``).
 
@@ -350,7 +366,8 @@ class TrainConfig:
     a fused ``embedding_optimizer``. ``pretrained`` decides whether a
     dataset's pretrained tables stay frozen in every stage (the default, and under
     ``seeds_compat`` and ``train_backbone_in_later_stages`` too) or are fine-tuned.
-    ``batch_mode`` ``None`` is the library's default protocol (:attr:`batches`).
+    ``batch_mode`` ``None`` is the library's default protocol (:attr:`batches`). ``precision``
+    is the step's arithmetic (:class:`Precision`; evaluation always runs in float32).
 
     **Budget** (docs/method.md, "Budget"): ``eval_every`` validates every that many optimizer
     steps of a stage (``None``: after every epoch, the protocol of claims v1). ``patience``
@@ -403,6 +420,7 @@ class TrainConfig:
     embedding_lr: float | None = None
     pretrained: PretrainedMode = PretrainedMode.FROZEN
     table_precision: TablePrecision = TablePrecision.FP32
+    precision: Precision = Precision.FP32
 
     def __post_init__(self) -> None:
         # Ranges: LR_RANGE, EPS_RANGE, L2_RANGE above; every value must be finite.
@@ -451,6 +469,7 @@ class TrainConfig:
             ("pretrained", PretrainedMode),
             ("seeds_gate", SeedsGate),
             ("table_precision", TablePrecision),
+            ("precision", Precision),
         ):
             if not isinstance(getattr(self, name), kind):
                 raise TypeError(f"TrainConfig.{name} must be a {kind.__name__}, got {getattr(self, name)!r}")

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 
 __all__ = [
+    "BF16_UNIT_ROUNDOFF",
     "TOLERANCES",
     "TRAINING_LOSS_TOLERANCE",
     "TRAINING_PARITY_STEPS",
@@ -19,6 +20,7 @@ __all__ = [
     "Tolerance",
     "assert_close_relative_to_reference",
     "tolerance",
+    "wide_product_bound",
 ]
 
 
@@ -67,6 +69,32 @@ def assert_close_relative_to_reference(
             f"{name or 'tensor'}: max error {err:.3g} exceeds {LOW_PRECISION_ERROR_FACTOR} x "
             f"reference error {ref_err:.3g} + {floor:.3g}"
         )
+
+# bf16's unit roundoff: rounding to bf16 (8 significant bits) moves a value by at most u |v|.
+BF16_UNIT_ROUNDOFF = 2.0**-8
+
+
+def wide_product_bound(k: int, magnitude: torch.Tensor, products: int = 1) -> torch.Tensor:
+    """How far two computations of the same bf16-mixed function may lie apart, elementwise:
+    ``c K u sum|a||b|`` with ``u`` = :data:`BF16_UNIT_ROUNDOFF`.
+
+    One wide product ``sum_i a_i b_i`` of reduction length ``K`` with operands rounded to bf16
+    and fp32 accumulation errs by at most ``(2u + u^2 + gamma_K(2^-24)) sum|a||b|``, and
+    rounding its result to bf16 (the CPU fast path, :mod:`moefast.precision`) adds
+    ``u |sum a b|``; for ``K >= 4`` all of it is below ``K u sum|a||b|``. A result that passes
+    through ``products`` wide products in a chain (a tower's layers forward, then backward)
+    accumulates at most that many such terms, so ``c = products`` (first-order analysis: the
+    ``u^2`` cross terms are left out), and two implementations of the specification differ by
+    at most twice the bound of one; the factor 2 is in ``c``.
+
+    ``magnitude``: ``sum|a||b|`` propagated to the compared tensor: the same computation in
+    float64 with every input and weight replaced by its absolute value (the running-error
+    analysis' ``|A| |x|``). ``k``: the longest reduction on the path.
+    """
+    if k < 1 or products < 1:
+        raise ValueError(f"wide_product_bound needs k >= 1 and products >= 1, got {k}, {products}")
+    return 2 * products * max(k, 4) * BF16_UNIT_ROUNDOFF * magnitude.abs().double()
+
 
 # Backend parity of staged training (tests/test_fast_path.py). The reference and fast paths
 # compute the same function and differ only in fp32 summation order (concatenated experts,

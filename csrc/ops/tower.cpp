@@ -11,6 +11,7 @@
 // as the per-layer op); the C++ re-checks every size it relies on with TORCH_CHECK_VALUE, which
 // Python sees as ValueError.
 #include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <nanobind/nanobind.h>
 #include <torch/autograd.h>
 #include <torch/library.h>
@@ -25,6 +26,46 @@
 namespace {
 
 using at::Tensor;
+
+// Whether this CPU has bf16 dot-product units (AVX512-BF16 or AMX-BF16), read once.
+bool cpu_has_bf16_units() {
+  static const bool has = [] {
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512bf16") || __builtin_cpu_supports("amx-bf16");
+#else
+    return false;
+#endif
+  }();
+  return has;
+}
+
+// moefast::mm_bf16: a [m, k] @ b [k, n] for bf16 operands with fp32 accumulation, as an fp32
+// tensor (the wide products of bf16-mixed; moefast/precision.py says which products).
+//
+// With bf16 units, torch's bf16 GEMM (oneDNN: bf16 dot products accumulated in fp32), whose
+// result torch stores in bf16: one more rounding, half a bf16 ulp of each result. torch's CPU
+// build offers no bf16 GEMM with an fp32 result (aten::mm.dtype has no CPU kernel; MKL's
+// cblas_gemm_bf16bf16f32 takes an emulated path on AMD CPUs, measured slower than fp32 here).
+// Without bf16 units, the fp32 product of the bf16 operands: exactly the reference's function
+// (oneDNN would emulate bf16 there, slower still).
+Tensor mm_bf16(const Tensor& a, const Tensor& b) {
+  TORCH_CHECK_VALUE(a.dim() == 2 && b.dim() == 2 && a.size(1) == b.size(0), "moefast::mm_bf16: shapes ",
+                    a.sizes(), " and ", b.sizes(), " do not multiply");
+  TORCH_CHECK_VALUE(a.scalar_type() == at::kBFloat16 && b.scalar_type() == at::kBFloat16,
+                    "moefast::mm_bf16 takes bfloat16 operands, got ", a.scalar_type(), " and ", b.scalar_type());
+  if (cpu_has_bf16_units()) return at::mm(a, b).to(at::kFloat);
+  return at::mm(a.to(at::kFloat), b.to(at::kFloat));
+}
+
+// The tower node calls mm_bf16 through the dispatcher, so that a dispatch mode sees which
+// dtypes reach the wide products (tests/test_precision.py).
+Tensor wide_mm(const Tensor& a, const Tensor& b) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("moefast::mm_bf16", "")
+                             .typed<Tensor(const Tensor&, const Tensor&)>();
+  return op.call(a, b);
+}
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
@@ -44,7 +85,7 @@ struct LayerGrads {
 // y = relu((x W^T + b) * m + adapter term); `saved` gets the 9 tensors layer_backward reads.
 Tensor layer_forward(const Tensor& x, const Tensor& weight, const Tensor& bias, const Tensor& lora_A,
                      const Tensor& lora_B, const Tensor& lora_c, const Tensor& g, int64_t expert,
-                     const Tensor& mask, std::vector<Tensor>& saved) {
+                     const Tensor& mask, bool bf16, std::vector<Tensor>& saved) {
   const int64_t num_experts = lora_A.size(0), d_in = lora_A.size(1), rank = lora_A.size(2);
   const int64_t d_out = weight.size(0), n = x.size(0);
   TORCH_CHECK_VALUE(x.dim() == 2 && x.size(1) == d_in && weight.dim() == 2 && weight.size(1) == d_in,
@@ -67,11 +108,18 @@ Tensor layer_forward(const Tensor& x, const Tensor& weight, const Tensor& bias, 
     a_rows = lora_A.permute({0, 2, 1}).reshape({num_experts * rank, d_in});
   }
   Tensor w_rows, z, u;
+  // bf16-mixed: the wide product's operands in bf16 (and saved so for backward), its result
+  // and everything after it in fp32.
+  const Tensor xs = bf16 ? x.to(at::kBFloat16) : x;
   if (a_rows.defined()) {
-    w_rows = at::cat({weight, a_rows});
-    const Tensor h = at::matmul(x, w_rows.t());  // [x W^T | u]
+    w_rows = bf16 ? at::cat({weight.to(at::kBFloat16), a_rows.to(at::kBFloat16)}) : at::cat({weight, a_rows});
+    const Tensor h = bf16 ? wide_mm(xs, w_rows.t()) : at::matmul(x, w_rows.t());  // [x W^T | u]
     z = at::add(h.slice(1, 0, d_out), bias);
     u = h.slice(1, d_out);
+  } else if (bf16) {
+    w_rows = weight.to(at::kBFloat16);
+    z = wide_mm(xs, w_rows.t()).add_(bias);
+    u = z.new_empty({n, 0});
   } else {
     w_rows = weight;
     z = at::addmm(bias, x, weight.t());
@@ -86,14 +134,14 @@ Tensor layer_forward(const Tensor& x, const Tensor& weight, const Tensor& bias, 
     z.addmm_(ug, lora_B.reshape({num_experts * rank, d_out})).addmm_(g, lora_c);
   }
   const Tensor y = z.relu_();
-  saved.insert(saved.end(), {x, y, u, ug, w_rows, lora_B, lora_c, g, mask});
+  saved.insert(saved.end(), {xs, y, u, ug, w_rows, lora_B, lora_c, g, mask});
   return y;
 }
 
 // One layer's gradients (need_*: which ones autograd wants). See layer_backward in Python.
 LayerGrads layer_backward(const Tensor* s, const Tensor& dy, int64_t expert, bool need_x, bool need_w,
                           bool need_b, bool need_a, bool need_bb, bool need_c, bool need_g,
-                          bool gate_grad) {
+                          bool gate_grad, bool bf16) {
   const Tensor &x = s[kX], &y = s[kY], &u = s[kU], &ug = s[kUg], &w_rows = s[kWRows];
   const Tensor &lora_B = s[kLoraB], &lora_c = s[kLoraC], &g = s[kGate], &mask = s[kMask];
   const int64_t num_experts = lora_B.size(0), rank = lora_B.size(1), d_out = lora_B.size(2);
@@ -124,19 +172,25 @@ LayerGrads layer_backward(const Tensor* s, const Tensor& dy, int64_t expert, boo
       at::mul_out(du_e, dug, g.unsqueeze(2));
     }
   }
-  if (need_x) grads.x = at::matmul(d, w_rows);
+  // bf16-mixed (x and w_rows were saved in bf16): the products reading them take d, or the
+  // part of it they read, in bf16; their results are fp32.
+  auto mm = [bf16](const Tensor& a, const Tensor& b) { return bf16 ? wide_mm(a, b) : at::matmul(a, b); };
+  auto operand = [bf16](const Tensor& t) { return bf16 && t.scalar_type() != at::kBFloat16 ? t.to(at::kBFloat16) : t; };
+  const bool whole = need_x || (need_w && need_a && adapter);
+  const Tensor ds = whole ? operand(d) : d;
+  if (need_x) grads.x = mm(ds, w_rows);
   Tensor da_sel_t;  // [V r, in]
   if (need_w && need_a && adapter) {
-    const Tensor gw = at::matmul(d.t(), x);  // [dW ; dA_sel^T]
+    const Tensor gw = mm(ds.t(), x);  // [dW ; dA_sel^T]
     grads.weight = gw.slice(0, 0, d_out);
     da_sel_t = gw.slice(0, d_out);
   } else {
-    if (need_w) grads.weight = at::matmul(dzm.t(), x);
-    if (need_a && adapter) da_sel_t = at::matmul(du.t(), x);
+    if (need_w) grads.weight = mm(operand(ds.slice(1, 0, d_out)).t(), x);
+    if (need_a && adapter) da_sel_t = mm(operand(ds.slice(1, d_out)).t(), x);
   }
   if (need_b) grads.bias = dzm.sum(0);
   if (need_a && da_sel_t.defined()) {
-    grads.lora_A = at::zeros({num_experts, d_in, rank}, x.options());
+    grads.lora_A = at::zeros({num_experts, d_in, rank}, lora_B.options());
     if (expert >= 0) {
       grads.lora_A.select(0, expert).copy_(da_sel_t.t());
     } else {
@@ -171,7 +225,8 @@ namespace moefast {
 struct TowerFunction : public torch::autograd::Function<TowerFunction> {
   static Tensor forward(AutogradContext* ctx, const Tensor& x, const std::optional<Tensor>& gate,
                         const std::optional<Tensor>& domain, at::TensorList params,
-                        std::optional<int64_t> expert, const c10::List<std::optional<Tensor>>& masks) {
+                        std::optional<int64_t> expert, const c10::List<std::optional<Tensor>>& masks,
+                        bool bf16) {
     const int64_t num_layers = static_cast<int64_t>(masks.size());
     TORCH_CHECK_VALUE(num_layers >= 1 && static_cast<int64_t>(params.size()) == kPerLayer * num_layers + 2,
                       "moefast::tower: ", params.size(), " parameters for ", num_layers,
@@ -196,7 +251,7 @@ struct TowerFunction : public torch::autograd::Function<TowerFunction> {
       const Tensor* p = params.data() + kPerLayer * k;
       TORCH_CHECK_VALUE(p[2].dim() == 3, "moefast::tower: lora_A must be [E, in, r], got ", p[2].sizes());
       const std::optional<Tensor> mask = masks.get(k);
-      h = layer_forward(h, p[0], p[1], p[2], p[3], p[4], g, e, mask.value_or(Tensor()), saved);
+      h = layer_forward(h, p[0], p[1], p[2], p[3], p[4], g, e, mask.value_or(Tensor()), bf16, saved);
     }
     const Tensor& out_weight = params[params.size() - 2];
     const Tensor& out_bias = params[params.size() - 1];
@@ -210,6 +265,7 @@ struct TowerFunction : public torch::autograd::Function<TowerFunction> {
     ctx->saved_data["expert"] = e;
     ctx->saved_data["num_layers"] = num_layers;
     ctx->saved_data["gate_grad"] = gate.has_value();
+    ctx->saved_data["bf16"] = bf16;
     // needs_input_grad counts the variables passed, absent optionals not included.
     ctx->saved_data["first_param_input"] = int64_t{1} + gate.has_value() + domain.has_value();
     ctx->saved_data["num_params"] = static_cast<int64_t>(params.size());
@@ -223,14 +279,15 @@ struct TowerFunction : public torch::autograd::Function<TowerFunction> {
     const int64_t expert = ctx->saved_data["expert"].toInt();
     const int64_t num_layers = ctx->saved_data["num_layers"].toInt();
     const bool gate_grad = ctx->saved_data["gate_grad"].toBool();
+    const bool bf16 = ctx->saved_data["bf16"].toBool();
     const int64_t num_params = ctx->saved_data["num_params"].toInt();
     const int64_t first_param_input = ctx->saved_data["first_param_input"].toInt();
     auto need_param = [&](int64_t i) { return ctx->needs_input_grad(first_param_input + i); };
     const bool need_input = ctx->needs_input_grad(0);
     const bool need_gate = gate_grad && ctx->needs_input_grad(1);
-    // x, gate, domain, the parameters, then expert and masks (not variables): all undefined
-    // unless computed below.
-    variable_list grads(kFirstParam + num_params + 2);
+    // x, gate, domain, the parameters, then expert, masks and bf16 (not variables): all
+    // undefined unless computed below.
+    variable_list grads(kFirstParam + num_params + 3);
     const Tensor& h_last = saved[saved.size() - 2];
     const Tensor& out_weight = saved[saved.size() - 1];
     const Tensor dlogit = grad_outputs[0].contiguous();
@@ -251,7 +308,7 @@ struct TowerFunction : public torch::autograd::Function<TowerFunction> {
       const int64_t base = kPerLayer * k;
       LayerGrads lg = layer_backward(saved.data() + kSavedPerLayer * k, dy, expert, below, need_param(base),
                                      need_param(base + 1), need_param(base + 2), need_param(base + 3),
-                                     need_param(base + 4), need_gate, gate_grad);
+                                     need_param(base + 4), need_gate, gate_grad, bf16);
       grads[kFirstParam + base] = lg.weight;
       grads[kFirstParam + base + 1] = lg.bias;
       grads[kFirstParam + base + 2] = lg.lora_A;
@@ -272,8 +329,9 @@ struct TowerFunction : public torch::autograd::Function<TowerFunction> {
 namespace {
 
 Tensor tower(const Tensor& x, const std::optional<Tensor>& gate, const std::optional<Tensor>& domain,
-             at::TensorList params, std::optional<int64_t> expert, const c10::List<std::optional<Tensor>>& masks) {
-  return moefast::TowerFunction::apply(x, gate, domain, params, expert, masks);
+             at::TensorList params, std::optional<int64_t> expert, const c10::List<std::optional<Tensor>>& masks,
+             bool bf16) {
+  return moefast::TowerFunction::apply(x, gate, domain, params, expert, masks, bf16);
 }
 
 // Rows of one work unit of merged_tower at most. The products of a unit are small GEMMs whose
@@ -365,17 +423,24 @@ Tensor merged_tower(const Tensor& x, const Tensor& domain, at::TensorList weight
 }  // namespace
 
 TORCH_LIBRARY(moefast, m) {
-  m.def("tower(Tensor x, Tensor? gate, Tensor? domain, Tensor[] params, int? expert, Tensor?[] masks) -> Tensor");
+  // bf16: bf16-mixed (moefast/precision.py); the wide products through mm_bf16.
+  m.def("tower(Tensor x, Tensor? gate, Tensor? domain, Tensor[] params, int? expert, Tensor?[] masks, "
+        "bool bf16=False) -> Tensor");
+  m.def("mm_bf16(Tensor a, Tensor b) -> Tensor");
   m.def("merged_tower(Tensor x, Tensor domain, Tensor[] weights, Tensor[] biases, Tensor out_weight, "
         "Tensor out_bias) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(moefast, CompositeImplicitAutograd, m) { m.impl("tower", tower); }
 
-TORCH_LIBRARY_IMPL(moefast, CPU, m) { m.impl("merged_tower", merged_tower); }
+TORCH_LIBRARY_IMPL(moefast, CPU, m) {
+  m.impl("merged_tower", merged_tower);
+  m.impl("mm_bf16", mm_bf16);
+}
 
 // Importing moefast._tower_ops registers the op (the static initialisers above run at load).
 NB_MODULE(_tower_ops, m) {
-  m.doc() = "Registers torch.ops.moefast.tower (the CPU adapter tower as one C++ autograd node) and "
-            "torch.ops.moefast.merged_tower (the per-domain merged tower's forward).";
+  m.doc() = "Registers torch.ops.moefast.tower (the CPU adapter tower as one C++ autograd node), "
+            "torch.ops.moefast.merged_tower (the per-domain merged tower's forward) and "
+            "torch.ops.moefast.mm_bf16 (bf16 operands, fp32 accumulation and result).";
 }

@@ -22,6 +22,7 @@ from moefast.config import (
     ExpertStopRule,
     GateInit,
     MLoRAMode,
+    Precision,
     PretrainedMode,
     SeedsGate,
     TablePrecision,
@@ -182,6 +183,9 @@ TRAIN_OPTIONS: list[Option] = [
      "lazy-adam or rowwise-adagrad; updates round stochastically)"),
     ("pretrained", parse_choice(PretrainedMode),
      "a dataset's pretrained tables: frozen in every stage (default) or finetune"),
+    ("precision", parse_choice(Precision),
+     "fp32 (default) or bf16-mixed: the wide products' operands in bfloat16, fp32 accumulation, "
+     "fp32 master weights and optimizer state (docs/performance.md)"),
     ("train-backbone-in-later-stages", parse_bool,
      "keep embeddings and non-tower parts trainable in the expert and gate stages"),
     ("seeds-compat", parse_bool, "compute what the seeds' code computes as it runs (docs/method.md): "

@@ -12,6 +12,7 @@ from moefast.models._fields import as_fields, shared_dim
 from moefast.models.base import CTRModel, register
 from moefast.nn.interaction import InteractingLayer
 from moefast.ops._backend import BackendLike
+from moefast.precision import wide_linear
 
 __all__ = ["AutoInt"]
 
@@ -49,5 +50,5 @@ class AutoInt(CTRModel):
         h = as_fields(embedded, len(self.features))  # [B, F, k]
         for layer in self.attention:
             h = layer(h)
-        return self.attention_output(h.flatten(1)).squeeze(-1)
+        return wide_linear(h.flatten(1), self.attention_output).squeeze(-1)
 

@@ -33,6 +33,7 @@ from moefast.models.linear import FirstOrder
 from moefast.nn.embedding import EmbeddingCollection, embed_together
 from moefast.nn.tower import Tower
 from moefast.ops._backend import BackendLike
+from moefast.precision import wide_linear
 
 __all__ = ["MODELS", "CTRModel", "register"]
 
@@ -183,7 +184,7 @@ class CTRModel(nn.Module):
         if dense is not None:
             tower_in = torch.cat([tower_in, dense], dim=1)  # [B, tower_width]
             if self.dense_linear is not None:
-                logit = logit + self.dense_linear(dense).squeeze(-1)
+                logit = logit + wide_linear(dense, self.dense_linear).squeeze(-1)
         return logit + self.tower(tower_in, domain)
 
     def backbone_parameters(self) -> list[nn.Parameter]:

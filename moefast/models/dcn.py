@@ -11,6 +11,7 @@ from moefast.config import FeatureSpec, NumericSpec, TowerConfig
 from moefast.models.base import CTRModel, register
 from moefast.nn.interaction import CrossNet
 from moefast.ops._backend import BackendLike
+from moefast.precision import wide_linear
 
 __all__ = ["DCN"]
 
@@ -40,5 +41,5 @@ class DCN(CTRModel):
     def interaction_logit(
         self, features: Mapping[str, torch.Tensor], embedded: torch.Tensor
     ) -> torch.Tensor:
-        return self.cross_output(self.cross(embedded)).squeeze(-1)
+        return wide_linear(self.cross(embedded), self.cross_output).squeeze(-1)
 

@@ -12,6 +12,7 @@ from moefast.models._fields import as_fields, shared_dim
 from moefast.models.base import CTRModel, register
 from moefast.nn.interaction import CIN
 from moefast.ops._backend import BackendLike
+from moefast.precision import wide_linear
 
 __all__ = ["XDeepFM"]
 
@@ -42,5 +43,5 @@ class XDeepFM(CTRModel):
         self, features: Mapping[str, torch.Tensor], embedded: torch.Tensor
     ) -> torch.Tensor:
         cin = self.cin(as_fields(embedded, len(self.features)))  # [B, output_width]
-        return self.cin_output(cin).squeeze(-1)
+        return wide_linear(cin, self.cin_output).squeeze(-1)
 

@@ -21,6 +21,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from moefast.precision import bf16_mixed, wide_linear, wide_matmul
+
 __all__ = [
     "CIN",
     "SENET",
@@ -31,6 +33,16 @@ __all__ = [
     "inner_products",
     "pair_indices",
 ]
+
+
+def _pointwise_conv(conv: nn.Conv1d, z: torch.Tensor) -> torch.Tensor:
+    """``conv(z)`` for a kernel-size-1 convolution; under bf16-mixed the same function as a wide
+    product ``W[:, :, 0] @ z`` plus the float32 bias (:mod:`moefast.precision`)."""
+    if not bf16_mixed():
+        out: torch.Tensor = conv(z)
+        return out
+    y = wide_matmul(conv.weight[:, :, 0], z)  # [H_l, H F] @ [B, H F, k] -> [B, H_l, k]
+    return y if conv.bias is None else y + conv.bias[:, None]
 
 
 def _check_fields(fields: torch.Tensor, name: str) -> None:
@@ -82,7 +94,7 @@ class CrossNet(nn.Module):
     def forward(self, x0: torch.Tensor) -> torch.Tensor:
         x = x0
         for w, b in zip(self.kernels, self.biases, strict=True):
-            x = x0 * (x @ w).unsqueeze(1) + b + x  # (x @ w): [B], one scalar per sample
+            x = x0 * wide_matmul(x, w).unsqueeze(1) + b + x  # (x @ w): [B], one scalar per sample
         return x
 
 
@@ -124,7 +136,8 @@ class CIN(nn.Module):
         for index, conv in enumerate(self.convs):
             # Sizes spelled out (no -1): a 0-row batch has nothing to infer them from.
             z = torch.einsum("bhd,bmd->bhmd", hidden, fields).reshape(batch, hidden.shape[1] * fields.shape[1], dim)  # [B, H F, k]
-            x = torch.relu(conv(z))  # [B, H_l, k]
+            assert isinstance(conv, nn.Conv1d)
+            x = torch.relu(_pointwise_conv(conv, z))  # [B, H_l, k]
             if self.split_half and index < len(self.convs) - 1:
                 half = x.shape[1] // 2
                 hidden, direct = x[:, :half], x[:, half:]  # DeepCTR-Torch's order
@@ -162,11 +175,11 @@ class InteractingLayer(nn.Module):
         def split(x: torch.Tensor) -> torch.Tensor:  # [B, F, k] -> [B, heads, F, k / heads]
             return x.reshape(batch, num_fields, self.heads, dim // self.heads).transpose(1, 2)
 
-        q, k, v = split(fields @ self.query), split(fields @ self.key), split(fields @ self.value)
+        q, k, v = (split(wide_matmul(fields, w)) for w in (self.query, self.key, self.value))
         attention = torch.softmax(q @ k.transpose(-1, -2), dim=-1)  # [B, heads, F, F]
         out = (attention @ v).transpose(1, 2).reshape(batch, num_fields, dim)
         if self.residual is not None:
-            out = out + fields @ self.residual
+            out = out + wide_matmul(fields, self.residual)
         return torch.relu(out)
 
 
@@ -185,7 +198,7 @@ class SENET(nn.Module):
 
     def forward(self, fields: torch.Tensor) -> torch.Tensor:
         _check_fields(fields, "SENET")
-        weights = torch.relu(self.excite(torch.relu(self.squeeze(fields.mean(dim=2)))))  # [B, F]
+        weights = torch.relu(wide_linear(torch.relu(wide_linear(fields.mean(dim=2), self.squeeze)), self.excite))  # [B, F]
         return fields * weights.unsqueeze(2)
 
 
@@ -209,5 +222,8 @@ class BilinearInteraction(nn.Module):
     def forward(self, fields: torch.Tensor) -> torch.Tensor:
         _check_fields(fields, "BilinearInteraction")
         rows, cols = pair_indices(fields.shape[1], fields.device)
-        left = torch.einsum("bpk,pjk->bpj", fields[:, rows], self.weight)  # v_i @ W_p^T: [B, P, k]
+        if bf16_mixed():  # the same products as P batched ones, each a wide product
+            left = wide_matmul(fields[:, rows].transpose(0, 1), self.weight.transpose(1, 2)).transpose(0, 1)
+        else:
+            left = torch.einsum("bpk,pjk->bpj", fields[:, rows], self.weight)  # v_i @ W_p^T: [B, P, k]
         return left * fields[:, cols]

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from moefast import precision
 from moefast.config import GateInit, TowerConfig, TowerKind
 from moefast.nn.adapter import Activation, AdapterLinear
 from moefast.ops._backend import Backend, BackendLike, resolve_backend
@@ -275,7 +276,8 @@ class Tower(nn.Module):
             # Drawn in layer order before any layer runs: the bits the per-layer path draws.
             masks = [layer.dropout_mask_for(x) for layer in layers]
             params = [(layer.weight, layer.bias, layer.lora_A, layer.lora_B, layer.lora_c) for layer in layers]
-            return tower_cpu(x, params, self.output.weight, self.output.bias, masks=masks, **routing)
+            return tower_cpu(x, params, self.output.weight, self.output.bias, masks=masks,
+                             bf16=precision.bf16_mixed(), **routing)
         h = x
         for layer in self.layers:
             h = layer(h, **routing)

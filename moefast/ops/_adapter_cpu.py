@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from moefast.precision import BF16, mm_bf16
 from moefast.reference.adapter import Activation, check_adapter_inputs
 
 __all__ = [
@@ -52,8 +53,14 @@ def layer_forward(
     expert: int | None,
     dropout_mask: torch.Tensor | None,
     relu: bool,
+    bf16: bool = False,
 ) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
-    """One layer's output and what its backward needs (``g``: the mixture gate or None)."""
+    """One layer's output and what its backward needs (``g``: the mixture gate or None).
+
+    ``bf16``: bf16-mixed (:mod:`moefast.precision`): the wide product ``x [W ; A_sel^T]^T``
+    takes its operands in bf16 (:func:`moefast.precision.mm_bf16`, fp32 result), and ``x`` and
+    ``[W ; A_sel^T]`` are saved in bf16 for backward; everything else is fp32.
+    """
     num_experts, d_in, rank = lora_A.shape
     d_out = weight.shape[0]
     # The weights as rows, [W ; A_sel^T] ([out + V r, in]): W is copied as it is stored
@@ -65,11 +72,16 @@ def layer_forward(
     else:
         a_rows = None
     n = x.shape[0]
+    xs = x.to(BF16) if bf16 else x
     if a_rows is not None:
-        w_rows = torch.cat([weight, a_rows])
-        h = x @ w_rows.T  # [x W^T | u]; the bias goes to the first part only, below
+        w_rows = torch.cat([weight.to(BF16), a_rows.to(BF16)]) if bf16 else torch.cat([weight, a_rows])
+        h = mm_bf16(xs, w_rows.T) if bf16 else x @ w_rows.T  # [x W^T | u]; the bias goes to the first part only, below
         z = torch.add(h[:, :d_out], bias)
         u = h[:, d_out:]  # [N, V r], a view of h
+    elif bf16:
+        w_rows = weight.to(BF16)
+        z = mm_bf16(xs, w_rows.T).add_(bias)
+        u = z.new_empty((n, 0))
     else:  # the shared layer alone: no copy of W
         w_rows = weight
         z = torch.addmm(bias, x, weight.T)
@@ -83,7 +95,7 @@ def layer_forward(
         ug = (u.view(n, num_experts, rank) * g[:, :, None]).view(n, num_experts * rank)  # g_e u_e
         z.addmm_(ug, lora_B.reshape(num_experts * rank, d_out)).addmm_(g, lora_c)
     y = z.relu_() if relu else z
-    return y, [x, y, u, ug, w_rows, lora_B, lora_c, g, dropout_mask]
+    return y, [xs, y, u, ug, w_rows, lora_B, lora_c, g, dropout_mask]
 
 
 def layer_backward(
@@ -95,6 +107,7 @@ def layer_backward(
     rank: int,
     needs: tuple[bool, ...],
     gate_grad: bool,
+    bf16: bool = False,
 ) -> list[torch.Tensor | None]:
     """``[dx, dW, db, dA, dB, dc, dg]`` of one layer, None where ``needs`` (7 flags) says no.
 
@@ -102,6 +115,8 @@ def layer_backward(
     ``db = sum_n dz m``, ``dA_e = x^T du_e``, ``dB_e = (g_e u_e)^T dz``, ``dc_e = g_e^T dz``,
     ``dg_e = rowsum(u_e * (dz B_e^T)) + dz c_e^T``, with ``du_e = g_e (dz B_e^T)``.
     ``gate_grad``: ``dg`` is wanted (False under domain routing, whose gate is a one-hot).
+    ``bf16``: the forward ran bf16-mixed; the products reading ``x`` or ``[W ; A_sel^T]``
+    (``dx``, ``dW``, ``dA``) take ``d`` in bf16, with fp32 results.
     """
     x, y, u, ug, w_rows, lora_B, lora_c, g, mask = saved
     assert x is not None and y is not None and u is not None and ug is not None and w_rows is not None
@@ -134,21 +149,34 @@ def layer_backward(
             torch.mul(dug, g[:, :, None], out=d[:, d_out:].view(n, num_experts, rank))
     du = d[:, d_out:]
     dzm = d[:, :d_out]
-    grad_x = d @ w_rows if need_x else None  # [N, in]
     grad_w = grad_b = None
-    # Weight gradients as d^T x ([out + V r, in]): BLAS runs this orientation about 3x faster
-    # than x^T d for the thin adapter columns (N = 1024 rows, r = 8: 65 us against 190 us).
-    if need_w and need_a and adapter:
-        gw = d.T @ x  # [dW ; dA_sel^T] in one product
-        grad_w, da_sel_t = gw[:d_out], gw[d_out:]
+    da_sel_t: torch.Tensor | None
+    if bf16:  # the same products, their d operand in bf16 (only the part each one reads)
+        ds = d.to(BF16) if need_x or (need_w and need_a and adapter) else None
+        grad_x = mm_bf16(ds, w_rows) if ds is not None and need_x else None
+        if ds is not None and need_w and need_a and adapter:
+            gw = mm_bf16(ds.T, x)
+            grad_w, da_sel_t = gw[:d_out], gw[d_out:]
+        else:
+            if need_w:
+                grad_w = mm_bf16((ds[:, :d_out] if ds is not None else dzm.to(BF16)).T, x)
+            da_sel_t = (mm_bf16((ds[:, d_out:] if ds is not None else du.to(BF16)).T, x)
+                        if need_a and adapter else None)
     else:
-        if need_w:
-            grad_w = dzm.T @ x
-        da_sel_t = du.T @ x if need_a and adapter else None  # [V r, in]
+        grad_x = d @ w_rows if need_x else None  # [N, in]
+        # Weight gradients as d^T x ([out + V r, in]): BLAS runs this orientation about 3x
+        # faster than x^T d for the thin adapter columns (N = 1024 rows, r = 8: 65 us against 190 us).
+        if need_w and need_a and adapter:
+            gw = d.T @ x  # [dW ; dA_sel^T] in one product
+            grad_w, da_sel_t = gw[:d_out], gw[d_out:]
+        else:
+            if need_w:
+                grad_w = dzm.T @ x
+            da_sel_t = du.T @ x if need_a and adapter else None  # [V r, in]
     if need_b:
         grad_b = dzm.sum(0)
     if need_a and da_sel_t is not None:
-        grad_A = torch.zeros((num_experts, d_in, rank), dtype=x.dtype)
+        grad_A = torch.zeros((num_experts, d_in, rank), dtype=lora_B.dtype)
         if expert is not None:
             grad_A[expert] = da_sel_t.T
         else:
@@ -186,11 +214,12 @@ class CpuAdapterLinearFunction(torch.autograd.Function):
         expert: int | None,
         dropout_mask: torch.Tensor | None,
         relu: bool,
+        bf16: bool = False,
     ) -> torch.Tensor:
         g = routing_gate(lora_A, gate, domain, x.dtype)
-        y, saved = layer_forward(x, weight, bias, lora_A, lora_B, lora_c, g, expert, dropout_mask, relu)
+        y, saved = layer_forward(x, weight, bias, lora_A, lora_B, lora_c, g, expert, dropout_mask, relu, bf16)
         ctx.save_for_backward(*saved)
-        ctx.expert, ctx.relu = expert, relu
+        ctx.expert, ctx.relu, ctx.bf16 = expert, relu, bf16
         ctx.num_experts, ctx.rank = lora_A.shape[0], lora_A.shape[2]
         ctx.gate_grad = gate is not None
         return y
@@ -199,8 +228,8 @@ class CpuAdapterLinearFunction(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx: Any, dy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         grads = layer_backward(list(ctx.saved_tensors), dy, ctx.expert, ctx.relu, ctx.num_experts,
-                               ctx.rank, tuple(ctx.needs_input_grad[:7]), ctx.gate_grad)
-        return (*grads, None, None, None, None)
+                               ctx.rank, tuple(ctx.needs_input_grad[:7]), ctx.gate_grad, ctx.bf16)
+        return (*grads, None, None, None, None, None)
 
 
 def adapter_linear_cpu(
@@ -216,12 +245,14 @@ def adapter_linear_cpu(
     expert: int | None = None,
     dropout_mask: torch.Tensor | None = None,
     activation: Activation = Activation.RELU,
+    bf16: bool = False,
 ) -> torch.Tensor:
-    """Arguments and result as :func:`moefast.reference.adapter.adapter_linear`."""
+    """Arguments and result as :func:`moefast.reference.adapter.adapter_linear`; ``bf16``:
+    bf16-mixed (float32 tensors only; see :func:`layer_forward`)."""
     check_adapter_inputs(x, weight, bias, lora_A, lora_B, lora_c, gate=gate, domain=domain,
                          expert=expert, dropout_mask=dropout_mask, activation=activation)
     out: torch.Tensor = CpuAdapterLinearFunction.apply(
         x, weight, bias, lora_A, lora_B, lora_c, gate, domain, expert, dropout_mask,
-        activation is Activation.RELU,
+        activation is Activation.RELU, bf16 and x.dtype == torch.float32,
     )
     return out

@@ -44,9 +44,10 @@ _SAVED_PER_LAYER = 9  # what layer_forward saves per layer
 class CpuTowerFunction(torch.autograd.Function):
     """``logit = Linear(relu_layers(x))`` for one routing; see the module docstring.
 
-    ``apply(x, gate, domain, expert, masks, *params)``: ``masks`` a tuple with one dropout mask
-    (or None) per hidden layer; ``params`` every hidden layer's five tensors, then the output
-    layer's ``weight [1, last]`` and ``bias [1]``.
+    ``apply(x, gate, domain, expert, masks, bf16, *params)``: ``masks`` a tuple with one
+    dropout mask (or None) per hidden layer; ``bf16`` bf16-mixed (:mod:`moefast.precision`: every
+    layer's wide products with bf16 operands); ``params`` every hidden layer's five tensors, then
+    the output layer's ``weight [1, last]`` and ``bias [1]``.
     """
 
     @staticmethod
@@ -57,6 +58,7 @@ class CpuTowerFunction(torch.autograd.Function):
         domain: torch.Tensor | None,
         expert: int | None,
         masks: tuple[torch.Tensor | None, ...],
+        bf16: bool,
         *params: torch.Tensor,
     ) -> torch.Tensor:
         num_layers = len(masks)
@@ -66,12 +68,12 @@ class CpuTowerFunction(torch.autograd.Function):
         for k in range(num_layers):
             weight, bias, lora_A, lora_B, lora_c = params[_PER_LAYER * k : _PER_LAYER * (k + 1)]
             h, layer_saved = layer_forward(h, weight, bias, lora_A, lora_B, lora_c, g, expert,
-                                           masks[k], True)
+                                           masks[k], True, bf16)
             saved.extend(layer_saved)
         out_weight, out_bias = params[-2], params[-1]
         logit = torch.addmm(out_bias, h, out_weight.T).view(-1)
         ctx.save_for_backward(*saved, h, out_weight)
-        ctx.expert, ctx.num_layers, ctx.gate_grad = expert, num_layers, gate is not None
+        ctx.expert, ctx.num_layers, ctx.gate_grad, ctx.bf16 = expert, num_layers, gate is not None, bf16
         return logit
 
     @staticmethod
@@ -80,7 +82,7 @@ class CpuTowerFunction(torch.autograd.Function):
         saved = ctx.saved_tensors
         num_layers = ctx.num_layers
         need_input, need_gate = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        need_params = ctx.needs_input_grad[5:]
+        need_params = ctx.needs_input_grad[6:]
         grads: list[torch.Tensor | None] = [None] * len(need_params)
         h_last, out_weight = saved[-2], saved[-1]
         dlogit = dlogit.contiguous()
@@ -98,14 +100,14 @@ class CpuTowerFunction(torch.autograd.Function):
             layer_saved = list(saved[_SAVED_PER_LAYER * k : _SAVED_PER_LAYER * (k + 1)])
             num_experts, rank = layer_saved[5].shape[:2]  # lora_B [E, r, out]
             layer_grads = layer_backward(layer_saved, dy, ctx.expert, True, num_experts, rank,
-                                         (below, *own, need_gate), ctx.gate_grad)
+                                         (below, *own, need_gate), ctx.gate_grad, ctx.bf16)
             grads[_PER_LAYER * k : _PER_LAYER * (k + 1)] = layer_grads[1:6]
             if layer_grads[6] is not None:
                 grad_gate = layer_grads[6] if grad_gate is None else grad_gate.add_(layer_grads[6])
             dy = layer_grads[0]
             if dy is None and not need_gate:
                 break  # nothing below this layer wants a gradient
-        return (dy if need_input else None, grad_gate, None, None, None, *grads)
+        return (dy if need_input else None, grad_gate, None, None, None, None, *grads)
 
 
 def tower_cpu(
@@ -118,12 +120,14 @@ def tower_cpu(
     domain: torch.Tensor | None = None,
     expert: int | None = None,
     masks: Sequence[torch.Tensor | None] | None = None,
+    bf16: bool = False,
 ) -> torch.Tensor:
     """Logits ``[N]`` of ReLU adapter layers ``layers`` then ``Linear(output_weight, output_bias)``.
 
     Routing (at most one of ``gate``, ``domain``, ``expert``) and ``masks`` (one dropout mask or
     None per layer) as :func:`moefast.ops.adapter_linear` takes them for every layer. Inputs are
-    checked like the per-layer op's; the domain ids once.
+    checked like the per-layer op's; the domain ids once. ``bf16``: bf16-mixed
+    (:mod:`moefast.precision`), for float32 inputs.
     """
     if not layers:
         raise ValueError("a tower needs at least one hidden layer")
@@ -146,8 +150,9 @@ def tower_cpu(
             raise TypeError(f"the {name} is {t.dtype} on {t.device}; x is {x.dtype} on {x.device}")
     params = [t for layer in layers for t in layer]
     params += [output_weight, output_bias]
+    bf16 = bf16 and x.dtype == torch.float32
     if _ext.tower_op_available():
-        native: torch.Tensor = _ext.tower_op()(x, gate, domain, params, expert, list(masks))
+        native: torch.Tensor = _ext.tower_op()(x, gate, domain, params, expert, list(masks), bf16)
         return native
-    out: torch.Tensor = CpuTowerFunction.apply(x, gate, domain, expert, masks, *params)
+    out: torch.Tensor = CpuTowerFunction.apply(x, gate, domain, expert, masks, bf16, *params)
     return out

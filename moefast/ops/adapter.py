@@ -37,6 +37,7 @@ from typing import Any
 
 import torch
 
+from moefast import precision
 from moefast.ops._adapter_cpu import adapter_linear_cpu
 from moefast.ops._backend import Backend, BackendLike, resolve_backend
 from moefast.reference import adapter as _reference
@@ -66,8 +67,10 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def fast_implementation(x: torch.Tensor) -> tuple[FastImpl | None, str | None]:
-    """``(implementation, None)`` where ``fast`` can serve input ``x``, else ``(None, reason)``."""
+def fast_implementation(x: torch.Tensor, bf16: bool = False) -> tuple[FastImpl | None, str | None]:
+    """``(implementation, None)`` where ``fast`` can serve input ``x``, else ``(None, reason)``.
+
+    ``bf16``: the call runs bf16-mixed (:mod:`moefast.precision`)."""
     if x.device.type == "cpu":
         if os.environ.get(TRITON_CPU_ENV, "0") in ("", "0"):
             return FastImpl.CONCAT, None
@@ -75,6 +78,8 @@ def fast_implementation(x: torch.Tensor) -> tuple[FastImpl | None, str | None]:
             return None, f"{TRITON_CPU_ENV}=1 runs the Triton kernels on CPU only with TRITON_INTERPRET=1"
         if x.dtype != torch.float32:
             return None, f"dtype {x.dtype} under the Triton interpreter (float32 only)"
+        if bf16:
+            return None, "precision bf16-mixed under the Triton interpreter (its bf16 products are wrong; float32 only)"
     elif x.device.type == "cuda":
         if x.dtype not in _FAST_DTYPES:
             return None, f"dtype {x.dtype} is not supported on CUDA (float32 or bfloat16)"
@@ -256,6 +261,31 @@ class AdapterLinearFunction(torch.autograd.Function):
         return (*grads, None, None, None, None)
 
 
+def _triton_bf16_mixed(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, lora_A: torch.Tensor,
+    lora_B: torch.Tensor, lora_c: torch.Tensor, gate: torch.Tensor | None,
+    domain: torch.Tensor | None, expert: int | None, dropout_mask: torch.Tensor | None, relu: bool,
+) -> torch.Tensor:
+    """bf16-mixed through the Triton kernels' bf16 path (float32 inputs, checked by the caller).
+
+    The wide products' operands go to bf16: ``x``, ``W`` and ``A`` (the casts are autograd
+    nodes, so the float32 master weights get float32 gradients). ``B``, ``b``, ``c``, the gate
+    and the dropout mask stay float32: the kernels load them into float32 registers (the
+    rank-space product ``(u g) B`` is then an fp32 product, as on CPU). The kernels write ``y``
+    in x's dtype, bf16, which the next layer's wide product would round to anyway; it is
+    returned as float32.
+    """
+    bf16 = precision.BF16
+    y: torch.Tensor
+    if torch.compiler.is_compiling():
+        y, _ = _adapter_linear_fwd(x.to(bf16), weight.to(bf16), bias, lora_A.to(bf16), lora_B, lora_c,
+                                   gate, domain, expert, dropout_mask, relu)
+    else:
+        y = AdapterLinearFunction.apply(x.to(bf16), weight.to(bf16), bias, lora_A.to(bf16), lora_B, lora_c,
+                                        gate, domain, expert, dropout_mask, relu)
+    return y.to(torch.float32)
+
+
 # --------------------------------------------------------------------------------------------
 # Functional entry point
 # --------------------------------------------------------------------------------------------
@@ -287,7 +317,8 @@ def adapter_linear(
     domain ids are not range-checked (that would synchronise with the
     host); an id outside ``[0, E)`` selects no adapter.
     """
-    impl, why_not = fast_implementation(x)
+    bf16 = precision.bf16_mixed() and x.dtype == torch.float32
+    impl, why_not = fast_implementation(x, bf16)
     chosen = resolve_backend("adapter_linear", why_not, explicit=backend)
     if chosen is Backend.REFERENCE:
         return _reference.adapter_linear(
@@ -297,12 +328,15 @@ def adapter_linear(
     if impl is FastImpl.CONCAT:
         return adapter_linear_cpu(
             x, weight, bias, lora_A, lora_B, lora_c, gate=gate, domain=domain, expert=expert,
-            dropout_mask=dropout_mask, activation=activation,
+            dropout_mask=dropout_mask, activation=activation, bf16=bf16,
         )
     check_adapter_inputs(x, weight, bias, lora_A, lora_B, lora_c, gate=gate, domain=domain,
                          expert=expert, dropout_mask=dropout_mask, activation=activation,
                          check_values=x.device.type != "cuda")
     relu = activation is Activation.RELU
+    if bf16:
+        return _triton_bf16_mixed(x, weight, bias, lora_A, lora_B, lora_c, gate, domain, expert,
+                                  dropout_mask, relu)
     if torch.compiler.is_compiling():
         y, _ = _adapter_linear_fwd(x, weight, bias, lora_A, lora_B, lora_c, gate, domain, expert,
                                    dropout_mask, relu)

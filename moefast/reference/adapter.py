@@ -34,6 +34,8 @@ import enum
 
 import torch
 
+from moefast.precision import wide_matmul
+
 __all__ = ["Activation", "adapter_linear", "adapter_linear_concat", "check_adapter_inputs", "check_domain_ids"]
 
 
@@ -173,21 +175,23 @@ def adapter_linear(
     """
     check_adapter_inputs(x, weight, bias, lora_A, lora_B, lora_c, gate=gate, domain=domain,
                          expert=expert, dropout_mask=dropout_mask, activation=activation)
-    z = x @ weight.T + bias  # [N, out]
+    # Under bf16-mixed (moefast.precision) the products reading x (x W^T, x A_e) are wide
+    # products: bf16 operands, fp32 accumulation and result. The rank-space ones stay fp32.
+    z = wide_matmul(x, weight.T) + bias  # [N, out]
     if dropout_mask is not None:
         z = z * dropout_mask
     num_experts = lora_A.shape[0]
     if gate is not None:
         for e in range(num_experts):
-            term = (x @ lora_A[e]) @ lora_B[e] + lora_c[e]  # [N, out]
+            term = wide_matmul(x, lora_A[e]) @ lora_B[e] + lora_c[e]  # [N, out]
             z = z + gate[:, e : e + 1].to(x.dtype) * term
     elif domain is not None:
         for e in range(num_experts):
             rows = domain == e  # [N] bool: the rows this domain's adapter serves
-            term = (x @ lora_A[e]) @ lora_B[e] + lora_c[e]
+            term = wide_matmul(x, lora_A[e]) @ lora_B[e] + lora_c[e]
             z = z + rows[:, None].to(x.dtype) * term
     elif expert is not None:
-        z = z + (x @ lora_A[expert]) @ lora_B[expert] + lora_c[expert]
+        z = z + wide_matmul(x, lora_A[expert]) @ lora_B[expert] + lora_c[expert]
     return _apply_activation(z, activation)
 
 

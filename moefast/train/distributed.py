@@ -43,10 +43,12 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from moefast.config import Precision
 from moefast.data.dataset import Batch
 from moefast.nn.adapter import global_batch_rows
 from moefast.nn.embedding import EmbeddingCollection
 from moefast.train.errors import NonFiniteError
+from moefast.train.precision import step_precision
 
 __all__ = [
     "DataParallel",
@@ -298,6 +300,7 @@ class DataParallel:
         l2: float,
         l2_params: list[torch.nn.Parameter],
         after_backward: Callable[[Any], None] | None = None,
+        precision: Precision = Precision.FP32,
     ) -> float:
         """One synchronised step on this rank's slice of the global ``batch`` (CPU tensors);
         returns the global batch's loss (the same float on every rank).
@@ -312,7 +315,7 @@ class DataParallel:
         penalty = 0.0
         loss: torch.Tensor | None = None
         try:
-            with global_batch_rows(total, start, stop):
+            with global_batch_rows(total, start, stop), step_precision(precision):
                 logits = runner(local.features, local.domain)
             bce = torch.nn.functional.binary_cross_entropy_with_logits(logits, local.label, reduction="sum")
             loss = bce * (self.world_size / total)

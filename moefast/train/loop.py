@@ -27,6 +27,7 @@ from moefast.config import (
     BatchMode,
     EmbeddingOptimizer,
     ExpertStopRule,
+    Precision,
     PretrainedMode,
     TrainConfig,
 )
@@ -36,12 +37,14 @@ from moefast.models.base import CTRModel
 from moefast.nn.adapter import AdapterLinear
 from moefast.nn.embedding import EmbeddingCollection
 from moefast.ops._backend import Backend, BackendLike, parse_backend
+from moefast.precision import check_device as check_precision
 from moefast.reference.embedding_optim import FusedOptimizer, LazyAdam, RowwiseAdagrad
 from moefast.train import distributed
 from moefast.train.atomic import fault_step
 from moefast.train.checkpoint import file_sha256, load_checkpoint, save_checkpoint
 from moefast.train.errors import CapWarning, NonFiniteError
 from moefast.train.metrics import EvalMetrics, evaluate_scores
+from moefast.train.precision import step_precision
 from moefast.train.resume import (
     SETTINGS,
     SNAPSHOT,
@@ -276,10 +279,13 @@ def train_step(
     optimizer: torch.optim.Optimizer,
     l2: float,
     l2_params: list[torch.nn.Parameter] | None = None,
+    precision: Precision = Precision.FP32,
 ) -> float:
     """One optimizer step on ``batch``: BCE + ``l2`` * (squared norm of ``l2_params``, by default
-    :func:`l2_parameters`; a stage's loop passes the list it computed once); returns the loss."""
-    logits = model(batch.features, batch.domain)
+    :func:`l2_parameters`; a stage's loop passes the list it computed once); returns the loss.
+    ``precision``: the forward's arithmetic (:func:`step_precision`)."""
+    with step_precision(precision):
+        logits = model(batch.features, batch.domain)
     loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, batch.label)
     if l2 > 0:
         params = l2_parameters(model) if l2_params is None else l2_params
@@ -340,11 +346,12 @@ def _train_epoch(
                     batch = cpu_batch
                     losses.append(parallel.train_step(
                         model, runner or model, cpu_batch, step.label, optimizer, config.l2, l2_params,
-                        after_backward=lambda m: mask_gradients(m, step),
+                        after_backward=lambda m: mask_gradients(m, step), precision=config.precision,
                     ))
                 else:
                     batch = cpu_batch.to(device)
-                    losses.append(train_step(model, batch, step, optimizer, config.l2, l2_params))
+                    losses.append(train_step(model, batch, step, optimizer, config.l2, l2_params,
+                                             config.precision))
             except NonFiniteError as exc:
                 detail = str(exc).removeprefix(f"{step.label}: ")
                 raise NonFiniteError(f"{desc}, batch {number}: {detail}") from None
@@ -444,6 +451,7 @@ def _fit(
 ) -> FitResult:
     out_dir = None if claim is None else claim.path
     backend_name = _set_backend(model, backend, torch.device(config.device))
+    check_precision(config.precision, config.device)  # ValueError naming the option, or a warning
     set_embedding_optimizer(model, _fused_embedding_optimizer(config))
     for collection in embedding_collections(model):  # half tables: TrainConfig checked the optimizer
         collection.set_precision(config.table_precision)
@@ -559,6 +567,7 @@ def _fit(
         "device": str(device),
         "seed": config.seed,
         "table_precision": config.table_precision.value,
+        "precision": config.precision.value,
         "test": test.to_dict(),
         "stages": [r.to_dict() for r in records],
         "train_samples_per_second": train_samples / train_seconds if train_seconds > 0 else 0.0,
