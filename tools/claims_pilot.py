@@ -6,7 +6,7 @@ the v2 budget (a validation every 100 steps, patience 3 validations, a cap of 20
 epoch cap, no dropout on the frozen path), once per candidate rule, and prints one JSON line per
 run: the final model's validation mean AUC over all domains (the gate stage's best; the only
 figure the choice reads), and each stage's steps, best step and what stopped it. Test metrics are
-not computed here: the choice must not see them.
+not printed: the choice must not see them.
 
     python tools/claims_pilot.py --rule own-domain --seeds 101 102 103 >> pilot.jsonl
 """
