@@ -60,7 +60,6 @@ def _worker(rank: int, world: int, port: int, spec: dict[str, Any], out: str) ->
     from moefast import data, models
     from moefast.config import EmbeddingOptimizer, TrainConfig
     from moefast.data.batching import BatchLoader, BatchOrder
-    from moefast.train.distributed import current
     from moefast.train.loop import (
         _fused_embedding_optimizer,
         _set_backend,
@@ -70,6 +69,7 @@ def _worker(rank: int, world: int, port: int, spec: dict[str, Any], out: str) ->
         stage_optimizer,
         train_step,
     )
+    from moefast.train.parallel.data_parallel import current
     from moefast.train.stages import plan_stages, set_stage
 
     ds = data.load("synthetic", preset=spec["preset"], rows=ROWS[spec["preset"]])

@@ -19,8 +19,8 @@ from moefast.config import EmbeddingOptimizer, TablePrecision, TowerConfig, Trai
 from moefast.data.batching import BatchLoader, BatchOrder
 from moefast.data.dataset import Batch, MultiDomainDataset
 from moefast.train import fit, stage_optimizer
-from moefast.train.distributed import RankFailedError, RowExchange, current
 from moefast.train.loop import NonFiniteError, l2_parameters, set_embedding_optimizer
+from moefast.train.parallel.data_parallel import RankFailedError, RowExchange, current
 from moefast.train.stages import plan_stages, set_stage
 
 # 2410 rows give domain 2 a train split of 257 rows: with batch 256 its expert stage ends on a

@@ -23,11 +23,11 @@ from moefast.config import (
 )
 from moefast.data import synthetic
 from moefast.data.dataset import MultiDomainDataset
+from moefast.experiments.claims import paired, t_interval
 from moefast.models.base import CTRModel
 from moefast.nn.tower import DomainGate
 from moefast.reference.embedding_optim import LazyAdam
-from moefast.train.checkpoint import load_checkpoint
-from moefast.train.claims import paired, t_interval
+from moefast.runs.checkpoint import load_checkpoint
 from moefast.train.loop import set_embedding_optimizer
 
 FAST = moefast._ext.available()
@@ -264,7 +264,7 @@ def test_t_interval_matches_the_textbook() -> None:
 def test_reproduce_runs_end_to_end_and_resumes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     import pandas as pd
 
-    from moefast.train.claims import ROLE_BASE, ROLE_MLORA, Setting
+    from moefast.experiments.claims import ROLE_BASE, ROLE_MLORA, Setting
 
     out = tmp_path / "claims"
     argv = ["reproduce", "--sections", "core", "--rows", "800", "--budget", "converged", "--max-steps", "2",
@@ -347,7 +347,7 @@ def test_reproduce_on_real_files(tmp_path: Path, capsys: pytest.CaptureFixture[s
 
 
 def test_a_finished_run_is_written_once(tmp_path: Path) -> None:
-    from moefast.train.claims import KEY_COLUMNS, VALUE_COLUMNS, _append_row
+    from moefast.experiments.claims import KEY_COLUMNS, VALUE_COLUMNS, _append_row
 
     csv = tmp_path / "runs.csv"
     row = {c: "x" for c in KEY_COLUMNS} | {c: 1.0 for c in VALUE_COLUMNS}
@@ -391,7 +391,7 @@ def _frame(cells: dict[tuple[str, str, str, str], list[float]]) -> Any:
     the logic must find variants by role)."""
     import pandas as pd
 
-    from moefast.train.claims import KEY_COLUMNS, VARIANTS
+    from moefast.experiments.claims import KEY_COLUMNS, VARIANTS
 
     by_name = {v.name: v for v in VARIANTS}
     rows = []
@@ -426,7 +426,7 @@ def _seeds(level: float, n: int = 5) -> list[float]:
     ids=["supported", "contradicted", "inconclusive", "preliminary", "one-seed"],
 )
 def test_claim_one_verdicts(moe: list[float], mlora: list[float], base: list[float], expected: str) -> None:
-    from moefast.train.claims import (
+    from moefast.experiments.claims import (
         ROLE_MLORA,
         ROLE_SPECIALIST,
         Setting,
@@ -446,7 +446,7 @@ def test_claim_one_verdicts(moe: list[float], mlora: list[float], base: list[flo
 def test_the_best_baseline_and_cells_are_kept_apart() -> None:
     """Base wins when its mean is higher; runs of another budget, batch mode or dropout never
     enter a cell."""
-    from moefast.train.claims import ROLE_BASE, ROLE_SPECIALIST, Setting, best_baseline, gain
+    from moefast.experiments.claims import ROLE_BASE, ROLE_SPECIALIST, Setting, best_baseline, gain
 
     frame = _frame({("moe-specialist", "mixed", "converged", "off"): _seeds(0.75),
                     ("moe-specialist", "mixed", "converged", "on"): _seeds(0.10),
@@ -466,7 +466,7 @@ def test_the_best_baseline_and_cells_are_kept_apart() -> None:
     ids=["off-wins", "on-wins", "inconclusive-keeps-on", "too-few-seeds"],
 )
 def test_frozen_path_dropout_rule(off: list[float], on: list[float], expected: bool | None) -> None:
-    from moefast.train.claims import frozen_path_dropout_rule
+    from moefast.experiments.claims import frozen_path_dropout_rule
 
     frame = _frame({("moe-specialist", "mixed", "converged", "off"): off,
                     ("moe-specialist", "mixed", "converged", "on"): on,
@@ -485,7 +485,7 @@ _FLAT = [[0.750, 0.748, 0.752, 0.749, 0.751], [0.751, 0.750, 0.748, 0.752, 0.749
     ids=["a-step-worse", "every-step-better", "flat"],
 )
 def test_more_experts_verdicts(by_k: list[list[float]], expected: str) -> None:
-    from moefast.train.claims import experts_verdict
+    from moefast.experiments.claims import experts_verdict
 
     steps = [t_interval([b - a for a, b in zip(x, y, strict=True)]) for x, y in itertools.pairwise(by_k)]
     assert experts_verdict(steps).startswith(expected)

@@ -14,7 +14,7 @@ from moefast.cli import _applies
 from moefast.cli import grid as cli_grid
 from moefast.cli import train as cli_train
 from moefast.config import BatchMode, TowerKind
-from moefast.train.claims import ClaimsConfig
+from moefast.experiments.claims import ClaimsConfig
 
 TINY = ["--rows", "300", "--num-domains", "2", "--num-users", "30", "--num-items", "20", "--max-epochs", "1"]
 

@@ -28,7 +28,7 @@ import torch.multiprocessing as mp
 from moefast.data.dataset import Batch
 from moefast.nn.adapter import AdapterLinear, global_batch_rows
 from moefast.testing import tolerance
-from moefast.train.distributed import (
+from moefast.train.parallel.data_parallel import (
     collective_timeout,
     shard_bounds,
     slice_batch,

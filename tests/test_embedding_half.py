@@ -265,7 +265,7 @@ def test_collection_precision_checkpoint_round_trip_and_mismatch_refused(tmp_pat
     a round trip is exact; loading into another precision is refused until converted."""
     from moefast.config import FeatureSpec, TablePrecision
     from moefast.nn import EmbeddingCollection
-    from moefast.train.checkpoint import load_checkpoint, save_checkpoint
+    from moefast.runs.checkpoint import load_checkpoint, save_checkpoint
 
     specs = [FeatureSpec("a", 4000, 16), FeatureSpec("b", 30, 8, Pooling.SUM)]
     torch.manual_seed(0)

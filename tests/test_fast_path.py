@@ -23,8 +23,8 @@ from moefast.models.base import CTRModel
 from moefast.ops import adapter as adapter_ops
 from moefast.ops import embedding as embedding_ops
 from moefast.ops._backend import Backend
+from moefast.runs.checkpoint import load_checkpoint, save_checkpoint
 from moefast.testing import TRAINING_LOSS_TOLERANCE, TRAINING_PARITY_STEPS, WAUC_PARITY_ATOL
-from moefast.train.checkpoint import load_checkpoint, save_checkpoint
 from moefast.train.loop import (
     _set_backend,
     embedding_collections,

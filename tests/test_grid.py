@@ -12,10 +12,10 @@ import pytest
 import torch
 
 from moefast.config import DataConfig, TowerConfig, TowerKind, TrainConfig
-from moefast.train import grid as grid_module
-from moefast.train.grid import DONE_FILE, GridConfig, data_label, plan_grid, run_grid
-from moefast.train.resume import SNAPSHOT, Preempted
-from moefast.train.rundir import RunDirectoryError, claim_run_dir, hold_lock
+from moefast.experiments import grid as grid_module
+from moefast.experiments.grid import DONE_FILE, GridConfig, data_label, plan_grid, run_grid
+from moefast.runs.rundir import RunDirectoryError, claim_run_dir, hold_lock
+from moefast.runs.snapshot import SNAPSHOT, Preempted
 
 TINY_DATA = (DataConfig(preset="paper", rows=600, num_domains=2, diversity=0.9, data_seed=5),)
 

@@ -310,8 +310,8 @@ def test_checkpoints_and_resume_under_bf16_mixed_are_bitwise_at_one_thread(
     import _resume_run as tiny
     from test_resume import assert_same_run
 
-    from moefast.train.atomic import FAULT_ENV
-    from moefast.train.resume import Preempted
+    from moefast.runs.snapshot import Preempted
+    from moefast.runs.writer import FAULT_ENV
 
     changes = {"precision": BF16, "max_epochs": 2}
     whole = tmp_path / "whole"

@@ -25,10 +25,11 @@ import pytest
 import torch
 
 from moefast import cli, data, models
-from moefast.train import atomic, fit, loop, resume
-from moefast.train.atomic import FAULT_ENV, WriteError
-from moefast.train.checkpoint import load_checkpoint
-from moefast.train.resume import SNAPSHOT, Preempted
+from moefast.runs import fit, loop, resume
+from moefast.runs import writer as atomic
+from moefast.runs.checkpoint import load_checkpoint
+from moefast.runs.snapshot import SNAPSHOT, Preempted
+from moefast.runs.writer import FAULT_ENV, WriteError
 
 sys.path.insert(0, str(Path(__file__).parent))
 import _resume_run as tiny
@@ -343,7 +344,7 @@ def test_every_output_is_written_atomically_a_full_disk_is_one_line(
     disk is a WriteError (one line, status 1), never a traceback or a half-written file."""
     import matplotlib
 
-    from moefast.train.rundir import save_figure
+    from moefast.runs.rundir import save_figure
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -14,8 +14,8 @@ from moefast import cli, data, models
 from moefast.cli import _options
 from moefast.config import TrainConfig
 from moefast.data.dataset import MultiDomainDataset
+from moefast.runs.rundir import MARKER, RunDirectoryError, claim_run_dir
 from moefast.train import fit
-from moefast.train.rundir import MARKER, RunDirectoryError, claim_run_dir
 
 TINY = ["train", "--rows", "400", "--num-domains", "2", "--num-users", "40", "--num-items", "30",
         "--max-epochs", "1", "--batch-size", "256", "--method", "base", "--quiet"]
@@ -81,7 +81,7 @@ def test_unwritable_directory(tmp_path: Path) -> None:
 def test_a_second_live_process_is_refused(tmp_path: Path) -> None:
     run = tmp_path / "run"
     script = (
-        "import sys\nfrom moefast.train.rundir import RunDirectoryError, claim_run_dir\n"
+        "import sys\nfrom moefast.runs.rundir import RunDirectoryError, claim_run_dir\n"
         "try:\n    claim_run_dir(sys.argv[1], overwrite=True)\n"
         "except RunDirectoryError as exc:\n    print(exc)\n    sys.exit(3)\n"
     )
@@ -144,7 +144,7 @@ def test_resume_of_what_the_command_line_cannot_continue_says_what_to_do(
 ) -> None:
     """``--resume`` of a folder that is no run, of a grid cell, of a run fit() wrote, of a run
     killed while its data loaded: one line each, pointing at what does continue it."""
-    from moefast.train.grid import LOCK_FILE
+    from moefast.experiments.grid import LOCK_FILE
 
     folder = tmp_path / "folder"
     folder.mkdir()
@@ -172,7 +172,7 @@ def test_resume_of_what_the_command_line_cannot_continue_says_what_to_do(
 
 
 def test_a_damaged_record_is_one_error_naming_its_file(tmp_path: Path) -> None:
-    from moefast.train.rundir import check_settings
+    from moefast.runs.rundir import check_settings
 
     path = tmp_path / "settings.json"
     check_settings(path, {"train": {"lr": 0.001}}, lambda keys: ", ".join(keys))

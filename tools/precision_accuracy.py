@@ -1,6 +1,6 @@
 """Paired accuracy of bf16-mixed against fp32 (issue 27): WAUC(bf16-mixed) - WAUC(fp32).
 
-On the claims' core setting (``moefast.train.claims``: the Taobao-like preset, 20 domains,
+On the claims' core setting (``moefast.experiments.claims``: the Taobao-like preset, 20 domains,
 diversity 0.8, DeepFM, the default mixed-batch protocol, the claims' training options), for
 MLoRA and MoE-MLoRA (specialist gate start), seed by seed: the same seed's dataset, initial
 weights and batch order trained twice, once per precision. Prints, per method, the mean and the
@@ -21,7 +21,7 @@ import sys
 
 from moefast import models
 from moefast.config import BatchMode, GateInit, Precision, TowerConfig
-from moefast.train.claims import MLORA, MOE_SPECIALIST, ClaimsConfig, Setting, _load, t_interval
+from moefast.experiments.claims import MLORA, MOE_SPECIALIST, ClaimsConfig, Setting, _load, t_interval
 from moefast.train.loop import fit
 
 CORE = Setting("taobao", 20, 0.8)

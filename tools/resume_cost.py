@@ -21,8 +21,8 @@ import torch
 from moefast import data, models
 from moefast.config import TrainConfig
 from moefast.train import fit
-from moefast.train.atomic import FAULT_ENV
-from moefast.train.resume import (
+from moefast.runs.writer import FAULT_ENV
+from moefast.runs.snapshot import (
     SNAPSHOT,
     Preempted,
     dataset_fingerprint,

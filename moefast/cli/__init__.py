@@ -105,7 +105,7 @@ def _run(command: Command, args: argparse.Namespace) -> int:
         print("moefast: interrupted", file=sys.stderr)
         return 130
     except OSError as exc:
-        from moefast.train.atomic import WriteError
+        from moefast.runs.writer import WriteError
 
         if not isinstance(exc, WriteError):
             raise
@@ -114,7 +114,7 @@ def _run(command: Command, args: argparse.Namespace) -> int:
         print(f"moefast: error: {exc}", file=sys.stderr)
         return 1
     except Exception as exc:
-        from moefast.train.resume import PREEMPTED_STATUS, Preempted
+        from moefast.runs.snapshot import PREEMPTED_STATUS, Preempted
 
         if not isinstance(exc, Preempted):
             raise

@@ -2,7 +2,7 @@
 
 The launcher writes the resolved configuration to a TOML file and starts
 ``torchrun --standalone --nproc-per-node N -m moefast train --config FILE --out DIR``; every
-worker then joins the process group (:func:`moefast.train.distributed.init_from_env`) and trains
+worker then joins the process group (:func:`moefast.train.parallel.data_parallel.init_from_env`) and trains
 its slice of each global batch. torchrun sets ``OMP_NUM_THREADS=1`` in its workers; each rank's
 threads are set here to the machine's cores divided by ``N`` (``MOEFAST_THREADS_PER_RANK``
 overrides it). ``SIGTERM`` to the command (or to any rank) stops every rank at the same step
@@ -20,7 +20,7 @@ from pathlib import Path
 
 from moefast.cli._options import UserError
 from moefast.config import RunConfig
-from moefast.train.resume import PREEMPTED_STATUS
+from moefast.runs.snapshot import PREEMPTED_STATUS
 
 __all__ = ["launch", "torchrun_argv"]
 

@@ -1,4 +1,4 @@
-"""``moefast grid``: the experiment grid from the command line (see :mod:`moefast.train.grid`).
+"""``moefast grid``: the experiment grid from the command line (see :mod:`moefast.experiments.grid`).
 
 List-valued flags take comma-separated values (``--model deepfm,nfm``, ``--diversity 0.9,0.1``,
 ``--seeds 1024,1025``); in the TOML file (``--config``) they may also be arrays. A flag given on
@@ -54,7 +54,7 @@ def _list_of(conv: Callable[[str], Any]) -> Callable[[str], tuple[Any, ...]]:
 
 
 def _models(text: str) -> tuple[str, ...]:
-    from moefast.train.grid import BACKBONES
+    from moefast.experiments.grid import BACKBONES
 
     return BACKBONES if str(text).lower() == "all" else tuple(m.lower() for m in _strings(text))
 
@@ -100,8 +100,8 @@ def add_parser(commands: Any) -> argparse.ArgumentParser:
 
 
 def resolve_grid(options: Mapping[str, Any]) -> tuple[Any, bool]:
-    """Merged options (TOML keys / flag dests) -> (:class:`~moefast.train.grid.GridConfig`, quiet)."""
-    from moefast.train.grid import GridConfig
+    """Merged options (TOML keys / flag dests) -> (:class:`~moefast.experiments.grid.GridConfig`, quiet)."""
+    from moefast.experiments.grid import GridConfig
 
     values = dict(options)
     quiet = bool(values.pop("quiet", False))
@@ -128,8 +128,8 @@ def resolve_grid(options: Mapping[str, Any]) -> tuple[Any, bool]:
 
 def run(args: argparse.Namespace) -> int:
     """Run ``moefast grid`` for parsed ``args``; user mistakes raise :class:`UserError`."""
+    from moefast.experiments.grid import run_grid
     from moefast.ops._backend import BackendUnavailableError, parse_backend
-    from moefast.train.grid import run_grid
 
     options = read_toml(args.config, _ALL) if args.config else {}
     options.update(given_options(args))  # flags win over the file

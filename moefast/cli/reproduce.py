@@ -1,4 +1,4 @@
-"""``moefast reproduce``: the method's claims report (see :mod:`moefast.train.claims`).
+"""``moefast reproduce``: the method's claims report (see :mod:`moefast.experiments.claims`).
 
 Runs the claims plan (Taobao-like and MovieLens-like synthetic settings, or the real Taobao and
 MovieLens-1M files with --taobao-dir / --movielens-dir; every method variant, both batch
@@ -21,7 +21,7 @@ NAME = "reproduce"
 
 
 def _sections(text: str) -> tuple[str, ...]:
-    from moefast.train.claims import SECTIONS
+    from moefast.experiments.claims import SECTIONS
 
     if text.strip().lower() == "all":
         return SECTIONS
@@ -79,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
     """Run ``moefast reproduce`` for parsed ``args``; user mistakes raise :class:`UserError`."""
     import torch
 
-    from moefast.train.claims import ClaimsConfig, run_claims, write_report
+    from moefast.experiments.claims import ClaimsConfig, run_claims, write_report
 
     fields = {name: getattr(args, name) for name in ("sections", "seeds", "rows", "budget", "max_steps",
                                                      "frozen_path_dropout", "budget_hours",

@@ -100,7 +100,7 @@ def resume_config(run_dir: str, options: Mapping[str, Any]) -> tuple[RunConfig, 
     """The configuration of ``--resume run_dir``: the run's recorded ``config.toml`` with
     ``options`` (a ``--config`` file's keys and the flags) over it; an option whose value differs
     from the recorded one is refused, naming every such key."""
-    from moefast.train.rundir import differing_keys, to_jsonable
+    from moefast.runs.rundir import differing_keys, to_jsonable
 
     where = Path(run_dir)
     recorded_file = where / "config.toml"
@@ -131,9 +131,9 @@ def resume_config(run_dir: str, options: Mapping[str, Any]) -> tuple[RunConfig, 
 def _not_resumable(where: Path) -> str:
     """Why a directory without ``config.toml`` cannot be resumed from the command line, and what to
     do instead."""
-    from moefast.train.grid import LOCK_FILE
-    from moefast.train.resume import SETTINGS
-    from moefast.train.rundir import MARKER
+    from moefast.experiments.grid import LOCK_FILE
+    from moefast.runs.rundir import MARKER
+    from moefast.runs.snapshot import SETTINGS
 
     grid = next((p for p in where.resolve().parents if (p / LOCK_FILE).exists()), None)
     if grid is not None and (where / MARKER).exists():
@@ -150,7 +150,7 @@ def _not_resumable(where: Path) -> str:
 
 
 def _write_text(path: Path, text: str) -> None:
-    from moefast.train.atomic import atomic_write
+    from moefast.runs.writer import atomic_write
 
     atomic_write(path, lambda handle: handle.write(text.encode()))
 
@@ -242,8 +242,8 @@ def _train(config: RunConfig, quiet: bool, *, resume: bool = False) -> int:
 
     from moefast import models
     from moefast.ops._backend import parse_backend
-    from moefast.train.resume import Preempted
-    from moefast.train.rundir import RunDirectoryError, claim_run_dir
+    from moefast.runs.rundir import RunDirectoryError, claim_run_dir
+    from moefast.runs.snapshot import Preempted
 
     if config.backend is not None:
         try:
@@ -258,7 +258,7 @@ def _train(config: RunConfig, quiet: bool, *, resume: bool = False) -> int:
         raise UserError(f"--device {config.train.device!r}: no CUDA device is available here")
     if config.model.lower() not in models.MODELS:
         raise UserError(f"unknown model {config.model!r}; choose one of {', '.join(sorted(models.MODELS))}")
-    from moefast.train import distributed
+    from moefast.train.parallel import data_parallel as distributed
 
     if config.out is None and distributed.launched():
         # Each rank (and each torchrun restart) would name its own timestamped directory: the
@@ -307,9 +307,9 @@ def _train_into(config: RunConfig, quiet: bool, out: Path, writer: bool = True, 
     from moefast import models
     from moefast.nn.tower import check_specialist_start
     from moefast.ops._backend import BackendUnavailableError
+    from moefast.runs.rundir import plot_methods, write_json
+    from moefast.runs.snapshot import Preempted
     from moefast.train import fit
-    from moefast.train.resume import Preempted
-    from moefast.train.rundir import plot_methods, write_json
 
     dataset = load_dataset(config.data, progress=None if not quiet else False)
     check_dataset_options(config.train, dataset)

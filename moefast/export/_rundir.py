@@ -111,9 +111,9 @@ def load_run(
     Raises:
         ValueError: naming the file: not a run directory, an unfinished run (no metrics.json),
             a missing or damaged record, or a checkpoint that does not match (see
-            :func:`moefast.train.checkpoint.load_checkpoint`).
+            :func:`moefast.runs.checkpoint.load_checkpoint`).
     """
-    from moefast.train.checkpoint import load_checkpoint
+    from moefast.runs.checkpoint import load_checkpoint
 
     folder = method_dir(run_dir, method)
     if not (folder / "metrics.json").is_file():

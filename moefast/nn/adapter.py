@@ -32,7 +32,7 @@ def global_batch_rows(total: int, start: int, stop: int) -> Iterator[None]:
     """Inside this block, a layer called on rows ``[start, stop)`` of a global batch of
     ``total`` rows draws the dropout mask of the whole global batch and keeps its own rows, so
     that N data-parallel ranks draw exactly the masks one process draws
-    (:mod:`moefast.train.distributed`). Every rank's generator advances by the same amount."""
+    (:mod:`moefast.train.parallel.data_parallel`). Every rank's generator advances by the same amount."""
     if not 0 <= start <= stop <= total:
         raise ValueError(f"a batch slice needs 0 <= start <= stop <= total, got {start}, {stop}, {total}")
     token = _BATCH_SLICE.set((total, start, stop))

@@ -75,7 +75,7 @@ class EmbeddingCollection(nn.Module):
         self.backend = parse_backend(backend) if backend is not None else None
         self.optimizer = optimizer
         self.sparse = sparse
-        # Data-parallel training (moefast.train.distributed) splits the fused call: backward
+        # Data-parallel training (moefast.train.parallel.data_parallel) splits the fused call: backward
         # hands the batch's rows out as coalesced sparse gradients, the ranks exchange them,
         # and the same fused update is applied on every rank (apply_row_updates).
         self.defer_update = False

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from moefast.train.checkpoint import load_checkpoint, save_checkpoint
+from moefast.runs.checkpoint import load_checkpoint, save_checkpoint
 from moefast.train.loop import (
     FitResult,
     StageRecord,

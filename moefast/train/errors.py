@@ -1,5 +1,5 @@
 """Errors the training loop and the data-parallel step share (a module of its own, so that
-:mod:`moefast.train.distributed` need not import the loop that imports it)."""
+:mod:`moefast.train.parallel.data_parallel` need not import the loop that imports it)."""
 
 from __future__ import annotations
 

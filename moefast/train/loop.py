@@ -39,13 +39,9 @@ from moefast.nn.embedding import EmbeddingCollection
 from moefast.ops._backend import Backend, BackendLike, parse_backend
 from moefast.precision import check_device as check_precision
 from moefast.reference.embedding_optim import FusedOptimizer, LazyAdam, RowwiseAdagrad
-from moefast.train import distributed
-from moefast.train.atomic import fault_step
-from moefast.train.checkpoint import file_sha256, load_checkpoint, save_checkpoint
-from moefast.train.errors import CapWarning, NonFiniteError
-from moefast.train.metrics import EvalMetrics, evaluate_scores
-from moefast.train.precision import step_precision
-from moefast.train.resume import (
+from moefast.runs.checkpoint import file_sha256, load_checkpoint, save_checkpoint
+from moefast.runs.rundir import RunDirectory, check_settings, claim_run_dir, to_jsonable, write_run
+from moefast.runs.snapshot import (
     SETTINGS,
     SNAPSHOT,
     Preempted,
@@ -55,7 +51,11 @@ from moefast.train.resume import (
     save_snapshot,
     state_fingerprint,
 )
-from moefast.train.rundir import RunDirectory, check_settings, claim_run_dir, to_jsonable, write_run
+from moefast.runs.writer import fault_step
+from moefast.train.errors import CapWarning, NonFiniteError
+from moefast.train.metrics import EvalMetrics, evaluate_scores
+from moefast.train.parallel import data_parallel as distributed
+from moefast.train.precision import step_precision
 from moefast.train.stages import (
     Stage,
     StageStep,
@@ -396,12 +396,12 @@ def fit(
             leaves the layers as built). Parameters are the same under every backend.
         out_dir: the run directory (checkpoints, ``metrics.json``, ``predictions.csv``,
             ``config.json``, plots); ``None`` keeps the checkpoints in a temporary folder. The
-            directory belongs to this run (:func:`moefast.train.rundir.claim_run_dir`): it gets
+            directory belongs to this run (:func:`moefast.runs.rundir.claim_run_dir`): it gets
             moefast's marker and a lock, and one that holds anything else is refused.
         overwrite: clear ``out_dir`` first when it holds a previous moefast run (only a
             directory carrying the marker, never an arbitrary folder).
         resume: continue the run ``out_dir`` holds from its resume snapshot (the last epoch it
-            completed, or the step where ``SIGTERM`` stopped it; see :mod:`moefast.train.resume`),
+            completed, or the step where ``SIGTERM`` stopped it; see :mod:`moefast.runs.snapshot`),
             ending bitwise equal to an uninterrupted run on CPU. ``model``, ``dataset``,
             ``config`` and ``backend`` must be the first run's (``settings.json``; otherwise a
             ``ValueError`` names the keys that differ). A directory without a snapshot (killed
@@ -412,12 +412,12 @@ def fit(
         A :class:`FitResult` whose ``metrics`` follow DESIGN.md section 5's schema.
 
     Raises:
-        moefast.train.rundir.RunDirectoryError: ``out_dir`` cannot be written, is not empty and
+        moefast.runs.rundir.RunDirectoryError: ``out_dir`` cannot be written, is not empty and
             not a moefast run directory, holds a previous run without ``overwrite`` or
             ``resume``, or is in use by another live process (a ``ValueError``).
-        moefast.train.resume.Preempted: ``SIGTERM`` stopped the run at a step boundary; its
+        moefast.runs.snapshot.Preempted: ``SIGTERM`` stopped the run at a step boundary; its
             state is saved for ``resume``.
-        moefast.train.atomic.WriteError: a file of the run could not be written (a full disk);
+        moefast.runs.writer.WriteError: a file of the run could not be written (a full disk);
             nothing was left under its final name, and the run resumes from its last snapshot.
     """
     if model.num_domains != dataset.num_domains:
@@ -875,7 +875,7 @@ def _preempted_dir(saver: _Saver | None, parallel: distributed.DataParallel | No
 
 
 class _Saver:
-    """Writes the run's resume snapshot (:mod:`moefast.train.resume`): in a stage, or after one."""
+    """Writes the run's resume snapshot (:mod:`moefast.runs.snapshot`): in a stage, or after one."""
 
     def __init__(
         self, run_dir: Path, generator: torch.Generator, device: torch.device, stop: Any, records: list[StageRecord],

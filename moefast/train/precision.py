@@ -14,7 +14,7 @@ def step_precision(precision: Precision) -> contextlib.AbstractContextManager[No
     """The block a training step runs its forward in: :func:`moefast.precision.autocast`.
 
     Both the single-process step (:func:`moefast.train.loop.train_step`) and the data-parallel
-    one (:meth:`moefast.train.distributed.DataParallel.train_step`) call this and nothing else
+    one (:meth:`moefast.train.parallel.data_parallel.DataParallel.train_step`) call this and nothing else
     about precision. The layers' autograd nodes keep what their backward needs (bf16 operands),
     so backward runs outside the block; the loss, the optimizer step and the master weights
     stay float32 (:mod:`moefast.precision`). Evaluation runs in float32.

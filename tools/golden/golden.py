@@ -82,7 +82,7 @@ def checkpoint_state(checkpoint: Path) -> tuple[dict[str, torch.Tensor], dict[st
     loader did not restore cannot pass for a restored one; then the checkpoint is loaded.
     """
     from moefast.export import load_run
-    from moefast.train.checkpoint import load_checkpoint
+    from moefast.runs.checkpoint import load_checkpoint
 
     run_dir = checkpoint.parent.parent
     model = load_run(run_dir, backend="reference").model

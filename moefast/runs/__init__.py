@@ -1,0 +1,11 @@
+"""Everything a run directory is on disk.
+
+Owns: the one writer every output goes through (:mod:`moefast.runs.writer`: atomic
+replacement, ``fsync``, the fault-injection points the kill tests use), claiming and locking a
+run directory and the files it holds (:mod:`moefast.runs.rundir`), the settings record a resume
+and a shared table are checked against, checkpoints (:mod:`moefast.runs.checkpoint`) and the
+resume snapshot (:mod:`moefast.runs.snapshot`).
+
+Never imports: :mod:`moefast.train`'s loop or data parallelism, :mod:`moefast.experiments`, the
+command line. Training imports this package, not the other way round.
+"""
