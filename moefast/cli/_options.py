@@ -255,9 +255,11 @@ def _wrong_toml_type(conv: type | Conv, value: object) -> str | None:
     return "a string or an array of strings / numbers"
 
 
-def load_dataset(data: DataConfig, *, progress: bool | None = None) -> Any:
+def load_dataset(data: DataConfig, *, progress: bool | None = None, check_only: bool = False) -> Any:
     """The dataset a :class:`DataConfig` names; options that do not apply are user errors.
-    ``progress=False`` hides the tabular source's reading bar (``None``: on a terminal)."""
+    ``progress=False`` hides the tabular source's reading bar (``None``: on a terminal).
+    ``check_only``: only the checks that read no data (the options, the table's schema and its
+    list of files); returns None."""
     from moefast import data as data_module
 
     options: dict[str, Any] = {}
@@ -274,6 +276,13 @@ def load_dataset(data: DataConfig, *, progress: bool | None = None) -> Any:
         if data.data is None or data.schema is None:
             raise UserError("--dataset table needs --data PATH and --schema schema.toml")
         try:
+            if check_only:
+                from moefast.data.schema import load_schema
+                from moefast.data.table import input_files
+
+                load_schema(data.schema)
+                input_files(data.data)
+                return None
             return data_module.load("table", path=data.data, schema=data.schema, vocab_from=data.vocab_from,
                                     progress=progress)
         except ValueError as exc:
@@ -298,4 +307,6 @@ def load_dataset(data: DataConfig, *, progress: bool | None = None) -> Any:
         options["raw_dir"] = data.data_dir
         if data.domain is not None:
             options["domain"] = data.domain
+    if check_only:
+        return None
     return data_module.load(data.dataset, **options)
