@@ -244,10 +244,13 @@ def _chunks(files: list[Path], kind: str, columns: list[str], optional: set[str]
     for path in files:
         if kind == "csv":
             header = _csv_header(path)
-            _check_header(path, header, columns)
         else:
             try:
                 schema = pq.read_schema(path)
+            except (pa.ArrowInvalid, OSError) as exc:
+                raise TableError(path, None, None, f"not a readable Parquet file ({exc})") from None
+            _check_header(path, schema.names, columns)
+            try:
                 strings = [c for c in coded if c in schema.names
                            and (pa.types.is_string(schema.field(c).type) or pa.types.is_large_string(schema.field(c).type))]
                 pfile = pq.ParquetFile(path, read_dictionary=strings)
