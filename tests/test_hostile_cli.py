@@ -4,6 +4,7 @@ command line: each case once ran silently wrong or printed a traceback."""
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from pathlib import Path
 
@@ -28,6 +29,7 @@ def program(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _one_line(capsys: pytest.CaptureFixture[str], text: str) -> str:
+    """The one ``moefast: error:`` line on stderr (capfd as well: torch logs to the real stderr)."""
     err = capsys.readouterr().err
     assert err.startswith("moefast: error:") and text in err and len(err.strip().splitlines()) == 1, err
     return err
@@ -41,7 +43,8 @@ def _copy(program: Path, where: Path) -> Path:
 
 
 def test_a_damaged_program_is_refused_before_loading(
-    program: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], recwarn: pytest.WarningsRecorder
+    program: Path, tmp_path: Path, capfd: pytest.CaptureFixture[str], recwarn: pytest.WarningsRecorder,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     """One altered weight: torch.export.load does not check the archive's CRCs, and predict
     scored different logits with exit status 0."""
@@ -56,7 +59,7 @@ def test_a_damaged_program_is_refused_before_loading(
     data[at] ^= 0x01
     damaged.write_bytes(bytes(data))
     assert cli.main(["predict", "--model", str(damaged), "--quiet", "--out", str(tmp_path / "d.csv")]) == 2
-    _one_line(capsys, "is not the program moefast export wrote: its SHA-256")
+    _one_line(capfd, "is not the program moefast export wrote: its SHA-256")
     assert not (tmp_path / "d.csv").exists()
 
     # A program whose .json records no digest (an older export): refused unless trusted.
@@ -64,17 +67,20 @@ def test_a_damaged_program_is_refused_before_loading(
     sidecar = unrecorded.parent / f"{unrecorded.name}.json"
     sidecar.write_text(json.dumps({k: v for k, v in meta.items() if k != "program_sha256"}))
     assert cli.main(["predict", "--model", str(unrecorded), "--quiet", "--out", str(tmp_path / "u.csv")]) == 2
-    _one_line(capsys, "records no SHA-256 of the program")
+    _one_line(capfd, "records no SHA-256 of the program")
     assert cli.main(["predict", "--model", str(unrecorded), "--quiet", "--trust-unverified",
                      "--out", str(tmp_path / "u.csv")]) == 0
     assert (tmp_path / "u.csv").read_bytes() == (tmp_path / "ok.csv").read_bytes()
 
     # Truncated and trusted: one line, without the dozen lines of torch warnings before it.
-    unrecorded.write_bytes(unrecorded.read_bytes()[: unrecorded.stat().st_size // 2])
+    truncated = _copy(unrecorded, tmp_path / "truncated")
+    truncated.write_bytes(truncated.read_bytes()[: truncated.stat().st_size // 2])
     recwarn.clear()
-    assert cli.main(["predict", "--model", str(unrecorded), "--quiet", "--trust-unverified",
-                     "--out", str(tmp_path / "t.csv")]) == 2
-    _one_line(capsys, "cannot be loaded as a torch.export program")
+    with caplog.at_level(logging.WARNING, logger="torch.export"):
+        assert cli.main(["predict", "--model", str(truncated), "--quiet", "--trust-unverified",
+                         "--out", str(tmp_path / "t.csv")]) == 2
+    _one_line(capfd, "cannot be loaded as a torch.export program")
+    assert not [r for r in caplog.records if r.name.startswith("torch") and r.levelno >= logging.WARNING], caplog.text
     assert not [w for w in recwarn if "torch" in str(w.filename)], [str(w.message) for w in recwarn]
 
 

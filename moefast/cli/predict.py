@@ -143,6 +143,7 @@ def _load_program(path: Path, *, trust_unverified: bool = False) -> tuple[Callab
     """The program at ``path`` and its ``.json``, checked against the SHA-256 the ``.json``
     records before torch reads a byte of it (torch.export.load does not check the archive's
     CRCs: a damaged weight scored without complaint)."""
+    import logging
     import warnings
 
     import torch
@@ -164,14 +165,20 @@ def _load_program(path: Path, *, trust_unverified: bool = False) -> tuple[Callab
         if actual != recorded:
             raise UserError(f"{str(path)!r} is not the program moefast export wrote: its SHA-256 is {actual[:16]}..., "
                             f"{str(meta_path)!r} records {str(recorded)[:16]}... (damaged or replaced); export it again")
+    # A truncated archive makes torch log its traceback (a dozen lines on the torch.export logger)
+    # before it fails: the one line below says it.
+    logger = logging.getLogger("torch.export")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
     try:
-        # A truncated archive makes torch warn a dozen lines before it fails: the one line below says it.
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             program = torch.export.load(str(path)).module()
     except Exception as exc:  # a damaged or foreign file: said in one line
         detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserError(f"{str(path)!r} cannot be loaded as a torch.export program: {detail}") from None
+    finally:
+        logger.setLevel(level)
     if not isinstance(meta.get("dataset"), dict):
         raise UserError(f"{str(meta_path)!r} records no dataset: export it again with moefast export")
     return program, meta
