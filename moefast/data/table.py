@@ -1038,7 +1038,7 @@ def _numeric(nspec: Any, raw: np.ndarray, train_rows: np.ndarray, rows: _Rows,
     if bad.size:
         i = int(bad[0])
         path, row = rows.locate(i)
-        raise TableError(path, row, nspec.column, f"value {raw[i]!r} overflows float32 after the transform "
+        raise TableError(path, row, nspec.column, f"value {float(raw[i])!r} overflows float32 after the transform "
                          f"({transform.value}{f', mean {mean:g}, std {std:g}' if std != 1.0 or mean else ''})")
     art = {"column": nspec.column, "transform": transform.value, "mean": mean, "std": std, "fill": fill,
            "indicator": nspec.indicator if prior is None else bool(prior["indicator"])}
