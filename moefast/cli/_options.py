@@ -35,6 +35,7 @@ __all__ = [
     "Parser",
     "UserError",
     "add_option_groups",
+    "check_data_options",
     "given_options",
     "load_dataset",
     "parse_bool",
@@ -255,11 +256,20 @@ def _wrong_toml_type(conv: type | Conv, value: object) -> str | None:
     return "a string or an array of strings / numbers"
 
 
-def load_dataset(data: DataConfig, *, progress: bool | None = None, check_only: bool = False) -> Any:
+def load_dataset(data: DataConfig, *, progress: bool | None = None) -> Any:
     """The dataset a :class:`DataConfig` names; options that do not apply are user errors.
-    ``progress=False`` hides the tabular source's reading bar (``None``: on a terminal).
-    ``check_only``: only the checks that read no data (the options, the table's schema and its
-    list of files); returns None."""
+    ``progress=False`` hides the tabular source's reading bar (``None``: on a terminal)."""
+    return _dataset(data, progress, check_only=False)
+
+
+def check_data_options(data: DataConfig) -> None:
+    """The checks of :func:`load_dataset` that read no data: the options, a table's schema (its
+    size limits included) and its list of files (``moefast train --nproc`` runs them before any
+    rank starts)."""
+    _dataset(data, None, check_only=True)
+
+
+def _dataset(data: DataConfig, progress: bool | None, *, check_only: bool) -> Any:
     from moefast import data as data_module
 
     options: dict[str, Any] = {}

@@ -28,6 +28,7 @@ from moefast.cli._options import (
     UserError,
     add_config_and_quiet,
     add_option_groups,
+    check_data_options,
     converters,
     given_options,
     load_dataset,
@@ -286,7 +287,7 @@ def check_before_data(config: RunConfig) -> None:
         raise UserError(f"--device {config.train.device!r}: no CUDA device is available here")
     if config.model.lower() not in models.MODELS:
         raise UserError(f"unknown model {config.model!r}; choose one of {', '.join(sorted(models.MODELS))}")
-    load_dataset(config.data, check_only=True)
+    check_data_options(config.data)
 
 
 def _train(config: RunConfig, quiet: bool, *, resume: bool = False) -> int:
