@@ -14,6 +14,7 @@ import dataclasses
 import datetime
 import enum
 import math
+import os
 import signal
 import sys
 from collections.abc import Mapping
@@ -80,7 +81,8 @@ def run(args: argparse.Namespace) -> int:
     if resume is not None:
         config, quiet = resume_config(resume, options)
         note = resume_note(config)
-        if note is not None:
+        # Said once: by this process, or under torchrun (--nproc's ranks included) by rank 0.
+        if note is not None and nproc is None and os.environ.get("RANK", "0") == "0":
             print(f"moefast: warning: --resume {resume}: {note}", file=sys.stderr, flush=True)
         if nproc is not None:
             from moefast.cli._launch import launch
