@@ -70,6 +70,7 @@ __all__ = ["TableError", "input_files", "load_table", "save_vocab"]
 _CSV_EXT = (".csv", ".tsv", ".csv.gz", ".tsv.gz", ".txt", ".txt.gz")
 _PARQUET_EXT = (".parquet", ".pq")
 CSV_BLOCK_BYTES = 16 << 20
+HEADER_BYTES = 16 << 20  # a "header" longer than this (a file without line breaks) is cut here
 PARQUET_BATCH_ROWS = 1 << 18
 
 
@@ -201,7 +202,7 @@ def _csv_header(path: Path) -> list[str]:
     try:
         with pa.input_stream(str(path), compression="detect") as stream:
             raw = b""
-            while b"\n" not in raw:
+            while b"\n" not in raw and len(raw) < HEADER_BYTES:
                 block = stream.read(1 << 16)
                 if not block:
                     break
