@@ -52,7 +52,8 @@ def add_parser(commands: Any) -> argparse.ArgumentParser:
     parser.add_argument("--unmerged", action="store_true",
                         help="score a run directory with its trained model, not the merged one")
     parser.add_argument("--trust-unverified", action="store_true",
-                        help="load a .pt2 whose .json records no SHA-256 (exported by an older moefast) unchecked")
+                        help="load a .pt2 whose .json records no SHA-256 (exported by an older moefast) unchecked; "
+                        "a recorded SHA-256 is always checked")
     parser.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     add_option_groups(parser, (("data (default: the run's own)", DATA_OPTIONS),))
     return parser
