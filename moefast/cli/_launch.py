@@ -55,6 +55,7 @@ def launch(config: RunConfig, config_text: str, quiet: bool, nproc: int, *, resu
         raise UserError(f"--nproc {nproc} with --device {config.train.device}: only "
                         f"{torch.cuda.device_count()} CUDA devices here (one per rank)")
     out = Path(config.out or Path("runs") / datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))
+    check_run_dir(out, overwrite=config.overwrite, resume=resume)
     os.environ.setdefault("MOEFAST_THREADS_PER_RANK", str(max(1, (os.cpu_count() or 1) // nproc)))
     with tempfile.TemporaryDirectory(prefix="moefast-launch-") as tmp:
         config_file = Path(tmp) / "config.toml"
@@ -81,6 +82,19 @@ def launch(config: RunConfig, config_text: str, quiet: bool, nproc: int, *, resu
             # the same step boundary, rank 0 saving the run there.
             return _preempted(out, nproc, "this command was sent SIGTERM")
     return 0
+
+
+def check_run_dir(out: Path, *, overwrite: bool, resume: bool) -> None:
+    """Refuse an unusable run directory before any rank starts (a file, unwritable, a folder
+    that is not a run, another run without ``--overwrite``, one in use): rank 0 claims it again,
+    the others would otherwise die in a collective waiting for it. The claim is released at
+    once; a directory it created is removed again."""
+    from moefast.runs.rundir import RunDirectoryError, claim_run_dir
+
+    try:
+        claim_run_dir(out, overwrite=overwrite, resume=resume).release()
+    except RunDirectoryError as exc:
+        raise UserError(f"{'--resume' if resume else '--out'}: {exc}") from None
 
 
 def _continue(out: Path, nproc: int, saved: str) -> str:

@@ -38,6 +38,7 @@ __all__ = [
     "Parser",
     "UserError",
     "add_option_groups",
+    "check_data_options",
     "given_options",
     "load_dataset",
     "parse_bool",
@@ -310,6 +311,17 @@ def _wrong_toml_type(conv: type | Conv, value: object) -> str | None:
 def load_dataset(data: DataConfig, *, progress: bool | None = None) -> Any:
     """The dataset a :class:`DataConfig` names; options that do not apply are user errors.
     ``progress=False`` hides the tabular source's reading bar (``None``: on a terminal)."""
+    return _dataset(data, progress, check_only=False)
+
+
+def check_data_options(data: DataConfig) -> None:
+    """The checks of :func:`load_dataset` that read no data: the options, a table's schema (its
+    size limits included) and its list of files (``moefast train --nproc`` runs them before any
+    rank starts)."""
+    _dataset(data, None, check_only=True)
+
+
+def _dataset(data: DataConfig, progress: bool | None, *, check_only: bool) -> Any:
     from moefast import data as data_module
 
     options: dict[str, Any] = {}
@@ -326,6 +338,13 @@ def load_dataset(data: DataConfig, *, progress: bool | None = None) -> Any:
         if data.data is None or data.schema is None:
             raise UserError("--dataset table needs --data PATH and --schema schema.toml")
         try:
+            if check_only:
+                from moefast.data.schema import load_schema
+                from moefast.data.table import input_files
+
+                load_schema(data.schema)
+                input_files(data.data)
+                return None
             return data_module.load("table", path=data.data, schema=data.schema, vocab_from=data.vocab_from,
                                     progress=progress)
         except ValueError as exc:
@@ -350,4 +369,6 @@ def load_dataset(data: DataConfig, *, progress: bool | None = None) -> Any:
         options["raw_dir"] = data.data_dir
         if data.domain is not None:
             options["domain"] = data.domain
+    if check_only:
+        return None
     return data_module.load(data.dataset, **options)

@@ -51,6 +51,9 @@ def add_parser(commands: Any) -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=4096, help="rows per batch (default 4096)")
     parser.add_argument("--unmerged", action="store_true",
                         help="score a run directory with its trained model, not the merged one")
+    parser.add_argument("--trust-unverified", action="store_true",
+                        help="load a .pt2 whose .json records no SHA-256 (exported by an older moefast) unchecked; "
+                        "a recorded SHA-256 is always checked")
     parser.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     add_option_groups(parser, (("data (default: the run's own)", DATA_OPTIONS),))
     return parser
@@ -137,19 +140,46 @@ def domain_ids(record: Mapping[str, Any], dataset: Any, domain: Any) -> Any:
                     "load the data so that its domain map is the model's")
 
 
-def _load_program(path: Path) -> tuple[Callable[..., Any], dict[str, Any]]:
+def _load_program(path: Path, *, trust_unverified: bool = False) -> tuple[Callable[..., Any], dict[str, Any]]:
+    """The program at ``path`` and its ``.json``, checked against the SHA-256 the ``.json``
+    records before torch reads a byte of it (torch.export.load does not check the archive's
+    CRCs: a damaged weight scored without complaint)."""
+    import logging
+    import warnings
+
     import torch
 
+    from moefast.export._program import program_sha256
     from moefast.export._records import read_json_object
 
     meta_path = path.parent / f"{path.name}.json"
     if not meta_path.exists():
         raise UserError(f"{str(meta_path)!r} is missing: it describes the program's inputs (moefast export writes it)")
     meta = read_json_object(meta_path)
+    recorded = meta.get("program_sha256")
+    if recorded is None and not trust_unverified:
+        raise UserError(f"{str(meta_path)!r} records no SHA-256 of the program (exported by an older moefast?), so "
+                        f"{str(path)!r} cannot be checked: export it again, or pass --trust-unverified to load it "
+                        "unchecked")
+    if recorded is not None:
+        actual = program_sha256(path)
+        if actual != recorded:
+            raise UserError(f"{str(path)!r} is not the program moefast export wrote: its SHA-256 is {actual[:16]}..., "
+                            f"{str(meta_path)!r} records {str(recorded)[:16]}... (damaged or replaced); export it again")
+    # A truncated archive makes torch log its traceback (a dozen lines on the torch.export logger)
+    # before it fails: the one line below says it.
+    logger = logging.getLogger("torch.export")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
     try:
-        program = torch.export.load(str(path)).module()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            program = torch.export.load(str(path)).module()
     except Exception as exc:  # a damaged or foreign file: said in one line
-        raise UserError(f"{str(path)!r} cannot be loaded as a torch.export program: {exc}") from None
+        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"{str(path)!r} cannot be loaded as a torch.export program: {detail}") from None
+    finally:
+        logger.setLevel(level)
     if not isinstance(meta.get("dataset"), dict):
         raise UserError(f"{str(meta_path)!r} records no dataset: export it again with moefast export")
     return program, meta
@@ -176,7 +206,7 @@ def run(args: argparse.Namespace) -> int:
             raise UserError("--unmerged and --method apply to a run directory, not a .pt2 program")
         if not model_path.is_file():
             raise UserError(f"--model {args.model!r} does not exist")
-        program, meta = _load_program(model_path)
+        program, meta = _load_program(model_path, trust_unverified=args.trust_unverified)
         record = meta["dataset"]
         options = given or meta.get("data_options")
         numeric_names = [str(s["name"]) for s in record["numeric"]]
@@ -191,6 +221,9 @@ def run(args: argparse.Namespace) -> int:
         what = f"program {model_path}"
         vocab_source: Path | None = model_path.parent / f"{model_path.stem}.preprocessing" / "vocab.json"
     else:
+        if args.trust_unverified:
+            raise UserError("--trust-unverified applies to a .pt2 program, not a run directory (checkpoints are "
+                            "always checked)")
         folder = export.method_dir(model_path, args.method) if model_path.exists() else None
         if folder is None:
             raise UserError(f"--model {args.model!r} does not exist")

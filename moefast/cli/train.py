@@ -14,6 +14,7 @@ import dataclasses
 import datetime
 import enum
 import math
+import os
 import signal
 import sys
 from collections.abc import Mapping
@@ -28,6 +29,7 @@ from moefast.cli._options import (
     UserError,
     add_config_and_quiet,
     add_option_groups,
+    check_data_options,
     converters,
     given_options,
     load_dataset,
@@ -36,8 +38,8 @@ from moefast.cli._options import (
 )
 from moefast.config import DataConfig, GateInit, RunConfig, TowerKind, TrainConfig
 
-__all__ = ["NAME", "add_parser", "comparison_table", "config_toml", "read_config", "resolve_config", "resume_config",
-           "run"]
+__all__ = ["NAME", "add_parser", "check_before_data", "comparison_table", "config_toml", "read_config",
+           "resolve_config", "resume_config", "resume_note", "run"]
 
 NAME = "train"
 OPTIONS = converters(DATA_OPTIONS + RUN_OPTIONS + TRAIN_OPTIONS)
@@ -79,9 +81,14 @@ def run(args: argparse.Namespace) -> int:
     options.update(given_options(args))  # flags win over the file
     if resume is not None:
         config, quiet = resume_config(resume, options)
+        note = resume_note(config)
+        # Said once: by this process, or under torchrun (--nproc's ranks included) by rank 0.
+        if note is not None and nproc is None and os.environ.get("RANK", "0") == "0":
+            print(f"moefast: warning: --resume {resume}: {note}", file=sys.stderr, flush=True)
         if nproc is not None:
             from moefast.cli._launch import launch
 
+            check_before_data(config)  # here, not in each rank: one line, and no rank starts
             return launch(config, config_toml(config), quiet, nproc, resume=True)
         return _train(config, quiet, resume=True)
     try:
@@ -92,6 +99,7 @@ def run(args: argparse.Namespace) -> int:
     if nproc is not None:
         from moefast.cli._launch import launch
 
+        check_before_data(config)  # here, not in each rank: one line, and no rank starts
         return launch(config, config_toml(config), quiet, nproc)
     return _train(config, quiet)
 
@@ -126,6 +134,33 @@ def resume_config(run_dir: str, options: Mapping[str, Any]) -> tuple[RunConfig, 
         raise UserError(f"--resume {run_dir!r}: options that differ from the run's ({', '.join(keys)}; recorded "
                         f"in {str(recorded_file)!r}): drop them to continue the run, or start a new one")
     return config, quiet
+
+
+def resume_note(config: RunConfig) -> str | None:
+    """What ``--resume`` does for the methods of ``config.out`` that hold no resume snapshot
+    (killed before their first epoch ended, not started yet, or the file deleted): they start from
+    their first epoch. None when every method has one. A method with results but no snapshot is
+    refused by ``fit`` itself (it could not continue), so it is not described here."""
+    from moefast.runs.snapshot import SNAPSHOT
+
+    assert config.out is not None
+    out = Path(config.out)
+    several = len(config.methods) > 1
+    fresh = []
+    for kind in config.methods:
+        folder = out / kind.value if several else out
+        has_results = (folder / "checkpoints").exists() or (folder / "metrics.json").exists()
+        if not (folder / SNAPSHOT).is_file() and not has_results:
+            fresh.append(kind.value)
+    if not fresh:
+        return None
+    if several:
+        what = f"method{'s' if len(fresh) > 1 else ''} {', '.join(fresh)} {'have' if len(fresh) > 1 else 'has'}"
+    else:
+        what = "the run has"
+    return (f"{what} no resume snapshot ({SNAPSHOT}: not started, stopped before its first epoch ended, or the "
+            f"file was deleted); {'it starts' if len(fresh) == 1 else 'they start'} from the first epoch with the "
+            "run's recorded options")
 
 
 def _not_resumable(where: Path) -> str:
@@ -237,13 +272,14 @@ def comparison_table(results: Mapping[str, Mapping[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def _train(config: RunConfig, quiet: bool, *, resume: bool = False) -> int:
+def check_before_data(config: RunConfig) -> None:
+    """Every check of ``config`` that needs no data: the backend, the device, the model's name,
+    the data options (a table's schema and file list).
+    ``moefast train --nproc`` runs it (and the run directory's check) before any rank starts."""
     import torch
 
     from moefast import models
     from moefast.ops._backend import parse_backend
-    from moefast.runs.rundir import RunDirectoryError, claim_run_dir
-    from moefast.runs.snapshot import Preempted
 
     if config.backend is not None:
         try:
@@ -258,8 +294,15 @@ def _train(config: RunConfig, quiet: bool, *, resume: bool = False) -> int:
         raise UserError(f"--device {config.train.device!r}: no CUDA device is available here")
     if config.model.lower() not in models.MODELS:
         raise UserError(f"unknown model {config.model!r}; choose one of {', '.join(sorted(models.MODELS))}")
+    check_data_options(config.data)
+
+
+def _train(config: RunConfig, quiet: bool, *, resume: bool = False) -> int:
+    from moefast.runs.rundir import RunDirectoryError, claim_run_dir
+    from moefast.runs.snapshot import Preempted
     from moefast.train.parallel import data_parallel as distributed
 
+    check_before_data(config)
     if config.out is None and distributed.launched():
         # Each rank (and each torchrun restart) would name its own timestamped directory: the
         # ranks would read different snapshots, and a restart would not find the run it continues.

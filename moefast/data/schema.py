@@ -61,6 +61,7 @@ from typing import Any
 
 from moefast.config import Pooling
 from moefast.data.splits import DEFAULT_FRACTIONS, SPLIT_SEED
+from moefast.data.vocab import RESERVED
 
 __all__ = [
     "CategoricalColumn",
@@ -77,6 +78,28 @@ __all__ = [
 
 # The field the domain id feeds when DomainColumn.feature is true (the seeds feed it).
 DOMAIN_FIELD = "domain"
+
+# Upper bounds of the size knobs (docs/data.md, "Size limits"), checked when the schema is
+# built, before anything is read or allocated. A table is float32: rows x dim x 4 bytes, and the
+# optimizers keep one or two more of it. max_len costs 4 bytes per bag slot per row while reading.
+MAX_DIM = 4096
+MAX_BAG = 1024
+MAX_HASH_BUCKETS = 2**31 - 4  # ids 3 + bucket stay below 2**31
+MAX_TABLE_BYTES = 64 << 30  # one field's float32 table
+
+
+def human_bytes(count: float) -> str:
+    """``count`` bytes as a short figure in binary units (``12.0 GiB``)."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB"):
+        if abs(count) < 1024 or unit == "EiB":
+            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
+        count /= 1024
+    raise AssertionError("unreachable")
+
+
+def table_bytes(rows: int, dim: int) -> int:
+    """Bytes of a float32 embedding table of ``rows`` x ``dim``."""
+    return rows * dim * 4
 
 
 class DomainPolicy(enum.Enum):
@@ -186,6 +209,49 @@ class TableSchema:
             seen.add(name)
         if not self.categorical and not self.domain.feature:
             raise ValueError(f"{self.source}: no categorical field (add [categorical.NAME] or domain.feature = true)")
+        self._check_label_is_no_input()
+        self._check_sizes()
+        f = self.split.fractions
+        if self.split.kind is SplitKind.RANDOM and self.label is not None and min(f) <= 0:
+            part = ("train", "val", "test")[min(range(3), key=lambda k: f[k])]
+            raise ValueError(f"{self.source}: split.fractions = {list(f)} leaves the {part} split empty; every "
+                             "split needs rows (validation: early stopping; test: the metrics)")
+
+    def _check_label_is_no_input(self) -> None:
+        """The label column may not also be read as an input: the model would see the answer."""
+        if self.label is None:
+            return
+        uses = [f"[categorical.{c.name}]" for c in self.categorical if c.column == self.label]
+        uses += [f"[numeric.{n.name}]" for n in self.numeric if n.column == self.label]
+        if self.domain.column == self.label:
+            uses.append("[domain]")
+        if self.split.column == self.label:
+            uses.append("[split]")
+        if uses:
+            raise ValueError(f"{self.source}: the label column {self.label!r} is also read by {', '.join(uses)}: "
+                             "the label would leak into the model's input (or split the rows by the answer)")
+
+    def _check_sizes(self) -> None:
+        """The size knobs' upper bounds (module constants), with the memory a value would need."""
+        if self.dim > MAX_DIM:
+            raise ValueError(f"{self.source}: key 'dim' = {self.dim} is over the limit of {MAX_DIM} "
+                             f"(each table row would need {human_bytes(4 * self.dim)})")
+        for c in self.categorical:
+            where = f"{self.source}: key 'categorical.{c.name}"
+            if c.dim > MAX_DIM:
+                raise ValueError(f"{where}.dim' = {c.dim} is over the limit of {MAX_DIM} "
+                                 f"(each table row would need {human_bytes(4 * c.dim)})")
+            if c.max_len > MAX_BAG:
+                raise ValueError(f"{where}.max_len' = {c.max_len} is over the limit of {MAX_BAG}: reading would "
+                                 f"need {human_bytes(4 * c.max_len)} per row ({human_bytes(4e6 * c.max_len)} per "
+                                 "million rows)")
+            if c.hash_buckets:
+                need = table_bytes(RESERVED + c.hash_buckets, c.dim)
+                if c.hash_buckets > MAX_HASH_BUCKETS or need > MAX_TABLE_BYTES:
+                    raise ValueError(
+                        f"{where}.hash_buckets' = {c.hash_buckets} would need {human_bytes(need)} for its float32 "
+                        f"table ((3 + hash_buckets) x dim {c.dim} x 4 bytes, before optimizer state); the limits are "
+                        f"{MAX_HASH_BUCKETS} buckets and {human_bytes(MAX_TABLE_BYTES)} per table")
 
     @property
     def base_dir(self) -> Path:

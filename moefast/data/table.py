@@ -28,6 +28,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote
 
 import numpy as np
 import pyarrow as pa
@@ -39,13 +40,16 @@ from moefast.data import cache
 from moefast.data.dataset import MultiDomainDataset, Split
 from moefast.data.schema import (
     DOMAIN_FIELD,
+    MAX_TABLE_BYTES,
     CategoricalColumn,
     DomainPolicy,
     MissingPolicy,
     SplitKind,
     TableSchema,
     Transform,
+    human_bytes,
     load_schema,
+    table_bytes,
 )
 from moefast.data.splits import assign_splits
 from moefast.data.vocab import (
@@ -66,6 +70,7 @@ __all__ = ["TableError", "input_files", "load_table", "save_vocab"]
 _CSV_EXT = (".csv", ".tsv", ".csv.gz", ".tsv.gz", ".txt", ".txt.gz")
 _PARQUET_EXT = (".parquet", ".pq")
 CSV_BLOCK_BYTES = 16 << 20
+HEADER_BYTES = 16 << 20  # a "header" longer than this (a file without line breaks) is cut here
 PARQUET_BATCH_ROWS = 1 << 18
 
 
@@ -129,13 +134,16 @@ def _collect(root: Path, folder: Path, files: list[Path]) -> None:
             if entry.is_symlink():  # could loop back up the tree, or read a folder twice
                 raise ValueError(f"table data folder {str(root)!r}: {where!r} is a link to a folder; "
                                  "partition folders must be real folders")
-            key, eq, _ = entry.name.partition("=")
+            raw_key, eq, _ = entry.name.partition("=")
+            key = unquote(raw_key)
             if not eq or not key:
                 raise ValueError(f"table data folder {str(root)!r} holds the folder {where!r}, "
                                  "which is neither a part file nor a Hive partition (key=value); move it out")
-            above = [part.partition("=")[0] for part in entry.relative_to(root).parent.parts]
+            # Compared after percent-decoding (s%69te is site): the values are decoded too.
+            above = [unquote(part.partition("=")[0]) for part in entry.relative_to(root).parent.parts]
             if key in above:
-                raise ValueError(f"table data folder {str(root)!r}: {where!r} names the partition key {key!r} twice")
+                raise ValueError(f"table data folder {str(root)!r}: {where!r} names the partition key {key!r} twice"
+                                 + (f" ({raw_key!r} decodes to {key!r})" if raw_key != key else ""))
             _collect(root, entry, files)
         elif entry.is_file():
             files.append(entry)
@@ -148,8 +156,6 @@ def partition_values(root: Path, file: Path) -> dict[str, str | None]:
     """The Hive partition values of ``file`` under the folder ``root``: ``{key: value}`` from
     each ``key=value`` folder on its path (percent-escapes decoded; ``__HIVE_DEFAULT_PARTITION__``
     and an empty value are missing)."""
-    from urllib.parse import unquote
-
     values: dict[str, str | None] = {}
     if file == root:
         return values
@@ -180,10 +186,46 @@ def _csv_parse_options(path: Path) -> Any:
     return pacsv.ParseOptions(delimiter=_csv_delimiter(path), newlines_in_values=True)
 
 
+def _unreadable(path: Path, exc: BaseException, rows: int | None = None) -> TableError:
+    """A file the reader cannot decompress or read (a truncated ``.gz``, a plain file named
+    ``.gz``, an I/O error), located after the last data row read."""
+    detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    gz = path.name.lower().endswith(".gz")
+    what = "not a readable gzip file (truncated, damaged, or not gzip)" if gz else "cannot be read"
+    after = f" after data row {rows}" if rows else ""
+    return TableError(path, None, None, f"{what}{after}: {detail}")
+
+
 def _csv_header(path: Path) -> list[str]:
-    with pa.input_stream(str(path), compression="detect") as stream:
-        line = io.TextIOWrapper(stream, encoding="utf-8-sig", newline="").readline()
+    """The header's column names: read as bytes and decoded as UTF-8 (a byte-order mark skipped),
+    so that a bad byte further down is reported at its row, not here."""
+    try:
+        with pa.input_stream(str(path), compression="detect") as stream:
+            raw = b""
+            while b"\n" not in raw and len(raw) < HEADER_BYTES:
+                block = stream.read(1 << 16)
+                if not block:
+                    break
+                raw += block
+    except (OSError, pa.ArrowException) as exc:
+        raise _unreadable(path, exc) from None
+    raw = raw.split(b"\n", 1)[0]
+    if raw.startswith(b"\xef\xbb\xbf"):
+        raw = raw[3:]
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise TableError(path, None, None, f"the header is not UTF-8 text: byte 0x{raw[exc.start]:02x} at byte "
+                                           f"{exc.start + 1} of the line (save the file as UTF-8)") from None
     return next(csv.reader([line], delimiter=_csv_delimiter(path)), [])
+
+
+def _check_header(path: Path, header: list[str], columns: list[str]) -> None:
+    """A column the schema reads must be named once: with two, which one is meant is a guess."""
+    twice = [c for c in columns if header.count(c) > 1]
+    if twice:
+        raise TableError(path, None, twice[0], f"named {header.count(twice[0])} times in the header: which one "
+                                               "the schema means is ambiguous; rename or drop the others")
 
 
 def _chunks(files: list[Path], kind: str, columns: list[str], optional: set[str],
@@ -206,12 +248,17 @@ def _chunks(files: list[Path], kind: str, columns: list[str], optional: set[str]
         else:
             try:
                 schema = pq.read_schema(path)
+            except (pa.ArrowInvalid, OSError) as exc:
+                raise TableError(path, None, None, f"not a readable Parquet file ({exc})") from None
+            _check_header(path, schema.names, columns)
+            try:
                 strings = [c for c in coded if c in schema.names
                            and (pa.types.is_string(schema.field(c).type) or pa.types.is_large_string(schema.field(c).type))]
                 pfile = pq.ParquetFile(path, read_dictionary=strings)
             except (pa.ArrowInvalid, OSError) as exc:
                 raise TableError(path, None, None, f"not a readable Parquet file ({exc})") from None
             header = pfile.schema_arrow.names
+        _check_header(path, header, columns)
         have = [c for c in columns if c in header]
         partition = partition_values(root, path) if root is not None else {}
         both = [c for c in columns if c in header and c in partition]
@@ -239,13 +286,22 @@ def _chunks(files: list[Path], kind: str, columns: list[str], optional: set[str]
                     yield _Chunk(path, row, _with_constants(batch, have, constant, coded))
                     row += batch.num_rows
             except pa.ArrowInvalid as exc:
-                bad = _first_malformed_row(path, len(header))
                 detail = str(exc).strip().splitlines()[0]
+                if "UTF8" in detail or "UTF-8" in detail:
+                    raise _first_bad_text(path, header, have) from None
+                bad = _first_malformed_row(path, len(header))
                 raise TableError(path, bad, None, f"malformed CSV ({detail})") from None
+            except (OSError, pa.ArrowException) as exc:
+                raise _unreadable(path, exc, row - 1) from None
         else:
-            for batch in pfile.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=have):
-                yield _Chunk(path, row, _with_constants(batch, have, constant, coded))
-                row += batch.num_rows
+            try:
+                for batch in pfile.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=have):
+                    yield _Chunk(path, row, _with_constants(batch, have, constant, coded))
+                    row += batch.num_rows
+            except (OSError, pa.ArrowException) as exc:
+                detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                raise TableError(path, None, None, f"not a readable Parquet file after data row {row - 1} "
+                                                   f"({detail})") from None
 
 
 def _with_constants(batch: pa.RecordBatch, have: list[str], constant: Mapping[str, str | None],
@@ -265,12 +321,36 @@ def _with_constants(batch: pa.RecordBatch, have: list[str], constant: Mapping[st
 
 def _first_malformed_row(path: Path, width: int) -> int | None:
     """The first data row whose field count is not the header's (the slow path of an error)."""
-    with pa.input_stream(str(path), compression="detect") as stream:
-        text = io.TextIOWrapper(stream, encoding="utf-8-sig", errors="replace", newline="")
-        for number, fields in enumerate(csv.reader(text, delimiter=_csv_delimiter(path))):
-            if number and len(fields) != width:
-                return number
+    try:
+        with pa.input_stream(str(path), compression="detect") as stream:
+            text = io.TextIOWrapper(stream, encoding="utf-8-sig", errors="replace", newline="")
+            for number, fields in enumerate(csv.reader(text, delimiter=_csv_delimiter(path))):
+                if number and len(fields) != width:
+                    return number
+    except (OSError, pa.ArrowException, csv.Error):
+        return None
     return None
+
+
+def _first_bad_text(path: Path, header: list[str], have: list[str]) -> TableError:
+    """The error for bytes that are not UTF-8 in a column the schema reads: its row, column and
+    byte (the slow path of an error: the file is read again with Python's csv module)."""
+    wanted = {header.index(c) for c in have if c in header}
+    try:
+        with pa.input_stream(str(path), compression="detect") as stream:
+            text = io.TextIOWrapper(stream, encoding="utf-8", errors="surrogateescape", newline="")
+            for number, fields in enumerate(csv.reader(text, delimiter=_csv_delimiter(path))):
+                if not number:
+                    continue
+                for k, value in enumerate(fields):
+                    bad = next((ch for ch in value if "\udc80" <= ch <= "\udcff"), None)
+                    if bad is not None and k in wanted:
+                        byte = ord(bad) - 0xDC00
+                        return TableError(path, number, header[k], f"not UTF-8 text: byte 0x{byte:02x} in "
+                                          f"{value.encode('utf-8', 'surrogateescape')!r} (save the file as UTF-8)")
+    except (OSError, pa.ArrowException, csv.Error):
+        pass
+    return TableError(path, None, None, "not UTF-8 text (save the file as UTF-8)")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -312,15 +392,58 @@ def _as_float(chunk: _Chunk, column: str) -> np.ndarray:
     return values.astype(np.float64, copy=False)
 
 
-def _as_text(arr: pa.Array) -> pa.Array:
+# Every integer up to 2**53 is a float64; above it neighbouring ids share one float.
+_FLOAT_EXACT = 2.0**53
+
+
+@dataclass(frozen=True)
+class _Place:
+    """Where an array's rows come from, for messages: element ``i`` is data row ``first_row +
+    rows[i]`` (``rows`` None: ``+ i``) of ``path``, in ``column``."""
+
+    path: Path
+    first_row: int
+    column: str
+    rows: np.ndarray | None = None
+
+    def error(self, i: int | None, problem: str) -> TableError:
+        row = None if i is None else self.first_row + int(self.rows[i] if self.rows is not None else i)
+        return TableError(self.path, row, self.column, problem)
+
+
+def _as_text(arr: pa.Array, place: _Place | None = None) -> pa.Array:
+    """``arr`` as UTF-8 text (ids are keyed by their text); ``place`` locates a value that has
+    no faithful text: a float id that is NaN, infinite or above 2**53, bytes that are not UTF-8,
+    a type that is not a scalar."""
     if pa.types.is_string(arr.type) or pa.types.is_large_string(arr.type):
         return arr
+    where = place or _Place(Path("<data>"), 1, "?")
     if pa.types.is_floating(arr.type):
+        x = arr.to_numpy(zero_copy_only=False).astype(np.float64)
+        valid = arr.is_valid().to_numpy(zero_copy_only=False)
+        bad = np.flatnonzero(valid & ~np.isfinite(x))
+        if bad.size:
+            raise where.error(int(bad[0]), f"id {x[bad[0]]} is not a number (a float id column holds NaN or inf)")
+        big = np.flatnonzero(valid & (np.abs(x) > _FLOAT_EXACT))
+        if big.size:
+            raise where.error(int(big[0]), f"float id {x[big[0]]:.17g} is above 2^53, where float64 cannot tell "
+                                           "neighbouring ids apart; store ids as int64 or text")
         # A float column holding ids (1.0, 2.0) names them as integers; anything else as written.
-        as_int = pc.cast(arr, pa.int64(), safe=False)
-        if pc.all(pc.or_kleene(pc.is_null(arr), pc.equal(pc.cast(as_int, pa.float64()), arr))).as_py():
-            return pc.cast(as_int, pa.string())
-    return pc.cast(arr, pa.string())
+        if bool(np.all(~valid | (x == np.floor(x)))):
+            return pc.cast(pc.cast(arr, pa.int64(), safe=False), pa.string())
+    try:
+        return pc.cast(arr, pa.string())
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
+        if pa.types.is_binary(arr.type) or pa.types.is_large_binary(arr.type):
+            i = _first_failure(arr, lambda a: pc.cast(a, pa.string()))
+            raise where.error(i, f"not UTF-8 text: {arr[i].as_py()!r}") from None
+        detail = str(exc).strip().splitlines()[0]
+        raise where.error(None, f"a column of type {arr.type} cannot be read as ids ({detail})") from None
+
+
+def _trimmed(text: pa.Array) -> pa.Array:
+    """Ids without leading or trailing whitespace (``" u5"`` is ``"u5"``; docs/data.md)."""
+    return pc.utf8_trim_whitespace(text)
 
 
 @dataclass
@@ -331,20 +454,31 @@ class _Codes:
     dicts: list[pa.Array] = field(default_factory=list)
     width: int = 0  # longest bag seen (multi-valued)
 
-    def add_single(self, arr: pa.Array) -> None:
-        enc = arr if pa.types.is_dictionary(arr.type) else pc.dictionary_encode(_as_text(arr))
-        self.dicts.append(_as_text(enc.dictionary))
-        self.local.append(enc.indices.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int32))
+    def add_single(self, arr: pa.Array, place: _Place | None = None) -> np.ndarray:
+        """Add one chunk's column; returns its local codes (-1: missing, an empty or
+        whitespace-only value included)."""
+        if pa.types.is_dictionary(arr.type) and not pa.types.is_string(arr.type.value_type):
+            arr = arr.dictionary_decode()  # a Parquet file's own dictionary of numbers
+        enc = arr if pa.types.is_dictionary(arr.type) else pc.dictionary_encode(_as_text(arr, place))
+        values = _trimmed(enc.dictionary)
+        local = enc.indices.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int32)
+        empty = np.flatnonzero(pc.equal(values, "").fill_null(True).to_numpy(zero_copy_only=False))
+        if empty.size:
+            local[np.isin(local, empty)] = -1
+        self.dicts.append(values)
+        self.local.append(local)
+        return local
 
     def add_multi(self, arr: pa.Array, spec: CategoricalColumn, chunk: _Chunk) -> None:
         if pa.types.is_list(arr.type) or pa.types.is_large_list(arr.type):
             lists = arr
         else:
-            lists = pc.split_pattern(_as_text(arr), pattern=spec.delimiter)
+            lists = pc.split_pattern(_as_text(arr, _Place(chunk.path, chunk.first_row, spec.column)),
+                                     pattern=spec.delimiter)
         n = len(lists)
         flat = pc.list_flatten(lists)
         parent = pc.list_parent_indices(lists).to_numpy(zero_copy_only=False)
-        text = _as_text(flat)
+        text = _trimmed(_as_text(flat, _Place(chunk.path, chunk.first_row, spec.column, parent)))
         keep = pc.and_(pc.is_valid(text), pc.not_equal(text, "")).fill_null(False)
         text = text.filter(keep)
         parent = parent[keep.to_numpy(zero_copy_only=False)]
@@ -501,21 +635,21 @@ def _build(sch: TableSchema, files: list[Path], kind: str, saved: dict[str, Any]
             coded.add(sch.split.column)
         for chunk in _chunks(files, kind, columns, optional, coded, root):
             n = len(next(iter(chunk.columns.values()))) if chunk.columns else 0
-            dom = chunk.columns[sch.domain.column]
-            if dom.null_count:
-                i = int(np.flatnonzero(dom.is_null().to_numpy(zero_copy_only=False))[0])
+            dom = domain_codes.add_single(chunk.columns[sch.domain.column],
+                                          _Place(chunk.path, chunk.first_row, sch.domain.column))
+            if (dom < 0).any():
+                i = int(np.flatnonzero(dom < 0)[0])
                 raise TableError(chunk.path, chunk.first_row + i, sch.domain.column, "empty domain value")
-            domain_codes.add_single(dom)
             if label_col is not None:
                 labels.append(_label(chunk, label_col, sch.label_threshold))
             if sch.key is not None:
-                keys.append(_as_text(chunk.columns[sch.key]))
+                keys.append(_as_text(chunk.columns[sch.key], _Place(chunk.path, chunk.first_row, sch.key)))
             for spec in sch.categorical:
                 arr = chunk.columns[spec.column]
                 if spec.multi:
                     codes[spec.name].add_multi(arr, spec, chunk)
                 else:
-                    codes[spec.name].add_single(arr)
+                    codes[spec.name].add_single(arr, _Place(chunk.path, chunk.first_row, spec.column))
             for nspec in sch.numeric:
                 values = _as_float(chunk, nspec.column)
                 bad = np.isinf(values)
@@ -525,7 +659,8 @@ def _build(sch: TableSchema, files: list[Path], kind: str, saved: dict[str, Any]
                 numeric[nspec.name].append(values)
             if not scoring and sch.split.kind is SplitKind.COLUMN:
                 assert sch.split.column is not None
-                split_codes.add_single(chunk.columns[sch.split.column])
+                split_codes.add_single(chunk.columns[sch.split.column],
+                                       _Place(chunk.path, chunk.first_row, sch.split.column))
             elif not scoring and sch.split.kind is SplitKind.TIME:
                 assert sch.split.column is not None
                 t = _as_float(chunk, sch.split.column)
@@ -576,6 +711,16 @@ def _build(sch: TableSchema, files: list[Path], kind: str, saved: dict[str, Any]
         if empty.size:
             raise TableError(files[0] if len(files) == 1 else Path(files[0]).parent, None, sch.domain.column,
                              f"domain {domain_names[int(empty[0])]!r} has no training rows (empty domain)")
+        for p, what in ((1, "validation"), (2, "test")):
+            if not (part == p).any():
+                # Early stopping needs validation rows, the metrics test rows: an empty split
+                # would train unchecked and report null for every metric.
+                raise TableError(files[0] if len(files) == 1 else Path(files[0]).parent, None, sch.split.column,
+                                 f"the {what} split is empty (split {sch.split.kind.value!r}: "
+                                 + {SplitKind.RANDOM: f"{n} rows, fractions {list(sch.split.fractions)}",
+                                    SplitKind.COLUMN: f"no row has the value {sch.split.values[p]!r}",
+                                    SplitKind.TIME: f"cuts {list(sch.split.cuts or ())}"}[sch.split.kind]
+                                 + "); every split needs rows")
 
     # Categorical fields.
     # Every column is gathered once into split order (train, val, test rows, each in input
@@ -604,6 +749,12 @@ def _build(sch: TableSchema, files: list[Path], kind: str, saved: dict[str, Any]
         c = c[order]  # split order: the training rows first
         ids, art = _vocabulary(spec, uniques, c, int(bounds[1]), prior)
         del field_codes, c
+        need = table_bytes(int(art["vocab_size"]), spec.dim)
+        if need > MAX_TABLE_BYTES:  # before the model allocates it
+            raise TableError(files[0] if len(files) == 1 else Path(files[0]).parent, None, spec.column,
+                             f"{art['vocab_size']} ids x dim {spec.dim} would need {human_bytes(need)} for the float32 "
+                             f"table of field {spec.name!r}, over the limit of {human_bytes(MAX_TABLE_BYTES)}: raise "
+                             "min_count, use hash_buckets, or lower dim")
         art["width"] = int(ids.shape[1]) if spec.multi else 1
         columns_out[spec.name] = ids
         del ids
@@ -682,14 +833,39 @@ def _build(sch: TableSchema, files: list[Path], kind: str, saved: dict[str, Any]
     )
 
 
+_LABEL_TEXT = pa.array(["0", "1"], pa.string())
+
+
 def _label(chunk: _Chunk, column: str, threshold: float | None) -> np.ndarray:
-    values = _as_float(chunk, column)
-    nan = np.isnan(values)
-    if nan.any():
-        i = int(np.flatnonzero(nan)[0])
+    """float32 labels of one chunk (docs/data.md, "Labels").
+
+    Without ``label_threshold`` a label is the text ``0`` or ``1`` exactly (CSV; a Parquet text
+    column) or the number 0 or 1 (a Parquet number or boolean column): ``" 1 "``, ``+1``,
+    ``1.0`` and ``1e0`` are refused, like the integer grammar of the other loaders. With it, a
+    label is any finite number (as a numeric field reads it), 1 iff >= the threshold.
+    """
+    arr = chunk.columns[column]
+    if pa.types.is_dictionary(arr.type):
+        arr = arr.dictionary_decode()
+    nulls = arr.is_null().to_numpy(zero_copy_only=False)
+    if nulls.any():
+        i = int(np.flatnonzero(nulls)[0])
         raise TableError(chunk.path, chunk.first_row + i, column, "empty label")
+    is_text = pa.types.is_string(arr.type) or pa.types.is_large_string(arr.type)
+    if threshold is None and is_text:
+        ok = pc.is_in(arr, value_set=_LABEL_TEXT).to_numpy(zero_copy_only=False)
+        if not ok.all():
+            i = int(np.flatnonzero(~ok)[0])
+            raise TableError(chunk.path, chunk.first_row + i, column, _label_problem(arr[i].as_py()))
+        out: np.ndarray = pc.equal(arr, "1").to_numpy(zero_copy_only=False).astype(np.float32)
+        return out
+    values = _as_float(chunk, column)
+    bad_number = ~np.isfinite(values)
+    if bad_number.any():
+        i = int(np.flatnonzero(bad_number)[0])
+        raise TableError(chunk.path, chunk.first_row + i, column, f"label {values[i]} is not a finite number")
     if threshold is not None:
-        out: np.ndarray = (values >= threshold).astype(np.float32)
+        out = (values >= threshold).astype(np.float32)
         return out
     bad = (values != 0) & (values != 1)
     if bad.any():
@@ -697,6 +873,20 @@ def _label(chunk: _Chunk, column: str, threshold: float | None) -> np.ndarray:
         raise TableError(chunk.path, chunk.first_row + i, column,
                          f"label {values[i]:g} outside {{0, 1}} (set label_threshold to map other values)")
     return values.astype(np.float32)
+
+
+def _label_problem(text: str) -> str:
+    """Why the label text ``text`` (not ``0`` or ``1``) is refused."""
+    try:
+        number = float(text)
+    except ValueError:
+        return f"label {text!r} is not 0 or 1 (set label_threshold to map other values)"
+    if number != number:
+        return f"label {text!r} is NaN, not 0 or 1"
+    if number in (0.0, 1.0):
+        return (f"label {text!r} is not written 0 or 1: a label is the text 0 or 1 exactly (set label_threshold "
+                "= 0.5 to read labels as numbers)")
+    return f"label {number:g} outside {{0, 1}} (set label_threshold to map other values)"
 
 
 def _domains(sch: TableSchema, values: list[str], codes: np.ndarray, rows: _Rows,
@@ -828,27 +1018,47 @@ def _numeric(nspec: Any, raw: np.ndarray, train_rows: np.ndarray, rows: _Rows,
             raise TableError(path, row, nspec.column, f"log1p needs values > -1, got {x[bad[0]]:g}")
         x = np.log1p(x)
     mean, std = 0.0, 1.0
+    where = rows.where[0][0] if rows.where else Path("<data>")
     if transform in (Transform.STANDARDISE, Transform.LOG1P_STANDARDISE):
         if prior is not None:
             mean, std = float(prior["mean"]), float(prior["std"])
+            if not (np.isfinite(mean) and np.isfinite(std) and std > 0):
+                raise TableError(where, None, nspec.column, f"the vocabulary's statistics of numeric field "
+                                 f"{nspec.name!r} are not finite (mean {mean}, std {std}): rebuild them")
         else:
-            seen = x[train_rows & ~np.isnan(x)]
-            if seen.size:
-                mean = float(seen.mean())
-                # Population std (ddof 0); a constant column divides by 1, not 0.
-                std = float(seen.std()) or 1.0
-        x = (x - mean) / std
+            mean, std = _mean_std(x[train_rows & ~np.isnan(x)])
+            if not (np.isfinite(mean) and np.isfinite(std)):
+                raise TableError(where, None, nspec.column, f"the training rows' mean ({mean}) or std ({std}) is "
+                                 "not a finite number")
+        with np.errstate(over="ignore", invalid="ignore"):
+            x = (x - mean) / std
     fill = nspec.fill if prior is None else float(prior["fill"])
     x = np.where(np.isnan(x), fill, x)
-    if not np.isfinite(x).all():
-        i = int(np.flatnonzero(~np.isfinite(x))[0])
+    # float32 is what the model reads: a value beyond it (1e300, or after the transform) is located.
+    bad = np.flatnonzero(~(np.abs(x) <= np.finfo(np.float32).max))
+    if bad.size:
+        i = int(bad[0])
         path, row = rows.locate(i)
-        raise TableError(path, row, nspec.column, f"value {raw[i]!r} overflows float32 after the transform")
+        raise TableError(path, row, nspec.column, f"value {float(raw[i])!r} overflows float32 after the transform "
+                         f"({transform.value}{f', mean {mean:g}, std {std:g}' if std != 1.0 or mean else ''})")
     art = {"column": nspec.column, "transform": transform.value, "mean": mean, "std": std, "fill": fill,
            "indicator": nspec.indicator if prior is None else bool(prior["indicator"])}
-    if np.abs(x).max(initial=0.0) > np.finfo(np.float32).max:
-        raise TableError(rows.where[0][0], None, nspec.column, "a value overflows float32")
     return x.astype(np.float32), art
+
+
+def _mean_std(seen: np.ndarray) -> tuple[float, float]:
+    """The mean and population std (ddof 0) of finite float64 values; a constant column's std is
+    1, not 0. Computed as numpy does; where that overflows (values near 1e154 and up square
+    beyond float64), again on values scaled by their largest magnitude, which cannot overflow."""
+    if not seen.size:
+        return 0.0, 1.0
+    with np.errstate(over="ignore", invalid="ignore"):
+        mean, std = float(seen.mean()), float(seen.std())
+        if not (np.isfinite(mean) and np.isfinite(std)):
+            scale = float(np.abs(seen).max())
+            y = seen / scale
+            mean, std = float(y.mean()) * scale, float(y.std()) * scale
+    return mean, std or 1.0
 
 
 def _read_pretrained(path: Path, spec: CategoricalColumn, art: Mapping[str, Any]) -> torch.Tensor:
@@ -859,15 +1069,19 @@ def _read_pretrained(path: Path, spec: CategoricalColumn, art: Mapping[str, Any]
 
     if not path.is_file():
         raise ValueError(f"pretrained vectors for {spec.name!r}: {str(path)!r} does not exist")
-    if path.name.lower().endswith(_PARQUET_EXT):
-        tab = pq.read_table(path)
-    else:
-        tab = pacsv.read_csv(str(path), read_options=pacsv.ReadOptions(autogenerate_column_names=True),
-                             parse_options=_csv_parse_options(path),
-                             convert_options=pacsv.ConvertOptions(column_types={"f0": pa.string()}))
+    try:
+        if path.name.lower().endswith(_PARQUET_EXT):
+            tab = pq.read_table(path)
+        else:
+            tab = pacsv.read_csv(str(path), read_options=pacsv.ReadOptions(autogenerate_column_names=True),
+                                 parse_options=_csv_parse_options(path),
+                                 convert_options=pacsv.ConvertOptions(column_types={"f0": pa.string()}))
+    except (OSError, pa.ArrowException) as exc:
+        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise TableError(path, None, None, f"pretrained vectors cannot be read ({detail})") from None
     if tab.num_columns < 2:
         raise TableError(path, None, None, "pretrained vectors need a value column and then the vector")
-    keys = _as_text(tab.column(0).combine_chunks())
+    keys = _trimmed(_as_text(tab.column(0).combine_chunks(), _Place(path, 1, tab.column_names[0])))
     if tab.num_columns == 2 and pa.types.is_list(tab.column(1).type):
         vec = np.array(tab.column(1).to_pylist(), dtype=np.float64)
     else:

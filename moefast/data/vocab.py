@@ -83,10 +83,20 @@ def write_vocab(path: str | os.PathLike[str], artifacts: Mapping[str, Any]) -> P
     if p.suffix != ".json":
         p = p / VOCAB_FILE
     p.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        # allow_nan=False: NaN and Infinity are not JSON, and services in other languages read this.
+        text = json.dumps(dict(artifacts), ensure_ascii=False, sort_keys=True, allow_nan=False)
+    except ValueError as exc:
+        raise ValueError(f"{p}: not written: a statistic is not a finite number ({exc})") from None
     tmp = p.with_name(f".{p.name}.tmp")
-    tmp.write_text(json.dumps(dict(artifacts), ensure_ascii=False, sort_keys=True) + "\n", encoding="utf-8")
+    tmp.write_text(text + "\n", encoding="utf-8")
     os.replace(tmp, p)
     return p
+
+
+def _not_json(name: str) -> Any:
+    """``json.loads``' hook for ``NaN`` / ``Infinity``, which Python accepts and JSON does not."""
+    raise json.JSONDecodeError(f"{name} is not a JSON value (a non-finite statistic)", name, 0)
 
 
 def read_vocab(path: str | os.PathLike[str]) -> tuple[dict[str, Any], Path]:
@@ -111,7 +121,7 @@ def read_vocab(path: str | os.PathLike[str]) -> tuple[dict[str, Any], Path]:
     for c in candidates:
         if c.is_file():
             try:
-                data = json.loads(c.read_text(encoding="utf-8"))
+                data = json.loads(c.read_text(encoding="utf-8"), parse_constant=_not_json)
             except (json.JSONDecodeError, UnicodeDecodeError) as exc:
                 raise ValueError(f"{c}: not valid JSON ({exc})") from None
             if not isinstance(data, dict) or data.get("format") != FORMAT:

@@ -37,7 +37,7 @@ from moefast.export._merge import MergedModel, MergedTower
 from moefast.nn.embedding import EmbeddingCollection
 
 __all__ = ["PROGRAM_FORMAT", "NumericServingModule", "ServingModule", "example_inputs", "export_onnx",
-           "export_program", "onnx_missing", "program_inputs", "serving_module"]
+           "export_program", "onnx_missing", "program_inputs", "program_sha256", "serving_module"]
 
 PROGRAM_FORMAT = 1
 # torch.export specialises a dimension whose example size is 0 or 1: examples have at least 2 rows.
@@ -163,7 +163,7 @@ def export_program(
 
     Writes ``out``, ``<out>.json`` (format, torch and moefast versions, the inputs in call order,
     the output, the domain map, the features and their provenance from ``record``, a
-    ``dataset.json`` record) and copies each of ``extra_files`` (name -> source path: the run's
+    ``dataset.json`` record, and ``program_sha256``, the SHA-256 of ``out`` as written) and copies each of ``extra_files`` (name -> source path: the run's
     vocabularies and numeric statistics) into ``<out stem>.preprocessing/``. ``data_options``
     (the run's data flags) are recorded so that ``moefast predict`` can load the same data.
     Returns the ``.json`` payload.
@@ -202,8 +202,12 @@ def export_program(
     with tempfile.TemporaryDirectory(prefix=".moefast-export-", dir=dest.parent) as scratch:
         tmp = Path(scratch) / dest.name
         torch.export.save(program, tmp, extra_files={"moefast.json": text})
+        digest = program_sha256(tmp)
         tmp.replace(dest)
-    (dest.parent / f"{dest.name}.json").write_text(text)
+    # The sidecar alone carries the program's SHA-256 (the archive cannot hold its own digest):
+    # moefast predict checks it before loading, as checkpoints are checked (docs/serving.md).
+    payload["program_sha256"] = digest
+    (dest.parent / f"{dest.name}.json").write_text(json.dumps(payload, indent=2) + "\n")
     if extra_files:  # in the payload above as names relative to the folder
         beside = dest.parent / f"{dest.stem}.preprocessing"
         beside.mkdir(exist_ok=True)
@@ -214,6 +218,17 @@ def export_program(
             else:
                 shutil.copyfile(src, target)
     return payload
+
+
+def program_sha256(path: str | os.PathLike[str]) -> str:
+    """The SHA-256 of the file ``path`` (hex), read in 1 MiB blocks."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def _example_and_dims(merged: MergedModel) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
