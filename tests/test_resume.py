@@ -25,11 +25,12 @@ import pytest
 import torch
 
 from moefast import cli, data, models
-from moefast.runs import fit, loop, resume
+from moefast.runs import snapshot as resume
 from moefast.runs import writer as atomic
 from moefast.runs.checkpoint import load_checkpoint
 from moefast.runs.snapshot import SNAPSHOT, Preempted
 from moefast.runs.writer import FAULT_ENV, WriteError
+from moefast.train import fit, loop
 
 sys.path.insert(0, str(Path(__file__).parent))
 import _resume_run as tiny

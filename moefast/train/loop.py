@@ -55,7 +55,7 @@ from moefast.runs.writer import fault_step
 from moefast.train.errors import CapWarning, NonFiniteError
 from moefast.train.metrics import EvalMetrics, evaluate_scores
 from moefast.train.parallel import data_parallel as distributed
-from moefast.train.precision import step_precision
+from moefast.train.parallel.single import SingleProcess
 from moefast.train.stages import (
     Stage,
     StageStep,
@@ -64,6 +64,9 @@ from moefast.train.stages import (
     plan_stages,
     set_stage,
 )
+
+# The job this process trains in: alone, or one rank of a data-parallel job (the same methods).
+Parallel = SingleProcess | distributed.DataParallel
 
 __all__ = [
     "CapWarning",
@@ -284,27 +287,10 @@ def train_step(
     """One optimizer step on ``batch``: BCE + ``l2`` * (squared norm of ``l2_params``, by default
     :func:`l2_parameters`; a stage's loop passes the list it computed once); returns the loss.
     ``precision``: the forward's arithmetic (:func:`step_precision`)."""
-    with step_precision(precision):
-        logits = model(batch.features, batch.domain)
-    loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, batch.label)
-    if l2 > 0:
-        params = l2_parameters(model) if l2_params is None else l2_params
-        if params:
-            loss = loss + l2 * torch.stack([p.pow(2).sum() for p in params]).sum()
-    # Read (one device sync per step, as before) and checked before backward: a fused embedding
-    # optimizer updates its tables inside backward, so a NaN must not get that far.
-    value = float(loss.detach())
-    if not math.isfinite(value):
-        raise NonFiniteError(
-            f"{step.label}: the training loss is {value} on a batch of {len(batch)} rows; training "
-            "diverged and stops here, before the optimizer step. Try a smaller lr (or embedding_lr), "
-            "or a smaller l2."
-        )
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    mask_gradients(model, step)
-    optimizer.step()
-    return value
+    params = (l2_parameters(model) if l2_params is None else l2_params) if l2 > 0 else []
+    return SingleProcess(batch.label.device).train_step(
+        model, model, batch, step.label, optimizer, l2, params,
+        after_backward=lambda m: mask_gradients(m, step), precision=precision)
 
 
 def _train_epoch(
@@ -316,8 +302,8 @@ def _train_epoch(
     device: torch.device,
     desc: str,
     losses: list[float],
-    parallel: distributed.DataParallel | None = None,
-    runner: torch.nn.Module | None = None,
+    parallel: Parallel,
+    runner: torch.nn.Module,
     *,
     skip: int = 0,
     after_step: Callable[[int, int], str | None] | None = None,
@@ -341,22 +327,16 @@ def _train_epoch(
                 bar.update(len(cpu_batch))
                 continue
             try:
-                if parallel is not None:
-                    # Data-parallel: this rank's slice of the global batch (distributed.py).
-                    batch = cpu_batch
-                    losses.append(parallel.train_step(
-                        model, runner or model, cpu_batch, step.label, optimizer, config.l2, l2_params,
-                        after_backward=lambda m: mask_gradients(m, step), precision=config.precision,
-                    ))
-                else:
-                    batch = cpu_batch.to(device)
-                    losses.append(train_step(model, batch, step, optimizer, config.l2, l2_params,
-                                             config.precision))
+                # Under data parallelism: this rank's slice of the global batch.
+                losses.append(parallel.train_step(
+                    model, runner, cpu_batch, step.label, optimizer, config.l2, l2_params,
+                    after_backward=lambda m: mask_gradients(m, step), precision=config.precision,
+                ))
             except NonFiniteError as exc:
                 detail = str(exc).removeprefix(f"{step.label}: ")
                 raise NonFiniteError(f"{desc}, batch {number}: {detail}") from None
-            samples += len(batch)
-            bar.update(len(batch))
+            samples += len(cpu_batch)
+            bar.update(len(cpu_batch))
             action = None if after_step is None else after_step(number + 1, samples)
             if action == "preempt":
                 raise _Stopped(number + 1, samples)
@@ -478,13 +458,13 @@ def _fit(
     elif resume_from is not None:  # a data-parallel rank other than 0 (see fit)
         snapshot = load_snapshot(resume_from)
     source = out_dir if out_dir is not None else resume_from
-    parallel = distributed.current(config.device)
-    world = 1 if parallel is None else parallel.world_size
-    if snapshot is not None and snapshot.get("world_size", world) != world and (parallel is None or parallel.is_writer):
+    parallel: Parallel = distributed.current(config.device) or SingleProcess(torch.device(config.device))
+    world = parallel.world_size
+    if snapshot is not None and snapshot.get("world_size", world) != world and parallel.is_writer:
         # A valid continuation (the global batch is the same), but its sums are split otherwise.
         warnings.warn(f"the resume snapshot was written by {snapshot['world_size']} process(es), this run has {world}: "
                       "the resumed run may not be bitwise equal to an uninterrupted one", stacklevel=3)
-    device = torch.device(config.device) if parallel is None else parallel.device
+    device = parallel.device
     model.to(device)
     torch.manual_seed(config.seed)  # dropout masks
     generator = torch.Generator().manual_seed(config.seed)  # batch and domain order
@@ -505,18 +485,16 @@ def _fit(
     restored = len(records) if snapshot is not None and in_stage is None else -1
     carried_adam = _carried_optimizer(model, plan, config, backend_name, snapshot if in_stage is None else None)
     try:
-        if parallel is not None:
-            parallel.run_dir = out_dir if out_dir is not None else job_dir
+        parallel.run_dir = out_dir if out_dir is not None else job_dir
         # Under data parallelism every rank of a job with a run directory listens: SIGTERM may
         # reach any of them first.
-        with preemption(out_dir is not None or (parallel is not None and parallel.run_dir is not None)) as stop:
+        with preemption(parallel.run_dir is not None) as stop:
             saver = None if out_dir is None else _Saver(out_dir, generator, device, stop, records, settings_digest, world,
                                                         carried_adam)
-            if parallel is not None:
-                parallel.preempt = stop
+            parallel.preempt = stop
             for index in range(len(records), len(plan)):
                 step = plan[index]
-                if records and (parallel is None or parallel.is_writer or index == restored):
+                if records and (parallel.is_writer or index == restored):
                     # Other ranks hold the same state in memory (only rank 0 writes checkpoints),
                     # except right after a resume.
                     previous = records[-1]
@@ -532,7 +510,7 @@ def _fit(
                 in_stage = None
                 if saver is not None:
                     saver.stage_done(records)
-                if index + 1 < len(plan) and _stopping(stop, parallel):
+                if index + 1 < len(plan) and parallel.agree_to_stop():
                     raise Preempted(_preempted_dir(saver, parallel), f"after stage {step.label}")
             if snapshot is not None and snapshot["stage"] is None and len(records) == len(plan):
                 # Resuming a run whose training had finished: its model is the last checkpoint.
@@ -540,7 +518,7 @@ def _fit(
                 assert last.checkpoint is not None
                 load_checkpoint(last.checkpoint, model, expected_stage=last.label, dataset=dataset.name)
             test_logits = _predict_rows(model, dataset.test, None, config.eval_batch_size, device, parallel)
-            if _stopping(stop, parallel):
+            if parallel.agree_to_stop():
                 # SIGTERM after the last step boundary (in the test predictions): stop now rather
                 # than forget it (a multi-method command would train its next method).
                 raise Preempted(_preempted_dir(saver, parallel), "after training, before the outputs were written")
@@ -551,7 +529,7 @@ def _fit(
                 record.checkpoint = None
 
     _refuse_non_finite_scores(test_logits, "test")
-    test = _once(parallel, lambda: evaluate_scores(
+    test = parallel.once(lambda: evaluate_scores(
         test_logits, dataset.test.label, dataset.test.domain, dataset.domain_names))
     gate = None
     if model.tower.gate is not None:
@@ -572,11 +550,11 @@ def _fit(
         "stages": [r.to_dict() for r in records],
         "train_samples_per_second": train_samples / train_seconds if train_seconds > 0 else 0.0,
     }
-    if parallel is not None:
+    if isinstance(parallel, distributed.DataParallel):
         metrics["distributed"] = {"world_size": parallel.world_size,
                                   "bytes_per_step": parallel.traffic.per_step()}
     result = FitResult(metrics, test, records, test_logits, gate, out_dir)
-    if out_dir is not None and (parallel is None or parallel.is_writer):
+    if out_dir is not None and parallel.is_writer:
         write_run(out_dir, result, dataset, model, config)
     return result
 
@@ -616,7 +594,7 @@ def _run_stage(
     backend: str,
     *,
     carried_best: float = -math.inf,
-    parallel: distributed.DataParallel | None = None,
+    parallel: Parallel,
     saver: _Saver | None = None,
     resume: dict[str, Any] | None = None,
     optimizer: torch.optim.Optimizer | None = None,
@@ -709,7 +687,7 @@ def _run_stage(
         where = f"[{index + 1}/{total}] {step.label} epoch {epoch}, step {len(losses)}"
         val_logits = _predict_rows(model, dataset.val, val_rows, config.eval_batch_size, device, parallel)
         _refuse_non_finite_scores(val_logits, f"{where}: validation")
-        val = _once(parallel, functools.partial(
+        val = parallel.once(functools.partial(
             evaluate_scores, val_logits, dataset.val.label[val_rows], dataset.val.domain[val_rows],
             dataset.domain_names, domains=val_domains,
         ))
@@ -730,8 +708,7 @@ def _run_stage(
                     p.copy_(best_state[id(p)])
         return stopper.should_stop
 
-    stop = saver.stop if saver is not None else None if parallel is None else parallel.preempt
-    runner = distributed.begin_stage(parallel, model)  # a fresh DDP wrapper for each stage
+    runner = parallel.wrap(model)  # under data parallelism, a fresh DDP wrapper for each stage
     # A snapshot taken after the stage's end resumes straight into it (snapshots written before
     # stopped_by was recorded: the epoch rule, the only one there was).
     done = stopped_by is not None or (skip == 0 and resume is not None and "stopped_by" not in resume and (
@@ -760,8 +737,8 @@ def _run_stage(
                 return "end"
             if validated_at == steps:
                 save(batches, epoch_generator, epoch_samples)
-            # Data-parallel: decided in the step's all-reduce, the same on every rank.
-            return "preempt" if (bool(stop) if parallel is None else parallel.stop_agreed) else None
+            # Under data parallelism decided in the step's all-reduce, the same on every rank.
+            return "preempt" if parallel.stop_agreed else None
 
         t0 = time.perf_counter()
         try:
@@ -790,10 +767,10 @@ def _run_stage(
                 stopped_by = "patience" if stopper.should_stop else "cap"
         done = stopped_by is not None
         save(0, None)
-        if _stopping(stop, parallel):
+        if parallel.agree_to_stop():
             raise Preempted(_preempted_dir(saver, parallel), f"after {desc}")
-    distributed.end_stage(parallel, model)
-    if stopped_by == "cap" and (parallel is None or parallel.is_writer):
+    parallel.unwrap(model)
+    if stopped_by == "cap" and parallel.is_writer:
         warnings.warn(f"stage {step.label} ended at its cap ({_cap_text(budget)}) while still improving within "
                       f"its patience of {config.patience} validations: it did not converge", CapWarning, stacklevel=2)
     # With no AUC at all (every validation domain one-class) nothing improves: keep the last
@@ -805,7 +782,7 @@ def _run_stage(
     path = ckpt_dir / f"{index:02d}_{step.label}.pt"
     digest = None
     best_auc = best.auc if stopper.best > -math.inf else math.nan
-    if parallel is None or parallel.is_writer:
+    if parallel.is_writer:
         save_checkpoint(
             path, model, step.label,
             {"model": model.name, "tower": model.tower.kind.value, "dataset": dataset.name, "index": index,
@@ -859,18 +836,12 @@ class _Best:
                    epoch=None if epoch is None else int(epoch))
 
 
-def _stopping(stop: Any, parallel: distributed.DataParallel | None) -> bool:
-    """Whether ``SIGTERM`` stops the run at this boundary outside a step: this process's flag, or
-    under data parallelism any rank's (one all-reduce, the same answer on every rank)."""
-    return bool(stop) if parallel is None else parallel.agree_to_stop()
-
-
-def _preempted_dir(saver: _Saver | None, parallel: distributed.DataParallel | None) -> Path:
+def _preempted_dir(saver: _Saver | None, parallel: Parallel) -> Path:
     """The run directory a :class:`Preempted` names: rank 0's, or the job's on another rank
     (which writes nothing)."""
     if saver is not None:
         return saver.run_dir
-    assert parallel is not None and parallel.run_dir is not None  # preemption is enabled only then
+    assert parallel.run_dir is not None  # preemption is enabled only then
     return parallel.run_dir
 
 
@@ -1127,20 +1098,13 @@ def _predict_rows(
     rows: torch.Tensor | None,
     batch_size: int,
     device: torch.device,
-    parallel: distributed.DataParallel | None,
+    parallel: Parallel,
 ) -> torch.Tensor:
-    """:func:`predict`, or under data parallelism each rank's shard of the rows scored and the
-    logits gathered in row order on every rank."""
-    if parallel is None:
-        return predict(model, split, rows=rows, batch_size=batch_size, device=device)
+    """:func:`predict` of ``rows`` (default: every row), each rank scoring its shard and the
+    logits gathered in row order on every rank (one process: all of them, here)."""
     index = torch.arange(len(split)) if rows is None else rows
     mine = predict(model, split, rows=parallel.shard(index), batch_size=batch_size, device=device)
     return parallel.gather_rows(mine)
-
-
-def _once(parallel: distributed.DataParallel | None, compute: Any) -> Any:
-    """``compute()`` here, or on rank 0 alone with the result broadcast (data parallelism)."""
-    return compute() if parallel is None else parallel.once(compute)
 
 
 def config_dict(config: TrainConfig) -> dict[str, Any]:

@@ -47,8 +47,7 @@ from moefast.config import Precision
 from moefast.data.dataset import Batch
 from moefast.nn.adapter import global_batch_rows
 from moefast.nn.embedding import EmbeddingCollection
-from moefast.train.errors import NonFiniteError
-from moefast.train.precision import step_precision
+from moefast.train.step import apply_step, check_finite_loss, forward_loss
 
 __all__ = [
     "DataParallel",
@@ -315,15 +314,11 @@ class DataParallel:
         penalty = 0.0
         loss: torch.Tensor | None = None
         try:
-            with global_batch_rows(total, start, stop), step_precision(precision):
-                logits = runner(local.features, local.domain)
-            bce = torch.nn.functional.binary_cross_entropy_with_logits(logits, local.label, reduction="sum")
-            loss = bce * (self.world_size / total)
-            if l2 > 0 and l2_params:
-                # The same on every rank: DDP's average keeps it once.
-                l2_term = l2 * torch.stack([p.pow(2).sum() for p in l2_params]).sum()
-                loss = loss + l2_term
-                penalty = float(l2_term.detach())
+            with global_batch_rows(total, start, stop):
+                loss, bce, l2_term = forward_loss(runner, local, l2, l2_params, precision,
+                                                  sum_scale=self.world_size / total)
+            # The penalty is the same on every rank: DDP's average keeps it once.
+            penalty = 0.0 if l2_term is None else float(l2_term.detach())
             bce_sum = float(bce.detach())
         except Exception as exc:  # any error here must reach every rank, not hang them
             failure = f"{type(exc).__name__}: {exc}"
@@ -343,18 +338,9 @@ class DataParallel:
             first = failed[0]
             raise RankFailedError(f"rank {first} of {self.world_size} failed: {messages[first]}")
         value = float(flags[0]) / total + penalty
-        if not math.isfinite(value):
-            raise NonFiniteError(
-                f"{label}: the training loss is {value} on a global batch of {total} rows; training "
-                "diverged and stops here on every rank, before the optimizer step. Try a smaller lr "
-                "(or embedding_lr), or a smaller l2."
-            )
+        check_finite_loss(label, value, total, ranks=self.world_size)
         assert loss is not None
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if after_backward is not None:
-            after_backward(model)
-        optimizer.step()
+        apply_step(model, loss, optimizer, after_backward)
         self.traffic.dense += self._dense_bytes if self._ddp is not None else 0
         self._update_fused_tables(model)
         self.traffic.steps += 1
