@@ -31,7 +31,7 @@ import math
 import signal
 import threading
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -47,7 +47,10 @@ __all__ = [
     "SETTINGS",
     "SNAPSHOT",
     "SNAPSHOT_FORMAT",
+    "STAGE_STATE",
     "Preempted",
+    "check_adam_state",
+    "check_stage_state",
     "dataset_fingerprint",
     "load_snapshot",
     "preemption",
@@ -201,3 +204,117 @@ def preemption(enabled: bool) -> Iterator[_Flag]:
         yield flag
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+# The in-stage state of a snapshot (moefast.train.loop.StageState writes it), checked entry by
+# entry before anything is loaded: the required entries and their types. Entries added later
+# (loss_history, stopped_by, the stopper's best_auc / best_step / best_epoch) are optional, so
+# that snapshots written before them still resume.
+STAGE_STATE = {
+    "epochs": int, "batches": int, "model": dict, "optimizer": dict, "stopper": dict, "history": list,
+    "losses": list, "samples": int, "train_seconds": float, "seconds": float,
+}
+
+
+def check_stage_state(
+    state: Mapping[str, Any], model: torch.nn.Module, optimizer: torch.optim.Optimizer, params: list[torch.nn.Parameter]
+) -> None:
+    """Refuse, before anything is loaded into the model or optimizer, a snapshot's in-stage state
+    that this stage cannot take (a crafted or foreign file that passed the format checks): a
+    missing or mistyped entry, or a tensor of another name, shape or dtype than the model's."""
+
+    def refuse(what: str) -> ValueError:
+        return ValueError(f"the resume snapshot's state of stage {state.get('label')!r} does not fit this run: {what}")
+
+    for key, kind in STAGE_STATE.items():
+        value = state.get(key)
+        if not isinstance(value, kind) or isinstance(value, bool):
+            raise refuse(f"{key!r} is {type(value).__name__}, not {kind.__name__}")
+    check_numbers(state, refuse)
+    expected = model.state_dict()
+    saved = state["model"]
+    if set(saved) != set(expected):
+        names = sorted(set(saved) ^ set(expected))
+        raise refuse(f"its model tensors differ from this model's by name ({', '.join(names[:5])})")
+    for name, tensor in expected.items():
+        got = saved[name]
+        if not isinstance(got, torch.Tensor) or got.shape != tensor.shape or got.dtype != tensor.dtype:
+            raise refuse(f"model tensor {name!r} is not a {tensor.dtype} tensor of shape {tuple(tensor.shape)}")
+    best = state.get("best_state")
+    if best is not None and (not isinstance(best, list) or len(best) != len(params) or any(
+            not isinstance(t, torch.Tensor) or t.shape != p.shape for t, p in zip(best, params, strict=False))):
+        raise refuse("its best weights do not match the stage's trainable parameters")
+    check_adam_state(state["optimizer"], optimizer, refuse)
+
+
+def check_numbers(state: Mapping[str, Any], refuse: Callable[[str], ValueError]) -> None:
+    """The counters and histories of a snapshot's in-stage state: whole numbers in range, real
+    numbers where they are read as such, and a generator state of torch's size."""
+    for key in ("epochs", "batches", "samples"):
+        if state[key] < 0:
+            raise refuse(f"{key!r} is {state[key]}, below 0")
+    stopper = state["stopper"]
+    if not {"best", "stale"} <= set(stopper):
+        raise refuse("the early-stopping state lacks 'best' or 'stale'")
+    if not isinstance(stopper["best"], (int, float)) or isinstance(stopper["best"], bool) \
+            or not isinstance(stopper["stale"], int) or isinstance(stopper["stale"], bool) or stopper["stale"] < 0:
+        raise refuse(f"the early-stopping state {stopper!r} is not a score and a count")
+    for key in ("history", "losses", "loss_history"):
+        values = state.get(key, [])
+        if not isinstance(values, list) or not all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+            raise refuse(f"{key!r} holds something other than numbers")
+    if state.get("stopped_by") not in (None, "patience", "cap"):
+        raise refuse(f"'stopped_by' is {state['stopped_by']!r}, not patience, cap or None")
+    for key in ("best_step", "best_epoch"):
+        value = stopper.get(key)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
+            raise refuse(f"the early-stopping state's {key!r} is {value!r}, not a count")
+    if "best_auc" in stopper and (not isinstance(stopper["best_auc"], (int, float)) or isinstance(stopper["best_auc"], bool)):
+        raise refuse(f"the early-stopping state's 'best_auc' is {stopper['best_auc']!r}, not a number")
+    if state["batches"]:
+        generator = state.get("epoch_generator")
+        size = torch.Generator().get_state().shape
+        if not isinstance(generator, torch.Tensor) or generator.dtype != torch.uint8 or generator.shape != size:
+            raise refuse("a mid-epoch state without its epoch's generator state (a uint8 tensor "
+                         f"of shape {tuple(size)})")
+
+
+def check_adam_state(saved: Mapping[str, Any], optimizer: torch.optim.Optimizer,
+                      refuse: Callable[[str], ValueError]) -> None:
+    """A saved ``torch.optim.Adam`` state for exactly this optimizer's groups: the same
+    parameter numbering and group options, and each parameter's ``step``, ``exp_avg`` and
+    ``exp_avg_sq`` (``max_exp_avg_sq`` under amsgrad), the moments of the parameter's shape."""
+    mine = optimizer.state_dict()["param_groups"]
+    groups = saved.get("param_groups")
+    if not isinstance(groups, list) or len(groups) != len(mine) or any(
+            not isinstance(g, dict) or set(g) != set(m) or g.get("params") != m["params"]
+            for g, m in zip(groups, mine, strict=False)):
+        raise refuse("its optimizer state is for other parameter groups")
+    for g, m in zip(groups, mine, strict=True):
+        for key, value in g.items():
+            if key != "params" and type(value) is not type(m[key]) and not (
+                    isinstance(value, (int, float)) and isinstance(m[key], (int, float))):
+                raise refuse(f"optimizer option {key!r} is {value!r}, not like {m[key]!r}")
+    shapes = {i: p.shape for i, p in zip((i for m in mine for i in m["params"]),
+                                         (p for group in optimizer.param_groups for p in group["params"]),
+                                         strict=True)}
+    entries = saved.get("state")
+    if not isinstance(entries, dict):
+        raise refuse("its optimizer state has no per-parameter state")
+    moments = ("exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if mine and mine[0].get("amsgrad") else ())
+    for index, entry in entries.items():
+        if not isinstance(index, int) or index not in shapes or not isinstance(entry, dict):
+            raise refuse(f"its optimizer state names parameter {index!r}, which this stage does not train")
+        if set(entry) != {"step", *moments}:
+            raise refuse(f"the optimizer state of parameter {index} holds {sorted(entry)}, not "
+                         f"{sorted({'step', *moments})}")
+        step = entry["step"]
+        if not (isinstance(step, torch.Tensor) and step.numel() == 1 and step.is_floating_point()) or float(step) < 0:
+            raise refuse(f"the optimizer step of parameter {index} is not a count")
+        for key in moments:
+            value = entry[key]
+            if not isinstance(value, torch.Tensor) or value.shape != shapes[index] or not value.is_floating_point():
+                got = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+                raise refuse(f"optimizer state {key!r} of parameter {index} has shape {got}, "
+                             f"the parameter {tuple(shapes[index])}")

@@ -45,6 +45,8 @@ from moefast.runs.snapshot import (
     SETTINGS,
     SNAPSHOT,
     Preempted,
+    check_adam_state,
+    check_stage_state,
     dataset_fingerprint,
     load_snapshot,
     preemption,
@@ -627,113 +629,74 @@ def _run_stage(
 
     # Only the rows that decide early stopping are evaluated (one domain for an expert).
     val_rows = torch.nonzero(torch.isin(dataset.val.domain, torch.tensor(val_domains))).squeeze(1)
-    stopper = EarlyStopping(config.patience)
-    best_state: dict[int, torch.Tensor] | None = None
-    if carried_best > -math.inf:
-        # seeds_compat: the stage starts from the best checkpoint so far and must beat its score.
-        stopper.best = carried_best
-        best_state = {id(p): p.detach().clone() for p in params}
-    best = _Best(auc=carried_best if carried_best > -math.inf else math.nan)
-    history: list[float] = []
-    loss_history: list[float] = []
-    losses: list[float] = []
-    samples = 0
-    train_seconds = 0.0
-    epochs = 0
-    stopped_by: str | None = None
-    skip = 0  # batches of the current epoch trained before a resume
     if resume is not None:
-        _check_stage_state(resume, model, optimizer, params)  # before anything is written
-        model.load_state_dict(resume["model"])  # buffers included: the fused optimizers' state
-        optimizer.load_state_dict(resume["optimizer"])
-        saved_stopper = resume["stopper"]
-        stopper.best, stopper.stale = float(saved_stopper["best"]), int(saved_stopper["stale"])
-        best = _Best.from_state(saved_stopper)
-        saved_best = resume["best_state"]
-        best_state = None if saved_best is None else {
-            id(p): t.to(device) for p, t in zip(params, saved_best, strict=True)}
-        history, losses = list(resume["history"]), list(resume["losses"])
-        loss_history = list(resume.get("loss_history", []))
-        samples, train_seconds, epochs = int(resume["samples"]), float(resume["train_seconds"]), int(resume["epochs"])
-        stopped_by = resume.get("stopped_by")
-        start -= float(resume["seconds"])
-        skip = int(resume["batches"])
-        if skip:
+        check_stage_state(resume, model, optimizer, params)  # before anything is written
+        st = StageState.restore(resume, model, optimizer, params, config.patience, device)
+        start -= st.elapsed
+        if st.skip:
             generator.set_state(resume["epoch_generator"])  # the epoch draws its order again
+    else:
+        st = StageState.fresh(config.patience, params, carried_best)
     loader = BatchLoader(
         dataset.train, config.batch_size, _ORDER[config.batches], domains=train_domains,
         generator=generator,
     )
 
     def save(batches: int, epoch_generator: torch.Tensor | None, epoch_samples: int = 0) -> None:
-        """The in-stage snapshot; ``epoch_samples``: rows of the current epoch not yet in
-        ``samples`` (a snapshot inside the epoch, after a validation)."""
         if saver is not None:
-            saver.in_stage({
-                "index": index, "label": step.label, "epochs": epochs, "batches": batches,
-                "epoch_generator": epoch_generator, "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "stopper": {"best": stopper.best, "stale": stopper.stale, **best.state()},
-                "best_state": None if best_state is None else [best_state[id(p)] for p in params],
-                "history": history, "loss_history": loss_history, "losses": losses,
-                "samples": samples + epoch_samples,
-                "train_seconds": train_seconds, "seconds": time.perf_counter() - start,
-                "stopped_by": stopped_by,
-            })
+            saver.in_stage(st.snapshot(index, step.label, batches, epoch_generator, model, optimizer, params,
+                                       time.perf_counter() - start, epoch_samples))
 
     def validate(epoch: int) -> bool:
         """Score the validation rows, update early stopping; ``True`` once patience runs out."""
-        nonlocal best_state
-        where = f"[{index + 1}/{total}] {step.label} epoch {epoch}, step {len(losses)}"
+        where = f"[{index + 1}/{total}] {step.label} epoch {epoch}, step {len(st.losses)}"
         val_logits = _predict_rows(model, dataset.val, val_rows, config.eval_batch_size, device, parallel)
         _refuse_non_finite_scores(val_logits, f"{where}: validation")
         val = parallel.once(functools.partial(
             evaluate_scores, val_logits, dataset.val.label[val_rows], dataset.val.domain[val_rows],
             dataset.domain_names, domains=val_domains,
         ))
-        history.append(val.mean_auc)
-        loss_history.append(val.logloss)
+        st.history.append(val.mean_auc)
+        st.loss_history.append(val.logloss)
         if config.progress:
             own = dataset.domain_names[val_domains[0]]
             what = (f"val logloss of {own} {val.logloss:.5f} (AUC {val.mean_auc:.5f})" if by_loss
                     else "val mean AUC" if len(val_domains) > 1 else f"val AUC of {own}")
             tqdm.write(f"{where}: {what}" + ("" if by_loss else f" {val.mean_auc:.5f}"))
-        if stopper.update(-val.logloss if by_loss else val.mean_auc):
-            best_state = {id(p): p.detach().clone() for p in params}
-            best.auc, best.step, best.epoch = val.mean_auc, len(losses), epoch
-        elif compat and best_state is not None:
+        if st.stopper.update(-val.logloss if by_loss else val.mean_auc):
+            st.best_state = {id(p): p.detach().clone() for p in params}
+            st.best.auc, st.best.step, st.best.epoch = val.mean_auc, len(st.losses), epoch
+        elif compat and st.best_state is not None:
             # seeds_compat: training goes on from the best checkpoint (the seeds reload it).
-            with torch.no_grad():
-                for p in params:
-                    p.copy_(best_state[id(p)])
-        return stopper.should_stop
+            st.load_best(params)
+        return st.stopper.should_stop
 
     runner = parallel.wrap(model)  # under data parallelism, a fresh DDP wrapper for each stage
     # A snapshot taken after the stage's end resumes straight into it (snapshots written before
     # stopped_by was recorded: the epoch rule, the only one there was).
-    done = stopped_by is not None or (skip == 0 and resume is not None and "stopped_by" not in resume and (
-        stopper.should_stop or (budget.max_epochs is not None and epochs >= budget.max_epochs)))
+    done = st.stopped_by is not None or (st.skip == 0 and resume is not None and "stopped_by" not in resume and (
+        st.stopper.should_stop or (budget.max_epochs is not None and st.epochs >= budget.max_epochs)))
     while not done:
-        epoch = epochs + 1
+        epoch = st.epochs + 1
         epoch_generator = generator.get_state()  # before the epoch draws its order
         desc = f"[{index + 1}/{total}] {step.label} epoch {epoch}"
         validated_at = -1  # the step of this epoch's last validation
 
         def after_step(batches: int, epoch_samples: int, epoch: int = epoch,
                        epoch_generator: torch.Tensor = epoch_generator) -> str | None:
-            nonlocal stopped_by, validated_at
+            nonlocal validated_at
             fault_step(index, epoch, batches)
-            steps = len(losses)
+            steps = len(st.losses)
             if budget.eval_every is not None and steps % budget.eval_every == 0:
                 validated_at = steps
                 if validate(epoch):
-                    stopped_by = "patience"
-            if stopped_by is None and budget.max_steps is not None and steps >= budget.max_steps:
+                    st.stopped_by = "patience"
+            if st.stopped_by is None and budget.max_steps is not None and steps >= budget.max_steps:
                 if validated_at != steps:
                     validated_at = steps
                     validate(epoch)
-                stopped_by = "patience" if stopper.should_stop else "cap"
-            if stopped_by is not None:
+                st.stopped_by = "patience" if st.stopper.should_stop else "cap"
+            if st.stopped_by is not None:
                 return "end"
             if validated_at == steps:
                 save(batches, epoch_generator, epoch_samples)
@@ -742,46 +705,44 @@ def _run_stage(
 
         t0 = time.perf_counter()
         try:
-            samples += _train_epoch(
-                model, loader, step, optimizer, config, device, desc=desc, losses=losses,
-                parallel=parallel, runner=runner, skip=skip, after_step=after_step,
+            st.samples += _train_epoch(
+                model, loader, step, optimizer, config, device, desc=desc, losses=st.losses,
+                parallel=parallel, runner=runner, skip=st.skip, after_step=after_step,
             )
         except _Stopped as stopped:
-            samples += stopped.samples
-            train_seconds += time.perf_counter() - t0
+            st.samples += stopped.samples
+            st.train_seconds += time.perf_counter() - t0
             save(stopped.batches, epoch_generator)
             raise Preempted(_preempted_dir(saver, parallel), f"at {desc}, batch {stopped.batches}") from None
-        skip = 0
-        train_seconds += time.perf_counter() - t0
-        epochs = epoch
-        if stopped_by is None:
-            steps = len(losses)
+        st.skip = 0
+        st.train_seconds += time.perf_counter() - t0
+        st.epochs = epoch
+        if st.stopped_by is None:
+            steps = len(st.losses)
             # Per-epoch validation, or (step budget) an epoch that trained no step at all.
             if budget.eval_every is None or (validated_at < 0 and not len(loader)):
                 validated_at = steps
                 if validate(epoch):
-                    stopped_by = "patience"
-            if stopped_by is None and budget.max_epochs is not None and epochs >= budget.max_epochs:
+                    st.stopped_by = "patience"
+            if st.stopped_by is None and budget.max_epochs is not None and st.epochs >= budget.max_epochs:
                 if validated_at != steps:
                     validate(epoch)
-                stopped_by = "patience" if stopper.should_stop else "cap"
-        done = stopped_by is not None
+                st.stopped_by = "patience" if st.stopper.should_stop else "cap"
+        done = st.stopped_by is not None
         save(0, None)
         if parallel.agree_to_stop():
             raise Preempted(_preempted_dir(saver, parallel), f"after {desc}")
     parallel.unwrap(model)
-    if stopped_by == "cap" and parallel.is_writer:
+    if st.stopped_by == "cap" and parallel.is_writer:
         warnings.warn(f"stage {step.label} ended at its cap ({_cap_text(budget)}) while still improving within "
                       f"its patience of {config.patience} validations: it did not converge", CapWarning, stacklevel=2)
     # With no AUC at all (every validation domain one-class) nothing improves: keep the last
     # weights rather than the untrained ones.
-    if best_state is not None:
-        with torch.no_grad():
-            for p in params:
-                p.copy_(best_state[id(p)])
+    if st.best_state is not None:
+        st.load_best(params)
     path = ckpt_dir / f"{index:02d}_{step.label}.pt"
     digest = None
-    best_auc = best.auc if stopper.best > -math.inf else math.nan
+    best_auc = st.best.auc if st.stopper.best > -math.inf else math.nan
     if parallel.is_writer:
         save_checkpoint(
             path, model, step.label,
@@ -791,20 +752,91 @@ def _run_stage(
         digest = file_sha256(path)
     return StageRecord(
         label=step.label,
-        epochs=epochs,
+        epochs=st.epochs,
         best_val_mean_auc=best_auc,
         seconds=time.perf_counter() - start,
-        train_samples=samples,
-        train_seconds=train_seconds,
-        val_history=history,
+        train_samples=st.samples,
+        train_seconds=st.train_seconds,
+        val_history=st.history,
         checkpoint=path,
-        losses=losses,
+        losses=st.losses,
         checkpoint_sha256=digest,
-        best_epoch=best.epoch,
-        best_step=best.step,
-        stopped_by=stopped_by,
-        val_loss_history=loss_history,
+        best_epoch=st.best.epoch,
+        best_step=st.best.step,
+        stopped_by=st.stopped_by,
+        val_loss_history=st.loss_history,
     )
+
+
+@dataclass
+class StageState:
+    """Where a stage stands: early stopping, its best weights and where they were, the
+    histories, the counters and what ended it (``None`` while it runs); everything the stage's
+    resume snapshot holds besides the model and the optimizer. ``skip``: batches of the current
+    epoch trained before a resume; ``elapsed``: seconds spent before it."""
+
+    stopper: EarlyStopping
+    best: _Best
+    best_state: dict[int, torch.Tensor] | None = None
+    history: list[float] = field(default_factory=list)
+    loss_history: list[float] = field(default_factory=list)
+    losses: list[float] = field(default_factory=list)
+    samples: int = 0
+    train_seconds: float = 0.0
+    epochs: int = 0
+    stopped_by: str | None = None
+    skip: int = 0
+    elapsed: float = 0.0
+
+    @classmethod
+    def fresh(cls, patience: int, params: list[torch.nn.Parameter], carried_best: float) -> StageState:
+        """A stage from its start; under seeds_compat (``carried_best`` finite) it starts from
+        the best checkpoint so far and must beat its score."""
+        stopper = EarlyStopping(patience)
+        if carried_best == -math.inf:
+            return cls(stopper, _Best())
+        stopper.best = carried_best
+        return cls(stopper, _Best(auc=carried_best), best_state={id(p): p.detach().clone() for p in params})
+
+    @classmethod
+    def restore(cls, saved: Mapping[str, Any], model: CTRModel, optimizer: torch.optim.Optimizer,
+                params: list[torch.nn.Parameter], patience: int, device: torch.device) -> StageState:
+        """The state a snapshot holds (checked by :func:`check_stage_state` first), loaded into
+        ``model`` (buffers included: the fused optimizers' state) and ``optimizer``."""
+        model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        stopper = EarlyStopping(patience)
+        stopper.best, stopper.stale = float(saved["stopper"]["best"]), int(saved["stopper"]["stale"])
+        best_state = None if saved["best_state"] is None else {
+            id(p): t.to(device) for p, t in zip(params, saved["best_state"], strict=True)}
+        return cls(
+            stopper, _Best.from_state(saved["stopper"]), best_state, list(saved["history"]),
+            list(saved.get("loss_history", [])), list(saved["losses"]), int(saved["samples"]),
+            float(saved["train_seconds"]), int(saved["epochs"]), saved.get("stopped_by"), int(saved["batches"]),
+            float(saved["seconds"]),
+        )
+
+    def snapshot(self, index: int, label: str, batches: int, epoch_generator: torch.Tensor | None, model: CTRModel,
+                 optimizer: torch.optim.Optimizer, params: list[torch.nn.Parameter], seconds: float,
+                 epoch_samples: int = 0) -> dict[str, Any]:
+        """The in-stage entry of the resume snapshot (``moefast.runs.snapshot.STAGE_STATE``);
+        ``epoch_samples``: rows of the current epoch not yet in ``samples`` (a snapshot taken
+        inside an epoch, after a validation)."""
+        return {
+            "index": index, "label": label, "epochs": self.epochs, "batches": batches,
+            "epoch_generator": epoch_generator, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "stopper": {"best": self.stopper.best, "stale": self.stopper.stale, **self.best.state()},
+            "best_state": None if self.best_state is None else [self.best_state[id(p)] for p in params],
+            "history": self.history, "loss_history": self.loss_history, "losses": self.losses,
+            "samples": self.samples + epoch_samples, "train_seconds": self.train_seconds, "seconds": seconds,
+            "stopped_by": self.stopped_by,
+        }
+
+    def load_best(self, params: list[torch.nn.Parameter]) -> None:
+        assert self.best_state is not None
+        with torch.no_grad():
+            for p in params:
+                p.copy_(self.best_state[id(p)])
 
 
 def _cap_text(budget: StageBudget) -> str:
@@ -899,7 +931,7 @@ def _carried_optimizer(
     if snapshot is not None and snapshot.get("records") and saved is None:
         raise ValueError("the resume snapshot of a seeds_compat run lacks the optimizer state carried across stages")
     if saved is not None:
-        _check_adam_state(saved, optimizer, lambda what: ValueError(
+        check_adam_state(saved, optimizer, lambda what: ValueError(
             f"the resume snapshot's carried optimizer state does not fit this run: {what}"))
         optimizer.load_state_dict(saved)
     return optimizer
@@ -951,116 +983,6 @@ def _restore_snapshot(
                              f"differs from the one recorded in {str(path)!r}): it was damaged or replaced; "
                              "start the run again with --overwrite")
     return records, in_stage
-
-
-_STAGE_STATE = {
-    "epochs": int, "batches": int, "model": dict, "optimizer": dict, "stopper": dict, "history": list,
-    "losses": list, "samples": int, "train_seconds": float, "seconds": float,
-}
-
-
-def _check_stage_state(
-    state: Mapping[str, Any], model: CTRModel, optimizer: torch.optim.Optimizer, params: list[torch.nn.Parameter]
-) -> None:
-    """Refuse, before anything is loaded into the model or optimizer, a snapshot's in-stage state
-    that this stage cannot take (a crafted or foreign file that passed the format checks): a
-    missing or mistyped entry, or a tensor of another name, shape or dtype than the model's."""
-
-    def refuse(what: str) -> ValueError:
-        return ValueError(f"the resume snapshot's state of stage {state.get('label')!r} does not fit this run: {what}")
-
-    for key, kind in _STAGE_STATE.items():
-        value = state.get(key)
-        if not isinstance(value, kind) or isinstance(value, bool):
-            raise refuse(f"{key!r} is {type(value).__name__}, not {kind.__name__}")
-    _check_numbers(state, refuse)
-    expected = model.state_dict()
-    saved = state["model"]
-    if set(saved) != set(expected):
-        names = sorted(set(saved) ^ set(expected))
-        raise refuse(f"its model tensors differ from this model's by name ({', '.join(names[:5])})")
-    for name, tensor in expected.items():
-        got = saved[name]
-        if not isinstance(got, torch.Tensor) or got.shape != tensor.shape or got.dtype != tensor.dtype:
-            raise refuse(f"model tensor {name!r} is not a {tensor.dtype} tensor of shape {tuple(tensor.shape)}")
-    best = state.get("best_state")
-    if best is not None and (not isinstance(best, list) or len(best) != len(params) or any(
-            not isinstance(t, torch.Tensor) or t.shape != p.shape for t, p in zip(best, params, strict=False))):
-        raise refuse("its best weights do not match the stage's trainable parameters")
-    _check_adam_state(state["optimizer"], optimizer, refuse)
-
-
-def _check_numbers(state: Mapping[str, Any], refuse: Callable[[str], ValueError]) -> None:
-    """The counters and histories of a snapshot's in-stage state: whole numbers in range, real
-    numbers where they are read as such, and a generator state of torch's size."""
-    for key in ("epochs", "batches", "samples"):
-        if state[key] < 0:
-            raise refuse(f"{key!r} is {state[key]}, below 0")
-    stopper = state["stopper"]
-    if not {"best", "stale"} <= set(stopper):
-        raise refuse("the early-stopping state lacks 'best' or 'stale'")
-    if not isinstance(stopper["best"], (int, float)) or isinstance(stopper["best"], bool) \
-            or not isinstance(stopper["stale"], int) or isinstance(stopper["stale"], bool) or stopper["stale"] < 0:
-        raise refuse(f"the early-stopping state {stopper!r} is not a score and a count")
-    for key in ("history", "losses", "loss_history"):
-        values = state.get(key, [])
-        if not isinstance(values, list) or not all(
-                isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
-            raise refuse(f"{key!r} holds something other than numbers")
-    if state.get("stopped_by") not in (None, "patience", "cap"):
-        raise refuse(f"'stopped_by' is {state['stopped_by']!r}, not patience, cap or None")
-    for key in ("best_step", "best_epoch"):
-        value = stopper.get(key)
-        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
-            raise refuse(f"the early-stopping state's {key!r} is {value!r}, not a count")
-    if "best_auc" in stopper and (not isinstance(stopper["best_auc"], (int, float)) or isinstance(stopper["best_auc"], bool)):
-        raise refuse(f"the early-stopping state's 'best_auc' is {stopper['best_auc']!r}, not a number")
-    if state["batches"]:
-        generator = state.get("epoch_generator")
-        size = torch.Generator().get_state().shape
-        if not isinstance(generator, torch.Tensor) or generator.dtype != torch.uint8 or generator.shape != size:
-            raise refuse("a mid-epoch state without its epoch's generator state (a uint8 tensor "
-                         f"of shape {tuple(size)})")
-
-
-def _check_adam_state(saved: Mapping[str, Any], optimizer: torch.optim.Optimizer,
-                      refuse: Callable[[str], ValueError]) -> None:
-    """A saved ``torch.optim.Adam`` state for exactly this optimizer's groups: the same
-    parameter numbering and group options, and each parameter's ``step``, ``exp_avg`` and
-    ``exp_avg_sq`` (``max_exp_avg_sq`` under amsgrad), the moments of the parameter's shape."""
-    mine = optimizer.state_dict()["param_groups"]
-    groups = saved.get("param_groups")
-    if not isinstance(groups, list) or len(groups) != len(mine) or any(
-            not isinstance(g, dict) or set(g) != set(m) or g.get("params") != m["params"]
-            for g, m in zip(groups, mine, strict=False)):
-        raise refuse("its optimizer state is for other parameter groups")
-    for g, m in zip(groups, mine, strict=True):
-        for key, value in g.items():
-            if key != "params" and type(value) is not type(m[key]) and not (
-                    isinstance(value, (int, float)) and isinstance(m[key], (int, float))):
-                raise refuse(f"optimizer option {key!r} is {value!r}, not like {m[key]!r}")
-    shapes = {i: p.shape for i, p in zip((i for m in mine for i in m["params"]),
-                                         (p for group in optimizer.param_groups for p in group["params"]),
-                                         strict=True)}
-    entries = saved.get("state")
-    if not isinstance(entries, dict):
-        raise refuse("its optimizer state has no per-parameter state")
-    moments = ("exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if mine and mine[0].get("amsgrad") else ())
-    for index, entry in entries.items():
-        if not isinstance(index, int) or index not in shapes or not isinstance(entry, dict):
-            raise refuse(f"its optimizer state names parameter {index!r}, which this stage does not train")
-        if set(entry) != {"step", *moments}:
-            raise refuse(f"the optimizer state of parameter {index} holds {sorted(entry)}, not "
-                         f"{sorted({'step', *moments})}")
-        step = entry["step"]
-        if not (isinstance(step, torch.Tensor) and step.numel() == 1 and step.is_floating_point()) or float(step) < 0:
-            raise refuse(f"the optimizer step of parameter {index} is not a count")
-        for key in moments:
-            value = entry[key]
-            if not isinstance(value, torch.Tensor) or value.shape != shapes[index] or not value.is_floating_point():
-                got = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
-                raise refuse(f"optimizer state {key!r} of parameter {index} has shape {got}, "
-                             f"the parameter {tuple(shapes[index])}")
 
 
 def _check_run_settings(
