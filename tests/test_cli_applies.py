@@ -13,8 +13,8 @@ from moefast import cli
 from moefast.cli import _applies
 from moefast.cli import grid as cli_grid
 from moefast.cli import train as cli_train
-from moefast.config import BatchMode, TowerKind
-from moefast.experiments.claims import ClaimsConfig
+from moefast.config import TowerKind
+from moefast.experiments.claims import ClaimsConfig, plan_runs
 
 TINY = ["--rows", "300", "--num-domains", "2", "--num-users", "30", "--num-items", "20", "--max-epochs", "1"]
 
@@ -141,7 +141,9 @@ def test_grid_and_claims_settings_never_trip_the_check(capsys: pytest.CaptureFix
     _applies.check_options(config.methods, config.train)
     # The claims runner trains each method alone with its own settings.
     plan = ClaimsConfig()
-    for protocol, compat, kind in itertools.product(BatchMode, (False, True), TowerKind):
-        train = plan.train_config(seed=1, protocol=protocol, seeds_compat=compat)
+    cells = {(run.protocol, run.variant.seeds_compat, run.variant.kind) for run in plan_runs(plan)}
+    assert len(cells) > 10
+    for (protocol, compat, kind), dropout in itertools.product(cells, (False, True)):
+        train = plan.train_config(seed=1, protocol=protocol, seeds_compat=compat, dropout=dropout)
         assert _applies.inapplicable([kind], train) == [] and _applies.redundant(train) == []
     assert capsys.readouterr().err == ""

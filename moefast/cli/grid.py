@@ -9,11 +9,11 @@ the other data options apply to all of them. Rerunning the same command resumes 
 from __future__ import annotations
 
 import argparse
-import sys
 from collections.abc import Callable, Mapping
 from dataclasses import replace
 from typing import Any
 
+from moefast import log
 from moefast.cli._applies import check_options
 from moefast.cli._options import (
     DEFAULT_PRESET,
@@ -144,7 +144,8 @@ def run(args: argparse.Namespace) -> int:
             parse_backend(config.backend)
         except ValueError as exc:
             raise UserError(str(exc)) from None
-    say = (lambda _msg: None) if quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
+    log.configure(quiet=quiet)
+    say = log.say
     try:
         paths = run_grid(config, load=load_dataset, say=say)
     except BackendUnavailableError as exc:

@@ -27,6 +27,7 @@ from moefast.cli._options import (
     load_dataset,
 )
 from moefast.config import DataConfig
+from moefast.log import progress_bar
 
 __all__ = ["NAME", "SPLITS", "add_parser", "check_compatible", "domain_ids", "run", "run_data_options"]
 
@@ -270,11 +271,10 @@ def run(args: argparse.Namespace) -> int:
 
 def _score_split(split: Any, domain: Any, score: Callable[..., Any], batch_size: int, *, quiet: bool) -> Any:
     import torch
-    from tqdm import tqdm
 
     n = len(split)
     out = torch.empty(n, dtype=torch.float32)
-    with tqdm(total=n, unit="row", disable=quiet, desc="predict", file=sys.stderr) as bar:
+    with progress_bar(enabled=not quiet, total=n, unit="row", desc="predict") as bar:
         for start in range(0, n, batch_size):
             rows = torch.arange(start, min(start + batch_size, n))
             batch = split.rows(rows)

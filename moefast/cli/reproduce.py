@@ -10,9 +10,9 @@ once; rerunning the same command skips them, so a budget-limited or killed run c
 from __future__ import annotations
 
 import argparse
-import sys
 from typing import Any
 
+from moefast import log
 from moefast.cli._options import UserError, parse_on_off
 
 __all__ = ["NAME", "add_parser", "run"]
@@ -93,7 +93,8 @@ def run(args: argparse.Namespace) -> int:
         if args.threads < 1:
             raise UserError(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
-    say = (lambda _msg: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
+    log.configure(quiet=args.quiet)
+    say = log.say
     paths = write_report(config) if args.report_only else run_claims(config, say=say)
     print(f"claims report: {paths['claims.md']} (runs: {paths['claims-runs.csv']})")
     return 0

@@ -21,6 +21,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from moefast import log
 from moefast.cli._applies import check_dataset_options, check_run, unused_keys
 from moefast.cli._options import (
     DATA_OPTIONS,
@@ -360,7 +361,8 @@ def _train_into(config: RunConfig, quiet: bool, out: Path, writer: bool = True, 
     if TowerKind.MOE_MLORA in config.methods and tower.gate_init is GateInit.SPECIALIST:
         # Before any method trains: a bad own-expert weight for these domains is a user error.
         check_specialist_start(dataset.num_domains, tower.gate_dim, tower.gate_own_weight)
-    say = (lambda _msg: None) if quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
+    log.configure(quiet=quiet)
+    say = log.say
     say(f"dataset {dataset.name}: {len(dataset.train)} train / {len(dataset.val)} val / "
         f"{len(dataset.test)} test rows, {dataset.num_domains} domains")
     if writer:

@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 from moefast.config import (
     BatchMode,
@@ -33,6 +32,7 @@ from moefast.config import (
 )
 from moefast.data.batching import BatchLoader, BatchOrder
 from moefast.data.dataset import Batch, MultiDomainDataset, Split
+from moefast.log import progress_bar, say
 from moefast.models.base import CTRModel
 from moefast.nn.adapter import AdapterLinear
 from moefast.nn.embedding import EmbeddingCollection
@@ -322,7 +322,7 @@ def _train_epoch(
     model.train()
     samples = 0
     l2_params = l2_parameters(model)  # the stage's freezing is fixed for the epoch
-    bar = tqdm(total=loader.num_rows, desc=desc, unit="row", leave=False, disable=not config.progress)
+    bar = progress_bar(enabled=config.progress, total=loader.num_rows, desc=desc, unit="row", leave=False)
     try:
         for number, cpu_batch in enumerate(loader):
             if number < skip:
@@ -662,7 +662,7 @@ def _run_stage(
             own = dataset.domain_names[val_domains[0]]
             what = (f"val logloss of {own} {val.logloss:.5f} (AUC {val.mean_auc:.5f})" if by_loss
                     else "val mean AUC" if len(val_domains) > 1 else f"val AUC of {own}")
-            tqdm.write(f"{where}: {what}" + ("" if by_loss else f" {val.mean_auc:.5f}"))
+            say(f"{where}: {what}" + ("" if by_loss else f" {val.mean_auc:.5f}"))
         if st.stopper.update(-val.logloss if by_loss else val.mean_auc):
             st.best_state = {id(p): p.detach().clone() for p in params}
             st.best.auc, st.best.step, st.best.epoch = val.mean_auc, len(st.losses), epoch
