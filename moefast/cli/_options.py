@@ -29,6 +29,7 @@ from moefast.config import (
     TowerKind,
     TrainConfig,
 )
+from moefast.errors import UserError
 
 __all__ = [
     "DATA_OPTIONS",
@@ -57,10 +58,6 @@ DEFAULT_PRESET = "taobao"
 DEFAULT_EVAL_EVERY = TrainConfig().eval_every
 DEFAULT_MAX_STEPS = TrainConfig().max_steps
 DEFAULT_MAX_EPOCHS = TrainConfig().max_epochs
-
-
-class UserError(Exception):
-    """A mistake in the command line or the config file: reported as one line."""
 
 
 Conv = Callable[[str], Any]
