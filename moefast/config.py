@@ -490,11 +490,17 @@ class TrainConfig:
         return BatchMode.SINGLE_DOMAIN if self.seeds_compat else BatchMode.MIXED
 
 
+# The synthetic preset of a run that names none, from every entry point (the command line, the
+# grid, the claims' core setting and ``moefast.data.load("synthetic")``): Taobao-like, pretrained
+# tables, 20 domains, where the three methods differ (docs/results/claims.md).
+DEFAULT_PRESET = "taobao"
+
+
 @dataclass(frozen=True)
 class DataConfig:
     """Which dataset a run loads (``moefast.data.load``'s name and options).
 
-    ``None`` leaves an option to the source's default. The keys of :data:`SYNTHETIC_OPTIONS`
+    ``None`` leaves an option to the source's default (``preset``: :data:`DEFAULT_PRESET`). The keys of :data:`SYNTHETIC_OPTIONS`
     (``preset``, ``rows``, ``num_domains``, ``num_users``, ``num_items``, ``diversity``,
     ``imbalance``, ``data_seed``, ``numeric_fields``, ``numeric_scale``, ``clusters``,
     ``cluster_spread``) apply to

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from moefast.config import (
+    DEFAULT_PRESET,
     SYNTHETIC_OPTIONS,
     BatchMode,
     DataConfig,
@@ -50,9 +51,6 @@ __all__ = [
     "read_toml",
 ]
 
-# The synthetic preset of a run that names none: the claims' core setting (Taobao-like,
-# pretrained tables, 20 domains), where the three methods differ (docs/results/claims.md).
-DEFAULT_PRESET = "taobao"
 # The default budget (docs/method.md, "Budget"): validate every DEFAULT_EVAL_EVERY steps, stop
 # after `patience` validations without improvement, cap a stage at DEFAULT_MAX_STEPS steps.
 DEFAULT_EVAL_EVERY = TrainConfig().eval_every

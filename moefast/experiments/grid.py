@@ -31,6 +31,7 @@ from typing import Any
 import torch
 
 from moefast.config import (
+    DEFAULT_PRESET,
     SYNTHETIC_OPTIONS,
     DataConfig,
     TowerConfig,
@@ -132,7 +133,7 @@ def load_data(data: DataConfig) -> MultiDomainDataset:
     not apply to the dataset, naming it)."""
     from moefast import data as data_module
 
-    options: dict[str, Any] = {}
+    options: dict[str, Any] = {"preset": DEFAULT_PRESET} if data.dataset == "synthetic" else {}
     for key, dest in SYNTHETIC_OPTIONS.items():
         value = getattr(data, key)
         if value is None:
