@@ -15,7 +15,6 @@ import torch
 import moefast
 from moefast import cli
 from moefast.cli import train as cli_train
-from moefast.cli._options import load_dataset
 from moefast.config import BatchMode, TowerKind
 from moefast.experiments.methods import run_methods
 
@@ -56,7 +55,7 @@ def test_train_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
     assert config.data.rows == 1500 and config.data.num_domains == 3 and config.data.num_users == 100
     assert config.train.max_epochs == 1 and config.methods == tuple(TowerKind)
     # The experiment is a Python function too (the command calls it): the same run, in memory.
-    fitted = run_methods(replace(config, methods=(TowerKind.BASE,), out=None), load_dataset(config.data))
+    fitted = run_methods(replace(config, methods=(TowerKind.BASE,), out=None))  # loads config.data as the CLI does
     assert list(fitted) == ["base"] and fitted["base"].run_dir is None
     assert fitted["base"].metrics["test"] == combined["base"]["test"]
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from moefast.config import GateInit, RunConfig, TowerKind
+from moefast.config import GateInit, RunConfig, TowerKind, load_options
 from moefast.data.dataset import MultiDomainDataset
 from moefast.train.loop import FitResult
 
@@ -43,8 +43,8 @@ def run_methods(
         config: the run; ``config.out`` is the run directory (``None``: no directory, the
             checkpoints live in a temporary folder), one subdirectory per method when there are
             several (:func:`method_dir`).
-        dataset: the data (``None``: ``config.data`` loaded by
-            :func:`moefast.experiments.grid.load_data`).
+        dataset: the data (``None``: ``config.data`` loaded through
+            :func:`moefast.config.load_options`, as the command line and the grid load it).
         resume: continue each method from its resume snapshot (``fit(resume=True)``).
         say: progress lines (one per method).
         after: called with each method's kind, directory and result as soon as it finishes
@@ -62,9 +62,9 @@ def run_methods(
     from moefast.train.loop import fit
 
     if dataset is None:
-        from moefast.experiments.grid import load_data
+        from moefast import data
 
-        dataset = load_data(config.data)
+        dataset = data.load(config.data.dataset, **load_options(config.data))
     check_methods(config, dataset)  # before any method trains
     tower = config.tower_config()
     out = None if config.out is None else Path(config.out)
