@@ -22,6 +22,7 @@ TINY = ["--rows", "1500", "--num-domains", "3", "--num-users", "100", "--num-ite
         "--max-epochs", "1", "--batch-size", "256"]
 
 
+@pytest.mark.slow  # among the slowest tests (--durations): selection only, make test runs it
 def test_train_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "run"
     assert cli.main(["train", *TINY, "--quiet", "--out", str(out)]) == 0
