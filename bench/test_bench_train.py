@@ -9,7 +9,7 @@ evaluation. The ``fit-rows`` variant (groups ``train-<preset>-fit-rows``) spread
 ``fit`` does in an epoch instead: ``STEPS`` steps per expert stage, ``STEPS * D`` for the
 backbone and the gate stages. ``evaluate`` is the test-time forward over ``EVAL_ROWS`` rows, batch 32768.
 
-The stages' dense Adam is ``moefast.train.stage_optimizer``'s, as ``fit`` builds it: torch's
+The stages' dense Adam is ``moefast.train.loop.stage_optimizer``'s, as ``fit`` builds it: torch's
 fused Adam under the fast backend, its for-loop Adam under the reference (the same update).
 Embedding optimizer, like with like: ``paper`` uses the method's dense Adam on both backends;
 ``wide`` uses lazy Adam on both (the reference's plain-PyTorch lazy Adam vs the update fused in

@@ -6,8 +6,8 @@ Importing moefast never imports triton and never queries CUDA: the Triton kernel
 
 from __future__ import annotations
 
-from moefast import config, data, export, models, nn, ops, reference, train
-from moefast.config import FeatureSpec, Pooling, TrainConfig
+from moefast import config, data, errors, export, models, nn, ops, reference, train
+from moefast.config import FeatureSpec, Pooling, TowerConfig, TowerKind, TrainConfig
 from moefast.nn.convert import convert
 
 __version__ = "0.1.0"
@@ -15,11 +15,14 @@ __version__ = "0.1.0"
 __all__ = [
     "FeatureSpec",
     "Pooling",
+    "TowerConfig",
+    "TowerKind",
     "TrainConfig",
     "__version__",
     "config",
     "convert",
     "data",
+    "errors",
     "export",
     "models",
     "nn",

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import enum
 import math
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import torch
@@ -490,11 +491,17 @@ class TrainConfig:
         return BatchMode.SINGLE_DOMAIN if self.seeds_compat else BatchMode.MIXED
 
 
+# The synthetic preset of a run that names none, from every entry point (the command line, the
+# grid, the claims' core setting and ``moefast.data.load("synthetic")``): Taobao-like, pretrained
+# tables, 20 domains, where the three methods differ (docs/results/claims.md).
+DEFAULT_PRESET = "taobao"
+
+
 @dataclass(frozen=True)
 class DataConfig:
     """Which dataset a run loads (``moefast.data.load``'s name and options).
 
-    ``None`` leaves an option to the source's default. The keys of :data:`SYNTHETIC_OPTIONS`
+    ``None`` leaves an option to the source's default (``preset``: :data:`DEFAULT_PRESET`). The keys of :data:`SYNTHETIC_OPTIONS`
     (``preset``, ``rows``, ``num_domains``, ``num_users``, ``num_items``, ``diversity``,
     ``imbalance``, ``data_seed``, ``numeric_fields``, ``numeric_scale``, ``clusters``,
     ``cluster_spread``) apply to
@@ -529,6 +536,42 @@ SYNTHETIC_OPTIONS = {
     "numeric_fields": "numeric_fields", "numeric_scale": "numeric_scale",
     "clusters": "clusters", "cluster_spread": "cluster_spread",
 }
+
+
+TABLE_OPTIONS = {"data": "path", "schema": "schema", "vocab_from": "vocab_from"}
+
+
+def load_options(data: DataConfig, flag: Callable[[str], str] = str) -> dict[str, Any]:
+    """``moefast.data.load``'s options for ``data`` (the one mapping, for the command line, the
+    grid and :func:`moefast.experiments.run_methods` alike): the default preset for synthetic
+    data, each set option under its source's keyword.
+
+    Raises:
+        ValueError: an option that does not apply to ``data.dataset``, or a table without its
+            file or schema; ``flag`` spells the option's name in the message (the command line
+            passes ``--rows`` for ``rows``).
+    """
+    def set_(keys: Iterable[str]) -> list[str]:
+        return [key for key in keys if getattr(data, key) is not None]
+
+    if data.dataset != "table":
+        for key in set_(TABLE_OPTIONS):
+            raise ValueError(f"{flag(key)} applies to {flag('dataset')} table only")
+    if data.dataset == "table":
+        for key in set_((*SYNTHETIC_OPTIONS, "domain", "data_dir")):
+            raise ValueError(f"{flag(key)} does not apply to {flag('dataset')} table (the schema names the columns)")
+        if data.data is None or data.schema is None:
+            raise ValueError(f"{flag('dataset')} table needs {flag('data')} PATH and {flag('schema')} schema.toml")
+        return {dest: getattr(data, key) for key, dest in TABLE_OPTIONS.items()}
+    if data.dataset == "synthetic":
+        for key in set_(("domain", "data_dir")):
+            raise ValueError(f"{flag(key)} does not apply to the synthetic dataset")
+        return {"preset": DEFAULT_PRESET} | {dest: getattr(data, key) for key, dest in SYNTHETIC_OPTIONS.items()
+                                             if getattr(data, key) is not None}
+    for key in set_(SYNTHETIC_OPTIONS):
+        raise ValueError(f"{flag(key)} applies to the synthetic dataset only, not {data.dataset!r}")
+    return {dest: getattr(data, key) for key, dest in (("data_dir", "raw_dir"), ("domain", "domain"))
+            if getattr(data, key) is not None}
 
 
 def default_tower(train: TrainConfig) -> TowerConfig:

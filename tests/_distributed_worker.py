@@ -18,8 +18,13 @@ from moefast import data, models
 from moefast.config import EmbeddingOptimizer, TablePrecision, TowerConfig, TrainConfig
 from moefast.data.batching import BatchLoader, BatchOrder
 from moefast.data.dataset import Batch, MultiDomainDataset
-from moefast.train import fit, stage_optimizer
-from moefast.train.loop import NonFiniteError, l2_parameters, set_embedding_optimizer
+from moefast.train import fit
+from moefast.train.loop import (
+    NonFiniteError,
+    l2_parameters,
+    set_embedding_optimizer,
+    stage_optimizer,
+)
 from moefast.train.parallel.data_parallel import RankFailedError, RowExchange, current
 from moefast.train.stages import plan_stages, set_stage
 

@@ -261,6 +261,7 @@ def test_t_interval_matches_the_textbook() -> None:
     assert math.isnan(t_interval([1.0])[1])
 
 
+@pytest.mark.slow  # among the slowest tests (--durations): selection only, make test runs it
 def test_reproduce_runs_end_to_end_and_resumes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     import pandas as pd
 

@@ -6,6 +6,7 @@ import argparse
 import json
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -15,11 +16,13 @@ import moefast
 from moefast import cli
 from moefast.cli import train as cli_train
 from moefast.config import BatchMode, TowerKind
+from moefast.experiments.methods import run_methods
 
 TINY = ["--rows", "1500", "--num-domains", "3", "--num-users", "100", "--num-items", "50",
         "--max-epochs", "1", "--batch-size", "256"]
 
 
+@pytest.mark.slow  # among the slowest tests (--durations): selection only, make test runs it
 def test_train_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "run"
     assert cli.main(["train", *TINY, "--quiet", "--out", str(out)]) == 0
@@ -52,6 +55,10 @@ def test_train_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
     config, _ = cli_train.resolve_config(cli_train.read_config(str(out / "config.toml")))
     assert config.data.rows == 1500 and config.data.num_domains == 3 and config.data.num_users == 100
     assert config.train.max_epochs == 1 and config.methods == tuple(TowerKind)
+    # The experiment is a Python function too (the command calls it): the same run, in memory.
+    fitted = run_methods(replace(config, methods=(TowerKind.BASE,), out=None))  # loads config.data as the CLI does
+    assert list(fitted) == ["base"] and fitted["base"].run_dir is None
+    assert fitted["base"].metrics["test"] == combined["base"]["test"]
 
 
 def test_toml_keys_mirror_flags_and_flags_win(tmp_path: Path) -> None:

@@ -17,6 +17,8 @@ from moefast.config import Pooling
 from moefast.data import synthetic
 
 SMALL = {"rows": 20_000, "num_users": 500, "num_items": 300, "num_domains": 5}
+# The load calls name their preset: the default one is taobao (issue 25), these tests are about paper.
+PAPER = {"preset": "paper", **SMALL}
 
 
 def _all_rows(ds: moefast.data.MultiDomainDataset) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
@@ -29,7 +31,7 @@ def test_paper_preset_defaults_match_the_demo_contract() -> None:
     cfg = synthetic.PRESETS["paper"]
     # The default `moefast train` needs >= 200,000 rows and >= 5 domains (issue 3).
     assert cfg.rows >= 200_000 and cfg.num_domains >= 5
-    ds = moefast.data.load("synthetic", **SMALL)
+    ds = moefast.data.load("synthetic", **PAPER)
     assert [f.name for f in ds.features] == ["uid", "item", "domain"]
     assert all(f.dim == 8 and f.pooling is Pooling.NONE for f in ds.features)
     assert ds.feature("domain").vocab_size == ds.num_domains == 5
@@ -55,9 +57,9 @@ def test_wide_preset_has_26_fields_some_multi_valued() -> None:
 
 
 def test_same_seed_same_data_other_seed_other_data() -> None:
-    a = moefast.data.load("synthetic", seed=7, **SMALL)
-    b = moefast.data.load("synthetic", seed=7, **SMALL)
-    c = moefast.data.load("synthetic", seed=8, **SMALL)
+    a = moefast.data.load("synthetic", seed=7, **PAPER)
+    b = moefast.data.load("synthetic", seed=7, **PAPER)
+    c = moefast.data.load("synthetic", seed=8, **PAPER)
     for name in ("uid", "item", "domain"):
         assert torch.equal(a.train.features[name], b.train.features[name])
     assert torch.equal(a.test.label, b.test.label)
@@ -84,7 +86,7 @@ def test_unknown_preset_and_options_are_named() -> None:
 
 @pytest.mark.parametrize("imbalance", [0.0, 1.5])
 def test_domain_sizes_follow_the_imbalance_power_law(imbalance: float) -> None:
-    ds = moefast.data.load("synthetic", imbalance=imbalance, **SMALL)
+    ds = moefast.data.load("synthetic", imbalance=imbalance, **PAPER)
     _, domain, _ = _all_rows(ds)
     n, d = len(domain), ds.num_domains
     pi = np.arange(1, d + 1, dtype=np.float64) ** -imbalance
@@ -127,7 +129,7 @@ def test_diversity_moves_domains_away_from_the_shared_function() -> None:
 
 
 def test_splits_are_stratified_per_domain_and_label() -> None:
-    ds = moefast.data.load("synthetic", **SMALL)
+    ds = moefast.data.load("synthetic", **PAPER)
     _, domain, label = _all_rows(ds)
     for d in range(ds.num_domains):
         for y in (0.0, 1.0):
@@ -256,3 +258,27 @@ def test_cluster_flags_and_toml_keys_reach_the_generator(tmp_path: Path, capsys:
     assert (ds.info["config"]["clusters"], ds.info["config"]["cluster_spread"]) == (3, 0.4)
     grid, _ = cli_grid.resolve_grid(given_options(cli.build_parser().parse_args(["grid", *flags[1:]])))
     assert all((d.clusters, d.cluster_spread) == (3, 0.4) for d in grid.data)
+
+
+def test_the_default_preset_is_the_same_from_every_entry_point(tmp_path: Path) -> None:
+    """One owner of the default (issue 25): ``data.load``, the command line, the grid and the
+    claims' core setting all generate ``DEFAULT_PRESET`` (taobao) when no preset is named."""
+    from moefast.cli import grid as cli_grid
+    from moefast.cli._options import load_dataset
+    from moefast.config import DEFAULT_PRESET, DataConfig
+    from moefast.experiments import claims
+    from moefast.experiments.grid import GridConfig, load_data
+
+    assert DEFAULT_PRESET == "taobao"
+    knobs = {"rows": 300, "num_domains": 2, "num_users": 40, "num_items": 20}
+    want = synthetic.generate(synthetic.preset(DEFAULT_PRESET, **knobs))
+    config = DataConfig(rows=300, num_domains=2, num_users=40, num_items=20)
+    for entry, ds in (("data.load", moefast.data.load("synthetic", **knobs)), ("moefast train", load_dataset(config)),
+                      ("run_grid", load_data(config))):
+        assert ds.name == want.name == f"synthetic-{DEFAULT_PRESET}", entry
+        assert torch.equal(ds.train.label, want.train.label), entry
+    # moefast grid names the default preset in its cells' labels; run_grid(GridConfig()) loads it.
+    assert {d.preset for d in cli_grid.resolve_grid({"out": str(tmp_path)})[0].data} == {DEFAULT_PRESET}
+    assert GridConfig(out=str(tmp_path)).data == (DataConfig(),)
+    core = claims.plan_runs(claims.ClaimsConfig(out=str(tmp_path), sections=("core",)))
+    assert core and {r.setting.preset for r in core} == {DEFAULT_PRESET}

@@ -30,6 +30,7 @@ from moefast.train.loop import (
     embedding_collections,
     predict,
     set_embedding_optimizer,
+    stage_optimizer,
     train_step,
 )
 from moefast.train.metrics import evaluate_scores
@@ -187,6 +188,6 @@ def test_stage_optimizer_is_torchs_fused_adam_off_the_reference() -> None:
     params = [torch.nn.Parameter(torch.zeros(3))]
     config = moefast.TrainConfig(lr=0.01, betas=(0.8, 0.9), eps=1e-7)
     for backend, fused in (("fast", True), ("auto", True), ("reference", None)):
-        optimizer = train.stage_optimizer(params, config, backend)
+        optimizer = stage_optimizer(params, config, backend)
         assert optimizer.defaults["fused"] is fused, backend
         assert (optimizer.defaults["lr"], optimizer.defaults["betas"], optimizer.defaults["eps"]) == (0.01, (0.8, 0.9), 1e-7)

@@ -32,6 +32,7 @@ class Interrupted(RuntimeError):
     pass
 
 
+@pytest.mark.slow  # among the slowest tests (--durations): selection only, make test runs it
 def test_grid_runs_resumes_and_tabulates(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     config = tiny_grid(tmp_path / "grid")
     cells = plan_grid(config)

@@ -56,7 +56,7 @@ def test_training_on_domains_without_rows_finishes(kind: str) -> None:
     from moefast.config import TrainConfig
     from moefast.train import fit
 
-    ds = data.load("synthetic", rows=5)
+    ds = data.load("synthetic", preset="paper", rows=5)
     empty = [d for d in range(ds.num_domains) if not bool((ds.val.domain == d).any())]
     assert len(empty) > ds.num_domains // 2
     model = models.build("deepfm", ds, kind, tower_config=TOWER, seed=3)

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from moefast.config import (
-    SYNTHETIC_OPTIONS,
+    DEFAULT_PRESET,
     BatchMode,
     DataConfig,
     EmbeddingOptimizer,
@@ -28,7 +28,9 @@ from moefast.config import (
     TablePrecision,
     TowerKind,
     TrainConfig,
+    load_options,
 )
+from moefast.errors import UserError
 
 __all__ = [
     "DATA_OPTIONS",
@@ -49,18 +51,11 @@ __all__ = [
     "read_toml",
 ]
 
-# The synthetic preset of a run that names none: the claims' core setting (Taobao-like,
-# pretrained tables, 20 domains), where the three methods differ (docs/results/claims.md).
-DEFAULT_PRESET = "taobao"
 # The default budget (docs/method.md, "Budget"): validate every DEFAULT_EVAL_EVERY steps, stop
 # after `patience` validations without improvement, cap a stage at DEFAULT_MAX_STEPS steps.
 DEFAULT_EVAL_EVERY = TrainConfig().eval_every
 DEFAULT_MAX_STEPS = TrainConfig().max_steps
 DEFAULT_MAX_EPOCHS = TrainConfig().max_epochs
-
-
-class UserError(Exception):
-    """A mistake in the command line or the config file: reported as one line."""
 
 
 Conv = Callable[[str], Any]
@@ -321,54 +316,34 @@ def check_data_options(data: DataConfig) -> None:
     _dataset(data, None, check_only=True)
 
 
+def _flag(key: str) -> str:
+    return "--" + key.replace("_", "-")
+
+
 def _dataset(data: DataConfig, progress: bool | None, *, check_only: bool) -> Any:
     from moefast import data as data_module
 
-    options: dict[str, Any] = {}
-    table_keys = ("data", "schema", "vocab_from")
-    if data.dataset != "table":
-        for key in table_keys:
-            if getattr(data, key) is not None:
-                raise UserError(f"--{key.replace('_', '-')} applies to --dataset table only")
+    try:
+        options = load_options(data, _flag)  # the one mapping (moefast.config): what applies where
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
     if data.dataset == "table":
-        for key in (*SYNTHETIC_OPTIONS, "domain", "data_dir"):
-            if getattr(data, key) is not None:
-                raise UserError(f"--{key.replace('_', '-')} does not apply to --dataset table "
-                                "(the schema names the columns)")
-        if data.data is None or data.schema is None:
-            raise UserError("--dataset table needs --data PATH and --schema schema.toml")
         try:
             if check_only:
                 from moefast.data.schema import load_schema
                 from moefast.data.table import input_files
 
-                load_schema(data.schema)
-                input_files(data.data)
+                load_schema(options["schema"])
+                input_files(options["path"])
                 return None
-            return data_module.load("table", path=data.data, schema=data.schema, vocab_from=data.vocab_from,
-                                    progress=progress)
+            return data_module.load("table", **options, progress=progress)
         except ValueError as exc:
             raise UserError(str(exc)) from None
-    if data.dataset == "synthetic":
-        options["preset"] = DEFAULT_PRESET
-        for key, dest in SYNTHETIC_OPTIONS.items():
-            value = getattr(data, key)
-            if value is not None:
-                options[dest] = value
-        for key in ("domain", "data_dir"):
-            if getattr(data, key) is not None:
-                raise UserError(f"--{key.replace('_', '-')} does not apply to the synthetic dataset")
-    else:
-        for key in SYNTHETIC_OPTIONS:
-            if getattr(data, key) is not None:
-                raise UserError(f"--{key.replace('_', '-')} applies to the synthetic dataset only")
+    if data.dataset != "synthetic":
         if data.data_dir is None:
             raise UserError(f"dataset {data.dataset!r} needs --data-dir (the folder of its raw files)")
         if not Path(data.data_dir).is_dir():
             raise UserError(f"--data-dir {data.data_dir!r} is not a directory")
-        options["raw_dir"] = data.data_dir
-        if data.domain is not None:
-            options["domain"] = data.domain
     if check_only:
         return None
     return data_module.load(data.dataset, **options)

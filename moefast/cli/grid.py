@@ -63,7 +63,8 @@ _DATA: list[Option] = [
     ("dataset", _strings, "datasets, comma-separated (default synthetic)"),
     ("domain", _strings, "domain columns of the real datasets, comma-separated (MovieLens: gender,age,occupation)"),
     ("diversity", _list_of(float), "synthetic domain diversities, comma-separated (e.g. 0.9,0.1)"),
-    ("preset", str, "synthetic preset: paper (default) or wide"),
+    ("preset", str, f"synthetic preset: {DEFAULT_PRESET} (default; Taobao-like, pretrained tables), "
+     "movielens, paper or wide"),
     ("data-dir", str, "folder of a real dataset's raw files"),
     ("rows", int, "synthetic: number of rows"),
     ("num-domains", int, "synthetic: number of domains"),

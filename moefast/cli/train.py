@@ -37,7 +37,7 @@ from moefast.cli._options import (
     parse_count_or_none,
     read_toml,
 )
-from moefast.config import DataConfig, GateInit, RunConfig, TowerKind, TrainConfig
+from moefast.config import DataConfig, RunConfig, TowerKind, TrainConfig
 
 __all__ = ["NAME", "add_parser", "check_before_data", "comparison_table", "config_toml", "read_config",
            "resolve_config", "resume_config", "resume_note", "run"]
@@ -242,11 +242,6 @@ def config_toml(config: RunConfig) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _size(count: float) -> str:
-    """Bytes as a short readable figure."""
-    return f"{count / 1e6:.2f} MB" if count >= 1e5 else f"{count / 1e3:.1f} kB"
-
-
 def _fmt(value: float | None, width: int) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "null".rjust(width)
@@ -348,19 +343,14 @@ def _train(config: RunConfig, quiet: bool, *, resume: bool = False) -> int:
 
 
 def _train_into(config: RunConfig, quiet: bool, out: Path, writer: bool = True, *, resume: bool = False) -> int:
-    from moefast import models
-    from moefast.nn.tower import check_specialist_start
+    from moefast.experiments.methods import check_methods, run_methods
     from moefast.ops._backend import BackendUnavailableError
     from moefast.runs.rundir import plot_methods, write_json
-    from moefast.runs.snapshot import Preempted
-    from moefast.train import fit
+    from moefast.train import FitResult
 
     dataset = load_dataset(config.data, progress=None if not quiet else False)
     check_dataset_options(config.train, dataset)
-    tower = config.tower_config()
-    if TowerKind.MOE_MLORA in config.methods and tower.gate_init is GateInit.SPECIALIST:
-        # Before any method trains: a bad own-expert weight for these domains is a user error.
-        check_specialist_start(dataset.num_domains, tower.gate_dim, tower.gate_own_weight)
+    check_methods(config, dataset)  # a bad own-expert weight for these domains: before any file
     log.configure(quiet=quiet)
     say = log.say
     say(f"dataset {dataset.name}: {len(dataset.train)} train / {len(dataset.val)} val / "
@@ -371,33 +361,22 @@ def _train_into(config: RunConfig, quiet: bool, out: Path, writer: bool = True, 
         from moefast.data.table import save_vocab
 
         save_vocab(dataset, out)  # once, at the top; each method's directory refers to it
-    results: dict[str, dict[str, Any]] = {}
     several = len(config.methods) > 1
-    for kind in config.methods:
-        run_dir = out / kind.value if several else out
-        model = models.build(config.model, dataset, kind, experts_per_domain=config.experts_per_domain,
-                             tower_config=tower, seed=config.train.seed)
-        say(f"training {config.model} / {kind.value} -> {run_dir}")
-        try:
-            result = fit(model, dataset, config.train, backend=config.backend, out_dir=run_dir, resume=resume)
-        except BackendUnavailableError as exc:
-            raise UserError(str(exc)) from None
-        except Preempted as exc:
-            if not several:
-                raise
-            # The command continues the whole run (out), not the method's subdirectory, which
-            # has no config.toml of its own until the method finishes.
-            raise Preempted(out, f"{exc.where} of method {kind.value}") from None
-        if "distributed" in result.metrics:
-            sent = result.metrics["distributed"]["bytes_per_step"]
-            say(f"data-parallel on {result.metrics['distributed']['world_size']} ranks: {_size(sent['total'])} "
-                f"per step per rank (dense all-reduce {_size(sent['dense'])}, embedding rows {_size(sent['sparse'])})")
+
+    def record(kind: TowerKind, run_dir: Path | None, _result: FitResult) -> None:
         if several and writer:
+            assert run_dir is not None
             _write_text(run_dir / "config.toml",
                         config_toml(dataclasses.replace(config, methods=(kind,), out=str(run_dir))))
             if "table" in dataset.info:
                 write_json(run_dir / "data.json", {"vocab": "../vocab.json"})
-        results[kind.value] = result.metrics
+
+    try:
+        fitted = run_methods(dataclasses.replace(config, out=str(out)), dataset, resume=resume, say=say,
+                             after=record)
+    except BackendUnavailableError as exc:
+        raise UserError(str(exc)) from None
+    results = {name: result.metrics for name, result in fitted.items()}
     if not writer:
         return 0
     table = comparison_table(results)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable
 
+from moefast.config import DEFAULT_PRESET
 from moefast.data.batching import BatchLoader, BatchOrder
 from moefast.data.dataset import Batch, MultiDomainDataset, Split
 from moefast.data.synthetic import SyntheticConfig
@@ -26,8 +27,8 @@ __all__: list[str] = [
 ]
 
 
-def _load_synthetic(*, preset: str = "paper", cache_dir: object = None, **knobs: object) -> MultiDomainDataset:
-    # Generating `paper` takes well under a second and `wide` a few seconds, about what reading
+def _load_synthetic(*, preset: str = DEFAULT_PRESET, cache_dir: object = None, **knobs: object) -> MultiDomainDataset:
+    # Generating `paper` or `taobao` takes well under a second and `wide` a few seconds, about what reading
     # the same arrays back would cost, so synthetic data is never cached and `cache_dir` is
     # accepted only so that callers can pass the same options to every source.
     from moefast.data import synthetic
@@ -56,7 +57,8 @@ def load(name: str, **options: object) -> MultiDomainDataset:
 
     Sources and options:
 
-    - ``"synthetic"``: ``preset="paper"|"wide"`` and any :class:`SyntheticConfig` knob
+    - ``"synthetic"``: ``preset="taobao"`` (the default, :data:`moefast.config.DEFAULT_PRESET`),
+      ``"movielens"``, ``"paper"`` or ``"wide"``, and any :class:`SyntheticConfig` knob
       (``seed=123``, ``rows``, ``num_domains``, ``diversity``, ``imbalance``, ...). Never cached.
     - ``"movielens-1m"``: ``raw_dir``, ``domain="gender"|"age"|"occupation"``,
       ``embedding_dim=8``, ``split_seed=123``, ``cache_dir``.

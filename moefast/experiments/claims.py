@@ -49,6 +49,7 @@ import numpy as np
 import torch
 
 from moefast.config import (
+    DEFAULT_PRESET,
     BatchMode,
     ExpertStopRule,
     GateInit,
@@ -254,7 +255,7 @@ RELATED_IMBALANCE = 1.0
 
 
 def _section_runs(name: str, seeds: Sequence[int], real: bool = False) -> list[Run]:
-    taobao = "taobao"
+    taobao = DEFAULT_PRESET  # the core setting is the default data of every entry point
     groups: list[tuple[Setting, Sequence[Variant], Sequence[Protocol]]] = []
     common = (BASE, MLORA, MOE_SPECIALIST, MOE_RANDOM)
     rule = [Protocol(m, CONVERGED, RULE) for m in PROTOCOLS]

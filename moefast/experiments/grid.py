@@ -31,12 +31,12 @@ from typing import Any
 import torch
 
 from moefast.config import (
-    SYNTHETIC_OPTIONS,
     DataConfig,
     TowerConfig,
     TowerKind,
     TrainConfig,
     default_tower,
+    load_options,
 )
 from moefast.data.dataset import MultiDomainDataset
 from moefast.runs.rundir import check_settings, hold_lock, read_json, save_figure, write_json
@@ -129,25 +129,10 @@ def data_label(data: DataConfig) -> str:
 
 def load_data(data: DataConfig) -> MultiDomainDataset:
     """``moefast.data.load`` for a :class:`DataConfig` (``ValueError`` for an option that does
-    not apply to the dataset, naming it)."""
+    not apply to the dataset, naming it): :func:`moefast.config.load_options`'s mapping."""
     from moefast import data as data_module
 
-    options: dict[str, Any] = {}
-    for key, dest in SYNTHETIC_OPTIONS.items():
-        value = getattr(data, key)
-        if value is None:
-            continue
-        if data.dataset != "synthetic":
-            raise ValueError(f"{key} applies to the synthetic dataset only, not {data.dataset!r}")
-        options[dest] = value
-    for key, dest in (("domain", "domain"), ("data_dir", "raw_dir")):
-        value = getattr(data, key)
-        if value is None:
-            continue
-        if data.dataset == "synthetic":
-            raise ValueError(f"{key} does not apply to the synthetic dataset")
-        options[dest] = value
-    return data_module.load(data.dataset, **options)
+    return data_module.load(data.dataset, **load_options(data))
 
 
 def plan_grid(config: GridConfig) -> list[GridCell]:
