@@ -184,12 +184,6 @@ def _not_resumable(where: Path) -> str:
             f"with --out {where!s}{' --overwrite' if used else ''}")
 
 
-def _write_text(path: Path, text: str) -> None:
-    from moefast.runs.writer import atomic_write
-
-    atomic_write(path, lambda handle: handle.write(text.encode()))
-
-
 def resolve_config(options: Mapping[str, Any]) -> tuple[RunConfig, bool]:
     """Map merged options (TOML keys / flag dests) onto :class:`RunConfig`; also return quiet."""
     values = dict(options)
@@ -352,6 +346,7 @@ def _train_into(config: RunConfig, quiet: bool, out: Path, writer: bool = True, 
     from moefast.ops._backend import BackendUnavailableError
     from moefast.runs.rundir import plot_methods, write_json
     from moefast.runs.snapshot import Preempted
+    from moefast.runs.writer import write_text
     from moefast.train import fit
 
     dataset = load_dataset(config.data, progress=None if not quiet else False)
@@ -364,7 +359,7 @@ def _train_into(config: RunConfig, quiet: bool, out: Path, writer: bool = True, 
     say(f"dataset {dataset.name}: {len(dataset.train)} train / {len(dataset.val)} val / "
         f"{len(dataset.test)} test rows, {dataset.num_domains} domains")
     if writer:
-        _write_text(out / "config.toml", config_toml(config))
+        write_text(out / "config.toml", config_toml(config))
     if writer and "table" in dataset.info:
         from moefast.data.table import save_vocab
 
@@ -391,7 +386,7 @@ def _train_into(config: RunConfig, quiet: bool, out: Path, writer: bool = True, 
             say(f"data-parallel on {result.metrics['distributed']['world_size']} ranks: {_size(sent['total'])} "
                 f"per step per rank (dense all-reduce {_size(sent['dense'])}, embedding rows {_size(sent['sparse'])})")
         if several and writer:
-            _write_text(run_dir / "config.toml",
+            write_text(run_dir / "config.toml",
                         config_toml(dataclasses.replace(config, methods=(kind,), out=str(run_dir))))
             if "table" in dataset.info:
                 write_json(run_dir / "data.json", {"vocab": "../vocab.json"})
@@ -401,7 +396,7 @@ def _train_into(config: RunConfig, quiet: bool, out: Path, writer: bool = True, 
     table = comparison_table(results)
     print(f"{dataset.name}, {config.model}: test metrics (AUC per domain; null = one class)")
     print(table)
-    _write_text(out / "table.txt", table + "\n")
+    write_text(out / "table.txt", table + "\n")
     if several:
         write_json(out / "metrics.json", {"methods": results})
         plot_methods(out / "per_domain_auc.png", results)

@@ -45,7 +45,7 @@ import torch
 from moefast.config import TrainConfig
 from moefast.data.dataset import MultiDomainDataset
 from moefast.models.base import CTRModel
-from moefast.runs.writer import atomic_write
+from moefast.runs.writer import save_figure, write_frame, write_text
 
 __all__ = [
     "MARKER",
@@ -58,7 +58,6 @@ __all__ = [
     "hold_lock",
     "plot_methods",
     "read_json",
-    "save_figure",
     "to_jsonable",
     "write_json",
     "write_run",
@@ -370,15 +369,9 @@ def read_json(path: Path, what: str) -> Any:
                          f"{exc.colno}") from None
 
 
-def save_figure(fig: Any, path: Path) -> None:
-    """A matplotlib figure as a PNG, written atomically (a full disk is a ``WriteError``)."""
-    atomic_write(path, lambda handle: fig.savefig(handle, format="png", dpi=100))
-
-
 def write_json(path: Path, payload: Any, *, indent: int = 2, sort_keys: bool = False) -> None:
-    """``payload`` as JSON (:func:`to_jsonable`), written atomically."""
-    text = json.dumps(to_jsonable(payload), indent=indent, sort_keys=sort_keys) + "\n"
-    atomic_write(path, lambda handle: handle.write(text.encode()))
+    """``payload`` as JSON (:func:`to_jsonable`), written by the one writer."""
+    write_text(path, json.dumps(to_jsonable(payload), indent=indent, sort_keys=sort_keys) + "\n")
 
 
 def write_run(
@@ -413,8 +406,7 @@ def _write_predictions(path: Path, dataset: MultiDomainDataset, logits: torch.Te
             "score": torch.sigmoid(logits.double()).numpy(),
         }
     )
-    text = frame.to_csv(index=False)
-    atomic_write(path, lambda handle: handle.write(text.encode()))
+    write_frame(path, frame)
 
 
 def _pyplot() -> Any:
