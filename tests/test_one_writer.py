@@ -29,6 +29,10 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+import pytest
+
+from moefast.runs.writer import WRITE_LOG_ENV
+
 ROOT = Path(__file__).resolve().parents[1]
 WRITER = "moefast/runs/writer.py"
 WRITER_MODULE = "moefast.runs.writer"
@@ -311,3 +315,58 @@ def test_the_lint_catches_planted_writers_and_passes_harmless_calls() -> None:
                                        "os.replace", ".replace", ".rename", "shutil.copyfile", "numpy.savez",
                                        "torch.save", "torch.export.save", ".to_csv", "pyarrow.parquet.write_table",
                                        "pyarrow.csv.write_csv", ".savefig", ".tofile"}
+
+
+# Files the commands leave without the writer, on purpose (ALLOWED above): the run marker and the
+# lock files (a grid's, a claims table's ``.<name>.lock``), opened for their flock and the
+# marker written in place through the descriptor that holds it.
+UNLOGGED = re.compile(r"^\.moefast-run$|^\.moefast-grid$|^\..*\.lock$")
+
+
+def test_every_file_the_commands_leave_went_through_the_writer(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``train``, ``grid``, ``reproduce``, ``export`` and ``predict`` (tiny) with the writer's
+    test log on: every file in their output folders (and the data cache) is in the log."""
+    from moefast import cli
+
+    log = tmp_path / "writes.log"
+    out = tmp_path / "out"
+    monkeypatch.setenv(WRITE_LOG_ENV, str(log))
+    monkeypatch.setenv("MOEFAST_CACHE", str(out / "cache"))
+    # A tabular source, so that the run leaves vocab.json and the data cache too.
+    rows = ["click,site,user,price"] + [f"{(i * 7) % 3 == 0:d},{'abc'[i % 3]},u{(i * 5) % 23},{i % 17}.5"
+                                        for i in range(300)]
+    (tmp_path / "log.csv").write_text("\n".join(rows) + "\n")
+    (tmp_path / "schema.toml").write_text('label = "click"\ndim = 4\n[domain]\ncolumn = "site"\n'
+                                          '[categorical.user]\n[numeric.price]\n')
+    data = ["--preset", "paper", "--rows", "400", "--num-domains", "2"]
+    run = out / "train"
+    commands = [
+        ["train", "--dataset", "table", "--data", str(tmp_path / "log.csv"), "--schema",
+         str(tmp_path / "schema.toml"), "--method", "base", "--max-epochs", "1", "--batch-size", "128",
+         "--out", str(run)],
+        ["grid", *data, "--model", "wdl", "--method", "base", "--seeds", "3", "--max-epochs", "1",
+         "--batch-size", "256", "--out", str(out / "grid")],
+        ["reproduce", "--sections", "core", "--seeds", "1", "--rows", "800", "--budget", "converged",
+         "--max-steps", "2", "--variants", "base", "--out", str(out / "claims")],
+        ["export", str(run), "--method", "base", "--out", str(out / "export" / "model.pt2")],
+        ["predict", "--model", str(out / "export" / "model.pt2"), "--split", "val",
+         "--out", str(out / "predict" / "scores.parquet")],
+        ["predict", "--model", str(run), "--unmerged", "--out", str(out / "predict" / "scores.csv")],
+    ]
+    for argv in commands:
+        assert cli.main([*argv, "--quiet"]) == 0, (argv, capsys.readouterr().err)
+    written = set(log.read_text().splitlines())
+    on_disk = {str(p.resolve()) for p in out.rglob("*") if p.is_file() and not UNLOGGED.match(p.name)}
+    for folder in ("train", "grid", "claims", "export", "predict"):  # each command left files
+        assert any(p.startswith(str((out / folder).resolve()) + "/") for p in on_disk), folder
+    names = {Path(p).name for p in on_disk}
+    assert {"vocab.json", "dataset.json", "model.pt2", "model.pt2.json", "scores.parquet"} <= names, names
+    assert any(p.endswith(".npz") for p in on_disk), "the data cache was not written"
+    assert sorted(on_disk - written) == [], "files left without the writer"
+    from moefast.experiments.grid import LOCK_FILE
+    from moefast.runs.rundir import MARKER
+
+    assert UNLOGGED.match(MARKER) and UNLOGGED.match(LOCK_FILE)  # the names above are still these
+    assert not [p for p in out.rglob("*.tmp")], "temporary files left behind"

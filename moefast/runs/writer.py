@@ -283,7 +283,7 @@ def copy_file(src: str | os.PathLike[str], dest: str | os.PathLike[str]) -> Path
         return atomic_write(dest, lambda handle: shutil.copyfileobj(source, handle, 1 << 20))
 
 
-def write_at_path(path: str | os.PathLike[str], fill: Callable[[Path], None]) -> Path:
+def write_at_path(path: str | os.PathLike[str], fill: Callable[[Path], object]) -> Path:
     """Write ``path`` atomically with a writer that only takes a path: ``fill(tmp)`` writes the
     file ``tmp``, which has ``path``'s name, in a temporary folder beside ``path``
     (``.<name>.<random>.tmp``); it is ``fsync``-ed and renamed over ``path``. The fault points
