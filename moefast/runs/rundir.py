@@ -15,7 +15,11 @@
 Predictions are ``CSV``; Parquet outputs come with the tabular source (pyarrow is a declared
 dependency).
 
-Every file is written atomically (:func:`moefast.runs.writer.atomic_write`). A run directory
+Every file of a run directory but the marker is written by the one writer
+(:mod:`moefast.runs.writer`: atomic, ``fsync``-ed, a full disk a one-line ``WriteError``);
+``tests/test_one_writer.py`` lints the tree for any other way to write a file and checks that
+every file the commands leave went through it. The marker is the exception: it is written in
+place through the descriptor that holds its lock (below). A run directory
 belongs to one run (:func:`claim_run_dir`). The run writes a marker,
 ``<run>/.moefast-run`` (JSON: format, moefast version, creation time, pid), and holds an
 exclusive ``fcntl.flock`` on it while it runs, so a second live process on the same directory is
