@@ -21,6 +21,7 @@ from pathlib import Path
 from moefast.cli._options import UserError
 from moefast.config import RunConfig
 from moefast.runs.snapshot import PREEMPTED_STATUS
+from moefast.runs.writer import write_text
 
 __all__ = ["launch", "torchrun_argv"]
 
@@ -59,7 +60,7 @@ def launch(config: RunConfig, config_text: str, quiet: bool, nproc: int, *, resu
     os.environ.setdefault("MOEFAST_THREADS_PER_RANK", str(max(1, (os.cpu_count() or 1) // nproc)))
     with tempfile.TemporaryDirectory(prefix="moefast-launch-") as tmp:
         config_file = Path(tmp) / "config.toml"
-        config_file.write_text(config_text)
+        write_text(config_file, config_text)
         try:
             torchrun(torchrun_argv(nproc, config_file, out, overwrite=config.overwrite, quiet=quiet, resume=resume))
         except ChildFailedError as exc:

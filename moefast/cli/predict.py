@@ -295,6 +295,8 @@ def _write_scores(
     import pandas as pd
     import torch
 
+    from moefast.runs.writer import write_frame
+
     names = np.array(domain_names, dtype=object)
     frame = pd.DataFrame({
         "row": np.arange(len(split), dtype=np.int64),
@@ -306,10 +308,4 @@ def _write_scores(
     })
     if isinstance(keys, list) and len(keys) == len(split):
         frame.insert(1, "key", keys)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    if out.suffix == ".parquet":
-        frame.to_parquet(tmp, index=False)
-    else:
-        frame.to_csv(tmp, index=False)
-    tmp.replace(out)
+    write_frame(out, frame)  # Parquet for a .parquet name, else CSV

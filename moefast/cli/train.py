@@ -185,12 +185,6 @@ def _not_resumable(where: Path) -> str:
             f"with --out {where!s}{' --overwrite' if used else ''}")
 
 
-def _write_text(path: Path, text: str) -> None:
-    from moefast.runs.writer import atomic_write
-
-    atomic_write(path, lambda handle: handle.write(text.encode()))
-
-
 def resolve_config(options: Mapping[str, Any]) -> tuple[RunConfig, bool]:
     """Map merged options (TOML keys / flag dests) onto :class:`RunConfig`; also return quiet."""
     values = dict(options)
@@ -346,6 +340,7 @@ def _train_into(config: RunConfig, quiet: bool, out: Path, writer: bool = True, 
     from moefast.experiments.methods import check_methods, run_methods
     from moefast.ops._backend import BackendUnavailableError
     from moefast.runs.rundir import plot_methods, write_json
+    from moefast.runs.writer import write_text
     from moefast.train import FitResult
 
     dataset = load_dataset(config.data, progress=None if not quiet else False)
@@ -356,7 +351,7 @@ def _train_into(config: RunConfig, quiet: bool, out: Path, writer: bool = True, 
     say(f"dataset {dataset.name}: {len(dataset.train)} train / {len(dataset.val)} val / "
         f"{len(dataset.test)} test rows, {dataset.num_domains} domains")
     if writer:
-        _write_text(out / "config.toml", config_toml(config))
+        write_text(out / "config.toml", config_toml(config))
     if writer and "table" in dataset.info:
         from moefast.data.table import save_vocab
 
@@ -366,7 +361,7 @@ def _train_into(config: RunConfig, quiet: bool, out: Path, writer: bool = True, 
     def record(kind: TowerKind, run_dir: Path | None, _result: FitResult) -> None:
         if several and writer:
             assert run_dir is not None
-            _write_text(run_dir / "config.toml",
+            write_text(run_dir / "config.toml",
                         config_toml(dataclasses.replace(config, methods=(kind,), out=str(run_dir))))
             if "table" in dataset.info:
                 write_json(run_dir / "data.json", {"vocab": "../vocab.json"})
@@ -382,7 +377,7 @@ def _train_into(config: RunConfig, quiet: bool, out: Path, writer: bool = True, 
     table = comparison_table(results)
     print(f"{dataset.name}, {config.model}: test metrics (AUC per domain; null = one class)")
     print(table)
-    _write_text(out / "table.txt", table + "\n")
+    write_text(out / "table.txt", table + "\n")
     if several:
         write_json(out / "metrics.json", {"methods": results})
         plot_methods(out / "per_domain_auc.png", results)

@@ -21,7 +21,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 import warnings
 import zipfile
 from collections.abc import Callable, Mapping, Sequence
@@ -32,6 +31,7 @@ import torch
 
 from moefast.config import FeatureSpec, NumericSpec, Pooling
 from moefast.data.dataset import MultiDomainDataset, Split
+from moefast.runs.writer import WriteError, save_npz
 
 __all__ = ["CACHE_ENV", "FORMAT_VERSION", "CacheEntryError", "cached", "fingerprint", "read", "resolve_cache_dir", "write"]
 
@@ -104,7 +104,7 @@ def _join_info(info: object, arrays: Mapping[str, np.ndarray]) -> object:
 
 
 def write(path: Path, dataset: MultiDomainDataset) -> None:
-    """Write ``dataset`` to ``path`` (an ``.npz``) atomically: temporary file, then rename."""
+    """Write ``dataset`` to ``path`` (an ``.npz``) by the one writer (:func:`moefast.runs.writer.save_npz`)."""
     arrays: dict[str, np.ndarray] = {}
     for split_name in _SPLITS:
         split: Split = getattr(dataset, split_name)
@@ -124,15 +124,7 @@ def write(path: Path, dataset: MultiDomainDataset) -> None:
     }
     arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
     arrays[_DIGEST] = np.frombuffer(_content_digest(arrays).encode(), dtype=np.uint8)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)  # type: ignore[arg-type]
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    save_npz(path, arrays)
 
 
 def read(path: Path) -> MultiDomainDataset:
@@ -216,10 +208,10 @@ def cached(
         dataset = build()
         try:
             write(path, dataset)
-        except OSError as exc:
+        except WriteError as exc:
             # The cache only saves time: a full disk or a read-only cache folder costs the next
             # load a rebuild, not this run.
-            warnings.warn(f"cannot write the cache entry {str(path)!r} ({exc.strerror or exc}); continuing "
+            warnings.warn(f"cannot write the cache entry {str(path)!r} ({exc.reason}); continuing "
                           "without it", stacklevel=2)
     info = dict(dataset.info)
     info["cache"] = {"key": key, "path": str(path), "hit": hit}

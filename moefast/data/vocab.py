@@ -30,6 +30,8 @@ from typing import Any
 
 import numpy as np
 
+from moefast.runs.writer import write_text
+
 __all__ = [
     "HASH_NAME",
     "MISSING_ID",
@@ -76,22 +78,18 @@ def hash_ids(values: Iterable[str], buckets: int, seed: int) -> np.ndarray:
 def write_vocab(path: str | os.PathLike[str], artifacts: Mapping[str, Any]) -> Path:
     """Write ``artifacts`` (the dict a table dataset carries in ``info["table"]``) as JSON.
 
-    ``path`` is a run directory (the file is ``path/vocab.json``) or a ``.json`` file. Written to
-    a temporary name and renamed.
+    ``path`` is a run directory (the file is ``path/vocab.json``) or a ``.json`` file. Written by
+    the one writer (:func:`moefast.runs.writer.write_text`: atomic, a full disk a ``WriteError``).
     """
     p = Path(path)
     if p.suffix != ".json":
         p = p / VOCAB_FILE
-    p.parent.mkdir(parents=True, exist_ok=True)
     try:
         # allow_nan=False: NaN and Infinity are not JSON, and services in other languages read this.
         text = json.dumps(dict(artifacts), ensure_ascii=False, sort_keys=True, allow_nan=False)
     except ValueError as exc:
         raise ValueError(f"{p}: not written: a statistic is not a finite number ({exc})") from None
-    tmp = p.with_name(f".{p.name}.tmp")
-    tmp.write_text(text + "\n", encoding="utf-8")
-    os.replace(tmp, p)
-    return p
+    return write_text(p, text + "\n")
 
 
 def _not_json(name: str) -> Any:

@@ -1127,14 +1127,12 @@ def write_report(config: ClaimsConfig) -> dict[str, Path]:
 
 
 def _plot(path: Path, frame: Any) -> None:
-    import io
-
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from moefast.runs.writer import atomic_write
+    from moefast.runs.writer import save_figure
 
     settings = _settings(frame) if len(frame) else []
     fig, ax = plt.subplots(1, 1, figsize=(10, 0.6 * max(len(settings), 2) + 2.5), squeeze=True)
@@ -1157,7 +1155,5 @@ def _plot(path: Path, frame: Any) -> None:
     ax.set_xlabel("paired test WAUC difference, points (95% interval), protocol v2")
     ax.legend(fontsize="x-small")
     fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=100)
+    save_figure(fig, path)
     plt.close(fig)
-    atomic_write(path, lambda handle: handle.write(buffer.getvalue()))

@@ -39,9 +39,9 @@ from moefast.config import (
     load_options,
 )
 from moefast.data.dataset import MultiDomainDataset
-from moefast.runs.rundir import check_settings, hold_lock, read_json, save_figure, write_json
+from moefast.runs.rundir import check_settings, hold_lock, read_json, write_json
 from moefast.runs.snapshot import SNAPSHOT, Preempted
-from moefast.runs.writer import atomic_write
+from moefast.runs.writer import save_figure, write_frame, write_text
 
 __all__ = ["GridCell", "GridConfig", "data_label", "load_data", "plan_grid", "run_grid", "write_results"]
 
@@ -307,7 +307,7 @@ def write_results(config: GridConfig) -> dict[str, Path]:
         "wauc", "mean_auc", "logloss", "seconds",
     ])
     paths = {name: out / name for name in ("runs.csv", "results.csv", "results.md", "results.png")}
-    _write_text(paths["runs.csv"], runs.to_csv(index=False))
+    write_frame(paths["runs.csv"], runs)
     summary = []
     for (data, model, label), group in runs.groupby(["data", "model", "method_label"], sort=False):
         wauc, wauc_std = _mean_std(list(group["wauc"]))
@@ -328,14 +328,10 @@ def write_results(config: GridConfig) -> dict[str, Path]:
         if str(r.method).startswith("moe-mlora") and (r.data, r.model) in mlora else math.nan
         for r in table.itertuples()
     ]
-    _write_text(paths["results.csv"], table.to_csv(index=False))
-    _write_text(paths["results.md"], _markdown(table, config))
+    write_frame(paths["results.csv"], table)
+    write_text(paths["results.md"], _markdown(table, config))
     _plot(paths["results.png"], table)
     return paths
-
-
-def _write_text(path: Path, text: str) -> None:
-    atomic_write(path, lambda handle: handle.write(text.encode()))
 
 
 def _methods_in_order(table: Any) -> list[str]:

@@ -22,8 +22,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -35,6 +33,7 @@ from torch import nn
 from moefast.config import FeatureSpec, Pooling
 from moefast.export._merge import MergedModel, MergedTower
 from moefast.nn.embedding import EmbeddingCollection
+from moefast.runs.writer import copy_file, write_at_path, write_text
 
 __all__ = ["PROGRAM_FORMAT", "NumericServingModule", "ServingModule", "example_inputs", "export_onnx",
            "export_program", "onnx_missing", "program_inputs", "program_sha256", "serving_module"]
@@ -196,27 +195,19 @@ def export_program(
         "preprocessing": sorted(extra_files or {}),
     }
     text = json.dumps(payload, indent=2) + "\n"
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    # Written under its final name (the archive's folder is named after the file) in a temporary
-    # folder beside it, then renamed: no half-written program under the final name.
-    with tempfile.TemporaryDirectory(prefix=".moefast-export-", dir=dest.parent) as scratch:
-        tmp = Path(scratch) / dest.name
-        torch.export.save(program, tmp, extra_files={"moefast.json": text})
-        digest = program_sha256(tmp)
-        tmp.replace(dest)
+    # Under its final name (the archive's folder is named after the file), by the one writer.
+    write_at_path(dest, lambda tmp: torch.export.save(program, tmp, extra_files={"moefast.json": text}))
     # The sidecar alone carries the program's SHA-256 (the archive cannot hold its own digest):
     # moefast predict checks it before loading, as checkpoints are checked (docs/serving.md).
-    payload["program_sha256"] = digest
-    (dest.parent / f"{dest.name}.json").write_text(json.dumps(payload, indent=2) + "\n")
+    payload["program_sha256"] = program_sha256(dest)
+    write_text(dest.parent / f"{dest.name}.json", json.dumps(payload, indent=2) + "\n")
     if extra_files:  # in the payload above as names relative to the folder
         beside = dest.parent / f"{dest.stem}.preprocessing"
-        beside.mkdir(exist_ok=True)
         for name, src in extra_files.items():
-            target = beside / name
-            if Path(src).is_dir():
-                shutil.copytree(src, target, dirs_exist_ok=True)
-            else:
-                shutil.copyfile(src, target)
+            source = Path(src)
+            files = sorted(p for p in source.rglob("*") if p.is_file()) if source.is_dir() else [source]
+            for file in files:
+                copy_file(file, beside / name / file.relative_to(source) if source.is_dir() else beside / name)
     return payload
 
 
@@ -271,9 +262,9 @@ def export_onnx(merged: MergedModel, out: str | os.PathLike[str]) -> Path:
     if missing is not None:
         raise ValueError(missing)
     args, dims = _example_and_dims(merged)
-    dest.parent.mkdir(parents=True, exist_ok=True)
     with torch.no_grad():
-        torch.onnx.export(serving_module(merged), args, str(dest), dynamic_shapes=dims, dynamo=True)
+        write_at_path(dest, lambda tmp: torch.onnx.export(serving_module(merged), args, str(tmp),
+                                                          dynamic_shapes=dims, dynamo=True))
     return dest
 
 

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from moefast.config import FeatureSpec, Pooling
+from moefast.runs.writer import write_text
 
 __all__ = ["DATASET_RECORD", "RECORD_FORMAT", "dataset_record", "features_from_record", "read_dataset_record",
            "read_json_object", "vocabulary_digest", "write_dataset_record"]
@@ -73,9 +74,7 @@ def vocabulary_digest(dataset: Any) -> str | None:
 
 
 def write_dataset_record(path: Path, dataset: Any) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(dataset_record(dataset), indent=2) + "\n")
-    tmp.replace(path)
+    write_text(path, json.dumps(dataset_record(dataset), indent=2) + "\n")
 
 
 def read_json_object(path: Path) -> dict[str, Any]:

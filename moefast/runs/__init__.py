@@ -7,5 +7,6 @@ and a shared table are checked against, checkpoints (:mod:`moefast.runs.checkpoi
 resume snapshot (:mod:`moefast.runs.snapshot`).
 
 Never imports: :mod:`moefast.train`'s loop or data parallelism, :mod:`moefast.experiments`, the
-command line. Training imports this package, not the other way round.
+command line. Training imports this package, not the other way round. The writer imports
+nothing of moefast: every room writes through it, the data's cache and ``vocab.json`` included.
 """

@@ -15,7 +15,11 @@
 Predictions are ``CSV``; Parquet outputs come with the tabular source (pyarrow is a declared
 dependency).
 
-Every file is written atomically (:func:`moefast.runs.writer.atomic_write`). A run directory
+Every file of a run directory but the marker is written by the one writer
+(:mod:`moefast.runs.writer`: atomic, ``fsync``-ed, a full disk a one-line ``WriteError``);
+``tests/test_one_writer.py`` lints the tree for any other way to write a file and checks that
+every file the commands leave went through it. The marker is the exception: it is written in
+place through the descriptor that holds its lock (below). A run directory
 belongs to one run (:func:`claim_run_dir`). The run writes a marker,
 ``<run>/.moefast-run`` (JSON: format, moefast version, creation time, pid), and holds an
 exclusive ``fcntl.flock`` on it while it runs, so a second live process on the same directory is
@@ -45,7 +49,7 @@ import torch
 from moefast.config import TrainConfig
 from moefast.data.dataset import MultiDomainDataset
 from moefast.models.base import CTRModel
-from moefast.runs.writer import atomic_write
+from moefast.runs.writer import save_figure, write_frame, write_text
 
 __all__ = [
     "MARKER",
@@ -58,7 +62,6 @@ __all__ = [
     "hold_lock",
     "plot_methods",
     "read_json",
-    "save_figure",
     "to_jsonable",
     "write_json",
     "write_run",
@@ -370,15 +373,9 @@ def read_json(path: Path, what: str) -> Any:
                          f"{exc.colno}") from None
 
 
-def save_figure(fig: Any, path: Path) -> None:
-    """A matplotlib figure as a PNG, written atomically (a full disk is a ``WriteError``)."""
-    atomic_write(path, lambda handle: fig.savefig(handle, format="png", dpi=100))
-
-
 def write_json(path: Path, payload: Any, *, indent: int = 2, sort_keys: bool = False) -> None:
-    """``payload`` as JSON (:func:`to_jsonable`), written atomically."""
-    text = json.dumps(to_jsonable(payload), indent=indent, sort_keys=sort_keys) + "\n"
-    atomic_write(path, lambda handle: handle.write(text.encode()))
+    """``payload`` as JSON (:func:`to_jsonable`), written by the one writer."""
+    write_text(path, json.dumps(to_jsonable(payload), indent=indent, sort_keys=sort_keys) + "\n")
 
 
 def write_run(
@@ -413,8 +410,7 @@ def _write_predictions(path: Path, dataset: MultiDomainDataset, logits: torch.Te
             "score": torch.sigmoid(logits.double()).numpy(),
         }
     )
-    text = frame.to_csv(index=False)
-    atomic_write(path, lambda handle: handle.write(text.encode()))
+    write_frame(path, frame)
 
 
 def _pyplot() -> Any:

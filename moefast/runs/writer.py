@@ -22,21 +22,49 @@ Fault points (tests only). ``MOEFAST_TEST_FAULT`` names one fault, deterministic
   system that allocates late reports it).
 
 Unset (always, outside tests) every fault point is one dictionary lookup.
+
+The one writer (issue 25). Every file a ``moefast`` command or library call leaves goes through
+this module: :func:`atomic_write` for a writer that fills a file object, and the small helpers
+over it (:func:`write_bytes`, :func:`write_text`, :func:`write_frame` for a CSV or Parquet
+table, :func:`save_npz`, :func:`save_figure`, :func:`copy_file`), plus
+:func:`write_at_path` for the writers that only take a path (``torch.export.save`` names the
+archive's folder after the file, ``torch.onnx.export``). ``tests/test_one_writer.py`` forbids every
+other way to create or replace a file outside this module, the allowed exceptions listed there
+with their reasons.
+
+``MOEFAST_TEST_WRITE_LOG`` (tests only) names a file to which every completed write appends its
+final path, one a line: the test that runs every command compares it with the files on disk.
 """
 
 from __future__ import annotations
 
 import errno
 import os
+import shutil
 import signal
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, BinaryIO
 
-__all__ = ["FAULT_ENV", "WriteError", "atomic_write", "fault_step", "fsync_dir"]
+__all__ = [
+    "FAULT_ENV",
+    "WRITE_LOG_ENV",
+    "WriteError",
+    "atomic_write",
+    "copy_file",
+    "fault_step",
+    "fsync_dir",
+    "save_figure",
+    "save_npz",
+    "write_at_path",
+    "write_bytes",
+    "write_frame",
+    "write_text",
+]
 
 FAULT_ENV = "MOEFAST_TEST_FAULT"
+WRITE_LOG_ENV = "MOEFAST_TEST_WRITE_LOG"
 
 # Writes this process made per file name, for the ``:<n>`` of a write fault (keyed by pid too: a
 # forked child counts its own writes).
@@ -45,7 +73,9 @@ _WRITES: dict[tuple[int, str], int] = {}
 
 class WriteError(OSError):
     """A file could not be written (disk full, permissions, I/O error); nothing was left under its
-    final name. ``errno`` is the underlying error's."""
+    final name. ``errno`` is the underlying error's, ``reason`` its message."""
+
+    reason: str = ""
 
 
 def _fault() -> list[str] | None:
@@ -100,11 +130,38 @@ class _Handle:
     def flush(self) -> None:
         self.raw.flush()
 
+    # A seekable, writable file as a plain ``open(path, "wb")`` is: a zip writer (np.savez) seeks
+    # back to fill in each member's sizes, pyarrow's Parquet writer checks ``closed`` and ``mode``.
+    mode = "wb"
+
+    @property
+    def closed(self) -> bool:
+        return self.raw.closed
+
+    def writable(self) -> bool:
+        return True
+
+    def readable(self) -> bool:
+        return False
+
+    def tell(self) -> int:
+        return self.raw.tell()
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        return self.raw.seek(offset, whence)
+
+    def seekable(self) -> bool:
+        return True
+
+    def read(self, size: int = -1) -> bytes:  # np.savez takes a file object by its read attribute
+        return self.raw.read(size)
+
 
 def _write_error(dest: Path, cause: OSError) -> WriteError:
     error = WriteError(f"cannot write {str(dest)!r}: {cause.strerror or cause}; nothing was written under "
                        "that name")
     error.errno = cause.errno
+    error.reason = str(cause.strerror or cause)
     return error
 
 
@@ -174,4 +231,96 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[Any], None]) -> 
         Path(tmp).unlink(missing_ok=True)
         raise
     fsync_dir(dest.parent)
+    _log_write(dest)
+    return dest
+
+
+def _log_write(dest: Path) -> None:
+    """Append ``dest`` to the test-only write log (``MOEFAST_TEST_WRITE_LOG``), when set."""
+    log = os.environ.get(WRITE_LOG_ENV)
+    if not log:
+        return
+    fd = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, (str(dest.resolve()) + "\n").encode())  # one O_APPEND write: whole lines
+    finally:
+        os.close(fd)
+
+
+def write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
+    """Write ``data`` to ``path`` atomically (:func:`atomic_write`)."""
+    return atomic_write(path, lambda handle: handle.write(data))
+
+
+def write_text(path: str | os.PathLike[str], text: str, *, encoding: str = "utf-8") -> Path:
+    """Write ``text`` to ``path`` atomically (:func:`atomic_write`)."""
+    return write_bytes(path, text.encode(encoding))
+
+
+def write_frame(path: str | os.PathLike[str], frame: Any) -> Path:
+    """Write the pandas DataFrame ``frame`` atomically, without its index: Parquet when ``path``
+    ends in ``.parquet``, else CSV."""
+    if Path(path).suffix == ".parquet":
+        return atomic_write(path, lambda handle: frame.to_parquet(handle, index=False))
+    return write_text(path, frame.to_csv(index=False))
+
+
+def save_npz(path: str | os.PathLike[str], arrays: Mapping[str, Any]) -> Path:
+    """``np.savez`` of ``arrays`` (uncompressed), atomically."""
+    import numpy as np
+
+    return atomic_write(path, lambda handle: np.savez(handle, **arrays))
+
+
+def save_figure(fig: Any, path: str | os.PathLike[str]) -> Path:
+    """Save a matplotlib figure as PNG (100 dpi), atomically."""
+    return atomic_write(path, lambda handle: fig.savefig(handle, format="png", dpi=100))
+
+
+def copy_file(src: str | os.PathLike[str], dest: str | os.PathLike[str]) -> Path:
+    """Copy the bytes of the file ``src`` to ``dest`` atomically (not its mode or times)."""
+    with open(src, "rb") as source:
+        return atomic_write(dest, lambda handle: shutil.copyfileobj(source, handle, 1 << 20))
+
+
+def write_at_path(path: str | os.PathLike[str], fill: Callable[[Path], object]) -> Path:
+    """Write ``path`` atomically with a writer that only takes a path: ``fill(tmp)`` writes the
+    file ``tmp``, which has ``path``'s name, in a temporary folder beside ``path``
+    (``.<name>.<random>.tmp``); it is ``fsync``-ed and renamed over ``path``. The fault points
+    and the errors are :func:`atomic_write`'s (an ``enospc`` fault fails at the ``fsync``).
+
+    Raises:
+        WriteError: the file could not be written or made durable, or ``fill`` left no file.
+    """
+    dest = Path(path)
+    name = dest.name
+    key = (os.getpid(), name)
+    _WRITES[key] = _WRITES.get(key, 0) + 1
+    full = _fault_write(name, "enospc")
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        scratch = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".tmp", dir=dest.parent))
+    except OSError as exc:
+        raise _write_error(dest, exc) from None
+    try:
+        tmp = scratch / name
+        fill(tmp)
+        if not tmp.is_file():
+            raise OSError(errno.ENOENT, "the writer left no file")
+        if full:
+            raise OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)} (injected by {FAULT_ENV})")
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        if _fault_write(name, "kill"):
+            os.kill(os.getpid(), signal.SIGKILL)
+        os.replace(tmp, dest)
+    except OSError as exc:
+        raise _write_error(dest, exc) from None
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    fsync_dir(dest.parent)
+    _log_write(dest)
     return dest
