@@ -802,22 +802,7 @@ def _build(sch: TableSchema, files: list[Path], kind: str, saved: dict[str, Any]
             torch.from_numpy(domain_sorted[lo:hi]),
             torch.from_numpy(label_sorted[lo:hi]),
         ))
-    artifacts = {
-        "format": FORMAT,
-        "version": VERSION,
-        "schema": sch.to_dict(),
-        "hash": HASH_NAME,
-        "reserved": {"padding": PADDING_ID, "oov": OOV_ID, "missing": MISSING_ID, "first_value": RESERVED},
-        "domains": {"column": sch.domain.column, "names": list(domain_names), "values": domain_map,
-                    "other": (domain_names.index(sch.domain.other)
-                              if sch.domain.policy is DomainPolicy.OTHER and sch.domain.other in domain_names
-                              else None),
-                    "feature": DOMAIN_FIELD if sch.domain.feature else None},
-        "categorical": artifacts_cat,
-        "numeric": artifacts_num,
-        "label": None if sch.label is None else {"column": sch.label, "threshold": sch.label_threshold},
-        "key": sch.key,
-    }
+    artifacts = vocab_artifacts(sch, domain_names, domain_map, artifacts_cat, artifacts_num)
     info: dict[str, Any] = {
         "source": "table",
         "files": [str(f) for f in files],
@@ -840,6 +825,28 @@ def _build(sch: TableSchema, files: list[Path], kind: str, saved: dict[str, Any]
         pretrained=pretrained,
         numeric=tuple(numeric_specs),
     )
+
+
+def vocab_artifacts(sch: TableSchema, domain_names: list[str], domain_map: Mapping[str, int],
+                    categorical: Mapping[str, Any], numeric: Mapping[str, Any]) -> dict[str, Any]:
+    """The content of ``vocab.json`` (``info["table"]``): the schema, the reserved ids, the
+    domain map, every field's vocabulary and every numeric field's statistics."""
+    return {
+        "format": FORMAT,
+        "version": VERSION,
+        "schema": sch.to_dict(),
+        "hash": HASH_NAME,
+        "reserved": {"padding": PADDING_ID, "oov": OOV_ID, "missing": MISSING_ID, "first_value": RESERVED},
+        "domains": {"column": sch.domain.column, "names": list(domain_names), "values": dict(domain_map),
+                    "other": (domain_names.index(sch.domain.other)
+                              if sch.domain.policy is DomainPolicy.OTHER and sch.domain.other in domain_names
+                              else None),
+                    "feature": DOMAIN_FIELD if sch.domain.feature else None},
+        "categorical": dict(categorical),
+        "numeric": dict(numeric),
+        "label": None if sch.label is None else {"column": sch.label, "threshold": sch.label_threshold},
+        "key": sch.key,
+    }
 
 
 _LABEL_TEXT = pa.array(["0", "1"], pa.string())
