@@ -230,11 +230,15 @@ def _check_header(path: Path, header: list[str], columns: list[str]) -> None:
 
 
 def _chunks(files: list[Path], kind: str, columns: list[str], optional: set[str],
-            coded: set[str] | frozenset[str] = frozenset(), root: Path | None = None) -> Iterator[_Chunk]:
+            coded: set[str] | frozenset[str] = frozenset(), root: Path | None = None,
+            row_groups: list[int] | None = None) -> Iterator[_Chunk]:
     """Every chunk of every file, with only ``columns`` (``optional`` ones may be absent).
 
     Under a folder ``root``, a column the files lack may come from their Hive partition folders
     (``key=value``): one value for the whole file, as text. A column in both is refused.
+
+    ``row_groups`` (Parquet only) reads those row groups of each file instead of all (the
+    streamed source reads one at a time).
 
     Parquet string columns in ``coded`` are read as dictionary arrays: the file's own dictionary
     pages become the codes, and each distinct string is decoded once per row group, not per row
@@ -296,7 +300,10 @@ def _chunks(files: list[Path], kind: str, columns: list[str], optional: set[str]
                 raise _unreadable(path, exc, row - 1) from None
         else:
             try:
-                for batch in pfile.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=have):
+                if row_groups is not None:  # a streamed read of some row groups (one at a time)
+                    meta = pfile.metadata
+                    row += sum(meta.row_group(g).num_rows for g in range(min(row_groups)))
+                for batch in pfile.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=have, row_groups=row_groups):
                     yield _Chunk(path, row, _with_constants(batch, have, constant, coded))
                     row += batch.num_rows
             except (OSError, pa.ArrowException) as exc:
