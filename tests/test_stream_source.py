@@ -123,3 +123,29 @@ def test_a_file_changed_since_the_first_pass_is_located_at_open(tmp_path: Path) 
         stream.open_stream(log, stream_schema(), vocab)
     new.unlink()
     assert np.isfinite(len(stream.open_stream(log, stream_schema(), vocab).train))
+
+
+def _rewrite(path: Path, **columns: pa.Array) -> None:
+    tab = pq.read_table(path, partitioning=None)
+    for name, values in columns.items():
+        tab = tab.set_column(tab.schema.get_field_index(name), name, values)
+    pq.write_table(tab, path)
+
+
+def test_bad_input_in_one_partition_is_located(tmp_path: Path) -> None:
+    log, vocab, _ = _open(tmp_path, n=600)
+    target = log / "site=c" / "dt=2026-11-30" / "part-0.parquet"
+    rows = pq.read_metadata(target).num_rows
+    # A numeric column of the wrong type (text) in one partition: the file, the row, the column.
+    _rewrite(target, age=pa.array(["old"] * rows, pa.string()))
+    with pytest.raises(TableError, match=r"site=c/dt=2026-11-30/part-0\.parquet: changed since the first pass"):
+        stream.open_stream(log, stream_schema(), vocab)
+    vocab.write_text(json.dumps(firstpass.first_pass(log, {**stream_schema(), "numeric": {}}, progress=False)))
+    ds = stream.open_stream(log, {**stream_schema(), "numeric": {}}, vocab)
+    assert len(list(stream.StreamLoader(ds.train, 64, generator=1)))
+    with pytest.raises(TableError, match=r"part-0\.parquet, row 1, column 'age': not a number"):
+        firstpass.first_pass(log, stream_schema(), progress=False)
+    # A schema that differs between files: a column the schema reads is missing in one file.
+    pq.write_table(pq.read_table(target, partitioning=None).drop_columns(["user"]), target)
+    with pytest.raises(TableError, match=r"site=c/dt=2026-11-30/part-0\.parquet, column 'user': missing column"):
+        firstpass.first_pass(log, {**stream_schema(), "numeric": {}}, progress=False)
