@@ -17,7 +17,7 @@ import warnings
 from collections.abc import Sequence
 from typing import Protocol
 
-from moefast.cli import export, grid, predict, reproduce, train
+from moefast.cli import export, grid, predict, reproduce, train, vocab
 from moefast.cli._options import Parser, UserError
 
 __all__ = ["COMMANDS", "Command", "build_parser", "main", "version"]
@@ -34,7 +34,7 @@ class Command(Protocol):
 
 
 # The subcommands, in the order `moefast --help` lists them.
-COMMANDS: tuple[Command, ...] = (train, grid, reproduce, export, predict)
+COMMANDS: tuple[Command, ...] = (train, grid, reproduce, export, predict, vocab)
 
 
 def version() -> str:

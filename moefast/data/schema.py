@@ -26,6 +26,7 @@ TOML shape (every table but ``[domain]`` optional)::
     min_count = 1                   # values seen fewer times in train map to the OOV id
     missing = "own"                 # own (a dedicated missing id) | oov
     hash_buckets = 0                # > 0: hash into this many buckets instead of a vocabulary
+    max_size = 0                    # > 0: keep the max_size most frequent values (ties by value)
     hash_seed = 0
     multi = false                   # multi-valued: a delimited string or a Parquet list
     delimiter = "|"
@@ -40,12 +41,19 @@ TOML shape (every table but ``[domain]`` optional)::
     indicator = false               # add a 0/1 numeric field "price_missing"
 
     [split]
-    kind = "random"                 # random (per domain, by label) | column | time
+    kind = "random"                 # random (per domain, by label) | column | time | partition | hash
     fractions = [0.6, 0.2, 0.2]
     seed = 123
     column = "ds"                   # kind column: its values name the split
     values = ["train", "val", "test"]
     cuts = [20240101, 20240108]     # kind time: t < cuts[0] train, < cuts[1] val, else test
+    last = ["2026-11-30", "2026-12-01"]  # kind partition: value <= last[0] train, <= last[1] val,
+                                    # else test (text order of a Hive partition key's value)
+
+Kind ``hash`` needs the top-level ``key``: a row is in train when ``stable_hash(key, seed) mod
+10000 < round(10000 * fractions[0])``, in val below ``round(10000 * (fractions[0] +
+fractions[1]))``, else in test (:func:`moefast.data.vocab.stable_hash`): the same row lands in
+the same split whatever the files' order, and no full read is needed.
 """
 
 from __future__ import annotations
@@ -132,6 +140,12 @@ class SplitKind(enum.Enum):
     RANDOM = "random"
     COLUMN = "column"
     TIME = "time"
+    PARTITION = "partition"
+    HASH = "hash"
+
+
+# Kind hash: the hash's residue modulo this many buckets decides the split.
+HASH_SPLIT_BUCKETS = 10000
 
 
 @dataclass(frozen=True)
@@ -154,6 +168,7 @@ class CategoricalColumn:
     missing: MissingPolicy = MissingPolicy.OWN
     hash_buckets: int = 0
     hash_seed: int = 0
+    max_size: int = 0  # > 0: the vocabulary keeps the max_size most frequent values (ties by value)
     multi: bool = False
     delimiter: str = "|"
     max_len: int = 16
@@ -178,6 +193,7 @@ class SplitSpec:
     column: str | None = None
     values: tuple[str, str, str] = ("train", "val", "test")
     cuts: tuple[float, float] | None = None
+    last: tuple[str, str] | None = None  # kind partition: the last value of train, of val
 
 
 @dataclass(frozen=True)
@@ -279,7 +295,9 @@ class TableSchema:
                 c.name: {"column": c.column, "dim": c.dim, "min_count": c.min_count, "missing": c.missing.value,
                          "hash_buckets": c.hash_buckets, "hash_seed": c.hash_seed, "multi": c.multi,
                          "delimiter": c.delimiter, "max_len": c.max_len, "pooling": c.pooling.value,
-                         **({"pretrained": c.pretrained} if c.pretrained is not None else {})}
+                         **({"pretrained": c.pretrained} if c.pretrained is not None else {}),
+                         # Only when set: vocabularies written before max_size existed still match.
+                         **({"max_size": c.max_size} if c.max_size else {})}
                 for c in self.categorical
             },
             "numeric": {n.name: {"column": n.column, "transform": n.transform.value, "fill": n.fill,
@@ -294,6 +312,8 @@ class TableSchema:
             out["split"]["column"] = self.split.column
         if self.split.cuts is not None:
             out["split"]["cuts"] = list(self.split.cuts)
+        if self.split.last is not None:
+            out["split"]["last"] = list(self.split.last)
         for key in ("label", "label_threshold", "key"):
             if getattr(self, key) is not None:
                 out[key] = getattr(self, key)
@@ -334,6 +354,7 @@ class TableSchema:
                 missing=cr.enum("missing", MissingPolicy, MissingPolicy.OWN),
                 hash_buckets=cr.get("hash_buckets", int, 0, lo=0),
                 hash_seed=cr.get("hash_seed", int, 0, lo=0, hi=2**64 - 1),
+                max_size=cr.get("max_size", int, 0, lo=0),
                 multi=multi,
                 delimiter=cr.get("delimiter", str, "|"),
                 max_len=cr.get("max_len", int, 16, lo=1),
@@ -365,6 +386,7 @@ class TableSchema:
         fractions = sr.get("fractions", list, list(DEFAULT_FRACTIONS))
         values = sr.get("values", list, ["train", "val", "test"])
         cuts = sr.opt("cuts", list)
+        last = sr.opt("last", list)
         split = SplitSpec(
             kind=kind,
             fractions=_triple(source, "split.fractions", fractions, float),
@@ -372,13 +394,22 @@ class TableSchema:
             column=sr.opt("column", str),
             values=_triple(source, "split.values", values, str),
             cuts=None if cuts is None else _pair(source, "split.cuts", cuts),
+            last=None if last is None else _text_pair(source, "split.last", last),
         )
         sr.done()
         if any(f < 0 for f in split.fractions) or abs(sum(split.fractions) - 1.0) > 1e-9:
             raise ValueError(f"{source}: split.fractions must be three non-negative shares summing to 1, "
                              f"got {list(split.fractions)}")
-        if kind is not SplitKind.RANDOM and split.column is None:
+        if kind in (SplitKind.COLUMN, SplitKind.TIME, SplitKind.PARTITION) and split.column is None:
             raise ValueError(f"{source}: split.kind = {kind.value!r} needs split.column")
+        if kind is SplitKind.PARTITION and split.last is None:
+            raise ValueError(f"{source}: split.kind = 'partition' needs split.last = [last train value, "
+                             "last validation value]")
+        if kind is SplitKind.HASH and key is None:
+            raise ValueError(f"{source}: split.kind = 'hash' needs the top-level key (the column whose stable "
+                             "hash picks each row's split)")
+        if kind is SplitKind.HASH and split.column is not None:
+            raise ValueError(f"{source}: split.column does not apply to kind 'hash' (it hashes the top-level key)")
         if kind is SplitKind.TIME and split.cuts is None:
             raise ValueError(f"{source}: split.kind = 'time' needs split.cuts = [val_start, test_start]")
         if kind is SplitKind.RANDOM and split.column is not None:
@@ -424,6 +455,14 @@ def _triple(source: str, where: str, value: list[Any], kind: type) -> tuple[Any,
                               for v in value):
         raise ValueError(f"{source}: {where} must be three {kind.__name__} values, got {value!r}")
     return tuple(kind(v) for v in value)
+
+
+def _text_pair(source: str, where: str, value: list[Any]) -> tuple[str, str]:
+    if len(value) != 2 or any(isinstance(v, bool) or not isinstance(v, str | int) for v in value) \
+            or str(value[0]) > str(value[1]):
+        raise ValueError(f"{source}: {where} must be two values in increasing text order "
+                         f"[last train value, last validation value], got {value!r}")
+    return str(value[0]), str(value[1])
 
 
 def _pair(source: str, where: str, value: list[Any]) -> tuple[float, float]:

@@ -40,6 +40,7 @@ from moefast.data import cache
 from moefast.data.dataset import MultiDomainDataset, Split
 from moefast.data.schema import (
     DOMAIN_FIELD,
+    HASH_SPLIT_BUCKETS,
     MAX_TABLE_BYTES,
     CategoricalColumn,
     DomainPolicy,
@@ -229,11 +230,15 @@ def _check_header(path: Path, header: list[str], columns: list[str]) -> None:
 
 
 def _chunks(files: list[Path], kind: str, columns: list[str], optional: set[str],
-            coded: set[str] | frozenset[str] = frozenset(), root: Path | None = None) -> Iterator[_Chunk]:
+            coded: set[str] | frozenset[str] = frozenset(), root: Path | None = None,
+            row_groups: list[int] | None = None) -> Iterator[_Chunk]:
     """Every chunk of every file, with only ``columns`` (``optional`` ones may be absent).
 
     Under a folder ``root``, a column the files lack may come from their Hive partition folders
     (``key=value``): one value for the whole file, as text. A column in both is refused.
+
+    ``row_groups`` (Parquet only) reads those row groups of each file instead of all (the
+    streamed source reads one at a time).
 
     Parquet string columns in ``coded`` are read as dictionary arrays: the file's own dictionary
     pages become the codes, and each distinct string is decoded once per row group, not per row
@@ -295,7 +300,10 @@ def _chunks(files: list[Path], kind: str, columns: list[str], optional: set[str]
                 raise _unreadable(path, exc, row - 1) from None
         else:
             try:
-                for batch in pfile.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=have):
+                if row_groups is not None:  # a streamed read of some row groups (one at a time)
+                    meta = pfile.metadata
+                    row += sum(meta.row_group(g).num_rows for g in range(min(row_groups)))
+                for batch in pfile.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=have, row_groups=row_groups):
                     yield _Chunk(path, row, _with_constants(batch, have, constant, coded))
                     row += batch.num_rows
             except (OSError, pa.ArrowException) as exc:
@@ -628,6 +636,7 @@ def _build(sch: TableSchema, files: list[Path], kind: str, saved: dict[str, Any]
     split_vals: list[np.ndarray] = []
     keys: list[pa.Array] = []
     split_codes = _Codes()
+    split_parts: list[np.ndarray] = []
     bar = tqdm(desc="reading", unit=" rows", unit_scale=True, disable=(not progress) if progress is not None else None)
     try:
         coded = {sch.domain.column, *(c.column for c in sch.categorical if not c.multi)}
@@ -661,6 +670,8 @@ def _build(sch: TableSchema, files: list[Path], kind: str, saved: dict[str, Any]
                 assert sch.split.column is not None
                 split_codes.add_single(chunk.columns[sch.split.column],
                                        _Place(chunk.path, chunk.first_row, sch.split.column))
+            elif not scoring and sch.split.kind in (SplitKind.PARTITION, SplitKind.HASH):
+                split_parts.append(chunk_split(sch, chunk))
             elif not scoring and sch.split.kind is SplitKind.TIME:
                 assert sch.split.column is not None
                 t = _as_float(chunk, sch.split.column)
@@ -699,6 +710,8 @@ def _build(sch: TableSchema, files: list[Path], kind: str, saved: dict[str, Any]
             path, row = rows.locate(int(bad[0]))
             value = names[scodes[bad[0]]] if scodes[bad[0]] >= 0 else None
             raise TableError(path, row, sch.split.column, f"split value {value!r} is none of {list(sch.split.values)}")
+    elif sch.split.kind in (SplitKind.PARTITION, SplitKind.HASH):
+        part = np.concatenate(split_parts)
     else:
         assert sch.split.cuts is not None
         t = np.concatenate(split_vals)
@@ -719,7 +732,10 @@ def _build(sch: TableSchema, files: list[Path], kind: str, saved: dict[str, Any]
                                  f"the {what} split is empty (split {sch.split.kind.value!r}: "
                                  + {SplitKind.RANDOM: f"{n} rows, fractions {list(sch.split.fractions)}",
                                     SplitKind.COLUMN: f"no row has the value {sch.split.values[p]!r}",
-                                    SplitKind.TIME: f"cuts {list(sch.split.cuts or ())}"}[sch.split.kind]
+                                    SplitKind.TIME: f"cuts {list(sch.split.cuts or ())}",
+                                    SplitKind.PARTITION: f"last {list(sch.split.last or ())}",
+                                    SplitKind.HASH: f"{n} rows, fractions {list(sch.split.fractions)}",
+                                    }[sch.split.kind]
                                  + "); every split needs rows")
 
     # Categorical fields.
@@ -793,22 +809,7 @@ def _build(sch: TableSchema, files: list[Path], kind: str, saved: dict[str, Any]
             torch.from_numpy(domain_sorted[lo:hi]),
             torch.from_numpy(label_sorted[lo:hi]),
         ))
-    artifacts = {
-        "format": FORMAT,
-        "version": VERSION,
-        "schema": sch.to_dict(),
-        "hash": HASH_NAME,
-        "reserved": {"padding": PADDING_ID, "oov": OOV_ID, "missing": MISSING_ID, "first_value": RESERVED},
-        "domains": {"column": sch.domain.column, "names": list(domain_names), "values": domain_map,
-                    "other": (domain_names.index(sch.domain.other)
-                              if sch.domain.policy is DomainPolicy.OTHER and sch.domain.other in domain_names
-                              else None),
-                    "feature": DOMAIN_FIELD if sch.domain.feature else None},
-        "categorical": artifacts_cat,
-        "numeric": artifacts_num,
-        "label": None if sch.label is None else {"column": sch.label, "threshold": sch.label_threshold},
-        "key": sch.key,
-    }
+    artifacts = vocab_artifacts(sch, domain_names, domain_map, artifacts_cat, artifacts_num)
     info: dict[str, Any] = {
         "source": "table",
         "files": [str(f) for f in files],
@@ -833,7 +834,84 @@ def _build(sch: TableSchema, files: list[Path], kind: str, saved: dict[str, Any]
     )
 
 
+def vocab_artifacts(sch: TableSchema, domain_names: list[str], domain_map: Mapping[str, int],
+                    categorical: Mapping[str, Any], numeric: Mapping[str, Any]) -> dict[str, Any]:
+    """The content of ``vocab.json`` (``info["table"]``): the schema, the reserved ids, the
+    domain map, every field's vocabulary and every numeric field's statistics."""
+    return {
+        "format": FORMAT,
+        "version": VERSION,
+        "schema": sch.to_dict(),
+        "hash": HASH_NAME,
+        "reserved": {"padding": PADDING_ID, "oov": OOV_ID, "missing": MISSING_ID, "first_value": RESERVED},
+        "domains": {"column": sch.domain.column, "names": list(domain_names), "values": dict(domain_map),
+                    "other": (domain_names.index(sch.domain.other)
+                              if sch.domain.policy is DomainPolicy.OTHER and sch.domain.other in domain_names
+                              else None),
+                    "feature": DOMAIN_FIELD if sch.domain.feature else None},
+        "categorical": dict(categorical),
+        "numeric": dict(numeric),
+        "label": None if sch.label is None else {"column": sch.label, "threshold": sch.label_threshold},
+        "key": sch.key,
+    }
+
+
 _LABEL_TEXT = pa.array(["0", "1"], pa.string())
+
+
+def chunk_split(sch: TableSchema, chunk: _Chunk) -> np.ndarray:
+    """int8 ``[n]``: each row's split (0 train, 1 val, 2 test) under a split kind that needs no
+    full read (``column``, ``time``, ``partition``, ``hash``); a row no split can take is a
+    :class:`TableError` at its row. Shared by the in-memory load and the streamed source."""
+    kind = sch.split.kind
+    if kind is SplitKind.RANDOM:
+        raise ValueError(f"{sch.source}: split.kind = 'random' needs the whole data (it is stratified per domain "
+                         "and label); a streamed source takes split.kind = 'hash' (a stable hash of the key), "
+                         "'column', 'time' or 'partition'")
+    if kind is SplitKind.HASH:
+        assert sch.key is not None
+        place = _Place(chunk.path, chunk.first_row, sch.key)
+        keys = _as_text(chunk.columns[sch.key], place)
+        nulls = np.flatnonzero(keys.is_null().to_numpy(zero_copy_only=False))
+        if nulls.size:
+            raise place.error(int(nulls[0]), "empty key (split.kind = 'hash' hashes the key of every row)")
+        bucket = hash_ids(keys.to_pylist(), HASH_SPLIT_BUCKETS, sch.split.seed) - RESERVED
+        f = sch.split.fractions
+        cut_train = int(np.floor(HASH_SPLIT_BUCKETS * f[0] + 0.5))
+        cut_val = int(np.floor(HASH_SPLIT_BUCKETS * (f[0] + f[1]) + 0.5))
+        return np.where(bucket < cut_train, 0, np.where(bucket < cut_val, 1, 2)).astype(np.int8)
+    column = sch.split.column
+    assert column is not None
+    if kind is SplitKind.TIME:
+        assert sch.split.cuts is not None
+        t = _as_float(chunk, column)
+        if np.isnan(t).any():
+            i = int(np.flatnonzero(np.isnan(t))[0])
+            raise TableError(chunk.path, chunk.first_row + i, column, "empty time value")
+        return np.where(t < sch.split.cuts[0], 0, np.where(t < sch.split.cuts[1], 1, 2)).astype(np.int8)
+    arr = chunk.columns[column]
+    if pa.types.is_dictionary(arr.type):
+        arr = arr.dictionary_decode()
+    text = _trimmed(_as_text(arr, _Place(chunk.path, chunk.first_row, column)))
+    nulls = np.flatnonzero(pc.or_kleene(text.is_null(), pc.equal(text, "")).fill_null(True)
+                           .to_numpy(zero_copy_only=False))
+    if kind is SplitKind.PARTITION:
+        assert sch.split.last is not None
+        if nulls.size:
+            i = int(nulls[0])
+            raise TableError(chunk.path, chunk.first_row + i, column, "empty partition value (split.kind = "
+                             "'partition' needs a value on every row)")
+        le_train = pc.less_equal(text, sch.split.last[0]).to_numpy(zero_copy_only=False)
+        le_val = pc.less_equal(text, sch.split.last[1]).to_numpy(zero_copy_only=False)
+        return np.where(le_train, 0, np.where(le_val, 1, 2)).astype(np.int8)
+    pos = pc.index_in(text, value_set=pa.array(list(sch.split.values), pa.string())).fill_null(-1)
+    part = pos.to_numpy(zero_copy_only=False).astype(np.int8)
+    bad = np.flatnonzero(part < 0)
+    if bad.size:
+        i = int(bad[0])
+        raise TableError(chunk.path, chunk.first_row + i, column,
+                         f"split value {text[i].as_py()!r} is none of {list(sch.split.values)}")
+    return part
 
 
 def _label(chunk: _Chunk, column: str, threshold: float | None) -> np.ndarray:
@@ -894,7 +972,6 @@ def _domains(sch: TableSchema, values: list[str], codes: np.ndarray, rows: _Rows
     # Under policy "other", a value unseen at vocabulary time also folds into "other" later.
     """``(domain id per row, names, raw value -> id, rows kept)`` under the schema's policies."""
     d = sch.domain
-    counts = np.bincount(codes, minlength=len(values))
     keep_rows = np.ones(codes.size, dtype=bool)
     if saved is not None:
         domain_map: dict[str, int] = dict(saved["domains"]["values"])
@@ -912,39 +989,60 @@ def _domains(sch: TableSchema, values: list[str], codes: np.ndarray, rows: _Rows
                 raise TableError(path, row, d.column, f"domain {values[codes[unknown[0]]]!r} is not in the "
                                  f"vocabulary's domains {names}")
         return ids, names, domain_map, keep_rows
+    counts = np.bincount(codes, minlength=len(values))
+
+    def first_row(k: int) -> tuple[Path, int]:
+        return rows.locate(int(np.flatnonzero(codes == k)[0]))
+
+    names, domain_map = domain_map_of(sch, values, counts, first_row, rows.where[0][0])
+    lut = np.array([domain_map.get(v, -1) for v in values], dtype=np.int64)
+    ids = lut[codes]
+    keep_rows &= ids >= 0
+    ids[~keep_rows] = 0
+    return ids, names, domain_map, keep_rows
+
+
+def domain_map_of(sch: TableSchema, values: list[str], counts: np.ndarray,
+                  first_row: Any, where: Path) -> tuple[list[str], dict[str, int]]:
+    """``(domain names in id order, raw value -> id)`` from every distinct domain value and its
+    row count, under the schema's order, ``min_rows``, ``max_domains`` and policy: the one rule of
+    the in-memory load and of the streamed first pass. ``first_row(k)`` locates value ``k``'s
+    first row for a message; ``where`` names the data when no row does."""
+    d = sch.domain
+    index = {v: i for i, v in enumerate(values)}
     if d.order is not None:
         order = list(d.order)
-        index = {v: i for i, v in enumerate(values)}
         absent = [v for v in order if v not in index or counts[index[v]] == 0]
         if absent:
-            raise TableError(rows.where[0][0], None, d.column, f"domain {absent[0]!r} named in domain.order has no "
+            raise TableError(where, None, d.column, f"domain {absent[0]!r} named in domain.order has no "
                              "rows (empty domain)")
-        unlisted = [v for v in values if v not in set(order)]
-        if unlisted:
-            first = int(np.flatnonzero(codes == values.index(unlisted[0]))[0])
-            path, row = rows.locate(first)
-            if d.policy is DomainPolicy.ERROR:
-                raise TableError(path, row, d.column, f"domain {unlisted[0]!r} is not in domain.order {order}")
+        listed = set(order)
+        unlisted = [v for v in values if v not in listed]
+        if unlisted and d.policy is DomainPolicy.ERROR:
+            path, row = first_row(index[unlisted[0]])
+            raise TableError(path, row, d.column, f"domain {unlisted[0]!r} is not in domain.order {order}")
     else:
         # Sorted by the value's text (code points): the same order whatever the row order.
         order = sorted(values)
         unlisted = []
     # Too few rows, then too many domains (the largest kept; ties by order).
-    small = [v for v in order if counts[values.index(v)] < d.min_rows]
+    small = [v for v in order if counts[index[v]] < d.min_rows]
     if small and d.policy is DomainPolicy.ERROR:
-        raise TableError(rows.where[0][0], None, d.column,
-                         f"domain {small[0]!r} has {int(counts[values.index(small[0])])} rows, fewer than "
+        raise TableError(where, None, d.column,
+                         f"domain {small[0]!r} has {int(counts[index[small[0]]])} rows, fewer than "
                          f"domain.min_rows = {d.min_rows} (policy 'error'; 'drop' or 'other' to go on)")
-    kept = [v for v in order if v not in set(small)]
+    small_set = set(small)
+    kept = [v for v in order if v not in small_set]
     # Under "other", the folded domain counts towards max_domains.
     needs_other = d.policy is DomainPolicy.OTHER and bool(small or unlisted or len(kept) > d.max_domains)
     limit = d.max_domains - (1 if needs_other else 0)
     if len(kept) > limit:
         if d.policy is DomainPolicy.ERROR:
-            raise TableError(rows.where[0][0], None, d.column,
+            raise TableError(where, None, d.column,
                              f"{len(kept)} domains, more than domain.max_domains = {d.max_domains} "
                              "(policy 'error'; 'drop' or 'other' to go on)")
-        by_size = sorted(kept, key=lambda v: (-int(counts[values.index(v)]), order.index(v)))
+        position = {v: i for i, v in enumerate(order)}
+        by_size = sorted(kept, key=lambda v: (-int(counts[index[v]]), position[v]))
         chosen = set(by_size[:max(limit, 0)])
         kept = [v for v in kept if v in chosen]
     domain_map = {v: i for i, v in enumerate(kept)}
@@ -957,13 +1055,23 @@ def _domains(sch: TableSchema, values: list[str], codes: np.ndarray, rows: _Rows
         names.append(d.other)
         for v in folded:
             domain_map[v] = other
-    lut = np.array([domain_map.get(v, -1) for v in values], dtype=np.int64)
-    ids = lut[codes]
-    keep_rows &= ids >= 0
-    ids[~keep_rows] = 0
     if not names:
-        raise TableError(rows.where[0][0], None, d.column, "no domain left after the domain policies")
-    return ids, names, domain_map, keep_rows
+        raise TableError(where, None, d.column, "no domain left after the domain policies")
+    return names, domain_map
+
+
+def ordered_vocabulary(spec: CategoricalColumn, values: pa.Array, counts: np.ndarray) -> pa.Table:
+    """The vocabulary of a field from each distinct training value and its count: ``(count,
+    value)`` rows, the values seen at least ``min_count`` times, most frequent first, ties in
+    code-point order of the value, the first ``max_size`` of them when that is set. Row ``k`` is
+    id ``3 + k``. The one rule of the in-memory load and of the streamed first pass."""
+    kept = np.flatnonzero(counts >= spec.min_count)
+    table = pa.table({"count": pa.array(counts[kept], pa.int64()),
+                      "value": values.cast(pa.string()).take(pa.array(kept, pa.int64()))})
+    ordered = table.sort_by([("count", "descending"), ("value", "ascending")])
+    if spec.max_size and ordered.num_rows > spec.max_size:
+        ordered = ordered.slice(0, spec.max_size)
+    return ordered
 
 
 def _vocabulary(spec: CategoricalColumn, uniques: pa.Array, codes: np.ndarray, num_train: int,
@@ -989,13 +1097,11 @@ def _vocabulary(spec: CategoricalColumn, uniques: pa.Array, codes: np.ndarray, n
     else:
         # Codes -2 (padding) and -1 (missing) land in the first two bins, which are dropped.
         counts = np.bincount(codes[:num_train].reshape(-1) + 2, minlength=len(uniques) + 2)[2:]
-        kept = np.flatnonzero(counts >= spec.min_count)
-        table = pa.table({"count": pa.array(counts[kept]), "value": uniques.take(pa.array(kept))})
-        ordered = table.sort_by([("count", "descending"), ("value", "ascending")])
-        lut = np.full(len(uniques), OOV_ID, dtype=np.int64)
-        rank = pc.index_in(uniques.take(pa.array(kept)), value_set=ordered["value"]).to_numpy(zero_copy_only=False)
-        lut[kept] = rank.astype(np.int64) + RESERVED
-        art.update(hash=None, vocab_size=RESERVED + len(kept), values=ordered["value"].to_pylist(),
+        ordered = ordered_vocabulary(spec, uniques, counts)
+        rank = pc.index_in(uniques.cast(pa.string()), value_set=ordered["value"]).fill_null(-1)
+        rank_np = rank.to_numpy(zero_copy_only=False).astype(np.int64)
+        lut = np.where(rank_np >= 0, rank_np + RESERVED, OOV_ID)
+        art.update(hash=None, vocab_size=RESERVED + ordered.num_rows, values=ordered["value"].to_pylist(),
                    counts=ordered["count"].to_pylist())
     lut_full = np.concatenate([lut.astype(np.int64), np.array([PADDING_ID, missing_id], dtype=np.int64)])
     # codes: -1 missing -> lut_full[-1] = missing_id, -2 padding -> lut_full[-2] = padding.
