@@ -15,7 +15,10 @@ from moefast import data, models
 from moefast.config import TowerConfig
 from moefast.data.dataset import MultiDomainDataset
 from moefast.models.base import CTRModel
+from moefast.nn.embedding import EmbeddingCollection
+from moefast.reference.embedding_optim import LazyAdam
 from moefast.train import load_checkpoint, save_checkpoint
+from moefast.train.loop import CapWarning
 
 SMALL = TowerConfig(hidden_units=(16, 8), ranks=(2, 1))
 
@@ -144,3 +147,126 @@ def test_recorded_dataset_is_compared_when_the_caller_names_one(ds: MultiDomainD
     _assert_untouched(target, before)
     assert load_checkpoint(path, target, dataset="movielens-1m")["dataset"] == "movielens-1m"
     assert load_checkpoint(path, target)["stage"] == "joint"  # no dataset named: not compared
+
+
+# --- Checkpoints that store what a stage changed (issue 25) ------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny() -> MultiDomainDataset:
+    return data.load("synthetic", preset="paper", rows=600, num_domains=3, num_users=80, num_items=40)
+
+
+@pytest.fixture(scope="module")
+def staged_run(tiny: MultiDomainDataset, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, CTRModel]:
+    """A MoE-MLoRA run (backbone, one stage per expert, gate) with a fused embedding optimizer
+    (its state is buffers), and its model as trained."""
+    from moefast.config import EmbeddingOptimizer, TrainConfig
+    from moefast.train import fit
+
+    out = tmp_path_factory.mktemp("staged") / "run"
+    model = models.build("deepfm", tiny, "moe-mlora", tower_config=SMALL, seed=1)
+    config = TrainConfig(max_epochs=1, batch_size=64, progress=False, eval_every=None,
+                         embedding_optimizer=EmbeddingOptimizer.LAZY_ADAM)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # small shapes: a second thread only costs on a loaded machine
+    try:
+        with torch.random.fork_rng(), pytest.warns(CapWarning):
+            fit(model, tiny, config, backend="reference", out_dir=out)
+    finally:
+        torch.set_num_threads(threads)
+    return out, model
+
+
+def _stages(run: Path) -> list[Path]:
+    return sorted((run / "checkpoints").glob("*.pt"))
+
+
+def test_a_stage_checkpoint_holds_only_what_the_stage_trained(staged_run: tuple[Path, CTRModel]) -> None:
+    from moefast.runs.checkpoint import CHECKPOINT_FORMAT, DELTA_FORMAT, file_sha256
+
+    run, model = staged_run
+    first, *later = _stages(run)
+    full = torch.load(first, weights_only=True)
+    assert full["format"] == CHECKPOINT_FORMAT and full["state_dict"].keys() == model.state_dict().keys()
+    tower = {name for name, _ in model.tower.named_parameters(prefix="tower")}
+    for previous, path in zip([first, *later], later, strict=False):
+        delta = torch.load(path, weights_only=True)
+        assert delta["format"] == DELTA_FORMAT
+        assert delta["base"] == {"path": previous.name, "sha256": file_sha256(previous)}
+        keys = set(delta["state_dict"])
+        # The experts' and the gate's stages train tower tensors only: no table, no table state.
+        assert keys and keys <= tower, sorted(keys - tower)
+        if delta["stage"] == "gate":
+            assert keys == {n for n in tower if n.startswith("tower.gate.")}
+        else:
+            assert all(".lora_" in n for n in keys), sorted(keys)
+    sizes = [p.stat().st_size for p in _stages(run)]
+    assert max(sizes[1:]) < sizes[0] / 4, sizes
+
+
+def test_reassembly_is_bitwise_the_full_state(staged_run: tuple[Path, CTRModel], tiny: MultiDomainDataset) -> None:
+    from moefast.runs.checkpoint import read_checkpoint
+
+    run, model = staged_run
+    last = _stages(run)[-1]
+    state = read_checkpoint(last)["state_dict"]
+    assert state.keys() == model.state_dict().keys()
+    assert any(".optimizer_state." in k for k in state)  # the fused optimizer's buffers are there
+    for key, tensor in model.state_dict().items():
+        assert state[key].dtype == tensor.dtype and torch.equal(state[key], tensor), key
+    target = models.build("deepfm", tiny, "moe-mlora", tower_config=SMALL, seed=2)
+    for module in target.modules():  # the trained model's fused optimizer state (buffers) too
+        if isinstance(module, EmbeddingCollection):
+            module.set_optimizer(LazyAdam())
+    assert load_checkpoint(last, target, expected_stage="gate")["stage"] == "gate"
+    for key, tensor in model.state_dict().items():
+        assert torch.equal(target.state_dict()[key], tensor), key
+
+
+@pytest.mark.parametrize("damage", [_flip_middle, _truncate, "replaced", "missing"],
+                         ids=["bytes-flipped", "truncated", "replaced", "missing"])
+def test_a_damaged_or_replaced_base_is_refused(
+    staged_run: tuple[Path, CTRModel], tiny: MultiDomainDataset, tmp_path: Path, damage: Callable[[Path], None] | str
+) -> None:
+    import shutil
+
+    run, _ = staged_run
+    copy = tmp_path / "checkpoints"
+    shutil.copytree(run / "checkpoints", copy)
+    first, *_rest, last = sorted(copy.glob("*.pt"))
+    if damage == "replaced":  # a full checkpoint of other weights, whole and readable
+        save_checkpoint(first, models.build("deepfm", tiny, "moe-mlora", tower_config=SMALL, seed=3), "backbone")
+    elif damage == "missing":
+        first.unlink()
+    else:
+        assert callable(damage)
+        damage(first)
+    target = models.build("deepfm", tiny, "moe-mlora", tower_config=SMALL, seed=2)
+    before = _snapshot(target)
+    with pytest.raises(ValueError, match=rf"checkpoint '[^']*{first.name}'.*(base|does not exist)") as info:
+        load_checkpoint(last, target)
+    assert type(info.value) is ValueError
+    _assert_untouched(target, before)
+
+
+def test_an_old_run_of_full_checkpoints_still_loads_and_exports(
+    staged_run: tuple[Path, CTRModel], tmp_path: Path
+) -> None:
+    import shutil
+
+    from moefast.export import load_run, merge
+    from moefast.runs.checkpoint import CHECKPOINT_FORMAT, read_checkpoint
+
+    run, model = staged_run
+    old = tmp_path / "old"
+    shutil.copytree(run, old)
+    # Written as moefast did before issue 25: every stage a full checkpoint of format 1.
+    payloads = {path: read_checkpoint(path) for path in _stages(old)}  # all read before any is rewritten
+    for path, payload in payloads.items():
+        torch.save({"format": CHECKPOINT_FORMAT, "stage": payload["stage"], "meta": payload["meta"],
+                    "state_dict": payload["state_dict"]}, path)
+    loaded = load_run(old, backend="reference")
+    for key, tensor in model.state_dict().items():
+        assert torch.equal(loaded.model.state_dict()[key], tensor), key
+    assert merge(loaded.model) is not None

@@ -27,7 +27,7 @@ from moefast.experiments.claims import paired, t_interval
 from moefast.models.base import CTRModel
 from moefast.nn.tower import DomainGate
 from moefast.reference.embedding_optim import LazyAdam
-from moefast.runs.checkpoint import load_checkpoint
+from moefast.runs.checkpoint import load_checkpoint, read_checkpoint
 from moefast.train.loop import set_embedding_optimizer
 
 FAST = moefast._ext.available()
@@ -54,7 +54,7 @@ def _tables(model: CTRModel) -> dict[str, torch.Tensor]:
 
 
 def _checkpoint_tables(path: Path, model: CTRModel) -> dict[str, torch.Tensor]:
-    state = torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
+    state = read_checkpoint(path)["state_dict"]  # reassembled (a stage stores what it changed)
     out = {f"emb.{n}": state[f"embedding.tables.{n}"] for n in model.pretrained_fields}
     if model.linear is not None:
         out |= {f"lin.{n}": state[f"linear.weights.tables.{n}"] for n in model.pretrained_fields}
@@ -181,7 +181,7 @@ def test_the_gate_stage_starts_specialist_and_moves_the_gate(tmp_path: Path) -> 
     assert model.tower.config.gate_init is GateInit.SPECIALIST
     _fit(model, ds, tmp_path, max_epochs=3)
     checkpoints = sorted((tmp_path / "checkpoints").glob("*.pt"))
-    before_gate = torch.load(checkpoints[-2], map_location="cpu", weights_only=True)["state_dict"]
+    before_gate = read_checkpoint(checkpoints[-2])["state_dict"]
     start = DomainGate(3, 6, 4)
     start.load_state_dict({k.removeprefix("tower.gate."): v for k, v in before_gate.items()
                            if k.startswith("tower.gate.")})

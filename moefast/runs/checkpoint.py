@@ -1,12 +1,26 @@
-"""Atomic checkpoints that carry their stage (STYLE.md habit 14).
+"""Atomic checkpoints that carry their stage (STYLE.md habit 14), storing what a stage changed.
 
-A checkpoint is a ``torch.save`` of ``{"format", "stage", "meta", "state_dict"}``, written to a
-temporary file in the destination folder and renamed over the destination, so a crash never
-leaves a half-written file under the final name. Loading validates everything before it writes
-anything into the model: the file reads (an empty, truncated or corrupt file is a ``ValueError``
-naming it), the stage recorded in the file is the one the caller expects, the model name and tower
-kind recorded in ``meta`` are the model's, and every key, shape and dtype matches; only then is
-the state dict loaded strictly.
+A checkpoint is a ``torch.save`` of a dict, written to a temporary file in the destination folder
+and renamed over the destination, so a crash never leaves a half-written file under the final
+name. Two formats:
+
+- **full** (``format`` 1, :data:`CHECKPOINT_FORMAT`): ``{"format", "stage", "meta",
+  "state_dict"}`` with every tensor of the model. A run's first stage writes one, and every run
+  directory written before issue 25 holds only these.
+- **delta** (``format`` 2, :data:`DELTA_FORMAT`): the same keys, ``state_dict`` holding only the
+  tensors the stage changed (the parameters it trained and the buffers they own, such as a fused
+  embedding optimizer's state), plus ``"base": {"path", "sha256"}``: the checkpoint holding the
+  rest, as a path relative to this file's folder (the previous stage's, ``00_backbone.pt``) and
+  the SHA-256 of its bytes. The base may itself be a delta: a chain ends at a full checkpoint.
+
+Loading (:func:`read_checkpoint`, :func:`load_checkpoint`) reassembles the full state dict by
+following the chain, each base's SHA-256 compared with the one recorded by the file that refers
+to it (a missing, damaged or replaced base is a ``ValueError`` naming it), and applying the stored
+tensors from the full checkpoint up, so the result is bitwise the model the stage saved. Loading
+validates everything before it writes anything into the model: every file reads (an empty,
+truncated or corrupt file is a ``ValueError`` naming it), the stage recorded in the file is the
+one the caller expects, the model name and tower kind recorded in ``meta`` are the model's, and
+every key, shape and dtype of the reassembled state matches; only then is it loaded strictly.
 """
 
 from __future__ import annotations
@@ -14,7 +28,7 @@ from __future__ import annotations
 import hashlib
 import os
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -23,25 +37,54 @@ from torch import nn
 
 from moefast.runs.writer import atomic_write
 
-__all__ = ["CHECKPOINT_FORMAT", "file_sha256", "load_checkpoint", "read_saved", "save_checkpoint"]
+__all__ = ["CHECKPOINT_FORMAT", "DELTA_FORMAT", "file_sha256", "load_checkpoint", "read_checkpoint", "read_saved",
+           "save_checkpoint"]
 
-CHECKPOINT_FORMAT = 1
+CHECKPOINT_FORMAT = 1  # a full checkpoint: every tensor of the model
+DELTA_FORMAT = 2  # the tensors a stage changed, and a reference to the checkpoint holding the rest
 
 
 def save_checkpoint(
-    path: str | os.PathLike[str], model: nn.Module, stage: str, meta: Mapping[str, Any] | None = None
+    path: str | os.PathLike[str],
+    model: nn.Module,
+    stage: str,
+    meta: Mapping[str, Any] | None = None,
+    *,
+    base: str | os.PathLike[str] | None = None,
+    base_sha256: str | None = None,
+    keys: Collection[str] | None = None,
 ) -> Path:
     """Write ``model``'s state dict with ``stage`` (e.g. ``"expert_3"``) and ``meta`` atomically
     (:func:`moefast.runs.writer.atomic_write`: a failed write raises ``WriteError`` and leaves
-    nothing under ``path``)."""
+    nothing under ``path``).
+
+    Without ``base`` the checkpoint is full. With ``base`` (the checkpoint the model was loaded
+    from before the stage trained) it is a delta: only the state-dict entries named in ``keys``
+    (what the stage changed, :func:`moefast.train.stages.stage_state_keys`) are stored, with
+    ``base``'s path relative to ``path``'s folder and its SHA-256 (``base_sha256``, the digest
+    recorded when it was written; computed from the file when not given).
+    """
     dest = Path(path)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    payload = {
-        "format": CHECKPOINT_FORMAT,
-        "stage": stage,
-        "meta": dict(meta or {}),
-        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-    }
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    payload: dict[str, Any] = {"format": CHECKPOINT_FORMAT, "stage": stage, "meta": dict(meta or {})}
+    if base is None:
+        if keys is not None:
+            raise ValueError("save_checkpoint: keys select a delta checkpoint's tensors, which needs a base")
+        payload["state_dict"] = state
+    else:
+        if keys is None:
+            raise ValueError("save_checkpoint: a delta checkpoint (base given) needs the keys the stage changed")
+        unknown = sorted(set(keys) - state.keys())
+        if unknown:
+            raise ValueError(f"save_checkpoint: {len(unknown)} key(s) are not the model's (first {unknown[0]!r})")
+        source = Path(base)
+        digest = base_sha256 if base_sha256 is not None else file_sha256(source)
+        payload.update(
+            format=DELTA_FORMAT,
+            state_dict={k: v for k, v in state.items() if k in keys},
+            base={"path": Path(os.path.relpath(source, dest.parent)).as_posix(), "sha256": digest},
+        )
     return atomic_write(dest, lambda handle: torch.save(payload, handle))
 
 
@@ -71,18 +114,22 @@ def _model_identity(model: nn.Module) -> dict[str, str]:
     return found
 
 
-def read_saved(src: Path, what: str = "checkpoint") -> dict[str, Any]:
+def read_saved(src: Path, what: str = "checkpoint", *, check_crc: bool = True) -> dict[str, Any]:
     """The ``torch.save`` payload of ``src`` (a dict), its archive checked (every member's CRC)
-    first; an unreadable file is a ``ValueError`` naming it as ``what``."""
+    first unless ``check_crc`` is false (the caller compared the file's SHA-256 with a recorded
+    one already, which a flipped byte fails too); an unreadable file is a ``ValueError`` naming
+    it as ``what``."""
     if not src.is_file():
         raise ValueError(f"{what} {str(src)!r} does not exist")
     if src.stat().st_size == 0:
         raise ValueError(f"{what} {str(src)!r} is empty (0 bytes)")
     # torch.load does not check the archive's CRC-32s: a flipped byte inside a tensor would load
     # silently. testzip reads every member and compares (about 1 GB/s, small beside the load).
+    bad = None
     try:
-        with zipfile.ZipFile(src) as archive:
-            bad = archive.testzip()
+        if check_crc:
+            with zipfile.ZipFile(src) as archive:
+                bad = archive.testzip()
     except (zipfile.BadZipFile, OSError, EOFError, ValueError) as exc:
         raise ValueError(
             f"{what} {str(src)!r} cannot be read (corrupt, truncated or not a moefast "
@@ -103,18 +150,66 @@ def read_saved(src: Path, what: str = "checkpoint") -> dict[str, Any]:
     return payload
 
 
-def _read_payload(src: Path) -> dict[str, Any]:
+def _read_payload(src: Path, *, check_crc: bool = True) -> dict[str, Any]:
     """The checkpoint's payload, checked for its shape; any unreadable file is a ``ValueError``."""
-    payload = read_saved(src)
-    if payload.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{str(src)!r} is not a moefast checkpoint (format {CHECKPOINT_FORMAT})")
+    payload = read_saved(src, check_crc=check_crc)
+    if payload.get("format") not in (CHECKPOINT_FORMAT, DELTA_FORMAT):
+        raise ValueError(
+            f"{str(src)!r} is not a moefast checkpoint (format {CHECKPOINT_FORMAT} or {DELTA_FORMAT})"
+        )
     stage, meta, state = payload.get("stage"), payload.get("meta"), payload.get("state_dict")
     if not isinstance(stage, str) or not isinstance(meta, dict) or not isinstance(state, dict):
         raise ValueError(
             f"checkpoint {str(src)!r} is damaged: it needs a str 'stage', a dict 'meta' and a dict "
             "'state_dict'"
         )
+    if payload["format"] == DELTA_FORMAT:
+        base = payload.get("base")
+        if (not isinstance(base, dict) or not isinstance(base.get("path"), str) or not base["path"]
+                or Path(base["path"]).is_absolute() or not isinstance(base.get("sha256"), str)):
+            raise ValueError(
+                f"checkpoint {str(src)!r} is damaged: a delta checkpoint needs a 'base' with a relative "
+                "'path' and a 'sha256'"
+            )
     return payload
+
+
+def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The payload of the checkpoint at ``path`` with its full state dict: a delta checkpoint's
+    chain of bases followed down to a full checkpoint, each base's SHA-256 checked against the
+    one recorded by the file that refers to it, and the stored tensors applied from the full
+    checkpoint up (bitwise the model the stage saved). ``"files"``: the files read, ``path``
+    first. Nothing is compared with a model here (:func:`load_checkpoint` does that).
+
+    Raises:
+        ValueError: naming the file: any file of the chain is missing, empty, corrupt or not a
+            moefast checkpoint; a base's SHA-256 is not the recorded one (damaged or replaced);
+            the chain refers back to itself.
+    """
+    src = Path(path)
+    chain = [(src, _read_payload(src))]
+    seen = {src.resolve()}
+    while chain[-1][1]["format"] == DELTA_FORMAT:
+        holder, payload = chain[-1]
+        reference = payload["base"]
+        base = holder.parent / reference["path"]
+        if base.resolve() in seen:
+            raise ValueError(f"checkpoint {str(holder)!r} is damaged: its base {str(base)!r} refers back to it")
+        if not base.is_file():
+            raise ValueError(f"checkpoint {str(base)!r}, the base of {str(holder)!r}, does not exist")
+        if file_sha256(base) != reference["sha256"]:
+            raise ValueError(
+                f"checkpoint {str(base)!r} is not the base {str(holder)!r} was written on (its SHA-256 differs "
+                "from the recorded one): it was damaged or replaced"
+            )
+        seen.add(base.resolve())
+        # Its bytes are the ones recorded: the CRC check would find nothing the digest did not.
+        chain.append((base, _read_payload(base, check_crc=False)))
+    state: dict[str, Any] = {}
+    for _, payload in reversed(chain):
+        state.update(payload["state_dict"])
+    top = chain[0][1]
+    return {**top, "state_dict": state, "files": [file for file, _ in chain]}
 
 
 def _check_state(src: Path, model: nn.Module, state: Mapping[str, Any]) -> None:
@@ -152,18 +247,19 @@ def load_checkpoint(
 ) -> dict[str, Any]:
     """Load a checkpoint into ``model`` strictly and return its metadata (with ``"stage"``).
 
-    Everything is checked before the first tensor is copied (the file reads, it is a moefast
-    checkpoint, its stage, its recorded model and tower, every key, shape and dtype), so a
+    A delta checkpoint is reassembled first (:func:`read_checkpoint`: every base's SHA-256 is
+    checked). Everything is checked before the first tensor is copied (the files read, they are
+    moefast checkpoints, its stage, its recorded model and tower, every key, shape and dtype), so a
     refused load leaves ``model`` untouched. ``dataset``, when given, is compared with the
     dataset name the checkpoint recorded (``meta["dataset"]``, written by ``fit``).
 
     Raises:
-        ValueError: naming the file: it is missing, empty, truncated or otherwise unreadable, not
-            a moefast checkpoint, its stage is not ``expected_stage``, it was saved from another
+        ValueError: naming the file: it (or a base it refers to) is missing, empty, truncated or
+            otherwise unreadable, not a moefast checkpoint, a base is not the one recorded, its stage is not ``expected_stage``, it was saved from another
             model, tower kind or dataset, or its tensors do not match ``model``'s exactly.
     """
     src = Path(path)
-    payload = _read_payload(src)
+    payload = read_checkpoint(src)
     stage: str = payload["stage"]
     meta: dict[str, Any] = payload["meta"]
     if expected_stage is not None and stage != expected_stage:

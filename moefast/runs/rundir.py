@@ -5,7 +5,8 @@
     <run>/config.json          the resolved model, tower and training configuration
     <run>/metrics.json         the schema of DESIGN.md section 5 (keys may be added, not renamed)
     <run>/predictions.csv      the test split: domain, label, score (probability)
-    <run>/checkpoints/NN_<stage>.pt   one per stage, best weights, atomic
+    <run>/checkpoints/NN_<stage>.pt   one per stage, best weights, atomic; after the first, only what
+                                      the stage trained and its base (moefast.runs.checkpoint)
     <run>/settings.json        what a resume must share: data fingerprint, model, options
     <run>/resume.pt            the last resume snapshot (moefast.runs.snapshot)
     <run>/val_auc.png          validation AUC per epoch, one line per stage

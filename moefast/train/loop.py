@@ -65,6 +65,7 @@ from moefast.train.stages import (
     mask_gradients,
     plan_stages,
     set_stage,
+    stage_state_keys,
 )
 
 # The job this process trains in: alone, or one rank of a data-parallel job (the same methods).
@@ -507,7 +508,8 @@ def _fit(
                 records.append(
                     _run_stage(model, dataset, config, step, index, len(plan), all_domains,
                                generator, device, ckpt_dir, backend_name, carried_best=-math.inf if math.isnan(carried) else carried,
-                               parallel=parallel, saver=saver, resume=in_stage, optimizer=carried_adam)
+                               parallel=parallel, saver=saver, resume=in_stage, optimizer=carried_adam,
+                               base=records[-1] if records else None)
                 )
                 in_stage = None
                 if saver is not None:
@@ -600,12 +602,15 @@ def _run_stage(
     saver: _Saver | None = None,
     resume: dict[str, Any] | None = None,
     optimizer: torch.optim.Optimizer | None = None,
+    base: StageRecord | None = None,
 ) -> StageRecord:
     """Train stage ``index`` of the plan (from its start, or from the snapshot state ``resume``)
     and write its checkpoint; ``saver`` writes the resume snapshot after every validation, and
     at the step where ``SIGTERM`` stops the run (then :class:`Preempted` is raised).
     ``optimizer``: the Adam carried from stage to stage under ``seeds_compat`` (``None``: a
-    fresh one over the stage's parameters)."""
+    fresh one over the stage's parameters). ``base``: the previous stage, whose checkpoint the
+    model was loaded from; this stage's checkpoint then stores only what it changed and refers to
+    that one (``None``: the first stage, a full checkpoint)."""
     start = time.perf_counter()
     compat = config.seeds_compat
     params = set_stage(model, step, train_backbone=config.train_backbone_in_later_stages or compat,
@@ -748,6 +753,9 @@ def _run_stage(
             path, model, step.label,
             {"model": model.name, "tower": model.tower.kind.value, "dataset": dataset.name, "index": index,
              "best_val_mean_auc": None if math.isnan(best_auc) else best_auc},
+            # A later stage stores what it trained; the previous stage's checkpoint holds the rest.
+            base=None if base is None else base.checkpoint, base_sha256=None if base is None else base.checkpoint_sha256,
+            keys=None if base is None else stage_state_keys(model, params),
         )
         digest = file_sha256(path)
     return StageRecord(

@@ -22,9 +22,11 @@ from torch import nn
 
 from moefast.config import MLoRAMode, SeedsGate, TowerKind
 from moefast.models.base import CTRModel
+from moefast.nn.embedding import EmbeddingCollection
 from moefast.nn.tower import Routing
 
-__all__ = ["Stage", "StageStep", "apply_frozen_path_dropout", "mask_gradients", "plan_stages", "set_stage"]
+__all__ = ["Stage", "StageStep", "apply_frozen_path_dropout", "mask_gradients", "plan_stages", "set_stage",
+           "stage_state_keys"]
 
 
 class Stage(enum.Enum):
@@ -144,6 +146,28 @@ def set_stage(
         if id(p) in ids:
             trainable.append(p)
     return trainable
+
+
+def stage_state_keys(model: nn.Module, trained: list[nn.Parameter]) -> set[str]:
+    """The state-dict keys a stage that trains ``trained`` (what :func:`set_stage` returned)
+    changes: what its checkpoint stores, the rest being the previous stage's
+    (:mod:`moefast.runs.checkpoint`). Decided from what trains, never by comparing values.
+
+    - every name of a trained parameter (a shared tensor under all its names);
+    - a fused embedding optimizer's state (``<collection>.optimizer_state.<table>.<slot>``) when
+      its table trains: it moves only in that table's backward;
+    - every other buffer, whatever trains: a buffer may move in any forward (a batch norm's
+      running statistics), so only those known to follow a frozen table are left out.
+    """
+    ids = {id(p) for p in trained}
+    keys = {name for name, p in model.named_parameters(remove_duplicate=False) if id(p) in ids}
+    follows: dict[int, bool] = {}  # id of a buffer owned by a table's optimizer state: the table trains
+    for collection in (m for m in model.modules() if isinstance(m, EmbeddingCollection)):
+        for table, holder in collection.optimizer_state.items():
+            for buffer in holder.buffers():
+                follows[id(buffer)] = id(collection.tables[table]) in ids
+    keys.update(name for name, b in model.named_buffers(remove_duplicate=False) if follows.get(id(b), True))
+    return keys
 
 
 def mask_gradients(model: CTRModel, step: StageStep) -> None:
