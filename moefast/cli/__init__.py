@@ -86,8 +86,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _show_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
                   file: object = None, line: str | None = None) -> None:
-    """moefast's own warnings as one ``moefast: warning:`` line; others as Python prints them."""
-    if category.__module__.startswith("moefast."):
+    """A stage that ended at its cap as one ``moefast: warning:`` line; other warnings as Python
+    prints them (their class names say which fallback or notice they are)."""
+    from moefast.train.errors import CapWarning
+
+    if issubclass(category, CapWarning):
         print(f"moefast: warning: {message}", file=sys.stderr)
     else:
         sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
