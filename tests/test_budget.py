@@ -106,6 +106,28 @@ def test_a_step_budget_resumes_bitwise_from_a_mid_epoch_validation(tmp_path: Pat
     assert torch.equal(resumed.test_logits, whole.test_logits)
 
 
+@pytest.mark.parametrize(("interval", "snapshots"), [(math.inf, 2), (0.0, 9)])
+def test_epoch_end_snapshots_are_paced_by_time(
+    interval: float, snapshots: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One-step epochs (an expert's on a small domain) do not each write a snapshot: an epoch's
+    end writes one only when the stage wrote none for ``SNAPSHOT_SECONDS``, and validations and
+    the stage's end always do."""
+    ds = tiny_dataset()
+    # 64 rows in one batch: 9 one-step epochs, no validation before the stage's end at the cap.
+    config = _config(batch_size=64, eval_every=100, max_steps=None, max_epochs=9)
+    monkeypatch.setattr(loop, "SNAPSHOT_SECONDS", interval)
+    written: list[int] = []
+    real = loop._Saver.in_stage
+    monkeypatch.setattr(loop._Saver, "in_stage", lambda self, stage: (written.append(stage["epochs"]),
+                                                                     real(self, stage))[1])
+    with pytest.warns(CapWarning):
+        loop.fit(models.build("deepfm", ds, "base", tower_config=TOWER), ds, config, out_dir=tmp_path / "run")
+    # Without pacing, every epoch's end; with it, the first epoch's end and the stage's end only.
+    assert len(written) == snapshots
+    assert written[-1] == 9
+
+
 def _two_passes_equal(model: CTRModel, batch: Any) -> bool:
     model.train()
     torch.manual_seed(0)

@@ -58,8 +58,8 @@ def add_parser(commands: Any) -> argparse.ArgumentParser:
     add_option_groups(parser, (("data", DATA_OPTIONS), ("model", RUN_OPTIONS), ("training", TRAIN_OPTIONS)))
     parser.add_argument(
         "--resume", default=None, metavar="DIR",
-        help="continue the killed or stopped run in the run directory DIR from its last completed "
-        "epoch, with its recorded options (a flag that differs from them is refused)",
+        help="continue the killed or stopped run in the run directory DIR from its last snapshot "
+        "(docs/cli.md), with its recorded options (a flag that differs from them is refused)",
     )
     parser.add_argument(
         "--nproc", type=int, default=None, metavar="N",

@@ -12,7 +12,7 @@ Each cell trains in its own run directory::
     <out>/results.png                                    WAUC per backbone and method
 
 A cell counts as finished only once ``cell.json`` exists (written atomically after training), so
-a rerun skips finished cells and continues an interrupted one from its last completed epoch
+a rerun skips finished cells and continues an interrupted one from its last snapshot
 (``fit(..., resume=True)``). ``<out>/grid.json`` records the training settings and
 ``<out>/data.json`` the content fingerprint of each data setting: a rerun with other settings or
 other data is refused, never mixed. A lock (``<out>/.moefast-grid``) refuses a second live grid

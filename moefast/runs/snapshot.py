@@ -3,10 +3,15 @@
 A run directory being trained holds one resume snapshot, ``<run>/resume.pt`` (only the last is
 kept; each is written atomically over the previous one). It is written
 
-- after every epoch: the model (its buffers hold the fused embedding optimizers' state), the
-  stage's dense Adam, early stopping, the best weights so far, the validation history, the
-  losses, the position (stage index, epochs done) and the RNG states (torch's global generator,
-  which draws dropout, and the batch-order generator);
+- after every validation and at a stage's end: the model (its buffers hold the fused embedding
+  optimizers' state), the stage's dense Adam, early stopping, the best weights so far, the
+  validation history, the losses, the position (stage index, epochs done, batches done in the
+  epoch with the batch-order generator as the epoch found it) and the RNG states (torch's
+  global generator, which draws dropout, and the batch-order generator);
+- at an epoch's end, when the stage has written none for :data:`SNAPSHOT_SECONDS` (an expert's
+  epoch may be a single step, and writing a snapshot each time would cost more than training
+  it). A resume replays the epochs since the last snapshot, so this decides only
+  how much work a kill loses, never what the run computes;
 - at a step boundary when ``SIGTERM`` asks the run to stop (preemption): the same, plus the
   batches done in the epoch and the batch-order generator as it was before the epoch drew its
   permutation, so the epoch's remaining batches are the ones it would have run;
@@ -47,6 +52,7 @@ __all__ = [
     "SETTINGS",
     "SNAPSHOT",
     "SNAPSHOT_FORMAT",
+    "SNAPSHOT_SECONDS",
     "STAGE_STATE",
     "Preempted",
     "check_adam_state",
@@ -61,6 +67,7 @@ __all__ = [
 SNAPSHOT = "resume.pt"
 SETTINGS = "settings.json"
 SNAPSHOT_FORMAT = 2  # 2: the settings' and checkpoints' SHA-256, the thread count and world size
+SNAPSHOT_SECONDS = 10.0  # an epoch's end writes a snapshot only this long after the last one
 PREEMPTED_STATUS = 143  # the command line's exit status after SIGTERM: 128 + 15, as if killed by it
 
 

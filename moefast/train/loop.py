@@ -44,6 +44,7 @@ from moefast.runs.rundir import RunDirectory, check_settings, claim_run_dir, to_
 from moefast.runs.snapshot import (
     SETTINGS,
     SNAPSHOT,
+    SNAPSHOT_SECONDS,
     Preempted,
     check_adam_state,
     check_stage_state,
@@ -647,7 +648,11 @@ def _run_stage(
         generator=generator,
     )
 
+    saved_at = -math.inf  # time.monotonic() of this stage's last snapshot
+
     def save(batches: int, epoch_generator: torch.Tensor | None, epoch_samples: int = 0) -> None:
+        nonlocal saved_at
+        saved_at = time.monotonic()
         if saver is not None:
             saver.in_stage(st.snapshot(index, step.label, batches, epoch_generator, model, optimizer, params,
                                        time.perf_counter() - start, epoch_samples))
@@ -734,8 +739,13 @@ def _run_stage(
                     validate(epoch)
                 st.stopped_by = "patience" if st.stopper.should_stop else "cap"
         done = st.stopped_by is not None
-        save(0, None)
-        if parallel.agree_to_stop():
+        stop = parallel.agree_to_stop()
+        # A snapshot follows each validation and the stage's end; at an epoch's end otherwise only
+        # every SNAPSHOT_SECONDS (an expert's epoch may be one step: a snapshot each would cost
+        # more than the step). A resume replays the steps since the last one, bitwise.
+        if done or stop or validated_at == len(st.losses) or time.monotonic() - saved_at >= SNAPSHOT_SECONDS:
+            save(0, None)
+        if stop:
             raise Preempted(_preempted_dir(saver, parallel), f"after {desc}")
     parallel.unwrap(model)
     if st.stopped_by == "cap" and parallel.is_writer:
