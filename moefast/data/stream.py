@@ -42,7 +42,7 @@ import itertools
 import os
 import threading
 from collections import deque
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Generator, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -59,7 +59,7 @@ from moefast.data.firstpass import check_fingerprint, check_layout, stream_files
 from moefast.data.schema import DOMAIN_FIELD, SplitKind, TableSchema, load_schema
 
 __all__ = ["READ_AHEAD_CAP", "SHUFFLE_ROWS", "StreamLoader", "StreamedDataset", "StreamedSplit", "default_read_ahead",
-           "encode", "open_stream"]
+           "encode", "load_stream", "open_stream"]
 
 # The shuffle buffer's default, in rows. It changes results: never sized from memory.
 SHUFFLE_ROWS = 1 << 18
@@ -490,6 +490,7 @@ class StreamLoader:
 
     def __iter__(self) -> Iterator[Batch]:
         skip, self.skip = self.skip, 0  # a resume skips once, in its first epoch
+        steps: Iterator[Encoded]
         if self.order is BatchOrder.SEQUENTIAL:
             units = [u for s in self.take for u in self.epoch_units(None, s)]
             steps = self._emit(self._chunks(units, self.domains), None, self.batch_size)
@@ -518,7 +519,7 @@ class StreamLoader:
         of shard 0 are shuffled by ``default_rng(seed)`` (one shard, MIXED: exactly
         :class:`~moefast.data.batching.BatchLoader`'s draw), shard ``s`` by ``[seed, 2, s]``."""
         base, extra = divmod(self.batch_size, self.shards)
-        streams = []
+        streams: list[Generator[Encoded, None, None]] = []
         for s in self.take:
             rng = np.random.default_rng(seed if s == 0 else [seed, 2, s])
             units = self.epoch_units(seed, s, domains)
@@ -536,7 +537,8 @@ class StreamLoader:
             for stream in streams:
                 stream.close()
 
-    def _emit(self, chunks: Iterator[Encoded], rng: np.random.Generator | None, size: int) -> Iterator[Encoded]:
+    def _emit(self, chunks: Iterator[Encoded], rng: np.random.Generator | None,
+              size: int) -> Generator[Encoded, None, None]:
         """Batches of ``size`` rows of ``chunks``: through the shuffle buffer (``rng``), or in
         order (``None``)."""
         buffer: list[Encoded] = []
@@ -585,3 +587,23 @@ def _concat(parts: list[Encoded]) -> Encoded:
 def _batch(enc: Encoded) -> Batch:
     return Batch({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in enc.features.items()},
                  torch.from_numpy(np.ascontiguousarray(enc.domain)), torch.from_numpy(np.ascontiguousarray(enc.label)))
+
+
+def load_stream(*, path: str | os.PathLike[str], schema: str | os.PathLike[str] | TableSchema | Mapping[str, Any],
+                vocab_from: str | os.PathLike[str] | None = None, shuffle_rows: int | None = None,
+                read_ahead: int | None = None, fragment_order: str = "seeded", shards: int | None = None,
+                scoring: bool = False, progress: bool | None = None) -> StreamedDataset:
+    """``moefast.data.load("table", stream=True, ...)``: the first pass over the log's training
+    split (:func:`moefast.data.firstpass.first_pass`; ``vocab_from``: a ``vocab.json`` or a run
+    directory whose first pass is reused), then :func:`open_stream`. No dataset cache: hashing the
+    content of a log larger than memory is no option; the file fingerprint stands in for it."""
+    from moefast.data.firstpass import first_pass
+
+    if vocab_from is None:
+        if scoring or load_schema(schema).label is None:
+            raise ValueError("scoring data (no label) needs vocab_from=<the run directory whose model scores it>")
+        vocab: str | os.PathLike[str] | Mapping[str, Any] = first_pass(path, schema, progress=progress)
+    else:
+        vocab = vocab_from
+    return open_stream(path, schema, vocab, shuffle_rows=shuffle_rows, read_ahead=read_ahead,
+                       fragment_order=fragment_order, shards=shards, scoring=scoring)

@@ -52,6 +52,7 @@ __all__ = [
     "check_adam_state",
     "check_stage_state",
     "dataset_fingerprint",
+    "dataset_settings",
     "load_snapshot",
     "preemption",
     "save_snapshot",
@@ -110,6 +111,26 @@ def dataset_fingerprint(dataset: MultiDomainDataset) -> str:
                       | {f"{split_name}.domain": split.domain, f"{split_name}.label": split.label})
     _hash_tensors(h, {f"pretrained.{k}": v for k, v in dataset.pretrained.items()})
     return h.hexdigest()
+
+
+def dataset_settings(dataset: Any, shards: int | None = None) -> dict[str, Any]:
+    """The data a run's continuation must share with it (``settings.json``'s ``dataset``): the
+    name and :func:`dataset_fingerprint` of a dataset in memory; for a streamed log
+    (:class:`moefast.data.stream.StreamedDataset`, read as ``shards`` shards), the SHA-256 of its
+    first pass (vocabularies, statistics, domains and the fingerprint of its file list: hashing
+    the content of a log larger than memory is no option) and how it is read where that changes
+    results: the shuffle buffer, the row groups' order and the shards."""
+    if not dataset.info.get("stream"):
+        return {"name": dataset.name, "fingerprint": dataset_fingerprint(dataset)}
+    from moefast.runs.rundir import to_jsonable
+
+    record = {"name": dataset.name, "features": dataset.features, "numeric": dataset.numeric,
+              "domains": dataset.domain_names, "first_pass": dataset.artifacts}
+    text = json.dumps(to_jsonable(record), sort_keys=True, ensure_ascii=False, default=str)
+    h = hashlib.sha256(text.encode())
+    _hash_tensors(h, {f"pretrained.{k}": v for k, v in dataset.pretrained.items()})
+    return {"name": dataset.name, "fingerprint": h.hexdigest(), "shuffle_rows": dataset.shuffle_rows,
+            "fragment_order": dataset.fragment_order, "shards": shards}
 
 
 def state_fingerprint(module: torch.nn.Module) -> str:
