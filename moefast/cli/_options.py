@@ -360,8 +360,12 @@ def _dataset(data: DataConfig, progress: bool | None, *, check_only: bool) -> An
                 from moefast.data.schema import load_schema
                 from moefast.data.table import input_files
 
-                load_schema(options["schema"])
+                sch = load_schema(options["schema"])
                 input_files(options["path"])
+                if options.get("stream"):
+                    from moefast.data.firstpass import stream_files
+
+                    stream_files(options["path"], sch)  # Parquet, and a split that needs no full read
                 return None
             return data_module.load("table", **options, progress=progress)
         except ValueError as exc:

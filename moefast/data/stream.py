@@ -262,7 +262,7 @@ class StreamedDataset:
 def open_stream(path: str | os.PathLike[str], schema: str | os.PathLike[str] | TableSchema | Mapping[str, Any],
                 vocab: str | os.PathLike[str] | Mapping[str, Any], *, shuffle_rows: int | None = None,
                 fragment_order: str = "seeded", shards: int | None = None, read_ahead: int | None = None,
-                scoring: bool = False) -> StreamedDataset:
+                scoring: bool = False, check_files: bool = True) -> StreamedDataset:
     """A :class:`StreamedDataset` over the Parquet log ``path`` under the first pass ``vocab``
     (a ``vocab.json``, a run directory, or the artifacts dict).
 
@@ -270,7 +270,8 @@ def open_stream(path: str | os.PathLike[str], schema: str | os.PathLike[str] | T
     one per data-parallel rank) say how training reads it and change results;
     ``read_ahead`` (bytes, default :func:`default_read_ahead`) only its speed. ``scoring``:
     data to score (a schema without a label implies it): every row is in the test split, and the
-    files need not be the first pass's."""
+    files need not be the first pass's. ``check_files=False`` reads files other than the first
+    pass's (scoring a split of new data under a run's vocabularies: ``moefast predict``)."""
     import pyarrow.parquet as pq
 
     sch = load_schema(schema)
@@ -282,7 +283,7 @@ def open_stream(path: str | os.PathLike[str], schema: str | os.PathLike[str] | T
         saved, file = _t.read_vocab(vocab)
         art, where = saved, str(file)
         _t._check_same_fields(sch, saved, file)
-    if not scoring and "stream" not in art:
+    if not scoring and "stream" not in art and check_files:
         raise ValueError(f"{where}: no file fingerprint (written by the in-memory source); run `moefast vocab` "
                          "on this log")
     if shuffle_rows is not None and (isinstance(shuffle_rows, bool) or not isinstance(shuffle_rows, int)
@@ -294,7 +295,7 @@ def open_stream(path: str | os.PathLike[str], schema: str | os.PathLike[str] | T
         raise ValueError(f"fragment_order must be 'seeded' or 'stored', got {fragment_order!r}")
     if shards is not None and (isinstance(shards, bool) or not isinstance(shards, int) or shards < 1):
         raise ValueError(f"shards must be a positive int or None, got {shards!r}")
-    if not scoring:
+    if not scoring and check_files:
         check_fingerprint(art["stream"]["files"], files, root, where)
     check_layout(files, root, sch.columns())
     domain_map: Mapping[str, int] = art["domains"]["values"]
@@ -342,7 +343,10 @@ def open_stream(path: str | os.PathLike[str], schema: str | os.PathLike[str] | T
         fragment_order=fragment_order, shards=shards,
         read_ahead=default_read_ahead() if read_ahead is None else read_ahead, scoring=scoring,
     )
-    rows = ({"train": 0, "val": 0, "test": sum(u.rows for u in units)} if scoring else art["stream"]["rows"])
+    if scoring or "stream" not in art or not check_files:  # row counts of these files' splits are unknown
+        rows = {"train": 0, "val": 0, "test": sum(u.rows for u in units)} if scoring else {s: 0 for s in _SPLITS}
+    else:
+        rows = art["stream"]["rows"]
     for i, s in enumerate(_SPLITS):
         ds._splits[s] = StreamedSplit(ds, i, int(rows[s]))
     return ds
@@ -592,7 +596,7 @@ def _batch(enc: Encoded) -> Batch:
 def load_stream(*, path: str | os.PathLike[str], schema: str | os.PathLike[str] | TableSchema | Mapping[str, Any],
                 vocab_from: str | os.PathLike[str] | None = None, shuffle_rows: int | None = None,
                 read_ahead: int | None = None, fragment_order: str = "seeded", shards: int | None = None,
-                scoring: bool = False, progress: bool | None = None) -> StreamedDataset:
+                scoring: bool = False, check_files: bool = True, progress: bool | None = None) -> StreamedDataset:
     """``moefast.data.load("table", stream=True, ...)``: the first pass over the log's training
     split (:func:`moefast.data.firstpass.first_pass`; ``vocab_from``: a ``vocab.json`` or a run
     directory whose first pass is reused), then :func:`open_stream`. No dataset cache: hashing the
@@ -606,4 +610,4 @@ def load_stream(*, path: str | os.PathLike[str], schema: str | os.PathLike[str] 
     else:
         vocab = vocab_from
     return open_stream(path, schema, vocab, shuffle_rows=shuffle_rows, read_ahead=read_ahead,
-                       fragment_order=fragment_order, shards=shards, scoring=scoring)
+                       fragment_order=fragment_order, shards=shards, scoring=scoring, check_files=check_files)
