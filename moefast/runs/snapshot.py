@@ -14,6 +14,12 @@ kept; each is written atomically over the previous one). It is written
   (the model is the checkpoint). After the last stage this small snapshot stays: it marks the
   training as complete, and a resume only recomputes the test predictions and outputs.
 
+A streamed log (:class:`moefast.data.stream.StreamedDataset`) needs nothing more: the epoch's
+starting generator state and the batches done are what its replay takes (the epoch's row groups
+are read and shuffled again, the consumed batches skipped unbuilt), and how it is read (shuffle
+buffer, row-group order, shards: :func:`dataset_settings`) is in ``settings.json``, whose SHA-256
+every snapshot records.
+
 Resuming restores all of it, so that the run ends bitwise equal to an uninterrupted one on CPU at
 a fixed thread count: ``metrics.json`` but for its timing keys, the predictions byte for byte,
 the checkpoints tensor for tensor. What the resumed run must share with the first is recorded in
