@@ -25,7 +25,7 @@ TOWER = TowerConfig(hidden_units=(16, 8), ranks=(2, 1))
 
 
 def config() -> TrainConfig:
-    return TrainConfig(max_epochs=2, patience=2, batch_size=64, eval_every=None, progress=False,
+    return TrainConfig(max_epochs=1, patience=1, batch_size=64, eval_every=None, progress=False,
                        embedding_optimizer=EmbeddingOptimizer.LAZY_ADAM)
 
 
