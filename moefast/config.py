@@ -506,7 +506,9 @@ class DataConfig:
     ``imbalance``, ``data_seed``, ``numeric_fields``, ``numeric_scale``, ``clusters``,
     ``cluster_spread``) apply to
     ``synthetic``; ``domain`` and ``data_dir`` to the real sources; ``data`` (a file or folder),
-    ``schema`` (a TOML file) and ``vocab_from`` (a run directory) to ``table``.
+    ``schema`` (a TOML file) and ``vocab_from`` (a run directory or a ``vocab.json``) to ``table``;
+    ``stream`` (read Parquet as training goes), ``shuffle_buffer`` (rows; changes results) and
+    ``read_ahead`` (bytes; speed only) to a streamed ``table``.
     """
 
     dataset: str = "synthetic"
@@ -527,6 +529,9 @@ class DataConfig:
     numeric_scale: float | None = None
     clusters: int | None = None
     cluster_spread: float | None = None
+    stream: bool | None = None
+    shuffle_buffer: int | None = None
+    read_ahead: int | None = None
 
 
 # DataConfig's synthetic options and the synthetic source's keyword for each.
@@ -539,6 +544,8 @@ SYNTHETIC_OPTIONS = {
 
 
 TABLE_OPTIONS = {"data": "path", "schema": "schema", "vocab_from": "vocab_from"}
+# A streamed table's options (DataConfig key: the table source's keyword), given only with stream.
+STREAM_OPTIONS = {"stream": "stream", "shuffle_buffer": "shuffle_rows", "read_ahead": "read_ahead"}
 
 
 def load_options(data: DataConfig, flag: Callable[[str], str] = str) -> dict[str, Any]:
@@ -555,14 +562,20 @@ def load_options(data: DataConfig, flag: Callable[[str], str] = str) -> dict[str
         return [key for key in keys if getattr(data, key) is not None]
 
     if data.dataset != "table":
-        for key in set_(TABLE_OPTIONS):
+        for key in set_((*TABLE_OPTIONS, *STREAM_OPTIONS)):
             raise ValueError(f"{flag(key)} applies to {flag('dataset')} table only")
     if data.dataset == "table":
         for key in set_((*SYNTHETIC_OPTIONS, "domain", "data_dir")):
             raise ValueError(f"{flag(key)} does not apply to {flag('dataset')} table (the schema names the columns)")
         if data.data is None or data.schema is None:
             raise ValueError(f"{flag('dataset')} table needs {flag('data')} PATH and {flag('schema')} schema.toml")
-        return {dest: getattr(data, key) for key, dest in TABLE_OPTIONS.items()}
+        if not data.stream:
+            for key in set_(("shuffle_buffer", "read_ahead")):
+                raise ValueError(f"{flag(key)} applies to a streamed table ({flag('stream')}) only")
+        options = {dest: getattr(data, key) for key, dest in TABLE_OPTIONS.items()}
+        if data.stream:
+            options.update({dest: getattr(data, key) for key, dest in STREAM_OPTIONS.items()})
+        return options
     if data.dataset == "synthetic":
         for key in set_(("domain", "data_dir")):
             raise ValueError(f"{flag(key)} does not apply to the synthetic dataset")

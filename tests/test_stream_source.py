@@ -5,6 +5,7 @@ fingerprint checked at open."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -55,7 +56,7 @@ def test_a_buffer_holding_everything_equals_the_in_memory_mixed_loader(tmp_path:
         for x, y in zip(a, b, strict=True):
             _same_batch(x, y)
     # Evaluation order (no shuffle) is the stored order, as SEQUENTIAL is.
-    for x, y in zip(stream.StreamLoader(ds.test, 100, shuffle_rows=0),
+    for x, y in zip(stream.StreamLoader(ds.test, 100, order=BatchOrder.SEQUENTIAL),
                     BatchLoader(mem.test, 100, BatchOrder.SEQUENTIAL), strict=True):
         _same_batch(x, y)
 
@@ -81,14 +82,14 @@ def test_two_ranks_read_disjoint_row_groups_whose_union_is_the_split(tmp_path: P
     _, _, ds = _open(tmp_path)
     seen: list[list[str]] = []
     for rank in range(2):
-        loader = stream.StreamLoader(ds.train, 16, shuffle_rows=50, generator=5, rank=rank, world=2)
-        units = loader.epoch_units(123)
+        loader = stream.StreamLoader(ds.train, 16, shuffle_rows=50, generator=5, shards=2, take=[rank])
+        units = loader.epoch_units(123, rank)
         seen.append([f"{u.path}:{u.group}" for u in units])
         assert units  # no rank reads everything, every rank reads something
     assert not set(seen[0]) & set(seen[1])
     assert sorted(seen[0] + seen[1]) == sorted(f"{u.path}:{u.group}" for u in ds.train.units())
     total = sum(len(b) for r in range(2) for b in stream.StreamLoader(ds.train, 16, shuffle_rows=50, generator=5,
-                                                                       rank=r, world=2))
+                                                                       shards=2, take=[r]))
     assert total == len(ds.train)
 
 
@@ -136,16 +137,59 @@ def test_bad_input_in_one_partition_is_located(tmp_path: Path) -> None:
     log, vocab, _ = _open(tmp_path, n=600)
     target = log / "site=c" / "dt=2026-11-30" / "part-0.parquet"
     rows = pq.read_metadata(target).num_rows
-    # A numeric column of the wrong type (text) in one partition: the file, the row, the column.
+    # A numeric column of the wrong type (text) in one partition: refused from the footers at the
+    # first pass, naming the file and the column (at open, the file changed since the first pass).
     _rewrite(target, age=pa.array(["old"] * rows, pa.string()))
     with pytest.raises(TableError, match=r"site=c/dt=2026-11-30/part-0\.parquet: changed since the first pass"):
         stream.open_stream(log, stream_schema(), vocab)
+    with pytest.raises(TableError, match=r"site=c/dt=2026-11-30/part-0\.parquet, column 'age': holds text "
+                       r"\(string\), but .* holds number"):
+        firstpass.first_pass(log, stream_schema(), progress=False)
+    # Without the column in the schema, the log is fine.
     vocab.write_text(json.dumps(firstpass.first_pass(log, {**stream_schema(), "numeric": {}}, progress=False)))
     ds = stream.open_stream(log, {**stream_schema(), "numeric": {}}, vocab)
     assert len(list(stream.StreamLoader(ds.train, 64, generator=1)))
-    with pytest.raises(TableError, match=r"part-0\.parquet, row 1, column 'age': not a number"):
+    # Text that is not a number, in a text column: the row.
+    _rewrite(target, age=pa.array(["41"] * (rows - 1) + ["old"], pa.string()))
+    other = log / "site=a" / "dt=2026-11-28" / "part-0.parquet"
+    _rewrite(other, age=pa.array(["30"] * pq.read_metadata(other).num_rows, pa.string()))
+    for f in log.rglob("*.parquet"):
+        if f not in (target, other):
+            _rewrite(f, age=pa.array(["50"] * pq.read_metadata(f).num_rows, pa.string()))
+    with pytest.raises(TableError, match=rf"part-0\.parquet, row {rows}, column 'age': not a number: 'old'"):
         firstpass.first_pass(log, stream_schema(), progress=False)
     # A schema that differs between files: a column the schema reads is missing in one file.
     pq.write_table(pq.read_table(target, partitioning=None).drop_columns(["user"]), target)
     with pytest.raises(TableError, match=r"site=c/dt=2026-11-30/part-0\.parquet, column 'user': missing column"):
         firstpass.first_pass(log, {**stream_schema(), "numeric": {}}, progress=False)
+
+
+def test_an_empty_partition_is_located(tmp_path: Path) -> None:
+    log = write_log(tmp_path / "log", n=300)
+    empty = log / "site=b" / "dt=2026-12-02"
+    empty.mkdir()
+    with pytest.raises(TableError, match=r"site=b/dt=2026-12-02: an empty partition: the folder holds no file"):
+        firstpass.first_pass(log, stream_schema(), progress=False)
+    part = pq.read_table(log / "site=b" / "dt=2026-11-28" / "part-0.parquet", partitioning=None)
+    pq.write_table(part.slice(0, 0), empty / "part-0.parquet")
+    with pytest.raises(TableError, match=r"site=b/dt=2026-12-02: an empty partition: its files hold no row"):
+        firstpass.first_pass(log, stream_schema(), progress=False)
+
+
+def test_a_file_truncated_or_deleted_since_the_first_pass_is_located(tmp_path: Path) -> None:
+    log, vocab, ds = _open(tmp_path, n=300)
+    target = log / "site=a" / "dt=2026-11-29" / "part-0.parquet"
+    data = target.read_bytes()
+    target.write_bytes(data[: len(data) // 2])  # truncated: the footer is gone
+    with pytest.raises(TableError, match=r"site=a/dt=2026-11-29/part-0\.parquet: not a readable Parquet file"):
+        stream.open_stream(log, stream_schema(), vocab)
+    target.write_bytes(data)
+    os.utime(target, ns=(target.stat().st_atime_ns, target.stat().st_mtime_ns + 10**9))  # rewritten, same bytes
+    with pytest.raises(TableError, match=r"part-0\.parquet: changed since the first pass .*: modification time"):
+        stream.open_stream(log, stream_schema(), vocab)
+    # Deleted after the open, while training reads: the row group is named.
+    target.unlink()
+    with pytest.raises(TableError, match=r"dt=2026-11-29/part-0\.parquet.*row group 0"):
+        list(stream.StreamLoader(ds.train, 64, generator=1))
+    with pytest.raises(TableError, match=r"site=a/dt=2026-11-29/part-0\.parquet: deleted since the first pass"):
+        stream.open_stream(log, stream_schema(), vocab)

@@ -101,6 +101,27 @@ def parse_count_or_none(text: str) -> int | None:
     return value
 
 
+def parse_rows(text: str) -> int:
+    """A whole number of rows >= 1."""
+    try:
+        value = int(str(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of rows") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not >= 1")
+    return value
+
+
+def parse_bytes(text: str) -> int:
+    """A number of bytes >= 0, optionally with a K, M or G suffix (powers of 1024)."""
+    raw = str(text).strip()
+    scale = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}.get(raw[-1:].lower(), 1)
+    digits = raw[:-1] if scale > 1 else raw
+    if not digits.isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of bytes (e.g. 64M)")
+    return int(digits) * scale
+
+
 def parse_on_off(text: str) -> bool:
     """``on`` / ``off`` (and the booleans' other spellings)."""
     return parse_bool(text)
@@ -123,7 +144,13 @@ DATA_OPTIONS: list[Option] = [
     ("data-dir", str, "folder of a real dataset's raw files"),
     ("data", str, "table: a CSV / TSV (.gz) / Parquet file, or a folder of part files"),
     ("schema", str, "table: the schema TOML file (docs/data.md)"),
-    ("vocab-from", str, "table: reuse this run directory's vocabularies, statistics and domain map"),
+    ("vocab-from", str, "table: reuse this run directory's (or vocab.json's) vocabularies, statistics and domain map"),
+    ("stream", parse_bool, "table: read the Parquet log as training goes, in bounded memory, instead of loading "
+     "it (docs/data.md, \"Larger than memory\"); without --vocab-from, the first pass runs first"),
+    ("shuffle-buffer", parse_rows, "streamed table: the shuffle buffer in rows per rank (changes results; "
+     "default 262144)"),
+    ("read-ahead", parse_bytes, "streamed table: bytes of row groups read ahead (speed only; default an eighth "
+     "of the available memory, at most 256M); a number, optionally with K, M or G"),
     ("rows", int, "synthetic: number of rows"),
     ("num-domains", int, "synthetic: number of domains"),
     ("num-users", int, "synthetic: number of users"),
@@ -192,7 +219,7 @@ TRAIN_OPTIONS: list[Option] = [
      "it: the gate keeps its Keras start) or gate-stage (a later TF 1.x: its linear part trains in the gate "
      "stage); docs/method.md"),
 ]
-FLAGS_WITHOUT_VALUE = {"train-backbone-in-later-stages", "seeds-compat", "overwrite"}
+FLAGS_WITHOUT_VALUE = {"train-backbone-in-later-stages", "seeds-compat", "overwrite", "stream"}
 
 
 def converters(options: Sequence[Option]) -> dict[str, type | Conv]:
@@ -333,8 +360,12 @@ def _dataset(data: DataConfig, progress: bool | None, *, check_only: bool) -> An
                 from moefast.data.schema import load_schema
                 from moefast.data.table import input_files
 
-                load_schema(options["schema"])
+                sch = load_schema(options["schema"])
                 input_files(options["path"])
+                if options.get("stream"):
+                    from moefast.data.firstpass import stream_files
+
+                    stream_files(options["path"], sch)  # Parquet, and a split that needs no full read
                 return None
             return data_module.load("table", **options, progress=progress)
         except ValueError as exc:

@@ -257,6 +257,8 @@ def run(args: argparse.Namespace) -> int:
         say(f"vocabularies: {vocab}")
     if not given:
         say(f"data: the run's own ({', '.join(f'{k}={v}' for k, v in options.items()) or 'defaults'})")
+    if options.get("stream"):
+        return _predict_stream(args, out, options, record, score, what, say)
     dataset = load_dataset(_data_config(options))
     check_compatible(record, dataset)
     split = getattr(dataset, args.split)
@@ -265,6 +267,62 @@ def run(args: argparse.Namespace) -> int:
     logits = _score_split(split, domain, score, args.batch_size, quiet=args.quiet)
     keys = dataset.info.get("keys") if args.split == "test" else None
     _write_scores(out, split, domain, logits, [str(d["name"]) for d in record["domains"]], keys)
+    say(f"scores: {out}")
+    return 0
+
+
+def _predict_stream(args: argparse.Namespace, out: Path, options: Mapping[str, Any], record: Mapping[str, Any],
+                    score: Callable[..., Any], what: str, say: Callable[[str], None]) -> int:
+    """``moefast predict`` of a streamed log: its rows read in stored order and scored batch by
+    batch, each batch written to the Parquet file as it is scored (one batch held at a time)."""
+    import numpy as np
+    import pyarrow as pa
+    import torch
+
+    from moefast.data.batching import BatchOrder
+    from moefast.data.stream import StreamLoader, load_stream
+    from moefast.runs.writer import write_batches
+
+    if out.suffix != ".parquet":
+        raise UserError(f"--out {args.out!r}: a streamed source writes its scores as Parquet (.parquet) as it "
+                        "computes them")
+    try:
+        dataset = load_stream(path=options["data"], schema=options["schema"], vocab_from=options["vocab_from"],
+                              read_ahead=options.get("read_ahead"), check_files=False, progress=False)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    check_compatible(record, dataset)
+    names = [str(d["name"]) for d in record["domains"]]
+    if list(dataset.domain_names) != names:
+        raise UserError(f"dataset {dataset.name!r} numbers its domains {list(dataset.domain_names)}, the model "
+                        f"{names}: load the data so that its domain map is the model's")
+    split = getattr(dataset, args.split)
+    say(f"scoring split {args.split!r} of {dataset.name} (streamed) with the {what}")
+    loader = StreamLoader(split, args.batch_size, order=BatchOrder.SEQUENTIAL, read_ahead=dataset.read_ahead)
+    label_names = np.array(names, dtype=object)
+
+    def batches() -> Any:
+        done = 0
+        with progress_bar(enabled=not args.quiet, total=None, unit="row", desc="predict") as bar:
+            for batch in loader:
+                logits = score(dict(batch.features), batch.domain).float()
+                bad = ~torch.isfinite(logits)
+                if bool(bad.any()):
+                    row = done + int(torch.nonzero(bad)[0, 0])
+                    raise ValueError(f"the model gave a non-finite logit ({float(logits[bad][0])}) for row {row}")
+                domain = batch.domain.numpy()
+                yield pa.record_batch({
+                    "row": pa.array(np.arange(done, done + len(batch), dtype=np.int64)),
+                    "domain": pa.array(domain),
+                    "domain_name": pa.array(label_names[domain].tolist(), pa.string()),
+                    "label": pa.array(batch.label.numpy().astype("int8")),
+                    "logit": pa.array(logits.numpy()),
+                    "score": pa.array(torch.sigmoid(logits.double()).numpy()),
+                })
+                done += len(batch)
+                bar.update(len(batch))
+
+    write_batches(out, batches())
     say(f"scores: {out}")
     return 0
 

@@ -130,6 +130,7 @@ def resume_config(run_dir: str, options: Mapping[str, Any]) -> tuple[RunConfig, 
     old, new = to_jsonable(before), to_jsonable(config)
     for side in (old, new):
         side["train"].pop("progress")  # --quiet changes no result
+        side["data"].pop("read_ahead")  # nor does the read-ahead window of a streamed table
     keys = differing_keys(old, new)
     if keys:
         raise UserError(f"--resume {run_dir!r}: options that differ from the run's ({', '.join(keys)}; recorded "

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable
+from typing import Any
 
 from moefast.config import DEFAULT_PRESET
 from moefast.data.batching import BatchLoader, BatchOrder
@@ -37,14 +38,33 @@ def _load_synthetic(*, preset: str = DEFAULT_PRESET, cache_dir: object = None, *
     return synthetic.generate(synthetic.preset(preset, **knobs))
 
 
-def _registry() -> dict[str, Callable[..., MultiDomainDataset]]:
+def _load_table(*, path: Any, schema: Any, vocab_from: Any = None, scoring: bool = False, cache_dir: Any = None,
+                use_cache: bool = True, progress: bool | None = None, stream: bool = False,
+                shuffle_rows: int | None = None, read_ahead: int | None = None) -> Any:
+    """The tabular source: in memory (:func:`moefast.data.table.load_table`), or with ``stream``
+    read from Parquet as training goes (:func:`moefast.data.stream.load_stream`, a
+    :class:`~moefast.data.stream.StreamedDataset`; no dataset cache)."""
+    if not stream:
+        if shuffle_rows is not None or read_ahead is not None:
+            raise ValueError("shuffle_rows and read_ahead apply to a streamed table (stream=True) only")
+        from moefast.data.table import load_table
+
+        return load_table(path=path, schema=schema, vocab_from=vocab_from, scoring=scoring, cache_dir=cache_dir,
+                          use_cache=use_cache, progress=progress)
+    from moefast.data.stream import load_stream
+
+    del cache_dir, use_cache  # bypassed: the first pass's file fingerprint stands in for a content hash
+    return load_stream(path=path, schema=schema, vocab_from=vocab_from, shuffle_rows=shuffle_rows,
+                       read_ahead=read_ahead, scoring=scoring, progress=progress)
+
+
+def _registry() -> dict[str, Callable[..., Any]]:
     from moefast.data.amazon import load_amazon
     from moefast.data.movielens import load_movielens
-    from moefast.data.table import load_table
     from moefast.data.taobao import load_taobao
 
     return {"synthetic": _load_synthetic, "movielens-1m": load_movielens, "taobao": load_taobao,
-            "amazon-6": load_amazon, "table": load_table}
+            "amazon-6": load_amazon, "table": _load_table}
 
 
 def sources() -> list[str]:
@@ -52,7 +72,7 @@ def sources() -> list[str]:
     return sorted(_registry())
 
 
-def load(name: str, **options: object) -> MultiDomainDataset:
+def load(name: str, **options: object) -> Any:
     """Load (or generate) a multi-domain dataset by name.
 
     Sources and options:
@@ -69,7 +89,9 @@ def load(name: str, **options: object) -> MultiDomainDataset:
     - ``"table"``: your own click log: ``path`` (CSV / TSV, gzip, Parquet, or a folder of
       parts), ``schema`` (a TOML file, dict or :class:`moefast.data.schema.TableSchema`),
       ``vocab_from=RUN_DIR``, ``scoring``, ``cache_dir``, ``use_cache``, ``progress``
-      (:func:`moefast.data.table.load_table`).
+      (:func:`moefast.data.table.load_table`); ``stream=True`` (Parquet) reads it as training
+      goes instead, in bounded memory, with ``shuffle_rows`` and ``read_ahead`` (bytes): a
+      :class:`moefast.data.stream.StreamedDataset` (:func:`moefast.data.stream.load_stream`).
 
     Real sources read local raw files only (never download) and cache the processed dataset
     under ``cache_dir`` (default ``$MOEFAST_CACHE`` or ``~/.cache/moefast``).

@@ -45,18 +45,20 @@ import pyarrow.compute as pc
 from moefast.data import table as _t
 from moefast.data.schema import SplitKind, TableSchema, Transform, load_schema
 
-__all__ = ["COMPACT_ROWS", "check_fingerprint", "fingerprint", "first_pass", "stream_files"]
+__all__ = ["COMPACT_ROWS", "check_fingerprint", "check_layout", "fingerprint", "first_pass", "stream_files"]
 
 COMPACT_ROWS = 1 << 20
 
 
-def stream_files(path: str | os.PathLike[str], sch: TableSchema) -> tuple[list[Path], Path | None]:
+def stream_files(path: str | os.PathLike[str], sch: TableSchema, *, scoring: bool = False) -> tuple[list[Path], Path | None]:
     """``(files, root)`` of a streamed log: Parquet only (CSV stays in memory), a split that needs
-    no full read."""
+    no full read (``scoring``: data to score, every row in the test split, no split needed)."""
     files, kind = _t.input_files(path)
     if kind != "parquet":
         raise ValueError(f"table data {str(path)!r} is CSV: a streamed source reads Parquet (CSV loads in memory; "
                          "drop --stream, or convert the log to Parquet)")
+    if scoring:
+        return files, Path(path) if Path(path).is_dir() else None
     if sch.split.kind is SplitKind.RANDOM:
         raise ValueError(f"{sch.source}: split.kind = 'random' needs the whole data in memory; a streamed source "
                          "takes split.kind = 'hash' (a stable hash of the key), 'column', 'time' or 'partition'")
@@ -105,6 +107,56 @@ def check_fingerprint(recorded: list[Mapping[str, Any]], files: list[Path], root
                 raise _t.TableError(f, None, None, f"changed since the first pass ({where}): {what} "
                                     f"{then[rel][key]} then, {mine[key]} now (truncated or rewritten); run "
                                     "`moefast vocab` again")
+
+
+def _family(t: pa.DataType) -> str:
+    """What a column's Arrow type reads as: numbers, text, lists or booleans (int32 and int64, or
+    string and a dictionary of strings, are the same thing to the source)."""
+    if pa.types.is_dictionary(t):
+        return _family(t.value_type)
+    if pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_decimal(t):
+        return "number"
+    if pa.types.is_string(t) or pa.types.is_large_string(t):
+        return "text"
+    if pa.types.is_list(t) or pa.types.is_large_list(t):
+        return "list"
+    if pa.types.is_boolean(t):
+        return "boolean"
+    return str(t)
+
+
+def check_layout(files: list[Path], root: Path | None, columns: list[str]) -> None:
+    """Refuse, from the footers alone, a log whose files disagree on what a column the schema
+    reads holds (a column of numbers in one partition and text in another), and an empty
+    partition (a partition folder whose files hold no row): a :class:`TableError` naming the file
+    (or folder) and the column."""
+    import pyarrow.parquet as pq
+
+    first: dict[str, tuple[Path, pa.DataType]] = {}
+    rows_in: dict[Path, int] = {}
+    for f in files:
+        try:
+            meta = pq.ParquetFile(f).metadata
+        except (pa.ArrowInvalid, OSError) as exc:
+            raise _t.TableError(f, None, None, f"not a readable Parquet file ({exc})") from None
+        schema = meta.schema.to_arrow_schema()
+        for c in columns:
+            if c not in schema.names:
+                continue  # a partition key, or missing: said where the file is read
+            t = schema.field(c).type
+            seen = first.setdefault(c, (f, t))
+            if _family(t) != _family(seen[1]):
+                raise _t.TableError(f, None, c, f"holds {_family(t)} ({t}), but {seen[0]} holds {_family(seen[1])} "
+                                    f"({seen[1]}): the schema differs between files; rewrite this partition")
+        rows_in[f.parent] = rows_in.get(f.parent, 0) + meta.num_rows
+    if root is not None:
+        for folder, rows in sorted(rows_in.items()):
+            if not rows and folder != root:
+                raise _t.TableError(folder, None, None, "an empty partition: its files hold no row (delete the folder, "
+                                    "or write its rows)")
+        for folder in sorted(p for p in root.rglob("*=*") if p.is_dir()):
+            if not any(folder.iterdir()) and not folder.name.startswith((".", "_")):
+                raise _t.TableError(folder, None, None, "an empty partition: the folder holds no file (delete it)")
 
 
 @dataclass
@@ -175,6 +227,7 @@ def first_pass(path: str | os.PathLike[str], schema: str | os.PathLike[str] | Ta
 
     sch = load_schema(schema)
     files, root = stream_files(path, sch)
+    check_layout(files, root, sch.columns())
     prints = fingerprint(files, root)
     split_cols = [sch.key] if sch.split.kind is SplitKind.HASH else [sch.split.column]
     head = list(dict.fromkeys([sch.domain.column, *[c for c in split_cols if c is not None]]))
@@ -256,12 +309,7 @@ def first_pass(path: str | os.PathLike[str], schema: str | os.PathLike[str] | Ta
                 values = codes.dicts[0]
                 counts[spec.name].add(values, np.bincount(local[local >= 0], minlength=len(values)))
             for nspec in sch.numeric:
-                x = _t._as_float(chunk, nspec.column)
-                bad = np.isinf(x)
-                if bad.any():
-                    i = int(np.flatnonzero(bad)[0])
-                    raise _t.TableError(chunk.path, chunk.first_row + i, nspec.column, f"not a finite number: {x[i]}")
-                x = x[train]
+                x = _t.finite_floats(chunk, nspec.column)[train]
                 if nspec.transform in (Transform.LOG1P, Transform.LOG1P_STANDARDISE):
                     low = np.flatnonzero(x <= -1)
                     if low.size:

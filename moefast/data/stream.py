@@ -38,8 +38,11 @@ batch of raw values while a row group is encoded.
 
 from __future__ import annotations
 
+import itertools
 import os
-from collections.abc import Iterator, Mapping, Sequence
+import threading
+from collections import deque
+from collections.abc import Generator, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -50,14 +53,19 @@ import torch
 
 from moefast.config import FeatureSpec, NumericSpec, Pooling
 from moefast.data import table as _t
+from moefast.data.batching import BatchOrder
 from moefast.data.dataset import Batch, check_pretrained_table
-from moefast.data.firstpass import check_fingerprint, stream_files
+from moefast.data.firstpass import check_fingerprint, check_layout, stream_files
 from moefast.data.schema import DOMAIN_FIELD, SplitKind, TableSchema, load_schema
 
-__all__ = ["SHUFFLE_ROWS", "StreamLoader", "StreamedDataset", "StreamedSplit", "encode", "open_stream"]
+__all__ = ["READ_AHEAD_CAP", "SHUFFLE_ROWS", "StreamLoader", "StreamedDataset", "StreamedSplit", "default_read_ahead",
+           "encode", "load_stream", "open_stream"]
 
 # The shuffle buffer's default, in rows. It changes results: never sized from memory.
 SHUFFLE_ROWS = 1 << 18
+# The read-ahead window's cap, in bytes (speed only; default_read_ahead).
+READ_AHEAD_CAP = 256 << 20
+FRAGMENT_ORDERS = ("seeded", "stored")
 _SPLITS = ("train", "val", "test")
 
 
@@ -72,6 +80,10 @@ class Encoded:
     def __len__(self) -> int:
         return int(self.label.shape[0])
 
+    @property
+    def nbytes(self) -> int:
+        return int(sum(v.nbytes for v in self.features.values()) + self.domain.nbytes + self.label.nbytes)
+
 
 def encode(sch: TableSchema, art: Mapping[str, Any], chunk: Any, part: int | None) -> Encoded:
     """Encode one chunk (:class:`moefast.data.table._Chunk`) under the saved artifacts ``art``
@@ -85,7 +97,10 @@ def encode(sch: TableSchema, art: Mapping[str, Any], chunk: Any, part: int | Non
         i = int(np.flatnonzero(local < 0)[0])
         raise _t.TableError(chunk.path, chunk.first_row + i, sch.domain.column, "empty domain value")
     domain, _, _, keep = _t._domains(sch, dcodes.dicts[0].to_pylist(), local.astype(np.int64), rows, dict(art))
-    label = _t._label(chunk, sch.label, sch.label_threshold) if sch.label is not None else np.zeros(n, np.float32)
+    if sch.label is not None and sch.label in chunk.columns:
+        label = _t._label(chunk, sch.label, sch.label_threshold)
+    else:
+        label = np.zeros(n, np.float32)  # data to score
     if part is not None:
         keep &= _t.chunk_split(sch, chunk) == part
     take = np.flatnonzero(keep)
@@ -105,11 +120,7 @@ def encode(sch: TableSchema, art: Mapping[str, Any], chunk: Any, part: int | Non
     if sch.domain.feature:
         features[DOMAIN_FIELD] = domain[take].astype(np.int64)
     for nspec in sch.numeric:
-        raw = _t._as_float(chunk, nspec.column)
-        bad = np.isinf(raw)
-        if bad.any():
-            i = int(np.flatnonzero(bad)[0])
-            raise _t.TableError(chunk.path, chunk.first_row + i, nspec.column, f"not a finite number: {raw[i]}")
+        raw = _t.finite_floats(chunk, nspec.column)
         values, _ = _t._numeric(nspec, raw, keep, rows, art["numeric"][nspec.name])
         features[nspec.name] = values[take]
         if nspec.indicator:
@@ -161,13 +172,25 @@ class StreamedSplit:
         return out
 
     def chunks(self, units: Sequence[Unit]) -> Iterator[Encoded]:
-        """The encoded rows of this split in ``units``, one row group at a time."""
+        """The encoded rows of this split in ``units``, one row group at a time. A read that
+        fails without a row to name (a file truncated or deleted since it was opened) names the
+        row group."""
         src = self.source
+        part = None if src.scoring else self.index
         for u in units:
-            for chunk in _t._chunks([u.path], "parquet", list(src.columns), set(), src.coded, src.root, row_groups=[u.group]):
-                enc = encode(src.schema, src.artifacts, chunk, self.index)
-                if len(enc):
-                    yield enc
+            try:
+                for chunk in _t._chunks([u.path], "parquet", list(src.columns), set(src.optional), src.coded, src.root,
+                                        row_groups=[u.group]):
+                    enc = encode(src.schema, src.artifacts, chunk, part)
+                    if len(enc):
+                        yield enc
+            except _t.TableError as exc:
+                if exc.row is not None:
+                    raise
+                problem = str(exc).split(": ", 1)[-1]
+                raise _t.TableError(u.path, None, exc.column, f"row group {u.group}: {problem}") from None
+            except FileNotFoundError:
+                raise _t.TableError(u.path, None, None, f"row group {u.group}: deleted while the log was read") from None
 
 
 @dataclass(frozen=True)
@@ -190,6 +213,14 @@ class StreamedDataset:
     domain_partitioned: bool = False
     columns: tuple[str, ...] = ()
     coded: frozenset[str] = frozenset()
+    optional: frozenset[str] = frozenset()
+    # How it is read: the shuffle buffer and the row groups' order change results (recorded in
+    # settings.json), the read-ahead window does not; ``shards`` None: one per data-parallel rank.
+    shuffle_rows: int = SHUFFLE_ROWS
+    fragment_order: str = "seeded"
+    shards: int | None = None
+    read_ahead: int = 0
+    scoring: bool = False
     _splits: dict[str, StreamedSplit] = field(default_factory=dict, compare=False, repr=False)
 
     @property
@@ -217,6 +248,8 @@ class StreamedDataset:
     def may_hold(self, path: Path, part: int) -> bool:
         """False when a ``partition`` split on a partition key puts the whole file elsewhere."""
         sp = self.schema.split
+        if self.scoring:
+            return part == 2  # data to score: every row is in the test split
         if sp.kind is not SplitKind.PARTITION or self.root is None or sp.last is None:
             return True
         value = _t.partition_values(self.root, path).get(sp.column or "")
@@ -227,23 +260,44 @@ class StreamedDataset:
 
 
 def open_stream(path: str | os.PathLike[str], schema: str | os.PathLike[str] | TableSchema | Mapping[str, Any],
-                vocab: str | os.PathLike[str] | Mapping[str, Any]) -> StreamedDataset:
+                vocab: str | os.PathLike[str] | Mapping[str, Any], *, shuffle_rows: int | None = None,
+                fragment_order: str = "seeded", shards: int | None = None, read_ahead: int | None = None,
+                scoring: bool = False, check_files: bool = True) -> StreamedDataset:
     """A :class:`StreamedDataset` over the Parquet log ``path`` under the first pass ``vocab``
-    (a ``vocab.json``, a run directory, or the artifacts dict)."""
+    (a ``vocab.json``, a run directory, or the artifacts dict).
+
+    ``shuffle_rows`` (default :data:`SHUFFLE_ROWS`), ``fragment_order`` and ``shards`` (default:
+    one per data-parallel rank) say how training reads it and change results;
+    ``read_ahead`` (bytes, default :func:`default_read_ahead`) only its speed. ``scoring``:
+    data to score (a schema without a label implies it): every row is in the test split, and the
+    files need not be the first pass's. ``check_files=False`` reads files other than the first
+    pass's (scoring a split of new data under a run's vocabularies: ``moefast predict``)."""
     import pyarrow.parquet as pq
 
     sch = load_schema(schema)
-    files, root = stream_files(path, sch)
+    scoring = scoring or sch.label is None
+    files, root = stream_files(path, sch, scoring=scoring)
     if isinstance(vocab, Mapping):
         art, where = dict(vocab), "the first pass"
     else:
         saved, file = _t.read_vocab(vocab)
         art, where = saved, str(file)
         _t._check_same_fields(sch, saved, file)
-    if "stream" not in art:
+    if not scoring and "stream" not in art and check_files:
         raise ValueError(f"{where}: no file fingerprint (written by the in-memory source); run `moefast vocab` "
                          "on this log")
-    check_fingerprint(art["stream"]["files"], files, root, where)
+    if shuffle_rows is not None and (isinstance(shuffle_rows, bool) or not isinstance(shuffle_rows, int)
+                                     or shuffle_rows < 1):
+        raise ValueError(f"the shuffle buffer must be a positive number of rows, got {shuffle_rows!r}")
+    if read_ahead is not None and (isinstance(read_ahead, bool) or not isinstance(read_ahead, int) or read_ahead < 0):
+        raise ValueError(f"the read-ahead window must be a number of bytes >= 0, got {read_ahead!r}")
+    if fragment_order not in FRAGMENT_ORDERS:
+        raise ValueError(f"fragment_order must be 'seeded' or 'stored', got {fragment_order!r}")
+    if shards is not None and (isinstance(shards, bool) or not isinstance(shards, int) or shards < 1):
+        raise ValueError(f"shards must be a positive int or None, got {shards!r}")
+    if not scoring and check_files:
+        check_fingerprint(art["stream"]["files"], files, root, where)
+    check_layout(files, root, sch.columns())
     domain_map: Mapping[str, int] = art["domains"]["values"]
     partitioned = root is not None and all(sch.domain.column in _t.partition_values(root, f) for f in files)
     units = []
@@ -278,90 +332,245 @@ def open_stream(path: str | os.PathLike[str], schema: str | os.PathLike[str] | T
     for k, table in pretrained.items():
         check_pretrained_table(next(s for s in specs if s.name == k), k, table, f"dataset {name!r}")
     coded = frozenset({sch.domain.column, *(c.column for c in sch.categorical if not c.multi)})
+    optional = frozenset(c for c in (sch.label, sch.split.column) if c is not None and scoring)
+    # The same source as the in-memory table: a model trained on one scores the other's data.
+    info = {"source": "table", "stream": True, "files": [str(f) for f in files], "table": art}
     ds = StreamedDataset(
         name=name, features=tuple(specs), domain_names=tuple(art["domains"]["names"]), numeric=tuple(numeric),
-        pretrained=pretrained, info={"source": "table-stream", "files": [str(f) for f in files], "table": art},
-        schema=sch, artifacts=art, files=tuple(files), root=root, all_units=tuple(units),
-        domain_partitioned=partitioned, columns=tuple(sch.columns()), coded=coded,
+        pretrained=pretrained, info=info, schema=sch, artifacts=art, files=tuple(files), root=root,
+        all_units=tuple(units), domain_partitioned=partitioned, columns=tuple(sch.columns()), coded=coded,
+        optional=optional, shuffle_rows=SHUFFLE_ROWS if shuffle_rows is None else shuffle_rows,
+        fragment_order=fragment_order, shards=shards,
+        read_ahead=default_read_ahead() if read_ahead is None else read_ahead, scoring=scoring,
     )
-    rows = art["stream"]["rows"]
+    if scoring or "stream" not in art or not check_files:  # row counts of these files' splits are unknown
+        rows = {"train": 0, "val": 0, "test": sum(u.rows for u in units)} if scoring else {s: 0 for s in _SPLITS}
+    else:
+        rows = art["stream"]["rows"]
     for i, s in enumerate(_SPLITS):
         ds._splits[s] = StreamedSplit(ds, i, int(rows[s]))
     return ds
 
 
-class StreamLoader:
-    """Mini-batches of a :class:`StreamedSplit` (the module docstring): each ``iter()`` is one
-    epoch, ``mixed`` order through a shuffle buffer of ``shuffle_rows`` rows, or in stored order
-    without shuffling (``shuffle_rows=0``, evaluation; the generator is not used)."""
+def default_read_ahead() -> int:
+    """The read-ahead window's default, in bytes: an eighth of the memory available when asked,
+    at most :data:`READ_AHEAD_CAP`. Speed only: the window never changes which rows come in
+    which batch."""
+    try:
+        available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):  # not a POSIX system: no window
+        return 0
+    return int(min(READ_AHEAD_CAP, max(available // 8, 0)))
 
-    def __init__(self, split: StreamedSplit, batch_size: int, *, shuffle_rows: int = SHUFFLE_ROWS,
-                 fragment_order: str = "seeded", domains: Sequence[int] | None = None,
-                 generator: torch.Generator | int | None = None, drop_last: bool = False,
-                 rank: int = 0, world: int = 1, skip: int = 0) -> None:
-        if batch_size < 1:
+
+def _read_ahead(chunks: Iterator[Encoded], window: int) -> Iterator[Encoded]:
+    """``chunks`` in their order, read and encoded by a background thread up to ``window`` bytes
+    ahead of the consumer (at least one chunk); ``window`` 0 reads in the consumer's thread.
+    pyarrow's reads and numpy's gathers release the GIL, so reading overlaps training."""
+    if window <= 0:
+        yield from chunks
+        return
+    cond = threading.Condition()
+    queue: deque[Encoded | BaseException | None] = deque()
+    state = {"held": 0, "stop": False}
+
+    def produce() -> None:
+        last: BaseException | None = None
+        try:
+            for enc in chunks:
+                with cond:
+                    while queue and state["held"] >= window and not state["stop"]:
+                        cond.wait()
+                    if state["stop"]:
+                        return
+                    queue.append(enc)
+                    state["held"] += enc.nbytes
+                    cond.notify_all()
+        except BaseException as exc:  # handed to the consumer, raised in its thread
+            last = exc
+        with cond:
+            queue.append(last)
+            cond.notify_all()
+
+    thread = threading.Thread(target=produce, name="moefast-read-ahead", daemon=True)
+    thread.start()
+    try:
+        while True:
+            with cond:
+                while not queue:
+                    cond.wait()
+                item = queue.popleft()
+                if isinstance(item, Encoded):
+                    state["held"] -= item.nbytes
+                cond.notify_all()
+            if item is None:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        with cond:
+            state["stop"] = True
+            cond.notify_all()
+
+
+class StreamLoader:
+    """Mini-batches of a :class:`StreamedSplit` (the module docstring); each ``iter()`` is one
+    epoch.
+
+    Args:
+        split: the rows.
+        batch_size: rows per (global) batch; shard ``s`` of ``shards`` contributes ``batch_size
+            // shards`` rows, one more for the first ``batch_size % shards`` shards.
+        order: ``MIXED`` (rows of every domain through the shuffle buffer), ``BY_DOMAIN`` (the
+            domains in a seeded order, each read alone through the buffer: needs the log
+            partitioned by domain) or ``SEQUENTIAL`` (stored order, no shuffle: evaluation; the
+            generator is not used, the shards are read one after another).
+        shuffle_rows: the shuffle buffer, in rows per shard (changes results).
+        fragment_order: ``seeded`` (the row groups in a seeded order each epoch) or ``stored``.
+        domains: only those domains' rows (``None``: every domain).
+        generator: a ``torch.Generator`` (one draw per epoch) or an int seed.
+        shards / take: the epoch's row groups are dealt round-robin to ``shards`` shards; this
+            loader reads the shards ``take`` (default all of them). A training step is the
+            concatenation, in shard order, of each shard's next local batch, and the epoch ends
+            when one of them has none left (the remainder rule, docs/data.md): a data-parallel
+            rank reads one shard (``take=[rank]``) and the ranks agree on the end; one process
+            reading every shard computes the same steps.
+        skip: batches the first epoch drops without building them (a resume).
+        read_ahead: bytes of encoded row groups read ahead by a background thread (speed only).
+    """
+
+    def __init__(self, split: StreamedSplit, batch_size: int, *, order: BatchOrder = BatchOrder.MIXED,
+                 shuffle_rows: int = SHUFFLE_ROWS, fragment_order: str = "seeded",
+                 domains: Sequence[int] | None = None, generator: torch.Generator | int | None = None,
+                 drop_last: bool = False, shards: int = 1, take: Sequence[int] | None = None, skip: int = 0,
+                 read_ahead: int = 0) -> None:
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-        if fragment_order not in ("seeded", "stored"):
+        if not isinstance(order, BatchOrder):
+            raise TypeError(f"order must be a BatchOrder, got {order!r}")
+        if fragment_order not in FRAGMENT_ORDERS:
             raise ValueError(f"fragment_order must be 'seeded' or 'stored', got {fragment_order!r}")
-        if not 0 <= rank < world:
-            raise ValueError(f"rank {rank} outside [0, {world})")
-        self.split, self.batch_size, self.shuffle_rows = split, batch_size, shuffle_rows
-        self.fragment_order, self.domains, self.drop_last = fragment_order, domains, drop_last
-        self.rank, self.world, self.skip = rank, world, skip
+        if isinstance(shuffle_rows, bool) or not isinstance(shuffle_rows, int) or shuffle_rows < 1:
+            raise ValueError(f"the shuffle buffer must be a positive number of rows, got {shuffle_rows!r}")
+        if shards < 1 or batch_size < shards:
+            raise ValueError(f"a batch of {batch_size} rows cannot be split over {shards} shards (each needs a row)")
+        take = list(range(shards)) if take is None else list(take)
+        if not take or any(not 0 <= s < shards for s in take) or len(set(take)) != len(take):
+            raise ValueError(f"take={take} must name distinct shards in [0, {shards})")
+        self.split, self.batch_size, self.order, self.shuffle_rows = split, batch_size, order, shuffle_rows
+        self.fragment_order, self.drop_last, self.skip, self.read_ahead = fragment_order, drop_last, skip, read_ahead
+        self.shards, self.take = shards, take
+        self.domains = None if domains is None else tuple(sorted(set(domains)))
         if isinstance(generator, torch.Generator):
             self.generator = generator
         else:
             self.generator = torch.Generator().manual_seed(0 if generator is None else int(generator))
-        self._units = split.units(domains)
+        # BY_DOMAIN reads one domain at a time: every domain's row groups must be known apart.
+        every = self.domains if self.domains is not None else tuple(range(split.source.num_domains))
+        self._units = split.units(every if order is BatchOrder.BY_DOMAIN or self.domains is not None else None)
 
-    def epoch_units(self, seed: int | None) -> list[Unit]:
-        """This rank's units of the epoch seeded ``seed`` (None: stored order)."""
-        units = list(self._units)
+    @property
+    def reads_apart(self) -> bool:
+        """Whether other loaders (the other ranks) read the rest of each step's global batch."""
+        return len(self.take) < self.shards
+
+    @property
+    def num_rows(self) -> int | None:
+        """Rows per epoch when known without reading (every shard, every domain), else None."""
+        return self.split.rows if self.domains is None and not self.reads_apart else None
+
+    def epoch_units(self, seed: int | None, shard: int = 0, domains: Sequence[int] | None = None) -> list[Unit]:
+        """Shard ``shard``'s row groups of the epoch seeded ``seed`` (``None``: stored order), of
+        ``domains`` (default: the loader's)."""
+        units = self._units
+        if domains is not None:
+            wanted = set(domains)
+            units = [u for u in units if u.domain in wanted]
         if seed is not None and self.fragment_order == "seeded":
             order = np.random.default_rng([seed, 1]).permutation(len(units))
             units = [units[i] for i in order]
-        return units[self.rank::self.world]
+        return list(units[shard::self.shards])
 
     def __iter__(self) -> Iterator[Batch]:
         skip, self.skip = self.skip, 0  # a resume skips once, in its first epoch
-        if not self.shuffle_rows:
-            yield from self._emit(self.split.chunks(self.epoch_units(None)), None, skip)
-            return
-        seed = int(torch.randint(0, 2**62, (1,), generator=self.generator))
-        yield from self._emit(self.split.chunks(self.epoch_units(seed)), np.random.default_rng(seed), skip)
+        steps: Iterator[Encoded]
+        if self.order is BatchOrder.SEQUENTIAL:
+            units = [u for s in self.take for u in self.epoch_units(None, s)]
+            steps = self._emit(self._chunks(units, self.domains), None, self.batch_size)
+        else:
+            seed = int(torch.randint(0, 2**62, (1,), generator=self.generator))
+            if self.order is BatchOrder.MIXED:
+                steps = self._steps(seed, self.domains)
+            else:
+                every = self.domains if self.domains is not None else tuple(range(self.split.source.num_domains))
+                plan = [every[k] for k in np.random.default_rng(seed).permutation(len(every))]
+                steps = itertools.chain.from_iterable(
+                    self._steps(int(np.random.default_rng([seed, 3, d]).integers(2**62)), [d]) for d in plan)
+        for done, enc in enumerate(steps, start=1):
+            if done > skip:
+                yield _batch(enc)
 
-    def _emit(self, chunks: Iterator[Encoded], rng: np.random.Generator | None, skip: int) -> Iterator[Batch]:
+    def _chunks(self, units: Sequence[Unit], domains: Sequence[int] | None) -> Iterator[Encoded]:
+        chunks = self.split.chunks(units)
+        if domains is not None:
+            wanted = np.asarray(sorted(domains), dtype=np.int64)
+            chunks = (_take(enc, np.flatnonzero(np.isin(enc.domain, wanted))) for enc in chunks)
+        return _read_ahead(chunks, self.read_ahead)
+
+    def _steps(self, seed: int, domains: Sequence[int] | None) -> Iterator[Encoded]:
+        """The epoch's steps over ``domains``: each shard's local batches, in lockstep. The rows
+        of shard 0 are shuffled by ``default_rng(seed)`` (one shard, MIXED: exactly
+        :class:`~moefast.data.batching.BatchLoader`'s draw), shard ``s`` by ``[seed, 2, s]``."""
+        base, extra = divmod(self.batch_size, self.shards)
+        streams: list[Generator[Encoded, None, None]] = []
+        for s in self.take:
+            rng = np.random.default_rng(seed if s == 0 else [seed, 2, s])
+            units = self.epoch_units(seed, s, domains)
+            streams.append(self._emit(self._chunks(units, domains), rng, base + (1 if s < extra else 0)))
+        try:
+            while True:
+                parts = []
+                for stream in streams:
+                    part = next(stream, None)
+                    if part is None:
+                        return
+                    parts.append(part)
+                yield _concat(parts)
+        finally:
+            for stream in streams:
+                stream.close()
+
+    def _emit(self, chunks: Iterator[Encoded], rng: np.random.Generator | None,
+              size: int) -> Generator[Encoded, None, None]:
+        """Batches of ``size`` rows of ``chunks``: through the shuffle buffer (``rng``), or in
+        order (``None``)."""
         buffer: list[Encoded] = []
         held = 0
-        done = 0
-        wanted = None if self.domains is None else np.asarray(sorted(self.domains), dtype=np.int64)
-        for enc in chunks:
-            if wanted is not None:
-                enc = _take(enc, np.flatnonzero(np.isin(enc.domain, wanted)))
-            buffer.append(enc)
-            held += len(enc)
-            limit = self.shuffle_rows if rng is not None else self.batch_size
-            if held >= limit:
-                rest, batches = self._flush(buffer, rng, last=False)
-                for b in batches:
-                    done += 1
-                    if done > skip:
-                        yield b
-                buffer, held = [rest], len(rest)
-        _, batches = self._flush(buffer, rng, last=True)
-        for b in batches:
-            done += 1
-            if done > skip:
-                yield b
+        limit = self.shuffle_rows if rng is not None else size
+        try:
+            for enc in chunks:
+                buffer.append(enc)
+                held += len(enc)
+                if held >= limit:
+                    rest, batches = self._flush(buffer, rng, size, last=False)
+                    yield from batches
+                    buffer, held = [rest], len(rest)
+            _, batches = self._flush(buffer, rng, size, last=True)
+            yield from batches
+        finally:
+            close = getattr(chunks, "close", None)
+            if close is not None:
+                close()
 
-    def _flush(self, buffer: list[Encoded], rng: np.random.Generator | None, *, last: bool) -> tuple[Encoded, list[Batch]]:
+    def _flush(self, buffer: list[Encoded], rng: np.random.Generator | None, size: int, *,
+               last: bool) -> tuple[Encoded, list[Encoded]]:
         whole = _concat(buffer)
         n = len(whole)
         if rng is not None:
             whole = _take(whole, rng.permutation(n))
-        stop = n if last and not self.drop_last else n - n % self.batch_size
-        batches = [_batch(_take(whole, np.arange(s, min(s + self.batch_size, stop))))
-                   for s in range(0, stop, self.batch_size)]
+        stop = n if last and not self.drop_last else n - n % size
+        batches = [_take(whole, np.arange(s, min(s + size, stop))) for s in range(0, stop, size)]
         return _take(whole, np.arange(stop, n)), batches
 
 
@@ -382,3 +591,23 @@ def _concat(parts: list[Encoded]) -> Encoded:
 def _batch(enc: Encoded) -> Batch:
     return Batch({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in enc.features.items()},
                  torch.from_numpy(np.ascontiguousarray(enc.domain)), torch.from_numpy(np.ascontiguousarray(enc.label)))
+
+
+def load_stream(*, path: str | os.PathLike[str], schema: str | os.PathLike[str] | TableSchema | Mapping[str, Any],
+                vocab_from: str | os.PathLike[str] | None = None, shuffle_rows: int | None = None,
+                read_ahead: int | None = None, fragment_order: str = "seeded", shards: int | None = None,
+                scoring: bool = False, check_files: bool = True, progress: bool | None = None) -> StreamedDataset:
+    """``moefast.data.load("table", stream=True, ...)``: the first pass over the log's training
+    split (:func:`moefast.data.firstpass.first_pass`; ``vocab_from``: a ``vocab.json`` or a run
+    directory whose first pass is reused), then :func:`open_stream`. No dataset cache: hashing the
+    content of a log larger than memory is no option; the file fingerprint stands in for it."""
+    from moefast.data.firstpass import first_pass
+
+    if vocab_from is None:
+        if scoring or load_schema(schema).label is None:
+            raise ValueError("scoring data (no label) needs vocab_from=<the run directory whose model scores it>")
+        vocab: str | os.PathLike[str] | Mapping[str, Any] = first_pass(path, schema, progress=progress)
+    else:
+        vocab = vocab_from
+    return open_stream(path, schema, vocab, shuffle_rows=shuffle_rows, read_ahead=read_ahead,
+                       fragment_order=fragment_order, shards=shards, scoring=scoring, check_files=check_files)

@@ -400,6 +400,18 @@ def _as_float(chunk: _Chunk, column: str) -> np.ndarray:
     return values.astype(np.float64, copy=False)
 
 
+def finite_floats(chunk: _Chunk, column: str) -> np.ndarray:
+    """A numeric field's values in one chunk: float64 ``[n]``, NaN where missing; a value that
+    is not a number or is infinite is a :class:`TableError` at its row. The one check of the
+    in-memory load, the streamed first pass and the streamed source."""
+    values = _as_float(chunk, column)
+    bad = np.flatnonzero(np.isinf(values))
+    if bad.size:
+        i = int(bad[0])
+        raise TableError(chunk.path, chunk.first_row + i, column, f"not a finite number: {values[i]}")
+    return values
+
+
 # Every integer up to 2**53 is a float64; above it neighbouring ids share one float.
 _FLOAT_EXACT = 2.0**53
 
@@ -660,12 +672,7 @@ def _build(sch: TableSchema, files: list[Path], kind: str, saved: dict[str, Any]
                 else:
                     codes[spec.name].add_single(arr, _Place(chunk.path, chunk.first_row, spec.column))
             for nspec in sch.numeric:
-                values = _as_float(chunk, nspec.column)
-                bad = np.isinf(values)
-                if bad.any():
-                    i = int(np.flatnonzero(bad)[0])
-                    raise TableError(chunk.path, chunk.first_row + i, nspec.column, f"not a finite number: {values[i]}")
-                numeric[nspec.name].append(values)
+                numeric[nspec.name].append(finite_floats(chunk, nspec.column))
             if not scoring and sch.split.kind is SplitKind.COLUMN:
                 assert sch.split.column is not None
                 split_codes.add_single(chunk.columns[sch.split.column],

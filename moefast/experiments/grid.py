@@ -91,6 +91,9 @@ class GridConfig:
             raise ValueError(f"GridConfig.experts_per_domain must be >= 1, got {self.experts_per_domain!r}")
         if len(set(self.seeds)) != len(self.seeds):
             raise ValueError(f"GridConfig.seeds has duplicates: {self.seeds!r}")
+        if any(d.stream for d in self.data):
+            raise ValueError("the grid loads each data setting once and trains every cell on it in memory: a streamed "
+                             "table (stream) trains with moefast train --stream, one run at a time")
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from moefast.config import GateInit, RunConfig, TowerKind, load_options
 from moefast.data.dataset import MultiDomainDataset
+from moefast.data.stream import StreamedDataset
 from moefast.train.loop import FitResult
 
 __all__ = ["check_methods", "method_dir", "run_methods"]
@@ -19,7 +20,7 @@ def method_dir(out: Path, config: RunConfig, kind: TowerKind) -> Path:
     return out / kind.value if len(config.methods) > 1 else out
 
 
-def check_methods(config: RunConfig, dataset: MultiDomainDataset) -> None:
+def check_methods(config: RunConfig, dataset: MultiDomainDataset | StreamedDataset) -> None:
     """What :func:`run_methods` checks before any method trains: the MoE-MLoRA gate's own-expert
     start must suit the data's domains (``ValueError`` otherwise)."""
     from moefast.nn.tower import check_specialist_start
@@ -31,7 +32,7 @@ def check_methods(config: RunConfig, dataset: MultiDomainDataset) -> None:
 
 def run_methods(
     config: RunConfig,
-    dataset: MultiDomainDataset | None = None,
+    dataset: MultiDomainDataset | StreamedDataset | None = None,
     *,
     resume: bool = False,
     say: Callable[[str], None] = lambda _msg: None,

@@ -12,6 +12,7 @@ import torch
 
 from moefast.config import TowerConfig, TowerKind
 from moefast.data.dataset import MultiDomainDataset
+from moefast.data.stream import StreamedDataset
 from moefast.models.alpha import ALPHA, alpha_for
 from moefast.models.autoint import AutoInt
 from moefast.models.base import MODELS, CTRModel, register
@@ -47,7 +48,7 @@ DEFAULT_MODEL_SEED = 1024
 
 def build(
     name: str,
-    dataset: MultiDomainDataset,
+    dataset: MultiDomainDataset | StreamedDataset,
     tower: TowerKind | str = TowerKind.BASE,
     *,
     experts_per_domain: int = 1,

@@ -4,7 +4,8 @@
 
     <run>/config.json          the resolved model, tower and training configuration
     <run>/metrics.json         the schema of DESIGN.md section 5 (keys may be added, not renamed)
-    <run>/predictions.csv      the test split: domain, label, score (probability)
+    <run>/predictions.csv      the test split: domain, label, score (probability);
+                               predictions.parquet for a streamed log, written in chunks
     <run>/checkpoints/NN_<stage>.pt   one per stage, best weights, atomic; after the first, only what
                                       the stage trained and its base (moefast.runs.checkpoint)
     <run>/settings.json        what a resume must share: data fingerprint, model, options
@@ -49,8 +50,9 @@ import torch
 
 from moefast.config import TrainConfig
 from moefast.data.dataset import MultiDomainDataset
+from moefast.data.stream import StreamedDataset
 from moefast.models.base import CTRModel
-from moefast.runs.writer import save_figure, write_frame, write_text
+from moefast.runs.writer import save_figure, write_batches, write_frame, write_text
 
 __all__ = [
     "MARKER",
@@ -344,6 +346,12 @@ class RunResult(Protocol):
     @property
     def gate_weights(self) -> torch.Tensor | None: ...
 
+    @property
+    def test_label(self) -> torch.Tensor: ...
+
+    @property
+    def test_domain(self) -> torch.Tensor: ...
+
 
 def to_jsonable(value: Any) -> Any:
     """Dataclasses, enums, tuples and paths as plain JSON values."""
@@ -380,7 +388,8 @@ def write_json(path: Path, payload: Any, *, indent: int = 2, sort_keys: bool = F
 
 
 def write_run(
-    run_dir: Path, result: RunResult, dataset: MultiDomainDataset, model: CTRModel, config: TrainConfig
+    run_dir: Path, result: RunResult, dataset: MultiDomainDataset | StreamedDataset, model: CTRModel,
+    config: TrainConfig
 ) -> None:
     """Write everything but the checkpoints (which the stages wrote already)."""
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -394,24 +403,45 @@ def write_run(
 
     write_dataset_record(run_dir / DATASET_RECORD, dataset)
     write_json(run_dir / "metrics.json", result.metrics)
-    _write_predictions(run_dir / "predictions.csv", dataset, result.test_logits)
+    if dataset.info.get("stream"):  # a streamed log's test split may not fit a frame: Parquet, in chunks
+        write_batches(run_dir / "predictions.parquet", _prediction_batches(result))
+    else:
+        _write_predictions(run_dir / "predictions.csv", result)
     _plot_val_history(run_dir / "val_auc.png", result)
     plot_methods(run_dir / "per_domain_auc.png", {result.metrics["method"]: result.metrics})
     if result.gate_weights is not None:
         _plot_gate(run_dir / "gate_weights.png", result.gate_weights, dataset.domain_names)
 
 
-def _write_predictions(path: Path, dataset: MultiDomainDataset, logits: torch.Tensor) -> None:
+def _write_predictions(path: Path, result: RunResult) -> None:
     import pandas as pd
 
     frame = pd.DataFrame(
         {
-            "domain": dataset.test.domain.numpy(),
-            "label": dataset.test.label.numpy().astype("int8"),
-            "score": torch.sigmoid(logits.double()).numpy(),
+            "domain": result.test_domain.numpy(),
+            "label": result.test_label.numpy().astype("int8"),
+            "score": torch.sigmoid(result.test_logits.double()).numpy(),
         }
     )
     write_frame(path, frame)
+
+
+PREDICTION_CHUNK_ROWS = 1 << 16
+
+
+def _prediction_batches(result: RunResult) -> Iterator[Any]:
+    """The test predictions (``domain``, ``label``, ``score``) as Arrow record batches of
+    :data:`PREDICTION_CHUNK_ROWS` rows: what is added to the 9 bytes a row already held."""
+    import pyarrow as pa
+
+    n = int(result.test_logits.numel())
+    for start in range(0, max(n, 1), PREDICTION_CHUNK_ROWS):
+        stop = min(start + PREDICTION_CHUNK_ROWS, n)
+        yield pa.record_batch({
+            "domain": pa.array(result.test_domain[start:stop].numpy().astype("int64")),
+            "label": pa.array(result.test_label[start:stop].numpy().astype("int8")),
+            "score": pa.array(torch.sigmoid(result.test_logits[start:stop].double()).numpy()),
+        })
 
 
 def _pyplot() -> Any:

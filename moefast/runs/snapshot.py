@@ -19,6 +19,12 @@ kept; each is written atomically over the previous one). It is written
   (the model is the checkpoint). After the last stage this small snapshot stays: it marks the
   training as complete, and a resume only recomputes the test predictions and outputs.
 
+A streamed log (:class:`moefast.data.stream.StreamedDataset`) needs nothing more: the epoch's
+starting generator state and the batches done are what its replay takes (the epoch's row groups
+are read and shuffled again, the consumed batches skipped unbuilt), and how it is read (shuffle
+buffer, row-group order, shards: :func:`dataset_settings`) is in ``settings.json``, whose SHA-256
+every snapshot records.
+
 Resuming restores all of it, so that the run ends bitwise equal to an uninterrupted one on CPU at
 a fixed thread count: ``metrics.json`` but for its timing keys, the predictions byte for byte,
 the checkpoints tensor for tensor. What the resumed run must share with the first is recorded in
@@ -58,6 +64,7 @@ __all__ = [
     "check_adam_state",
     "check_stage_state",
     "dataset_fingerprint",
+    "dataset_settings",
     "load_snapshot",
     "preemption",
     "save_snapshot",
@@ -117,6 +124,26 @@ def dataset_fingerprint(dataset: MultiDomainDataset) -> str:
                       | {f"{split_name}.domain": split.domain, f"{split_name}.label": split.label})
     _hash_tensors(h, {f"pretrained.{k}": v for k, v in dataset.pretrained.items()})
     return h.hexdigest()
+
+
+def dataset_settings(dataset: Any, shards: int | None = None) -> dict[str, Any]:
+    """The data a run's continuation must share with it (``settings.json``'s ``dataset``): the
+    name and :func:`dataset_fingerprint` of a dataset in memory; for a streamed log
+    (:class:`moefast.data.stream.StreamedDataset`, read as ``shards`` shards), the SHA-256 of its
+    first pass (vocabularies, statistics, domains and the fingerprint of its file list: hashing
+    the content of a log larger than memory is no option) and how it is read where that changes
+    results: the shuffle buffer, the row groups' order and the shards."""
+    if not dataset.info.get("stream"):
+        return {"name": dataset.name, "fingerprint": dataset_fingerprint(dataset)}
+    from moefast.runs.rundir import to_jsonable
+
+    record = {"name": dataset.name, "features": dataset.features, "numeric": dataset.numeric,
+              "domains": dataset.domain_names, "first_pass": dataset.artifacts}
+    text = json.dumps(to_jsonable(record), sort_keys=True, ensure_ascii=False, default=str)
+    h = hashlib.sha256(text.encode())
+    _hash_tensors(h, {f"pretrained.{k}": v for k, v in dataset.pretrained.items()})
+    return {"name": dataset.name, "fingerprint": h.hexdigest(), "shuffle_rows": dataset.shuffle_rows,
+            "fragment_order": dataset.fragment_order, "shards": shards}
 
 
 def state_fingerprint(module: torch.nn.Module) -> str:

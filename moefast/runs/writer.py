@@ -26,7 +26,7 @@ Unset (always, outside tests) every fault point is one dictionary lookup.
 The one writer (issue 25). Every file a ``moefast`` command or library call leaves goes through
 this module: :func:`atomic_write` for a writer that fills a file object, and the small helpers
 over it (:func:`write_bytes`, :func:`write_text`, :func:`write_frame` for a CSV or Parquet
-table, :func:`save_npz`, :func:`save_figure`, :func:`copy_file`), plus
+table, :func:`write_batches` for a Parquet file written batch by batch, :func:`save_npz`, :func:`save_figure`, :func:`copy_file`), plus
 :func:`write_at_path` for the writers that only take a path (``torch.export.save`` names the
 archive's folder after the file, ``torch.onnx.export``). ``tests/test_one_writer.py`` forbids every
 other way to create or replace a file outside this module, the allowed exceptions listed there
@@ -43,7 +43,7 @@ import os
 import shutil
 import signal
 import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -58,6 +58,7 @@ __all__ = [
     "save_figure",
     "save_npz",
     "write_at_path",
+    "write_batches",
     "write_bytes",
     "write_frame",
     "write_text",
@@ -263,6 +264,28 @@ def write_frame(path: str | os.PathLike[str], frame: Any) -> Path:
     if Path(path).suffix == ".parquet":
         return atomic_write(path, lambda handle: frame.to_parquet(handle, index=False))
     return write_text(path, frame.to_csv(index=False))
+
+
+def write_batches(path: str | os.PathLike[str], batches: Iterable[Any]) -> Path:
+    """Write Arrow record batches to the Parquet file ``path`` atomically, each as it arrives
+    (``batches`` may compute them): one batch is held at a time, never the whole table. An
+    empty iterable writes nothing and raises ``ValueError`` (a Parquet file needs a schema)."""
+    import pyarrow.parquet as pq
+
+    def fill(handle: Any) -> None:
+        writer = None
+        try:
+            for batch in batches:
+                if writer is None:
+                    writer = pq.ParquetWriter(handle, batch.schema)
+                writer.write_batch(batch)
+        finally:
+            if writer is not None:
+                writer.close()
+        if writer is None:
+            raise ValueError(f"{path}: no record batch to write (a Parquet file needs a schema)")
+
+    return atomic_write(path, fill)
 
 
 def save_npz(path: str | os.PathLike[str], arrays: Mapping[str, Any]) -> Path:

@@ -32,6 +32,7 @@ from moefast.config import (
 )
 from moefast.data.batching import BatchLoader, BatchOrder
 from moefast.data.dataset import Batch, MultiDomainDataset, Split
+from moefast.data.stream import StreamedDataset, StreamLoader
 from moefast.log import progress_bar, say
 from moefast.models.base import CTRModel
 from moefast.nn.adapter import AdapterLinear
@@ -48,13 +49,14 @@ from moefast.runs.snapshot import (
     Preempted,
     check_adam_state,
     check_stage_state,
-    dataset_fingerprint,
+    dataset_settings,
     load_snapshot,
     preemption,
     save_snapshot,
     state_fingerprint,
 )
 from moefast.runs.writer import fault_step
+from moefast.train import streamed
 from moefast.train.errors import CapWarning, NonFiniteError
 from moefast.train.metrics import EvalMetrics, evaluate_scores
 from moefast.train.parallel import data_parallel as distributed
@@ -71,6 +73,8 @@ from moefast.train.stages import (
 
 # The job this process trains in: alone, or one rank of a data-parallel job (the same methods).
 Parallel = SingleProcess | distributed.DataParallel
+# What fit trains on: a dataset in memory, or a log read as training goes (moefast.train.streamed).
+Dataset = MultiDomainDataset | StreamedDataset
 
 __all__ = [
     "CapWarning",
@@ -177,6 +181,9 @@ class FitResult:
     test_logits: torch.Tensor
     gate_weights: torch.Tensor | None
     run_dir: Path | None
+    # The test rows' labels and domains in the order of ``test_logits`` (the predictions file).
+    test_label: torch.Tensor = field(default_factory=lambda: torch.zeros(0))
+    test_domain: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.int64))
 
 
 def method_name(model: CTRModel) -> str:
@@ -299,7 +306,7 @@ def train_step(
 
 def _train_epoch(
     model: CTRModel,
-    loader: BatchLoader,
+    loader: BatchLoader | StreamLoader,
     step: StageStep,
     optimizer: torch.optim.Optimizer,
     config: TrainConfig,
@@ -311,8 +318,9 @@ def _train_epoch(
     *,
     skip: int = 0,
     after_step: Callable[[int, int], str | None] | None = None,
-) -> int:
-    """Train one epoch of ``loader``; return the rows trained.
+) -> tuple[int, int]:
+    """Train one epoch of ``loader``; return the rows trained and the batches drawn (the skipped
+    ones included).
 
     ``skip`` batches of the epoch were trained before a resume (they are drawn, so the epoch's
     order is the same, and not trained again). ``after_step(batches done, rows trained in this
@@ -323,10 +331,13 @@ def _train_epoch(
     """
     model.train()
     samples = 0
+    drawn = 0
     l2_params = l2_parameters(model)  # the stage's freezing is fixed for the epoch
     bar = progress_bar(enabled=config.progress, total=loader.num_rows, desc=desc, unit="row", leave=False)
     try:
-        for number, cpu_batch in enumerate(loader):
+        # A batch is the global batch, or (a streamed run's rank) this rank's rows of it: ``rows``.
+        for number, (cpu_batch, rows) in enumerate(parallel.batches(loader)):
+            drawn = number + 1
             if number < skip:
                 bar.update(len(cpu_batch))
                 continue
@@ -334,12 +345,12 @@ def _train_epoch(
                 # Under data parallelism: this rank's slice of the global batch.
                 losses.append(parallel.train_step(
                     model, runner, cpu_batch, step.label, optimizer, config.l2, l2_params,
-                    after_backward=lambda m: mask_gradients(m, step), precision=config.precision,
+                    after_backward=lambda m: mask_gradients(m, step), precision=config.precision, rows=rows,
                 ))
             except NonFiniteError as exc:
                 detail = str(exc).removeprefix(f"{step.label}: ")
                 raise NonFiniteError(f"{desc}, batch {number}: {detail}") from None
-            samples += len(cpu_batch)
+            samples += len(cpu_batch) if rows is None else rows[2]
             bar.update(len(cpu_batch))
             action = None if after_step is None else after_step(number + 1, samples)
             if action == "preempt":
@@ -348,7 +359,7 @@ def _train_epoch(
                 break
     finally:
         bar.close()
-    return samples
+    return samples, drawn
 
 
 class _Stopped(Exception):
@@ -362,7 +373,7 @@ class _Stopped(Exception):
 
 def fit(
     model: CTRModel,
-    dataset: MultiDomainDataset,
+    dataset: Dataset,
     config: TrainConfig,
     *,
     backend: BackendLike = None,
@@ -374,7 +385,9 @@ def fit(
 
     Args:
         model: from :func:`moefast.models.build` (fresh weights; the stages start from them).
-        dataset: the splits; ``train`` trains, ``val`` early-stops, ``test`` is reported.
+        dataset: the splits; ``train`` trains, ``val`` early-stops, ``test`` is reported. A
+            :class:`~moefast.data.stream.StreamedDataset` is read as training goes
+            (:mod:`moefast.train.streamed`); its test predictions are ``predictions.parquet``.
         config: optimisation, batching, staging and early stopping.
         backend: ``reference`` | ``fast`` | ``auto``, set on every moefast layer (``None``
             leaves the layers as built). Parameters are the same under every backend.
@@ -424,7 +437,7 @@ def fit(
 
 def _fit(
     model: CTRModel,
-    dataset: MultiDomainDataset,
+    dataset: Dataset,
     config: TrainConfig,
     backend: BackendLike,
     claim: RunDirectory | None,
@@ -441,8 +454,10 @@ def _fit(
         collection.set_precision(config.table_precision)
     snapshot: dict[str, Any] | None = None
     settings_digest: str | None = None
+    parallel: Parallel = distributed.current(config.device) or SingleProcess(torch.device(config.device))
+    world = parallel.world_size
     if out_dir is not None:
-        _check_run_settings(out_dir, model, dataset, config, backend_name, resume)
+        _check_run_settings(out_dir, model, dataset, config, backend_name, resume, world)
         settings_digest = file_sha256(out_dir / SETTINGS)
         snapshot = load_snapshot(out_dir) if resume else None
         if snapshot is not None and snapshot.get("settings_sha256") != settings_digest:
@@ -462,8 +477,6 @@ def _fit(
     elif resume_from is not None:  # a data-parallel rank other than 0 (see fit)
         snapshot = load_snapshot(resume_from)
     source = out_dir if out_dir is not None else resume_from
-    parallel: Parallel = distributed.current(config.device) or SingleProcess(torch.device(config.device))
-    world = parallel.world_size
     if snapshot is not None and snapshot.get("world_size", world) != world and parallel.is_writer:
         # A valid continuation (the global batch is the same), but its sums are split otherwise.
         warnings.warn(f"the resume snapshot was written by {snapshot['world_size']} process(es), this run has {world}: "
@@ -522,7 +535,8 @@ def _fit(
                 last = records[-1]
                 assert last.checkpoint is not None
                 load_checkpoint(last.checkpoint, model, expected_stage=last.label, dataset=dataset.name)
-            test_logits = _predict_rows(model, dataset.test, None, config.eval_batch_size, device, parallel)
+            test_logits, test_label, test_domain = _score(model, dataset, "test", None, config.eval_batch_size,
+                                                          device, parallel)
             if parallel.agree_to_stop():
                 # SIGTERM after the last step boundary (in the test predictions): stop now rather
                 # than forget it (a multi-method command would train its next method).
@@ -535,7 +549,7 @@ def _fit(
 
     _refuse_non_finite_scores(test_logits, "test")
     test = parallel.once(lambda: evaluate_scores(
-        test_logits, dataset.test.label, dataset.test.domain, dataset.domain_names))
+        test_logits, test_label, test_domain, dataset.domain_names))
     gate = None
     if model.tower.gate is not None:
         with torch.no_grad():
@@ -558,7 +572,7 @@ def _fit(
     if isinstance(parallel, distributed.DataParallel):
         metrics["distributed"] = {"world_size": parallel.world_size,
                                   "bytes_per_step": parallel.traffic.per_step()}
-    result = FitResult(metrics, test, records, test_logits, gate, out_dir)
+    result = FitResult(metrics, test, records, test_logits, gate, out_dir, test_label, test_domain)
     if out_dir is not None and parallel.is_writer:
         write_run(out_dir, result, dataset, model, config)
     return result
@@ -587,7 +601,7 @@ class StageBudget:
 
 def _run_stage(
     model: CTRModel,
-    dataset: MultiDomainDataset,
+    dataset: Dataset,
     config: TrainConfig,
     step: StageStep,
     index: int,
@@ -634,7 +648,7 @@ def _run_stage(
             by_loss = config.expert_stop is ExpertStopRule.OWN_DOMAIN_LOSS
 
     # Only the rows that decide early stopping are evaluated (one domain for an expert).
-    val_rows = torch.nonzero(torch.isin(dataset.val.domain, torch.tensor(val_domains))).squeeze(1)
+    val_only = None if val_domains == all_domains else val_domains
     if resume is not None:
         check_stage_state(resume, model, optimizer, params)  # before anything is written
         st = StageState.restore(resume, model, optimizer, params, config.patience, device)
@@ -643,10 +657,14 @@ def _run_stage(
             generator.set_state(resume["epoch_generator"])  # the epoch draws its order again
     else:
         st = StageState.fresh(config.patience, params, carried_best)
-    loader = BatchLoader(
-        dataset.train, config.batch_size, _ORDER[config.batches], domains=train_domains,
-        generator=generator,
-    )
+    loader: BatchLoader | StreamLoader
+    if isinstance(dataset, StreamedDataset):
+        loader = streamed.train_loader(dataset, config.batch_size, _ORDER[config.batches],
+                                       None if train_domains == all_domains else train_domains, generator,
+                                       parallel.rank, parallel.world_size)
+    else:
+        loader = BatchLoader(dataset.train, config.batch_size, _ORDER[config.batches], domains=train_domains,
+                             generator=generator)
 
     saved_at = -math.inf  # time.monotonic() of this stage's last snapshot
 
@@ -660,11 +678,11 @@ def _run_stage(
     def validate(epoch: int) -> bool:
         """Score the validation rows, update early stopping; ``True`` once patience runs out."""
         where = f"[{index + 1}/{total}] {step.label} epoch {epoch}, step {len(st.losses)}"
-        val_logits = _predict_rows(model, dataset.val, val_rows, config.eval_batch_size, device, parallel)
+        val_logits, val_label, val_domain = _score(model, dataset, "val", val_only, config.eval_batch_size, device,
+                                                   parallel)
         _refuse_non_finite_scores(val_logits, f"{where}: validation")
         val = parallel.once(functools.partial(
-            evaluate_scores, val_logits, dataset.val.label[val_rows], dataset.val.domain[val_rows],
-            dataset.domain_names, domains=val_domains,
+            evaluate_scores, val_logits, val_label, val_domain, dataset.domain_names, domains=val_domains,
         ))
         st.history.append(val.mean_auc)
         st.loss_history.append(val.logloss)
@@ -715,10 +733,11 @@ def _run_stage(
 
         t0 = time.perf_counter()
         try:
-            st.samples += _train_epoch(
+            trained, drawn = _train_epoch(
                 model, loader, step, optimizer, config, device, desc=desc, losses=st.losses,
                 parallel=parallel, runner=runner, skip=st.skip, after_step=after_step,
             )
+            st.samples += trained
         except _Stopped as stopped:
             st.samples += stopped.samples
             st.train_seconds += time.perf_counter() - t0
@@ -730,7 +749,7 @@ def _run_stage(
         if st.stopped_by is None:
             steps = len(st.losses)
             # Per-epoch validation, or (step budget) an epoch that trained no step at all.
-            if budget.eval_every is None or (validated_at < 0 and not len(loader)):
+            if budget.eval_every is None or (validated_at < 0 and not drawn):
                 validated_at = steps
                 if validate(epoch):
                     st.stopped_by = "patience"
@@ -1004,14 +1023,15 @@ def _restore_snapshot(
 
 
 def _check_run_settings(
-    out_dir: Path, model: CTRModel, dataset: MultiDomainDataset, config: TrainConfig, backend: str, resume: bool
+    out_dir: Path, model: CTRModel, dataset: Dataset, config: TrainConfig, backend: str, resume: bool, world: int
 ) -> None:
     """Record what the run's continuation must share with it (``settings.json``), or, resuming,
     refuse a model, data, configuration or backend that differ, naming the keys."""
     train = config_dict(config)
     train.pop("progress", None)
     settings = {
-        "dataset": {"name": dataset.name, "fingerprint": dataset_fingerprint(dataset)},
+        "dataset": dataset_settings(dataset, None if not isinstance(dataset, StreamedDataset)
+                                    else streamed.shards_of(dataset, world)),
         "model": {"name": model.name, "tower": to_jsonable(model.tower_config),
                   "initial_state": state_fingerprint(model)},
         "backend": backend,
@@ -1030,6 +1050,27 @@ def _check_run_settings(
     check_settings(path, settings, lambda keys: (
         f"run directory {str(out_dir)!r} was started with other settings ({', '.join(keys)}; recorded in "
         f"{str(path)!r}): resume it with the same data, model and options, or start again with --overwrite"))
+
+
+def _score(
+    model: CTRModel,
+    dataset: Dataset,
+    split_name: str,
+    domains: list[int] | None,
+    batch_size: int,
+    device: torch.device,
+    parallel: Parallel,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(logits, labels, domains)`` of the split ``split_name``'s rows of ``domains`` (None:
+    all), on every rank: a streamed split read in stored order (:func:`moefast.train.streamed.score`),
+    an in-memory one in row order (:func:`_predict_rows`)."""
+    if isinstance(dataset, StreamedDataset):
+        return streamed.score(model, getattr(dataset, split_name), domains, batch_size, device, parallel)
+    split: Split = getattr(dataset, split_name)
+    if domains is None:
+        return _predict_rows(model, split, None, batch_size, device, parallel), split.label, split.domain
+    rows = torch.nonzero(torch.isin(split.domain, torch.tensor(domains))).squeeze(1)
+    return _predict_rows(model, split, rows, batch_size, device, parallel), split.label[rows], split.domain[rows]
 
 
 def _predict_rows(

@@ -35,7 +35,7 @@ import datetime
 import inspect
 import math
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -289,6 +289,36 @@ class DataParallel:
 
     # -- one training step ----------------------------------------------------------------
 
+    def batches(self, loader: Iterable[Batch]) -> Iterator[tuple[Batch, tuple[int, int, int] | None]]:
+        """The epoch's batches. Every rank draws the same global batches from an in-memory loader
+        (``None``: :meth:`train_step` slices them). A loader whose ranks read apart (a streamed
+        log, ``loader.reads_apart``) yields this rank's rows of each global batch: the ranks
+        all-gather their row counts before every step, a global batch is the ranks' local batches
+        in rank order (``(start, stop, total)``: where this rank's rows sit in it), and the epoch
+        ends for every rank at the first step where any rank has no batch left (docs/distributed.md,
+        "Streamed input")."""
+        if not getattr(loader, "reads_apart", False):
+            for batch in loader:
+                yield batch, None
+            return
+        it = iter(loader)
+        try:
+            while True:
+                item = next(it, None)
+                mine = torch.tensor([0 if item is None else len(item)], dtype=torch.int64)
+                sizes = [torch.empty_like(self._comm(mine)) for _ in range(self.world_size)]
+                dist.all_gather(sizes, self._comm(mine))
+                self.traffic.control += mine.numel() * 8
+                counts = [int(n) for n in sizes]
+                if min(counts) == 0 or item is None:
+                    return
+                start = sum(counts[:self.rank])
+                yield item, (start, start + counts[self.rank], sum(counts))
+        finally:
+            close = getattr(it, "close", None)
+            if close is not None:
+                close()
+
     def train_step(
         self,
         model: torch.nn.Module,
@@ -300,15 +330,22 @@ class DataParallel:
         l2_params: list[torch.nn.Parameter],
         after_backward: Callable[[Any], None] | None = None,
         precision: Precision = Precision.FP32,
+        rows: tuple[int, int, int] | None = None,
     ) -> float:
         """One synchronised step on this rank's slice of the global ``batch`` (CPU tensors);
         returns the global batch's loss (the same float on every rank).
 
         ``runner`` is what :meth:`wrap` returned; ``after_backward(model)`` runs between
-        backward and the optimizer step (gradient masking of the expert stages)."""
-        total = len(batch)
-        start, stop = shard_bounds(total, self.rank, self.world_size)
-        local = slice_batch(batch, start, stop).to(self.device)
+        backward and the optimizer step (gradient masking of the expert stages). ``rows``
+        ``(start, stop, total)``: ``batch`` is already this rank's rows ``[start, stop)`` of a
+        global batch of ``total`` rows that the ranks read apart (:meth:`batches`)."""
+        if rows is None:
+            total = len(batch)
+            start, stop = shard_bounds(total, self.rank, self.world_size)
+            local = slice_batch(batch, start, stop).to(self.device)
+        else:
+            start, stop, total = rows
+            local = batch.to(self.device)
         failure = ""
         bce_sum = 0.0
         penalty = 0.0

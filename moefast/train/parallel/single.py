@@ -8,7 +8,7 @@ by ``SIGTERM`` is agreed as soon as this process has it.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -50,6 +50,11 @@ class SingleProcess:
     def unwrap(self, model: torch.nn.Module) -> None:
         """Nothing to undo."""
 
+    def batches(self, loader: Iterable[Batch]) -> Iterator[tuple[Batch, tuple[int, int, int] | None]]:
+        """The epoch's batches, each the whole global batch (``None``: no other rows to place)."""
+        for batch in loader:
+            yield batch, None
+
     def train_step(
         self,
         model: torch.nn.Module,
@@ -61,10 +66,13 @@ class SingleProcess:
         l2_params: list[torch.nn.Parameter],
         after_backward: Callable[[Any], None] | None = None,
         precision: Precision = Precision.FP32,
+        rows: tuple[int, int, int] | None = None,
     ) -> float:
         """One step on ``batch`` (CPU tensors, moved to the device here): the mean BCE plus the
         penalty (:func:`moefast.train.step.forward_loss`); returns the loss. The loss is read
-        (one device sync per step) and checked before backward."""
+        (one device sync per step) and checked before backward. ``rows`` is always ``None`` here
+        (one process holds the whole global batch)."""
+        assert rows is None, "one process holds the whole global batch"
         local = batch.to(self.device)
         loss, _, _ = forward_loss(runner, local, l2, l2_params, precision)
         value = float(loss.detach())
