@@ -151,12 +151,12 @@ def _load_program(path: Path, *, trust_unverified: bool = False) -> tuple[Callab
     import torch
 
     from moefast.export._program import program_sha256
-    from moefast.export._records import read_json_object
+    from moefast.runs.settings import read_json
 
     meta_path = path.parent / f"{path.name}.json"
     if not meta_path.exists():
         raise UserError(f"{str(meta_path)!r} is missing: it describes the program's inputs (moefast export writes it)")
-    meta = read_json_object(meta_path)
+    meta = read_json(meta_path, "program record", expect=dict)
     recorded = meta.get("program_sha256")
     if recorded is None and not trust_unverified:
         raise UserError(f"{str(meta_path)!r} records no SHA-256 of the program (exported by an older moefast?), so "

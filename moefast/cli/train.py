@@ -105,11 +105,20 @@ def run(args: argparse.Namespace) -> int:
     return _train(config, quiet)
 
 
+def _settings(config: RunConfig) -> dict[str, Any]:
+    """The command's settings record (:func:`moefast.runs.settings.settings_record`): what
+    ``--resume`` compares between the recorded ``config.toml`` and the options given now."""
+    from moefast.runs.settings import settings_record
+
+    others = {f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.name not in ("train", "backend")}
+    return settings_record(config.train, config.backend, **others)
+
+
 def resume_config(run_dir: str, options: Mapping[str, Any]) -> tuple[RunConfig, bool]:
     """The configuration of ``--resume run_dir``: the run's recorded ``config.toml`` with
     ``options`` (a ``--config`` file's keys and the flags) over it; an option whose value differs
     from the recorded one is refused, naming every such key."""
-    from moefast.runs.rundir import differing_keys, to_jsonable
+    from moefast.runs.settings import differing_keys
 
     where = Path(run_dir)
     recorded_file = where / "config.toml"
@@ -125,12 +134,9 @@ def resume_config(run_dir: str, options: Mapping[str, Any]) -> tuple[RunConfig, 
     try:
         before, _ = resolve_config({**recorded, "out": run_dir})
         config, quiet = resolve_config({**recorded, **options, "out": run_dir})
+        keys = differing_keys(_settings(before), _settings(config))
     except (TypeError, ValueError) as exc:
         raise UserError(str(exc)) from None
-    old, new = to_jsonable(before), to_jsonable(config)
-    for side in (old, new):
-        side["train"].pop("progress")  # --quiet changes no result
-    keys = differing_keys(old, new)
     if keys:
         raise UserError(f"--resume {run_dir!r}: options that differ from the run's ({', '.join(keys)}; recorded "
                         f"in {str(recorded_file)!r}): drop them to continue the run, or start a new one")

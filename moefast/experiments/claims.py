@@ -376,17 +376,16 @@ class ClaimsConfig:
     def settings(self) -> dict[str, Any]:
         """What every run of one CSV must share beyond its key: the training and tower options
         the plan does not vary (recorded in ``claims-settings.json`` by the first run)."""
-        from moefast.runs.rundir import to_jsonable
+        from moefast.runs.settings import settings_record, to_jsonable
 
-        train = to_jsonable(self.train_config(seed=0, protocol=Protocol(BatchMode.MIXED), seeds_compat=False))
-        for varied in ("seed", "batch_mode", "seeds_compat", "progress", "eval_every", "max_steps", "max_epochs",
-                       "frozen_path_dropout", "patience", "expert_stop"):
-            train.pop(varied, None)
-        tower = to_jsonable(TowerConfig())
-        for varied in ("kind", "gate_init", "experts_per_domain"):
-            tower.pop(varied, None)
-        return {"format": CSV_FORMAT, "train": train, "tower": tower, "backend": self.backend or "auto",
-                "converged_max_steps": self.max_steps or CONVERGED.max_steps}
+        tower = {k: v for k, v in to_jsonable(TowerConfig()).items()
+                 if k not in ("kind", "gate_init", "experts_per_domain")}
+        return settings_record(
+            self.train_config(seed=0, protocol=Protocol(BatchMode.MIXED), seeds_compat=False), self.backend,
+            omit=("seed", "batch_mode", "seeds_compat", "eval_every", "max_steps", "max_epochs",
+                  "frozen_path_dropout", "patience", "expert_stop"),
+            format=CSV_FORMAT, tower=tower, converged_max_steps=self.max_steps or CONVERGED.max_steps,
+        )
 
     def budget_of(self, protocol: Protocol) -> Budget:
         budget = protocol.budget
@@ -624,13 +623,14 @@ def run_claims(config: ClaimsConfig, *, say: Callable[[str], None] = lambda _msg
     return write_report(config)
 
 
-def _check_settings(config: ClaimsConfig) -> None:
+def _check_settings(config: ClaimsConfig, *, record: bool = True) -> None:
     """Refuse to add runs to a CSV recorded with other fixed settings (the backend, the library's
-    training or tower defaults, the step cap): their results would be mixed."""
-    from moefast.runs.rundir import check_settings
+    training or tower defaults, the step cap), or to report on them as this plan's: their results
+    would be mixed. The first run records them (``record``; the report only reads them)."""
+    from moefast.runs.settings import CLAIMS_SETTINGS, check_settings
 
-    path = config.csv_path.with_name("claims-settings.json")
-    check_settings(path, config.settings(), lambda keys: (
+    path = config.csv_path.with_name(CLAIMS_SETTINGS)
+    check_settings(path, config.settings(), record=record, refusal=lambda keys: (
         f"{config.csv_path} holds runs made with other settings ({', '.join(keys)}; recorded in {path}): "
         "use another --out or the same settings"))
 
@@ -1043,6 +1043,7 @@ def write_report(config: ClaimsConfig) -> dict[str, Path]:
     """``claims.md`` and ``claims.png`` from the runs in the CSV (the runs of every section)."""
     from moefast.runs.writer import atomic_write
 
+    _check_settings(config, record=False)
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     frame = _relevant(_read_csv(config.csv_path), config)

@@ -39,7 +39,8 @@ from moefast.config import (
     load_options,
 )
 from moefast.data.dataset import MultiDomainDataset
-from moefast.runs.rundir import check_settings, hold_lock, read_json, write_json
+from moefast.runs.rundir import hold_lock, write_json
+from moefast.runs.settings import GRID_SETTINGS, check_settings, read_json, settings_record
 from moefast.runs.snapshot import SNAPSHOT, Preempted
 from moefast.runs.writer import save_figure, write_frame, write_text
 
@@ -226,17 +227,11 @@ def _run_cell(
 
 
 def _settings(config: GridConfig) -> dict[str, Any]:
-    """What every cell of a grid directory must share: training (but for the per-cell seed and
-    progress display), tower and backend, with defaults resolved (a grid run under older
-    defaults is refused rather than mixed)."""
-    from moefast.runs.rundir import to_jsonable
-
-    train = to_jsonable(config.train)
-    for key in ("seed", "progress"):
-        train.pop(key, None)
-    train["batch_mode"] = config.train.batches.value  # the protocol in force, not "default"
-    tower = config.tower or default_tower(config.train)
-    return {"train": train, "tower": to_jsonable(tower), "backend": config.backend}
+    """What every cell of a grid directory must share: training (but for the per-cell seed),
+    tower and backend, with defaults resolved (a grid run under older defaults is refused rather
+    than mixed): the protocol in force is recorded, not "default"."""
+    train = replace(config.train, batch_mode=config.train.batches)
+    return settings_record(train, config.backend, omit=("seed",), tower=config.tower or default_tower(config.train))
 
 
 def _check_data(out: Path, data: DataConfig, dataset: MultiDomainDataset) -> None:
@@ -264,7 +259,7 @@ def _check_settings(config: GridConfig) -> None:
     """Refuse to resume a grid directory with other training settings (its finished cells would
     be mixed with cells trained differently); the first run records them in ``grid.json``."""
     out = Path(config.out)
-    path = out / "grid.json"
+    path = out / GRID_SETTINGS
     check_settings(path, _settings(config), lambda keys: (
         f"grid directory {str(out)!r} was run with other settings ({', '.join(keys)}); "
         f"use another --out or the same settings (recorded in {str(path)!r})"))

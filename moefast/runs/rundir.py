@@ -39,8 +39,7 @@ import json
 import math
 import os
 import shutil
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import asdict
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Protocol
@@ -50,6 +49,7 @@ import torch
 from moefast.config import TrainConfig
 from moefast.data.dataset import MultiDomainDataset
 from moefast.models.base import CTRModel
+from moefast.runs.settings import to_jsonable
 from moefast.runs.writer import save_figure, write_frame, write_text
 
 __all__ = [
@@ -57,13 +57,9 @@ __all__ = [
     "RunDirectory",
     "RunDirectoryError",
     "RunResult",
-    "check_settings",
     "claim_run_dir",
-    "differing_keys",
     "hold_lock",
     "plot_methods",
-    "read_json",
-    "to_jsonable",
     "write_json",
     "write_run",
 ]
@@ -283,41 +279,6 @@ def _open_locked(path: Path, what: str, *, wait: bool = False) -> int:
     return fd
 
 
-def differing_keys(recorded: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
-    """The keys whose values differ between two settings records: ``group.key`` inside a group
-    that is a dict on both sides, the group's name otherwise (one level deep, in ``current``'s
-    order, then the groups only ``recorded`` has)."""
-    keys: list[str] = []
-    for group in list(current) + [g for g in recorded if g not in current]:
-        new, old = current.get(group), recorded.get(group)
-        if isinstance(new, Mapping) and isinstance(old, Mapping):
-            keys += [f"{group}.{k}" for k in list(new) + sorted(set(old) - set(new)) if new.get(k) != old.get(k)]
-        elif new != old:
-            keys.append(group)
-    return keys
-
-
-def check_settings(
-    path: Path, settings: Mapping[str, Any], refusal: Callable[[list[str]], str]
-) -> None:
-    """Record ``settings`` in ``path`` the first time; afterwards refuse different ones.
-
-    The one record / compare / list-the-differing-keys rule behind a grid directory's
-    ``grid.json``, the claims' ``claims-settings.json`` and a run directory's ``settings.json``
-    (what ``--resume`` compares): ``settings`` are compared as JSON values (:func:`to_jsonable`).
-
-    Raises:
-        ValueError: ``refusal(keys)``, with the keys that differ (:func:`differing_keys`).
-    """
-    current = to_jsonable(settings)
-    if path.exists():
-        recorded = read_json(path, "settings record")
-        if recorded != current:
-            raise ValueError(refusal(differing_keys(recorded, current)))
-        return
-    write_json(path, current, indent=1, sort_keys=True)
-
-
 class StageHistory(Protocol):
     """What the validation plot reads of one stage (``moefast.train.loop.StageRecord``)."""
 
@@ -343,35 +304,6 @@ class RunResult(Protocol):
 
     @property
     def gate_weights(self) -> torch.Tensor | None: ...
-
-
-def to_jsonable(value: Any) -> Any:
-    """Dataclasses, enums, tuples and paths as plain JSON values."""
-    if hasattr(value, "__dataclass_fields__"):
-        return to_jsonable(asdict(value))
-    if isinstance(value, Mapping):
-        return {str(k): to_jsonable(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [to_jsonable(v) for v in value]
-    if isinstance(value, float) and math.isnan(value):
-        return None
-    if hasattr(value, "value") and not isinstance(value, int | float | str | bool):
-        return value.value
-    if isinstance(value, Path):
-        return str(value)
-    return value
-
-
-def read_json(path: Path, what: str) -> Any:
-    """A JSON file moefast wrote; a damaged one (edited, or cut by a disk that filled before
-    writes were atomic) is a ``ValueError`` naming the file, ``what`` it is, and the line."""
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except UnicodeDecodeError as exc:
-        raise ValueError(f"{what} {str(path)!r} is not utf-8 text: {exc.reason}") from None
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{what} {str(path)!r} is damaged: {exc.msg} at line {exc.lineno}, column "
-                         f"{exc.colno}") from None
 
 
 def write_json(path: Path, payload: Any, *, indent: int = 2, sort_keys: bool = False) -> None:

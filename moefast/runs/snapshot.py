@@ -17,7 +17,7 @@ kept; each is written atomically over the previous one). It is written
 Resuming restores all of it, so that the run ends bitwise equal to an uninterrupted one on CPU at
 a fixed thread count: ``metrics.json`` but for its timing keys, the predictions byte for byte,
 the checkpoints tensor for tensor. What the resumed run must share with the first is recorded in
-``<run>/settings.json`` when the run starts (:func:`run_settings`); a resume with other settings
+``<run>/settings.json`` when the run starts (:func:`moefast.runs.settings.settings_record`); a resume with other settings
 is refused, naming the keys. A snapshot from another moefast version is refused (the arithmetic
 may differ); another torch version is warned about.
 """
@@ -40,6 +40,7 @@ import torch
 
 from moefast.data.dataset import MultiDomainDataset
 from moefast.runs.checkpoint import read_saved
+from moefast.runs.settings import RUN_SETTINGS
 from moefast.runs.writer import atomic_write
 
 __all__ = [
@@ -59,7 +60,7 @@ __all__ = [
 ]
 
 SNAPSHOT = "resume.pt"
-SETTINGS = "settings.json"
+SETTINGS = RUN_SETTINGS
 SNAPSHOT_FORMAT = 2  # 2: the settings' and checkpoints' SHA-256, the thread count and world size
 PREEMPTED_STATUS = 143  # the command line's exit status after SIGTERM: 128 + 15, as if killed by it
 
@@ -98,7 +99,7 @@ def dataset_fingerprint(dataset: MultiDomainDataset) -> str:
     """SHA-256 of a dataset's content: its name, features, domains and every split's tensors and
     pretrained table (not where it was read from: the same data in another folder is the same
     data, other data under the same path is not)."""
-    from moefast.runs.rundir import to_jsonable
+    from moefast.runs.settings import to_jsonable
 
     h = hashlib.sha256()
     header = {"name": dataset.name, "features": dataset.features, "numeric": dataset.numeric,

@@ -16,7 +16,7 @@ import tempfile
 import time
 import warnings
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +40,8 @@ from moefast.ops._backend import Backend, BackendLike, parse_backend
 from moefast.precision import check_device as check_precision
 from moefast.reference.embedding_optim import FusedOptimizer, LazyAdam, RowwiseAdagrad
 from moefast.runs.checkpoint import file_sha256, load_checkpoint, save_checkpoint
-from moefast.runs.rundir import RunDirectory, check_settings, claim_run_dir, to_jsonable, write_run
+from moefast.runs.rundir import RunDirectory, claim_run_dir, write_run
+from moefast.runs.settings import backend_name, check_settings, settings_record
 from moefast.runs.snapshot import (
     SETTINGS,
     SNAPSHOT,
@@ -190,7 +191,7 @@ def _set_backend(model: CTRModel, backend: BackendLike, device: torch.device | N
     embeddings are set to ``reference`` there (said here, not a silent fallback per call).
     """
     if backend is None:
-        return os.environ.get("MOEFAST_BACKEND", Backend.AUTO.value)
+        return backend_name(None)  # the layers, as built, resolve the same per call
     chosen = parse_backend(backend)
     on_cuda = device is not None and device.type == "cuda"
     for module in model.modules():
@@ -998,15 +999,11 @@ def _check_run_settings(
 ) -> None:
     """Record what the run's continuation must share with it (``settings.json``), or, resuming,
     refuse a model, data, configuration or backend that differ, naming the keys."""
-    train = config_dict(config)
-    train.pop("progress", None)
-    settings = {
-        "dataset": {"name": dataset.name, "fingerprint": dataset_fingerprint(dataset)},
-        "model": {"name": model.name, "tower": to_jsonable(model.tower_config),
-                  "initial_state": state_fingerprint(model)},
-        "backend": backend,
-        "train": train,
-    }
+    settings = settings_record(
+        config, backend,
+        dataset={"name": dataset.name, "fingerprint": dataset_fingerprint(dataset)},
+        model={"name": model.name, "tower": model.tower_config, "initial_state": state_fingerprint(model)},
+    )
     path = out_dir / SETTINGS
     if not resume:
         path.unlink(missing_ok=True)
@@ -1035,13 +1032,4 @@ def _predict_rows(
     index = torch.arange(len(split)) if rows is None else rows
     mine = predict(model, split, rows=parallel.shard(index), batch_size=batch_size, device=device)
     return parallel.gather_rows(mine)
-
-
-def config_dict(config: TrainConfig) -> dict[str, Any]:
-    """``TrainConfig`` as plain JSON values (enums by value)."""
-    out = {}
-    for key, value in asdict(config).items():
-        out[key] = value.value if hasattr(value, "value") else value
-    return out
-
 
