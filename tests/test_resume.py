@@ -25,6 +25,7 @@ from typing import Any
 import pytest
 import torch
 
+from moefast import _version as moefast_version
 from moefast import cli, data, models
 from moefast.runs import snapshot as resume
 from moefast.runs import writer as atomic
@@ -275,11 +276,11 @@ def test_a_resume_with_other_settings_or_another_version_is_refused(
     with pytest.raises(ValueError, match=r"other settings \(dataset\.fingerprint;"):
         fit(models.build("deepfm", other, "moe-mlora", seed=7), other, tiny.config("lazy-adam"), backend="fast",
             out_dir=run, resume=True)
-    current = resume._version
-    monkeypatch.setattr(resume, "_version", lambda: "0.0.0-other")
+    current = moefast_version.__version__
+    monkeypatch.setattr(moefast_version, "__version__", "0.0.0-other")
     with pytest.raises(ValueError, match=r"written by moefast .*, this is moefast 0\.0\.0-other"):
         tiny.run(run, "lazy-adam", resume=True)
-    monkeypatch.setattr(resume, "_version", current)
+    monkeypatch.setattr(moefast_version, "__version__", current)
     # Another torch: warned about (the arithmetic may differ), not refused.
     real = torch.__version__
     monkeypatch.setattr(torch, "__version__", "0.0.0-other")

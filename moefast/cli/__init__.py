@@ -17,6 +17,7 @@ import warnings
 from collections.abc import Sequence
 from typing import Protocol
 
+from moefast._version import __version__
 from moefast.cli import export, grid, predict, reproduce, train, vocab
 from moefast.cli._options import Parser, UserError
 
@@ -37,17 +38,6 @@ class Command(Protocol):
 COMMANDS: tuple[Command, ...] = (train, grid, reproduce, export, predict, vocab)
 
 
-def version() -> str:
-    """The installed distribution's version (the source tree's when not installed)."""
-    from importlib.metadata import PackageNotFoundError
-    from importlib.metadata import version as dist_version
-
-    try:
-        return dist_version("moefast")
-    except PackageNotFoundError:  # run from a source tree that was never installed
-        return "unknown (not installed)"
-
-
 class _Version(argparse.Action):
     """``--version``: the version, then which compiled modules this install runs (it imports
     torch, so it is computed only when asked for)."""
@@ -59,7 +49,7 @@ class _Version(argparse.Action):
     def __call__(self, parser: argparse.ArgumentParser, *_: object, **__: object) -> None:
         from moefast import _ext
 
-        print(f"moefast {version()}\n{_ext.build_report()}")
+        print(f"moefast {__version__}\n{_ext.build_report()}")
         parser.exit()
 
 

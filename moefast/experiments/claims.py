@@ -40,7 +40,7 @@ import itertools
 import math
 import time
 import warnings
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -59,6 +59,7 @@ from moefast.config import (
     TrainConfig,
 )
 from moefast.data.dataset import MultiDomainDataset
+from moefast.experiments.stats import t_interval
 from moefast.train.errors import CapWarning
 
 __all__ = [
@@ -79,7 +80,6 @@ __all__ = [
     "paired",
     "plan_runs",
     "run_claims",
-    "t_interval",
     "verdict",
     "write_report",
 ]
@@ -635,31 +635,6 @@ def _check_settings(config: ClaimsConfig, *, record: bool = True) -> None:
         "use another --out or the same settings"))
 
 
-# ---------------------------------------------------------------------------------------------
-# Statistics
-# ---------------------------------------------------------------------------------------------
-
-# Two-sided 95% quantiles of Student's t, t_{0.975, df}, df = 1..30 (standard tables).
-_T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160,
-         2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056,
-         2.052, 2.048, 2.045, 2.042)
-
-
-def t_interval(values: Iterable[float]) -> tuple[float, float, int]:
-    """Mean and half-width of the 95% t-interval of ``values`` (NaN half-width below 2 values);
-    NaN values are dropped. Returns ``(mean, half_width, n)``."""
-    kept = np.array([v for v in values if v is not None and not math.isnan(v)], dtype=np.float64)
-    n = int(kept.size)
-    if n == 0:
-        return math.nan, math.nan, 0
-    if n == 1:
-        return float(kept[0]), math.nan, 1
-    df = n - 1
-    # Beyond the table, the Cornish-Fisher expansion z + (z^3 + z) / (4 df) (error < 1e-3).
-    quantile = _T975[df - 1] if df <= len(_T975) else 1.95996 + (1.95996**3 + 1.95996) / (4 * df)
-    return float(kept.mean()), quantile * float(kept.std(ddof=1)) / math.sqrt(n), n
-
-
 @dataclass(frozen=True)
 class Role:
     """A method as the report finds it in the CSV: by its key columns (tower kind, gate start,
@@ -1128,13 +1103,9 @@ def write_report(config: ClaimsConfig) -> dict[str, Path]:
 
 
 def _plot(path: Path, frame: Any) -> None:
-    import matplotlib
+    from moefast.runs.writer import pyplot, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from moefast.runs.writer import save_figure
-
+    plt = pyplot()
     settings = _settings(frame) if len(frame) else []
     fig, ax = plt.subplots(1, 1, figsize=(10, 0.6 * max(len(settings), 2) + 2.5), squeeze=True)
     labels = [s.label for s in settings]

@@ -23,12 +23,10 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
-
-import torch
 
 from moefast.config import (
     DataConfig,
@@ -39,10 +37,11 @@ from moefast.config import (
     load_options,
 )
 from moefast.data.dataset import MultiDomainDataset
+from moefast.experiments.stats import mean_std
 from moefast.runs.rundir import hold_lock, write_json
 from moefast.runs.settings import GRID_SETTINGS, check_settings, read_json, settings_record
 from moefast.runs.snapshot import SNAPSHOT, Preempted
-from moefast.runs.writer import save_figure, write_frame, write_text
+from moefast.runs.writer import pyplot, save_figure, write_frame, write_text
 
 __all__ = ["GridCell", "GridConfig", "data_label", "load_data", "plan_grid", "run_grid", "write_results"]
 
@@ -277,15 +276,6 @@ def _finished(config: GridConfig) -> list[dict[str, Any]]:
     return rows
 
 
-def _mean_std(values: Sequence[float]) -> tuple[float, float]:
-    """Mean and sample standard deviation (NaN std for a single value); NaNs are dropped."""
-    kept = [v for v in values if v is not None and not math.isnan(v)]
-    if not kept:
-        return math.nan, math.nan
-    t = torch.tensor(kept, dtype=torch.float64)
-    return float(t.mean()), float(t.std()) if len(kept) > 1 else math.nan
-
-
 def write_results(config: GridConfig) -> dict[str, Path]:
     """The tables and the plot from every finished cell of ``config`` (unfinished ones are absent).
 
@@ -305,13 +295,13 @@ def write_results(config: GridConfig) -> dict[str, Path]:
     write_frame(paths["runs.csv"], runs)
     summary = []
     for (data, model, label), group in runs.groupby(["data", "model", "method_label"], sort=False):
-        wauc, wauc_std = _mean_std(list(group["wauc"]))
+        wauc, wauc_std = mean_std(list(group["wauc"]))
         summary.append({
             "data": data, "model": model, "method": label,
             "experts_per_domain": int(group["experts_per_domain"].iloc[0]),
             "seeds": len(group), "wauc_mean": wauc, "wauc_std": wauc_std,
-            "mean_auc_mean": _mean_std(list(group["mean_auc"]))[0],
-            "logloss_mean": _mean_std(list(group["logloss"]))[0],
+            "mean_auc_mean": mean_std(list(group["mean_auc"]))[0],
+            "logloss_mean": mean_std(list(group["logloss"]))[0],
         })
     table = pd.DataFrame(summary, columns=[
         "data", "model", "method", "experts_per_domain", "seeds", "wauc_mean", "wauc_std",
@@ -368,11 +358,7 @@ def _markdown(table: Any, config: GridConfig) -> str:
 
 
 def _plot(path: Path, table: Any) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     settings = list(dict.fromkeys(table["data"]))
     fig, axes = plt.subplots(len(settings) or 1, 1, figsize=(12, 3.5 * max(len(settings), 1)), squeeze=False)
     for ax, data in zip(axes[:, 0], settings, strict=False):

@@ -46,11 +46,12 @@ from typing import Any, Protocol
 
 import torch
 
+from moefast._version import __version__
 from moefast.config import TrainConfig
 from moefast.data.dataset import MultiDomainDataset
 from moefast.models.base import CTRModel
 from moefast.runs.settings import to_jsonable
-from moefast.runs.writer import save_figure, write_frame, write_text
+from moefast.runs.writer import pyplot, save_figure, write_frame, write_text
 
 __all__ = [
     "MARKER",
@@ -117,15 +118,6 @@ class RunDirectory:
         self.release()
 
 
-def _version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("moefast")
-    except PackageNotFoundError:
-        return "unknown"
-
-
 def claim_run_dir(
     path: str | os.PathLike[str], *, overwrite: bool = False, resume: bool = False
 ) -> RunDirectory:
@@ -189,7 +181,7 @@ def claim_run_dir(
                 shutil.rmtree(entry)
             else:
                 entry.unlink()
-        marker = {"format": MARKER_FORMAT, "moefast": _version(), "pid": os.getpid(),
+        marker = {"format": MARKER_FORMAT, "moefast": __version__, "pid": os.getpid(),
                   "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")}
         os.ftruncate(fd, 0)
         os.pwrite(fd, (json.dumps(marker) + "\n").encode(), 0)
@@ -346,17 +338,8 @@ def _write_predictions(path: Path, dataset: MultiDomainDataset, logits: torch.Te
     write_frame(path, frame)
 
 
-def _pyplot() -> Any:
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only; never open a window
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def _plot_val_history(path: Path, result: RunResult) -> None:
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4))
     epoch0 = 0
     for record in result.stages:
@@ -374,7 +357,7 @@ def _plot_val_history(path: Path, result: RunResult) -> None:
 
 
 def _plot_gate(path: Path, gate: torch.Tensor, domain_names: Sequence[str]) -> None:
-    plt = _pyplot()
+    plt = pyplot()
     d, e = gate.shape
     fig, ax = plt.subplots(figsize=(max(4.0, 0.5 * e + 2), max(3.0, 0.4 * d + 1.5)))
     image = ax.imshow(gate.numpy(), vmin=0.0, vmax=1.0, cmap="viridis", aspect="auto")
@@ -390,7 +373,7 @@ def _plot_gate(path: Path, gate: torch.Tensor, domain_names: Sequence[str]) -> N
 
 def plot_methods(path: Path, metrics_by_method: Mapping[str, Mapping[str, Any]]) -> None:
     """Grouped bars: test AUC per domain, one bar per method (a null AUC draws no bar)."""
-    plt = _pyplot()
+    plt = pyplot()
     methods = list(metrics_by_method)
     first = metrics_by_method[methods[0]]["test"]["per_domain"]
     names = [str(row["name"]) for row in first]

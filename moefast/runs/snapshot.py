@@ -38,6 +38,7 @@ from typing import Any
 
 import torch
 
+from moefast import _version
 from moefast.data.dataset import MultiDomainDataset
 from moefast.runs.checkpoint import read_saved
 from moefast.runs.settings import RUN_SETTINGS
@@ -81,12 +82,6 @@ class Preempted(Exception):
         self.where = where
 
 
-def _version() -> str:
-    from moefast.runs.rundir import _version as moefast_version
-
-    return moefast_version()
-
-
 def _hash_tensors(h: Any, tensors: Mapping[str, torch.Tensor]) -> None:
     for name in sorted(tensors):
         t = tensors[name].detach().cpu().contiguous()
@@ -123,7 +118,7 @@ def state_fingerprint(module: torch.nn.Module) -> str:
 
 def save_snapshot(run_dir: Path, payload: Mapping[str, Any]) -> None:
     """Write ``<run_dir>/resume.pt`` atomically over the previous one (``WriteError`` if it cannot)."""
-    full = {"format": SNAPSHOT_FORMAT, "moefast": _version(), "torch": str(torch.__version__),
+    full = {"format": SNAPSHOT_FORMAT, "moefast": _version.__version__, "torch": str(torch.__version__),
             "threads": torch.get_num_threads(), **payload}
     atomic_write(run_dir / SNAPSHOT, lambda handle: torch.save(full, handle))
 
@@ -147,7 +142,7 @@ def load_snapshot(run_dir: Path) -> dict[str, Any] | None:
             f"{str(path)!r} is a resume snapshot of format {payload['format']}, this moefast reads format "
             f"{SNAPSHOT_FORMAT}: finish the run with the moefast that started it, or start again with --overwrite"
         )
-    version = _version()
+    version = _version.__version__
     if payload.get("moefast") != version:
         raise ValueError(
             f"{str(path)!r} was written by moefast {payload.get('moefast')}, this is moefast {version}: "
