@@ -13,11 +13,11 @@ model (:func:`moefast.export.merge`; ``--unmerged`` scores with the trained mode
 from __future__ import annotations
 
 import argparse
-import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from moefast import log
 from moefast.cli._options import (
     DATA_OPTIONS,
     UserError,
@@ -199,7 +199,8 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--out {args.out!r}: scores are written as .csv or .parquet")
     model_path = Path(args.model)
     given = {k: v for k, v in given_options(args).items() if k in converters(DATA_OPTIONS)}
-    say = (lambda _m: None) if args.quiet else (lambda m: print(m, file=sys.stderr, flush=True))
+    log.configure(quiet=args.quiet)
+    say = log.say
 
     score: Callable[[dict[str, torch.Tensor], torch.Tensor], torch.Tensor]
     if model_path.suffix == ".pt2":

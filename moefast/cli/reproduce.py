@@ -94,7 +94,6 @@ def run(args: argparse.Namespace) -> int:
             raise UserError(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
     log.configure(quiet=args.quiet)
-    say = log.say
-    paths = write_report(config) if args.report_only else run_claims(config, say=say)
+    paths = write_report(config) if args.report_only else run_claims(config)
     print(f"claims report: {paths['claims.md']} (runs: {paths['claims-runs.csv']})")
     return 0

@@ -353,8 +353,7 @@ def _train_into(config: RunConfig, quiet: bool, out: Path, writer: bool = True, 
     check_dataset_options(config.train, dataset)
     check_methods(config, dataset)  # a bad own-expert weight for these domains: before any file
     log.configure(quiet=quiet)
-    say = log.say
-    say(f"dataset {dataset.name}: {len(dataset.train)} train / {len(dataset.val)} val / "
+    log.say(f"dataset {dataset.name}: {len(dataset.train)} train / {len(dataset.val)} val / "
         f"{len(dataset.test)} test rows, {dataset.num_domains} domains")
     if writer:
         write_text(out / "config.toml", config_toml(config))
@@ -373,8 +372,7 @@ def _train_into(config: RunConfig, quiet: bool, out: Path, writer: bool = True, 
                 write_json(run_dir / "data.json", {"vocab": "../vocab.json"})
 
     try:
-        fitted = run_methods(dataclasses.replace(config, out=str(out)), dataset, resume=resume, say=say,
-                             after=record)
+        fitted = run_methods(dataclasses.replace(config, out=str(out)), dataset, resume=resume, after=record)
     except BackendUnavailableError as exc:
         raise UserError(str(exc)) from None
     results = {name: result.metrics for name, result in fitted.items()}

@@ -40,7 +40,7 @@ import itertools
 import math
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -60,6 +60,7 @@ from moefast.config import (
 )
 from moefast.data.dataset import MultiDomainDataset
 from moefast.experiments.stats import t_interval
+from moefast.log import say
 from moefast.train.errors import CapWarning
 
 __all__ = [
@@ -568,8 +569,9 @@ def _append_row(path: Path, row: dict[str, Any]) -> Any:
     return frame
 
 
-def run_claims(config: ClaimsConfig, *, say: Callable[[str], None] = lambda _msg: None) -> dict[str, Path]:
-    """Run every run of the plan not yet in the CSV (within the budget), then write the report.
+def run_claims(config: ClaimsConfig) -> dict[str, Path]:
+    """Run every run of the plan not yet in the CSV (within the budget), then write the report; a
+    line per run on the logging channel (:mod:`moefast.log`).
 
     Concurrent workers may share the CSV when they run different sections (``sections``).
     Runs whose frozen-path dropout comes from the core (:func:`frozen_path_dropout_rule`) wait

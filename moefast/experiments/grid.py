@@ -38,6 +38,7 @@ from moefast.config import (
 )
 from moefast.data.dataset import MultiDomainDataset
 from moefast.experiments.stats import mean_std
+from moefast.log import say
 from moefast.runs.rundir import hold_lock, write_json
 from moefast.runs.settings import GRID_SETTINGS, check_settings, read_json, settings_record
 from moefast.runs.snapshot import SNAPSHOT, Preempted
@@ -152,15 +153,14 @@ def run_grid(
     config: GridConfig,
     *,
     load: Callable[[DataConfig], MultiDomainDataset] = load_data,
-    say: Callable[[str], None] = lambda _msg: None,
 ) -> dict[str, Path]:
-    """Run every unfinished cell, then write the results table and plot.
+    """Run every unfinished cell, then write the results table and plot; a line per cell on the
+    logging channel (:mod:`moefast.log`).
 
     Args:
         config: the grid.
         load: turns a data setting into a dataset (the CLI passes its own, whose errors are
             one line).
-        say: progress lines (one per cell).
 
     Returns:
         The paths of ``runs.csv``, ``results.csv``, ``results.md`` and ``results.png``.
@@ -190,7 +190,7 @@ def run_grid(
                 datasets[cell.data] = load(cell.data)
                 _check_data(out, cell.data, datasets[cell.data])
             try:
-                _run_cell(config, cell, datasets[cell.data], f"[{number}/{len(todo)}]", say)
+                _run_cell(config, cell, datasets[cell.data], f"[{number}/{len(todo)}]")
             except Preempted as exc:
                 raise Preempted(exc.run_dir, exc.where, "the same moefast grid command (it resumes this "
                                 "cell)") from None
@@ -198,8 +198,7 @@ def run_grid(
 
 
 def _run_cell(
-    config: GridConfig, cell: GridCell, dataset: MultiDomainDataset, count: str, say: Callable[[str], None]
-) -> None:
+    config: GridConfig, cell: GridCell, dataset: MultiDomainDataset, count: str) -> None:
     from moefast import models
     from moefast.train.loop import fit
 
