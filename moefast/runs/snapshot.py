@@ -20,6 +20,17 @@ the checkpoints tensor for tensor. What the resumed run must share with the firs
 ``<run>/settings.json`` when the run starts (:func:`moefast.runs.settings.settings_record`); a resume with other settings
 is refused, naming the keys. A snapshot from another moefast version is refused (the arithmetic
 may differ); another torch version is warned about.
+
+**Extending the snapshot.** What the training loop writes at the top of a snapshot is
+:data:`SNAPSHOT_KEYS`, and :func:`save_snapshot` refuses any other key. Another part of a run
+that must be restored for the resumed run to be bitwise the same (a streamed loader's position
+and shuffle buffer, a precision's state) adds its state through one function,
+:func:`extend_snapshot`, under a name of its own, and reads it back with
+:func:`snapshot_extension`, which gives ``None`` for a snapshot written without it (before the
+extension existed, or by a run that did not use it): the extension decides what that means. In
+the loop, a part registers a callable in ``_Saver.extensions`` (``moefast.train.loop``) and every
+snapshot written carries its state. An extension's state is what ``torch.save`` takes under
+``weights_only`` loading: tensors, numbers, strings, lists and dicts.
 """
 
 from __future__ import annotations
@@ -54,9 +65,11 @@ __all__ = [
     "check_adam_state",
     "check_stage_state",
     "dataset_fingerprint",
+    "extend_snapshot",
     "load_snapshot",
     "preemption",
     "save_snapshot",
+    "snapshot_extension",
     "state_fingerprint",
 ]
 
@@ -64,6 +77,11 @@ SNAPSHOT = "resume.pt"
 SETTINGS = RUN_SETTINGS
 SNAPSHOT_FORMAT = 2  # 2: the settings' and checkpoints' SHA-256, the thread count and world size
 PREEMPTED_STATUS = 143  # the command line's exit status after SIGTERM: 128 + 15, as if killed by it
+EXTENSIONS = "extensions"
+# What the training loop writes at the top of a snapshot; anything else goes through
+# extend_snapshot (the module docstring).
+SNAPSHOT_KEYS = frozenset({"records", "rng", "stage", "settings_sha256", "world_size", "carried_optimizer",
+                           EXTENSIONS})
 
 
 class Preempted(Exception):
@@ -116,8 +134,35 @@ def state_fingerprint(module: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
+def extend_snapshot(payload: dict[str, Any], name: str, state: Any) -> None:
+    """Add ``state`` to a snapshot ``payload`` under the extension ``name``: the one way a part of
+    a run other than the loop's core (:data:`SNAPSHOT_KEYS`) extends the resume snapshot.
+
+    Raises:
+        ValueError: ``name`` is already in ``payload`` (two parts under one name).
+    """
+    extensions = payload.setdefault(EXTENSIONS, {})
+    if name in extensions:
+        raise ValueError(f"the resume snapshot's extension {name!r} is given twice")
+    extensions[name] = state
+
+
+def snapshot_extension(snapshot: Mapping[str, Any], name: str) -> Any | None:
+    """The state the extension ``name`` stored in a loaded snapshot; ``None`` when the snapshot
+    has none (written before the extension existed, or by a run that did not use it)."""
+    return (snapshot.get(EXTENSIONS) or {}).get(name)
+
+
 def save_snapshot(run_dir: Path, payload: Mapping[str, Any]) -> None:
-    """Write ``<run_dir>/resume.pt`` atomically over the previous one (``WriteError`` if it cannot)."""
+    """Write ``<run_dir>/resume.pt`` atomically over the previous one (``WriteError`` if it cannot).
+
+    Raises:
+        ValueError: ``payload`` holds a key outside :data:`SNAPSHOT_KEYS` (extend it through
+            :func:`extend_snapshot`).
+    """
+    unknown = sorted(set(payload) - SNAPSHOT_KEYS)
+    if unknown:
+        raise ValueError(f"resume snapshot keys {unknown} are not the loop's: add them with extend_snapshot")
     full = {"format": SNAPSHOT_FORMAT, "moefast": _version.__version__, "torch": str(torch.__version__),
             "threads": torch.get_num_threads(), **payload}
     atomic_write(run_dir / SNAPSHOT, lambda handle: torch.save(full, handle))
@@ -134,7 +179,8 @@ def load_snapshot(run_dir: Path) -> dict[str, Any] | None:
     if not path.exists():
         return None
     payload = read_saved(path, "resume snapshot")
-    if not isinstance(payload.get("format"), int) or not isinstance(payload.get("records"), list):
+    if not isinstance(payload.get("format"), int) or not isinstance(payload.get("records"), list) or not (
+            isinstance(payload.get(EXTENSIONS, {}), dict) and all(isinstance(k, str) for k in payload.get(EXTENSIONS, {}))):
         raise ValueError(f"{str(path)!r} is not a moefast resume snapshot (format {SNAPSHOT_FORMAT})")
     if payload["format"] != SNAPSHOT_FORMAT:
         # The package version alone does not change between development builds; the format does.

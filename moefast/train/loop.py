@@ -49,6 +49,7 @@ from moefast.runs.snapshot import (
     check_adam_state,
     check_stage_state,
     dataset_fingerprint,
+    extend_snapshot,
     load_snapshot,
     preemption,
     save_snapshot,
@@ -901,6 +902,14 @@ class _Saver:
         self.device = device
         self.stop = stop  # true once SIGTERM asked the run to stop
         self.records = list(records)  # the finished stages (restored ones included)
+        # What other parts of the run add to every snapshot, by extension name: each callable
+        # returns its current state (moefast.runs.snapshot.extend_snapshot).
+        self.extensions: dict[str, Callable[[], Any]] = {}
+
+    def _save(self, payload: dict[str, Any]) -> None:
+        for name, state in self.extensions.items():
+            extend_snapshot(payload, name, state())
+        save_snapshot(self.run_dir, payload)
 
     def _rng(self) -> dict[str, Any]:
         rng: dict[str, Any] = {"torch": torch.get_rng_state(), "generator": self.generator.get_state()}
@@ -909,7 +918,7 @@ class _Saver:
         return rng
 
     def in_stage(self, stage: dict[str, Any]) -> None:
-        save_snapshot(self.run_dir, {"records": [_record_state(r) for r in self.records],
+        self._save({"records": [_record_state(r) for r in self.records],
                                      "rng": self._rng(), "stage": stage, "settings_sha256": self.settings_digest,
                                      "world_size": self.world_size})
 
@@ -919,7 +928,7 @@ class _Saver:
                     "stage": None, "settings_sha256": self.settings_digest, "world_size": self.world_size}
         if self.carried is not None:
             snapshot["carried_optimizer"] = self.carried.state_dict()
-        save_snapshot(self.run_dir, snapshot)
+        self._save(snapshot)
 
 
 def _carried_optimizer(
