@@ -6,6 +6,9 @@ User mistakes (a bad path, an unknown model, experts inconsistent with the domai
 one ``moefast: error: ...`` line and exit status 2, not a traceback. A file that cannot be
 written (a full disk) is one line and status 1; a run stopped by ``SIGTERM`` (preemption) saves
 its state, says how to resume it, and exits with status 143 (128 + SIGTERM).
+
+Owns: parsing, one-line errors and printing. The top of the house: it may import any room, and
+none imports it (the public exception classes live in :mod:`moefast.errors`).
 """
 
 from __future__ import annotations
