@@ -8,6 +8,7 @@
     <run>/checkpoints/NN_<stage>.pt   one per stage, best weights, atomic; after the first, only what
                                       the stage trained and its base (moefast.runs.checkpoint)
     <run>/settings.json        what a resume must share: data fingerprint, model, options
+                               (the one settings record, moefast.runs.settings)
     <run>/resume.pt            the last resume snapshot (moefast.runs.snapshot)
     <run>/val_auc.png          validation AUC per epoch, one line per stage
     <run>/per_domain_auc.png   test AUC per domain
