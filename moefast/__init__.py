@@ -7,10 +7,9 @@ Importing moefast never imports triton and never queries CUDA: the Triton kernel
 from __future__ import annotations
 
 from moefast import config, data, errors, export, models, nn, ops, reference, train
+from moefast._version import __version__
 from moefast.config import FeatureSpec, Pooling, TowerConfig, TowerKind, TrainConfig
 from moefast.nn.convert import convert
-
-__version__ = "0.1.0"
 
 __all__ = [
     "FeatureSpec",

@@ -4,8 +4,11 @@ Messages (a run's progress lines, a validation's score, the grid's and the claim
 lines) go through :func:`say`, the logger ``moefast`` at level INFO; :func:`configure` points it
 at standard error, and ``quiet`` raises it to WARNING. Progress bars (:func:`progress_bar`) draw
 only on a terminal and only when the channel is not quiet: redirected to a file or a CI log, a
-run writes one line per validation, never carriage-return frames. Lines written while a bar is
-on screen go through ``tqdm.write``, so they do not tear it.
+run writes one line per validation (one per epoch under ``--eval-every none``; under a step
+budget, one per ``eval_every`` steps, so an expert stage of 8-step epochs does not print 50
+lines), never carriage-return frames. Lines written while a bar is on screen go through
+``tqdm.write``, so they do not tear it. The grid, the claims and ``run_methods`` speak only here:
+they take no ``say`` callback.
 """
 
 from __future__ import annotations

@@ -23,7 +23,8 @@ from moefast.config import (
 )
 from moefast.data import synthetic
 from moefast.data.dataset import MultiDomainDataset
-from moefast.experiments.claims import paired, t_interval
+from moefast.experiments.claims import paired
+from moefast.experiments.stats import t_interval
 from moefast.models.base import CTRModel
 from moefast.nn.tower import DomainGate
 from moefast.reference.embedding_optim import LazyAdam

@@ -159,3 +159,14 @@ def test_every_command_is_listed_and_documented() -> None:
     assert {"train", "grid"} <= set(subparsers.choices)
     for name, sub in subparsers.choices.items():
         assert sub.prog == f"moefast {name}" and sub.format_help().strip(), name
+
+
+def test_reproduce_help_lists_every_claims_section() -> None:
+    """The --sections help comes from the claims' SECTIONS (it once left out ``related``)."""
+    from moefast.experiments.claims import SECTIONS
+
+    parser = cli.build_parser()
+    subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    sections = next(a for a in subparsers.choices["reproduce"]._actions if "--sections" in a.option_strings)
+    assert sections.help == f"comma-separated: {', '.join(SECTIONS)}, or all (default)"
+    assert "related" in SECTIONS

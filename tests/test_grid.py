@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import pandas as pd
 import pytest
 import torch
 
+from moefast import log
 from moefast.config import DataConfig, TowerConfig, TowerKind, TrainConfig
 from moefast.experiments import grid as grid_module
 from moefast.experiments.grid import DONE_FILE, GridConfig, data_label, plan_grid, run_grid
@@ -18,6 +20,17 @@ from moefast.runs.rundir import RunDirectoryError, claim_run_dir, hold_lock
 from moefast.runs.snapshot import SNAPSHOT, Preempted
 
 TINY_DATA = (DataConfig(preset="paper", rows=600, num_domains=2, diversity=0.9, data_seed=5),)
+
+
+class _Lines(logging.Handler):
+    """The messages of the channel, as said."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
 
 
 def tiny_grid(out: Path) -> GridConfig:
@@ -121,9 +134,16 @@ def test_a_killed_cell_resumes_and_other_data_or_a_second_grid_is_refused(
         (cell,) = plan_grid(config)
         snapshot = torch.load(cell.directory(Path(config.out)) / SNAPSHOT, weights_only=True)
         assert snapshot["stage"]["epochs"] == 1 and snapshot["stage"]["batches"] == 1
-        said: list[str] = []
-        run_grid(config, say=said.append)
-        assert any(line.endswith("(resumed)") for line in said)
+        said = _Lines()  # the grid's lines come through the logging channel (moefast.log)
+        log.LOGGER.addHandler(said)
+        level = log.LOGGER.level
+        log.LOGGER.setLevel(logging.INFO)
+        try:
+            run_grid(config)
+        finally:
+            log.LOGGER.removeHandler(said)
+            log.LOGGER.setLevel(level)
+        assert any(line.endswith("(resumed)") for line in said.lines)
         done = json.loads((cell.directory(Path(config.out)) / DONE_FILE).read_text())
         reference = json.loads((cell.directory(Path(whole.out)) / DONE_FILE).read_text())
         assert {k: done[k] for k in ("wauc", "mean_auc", "logloss")} == {

@@ -25,6 +25,7 @@ from typing import Any
 import pytest
 import torch
 
+from moefast import _version as moefast_version
 from moefast import cli, data, models
 from moefast.runs import snapshot as resume
 from moefast.runs import writer as atomic
@@ -275,11 +276,11 @@ def test_a_resume_with_other_settings_or_another_version_is_refused(
     with pytest.raises(ValueError, match=r"other settings \(dataset\.fingerprint;"):
         fit(models.build("deepfm", other, "moe-mlora", seed=7), other, tiny.config("lazy-adam"), backend="fast",
             out_dir=run, resume=True)
-    current = resume._version
-    monkeypatch.setattr(resume, "_version", lambda: "0.0.0-other")
+    current = moefast_version.__version__
+    monkeypatch.setattr(moefast_version, "__version__", "0.0.0-other")
     with pytest.raises(ValueError, match=r"written by moefast .*, this is moefast 0\.0\.0-other"):
         tiny.run(run, "lazy-adam", resume=True)
-    monkeypatch.setattr(resume, "_version", current)
+    monkeypatch.setattr(moefast_version, "__version__", current)
     # Another torch: warned about (the arithmetic may differ), not refused.
     real = torch.__version__
     monkeypatch.setattr(torch, "__version__", "0.0.0-other")
@@ -437,18 +438,18 @@ def test_a_replaced_checkpoint_or_a_lost_settings_record_is_refused_and_a_late_s
     # SIGTERM while the test split is scored (after training's last step boundary).
     from moefast.train import loop
 
-    scored = loop._predict_rows
+    scored = loop._score
 
-    def terminated(model: Any, split: Any, rows: Any, *args: Any) -> torch.Tensor:
-        if rows is None:
+    def terminated(model: Any, dataset: Any, split_name: str, *args: Any) -> Any:
+        if split_name == "test":
             os.kill(os.getpid(), signal.SIGTERM)
-        return scored(model, split, rows, *args)
+        return scored(model, dataset, split_name, *args)
 
-    monkeypatch.setattr(loop, "_predict_rows", terminated)
+    monkeypatch.setattr(loop, "_score", terminated)
     with pytest.raises(Preempted, match="after training, before the outputs were written"):
         tiny.run(run, "lazy-adam", resume=True)
     assert not (run / "metrics.json").exists()
-    monkeypatch.setattr(loop, "_predict_rows", scored)
+    monkeypatch.setattr(loop, "_score", scored)
     # A snapshot of a data-parallel run resumed by one process: warned about, not refused.
     state = torch.load(run / SNAPSHOT, weights_only=True)
     assert state["world_size"] == 1

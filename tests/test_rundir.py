@@ -172,7 +172,7 @@ def test_resume_of_what_the_command_line_cannot_continue_says_what_to_do(
 
 
 def test_a_damaged_record_is_one_error_naming_its_file(tmp_path: Path) -> None:
-    from moefast.runs.rundir import check_settings
+    from moefast.runs.settings import check_settings
 
     path = tmp_path / "settings.json"
     check_settings(path, {"train": {"lr": 0.001}}, lambda keys: ", ".join(keys))

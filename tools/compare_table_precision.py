@@ -10,15 +10,11 @@ mean within +-0.1. ``--rows`` / ``--max-epochs`` shrink the run (a check of the 
 from __future__ import annotations
 
 import argparse
-import math
-import statistics
 
 from moefast import data, models
 from moefast.config import EmbeddingOptimizer, TablePrecision, TrainConfig
+from moefast.experiments.stats import t_interval
 from moefast.train import fit
-
-# Two-sided 97.5% quantiles of Student's t for n - 1 degrees of freedom (n = 2 .. 10).
-_T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
 
 
 def wauc(preset: str, precision: TablePrecision, seed: int, method: str, rows: int | None,
@@ -49,8 +45,7 @@ def main() -> None:
         low = wauc(args.preset, half, seed, args.method, args.rows, args.max_epochs)
         diffs.append(100 * (low - full))
         print(f"seed {seed}: fp32 {full:.4f}  {args.precision} {low:.4f}  diff {diffs[-1]:+.3f} points", flush=True)
-    mean = statistics.fmean(diffs)
-    half_width = _T975[len(diffs) - 1] * statistics.stdev(diffs) / math.sqrt(len(diffs))
+    mean, half_width, _ = t_interval(diffs)
     print(f"{args.preset}, lazy Adam, {args.method}: {args.precision} - fp32 WAUC = {mean:+.3f} points, "
           f"95% interval [{mean - half_width:+.3f}, {mean + half_width:+.3f}] over {len(diffs)} paired seeds")
     print(f"goal (interval within +-0.3, mean within +-0.1): "

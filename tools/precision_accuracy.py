@@ -21,7 +21,8 @@ import sys
 
 from moefast import models
 from moefast.config import BatchMode, GateInit, Precision, TowerConfig
-from moefast.experiments.claims import MLORA, MOE_SPECIALIST, ClaimsConfig, Setting, _load, t_interval
+from moefast.experiments.claims import MLORA, MOE_SPECIALIST, ClaimsConfig, Setting, _load
+from moefast.experiments.stats import t_interval
 from moefast.train.loop import fit
 
 CORE = Setting("taobao", 20, 0.8)

@@ -6,6 +6,9 @@ User mistakes (a bad path, an unknown model, experts inconsistent with the domai
 one ``moefast: error: ...`` line and exit status 2, not a traceback. A file that cannot be
 written (a full disk) is one line and status 1; a run stopped by ``SIGTERM`` (preemption) saves
 its state, says how to resume it, and exits with status 143 (128 + SIGTERM).
+
+Owns: parsing, one-line errors and printing. The top of the house: it may import any room, and
+none imports it (the public exception classes live in :mod:`moefast.errors`).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import warnings
 from collections.abc import Sequence
 from typing import Protocol
 
+from moefast._version import __version__
 from moefast.cli import export, grid, predict, reproduce, train, vocab
 from moefast.cli._options import Parser, UserError
 
@@ -37,17 +41,6 @@ class Command(Protocol):
 COMMANDS: tuple[Command, ...] = (train, grid, reproduce, export, predict, vocab)
 
 
-def version() -> str:
-    """The installed distribution's version (the source tree's when not installed)."""
-    from importlib.metadata import PackageNotFoundError
-    from importlib.metadata import version as dist_version
-
-    try:
-        return dist_version("moefast")
-    except PackageNotFoundError:  # run from a source tree that was never installed
-        return "unknown (not installed)"
-
-
 class _Version(argparse.Action):
     """``--version``: the version, then which compiled modules this install runs (it imports
     torch, so it is computed only when asked for)."""
@@ -59,7 +52,7 @@ class _Version(argparse.Action):
     def __call__(self, parser: argparse.ArgumentParser, *_: object, **__: object) -> None:
         from moefast import _ext
 
-        print(f"moefast {version()}\n{_ext.build_report()}")
+        print(f"moefast {__version__}\n{_ext.build_report()}")
         parser.exit()
 
 

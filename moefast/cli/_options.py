@@ -219,6 +219,8 @@ TRAIN_OPTIONS: list[Option] = [
      "it: the gate keeps its Keras start) or gate-stage (a later TF 1.x: its linear part trains in the gate "
      "stage); docs/method.md"),
 ]
+# The flags whose "none" is a value of its own (parse_count_or_none), by their dest.
+_NONE_IS_A_VALUE = frozenset(name.replace("-", "_") for name, conv, _ in TRAIN_OPTIONS if conv is parse_count_or_none)
 FLAGS_WITHOUT_VALUE = {"train-backbone-in-later-stages", "seeds-compat", "overwrite", "stream"}
 
 
@@ -256,8 +258,13 @@ def add_config_and_quiet(parser: argparse.ArgumentParser, quiet_help: str) -> No
 
 
 def given_options(args: argparse.Namespace) -> dict[str, Any]:
-    """The flags given on the command line (``command``, ``config`` and unset ones left out)."""
-    return {k: v for k, v in vars(args).items() if k not in ("command", "config") and v is not None}
+    """The flags given on the command line (``command``, ``config`` and unset ones left out).
+
+    A count-or-none flag given as ``none`` (``--eval-every none``, ``--max-steps none``) is kept:
+    its ``None`` is a value (per epoch, no cap), not "not given" (its default is SUPPRESSed, so
+    it is present only when given)."""
+    return {k: v for k, v in vars(args).items()
+            if k not in ("command", "config") and (v is not None or k in _NONE_IS_A_VALUE)}
 
 
 def read_toml(path: str, options: Mapping[str, type | Conv]) -> dict[str, Any]:

@@ -11,10 +11,10 @@ and, when the run has them, its vocabularies and numeric statistics under
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 from typing import Any
 
+from moefast import log
 from moefast.cli._options import UserError
 from moefast.config import TablePrecision
 
@@ -78,7 +78,8 @@ def run(args: argparse.Namespace) -> int:
         if isinstance(module, EmbeddingCollection):
             module.set_precision(TablePrecision(args.table_precision))
     merged = export.merge(loaded.model, backend="reference")
-    say = (lambda _m: None) if args.quiet else (lambda m: print(m, file=sys.stderr, flush=True))
+    log.configure(quiet=args.quiet)
+    say = log.say
     say(f"exporting the merged {loaded.model.name} / {loaded.model.tower.kind.value} model of {folder} "
         f"({len(loaded.record['domains'])} domains)")
     extra = {name: folder / name for name in PREPROCESSING_FILES if (folder / name).is_file()}

@@ -146,9 +146,8 @@ def run(args: argparse.Namespace) -> int:
         except ValueError as exc:
             raise UserError(str(exc)) from None
     log.configure(quiet=quiet)
-    say = log.say
     try:
-        paths = run_grid(config, load=load_dataset, say=say)
+        paths = run_grid(config, load=load_dataset)
     except BackendUnavailableError as exc:
         raise UserError(str(exc)) from None
     print(paths["results.md"].read_text(), end="")

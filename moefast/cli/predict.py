@@ -13,11 +13,11 @@ model (:func:`moefast.export.merge`; ``--unmerged`` scores with the trained mode
 from __future__ import annotations
 
 import argparse
-import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from moefast import log
 from moefast.cli._options import (
     DATA_OPTIONS,
     UserError,
@@ -151,12 +151,12 @@ def _load_program(path: Path, *, trust_unverified: bool = False) -> tuple[Callab
     import torch
 
     from moefast.export._program import program_sha256
-    from moefast.export._records import read_json_object
+    from moefast.runs.settings import read_json
 
     meta_path = path.parent / f"{path.name}.json"
     if not meta_path.exists():
         raise UserError(f"{str(meta_path)!r} is missing: it describes the program's inputs (moefast export writes it)")
-    meta = read_json_object(meta_path)
+    meta = read_json(meta_path, "program record", expect=dict)
     recorded = meta.get("program_sha256")
     if recorded is None and not trust_unverified:
         raise UserError(f"{str(meta_path)!r} records no SHA-256 of the program (exported by an older moefast?), so "
@@ -199,7 +199,8 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--out {args.out!r}: scores are written as .csv or .parquet")
     model_path = Path(args.model)
     given = {k: v for k, v in given_options(args).items() if k in converters(DATA_OPTIONS)}
-    say = (lambda _m: None) if args.quiet else (lambda m: print(m, file=sys.stderr, flush=True))
+    log.configure(quiet=args.quiet)
+    say = log.say
 
     score: Callable[[dict[str, torch.Tensor], torch.Tensor], torch.Tensor]
     if model_path.suffix == ".pt2":

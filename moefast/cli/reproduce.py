@@ -14,6 +14,7 @@ from typing import Any
 
 from moefast import log
 from moefast.cli._options import UserError, parse_on_off
+from moefast.experiments.claims import SECTIONS
 
 __all__ = ["NAME", "add_parser", "run"]
 
@@ -21,8 +22,6 @@ NAME = "reproduce"
 
 
 def _sections(text: str) -> tuple[str, ...]:
-    from moefast.experiments.claims import SECTIONS
-
     if text.strip().lower() == "all":
         return SECTIONS
     parts = tuple(p.strip().lower() for p in text.split(",") if p.strip())
@@ -47,7 +46,7 @@ def add_parser(commands: Any) -> argparse.ArgumentParser:
         description=(__doc__ or "").split("\n\n")[1].replace("\n", " "),
     )
     parser.add_argument("--sections", type=_sections, default=None,
-                        help="comma-separated: core, domains, diversity, movielens, experts, or all (default)")
+                        help=f"comma-separated: {', '.join(SECTIONS)}, or all (default)")
     parser.add_argument("--seeds", type=_seeds, default=None, help="comma-separated seeds (default 1,2,3,4,5)")
     parser.add_argument("--variants", type=lambda t: tuple(p.strip() for p in t.split(",") if p.strip()),
                         default=None, help="comma-separated subset: base, mlora, moe-specialist, moe-random, "
@@ -94,7 +93,6 @@ def run(args: argparse.Namespace) -> int:
             raise UserError(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
     log.configure(quiet=args.quiet)
-    say = log.say
-    paths = write_report(config) if args.report_only else run_claims(config, say=say)
+    paths = write_report(config) if args.report_only else run_claims(config)
     print(f"claims report: {paths['claims.md']} (runs: {paths['claims-runs.csv']})")
     return 0

@@ -105,11 +105,22 @@ def run(args: argparse.Namespace) -> int:
     return _train(config, quiet)
 
 
+def _settings(config: RunConfig) -> dict[str, Any]:
+    """The command's settings record (:func:`moefast.runs.settings.settings_record`): what
+    ``--resume`` compares between the recorded ``config.toml`` and the options given now."""
+    from moefast.runs.settings import settings_record
+
+    others = {f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.name not in ("train", "backend")}
+    record = settings_record(config.train, config.backend, **others)
+    record["data"].pop("read_ahead", None)  # speed only: a resume may change a stream's read-ahead window
+    return record
+
+
 def resume_config(run_dir: str, options: Mapping[str, Any]) -> tuple[RunConfig, bool]:
     """The configuration of ``--resume run_dir``: the run's recorded ``config.toml`` with
     ``options`` (a ``--config`` file's keys and the flags) over it; an option whose value differs
     from the recorded one is refused, naming every such key."""
-    from moefast.runs.rundir import differing_keys, to_jsonable
+    from moefast.runs.settings import differing_keys
 
     where = Path(run_dir)
     recorded_file = where / "config.toml"
@@ -125,13 +136,9 @@ def resume_config(run_dir: str, options: Mapping[str, Any]) -> tuple[RunConfig, 
     try:
         before, _ = resolve_config({**recorded, "out": run_dir})
         config, quiet = resolve_config({**recorded, **options, "out": run_dir})
+        keys = differing_keys(_settings(before), _settings(config))
     except (TypeError, ValueError) as exc:
         raise UserError(str(exc)) from None
-    old, new = to_jsonable(before), to_jsonable(config)
-    for side in (old, new):
-        side["train"].pop("progress")  # --quiet changes no result
-        side["data"].pop("read_ahead")  # nor does the read-ahead window of a streamed table
-    keys = differing_keys(old, new)
     if keys:
         raise UserError(f"--resume {run_dir!r}: options that differ from the run's ({', '.join(keys)}; recorded "
                         f"in {str(recorded_file)!r}): drop them to continue the run, or start a new one")
@@ -348,8 +355,7 @@ def _train_into(config: RunConfig, quiet: bool, out: Path, writer: bool = True, 
     check_dataset_options(config.train, dataset)
     check_methods(config, dataset)  # a bad own-expert weight for these domains: before any file
     log.configure(quiet=quiet)
-    say = log.say
-    say(f"dataset {dataset.name}: {len(dataset.train)} train / {len(dataset.val)} val / "
+    log.say(f"dataset {dataset.name}: {len(dataset.train)} train / {len(dataset.val)} val / "
         f"{len(dataset.test)} test rows, {dataset.num_domains} domains")
     if writer:
         write_text(out / "config.toml", config_toml(config))
@@ -368,8 +374,7 @@ def _train_into(config: RunConfig, quiet: bool, out: Path, writer: bool = True, 
                 write_json(run_dir / "data.json", {"vocab": "../vocab.json"})
 
     try:
-        fitted = run_methods(dataclasses.replace(config, out=str(out)), dataset, resume=resume, say=say,
-                             after=record)
+        fitted = run_methods(dataclasses.replace(config, out=str(out)), dataset, resume=resume, after=record)
     except BackendUnavailableError as exc:
         raise UserError(str(exc)) from None
     results = {name: result.metrics for name, result in fitted.items()}

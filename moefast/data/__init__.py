@@ -3,6 +3,11 @@
 ``load(name, **options)`` is the one entry point; see :func:`load` for the sources and their
 options, :mod:`moefast.data.synthetic` for the generative model, :mod:`moefast.data.batching`
 for the batch orders.
+
+Owns: every source (synthetic, real loaders, the tabular and streamed sources), splits,
+vocabularies, the data cache and batching. Never imports: models, modules or ops, training, run
+directories (but their one writer, :mod:`moefast.runs.writer`), experiments, export or the
+command line: data knows no model and no training.
 """
 
 from __future__ import annotations

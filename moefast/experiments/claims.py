@@ -40,7 +40,7 @@ import itertools
 import math
 import time
 import warnings
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -59,6 +59,8 @@ from moefast.config import (
     TrainConfig,
 )
 from moefast.data.dataset import MultiDomainDataset
+from moefast.experiments.stats import t_interval
+from moefast.log import say
 from moefast.train.errors import CapWarning
 
 __all__ = [
@@ -79,7 +81,6 @@ __all__ = [
     "paired",
     "plan_runs",
     "run_claims",
-    "t_interval",
     "verdict",
     "write_report",
 ]
@@ -376,17 +377,16 @@ class ClaimsConfig:
     def settings(self) -> dict[str, Any]:
         """What every run of one CSV must share beyond its key: the training and tower options
         the plan does not vary (recorded in ``claims-settings.json`` by the first run)."""
-        from moefast.runs.rundir import to_jsonable
+        from moefast.runs.settings import settings_record, to_jsonable
 
-        train = to_jsonable(self.train_config(seed=0, protocol=Protocol(BatchMode.MIXED), seeds_compat=False))
-        for varied in ("seed", "batch_mode", "seeds_compat", "progress", "eval_every", "max_steps", "max_epochs",
-                       "frozen_path_dropout", "patience", "expert_stop"):
-            train.pop(varied, None)
-        tower = to_jsonable(TowerConfig())
-        for varied in ("kind", "gate_init", "experts_per_domain"):
-            tower.pop(varied, None)
-        return {"format": CSV_FORMAT, "train": train, "tower": tower, "backend": self.backend or "auto",
-                "converged_max_steps": self.max_steps or CONVERGED.max_steps}
+        tower = {k: v for k, v in to_jsonable(TowerConfig()).items()
+                 if k not in ("kind", "gate_init", "experts_per_domain")}
+        return settings_record(
+            self.train_config(seed=0, protocol=Protocol(BatchMode.MIXED), seeds_compat=False), self.backend,
+            omit=("seed", "batch_mode", "seeds_compat", "eval_every", "max_steps", "max_epochs",
+                  "frozen_path_dropout", "patience", "expert_stop"),
+            format=CSV_FORMAT, tower=tower, converged_max_steps=self.max_steps or CONVERGED.max_steps,
+        )
 
     def budget_of(self, protocol: Protocol) -> Budget:
         budget = protocol.budget
@@ -569,8 +569,9 @@ def _append_row(path: Path, row: dict[str, Any]) -> Any:
     return frame
 
 
-def run_claims(config: ClaimsConfig, *, say: Callable[[str], None] = lambda _msg: None) -> dict[str, Path]:
-    """Run every run of the plan not yet in the CSV (within the budget), then write the report.
+def run_claims(config: ClaimsConfig) -> dict[str, Path]:
+    """Run every run of the plan not yet in the CSV (within the budget), then write the report; a
+    line per run on the logging channel (:mod:`moefast.log`).
 
     Concurrent workers may share the CSV when they run different sections (``sections``).
     Runs whose frozen-path dropout comes from the core (:func:`frozen_path_dropout_rule`) wait
@@ -624,40 +625,16 @@ def run_claims(config: ClaimsConfig, *, say: Callable[[str], None] = lambda _msg
     return write_report(config)
 
 
-def _check_settings(config: ClaimsConfig) -> None:
+def _check_settings(config: ClaimsConfig, *, record: bool = True) -> None:
     """Refuse to add runs to a CSV recorded with other fixed settings (the backend, the library's
-    training or tower defaults, the step cap): their results would be mixed."""
-    from moefast.runs.rundir import check_settings
+    training or tower defaults, the step cap), or to report on them as this plan's: their results
+    would be mixed. The first run records them (``record``; the report only reads them)."""
+    from moefast.runs.settings import CLAIMS_SETTINGS, check_settings
 
-    path = config.csv_path.with_name("claims-settings.json")
-    check_settings(path, config.settings(), lambda keys: (
+    path = config.csv_path.with_name(CLAIMS_SETTINGS)
+    check_settings(path, config.settings(), record=record, refusal=lambda keys: (
         f"{config.csv_path} holds runs made with other settings ({', '.join(keys)}; recorded in {path}): "
         "use another --out or the same settings"))
-
-
-# ---------------------------------------------------------------------------------------------
-# Statistics
-# ---------------------------------------------------------------------------------------------
-
-# Two-sided 95% quantiles of Student's t, t_{0.975, df}, df = 1..30 (standard tables).
-_T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160,
-         2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056,
-         2.052, 2.048, 2.045, 2.042)
-
-
-def t_interval(values: Iterable[float]) -> tuple[float, float, int]:
-    """Mean and half-width of the 95% t-interval of ``values`` (NaN half-width below 2 values);
-    NaN values are dropped. Returns ``(mean, half_width, n)``."""
-    kept = np.array([v for v in values if v is not None and not math.isnan(v)], dtype=np.float64)
-    n = int(kept.size)
-    if n == 0:
-        return math.nan, math.nan, 0
-    if n == 1:
-        return float(kept[0]), math.nan, 1
-    df = n - 1
-    # Beyond the table, the Cornish-Fisher expansion z + (z^3 + z) / (4 df) (error < 1e-3).
-    quantile = _T975[df - 1] if df <= len(_T975) else 1.95996 + (1.95996**3 + 1.95996) / (4 * df)
-    return float(kept.mean()), quantile * float(kept.std(ddof=1)) / math.sqrt(n), n
 
 
 @dataclass(frozen=True)
@@ -1043,6 +1020,7 @@ def write_report(config: ClaimsConfig) -> dict[str, Path]:
     """``claims.md`` and ``claims.png`` from the runs in the CSV (the runs of every section)."""
     from moefast.runs.writer import atomic_write
 
+    _check_settings(config, record=False)
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     frame = _relevant(_read_csv(config.csv_path), config)
@@ -1127,13 +1105,9 @@ def write_report(config: ClaimsConfig) -> dict[str, Path]:
 
 
 def _plot(path: Path, frame: Any) -> None:
-    import matplotlib
+    from moefast.runs.writer import pyplot, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from moefast.runs.writer import save_figure
-
+    plt = pyplot()
     settings = _settings(frame) if len(frame) else []
     fig, ax = plt.subplots(1, 1, figsize=(10, 0.6 * max(len(settings), 2) + 2.5), squeeze=True)
     labels = [s.label for s in settings]

@@ -23,12 +23,10 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
-
-import torch
 
 from moefast.config import (
     DataConfig,
@@ -39,9 +37,12 @@ from moefast.config import (
     load_options,
 )
 from moefast.data.dataset import MultiDomainDataset
-from moefast.runs.rundir import check_settings, hold_lock, read_json, write_json
+from moefast.experiments.stats import mean_std
+from moefast.log import say
+from moefast.runs.rundir import hold_lock, write_json
+from moefast.runs.settings import GRID_SETTINGS, check_settings, read_json, settings_record
 from moefast.runs.snapshot import SNAPSHOT, Preempted
-from moefast.runs.writer import save_figure, write_frame, write_text
+from moefast.runs.writer import pyplot, save_figure, write_frame, write_text
 
 __all__ = ["GridCell", "GridConfig", "data_label", "load_data", "plan_grid", "run_grid", "write_results"]
 
@@ -155,15 +156,14 @@ def run_grid(
     config: GridConfig,
     *,
     load: Callable[[DataConfig], MultiDomainDataset] = load_data,
-    say: Callable[[str], None] = lambda _msg: None,
 ) -> dict[str, Path]:
-    """Run every unfinished cell, then write the results table and plot.
+    """Run every unfinished cell, then write the results table and plot; a line per cell on the
+    logging channel (:mod:`moefast.log`).
 
     Args:
         config: the grid.
         load: turns a data setting into a dataset (the CLI passes its own, whose errors are
             one line).
-        say: progress lines (one per cell).
 
     Returns:
         The paths of ``runs.csv``, ``results.csv``, ``results.md`` and ``results.png``.
@@ -193,7 +193,7 @@ def run_grid(
                 datasets[cell.data] = load(cell.data)
                 _check_data(out, cell.data, datasets[cell.data])
             try:
-                _run_cell(config, cell, datasets[cell.data], f"[{number}/{len(todo)}]", say)
+                _run_cell(config, cell, datasets[cell.data], f"[{number}/{len(todo)}]")
             except Preempted as exc:
                 raise Preempted(exc.run_dir, exc.where, "the same moefast grid command (it resumes this "
                                 "cell)") from None
@@ -201,8 +201,7 @@ def run_grid(
 
 
 def _run_cell(
-    config: GridConfig, cell: GridCell, dataset: MultiDomainDataset, count: str, say: Callable[[str], None]
-) -> None:
+    config: GridConfig, cell: GridCell, dataset: MultiDomainDataset, count: str) -> None:
     from moefast import models
     from moefast.train.loop import fit
 
@@ -229,17 +228,11 @@ def _run_cell(
 
 
 def _settings(config: GridConfig) -> dict[str, Any]:
-    """What every cell of a grid directory must share: training (but for the per-cell seed and
-    progress display), tower and backend, with defaults resolved (a grid run under older
-    defaults is refused rather than mixed)."""
-    from moefast.runs.rundir import to_jsonable
-
-    train = to_jsonable(config.train)
-    for key in ("seed", "progress"):
-        train.pop(key, None)
-    train["batch_mode"] = config.train.batches.value  # the protocol in force, not "default"
-    tower = config.tower or default_tower(config.train)
-    return {"train": train, "tower": to_jsonable(tower), "backend": config.backend}
+    """What every cell of a grid directory must share: training (but for the per-cell seed),
+    tower and backend, with defaults resolved (a grid run under older defaults is refused rather
+    than mixed): the protocol in force is recorded, not "default"."""
+    train = replace(config.train, batch_mode=config.train.batches)
+    return settings_record(train, config.backend, omit=("seed",), tower=config.tower or default_tower(config.train))
 
 
 def _check_data(out: Path, data: DataConfig, dataset: MultiDomainDataset) -> None:
@@ -267,7 +260,7 @@ def _check_settings(config: GridConfig) -> None:
     """Refuse to resume a grid directory with other training settings (its finished cells would
     be mixed with cells trained differently); the first run records them in ``grid.json``."""
     out = Path(config.out)
-    path = out / "grid.json"
+    path = out / GRID_SETTINGS
     check_settings(path, _settings(config), lambda keys: (
         f"grid directory {str(out)!r} was run with other settings ({', '.join(keys)}); "
         f"use another --out or the same settings (recorded in {str(path)!r})"))
@@ -283,15 +276,6 @@ def _finished(config: GridConfig) -> list[dict[str, Any]]:
             row["method_label"] = cell.method_label
             rows.append(row)
     return rows
-
-
-def _mean_std(values: Sequence[float]) -> tuple[float, float]:
-    """Mean and sample standard deviation (NaN std for a single value); NaNs are dropped."""
-    kept = [v for v in values if v is not None and not math.isnan(v)]
-    if not kept:
-        return math.nan, math.nan
-    t = torch.tensor(kept, dtype=torch.float64)
-    return float(t.mean()), float(t.std()) if len(kept) > 1 else math.nan
 
 
 def write_results(config: GridConfig) -> dict[str, Path]:
@@ -313,13 +297,13 @@ def write_results(config: GridConfig) -> dict[str, Path]:
     write_frame(paths["runs.csv"], runs)
     summary = []
     for (data, model, label), group in runs.groupby(["data", "model", "method_label"], sort=False):
-        wauc, wauc_std = _mean_std(list(group["wauc"]))
+        wauc, wauc_std = mean_std(list(group["wauc"]))
         summary.append({
             "data": data, "model": model, "method": label,
             "experts_per_domain": int(group["experts_per_domain"].iloc[0]),
             "seeds": len(group), "wauc_mean": wauc, "wauc_std": wauc_std,
-            "mean_auc_mean": _mean_std(list(group["mean_auc"]))[0],
-            "logloss_mean": _mean_std(list(group["logloss"]))[0],
+            "mean_auc_mean": mean_std(list(group["mean_auc"]))[0],
+            "logloss_mean": mean_std(list(group["logloss"]))[0],
         })
     table = pd.DataFrame(summary, columns=[
         "data", "model", "method", "experts_per_domain", "seeds", "wauc_mean", "wauc_std",
@@ -376,11 +360,7 @@ def _markdown(table: Any, config: GridConfig) -> str:
 
 
 def _plot(path: Path, table: Any) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     settings = list(dict.fromkeys(table["data"]))
     fig, axes = plt.subplots(len(settings) or 1, 1, figsize=(12, 3.5 * max(len(settings), 1)), squeeze=False)
     for ax, data in zip(axes[:, 0], settings, strict=False):

@@ -9,6 +9,7 @@ from pathlib import Path
 from moefast.config import GateInit, RunConfig, TowerKind, load_options
 from moefast.data.dataset import MultiDomainDataset
 from moefast.data.stream import StreamedDataset
+from moefast.log import say
 from moefast.train.loop import FitResult
 
 __all__ = ["check_methods", "method_dir", "run_methods"]
@@ -35,10 +36,10 @@ def run_methods(
     dataset: MultiDomainDataset | StreamedDataset | None = None,
     *,
     resume: bool = False,
-    say: Callable[[str], None] = lambda _msg: None,
     after: Callable[[TowerKind, Path | None, FitResult], None] | None = None,
 ) -> dict[str, FitResult]:
-    """Train ``config.model`` once per method of ``config.methods`` on the same data.
+    """Train ``config.model`` once per method of ``config.methods`` on the same data; a line per
+    method on the logging channel (:mod:`moefast.log`).
 
     Args:
         config: the run; ``config.out`` is the run directory (``None``: no directory, the
@@ -47,7 +48,6 @@ def run_methods(
         dataset: the data (``None``: ``config.data`` loaded through
             :func:`moefast.config.load_options`, as the command line and the grid load it).
         resume: continue each method from its resume snapshot (``fit(resume=True)``).
-        say: progress lines (one per method).
         after: called with each method's kind, directory and result as soon as it finishes
             (the command line records the method's own ``config.toml`` there).
 

@@ -8,6 +8,10 @@
 - :func:`load_run` rebuilds the trained model of a run directory.
 
 See docs/serving.md.
+
+Owns: the merge, the exported program and its sidecar, reading a run directory back for
+serving. Never imports: training, experiments or the command line (a run directory is read
+through :mod:`moefast.runs`).
 """
 
 from __future__ import annotations

@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moefast._version import __version__
 from moefast.config import FeatureSpec, Pooling
 from moefast.export._merge import MergedModel, MergedTower
 from moefast.nn.embedding import EmbeddingCollection
@@ -183,7 +184,7 @@ def export_program(
         "format": PROGRAM_FORMAT,
         "program": dest.name,
         "torch_version": torch.__version__,
-        "moefast_version": _moefast_version(),
+        "moefast_version": __version__,
         "load": "torch.export.load(path).module()(*inputs)",
         "inputs": program_inputs(features, numeric),
         "output": {"name": "logit", "dtype": "float32", "shape": ["B"],
@@ -266,15 +267,6 @@ def export_onnx(merged: MergedModel, out: str | os.PathLike[str]) -> Path:
         write_at_path(dest, lambda tmp: torch.onnx.export(serving_module(merged), args, str(tmp),
                                                           dynamic_shapes=dims, dynamo=True))
     return dest
-
-
-def _moefast_version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("moefast")
-    except PackageNotFoundError:  # a source tree that was never installed
-        return "unknown"
 
 
 def _domain_names(record: Mapping[str, Any] | None, num_domains: int) -> list[str]:

@@ -26,10 +26,11 @@ from pathlib import Path
 from typing import Any
 
 from moefast.config import FeatureSpec, Pooling
+from moefast.runs.settings import read_json
 from moefast.runs.writer import write_text
 
 __all__ = ["DATASET_RECORD", "RECORD_FORMAT", "dataset_record", "features_from_record", "read_dataset_record",
-           "read_json_object", "vocabulary_digest", "write_dataset_record"]
+           "vocabulary_digest", "write_dataset_record"]
 
 DATASET_RECORD = "dataset.json"
 RECORD_FORMAT = 1
@@ -77,23 +78,9 @@ def write_dataset_record(path: Path, dataset: Any) -> None:
     write_text(path, json.dumps(dataset_record(dataset), indent=2) + "\n")
 
 
-def read_json_object(path: Path) -> dict[str, Any]:
-    """The JSON object in ``path``; ``ValueError`` naming the file when it is missing, unreadable
-    or not an object."""
-    try:
-        value = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise ValueError(f"{str(path)!r} does not exist") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ValueError(f"{str(path)!r} cannot be read: {exc}") from None
-    if not isinstance(value, dict):
-        raise ValueError(f"{str(path)!r} is not a JSON object")
-    return value
-
-
 def read_dataset_record(path: Path) -> dict[str, Any]:
     """The record at ``path``, checked for its shape; ``ValueError`` naming the file otherwise."""
-    record = read_json_object(path)
+    record = read_json(path, "dataset record", expect=dict)
     if record.get("format") != RECORD_FORMAT:
         raise ValueError(f"{str(path)!r} is not a moefast dataset record (format {RECORD_FORMAT})")
     for key, kind in (("features", list), ("numeric", list), ("domains", list), ("source", dict)):

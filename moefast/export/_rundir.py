@@ -21,12 +21,12 @@ from moefast.export._records import (
     dataset_record,
     features_from_record,
     read_dataset_record,
-    read_json_object,
 )
 from moefast.models.base import MODELS, CTRModel
 from moefast.nn.embedding import EmbeddingCollection
 from moefast.ops._backend import BackendLike
 from moefast.reference.embedding_optim import FusedOptimizer, LazyAdam, RowwiseAdagrad
+from moefast.runs.settings import read_json
 
 __all__ = ["LoadedRun", "load_run", "method_dir", "tower_config_from_json"]
 
@@ -54,7 +54,7 @@ def method_dir(run_dir: str | Path, method: str | None = None) -> Path:
         raise ValueError(f"run directory {str(root)!r} does not exist")
     if (root / "config.json").is_file():
         if method is not None:
-            recorded = read_json_object(root / "config.json").get("tower", {}).get("kind")
+            recorded = read_json(root / "config.json", "run configuration", expect=dict).get("tower", {}).get("kind")
             if recorded != method:
                 raise ValueError(f"run directory {str(root)!r} holds method {recorded!r}, not {method!r}")
         return root
@@ -118,7 +118,7 @@ def load_run(
     folder = method_dir(run_dir, method)
     if not (folder / "metrics.json").is_file():
         raise ValueError(f"run directory {str(folder)!r} has no metrics.json: the run did not finish")
-    config = read_json_object(folder / "config.json")
+    config = read_json(folder / "config.json", "run configuration", expect=dict)
     name = config.get("model")
     if name not in MODELS:
         raise ValueError(f"{str(folder / 'config.json')!r}: unknown model {name!r}")
@@ -144,7 +144,7 @@ def load_run(
     model = MODELS[name](features, num_domains, tower, backend=backend, numeric=_numeric_specs(record))
     # The checkpoint holds the tables in the run's precision (metrics.json; float32 before half
     # tables existed): the model is converted to it explicitly, then loads strictly.
-    precision = read_json_object(folder / "metrics.json").get("table_precision", TablePrecision.FP32.value)
+    precision = read_json(folder / "metrics.json", "run metrics", expect=dict).get("table_precision", TablePrecision.FP32.value)
     try:
         table_precision = TablePrecision(precision)
     except ValueError:
@@ -152,7 +152,7 @@ def load_run(
     # A fused embedding optimizer's state is in the checkpoint too (buffers): give the tables an
     # optimizer of the run's kind so that the state loads (its hyperparameters play no part).
     settings = folder / "settings.json"
-    kind = (read_json_object(settings).get("train") or {}).get("embedding_optimizer") if settings.is_file() else None
+    kind = (read_json(settings, "settings record", expect=dict).get("train") or {}).get("embedding_optimizer") if settings.is_file() else None
     fused: FusedOptimizer | None = (LazyAdam() if kind == "lazy-adam" else
                                     RowwiseAdagrad() if kind == "rowwise-adagrad" else None)
     for module in model.modules():

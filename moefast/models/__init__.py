@@ -2,6 +2,9 @@
 
 ``build(name, dataset, tower=...)`` is the entry point; backbones register themselves in
 :data:`MODELS` (see :mod:`moefast.models.base` for how a new one drops in).
+
+Owns: the backbones and the tower a model carries. Never imports: training, run directories,
+experiments, export or the command line.
 """
 
 from __future__ import annotations

@@ -1,4 +1,8 @@
-"""moefast.nn."""
+"""moefast.nn: the modules (parameters only; they call :mod:`moefast.ops`), ``moefast.convert``.
+
+Owns: the adapter layer, the embedding collection and the drop-in embeddings. Never imports:
+the models, the data, training, run directories, experiments, export or the command line.
+"""
 
 from __future__ import annotations
 

@@ -2,8 +2,8 @@
 
 Owns: the one writer every output goes through (:mod:`moefast.runs.writer`: atomic
 replacement, ``fsync``, the fault-injection points the kill tests use), claiming and locking a
-run directory and the files it holds (:mod:`moefast.runs.rundir`), the settings record a resume
-and a shared table are checked against, checkpoints (:mod:`moefast.runs.checkpoint`) and the
+run directory and the files it holds (:mod:`moefast.runs.rundir`), the one settings record a
+resume, a grid and the claims are checked against (:mod:`moefast.runs.settings`), checkpoints (:mod:`moefast.runs.checkpoint`) and the
 resume snapshot (:mod:`moefast.runs.snapshot`).
 
 Never imports: :mod:`moefast.train`'s loop or data parallelism, :mod:`moefast.experiments`, the

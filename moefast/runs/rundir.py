@@ -9,6 +9,7 @@
     <run>/checkpoints/NN_<stage>.pt   one per stage, best weights, atomic; after the first, only what
                                       the stage trained and its base (moefast.runs.checkpoint)
     <run>/settings.json        what a resume must share: data fingerprint, model, options
+                               (the one settings record, moefast.runs.settings)
     <run>/resume.pt            the last resume snapshot (moefast.runs.snapshot)
     <run>/val_auc.png          validation AUC per epoch, one line per stage
     <run>/per_domain_auc.png   test AUC per domain
@@ -40,32 +41,29 @@ import json
 import math
 import os
 import shutil
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import asdict
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Protocol
 
 import torch
 
+from moefast._version import __version__
 from moefast.config import TrainConfig
 from moefast.data.dataset import MultiDomainDataset
 from moefast.data.stream import StreamedDataset
 from moefast.models.base import CTRModel
-from moefast.runs.writer import save_figure, write_batches, write_frame, write_text
+from moefast.runs.settings import to_jsonable
+from moefast.runs.writer import pyplot, save_figure, write_batches, write_frame, write_text
 
 __all__ = [
     "MARKER",
     "RunDirectory",
     "RunDirectoryError",
     "RunResult",
-    "check_settings",
     "claim_run_dir",
-    "differing_keys",
     "hold_lock",
     "plot_methods",
-    "read_json",
-    "to_jsonable",
     "write_json",
     "write_run",
 ]
@@ -121,15 +119,6 @@ class RunDirectory:
         self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.release()
-
-
-def _version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("moefast")
-    except PackageNotFoundError:
-        return "unknown"
 
 
 def claim_run_dir(
@@ -195,7 +184,7 @@ def claim_run_dir(
                 shutil.rmtree(entry)
             else:
                 entry.unlink()
-        marker = {"format": MARKER_FORMAT, "moefast": _version(), "pid": os.getpid(),
+        marker = {"format": MARKER_FORMAT, "moefast": __version__, "pid": os.getpid(),
                   "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")}
         os.ftruncate(fd, 0)
         os.pwrite(fd, (json.dumps(marker) + "\n").encode(), 0)
@@ -285,41 +274,6 @@ def _open_locked(path: Path, what: str, *, wait: bool = False) -> int:
     return fd
 
 
-def differing_keys(recorded: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
-    """The keys whose values differ between two settings records: ``group.key`` inside a group
-    that is a dict on both sides, the group's name otherwise (one level deep, in ``current``'s
-    order, then the groups only ``recorded`` has)."""
-    keys: list[str] = []
-    for group in list(current) + [g for g in recorded if g not in current]:
-        new, old = current.get(group), recorded.get(group)
-        if isinstance(new, Mapping) and isinstance(old, Mapping):
-            keys += [f"{group}.{k}" for k in list(new) + sorted(set(old) - set(new)) if new.get(k) != old.get(k)]
-        elif new != old:
-            keys.append(group)
-    return keys
-
-
-def check_settings(
-    path: Path, settings: Mapping[str, Any], refusal: Callable[[list[str]], str]
-) -> None:
-    """Record ``settings`` in ``path`` the first time; afterwards refuse different ones.
-
-    The one record / compare / list-the-differing-keys rule behind a grid directory's
-    ``grid.json``, the claims' ``claims-settings.json`` and a run directory's ``settings.json``
-    (what ``--resume`` compares): ``settings`` are compared as JSON values (:func:`to_jsonable`).
-
-    Raises:
-        ValueError: ``refusal(keys)``, with the keys that differ (:func:`differing_keys`).
-    """
-    current = to_jsonable(settings)
-    if path.exists():
-        recorded = read_json(path, "settings record")
-        if recorded != current:
-            raise ValueError(refusal(differing_keys(recorded, current)))
-        return
-    write_json(path, current, indent=1, sort_keys=True)
-
-
 class StageHistory(Protocol):
     """What the validation plot reads of one stage (``moefast.train.loop.StageRecord``)."""
 
@@ -351,35 +305,6 @@ class RunResult(Protocol):
 
     @property
     def test_domain(self) -> torch.Tensor: ...
-
-
-def to_jsonable(value: Any) -> Any:
-    """Dataclasses, enums, tuples and paths as plain JSON values."""
-    if hasattr(value, "__dataclass_fields__"):
-        return to_jsonable(asdict(value))
-    if isinstance(value, Mapping):
-        return {str(k): to_jsonable(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [to_jsonable(v) for v in value]
-    if isinstance(value, float) and math.isnan(value):
-        return None
-    if hasattr(value, "value") and not isinstance(value, int | float | str | bool):
-        return value.value
-    if isinstance(value, Path):
-        return str(value)
-    return value
-
-
-def read_json(path: Path, what: str) -> Any:
-    """A JSON file moefast wrote; a damaged one (edited, or cut by a disk that filled before
-    writes were atomic) is a ``ValueError`` naming the file, ``what`` it is, and the line."""
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except UnicodeDecodeError as exc:
-        raise ValueError(f"{what} {str(path)!r} is not utf-8 text: {exc.reason}") from None
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{what} {str(path)!r} is damaged: {exc.msg} at line {exc.lineno}, column "
-                         f"{exc.colno}") from None
 
 
 def write_json(path: Path, payload: Any, *, indent: int = 2, sort_keys: bool = False) -> None:
@@ -444,17 +369,8 @@ def _prediction_batches(result: RunResult) -> Iterator[Any]:
         })
 
 
-def _pyplot() -> Any:
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only; never open a window
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def _plot_val_history(path: Path, result: RunResult) -> None:
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4))
     epoch0 = 0
     for record in result.stages:
@@ -472,7 +388,7 @@ def _plot_val_history(path: Path, result: RunResult) -> None:
 
 
 def _plot_gate(path: Path, gate: torch.Tensor, domain_names: Sequence[str]) -> None:
-    plt = _pyplot()
+    plt = pyplot()
     d, e = gate.shape
     fig, ax = plt.subplots(figsize=(max(4.0, 0.5 * e + 2), max(3.0, 0.4 * d + 1.5)))
     image = ax.imshow(gate.numpy(), vmin=0.0, vmax=1.0, cmap="viridis", aspect="auto")
@@ -488,7 +404,7 @@ def _plot_gate(path: Path, gate: torch.Tensor, domain_names: Sequence[str]) -> N
 
 def plot_methods(path: Path, metrics_by_method: Mapping[str, Mapping[str, Any]]) -> None:
     """Grouped bars: test AUC per domain, one bar per method (a null AUC draws no bar)."""
-    plt = _pyplot()
+    plt = pyplot()
     methods = list(metrics_by_method)
     first = metrics_by_method[methods[0]]["test"]["per_domain"]
     names = [str(row["name"]) for row in first]

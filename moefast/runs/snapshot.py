@@ -28,9 +28,20 @@ every snapshot records.
 Resuming restores all of it, so that the run ends bitwise equal to an uninterrupted one on CPU at
 a fixed thread count: ``metrics.json`` but for its timing keys, the predictions byte for byte,
 the checkpoints tensor for tensor. What the resumed run must share with the first is recorded in
-``<run>/settings.json`` when the run starts (:func:`run_settings`); a resume with other settings
+``<run>/settings.json`` when the run starts (:func:`moefast.runs.settings.settings_record`); a resume with other settings
 is refused, naming the keys. A snapshot from another moefast version is refused (the arithmetic
 may differ); another torch version is warned about.
+
+**Extending the snapshot.** What the training loop writes at the top of a snapshot is
+:data:`SNAPSHOT_KEYS`, and :func:`save_snapshot` refuses any other key. Another part of a run
+that must be restored for the resumed run to be bitwise the same (a streamed loader's position
+and shuffle buffer, a precision's state) adds its state through one function,
+:func:`extend_snapshot`, under a name of its own, and reads it back with
+:func:`snapshot_extension`, which gives ``None`` for a snapshot written without it (before the
+extension existed, or by a run that did not use it): the extension decides what that means. In
+the loop, a part registers a callable in ``_Saver.extensions`` (``moefast.train.loop``) and every
+snapshot written carries its state. An extension's state is what ``torch.save`` takes under
+``weights_only`` loading: tensors, numbers, strings, lists and dicts.
 """
 
 from __future__ import annotations
@@ -49,8 +60,10 @@ from typing import Any
 
 import torch
 
+from moefast import _version
 from moefast.data.dataset import MultiDomainDataset
 from moefast.runs.checkpoint import read_saved
+from moefast.runs.settings import RUN_SETTINGS
 from moefast.runs.writer import atomic_write
 
 __all__ = [
@@ -65,17 +78,24 @@ __all__ = [
     "check_stage_state",
     "dataset_fingerprint",
     "dataset_settings",
+    "extend_snapshot",
     "load_snapshot",
     "preemption",
     "save_snapshot",
+    "snapshot_extension",
     "state_fingerprint",
 ]
 
 SNAPSHOT = "resume.pt"
-SETTINGS = "settings.json"
+SETTINGS = RUN_SETTINGS
 SNAPSHOT_FORMAT = 2  # 2: the settings' and checkpoints' SHA-256, the thread count and world size
 SNAPSHOT_SECONDS = 10.0  # an epoch's end writes a snapshot only this long after the last one
 PREEMPTED_STATUS = 143  # the command line's exit status after SIGTERM: 128 + 15, as if killed by it
+EXTENSIONS = "extensions"
+# What the training loop writes at the top of a snapshot; anything else goes through
+# extend_snapshot (the module docstring).
+SNAPSHOT_KEYS = frozenset({"records", "rng", "stage", "settings_sha256", "world_size", "carried_optimizer",
+                           EXTENSIONS})
 
 
 class Preempted(Exception):
@@ -94,12 +114,6 @@ class Preempted(Exception):
         self.where = where
 
 
-def _version() -> str:
-    from moefast.runs.rundir import _version as moefast_version
-
-    return moefast_version()
-
-
 def _hash_tensors(h: Any, tensors: Mapping[str, torch.Tensor]) -> None:
     for name in sorted(tensors):
         t = tensors[name].detach().cpu().contiguous()
@@ -112,7 +126,7 @@ def dataset_fingerprint(dataset: MultiDomainDataset) -> str:
     """SHA-256 of a dataset's content: its name, features, domains and every split's tensors and
     pretrained table (not where it was read from: the same data in another folder is the same
     data, other data under the same path is not)."""
-    from moefast.runs.rundir import to_jsonable
+    from moefast.runs.settings import to_jsonable
 
     h = hashlib.sha256()
     header = {"name": dataset.name, "features": dataset.features, "numeric": dataset.numeric,
@@ -154,9 +168,36 @@ def state_fingerprint(module: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
+def extend_snapshot(payload: dict[str, Any], name: str, state: Any) -> None:
+    """Add ``state`` to a snapshot ``payload`` under the extension ``name``: the one way a part of
+    a run other than the loop's core (:data:`SNAPSHOT_KEYS`) extends the resume snapshot.
+
+    Raises:
+        ValueError: ``name`` is already in ``payload`` (two parts under one name).
+    """
+    extensions = payload.setdefault(EXTENSIONS, {})
+    if name in extensions:
+        raise ValueError(f"the resume snapshot's extension {name!r} is given twice")
+    extensions[name] = state
+
+
+def snapshot_extension(snapshot: Mapping[str, Any], name: str) -> Any | None:
+    """The state the extension ``name`` stored in a loaded snapshot; ``None`` when the snapshot
+    has none (written before the extension existed, or by a run that did not use it)."""
+    return (snapshot.get(EXTENSIONS) or {}).get(name)
+
+
 def save_snapshot(run_dir: Path, payload: Mapping[str, Any]) -> None:
-    """Write ``<run_dir>/resume.pt`` atomically over the previous one (``WriteError`` if it cannot)."""
-    full = {"format": SNAPSHOT_FORMAT, "moefast": _version(), "torch": str(torch.__version__),
+    """Write ``<run_dir>/resume.pt`` atomically over the previous one (``WriteError`` if it cannot).
+
+    Raises:
+        ValueError: ``payload`` holds a key outside :data:`SNAPSHOT_KEYS` (extend it through
+            :func:`extend_snapshot`).
+    """
+    unknown = sorted(set(payload) - SNAPSHOT_KEYS)
+    if unknown:
+        raise ValueError(f"resume snapshot keys {unknown} are not the loop's: add them with extend_snapshot")
+    full = {"format": SNAPSHOT_FORMAT, "moefast": _version.__version__, "torch": str(torch.__version__),
             "threads": torch.get_num_threads(), **payload}
     atomic_write(run_dir / SNAPSHOT, lambda handle: torch.save(full, handle))
 
@@ -172,7 +213,8 @@ def load_snapshot(run_dir: Path) -> dict[str, Any] | None:
     if not path.exists():
         return None
     payload = read_saved(path, "resume snapshot")
-    if not isinstance(payload.get("format"), int) or not isinstance(payload.get("records"), list):
+    if not isinstance(payload.get("format"), int) or not isinstance(payload.get("records"), list) or not (
+            isinstance(payload.get(EXTENSIONS, {}), dict) and all(isinstance(k, str) for k in payload.get(EXTENSIONS, {}))):
         raise ValueError(f"{str(path)!r} is not a moefast resume snapshot (format {SNAPSHOT_FORMAT})")
     if payload["format"] != SNAPSHOT_FORMAT:
         # The package version alone does not change between development builds; the format does.
@@ -180,7 +222,7 @@ def load_snapshot(run_dir: Path) -> dict[str, Any] | None:
             f"{str(path)!r} is a resume snapshot of format {payload['format']}, this moefast reads format "
             f"{SNAPSHOT_FORMAT}: finish the run with the moefast that started it, or start again with --overwrite"
         )
-    version = _version()
+    version = _version.__version__
     if payload.get("moefast") != version:
         raise ValueError(
             f"{str(path)!r} was written by moefast {payload.get('moefast')}, this is moefast {version}: "

@@ -26,7 +26,8 @@ Unset (always, outside tests) every fault point is one dictionary lookup.
 The one writer (issue 25). Every file a ``moefast`` command or library call leaves goes through
 this module: :func:`atomic_write` for a writer that fills a file object, and the small helpers
 over it (:func:`write_bytes`, :func:`write_text`, :func:`write_frame` for a CSV or Parquet
-table, :func:`write_batches` for a Parquet file written batch by batch, :func:`save_npz`, :func:`save_figure`, :func:`copy_file`), plus
+table, :func:`write_batches` for a Parquet file written batch by batch, :func:`save_npz`,
+:func:`save_figure` after :func:`pyplot`, the one matplotlib set-up, :func:`copy_file`), plus
 :func:`write_at_path` for the writers that only take a path (``torch.export.save`` names the
 archive's folder after the file, ``torch.onnx.export``). ``tests/test_one_writer.py`` forbids every
 other way to create or replace a file outside this module, the allowed exceptions listed there
@@ -55,6 +56,7 @@ __all__ = [
     "copy_file",
     "fault_step",
     "fsync_dir",
+    "pyplot",
     "save_figure",
     "save_npz",
     "write_at_path",
@@ -293,6 +295,17 @@ def save_npz(path: str | os.PathLike[str], arrays: Mapping[str, Any]) -> Path:
     import numpy as np
 
     return atomic_write(path, lambda handle: np.savez(handle, **arrays))
+
+
+def pyplot() -> Any:
+    """``matplotlib.pyplot`` on the Agg backend (files only, never a window): the one set-up of
+    every plot moefast draws, which :func:`save_figure` then writes."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
 
 
 def save_figure(fig: Any, path: str | os.PathLike[str]) -> Path:

@@ -4,6 +4,12 @@ The step plumbing (optimizers, the training step, gradient masks) lives in its o
 :mod:`moefast.train.loop` and :mod:`moefast.train.stages`. Its names, once exported here, still
 import from here for this wave, with a :class:`DeprecationWarning` naming their home. The
 exceptions ``fit`` raises are in :mod:`moefast.errors`.
+
+Owns: fitting one model (the stage loop, the stages, one loss and step, metrics); data
+parallelism in :mod:`moefast.train.parallel`. Never imports: :mod:`moefast.experiments` or the
+command line (the aliases left at the old paths, ``moefast.train.grid`` and the like, until the
+end of wave 3, are not training's own imports). What a run leaves on disk is
+:mod:`moefast.runs`'.
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ import tempfile
 import time
 import warnings
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +41,8 @@ from moefast.ops._backend import Backend, BackendLike, parse_backend
 from moefast.precision import check_device as check_precision
 from moefast.reference.embedding_optim import FusedOptimizer, LazyAdam, RowwiseAdagrad
 from moefast.runs.checkpoint import file_sha256, load_checkpoint, save_checkpoint
-from moefast.runs.rundir import RunDirectory, check_settings, claim_run_dir, to_jsonable, write_run
+from moefast.runs.rundir import RunDirectory, claim_run_dir, write_run
+from moefast.runs.settings import backend_name, check_settings, settings_record
 from moefast.runs.snapshot import (
     SETTINGS,
     SNAPSHOT,
@@ -50,6 +51,7 @@ from moefast.runs.snapshot import (
     check_adam_state,
     check_stage_state,
     dataset_settings,
+    extend_snapshot,
     load_snapshot,
     preemption,
     save_snapshot,
@@ -198,7 +200,7 @@ def _set_backend(model: CTRModel, backend: BackendLike, device: torch.device | N
     embeddings are set to ``reference`` there (said here, not a silent fallback per call).
     """
     if backend is None:
-        return os.environ.get("MOEFAST_BACKEND", Backend.AUTO.value)
+        return backend_name(None)  # the layers, as built, resolve the same per call
     chosen = parse_backend(backend)
     on_cuda = device is not None and device.type == "cuda"
     for module in model.modules():
@@ -929,6 +931,14 @@ class _Saver:
         self.device = device
         self.stop = stop  # true once SIGTERM asked the run to stop
         self.records = list(records)  # the finished stages (restored ones included)
+        # What other parts of the run add to every snapshot, by extension name: each callable
+        # returns its current state (moefast.runs.snapshot.extend_snapshot).
+        self.extensions: dict[str, Callable[[], Any]] = {}
+
+    def _save(self, payload: dict[str, Any]) -> None:
+        for name, state in self.extensions.items():
+            extend_snapshot(payload, name, state())
+        save_snapshot(self.run_dir, payload)
 
     def _rng(self) -> dict[str, Any]:
         rng: dict[str, Any] = {"torch": torch.get_rng_state(), "generator": self.generator.get_state()}
@@ -937,7 +947,7 @@ class _Saver:
         return rng
 
     def in_stage(self, stage: dict[str, Any]) -> None:
-        save_snapshot(self.run_dir, {"records": [_record_state(r) for r in self.records],
+        self._save({"records": [_record_state(r) for r in self.records],
                                      "rng": self._rng(), "stage": stage, "settings_sha256": self.settings_digest,
                                      "world_size": self.world_size})
 
@@ -947,7 +957,7 @@ class _Saver:
                     "stage": None, "settings_sha256": self.settings_digest, "world_size": self.world_size}
         if self.carried is not None:
             snapshot["carried_optimizer"] = self.carried.state_dict()
-        save_snapshot(self.run_dir, snapshot)
+        self._save(snapshot)
 
 
 def _carried_optimizer(
@@ -1027,16 +1037,12 @@ def _check_run_settings(
 ) -> None:
     """Record what the run's continuation must share with it (``settings.json``), or, resuming,
     refuse a model, data, configuration or backend that differ, naming the keys."""
-    train = config_dict(config)
-    train.pop("progress", None)
-    settings = {
-        "dataset": dataset_settings(dataset, None if not isinstance(dataset, StreamedDataset)
-                                    else streamed.shards_of(dataset, world)),
-        "model": {"name": model.name, "tower": to_jsonable(model.tower_config),
-                  "initial_state": state_fingerprint(model)},
-        "backend": backend,
-        "train": train,
-    }
+    settings = settings_record(
+        config, backend,
+        dataset=dataset_settings(dataset, None if not isinstance(dataset, StreamedDataset)
+                                 else streamed.shards_of(dataset, world)),
+        model={"name": model.name, "tower": model.tower_config, "initial_state": state_fingerprint(model)},
+    )
     path = out_dir / SETTINGS
     if not resume:
         path.unlink(missing_ok=True)
@@ -1086,13 +1092,4 @@ def _predict_rows(
     index = torch.arange(len(split)) if rows is None else rows
     mine = predict(model, split, rows=parallel.shard(index), batch_size=batch_size, device=device)
     return parallel.gather_rows(mine)
-
-
-def config_dict(config: TrainConfig) -> dict[str, Any]:
-    """``TrainConfig`` as plain JSON values (enums by value)."""
-    out = {}
-    for key, value in asdict(config).items():
-        out[key] = value.value if hasattr(value, "value") else value
-    return out
-
 

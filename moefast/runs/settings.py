@@ -1,0 +1,164 @@
+"""The settings record: how a run, a grid or a claims plan was started, built and compared once.
+
+Each thing that can be continued records, the first time it starts, what its continuation must
+share with it, and refuses a continuation that differs, naming the keys:
+
+::
+
+    <run>/settings.json               a run directory (fit: data fingerprint, model, backend, training)
+    <grid>/grid.json                  a grid directory (training, tower, backend every cell shares)
+    <out>/claims-settings.json        a claims CSV (what the plan does not vary, the CSV's format)
+
+:func:`settings_record` builds every one of them, :func:`check_settings` records or compares
+them (``--resume``'s check of the command line's ``config.toml`` uses the same comparison,
+:func:`differing_keys`), and :func:`to_jsonable` is the one way a configuration becomes JSON
+(``config.json``, ``metrics.json`` and the records above).
+
+Records written before this module are read and accepted as they are: their shape is unchanged,
+and the one value older code normalised three ways, ``backend``, is normalised on both sides
+before comparing (a grid recorded ``null`` for "the environment's, else auto", the claims
+``"auto"``, a run the environment variable's raw text; :func:`backend_name`).
+
+Never imports: training, experiments, the command line (only configuration and the writer).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from moefast.config import TrainConfig
+from moefast.ops._backend import BackendLike, requested_backend
+from moefast.runs.writer import write_text
+
+__all__ = [
+    "CLAIMS_SETTINGS",
+    "GRID_SETTINGS",
+    "RUN_SETTINGS",
+    "backend_name",
+    "check_settings",
+    "differing_keys",
+    "read_json",
+    "settings_record",
+    "to_jsonable",
+]
+
+RUN_SETTINGS = "settings.json"
+GRID_SETTINGS = "grid.json"
+CLAIMS_SETTINGS = "claims-settings.json"
+
+# Training options that change no result: never part of a record.
+_DISPLAY_ONLY = ("progress",)
+
+
+def to_jsonable(value: Any) -> Any:
+    """Dataclasses, enums, tuples and paths as plain JSON values (NaN as ``null``)."""
+    if hasattr(value, "__dataclass_fields__"):
+        return to_jsonable(asdict(value))
+    if isinstance(value, Mapping):
+        return {str(k): to_jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [to_jsonable(v) for v in value]
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if hasattr(value, "value") and not isinstance(value, int | float | str | bool):
+        return value.value
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def backend_name(backend: BackendLike) -> str:
+    """The backend a run asks for, by name: the explicit one, else ``MOEFAST_BACKEND``, else
+    ``auto`` (what every layer then resolves per call; ``ValueError`` naming a bad value)."""
+    return requested_backend(backend).value
+
+
+def settings_record(train: TrainConfig, backend: BackendLike, *, omit: Iterable[str] = (), **groups: Any) -> dict[str, Any]:
+    """The settings record of a run, a grid or a claims plan, as plain JSON values.
+
+    Args:
+        train: the training options; recorded without ``progress`` (it changes no result) and
+            without the keys in ``omit`` (what a grid or a plan varies from run to run).
+        backend: recorded by :func:`backend_name`.
+        groups: the other groups of the record (``dataset``, ``model``, ``tower``, ``format``,
+            ...), each as :func:`to_jsonable` writes it.
+    """
+    left_out = {*_DISPLAY_ONLY, *omit}
+    record = {name: to_jsonable(value) for name, value in groups.items()}
+    record["backend"] = backend_name(backend)
+    record["train"] = {k: v for k, v in to_jsonable(train).items() if k not in left_out}
+    return record
+
+
+def differing_keys(recorded: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
+    """The keys whose values differ between two settings records: ``group.key`` inside a group
+    that is a dict on both sides, the group's name otherwise (one level deep, in ``current``'s
+    order, then the groups only ``recorded`` has). ``backend`` is compared by :func:`backend_name`
+    on both sides (records written before it hold ``null`` or the raw text)."""
+    recorded, current = _comparable(recorded), _comparable(current)
+    keys: list[str] = []
+    for group in list(current) + [g for g in recorded if g not in current]:
+        new, old = current.get(group), recorded.get(group)
+        if isinstance(new, Mapping) and isinstance(old, Mapping):
+            keys += [f"{group}.{k}" for k in list(new) + sorted(set(old) - set(new)) if new.get(k) != old.get(k)]
+        elif new != old:
+            keys.append(group)
+    return keys
+
+
+def _comparable(record: Mapping[str, Any]) -> Mapping[str, Any]:
+    if "backend" not in record:
+        return record
+    try:
+        return {**record, "backend": backend_name(record["backend"])}
+    except ValueError:  # not a backend name: compared as written (and so refused)
+        return record
+
+
+def check_settings(
+    path: Path, settings: Mapping[str, Any], refusal: Callable[[list[str]], str], *, record: bool = True
+) -> None:
+    """Record ``settings`` in ``path`` the first time (unless not ``record``: a reader only
+    compares); afterwards refuse different ones.
+
+    Raises:
+        ValueError: ``refusal(keys)``, with the keys that differ (:func:`differing_keys`), or a
+            damaged record naming the file.
+    """
+    current = to_jsonable(settings)
+    if path.exists():
+        keys = differing_keys(read_json(path, "settings record", expect=dict), current)
+        if keys:
+            raise ValueError(refusal(keys))
+        return
+    if record:
+        write_text(path, json.dumps(current, indent=1, sort_keys=True) + "\n")
+
+
+def read_json(path: Path, what: str, *, expect: type | None = None) -> Any:
+    """The one reader of the JSON files moefast writes (records, metrics, sidecars).
+
+    Raises:
+        ValueError: naming the file and ``what`` it is: missing or unreadable, not utf-8, damaged
+            (edited, or cut by a disk that filled before writes were atomic; with the line), or
+            not of the type ``expect`` (``dict``: a JSON object).
+    """
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ValueError(f"{what} {str(path)!r} does not exist") from None
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{what} {str(path)!r} is not utf-8 text: {exc.reason}") from None
+    except OSError as exc:
+        raise ValueError(f"{what} {str(path)!r} cannot be read: {exc.strerror or exc}") from None
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{what} {str(path)!r} is damaged: {exc.msg} at line {exc.lineno}, column "
+                         f"{exc.colno}") from None
+    if expect is not None and not isinstance(value, expect):
+        raise ValueError(f"{what} {str(path)!r} is not a JSON {'object' if expect is dict else expect.__name__}")
+    return value
