@@ -15,6 +15,7 @@ commit), not rebuilt here:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import sys
@@ -71,11 +72,16 @@ def test_a_grid_record_written_before_is_accepted(tmp_path: Path) -> None:
     """The old grid recorded ``backend: null`` (the environment's, else auto); the new record
     names the backend. The same settings compare equal; another backend is refused."""
     shutil.copy(DATA / "pre-25d-grid.json", tmp_path / "grid.json")
-    config = grid.GridConfig(out=str(tmp_path))
+    # Recorded when frozen-path dropout was on by default (issue 24 turned it off): the same
+    # settings are the old value, given; the new default is another setting, and refused.
+    train = dataclasses.replace(grid.GridConfig().train, frozen_path_dropout=True)
+    config = grid.GridConfig(out=str(tmp_path), train=train)
     grid._check_settings(config)
     assert json.loads((tmp_path / "grid.json").read_text())["backend"] is None  # read, never rewritten
     with pytest.raises(ValueError, match=r"other settings \(backend\)"):
-        grid._check_settings(grid.GridConfig(out=str(tmp_path), backend="reference"))
+        grid._check_settings(grid.GridConfig(out=str(tmp_path), backend="reference", train=train))
+    with pytest.raises(ValueError, match=r"other settings \(train.frozen_path_dropout\)"):
+        grid._check_settings(grid.GridConfig(out=str(tmp_path)))
 
 
 def test_backend_is_normalised_one_way(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -105,7 +111,8 @@ def test_a_run_directory_written_before_resumes_to_the_uninterrupted_run(tmp_pat
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        result = tiny.run(run, "lazy-adam", resume=True)
+        # Recorded when frozen-path dropout was on by default (issue 24 turned it off).
+        result = tiny.run(run, "lazy-adam", resume=True, frozen_path_dropout=True)
     finally:
         torch.set_num_threads(threads)
     expected = json.loads((DATA / "pre-25d-run.metrics.json").read_text())

@@ -401,7 +401,8 @@ class ClaimsConfig:
         return TrainConfig(seed=seed, batch_mode=protocol.batch_mode, seeds_compat=seeds_compat, progress=False,
                            pretrained=PretrainedMode.FROZEN, eval_every=budget.eval_every, max_steps=budget.max_steps,
                            max_epochs=budget.max_epochs, patience=PATIENCE, expert_stop=EXPERT_STOP,
-                           frozen_path_dropout=True if fpd is None else bool(fpd))
+                           # None: a run with no frozen path, where the option changes nothing.
+                           frozen_path_dropout=TrainConfig().frozen_path_dropout if fpd is None else bool(fpd))
 
     @property
     def real(self) -> bool:
