@@ -48,7 +48,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
 import torch
 
 from moefast.config import FeatureSpec, NumericSpec, Pooling
@@ -130,13 +129,19 @@ def encode(sch: TableSchema, art: Mapping[str, Any], chunk: Any, part: int | Non
 
 @dataclass(frozen=True)
 class Unit:
-    """One Parquet row group: the file, the group's index, its rows, and the file's domain when
-    the domain column is a partition key (None otherwise)."""
+    """One Parquet row group: the file, the group's index, its rows, the file's domain when the
+    domain column is a partition key (None otherwise), the data row of the file it starts at,
+    the file's Hive partition values and the group's ``pyarrow.dataset`` fragment
+    (``ParquetFileFragment.split_by_row_group``, which keeps the file's footer: a row group is
+    read without parsing the footer again)."""
 
     path: Path
     group: int
     rows: int
     domain: int | None
+    first_row: int = 1
+    partition: Mapping[str, str | None] = field(default_factory=dict, compare=False, repr=False)
+    fragment: Any = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True)
@@ -161,15 +166,18 @@ class StreamedSplit:
             raise ValueError(f"{src.root or src.files[0]}: reading one domain's rows (single-domain batches, an expert "
                              f"stage) needs the log partitioned by its domain column ({src.schema.domain.column}=VALUE "
                              "folders); a filter on an unsorted log would read every row group once per expert epoch")
-        wanted = None if domains is None else set(domains)
-        out = []
-        for u in src.all_units:
-            if wanted is not None and u.domain not in wanted:
-                continue
-            if not src.may_hold(u.path, self.index):
-                continue
-            out.append(u)
-        return out
+        units = src.all_units
+        if domains is not None:
+            # Partition pruning: pyarrow.dataset evaluates a filter on the domain column's
+            # partition values and lists only the matching files' fragments.
+            import pyarrow.dataset as pads
+
+            wanted = set(domains)
+            values = sorted({str(u.partition[src.schema.domain.column]) for u in units if u.domain in wanted})
+            kept = {str(f.path) for f in src.dataset.get_fragments(
+                filter=pads.field(src.schema.domain.column).isin(values))}
+            units = tuple(u for u in units if str(u.path) in kept)
+        return [u for u in units if src.may_hold(u, self.index)]
 
     def chunks(self, units: Sequence[Unit]) -> Iterator[Encoded]:
         """The encoded rows of this split in ``units``, one row group at a time. A read that
@@ -179,18 +187,19 @@ class StreamedSplit:
         part = None if src.scoring else self.index
         for u in units:
             try:
-                for chunk in _t._chunks([u.path], "parquet", list(src.columns), set(src.optional), src.coded, src.root,
-                                        row_groups=[u.group]):
+                for chunk in _t.fragment_chunks(u.fragment, u.path, u.first_row, list(src.columns), src.optional,
+                                                src.coded, u.partition):
                     enc = encode(src.schema, src.artifacts, chunk, part)
                     if len(enc):
                         yield enc
             except _t.TableError as exc:
                 if exc.row is not None:
                     raise
+                if not u.path.exists():
+                    raise _t.TableError(u.path, None, None, f"row group {u.group}: deleted while the log was "
+                                        "read") from None
                 problem = str(exc).split(": ", 1)[-1]
                 raise _t.TableError(u.path, None, exc.column, f"row group {u.group}: {problem}") from None
-            except FileNotFoundError:
-                raise _t.TableError(u.path, None, None, f"row group {u.group}: deleted while the log was read") from None
 
 
 @dataclass(frozen=True)
@@ -210,6 +219,8 @@ class StreamedDataset:
     files: tuple[Path, ...]
     root: Path | None
     all_units: tuple[Unit, ...] = ()
+    # The files as one pyarrow.dataset (moefast.data.table.parquet_dataset): partition pruning.
+    dataset: Any = field(default=None, compare=False, repr=False)
     domain_partitioned: bool = False
     columns: tuple[str, ...] = ()
     coded: frozenset[str] = frozenset()
@@ -245,14 +256,14 @@ class StreamedDataset:
     def test(self) -> StreamedSplit:
         return self._splits["test"]
 
-    def may_hold(self, path: Path, part: int) -> bool:
-        """False when a ``partition`` split on a partition key puts the whole file elsewhere."""
+    def may_hold(self, unit: Unit, part: int) -> bool:
+        """False when a ``partition`` split on a partition key puts the unit's whole file elsewhere."""
         sp = self.schema.split
         if self.scoring:
             return part == 2  # data to score: every row is in the test split
         if sp.kind is not SplitKind.PARTITION or self.root is None or sp.last is None:
             return True
-        value = _t.partition_values(self.root, path).get(sp.column or "")
+        value = unit.partition.get(sp.column or "")
         if not value:
             return True
         got = 0 if value <= sp.last[0] else 1 if value <= sp.last[1] else 2
@@ -272,8 +283,6 @@ def open_stream(path: str | os.PathLike[str], schema: str | os.PathLike[str] | T
     data to score (a schema without a label implies it): every row is in the test split, and the
     files need not be the first pass's. ``check_files=False`` reads files other than the first
     pass's (scoring a split of new data under a run's vocabularies: ``moefast predict``)."""
-    import pyarrow.parquet as pq
-
     sch = load_schema(schema)
     scoring = scoring or sch.label is None
     files, root = stream_files(path, sch, scoring=scoring)
@@ -295,24 +304,31 @@ def open_stream(path: str | os.PathLike[str], schema: str | os.PathLike[str] | T
         raise ValueError(f"fragment_order must be 'seeded' or 'stored', got {fragment_order!r}")
     if shards is not None and (isinstance(shards, bool) or not isinstance(shards, int) or shards < 1):
         raise ValueError(f"shards must be a positive int or None, got {shards!r}")
+    coded = frozenset({sch.domain.column, *(c.column for c in sch.categorical if not c.multi)})
+    # One pyarrow.dataset over the files: their footers are read once here (the fingerprint, the
+    # layout, the row groups) and kept by the fragments, which the epochs read.
+    dataset = _t.parquet_dataset(files, root, coded)
+    fragments = list(dataset.get_fragments())
+    metas = [_t.footer(frag, f) for frag, f in zip(fragments, files, strict=True)]
     if not scoring and check_files:
-        check_fingerprint(art["stream"]["files"], files, root, where)
-    check_layout(files, root, sch.columns())
+        check_fingerprint(art["stream"]["files"], files, root, where, metas)
+    check_layout(files, root, sch.columns(), metas)
     domain_map: Mapping[str, int] = art["domains"]["values"]
-    partitioned = root is not None and all(sch.domain.column in _t.partition_values(root, f) for f in files)
+    other = art["domains"].get("other")
+    partitioning = dataset.partitioning
+    partitioned = partitioning is not None and sch.domain.column in partitioning.schema.names
     units = []
-    for f in files:
-        try:
-            meta = pq.ParquetFile(f).metadata
-        except (pa.ArrowInvalid, OSError) as exc:
-            raise _t.TableError(f, None, None, f"not a readable Parquet file ({exc})") from None
+    for f, frag in zip(files, fragments, strict=True):
+        partition = {} if partitioning is None else _t.partition_keys(frag.partition_expression, partitioning)
         dom = None
-        if partitioned and root is not None:
-            raw = _t.partition_values(root, f)[sch.domain.column]
-            other = art["domains"].get("other")
+        if partitioned:
+            raw = partition[sch.domain.column]
             dom = domain_map.get(raw or "", other if other is not None else -1)
-        for g in range(meta.num_row_groups):
-            units.append(Unit(f, g, meta.row_group(g).num_rows, dom))
+        first = 1
+        for group in frag.split_by_row_group():
+            (info,) = group.row_groups
+            units.append(Unit(f, info.id, info.num_rows, dom, first, partition, group))
+            first += info.num_rows
     specs = []
     for spec in sch.categorical:
         a = art["categorical"][spec.name]
@@ -331,14 +347,13 @@ def open_stream(path: str | os.PathLike[str], schema: str | os.PathLike[str] | T
     name = "table-" + (root.name if root is not None else files[0].name.split(".")[0])
     for k, table in pretrained.items():
         check_pretrained_table(next(s for s in specs if s.name == k), k, table, f"dataset {name!r}")
-    coded = frozenset({sch.domain.column, *(c.column for c in sch.categorical if not c.multi)})
     optional = frozenset(c for c in (sch.label, sch.split.column) if c is not None and scoring)
     # The same source as the in-memory table: a model trained on one scores the other's data.
     info = {"source": "table", "stream": True, "files": [str(f) for f in files], "table": art}
     ds = StreamedDataset(
         name=name, features=tuple(specs), domain_names=tuple(art["domains"]["names"]), numeric=tuple(numeric),
         pretrained=pretrained, info=info, schema=sch, artifacts=art, files=tuple(files), root=root,
-        all_units=tuple(units), domain_partitioned=partitioned, columns=tuple(sch.columns()), coded=coded,
+        all_units=tuple(units), dataset=dataset, domain_partitioned=partitioned, columns=tuple(sch.columns()), coded=coded,
         optional=optional, shuffle_rows=SHUFFLE_ROWS if shuffle_rows is None else shuffle_rows,
         fragment_order=fragment_order, shards=shards,
         read_ahead=default_read_ahead() if read_ahead is None else read_ahead, scoring=scoring,
