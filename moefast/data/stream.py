@@ -84,9 +84,14 @@ class Encoded:
         return int(sum(v.nbytes for v in self.features.values()) + self.domain.nbytes + self.label.nbytes)
 
 
-def encode(sch: TableSchema, art: Mapping[str, Any], chunk: Any, part: int | None) -> Encoded:
+def encode(sch: TableSchema, art: Mapping[str, Any], chunk: Any, part: int | None,
+           lookups: Mapping[str, _t.SavedField] | None = None) -> Encoded:
     """Encode one chunk (:class:`moefast.data.table._Chunk`) under the saved artifacts ``art``
-    with the in-memory source's functions, keeping the rows of split ``part`` (None: all)."""
+    with the in-memory source's functions, keeping the rows of split ``part`` (None: all).
+    ``lookups``: each field's :class:`~moefast.data.table.SavedField`, built once per source
+    (:func:`lookups_of`; None: built here, for this chunk)."""
+    if lookups is None:
+        lookups = lookups_of(sch, art)
     rows = _t._Rows()
     n = len(next(iter(chunk.columns.values()))) if chunk.columns else 0
     rows.add(chunk, n)
@@ -111,11 +116,8 @@ def encode(sch: TableSchema, art: Mapping[str, Any], chunk: Any, part: int | Non
             codes.add_multi(arr, spec, chunk)
         else:
             codes.add_single(arr, _t._Place(chunk.path, chunk.first_row, spec.column))
-        uniques, c = codes.merge()
-        if spec.multi:
-            c = c.reshape(n, spec.max_len)
-        ids, _ = _t._vocabulary(spec, uniques, c[take], 0, art["categorical"][spec.name])
-        features[spec.name] = ids.astype(np.int64)
+        # One chunk: its own dictionary and codes (a value the trimming made twice gets one id).
+        features[spec.name] = lookups[spec.name].ids(codes.dicts[0], codes.local[0][take])
     if sch.domain.feature:
         features[DOMAIN_FIELD] = domain[take].astype(np.int64)
     for nspec in sch.numeric:
@@ -125,6 +127,11 @@ def encode(sch: TableSchema, art: Mapping[str, Any], chunk: Any, part: int | Non
         if nspec.indicator:
             features[f"{nspec.name}_missing"] = np.isnan(raw[take]).astype(np.float32)
     return Encoded(features, domain[take].astype(np.int64), label[take].astype(np.float32))
+
+
+def lookups_of(sch: TableSchema, art: Mapping[str, Any]) -> dict[str, _t.SavedField]:
+    """Each categorical field's saved vocabulary as a lookup (:class:`~moefast.data.table.SavedField`)."""
+    return {spec.name: _t.SavedField.of(art["categorical"][spec.name]) for spec in sch.categorical}
 
 
 @dataclass(frozen=True)
@@ -189,7 +196,7 @@ class StreamedSplit:
             try:
                 for chunk in _t.fragment_chunks(u.fragment, u.path, u.first_row, list(src.columns), src.optional,
                                                 src.coded, u.partition):
-                    enc = encode(src.schema, src.artifacts, chunk, part)
+                    enc = encode(src.schema, src.artifacts, chunk, part, src.lookups)
                     if len(enc):
                         yield enc
             except _t.TableError as exc:
@@ -221,6 +228,8 @@ class StreamedDataset:
     all_units: tuple[Unit, ...] = ()
     # The files as one pyarrow.dataset (moefast.data.table.parquet_dataset): partition pruning.
     dataset: Any = field(default=None, compare=False, repr=False)
+    # Each field's saved vocabulary as a lookup, built once (lookups_of): every row group uses it.
+    lookups: Mapping[str, _t.SavedField] = field(default_factory=dict, compare=False, repr=False)
     domain_partitioned: bool = False
     columns: tuple[str, ...] = ()
     coded: frozenset[str] = frozenset()
@@ -353,7 +362,7 @@ def open_stream(path: str | os.PathLike[str], schema: str | os.PathLike[str] | T
     ds = StreamedDataset(
         name=name, features=tuple(specs), domain_names=tuple(art["domains"]["names"]), numeric=tuple(numeric),
         pretrained=pretrained, info=info, schema=sch, artifacts=art, files=tuple(files), root=root,
-        all_units=tuple(units), dataset=dataset, domain_partitioned=partitioned, columns=tuple(sch.columns()), coded=coded,
+        all_units=tuple(units), dataset=dataset, lookups=lookups_of(sch, art), domain_partitioned=partitioned, columns=tuple(sch.columns()), coded=coded,
         optional=optional, shuffle_rows=SHUFFLE_ROWS if shuffle_rows is None else shuffle_rows,
         fragment_order=fragment_order, shards=shards,
         read_ahead=default_read_ahead() if read_ahead is None else read_ahead, scoring=scoring,

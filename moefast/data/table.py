@@ -1193,6 +1193,40 @@ def _vocabulary(spec: CategoricalColumn, uniques: pa.Array, codes: np.ndarray, n
     return ids, art
 
 
+@dataclass(frozen=True)
+class SavedField:
+    """One field's saved vocabulary (its ``vocab.json`` record) as a lookup built once per
+    source and reused for every chunk: raw value -> id (``3 + rank``, :data:`OOV_ID` when
+    unknown), or the hash buckets of a hashed field. The streamed source encodes each row group
+    with it: a value set rebuilt (and hashed) per row group cost memory and, with a large
+    vocabulary, time in proportion to the vocabulary, not to the row group."""
+
+    missing_id: int
+    buckets: int
+    seed: int
+    index: Mapping[str, int]
+
+    @classmethod
+    def of(cls, prior: Mapping[str, Any]) -> SavedField:
+        hashed = prior.get("hash") or {}
+        values = [] if hashed else prior["values"]
+        # The values are distinct (a vocabulary); the dict shares their str objects with ``prior``.
+        return cls(int(prior["missing_id"]), int(hashed.get("buckets", 0)), int(hashed.get("seed", 0)),
+                   dict(zip(values, range(RESERVED, RESERVED + len(values)), strict=True)))
+
+    def ids(self, uniques: pa.Array, codes: np.ndarray) -> np.ndarray:
+        """int64 ids of ``codes`` (indices into ``uniques``; -1 missing, -2 padding), the ids
+        :func:`_vocabulary` gives under the same record."""
+        values = uniques.to_pylist()
+        if self.buckets:
+            lut = hash_ids(values, self.buckets, self.seed).astype(np.int64)
+        else:
+            get = self.index.get
+            lut = np.fromiter((get(v, OOV_ID) for v in values), dtype=np.int64, count=len(values))
+        lut_full = np.concatenate([lut, np.array([PADDING_ID, self.missing_id], dtype=np.int64)])
+        return lut_full[codes]
+
+
 def _numeric(nspec: Any, raw: np.ndarray, train_rows: np.ndarray, rows: _Rows,
              prior: Mapping[str, Any] | None) -> tuple[np.ndarray, dict[str, Any]]:
     """Transformed, filled float32 values and the field's statistics record."""
