@@ -48,6 +48,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import torch
 
 from moefast.config import FeatureSpec, NumericSpec, Pooling
@@ -70,26 +71,30 @@ _SPLITS = ("train", "val", "test")
 
 @dataclass(frozen=True)
 class Encoded:
-    """The encoded rows of one chunk (the rows of one split, dropped domains removed)."""
+    """The encoded rows of one chunk (the rows of one split, dropped domains removed), and their
+    ``key`` column as text when asked for (scores written with their keys)."""
 
     features: dict[str, np.ndarray]
     domain: np.ndarray
     label: np.ndarray
+    key: pa.Array | None = None
 
     def __len__(self) -> int:
         return int(self.label.shape[0])
 
     @property
     def nbytes(self) -> int:
-        return int(sum(v.nbytes for v in self.features.values()) + self.domain.nbytes + self.label.nbytes)
+        return int(sum(v.nbytes for v in self.features.values()) + self.domain.nbytes + self.label.nbytes
+                   + (self.key.nbytes if self.key is not None else 0))
 
 
 def encode(sch: TableSchema, art: Mapping[str, Any], chunk: Any, part: int | None,
-           lookups: Mapping[str, _t.SavedField] | None = None) -> Encoded:
+           lookups: Mapping[str, _t.SavedField] | None = None, keys: bool = False) -> Encoded:
     """Encode one chunk (:class:`moefast.data.table._Chunk`) under the saved artifacts ``art``
     with the in-memory source's functions, keeping the rows of split ``part`` (None: all).
     ``lookups``: each field's :class:`~moefast.data.table.SavedField`, built once per source
-    (:func:`lookups_of`; None: built here, for this chunk)."""
+    (:func:`lookups_of`; None: built here, for this chunk). ``keys``: also the schema's ``key``
+    column, as text (as the in-memory load passes it through to ``info["keys"]``)."""
     if lookups is None:
         lookups = lookups_of(sch, art)
     rows = _t._Rows()
@@ -126,7 +131,11 @@ def encode(sch: TableSchema, art: Mapping[str, Any], chunk: Any, part: int | Non
         features[nspec.name] = values[take]
         if nspec.indicator:
             features[f"{nspec.name}_missing"] = np.isnan(raw[take]).astype(np.float32)
-    return Encoded(features, domain[take].astype(np.int64), label[take].astype(np.float32))
+    key = None
+    if keys and sch.key is not None:
+        key = _t._as_text(chunk.columns[sch.key], _t._Place(chunk.path, chunk.first_row, sch.key)).take(
+            pa.array(take, pa.int64()))
+    return Encoded(features, domain[take].astype(np.int64), label[take].astype(np.float32), key)
 
 
 def lookups_of(sch: TableSchema, art: Mapping[str, Any]) -> dict[str, _t.SavedField]:
@@ -186,17 +195,17 @@ class StreamedSplit:
             units = tuple(u for u in units if str(u.path) in kept)
         return [u for u in units if src.may_hold(u, self.index)]
 
-    def chunks(self, units: Sequence[Unit]) -> Iterator[Encoded]:
-        """The encoded rows of this split in ``units``, one row group at a time. A read that
-        fails without a row to name (a file truncated or deleted since it was opened) names the
-        row group."""
+    def chunks(self, units: Sequence[Unit], keys: bool = False) -> Iterator[Encoded]:
+        """The encoded rows of this split in ``units``, one row group at a time (``keys``: with
+        the schema's key column). A read that fails without a row to name (a file truncated or
+        deleted since it was opened) names the row group."""
         src = self.source
         part = None if src.scoring else self.index
         for u in units:
             try:
                 for chunk in _t.fragment_chunks(u.fragment, u.path, u.first_row, list(src.columns), src.optional,
                                                 src.coded, u.partition):
-                    enc = encode(src.schema, src.artifacts, chunk, part, src.lookups)
+                    enc = encode(src.schema, src.artifacts, chunk, part, src.lookups, keys)
                     if len(enc):
                         yield enc
             except _t.TableError as exc:
@@ -462,13 +471,14 @@ class StreamLoader:
             reading every shard computes the same steps.
         skip: batches the first epoch drops without building them (a resume).
         read_ahead: bytes of encoded row groups read ahead by a background thread (speed only).
+        keys: also read the schema's ``key`` column (:meth:`keyed`).
     """
 
     def __init__(self, split: StreamedSplit, batch_size: int, *, order: BatchOrder = BatchOrder.MIXED,
                  shuffle_rows: int = SHUFFLE_ROWS, fragment_order: str = "seeded",
                  domains: Sequence[int] | None = None, generator: torch.Generator | int | None = None,
                  drop_last: bool = False, shards: int = 1, take: Sequence[int] | None = None, skip: int = 0,
-                 read_ahead: int = 0) -> None:
+                 read_ahead: int = 0, keys: bool = False) -> None:
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
         if not isinstance(order, BatchOrder):
@@ -484,7 +494,7 @@ class StreamLoader:
             raise ValueError(f"take={take} must name distinct shards in [0, {shards})")
         self.split, self.batch_size, self.order, self.shuffle_rows = split, batch_size, order, shuffle_rows
         self.fragment_order, self.drop_last, self.skip, self.read_ahead = fragment_order, drop_last, skip, read_ahead
-        self.shards, self.take = shards, take
+        self.shards, self.take, self.keys = shards, take, keys
         self.domains = None if domains is None else tuple(sorted(set(domains)))
         if isinstance(generator, torch.Generator):
             self.generator = generator
@@ -517,6 +527,14 @@ class StreamLoader:
         return list(units[shard::self.shards])
 
     def __iter__(self) -> Iterator[Batch]:
+        return (_batch(enc) for enc in self._epoch())
+
+    def keyed(self) -> Iterator[tuple[Batch, pa.Array | None]]:
+        """One epoch's batches with their rows' keys (text; None when the loader reads no keys
+        or the schema has no ``key``)."""
+        return ((_batch(enc), enc.key) for enc in self._epoch())
+
+    def _epoch(self) -> Iterator[Encoded]:
         skip, self.skip = self.skip, 0  # a resume skips once, in its first epoch
         steps: Iterator[Encoded]
         if self.order is BatchOrder.SEQUENTIAL:
@@ -533,10 +551,10 @@ class StreamLoader:
                     self._steps(int(np.random.default_rng([seed, 3, d]).integers(2**62)), [d]) for d in plan)
         for done, enc in enumerate(steps, start=1):
             if done > skip:
-                yield _batch(enc)
+                yield enc
 
     def _chunks(self, units: Sequence[Unit], domains: Sequence[int] | None) -> Iterator[Encoded]:
-        chunks = self.split.chunks(units)
+        chunks = self.split.chunks(units, self.keys)
         if domains is not None:
             wanted = np.asarray(sorted(domains), dtype=np.int64)
             chunks = (_take(enc, np.flatnonzero(np.isin(enc.domain, wanted))) for enc in chunks)
@@ -599,7 +617,8 @@ class StreamLoader:
 
 
 def _take(enc: Encoded, rows: np.ndarray) -> Encoded:
-    return Encoded({k: v[rows] for k, v in enc.features.items()}, enc.domain[rows], enc.label[rows])
+    key = None if enc.key is None else enc.key.take(pa.array(rows, pa.int64()))
+    return Encoded({k: v[rows] for k, v in enc.features.items()}, enc.domain[rows], enc.label[rows], key)
 
 
 def _concat(parts: list[Encoded]) -> Encoded:
@@ -608,8 +627,9 @@ def _concat(parts: list[Encoded]) -> Encoded:
         return Encoded({}, np.zeros(0, np.int64), np.zeros(0, np.float32))
     if len(parts) == 1:
         return parts[0]
+    key = None if parts[0].key is None else pa.concat_arrays([p.key for p in parts if p.key is not None])
     return Encoded({k: np.concatenate([p.features[k] for p in parts]) for k in parts[0].features},
-                   np.concatenate([p.domain for p in parts]), np.concatenate([p.label for p in parts]))
+                   np.concatenate([p.domain for p in parts]), np.concatenate([p.label for p in parts]), key)
 
 
 def _batch(enc: Encoded) -> Batch:
