@@ -1,4 +1,6 @@
-"""The streamed tabular source (issue 26): a Parquet log read a row group at a time.
+"""The streamed tabular source (issue 26): a Parquet log read a row group at a time, through the
+in-memory source's reading layer (:func:`moefast.data.table.parquet_dataset`: one
+``pyarrow.dataset`` of the files, Hive partitions parsed by pyarrow, each row group a fragment).
 
 :func:`open_stream` takes a log, its schema and the first pass's artifacts
 (:func:`moefast.data.firstpass.first_pass`, ``vocab.json``) and returns a
@@ -8,13 +10,15 @@ rows. Before anything is read the file list is checked against the first pass's 
 (a file added, deleted, truncated or rewritten is a located error).
 
 Rows are encoded by the in-memory source's own functions, chunk by chunk, under the saved
-vocabularies (:func:`encode`): the same raw row gets the same ids, values, domain and split.
+vocabularies (:func:`encode`, each field's a lookup built once per source): the same raw row
+gets the same ids, values, domain and split.
 
 :class:`StreamLoader` turns a split into mini-batches (the ``mixed`` order):
 
-- the **units** are Parquet row groups; each epoch visits them in a seeded order
-  (``fragment_order="seeded"``) or in stored order (``"stored"``: files sorted, row groups in
-  file order, the in-memory source's row order);
+- the **units** are Parquet row groups (``ParquetFileFragment.split_by_row_group``, read with
+  column projection by :func:`moefast.data.table.fragment_chunks`); each epoch visits them in a
+  seeded order (``fragment_order="seeded"``) or in stored order (``"stored"``: files sorted,
+  row groups in file order, the in-memory source's row order);
 - a **shuffle buffer** of ``shuffle_rows`` rows: rows of the next units are added until the
   buffer holds ``shuffle_rows``; then it is permuted and emptied in batches, the incomplete
   last batch's rows staying for the next fill. It changes results: its default
@@ -28,9 +32,9 @@ vocabularies (:func:`encode`): the same raw row gets the same ids, values, domai
 - ``rank`` / ``world``: the epoch's units are dealt round-robin to the ranks (after the seeded
   order), so ranks read disjoint row groups whose union is the split; no rank reads everything;
 - ``domains``: only those domains' rows. When the domain column is a Hive partition key, only
-  the files of those domains are opened (partition pruning); otherwise a domain-restricted
-  stream is refused with one line saying to partition the log by domain (a filter on an
-  unsorted log would read every row group once per expert epoch).
+  the files of those domains are opened (partition pruning: a filter on the dataset's partition
+  key); otherwise a domain-restricted stream is refused with one line saying to partition the
+  log by domain (a filter on an unsorted log would read every row group once per expert epoch).
 
 Memory: at most ``shuffle_rows`` + one row group + one batch of encoded rows, plus one record
 batch of raw values while a row group is encoded.

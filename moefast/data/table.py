@@ -2,7 +2,9 @@
 
 ``load_table(path=..., schema=...)`` (``moefast.data.load("table", ...)``) reads the columns the
 :class:`~moefast.data.schema.TableSchema` names with pyarrow, in chunks (a CSV block or a
-Parquet batch at a time, behind a tqdm bar), and builds a :class:`MultiDomainDataset`:
+Parquet batch at a time, behind a tqdm bar), and builds a :class:`MultiDomainDataset`. Parquet
+is read through ``pyarrow.dataset`` (:func:`parquet_dataset`, :func:`fragment_chunks`), the
+reading layer the streamed source (:mod:`moefast.data.stream`) shares:
 
 1. each chunk's columns become integer codes at once (pyarrow's dictionary encoding; only a
    chunk's distinct values ever exist as Python objects), numbers are parsed strictly;
