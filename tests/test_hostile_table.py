@@ -124,6 +124,24 @@ def test_a_partition_key_named_twice_after_decoding_is_refused(tmp_path: Path) -
     _refused(root, r"'site=a/s%69te=b' names the partition key 'site' twice \('s%69te' decodes to 'site'\)")
 
 
+@pytest.mark.parametrize("kind", ["csv", "parquet"])
+def test_a_partition_value_that_is_not_utf8_once_decoded_is_located(tmp_path: Path, kind: str) -> None:
+    """``site=%FF``: pyarrow.dataset's Hive parsing (both formats) refuses it, naming the folder;
+    before, it was read as U+FFFD, one value for every such folder."""
+    rows = _rows()
+    del rows["site"]
+    folder = tmp_path / "log" / "site=%FF"
+    folder.mkdir(parents=True)
+    if kind == "csv":
+        _csv(folder / "part-0.csv", rows)
+    else:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        pq.write_table(pa.table(rows), folder / "part-0.parquet")
+    _refused(tmp_path / "log", r"site=%FF: a partition folder's name cannot be read \(.*not valid UTF-8")
+
+
 def test_a_split_with_an_empty_part_is_refused(tmp_path: Path) -> None:
     """``fractions = [1, 0, 0]`` trained unchecked and reported null for every metric."""
     from moefast.data.schema import TableSchema

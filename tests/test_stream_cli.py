@@ -1,5 +1,5 @@
 """``moefast train --stream`` and ``moefast predict`` of a streamed log (issue 26): the first pass,
-training, the run directory, a resume, scores written as Parquet; the one-line refusals (CSV, a
+training, the run directory, a resume, scores written as Parquet or CSV with their keys; the one-line refusals (CSV, a
 random split, the stream's options without --stream, another --shuffle-buffer on --resume, the
 grid)."""
 
@@ -42,14 +42,23 @@ def test_train_stream_then_resume_and_predict(tmp_path: Path, capsys: pytest.Cap
     capsys.readouterr()
     assert cli.main(["train", "--resume", str(run), "--shuffle-buffer", "300", "--quiet"]) == 2
     assert "shuffle_buffer" in _one_line(capsys)
-    # predict over the stream: Parquet, scores of the test split in stored order, as the run's own.
+    # predict over the stream: scores of the test split in stored order, as the run's own, with
+    # the schema's key column, as Parquet or CSV.
     out = tmp_path / "scores.parquet"
     assert cli.main(["predict", "--model", str(run), "--out", str(out), "--unmerged", "--quiet"]) == 0
     mine = pq.read_table(out).to_pandas()
-    assert list(mine.columns) == ["row", "domain", "domain_name", "label", "logit", "score"]
+    assert list(mine.columns) == ["row", "key", "domain", "domain_name", "label", "logit", "score"]
     assert (mine["score"].to_numpy() == scores["score"].to_numpy()).all()
-    assert cli.main(["predict", "--model", str(run), "--out", str(tmp_path / "s.csv"), "--quiet"]) == 2
-    assert "as Parquet" in _one_line(capsys)
+    assert cli.main(["predict", "--model", str(run), "--out", str(tmp_path / "s.csv"), "--unmerged", "--batch-size",
+                     "50", "--quiet"]) == 0
+    # Written 50 rows at a time, the file the in-memory predict's writer makes of the same columns
+    # in one frame (pandas' CSV of the whole table), byte for byte.
+    assert cli.main(["predict", "--model", str(run), "--out", str(tmp_path / "s.parquet"), "--unmerged",
+                     "--batch-size", "50", "--quiet"]) == 0
+    text = (tmp_path / "s.csv").read_text()
+    assert text == pd.read_parquet(tmp_path / "s.parquet").to_csv(index=False)
+    assert text.count("\n") == len(mine) + 1 > 51
+    assert mine["key"].str.fullmatch(r"r\d+").all()
 
 
 def test_streamed_options_are_refused_in_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -32,15 +32,18 @@ def test_two_ranks_reading_their_own_shards_match_one_process_reading_both(tmp_p
     log = write_log(tmp_path / "log", n=900, row_group=40)
     vocab = tmp_path / "vocab.json"
     vocab.write_text(json.dumps(firstpass.first_pass(log, stream_schema(), progress=False)))
-    mp.start_processes(run, args=(2, _free_port(), str(tmp_path), str(log), json.dumps(stream_schema()), str(vocab)),
-                       nprocs=2, join=True, start_method="spawn")
-    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    ranks_run = mp.start_processes(run, args=(2, _free_port(), str(tmp_path), str(log), json.dumps(stream_schema()),
+                                              str(vocab)), nprocs=2, join=False, start_method="spawn")
+    # The one process trains while the ranks start (importing torch is most of their time).
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         one = train(log, stream_schema(), vocab, shards=2)
     finally:
         torch.set_num_threads(threads)
+        while not ranks_run.join():
+            pass
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
     # Each epoch (of each stage, and each domain of an expert's): the ranks read disjoint shares
     # of the row groups, the ones the single process reads as its two shards.
     assert len(ranks[0]["read"]) == len(ranks[1]["read"]) == len(one["read"]) // 2

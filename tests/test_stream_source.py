@@ -96,13 +96,13 @@ def test_two_ranks_read_disjoint_row_groups_whose_union_is_the_split(tmp_path: P
 def test_an_expert_stage_opens_only_its_domains_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     _, _, ds = _open(tmp_path)
     opened: list[Path] = []
-    real = table_mod._chunks
+    real = table_mod.fragment_chunks
 
-    def spy(files, *args, **kw):  # type: ignore[no-untyped-def]
-        opened.extend(files)
-        return real(files, *args, **kw)
+    def spy(fragment, path, *args, **kw):  # type: ignore[no-untyped-def]
+        opened.append(path)
+        return real(fragment, path, *args, **kw)
 
-    monkeypatch.setattr(table_mod, "_chunks", spy)
+    monkeypatch.setattr(table_mod, "fragment_chunks", spy)
     b = ds.domain_names.index("b")
     batches = list(stream.StreamLoader(ds.train, 16, domains=[b], generator=1))
     assert batches and all(bool((x.domain == b).all()) for x in batches)

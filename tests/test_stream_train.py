@@ -24,6 +24,7 @@ import moefast
 from moefast import models
 from moefast.config import EmbeddingOptimizer, TowerConfig, TrainConfig
 from moefast.data import firstpass, stream
+from moefast.runs import rundir
 from moefast.runs.checkpoint import read_checkpoint
 from moefast.runs.writer import FAULT_ENV
 from moefast.train import fit
@@ -63,12 +64,33 @@ def _train(ds: Any, out: Path | None, *, resume: bool = False, **changes: Any) -
 
 
 def test_a_buffer_holding_everything_trains_bitwise_as_the_in_memory_source(
-        log: tuple[Path, Path], tmp_path: Path, one_thread: None) -> None:
+        log: tuple[Path, Path], tmp_path: Path, one_thread: None, monkeypatch: pytest.MonkeyPatch) -> None:
     folder, vocab = log
     mem = moefast.data.load("table", path=folder, schema=stream_schema(), vocab_from=vocab, use_cache=False,
                             progress=False)
     whole = stream.open_stream(folder, stream_schema(), vocab, shuffle_rows=10**6, fragment_order="stored")
-    (ours, model_s), (theirs, model_m) = _train(whole, tmp_path / "s"), _train(mem, tmp_path / "m")
+    # The streamed predictions file is written as the test split is scored: each batch reaches
+    # the file right after the loader built it (not from the gathered scores after the last).
+    built, written = [0], []
+    real_batch, real_write = stream._batch, rundir.write_batches
+
+    def counted(enc: Any) -> Any:
+        built[0] += 1
+        return real_batch(enc)
+
+    def watched(path: Path, batches: Any) -> Path:
+        def each() -> Iterator[Any]:
+            for b in batches:
+                written.append((b.num_rows, built[0]))
+                yield b
+        return real_write(path, each())
+
+    monkeypatch.setattr(stream, "_batch", counted)
+    monkeypatch.setattr(rundir, "write_batches", watched)
+    (ours, model_s), (theirs, model_m) = (_train(whole, tmp_path / "s", eval_batch_size=64),
+                                          _train(mem, tmp_path / "m", eval_batch_size=64))
+    assert [n for n, _ in written] == [min(64, len(whole.test) - s) for s in range(0, len(whole.test), 64)]
+    assert [b for _, b in written] == list(range(written[0][1], written[0][1] + len(written)))
     assert [r.label for r in ours.stages] == ["backbone", "expert_0", "expert_1", "expert_2", "gate"]
     for a, b in zip(ours.stages, theirs.stages, strict=True):
         assert a.losses == b.losses and a.val_history == b.val_history, a.label

@@ -275,7 +275,8 @@ def run(args: argparse.Namespace) -> int:
 def _predict_stream(args: argparse.Namespace, out: Path, options: Mapping[str, Any], record: Mapping[str, Any],
                     score: Callable[..., Any], what: str, say: Callable[[str], None]) -> int:
     """``moefast predict`` of a streamed log: its rows read in stored order and scored batch by
-    batch, each batch written to the Parquet file as it is scored (one batch held at a time)."""
+    batch, each batch written to the scores file (Parquet or CSV, the columns of the in-memory
+    predict, the test split's keys included) as it is scored: one batch held at a time."""
     import numpy as np
     import pyarrow as pa
     import torch
@@ -284,9 +285,6 @@ def _predict_stream(args: argparse.Namespace, out: Path, options: Mapping[str, A
     from moefast.data.stream import StreamLoader, load_stream
     from moefast.runs.writer import write_batches
 
-    if out.suffix != ".parquet":
-        raise UserError(f"--out {args.out!r}: a streamed source writes its scores as Parquet (.parquet) as it "
-                        "computes them")
     try:
         dataset = load_stream(path=options["data"], schema=options["schema"], vocab_from=options["vocab_from"],
                               read_ahead=options.get("read_ahead"), check_files=False, progress=False)
@@ -299,21 +297,26 @@ def _predict_stream(args: argparse.Namespace, out: Path, options: Mapping[str, A
                         f"{names}: load the data so that its domain map is the model's")
     split = getattr(dataset, args.split)
     say(f"scoring split {args.split!r} of {dataset.name} (streamed) with the {what}")
-    loader = StreamLoader(split, args.batch_size, order=BatchOrder.SEQUENTIAL, read_ahead=dataset.read_ahead)
+    # The key column as the in-memory predict writes it: the test split's, when the schema names one.
+    keyed = args.split == "test" and dataset.schema.key is not None
+    loader = StreamLoader(split, args.batch_size, order=BatchOrder.SEQUENTIAL, read_ahead=dataset.read_ahead,
+                          keys=keyed)
     label_names = np.array(names, dtype=object)
 
     def batches() -> Any:
         done = 0
         with progress_bar(enabled=not args.quiet, total=None, unit="row", desc="predict") as bar:
-            for batch in loader:
+            for batch, keys in loader.keyed():
                 logits = score(dict(batch.features), batch.domain).float()
                 bad = ~torch.isfinite(logits)
                 if bool(bad.any()):
                     row = done + int(torch.nonzero(bad)[0, 0])
                     raise ValueError(f"the model gave a non-finite logit ({float(logits[bad][0])}) for row {row}")
                 domain = batch.domain.numpy()
-                yield pa.record_batch({
-                    "row": pa.array(np.arange(done, done + len(batch), dtype=np.int64)),
+                columns = {"row": pa.array(np.arange(done, done + len(batch), dtype=np.int64))}
+                if keys is not None:
+                    columns["key"] = keys
+                yield pa.record_batch(columns | {
                     "domain": pa.array(domain),
                     "domain_name": pa.array(label_names[domain].tolist(), pa.string()),
                     "label": pa.array(batch.label.numpy().astype("int8")),
@@ -323,7 +326,7 @@ def _predict_stream(args: argparse.Namespace, out: Path, options: Mapping[str, A
                 done += len(batch)
                 bar.update(len(batch))
 
-    write_batches(out, batches())
+    write_batches(out, batches())  # Parquet for a .parquet name, else CSV, batch by batch
     say(f"scores: {out}")
     return 0
 

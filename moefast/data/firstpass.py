@@ -45,7 +45,7 @@ import pyarrow.compute as pc
 from moefast.data import table as _t
 from moefast.data.schema import SplitKind, TableSchema, Transform, load_schema
 
-__all__ = ["COMPACT_ROWS", "check_fingerprint", "check_layout", "fingerprint", "first_pass", "stream_files"]
+__all__ = ["COMPACT_ROWS", "check_fingerprint", "check_layout", "fingerprint", "first_pass", "footers", "stream_files"]
 
 COMPACT_ROWS = 1 << 20
 
@@ -72,25 +72,30 @@ def _relative(f: Path, root: Path | None) -> str:
     return f.relative_to(root).as_posix() if root is not None else f.name
 
 
-def fingerprint(files: list[Path], root: Path | None) -> list[dict[str, Any]]:
-    """Each file's path (under the folder), size, modification time (ns) and footer row count."""
-    import pyarrow.parquet as pq
+def footers(files: list[Path], root: Path | None) -> list[Any]:
+    """Each file's Parquet footer, read through one ``pyarrow.dataset`` of the files
+    (:func:`moefast.data.table.footer`: a file that is not Parquet is a located error)."""
+    dataset = _t.parquet_dataset(files, root)
+    return [_t.footer(frag, f) for frag, f in zip(dataset.get_fragments(), files, strict=True)]
 
+
+def fingerprint(files: list[Path], root: Path | None, metas: list[Any] | None = None) -> list[dict[str, Any]]:
+    """Each file's path (under the folder), size, modification time (ns) and footer row count
+    (``metas``: the files' footers, when already read)."""
+    metas = footers(files, root) if metas is None else metas
     out = []
-    for f in files:
+    for f, meta in zip(files, metas, strict=True):
         st = f.stat()
-        try:
-            rows = pq.ParquetFile(f).metadata.num_rows
-        except (pa.ArrowInvalid, OSError) as exc:
-            raise _t.TableError(f, None, None, f"not a readable Parquet file ({exc})") from None
-        out.append({"path": _relative(f, root), "bytes": st.st_size, "mtime_ns": st.st_mtime_ns, "rows": rows})
+        out.append({"path": _relative(f, root), "bytes": st.st_size, "mtime_ns": st.st_mtime_ns,
+                    "rows": meta.num_rows})
     return out
 
 
 def check_fingerprint(recorded: list[Mapping[str, Any]], files: list[Path], root: Path | None,
-                      where: str) -> None:
+                      where: str, metas: list[Any] | None = None) -> None:
     """``TableError`` naming the first file added, deleted or changed (size, modification time or
-    footer row count) since the first pass whose fingerprint is ``recorded`` (from ``where``)."""
+    footer row count) since the first pass whose fingerprint is ``recorded`` (from ``where``;
+    ``metas``: the files' footers, when already read)."""
     now = {_relative(f, root): f for f in files}
     then = {str(r["path"]): r for r in recorded}
     base = root if root is not None else (files[0].parent if files else Path("."))
@@ -100,12 +105,17 @@ def check_fingerprint(recorded: list[Mapping[str, Any]], files: list[Path], root
     for rel in sorted(set(now) - set(then)):
         raise _t.TableError(now[rel], None, None, f"added since the first pass ({where}): its rows are in no "
                             "vocabulary; run `moefast vocab` again, or move it out")
+    footer_of = dict(zip(files, metas, strict=True)) if metas is not None else {}
     for rel, f in sorted(now.items()):
-        (mine,) = fingerprint([f], root)
-        for key, what in (("bytes", "size"), ("rows", "footer row count"), ("mtime_ns", "modification time")):
-            if mine[key] != then[rel][key]:
+        st = f.stat()  # the size and the time first: a truncated file is "changed", footer or not
+        changes = [("bytes", "size", st.st_size), ("mtime_ns", "modification time", st.st_mtime_ns)]
+        if all(then[rel][key] == mine for key, _, mine in changes):
+            meta = footer_of[f] if f in footer_of else footers([f], root)[0]
+            changes.append(("rows", "footer row count", meta.num_rows))
+        for key, what, mine in changes:
+            if mine != then[rel][key]:
                 raise _t.TableError(f, None, None, f"changed since the first pass ({where}): {what} "
-                                    f"{then[rel][key]} then, {mine[key]} now (truncated or rewritten); run "
+                                    f"{then[rel][key]} then, {mine} now (truncated or rewritten); run "
                                     "`moefast vocab` again")
 
 
@@ -125,20 +135,14 @@ def _family(t: pa.DataType) -> str:
     return str(t)
 
 
-def check_layout(files: list[Path], root: Path | None, columns: list[str]) -> None:
-    """Refuse, from the footers alone, a log whose files disagree on what a column the schema
-    reads holds (a column of numbers in one partition and text in another), and an empty
-    partition (a partition folder whose files hold no row): a :class:`TableError` naming the file
-    (or folder) and the column."""
-    import pyarrow.parquet as pq
-
+def check_layout(files: list[Path], root: Path | None, columns: list[str], metas: list[Any] | None = None) -> None:
+    """Refuse, from the footers alone (``metas``, when already read), a log whose files disagree
+    on what a column the schema reads holds (a column of numbers in one partition and text in
+    another), and an empty partition (a partition folder whose files hold no row): a
+    :class:`TableError` naming the file (or folder) and the column."""
     first: dict[str, tuple[Path, pa.DataType]] = {}
     rows_in: dict[Path, int] = {}
-    for f in files:
-        try:
-            meta = pq.ParquetFile(f).metadata
-        except (pa.ArrowInvalid, OSError) as exc:
-            raise _t.TableError(f, None, None, f"not a readable Parquet file ({exc})") from None
+    for f, meta in zip(files, footers(files, root) if metas is None else metas, strict=True):
         schema = meta.schema.to_arrow_schema()
         for c in columns:
             if c not in schema.names:
@@ -227,8 +231,9 @@ def first_pass(path: str | os.PathLike[str], schema: str | os.PathLike[str] | Ta
 
     sch = load_schema(schema)
     files, root = stream_files(path, sch)
-    check_layout(files, root, sch.columns())
-    prints = fingerprint(files, root)
+    metas = footers(files, root)
+    check_layout(files, root, sch.columns(), metas)
+    prints = fingerprint(files, root, metas)
     split_cols = [sch.key] if sch.split.kind is SplitKind.HASH else [sch.split.column]
     head = list(dict.fromkeys([sch.domain.column, *[c for c in split_cols if c is not None]]))
     old_rows = _t.PARQUET_BATCH_ROWS

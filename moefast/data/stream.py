@@ -1,4 +1,6 @@
-"""The streamed tabular source (issue 26): a Parquet log read a row group at a time.
+"""The streamed tabular source (issue 26): a Parquet log read a row group at a time, through the
+in-memory source's reading layer (:func:`moefast.data.table.parquet_dataset`: one
+``pyarrow.dataset`` of the files, Hive partitions parsed by pyarrow, each row group a fragment).
 
 :func:`open_stream` takes a log, its schema and the first pass's artifacts
 (:func:`moefast.data.firstpass.first_pass`, ``vocab.json``) and returns a
@@ -8,13 +10,15 @@ rows. Before anything is read the file list is checked against the first pass's 
 (a file added, deleted, truncated or rewritten is a located error).
 
 Rows are encoded by the in-memory source's own functions, chunk by chunk, under the saved
-vocabularies (:func:`encode`): the same raw row gets the same ids, values, domain and split.
+vocabularies (:func:`encode`, each field's a lookup built once per source): the same raw row
+gets the same ids, values, domain and split.
 
 :class:`StreamLoader` turns a split into mini-batches (the ``mixed`` order):
 
-- the **units** are Parquet row groups; each epoch visits them in a seeded order
-  (``fragment_order="seeded"``) or in stored order (``"stored"``: files sorted, row groups in
-  file order, the in-memory source's row order);
+- the **units** are Parquet row groups (``ParquetFileFragment.split_by_row_group``, read with
+  column projection by :func:`moefast.data.table.fragment_chunks`); each epoch visits them in a
+  seeded order (``fragment_order="seeded"``) or in stored order (``"stored"``: files sorted,
+  row groups in file order, the in-memory source's row order);
 - a **shuffle buffer** of ``shuffle_rows`` rows: rows of the next units are added until the
   buffer holds ``shuffle_rows``; then it is permuted and emptied in batches, the incomplete
   last batch's rows staying for the next fill. It changes results: its default
@@ -28,9 +32,9 @@ vocabularies (:func:`encode`): the same raw row gets the same ids, values, domai
 - ``rank`` / ``world``: the epoch's units are dealt round-robin to the ranks (after the seeded
   order), so ranks read disjoint row groups whose union is the split; no rank reads everything;
 - ``domains``: only those domains' rows. When the domain column is a Hive partition key, only
-  the files of those domains are opened (partition pruning); otherwise a domain-restricted
-  stream is refused with one line saying to partition the log by domain (a filter on an
-  unsorted log would read every row group once per expert epoch).
+  the files of those domains are opened (partition pruning: a filter on the dataset's partition
+  key); otherwise a domain-restricted stream is refused with one line saying to partition the
+  log by domain (a filter on an unsorted log would read every row group once per expert epoch).
 
 Memory: at most ``shuffle_rows`` + one row group + one batch of encoded rows, plus one record
 batch of raw values while a row group is encoded.
@@ -71,23 +75,32 @@ _SPLITS = ("train", "val", "test")
 
 @dataclass(frozen=True)
 class Encoded:
-    """The encoded rows of one chunk (the rows of one split, dropped domains removed)."""
+    """The encoded rows of one chunk (the rows of one split, dropped domains removed), and their
+    ``key`` column as text when asked for (scores written with their keys)."""
 
     features: dict[str, np.ndarray]
     domain: np.ndarray
     label: np.ndarray
+    key: pa.Array | None = None
 
     def __len__(self) -> int:
         return int(self.label.shape[0])
 
     @property
     def nbytes(self) -> int:
-        return int(sum(v.nbytes for v in self.features.values()) + self.domain.nbytes + self.label.nbytes)
+        return int(sum(v.nbytes for v in self.features.values()) + self.domain.nbytes + self.label.nbytes
+                   + (self.key.nbytes if self.key is not None else 0))
 
 
-def encode(sch: TableSchema, art: Mapping[str, Any], chunk: Any, part: int | None) -> Encoded:
+def encode(sch: TableSchema, art: Mapping[str, Any], chunk: Any, part: int | None,
+           lookups: Mapping[str, _t.SavedField] | None = None, keys: bool = False) -> Encoded:
     """Encode one chunk (:class:`moefast.data.table._Chunk`) under the saved artifacts ``art``
-    with the in-memory source's functions, keeping the rows of split ``part`` (None: all)."""
+    with the in-memory source's functions, keeping the rows of split ``part`` (None: all).
+    ``lookups``: each field's :class:`~moefast.data.table.SavedField`, built once per source
+    (:func:`lookups_of`; None: built here, for this chunk). ``keys``: also the schema's ``key``
+    column, as text (as the in-memory load passes it through to ``info["keys"]``)."""
+    if lookups is None:
+        lookups = lookups_of(sch, art)
     rows = _t._Rows()
     n = len(next(iter(chunk.columns.values()))) if chunk.columns else 0
     rows.add(chunk, n)
@@ -112,11 +125,8 @@ def encode(sch: TableSchema, art: Mapping[str, Any], chunk: Any, part: int | Non
             codes.add_multi(arr, spec, chunk)
         else:
             codes.add_single(arr, _t._Place(chunk.path, chunk.first_row, spec.column))
-        uniques, c = codes.merge()
-        if spec.multi:
-            c = c.reshape(n, spec.max_len)
-        ids, _ = _t._vocabulary(spec, uniques, c[take], 0, art["categorical"][spec.name])
-        features[spec.name] = ids.astype(np.int64)
+        # One chunk: its own dictionary and codes (a value the trimming made twice gets one id).
+        features[spec.name] = lookups[spec.name].ids(codes.dicts[0], codes.local[0][take])
     if sch.domain.feature:
         features[DOMAIN_FIELD] = domain[take].astype(np.int64)
     for nspec in sch.numeric:
@@ -125,18 +135,33 @@ def encode(sch: TableSchema, art: Mapping[str, Any], chunk: Any, part: int | Non
         features[nspec.name] = values[take]
         if nspec.indicator:
             features[f"{nspec.name}_missing"] = np.isnan(raw[take]).astype(np.float32)
-    return Encoded(features, domain[take].astype(np.int64), label[take].astype(np.float32))
+    key = None
+    if keys and sch.key is not None:
+        key = _t._as_text(chunk.columns[sch.key], _t._Place(chunk.path, chunk.first_row, sch.key)).take(
+            pa.array(take, pa.int64()))
+    return Encoded(features, domain[take].astype(np.int64), label[take].astype(np.float32), key)
+
+
+def lookups_of(sch: TableSchema, art: Mapping[str, Any]) -> dict[str, _t.SavedField]:
+    """Each categorical field's saved vocabulary as a lookup (:class:`~moefast.data.table.SavedField`)."""
+    return {spec.name: _t.SavedField.of(art["categorical"][spec.name]) for spec in sch.categorical}
 
 
 @dataclass(frozen=True)
 class Unit:
-    """One Parquet row group: the file, the group's index, its rows, and the file's domain when
-    the domain column is a partition key (None otherwise)."""
+    """One Parquet row group: the file, the group's index, its rows, the file's domain when the
+    domain column is a partition key (None otherwise), the data row of the file it starts at,
+    the file's Hive partition values and the group's ``pyarrow.dataset`` fragment
+    (``ParquetFileFragment.split_by_row_group``, which keeps the file's footer: a row group is
+    read without parsing the footer again)."""
 
     path: Path
     group: int
     rows: int
     domain: int | None
+    first_row: int = 1
+    partition: Mapping[str, str | None] = field(default_factory=dict, compare=False, repr=False)
+    fragment: Any = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True)
@@ -161,36 +186,40 @@ class StreamedSplit:
             raise ValueError(f"{src.root or src.files[0]}: reading one domain's rows (single-domain batches, an expert "
                              f"stage) needs the log partitioned by its domain column ({src.schema.domain.column}=VALUE "
                              "folders); a filter on an unsorted log would read every row group once per expert epoch")
-        wanted = None if domains is None else set(domains)
-        out = []
-        for u in src.all_units:
-            if wanted is not None and u.domain not in wanted:
-                continue
-            if not src.may_hold(u.path, self.index):
-                continue
-            out.append(u)
-        return out
+        units = src.all_units
+        if domains is not None:
+            # Partition pruning: pyarrow.dataset evaluates a filter on the domain column's
+            # partition values and lists only the matching files' fragments.
+            import pyarrow.dataset as pads
 
-    def chunks(self, units: Sequence[Unit]) -> Iterator[Encoded]:
-        """The encoded rows of this split in ``units``, one row group at a time. A read that
-        fails without a row to name (a file truncated or deleted since it was opened) names the
-        row group."""
+            wanted = set(domains)
+            values = sorted({str(u.partition[src.schema.domain.column]) for u in units if u.domain in wanted})
+            kept = {str(f.path) for f in src.dataset.get_fragments(
+                filter=pads.field(src.schema.domain.column).isin(values))}
+            units = tuple(u for u in units if str(u.path) in kept)
+        return [u for u in units if src.may_hold(u, self.index)]
+
+    def chunks(self, units: Sequence[Unit], keys: bool = False) -> Iterator[Encoded]:
+        """The encoded rows of this split in ``units``, one row group at a time (``keys``: with
+        the schema's key column). A read that fails without a row to name (a file truncated or
+        deleted since it was opened) names the row group."""
         src = self.source
         part = None if src.scoring else self.index
         for u in units:
             try:
-                for chunk in _t._chunks([u.path], "parquet", list(src.columns), set(src.optional), src.coded, src.root,
-                                        row_groups=[u.group]):
-                    enc = encode(src.schema, src.artifacts, chunk, part)
+                for chunk in _t.fragment_chunks(u.fragment, u.path, u.first_row, list(src.columns), src.optional,
+                                                src.coded, u.partition):
+                    enc = encode(src.schema, src.artifacts, chunk, part, src.lookups, keys)
                     if len(enc):
                         yield enc
             except _t.TableError as exc:
                 if exc.row is not None:
                     raise
+                if not u.path.exists():
+                    raise _t.TableError(u.path, None, None, f"row group {u.group}: deleted while the log was "
+                                        "read") from None
                 problem = str(exc).split(": ", 1)[-1]
                 raise _t.TableError(u.path, None, exc.column, f"row group {u.group}: {problem}") from None
-            except FileNotFoundError:
-                raise _t.TableError(u.path, None, None, f"row group {u.group}: deleted while the log was read") from None
 
 
 @dataclass(frozen=True)
@@ -210,6 +239,10 @@ class StreamedDataset:
     files: tuple[Path, ...]
     root: Path | None
     all_units: tuple[Unit, ...] = ()
+    # The files as one pyarrow.dataset (moefast.data.table.parquet_dataset): partition pruning.
+    dataset: Any = field(default=None, compare=False, repr=False)
+    # Each field's saved vocabulary as a lookup, built once (lookups_of): every row group uses it.
+    lookups: Mapping[str, _t.SavedField] = field(default_factory=dict, compare=False, repr=False)
     domain_partitioned: bool = False
     columns: tuple[str, ...] = ()
     coded: frozenset[str] = frozenset()
@@ -245,14 +278,14 @@ class StreamedDataset:
     def test(self) -> StreamedSplit:
         return self._splits["test"]
 
-    def may_hold(self, path: Path, part: int) -> bool:
-        """False when a ``partition`` split on a partition key puts the whole file elsewhere."""
+    def may_hold(self, unit: Unit, part: int) -> bool:
+        """False when a ``partition`` split on a partition key puts the unit's whole file elsewhere."""
         sp = self.schema.split
         if self.scoring:
             return part == 2  # data to score: every row is in the test split
         if sp.kind is not SplitKind.PARTITION or self.root is None or sp.last is None:
             return True
-        value = _t.partition_values(self.root, path).get(sp.column or "")
+        value = unit.partition.get(sp.column or "")
         if not value:
             return True
         got = 0 if value <= sp.last[0] else 1 if value <= sp.last[1] else 2
@@ -272,8 +305,6 @@ def open_stream(path: str | os.PathLike[str], schema: str | os.PathLike[str] | T
     data to score (a schema without a label implies it): every row is in the test split, and the
     files need not be the first pass's. ``check_files=False`` reads files other than the first
     pass's (scoring a split of new data under a run's vocabularies: ``moefast predict``)."""
-    import pyarrow.parquet as pq
-
     sch = load_schema(schema)
     scoring = scoring or sch.label is None
     files, root = stream_files(path, sch, scoring=scoring)
@@ -295,24 +326,31 @@ def open_stream(path: str | os.PathLike[str], schema: str | os.PathLike[str] | T
         raise ValueError(f"fragment_order must be 'seeded' or 'stored', got {fragment_order!r}")
     if shards is not None and (isinstance(shards, bool) or not isinstance(shards, int) or shards < 1):
         raise ValueError(f"shards must be a positive int or None, got {shards!r}")
+    coded = frozenset({sch.domain.column, *(c.column for c in sch.categorical if not c.multi)})
+    # One pyarrow.dataset over the files: their footers are read once here (the fingerprint, the
+    # layout, the row groups) and kept by the fragments, which the epochs read.
+    dataset = _t.parquet_dataset(files, root, coded)
+    fragments = list(dataset.get_fragments())
+    metas = [_t.footer(frag, f) for frag, f in zip(fragments, files, strict=True)]
     if not scoring and check_files:
-        check_fingerprint(art["stream"]["files"], files, root, where)
-    check_layout(files, root, sch.columns())
+        check_fingerprint(art["stream"]["files"], files, root, where, metas)
+    check_layout(files, root, sch.columns(), metas)
     domain_map: Mapping[str, int] = art["domains"]["values"]
-    partitioned = root is not None and all(sch.domain.column in _t.partition_values(root, f) for f in files)
+    other = art["domains"].get("other")
+    partitioning = dataset.partitioning
+    partitioned = partitioning is not None and sch.domain.column in partitioning.schema.names
     units = []
-    for f in files:
-        try:
-            meta = pq.ParquetFile(f).metadata
-        except (pa.ArrowInvalid, OSError) as exc:
-            raise _t.TableError(f, None, None, f"not a readable Parquet file ({exc})") from None
+    for f, frag in zip(files, fragments, strict=True):
+        partition = {} if partitioning is None else _t.partition_keys(frag.partition_expression, partitioning)
         dom = None
-        if partitioned and root is not None:
-            raw = _t.partition_values(root, f)[sch.domain.column]
-            other = art["domains"].get("other")
+        if partitioned:
+            raw = partition[sch.domain.column]
             dom = domain_map.get(raw or "", other if other is not None else -1)
-        for g in range(meta.num_row_groups):
-            units.append(Unit(f, g, meta.row_group(g).num_rows, dom))
+        first = 1
+        for group in frag.split_by_row_group():
+            (info,) = group.row_groups
+            units.append(Unit(f, info.id, info.num_rows, dom, first, partition, group))
+            first += info.num_rows
     specs = []
     for spec in sch.categorical:
         a = art["categorical"][spec.name]
@@ -331,14 +369,13 @@ def open_stream(path: str | os.PathLike[str], schema: str | os.PathLike[str] | T
     name = "table-" + (root.name if root is not None else files[0].name.split(".")[0])
     for k, table in pretrained.items():
         check_pretrained_table(next(s for s in specs if s.name == k), k, table, f"dataset {name!r}")
-    coded = frozenset({sch.domain.column, *(c.column for c in sch.categorical if not c.multi)})
     optional = frozenset(c for c in (sch.label, sch.split.column) if c is not None and scoring)
     # The same source as the in-memory table: a model trained on one scores the other's data.
     info = {"source": "table", "stream": True, "files": [str(f) for f in files], "table": art}
     ds = StreamedDataset(
         name=name, features=tuple(specs), domain_names=tuple(art["domains"]["names"]), numeric=tuple(numeric),
         pretrained=pretrained, info=info, schema=sch, artifacts=art, files=tuple(files), root=root,
-        all_units=tuple(units), domain_partitioned=partitioned, columns=tuple(sch.columns()), coded=coded,
+        all_units=tuple(units), dataset=dataset, lookups=lookups_of(sch, art), domain_partitioned=partitioned, columns=tuple(sch.columns()), coded=coded,
         optional=optional, shuffle_rows=SHUFFLE_ROWS if shuffle_rows is None else shuffle_rows,
         fragment_order=fragment_order, shards=shards,
         read_ahead=default_read_ahead() if read_ahead is None else read_ahead, scoring=scoring,
@@ -438,13 +475,14 @@ class StreamLoader:
             reading every shard computes the same steps.
         skip: batches the first epoch drops without building them (a resume).
         read_ahead: bytes of encoded row groups read ahead by a background thread (speed only).
+        keys: also read the schema's ``key`` column (:meth:`keyed`).
     """
 
     def __init__(self, split: StreamedSplit, batch_size: int, *, order: BatchOrder = BatchOrder.MIXED,
                  shuffle_rows: int = SHUFFLE_ROWS, fragment_order: str = "seeded",
                  domains: Sequence[int] | None = None, generator: torch.Generator | int | None = None,
                  drop_last: bool = False, shards: int = 1, take: Sequence[int] | None = None, skip: int = 0,
-                 read_ahead: int = 0) -> None:
+                 read_ahead: int = 0, keys: bool = False) -> None:
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
         if not isinstance(order, BatchOrder):
@@ -460,7 +498,7 @@ class StreamLoader:
             raise ValueError(f"take={take} must name distinct shards in [0, {shards})")
         self.split, self.batch_size, self.order, self.shuffle_rows = split, batch_size, order, shuffle_rows
         self.fragment_order, self.drop_last, self.skip, self.read_ahead = fragment_order, drop_last, skip, read_ahead
-        self.shards, self.take = shards, take
+        self.shards, self.take, self.keys = shards, take, keys
         self.domains = None if domains is None else tuple(sorted(set(domains)))
         if isinstance(generator, torch.Generator):
             self.generator = generator
@@ -493,6 +531,14 @@ class StreamLoader:
         return list(units[shard::self.shards])
 
     def __iter__(self) -> Iterator[Batch]:
+        return (_batch(enc) for enc in self._epoch())
+
+    def keyed(self) -> Iterator[tuple[Batch, pa.Array | None]]:
+        """One epoch's batches with their rows' keys (text; None when the loader reads no keys
+        or the schema has no ``key``)."""
+        return ((_batch(enc), enc.key) for enc in self._epoch())
+
+    def _epoch(self) -> Iterator[Encoded]:
         skip, self.skip = self.skip, 0  # a resume skips once, in its first epoch
         steps: Iterator[Encoded]
         if self.order is BatchOrder.SEQUENTIAL:
@@ -509,10 +555,10 @@ class StreamLoader:
                     self._steps(int(np.random.default_rng([seed, 3, d]).integers(2**62)), [d]) for d in plan)
         for done, enc in enumerate(steps, start=1):
             if done > skip:
-                yield _batch(enc)
+                yield enc
 
     def _chunks(self, units: Sequence[Unit], domains: Sequence[int] | None) -> Iterator[Encoded]:
-        chunks = self.split.chunks(units)
+        chunks = self.split.chunks(units, self.keys)
         if domains is not None:
             wanted = np.asarray(sorted(domains), dtype=np.int64)
             chunks = (_take(enc, np.flatnonzero(np.isin(enc.domain, wanted))) for enc in chunks)
@@ -575,7 +621,8 @@ class StreamLoader:
 
 
 def _take(enc: Encoded, rows: np.ndarray) -> Encoded:
-    return Encoded({k: v[rows] for k, v in enc.features.items()}, enc.domain[rows], enc.label[rows])
+    key = None if enc.key is None else enc.key.take(pa.array(rows, pa.int64()))
+    return Encoded({k: v[rows] for k, v in enc.features.items()}, enc.domain[rows], enc.label[rows], key)
 
 
 def _concat(parts: list[Encoded]) -> Encoded:
@@ -584,8 +631,9 @@ def _concat(parts: list[Encoded]) -> Encoded:
         return Encoded({}, np.zeros(0, np.int64), np.zeros(0, np.float32))
     if len(parts) == 1:
         return parts[0]
+    key = None if parts[0].key is None else pa.concat_arrays([p.key for p in parts if p.key is not None])
     return Encoded({k: np.concatenate([p.features[k] for p in parts]) for k in parts[0].features},
-                   np.concatenate([p.domain for p in parts]), np.concatenate([p.label for p in parts]))
+                   np.concatenate([p.domain for p in parts]), np.concatenate([p.label for p in parts]), key)
 
 
 def _batch(enc: Encoded) -> Batch:

@@ -2,7 +2,9 @@
 
 ``load_table(path=..., schema=...)`` (``moefast.data.load("table", ...)``) reads the columns the
 :class:`~moefast.data.schema.TableSchema` names with pyarrow, in chunks (a CSV block or a
-Parquet batch at a time, behind a tqdm bar), and builds a :class:`MultiDomainDataset`:
+Parquet batch at a time, behind a tqdm bar), and builds a :class:`MultiDomainDataset`. Parquet
+is read through ``pyarrow.dataset`` (:func:`parquet_dataset`, :func:`fragment_chunks`), the
+reading layer the streamed source (:mod:`moefast.data.stream`) shares:
 
 1. each chunk's columns become integer codes at once (pyarrow's dictionary encoding; only a
    chunk's distinct values ever exist as Python objects), numbers are parsed strictly;
@@ -22,6 +24,7 @@ Errors name the file, the row (1-based data row; the header is not a row) and th
 from __future__ import annotations
 
 import csv
+import functools
 import io
 import os
 from collections.abc import Iterator, Mapping
@@ -153,18 +156,82 @@ def _collect(root: Path, folder: Path, files: list[Path]) -> None:
 HIVE_NULL = "__HIVE_DEFAULT_PARTITION__"
 
 
+@functools.lru_cache(maxsize=64)
+def _hive(keys: tuple[str, ...]) -> Any:
+    """``pyarrow.dataset``'s Hive partitioning of the keys ``keys``, every value read as text
+    (``dt=2026-11-28`` stays the text it is written as, never a date or a number)."""
+    import pyarrow.dataset as ds
+
+    return ds.partitioning(pa.schema([(k, pa.string()) for k in keys]), flavor="hive")
+
+
+def hive_partitioning(root: Path, file: Path) -> Any:
+    """The Hive partitioning (``pyarrow.dataset``) of the partition folders above ``file`` under
+    ``root`` (every file of a folder names the same keys: :func:`input_files`), or None."""
+    if file == root:
+        return None
+    keys = tuple(unquote(part.partition("=")[0]) for part in file.parent.relative_to(root).parts)
+    return _hive(keys) if keys else None
+
+
 def partition_values(root: Path, file: Path) -> dict[str, str | None]:
     """The Hive partition values of ``file`` under the folder ``root``: ``{key: value}`` from
-    each ``key=value`` folder on its path (percent-escapes decoded; ``__HIVE_DEFAULT_PARTITION__``
-    and an empty value are missing)."""
-    values: dict[str, str | None] = {}
-    if file == root:
-        return values
-    for part in file.parent.relative_to(root).parts:
-        key, _, value = part.partition("=")
-        # An empty value (what pyarrow writes for "") is missing, like an empty CSV field.
-        values[unquote(key)] = None if value in (HIVE_NULL, "") else unquote(value)
-    return values
+    each ``key=value`` folder on its path, as ``pyarrow.dataset(partitioning="hive")`` parses
+    them (percent-escapes decoded); ``__HIVE_DEFAULT_PARTITION__`` and an empty value are
+    missing. A value that is not UTF-8 once decoded is a :class:`TableError` naming the folder."""
+    partitioning = hive_partitioning(root, file)
+    if partitioning is None:
+        return {}
+    try:  # the file's path under the folder: its last segment is the file's name, no partition
+        return partition_keys(partitioning.parse(file.relative_to(root).as_posix()), partitioning)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
+        detail = str(exc).strip().splitlines()[0]
+        raise TableError(file.parent, None, None, f"a partition folder's name cannot be read ({detail})") from None
+
+
+def partition_keys(expression: Any, partitioning: Any) -> dict[str, str | None]:
+    """``{key: value}`` of a fragment's partition expression (pyarrow.dataset), every key of
+    ``partitioning`` in its order; an empty value is missing, like an empty CSV field."""
+    import pyarrow.dataset as ds
+
+    found = ds.get_partition_keys(expression)
+    # An empty value (what pyarrow writes for "") is missing, like an empty CSV field.
+    return {k: (found.get(k) or None) for k in partitioning.schema.names}
+
+
+def parquet_dataset(files: list[Path], root: Path | None, coded: set[str] | frozenset[str] = frozenset()) -> Any:
+    """``files`` (in this order) as one ``pyarrow.dataset`` of Parquet fragments, their Hive
+    partition folders under ``root`` parsed by pyarrow. Parquet string columns in ``coded``
+    are read as dictionary arrays (the file's own dictionary pages become the codes, each
+    distinct string decoded once per row group: a 1M-row, 22-field file loaded 1.5x faster);
+    other columns named there (numbers) are read as they are. Nothing is read here: the
+    footers are read when a fragment is first asked for them (:func:`footer`)."""
+    import pyarrow.dataset as ds
+
+    fmt = ds.ParquetFileFormat(read_options=ds.ParquetReadOptions(dictionary_columns=set(coded)))
+    partitioning = hive_partitioning(root, files[0]) if root is not None and files else None
+    # An explicit dataset schema, the partition keys only: no file is opened to infer one, and a
+    # filter on a key prunes files. Each fragment is read with its own footer's schema (a file's
+    # columns are checked where it is read).
+    schema = pa.schema([]) if partitioning is None else partitioning.schema
+    try:
+        return ds.dataset([str(f) for f in files], schema=schema, format=fmt, partitioning=partitioning,
+                          partition_base_dir=None if root is None else str(root))
+    except pa.ArrowInvalid:
+        if root is not None:
+            for f in files:  # the folder whose name pyarrow cannot parse, located
+                partition_values(root, f)
+        raise
+
+
+def footer(fragment: Any, path: Path) -> Any:
+    """The Parquet footer (``FileMetaData``) of a file's fragment, read once and kept by it; a
+    file that is not Parquet (truncated, damaged, gone) is a :class:`TableError` naming it."""
+    try:
+        fragment.ensure_complete_metadata()
+        return fragment.metadata
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise TableError(path, None, None, f"not a readable Parquet file ({exc})") from None
 
 
 @dataclass
@@ -230,86 +297,95 @@ def _check_header(path: Path, header: list[str], columns: list[str]) -> None:
 
 
 def _chunks(files: list[Path], kind: str, columns: list[str], optional: set[str],
-            coded: set[str] | frozenset[str] = frozenset(), root: Path | None = None,
-            row_groups: list[int] | None = None) -> Iterator[_Chunk]:
+            coded: set[str] | frozenset[str] = frozenset(), root: Path | None = None) -> Iterator[_Chunk]:
     """Every chunk of every file, with only ``columns`` (``optional`` ones may be absent).
 
     Under a folder ``root``, a column the files lack may come from their Hive partition folders
     (``key=value``): one value for the whole file, as text. A column in both is refused.
 
-    ``row_groups`` (Parquet only) reads those row groups of each file instead of all (the
-    streamed source reads one at a time).
-
-    Parquet string columns in ``coded`` are read as dictionary arrays: the file's own dictionary
-    pages become the codes, and each distinct string is decoded once per row group, not per row
-    (a 1M-row, 22-field file loaded 1.5x faster).
+    Parquet files are read as one ``pyarrow.dataset`` (:func:`parquet_dataset`), a fragment per
+    file (:func:`fragment_chunks`, which the streamed source calls on one row group's fragment);
+    columns in ``coded`` come out as dictionary arrays (the file's own dictionary pages for
+    Parquet, the reader's dictionary encoding for CSV).
     """
+    if kind == "parquet":
+        dataset = parquet_dataset(files, root, coded)
+        partitioning = dataset.partitioning
+        for path, fragment in zip(files, dataset.get_fragments(), strict=True):
+            partition = {} if partitioning is None else partition_keys(fragment.partition_expression, partitioning)
+            yield from fragment_chunks(fragment, path, 1, columns, optional, coded, partition)
+        return
     import pyarrow.csv as pacsv
-    import pyarrow.parquet as pq
 
     for path in files:
-        if kind == "csv":
-            header = _csv_header(path)
-        else:
-            try:
-                schema = pq.read_schema(path)
-            except (pa.ArrowInvalid, OSError) as exc:
-                raise TableError(path, None, None, f"not a readable Parquet file ({exc})") from None
-            _check_header(path, schema.names, columns)
-            try:
-                strings = [c for c in coded if c in schema.names
-                           and (pa.types.is_string(schema.field(c).type) or pa.types.is_large_string(schema.field(c).type))]
-                pfile = pq.ParquetFile(path, read_dictionary=strings)
-            except (pa.ArrowInvalid, OSError) as exc:
-                raise TableError(path, None, None, f"not a readable Parquet file ({exc})") from None
-            header = pfile.schema_arrow.names
-        _check_header(path, header, columns)
-        have = [c for c in columns if c in header]
-        partition = partition_values(root, path) if root is not None else {}
-        both = [c for c in columns if c in header and c in partition]
-        if both:
-            raise TableError(path, None, both[0], "is both a column of the file and a partition folder's key")
-        constant = {c: partition[c] for c in columns if c in partition}
-        missing = [c for c in columns if c not in header and c not in constant and c not in optional]
-        if missing:
-            raise TableError(path, None, missing[0], f"missing column (the file has {header})")
+        header = _csv_header(path)
+        have, constant = _columns_of(path, header, columns, optional,
+                                     partition_values(root, path) if root is not None else {})
         row = 1
-        if kind == "csv":
-            try:
-                reader = pacsv.open_csv(
-                    str(path),
-                    read_options=pacsv.ReadOptions(block_size=CSV_BLOCK_BYTES),
-                    parse_options=_csv_parse_options(path),
-                    convert_options=pacsv.ConvertOptions(
-                        include_columns=have,
-                        # Coded columns come out dictionary-encoded by the reader's own threads.
-                        column_types={c: pa.dictionary(pa.int32(), pa.string()) if c in coded else pa.string()
-                                      for c in have},
-                        strings_can_be_null=True, null_values=[""], quoted_strings_can_be_null=True),
-                )
-                for batch in reader:
-                    yield _Chunk(path, row, _with_constants(batch, have, constant, coded))
-                    row += batch.num_rows
-            except pa.ArrowInvalid as exc:
-                detail = str(exc).strip().splitlines()[0]
-                if "UTF8" in detail or "UTF-8" in detail:
-                    raise _first_bad_text(path, header, have) from None
-                bad = _first_malformed_row(path, len(header))
-                raise TableError(path, bad, None, f"malformed CSV ({detail})") from None
-            except (OSError, pa.ArrowException) as exc:
-                raise _unreadable(path, exc, row - 1) from None
-        else:
-            try:
-                if row_groups is not None:  # a streamed read of some row groups (one at a time)
-                    meta = pfile.metadata
-                    row += sum(meta.row_group(g).num_rows for g in range(min(row_groups)))
-                for batch in pfile.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=have, row_groups=row_groups):
-                    yield _Chunk(path, row, _with_constants(batch, have, constant, coded))
-                    row += batch.num_rows
-            except (OSError, pa.ArrowException) as exc:
-                detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-                raise TableError(path, None, None, f"not a readable Parquet file after data row {row - 1} "
-                                                   f"({detail})") from None
+        try:
+            reader = pacsv.open_csv(
+                str(path),
+                read_options=pacsv.ReadOptions(block_size=CSV_BLOCK_BYTES),
+                parse_options=_csv_parse_options(path),
+                convert_options=pacsv.ConvertOptions(
+                    include_columns=have,
+                    # Coded columns come out dictionary-encoded by the reader's own threads.
+                    column_types={c: pa.dictionary(pa.int32(), pa.string()) if c in coded else pa.string()
+                                  for c in have},
+                    strings_can_be_null=True, null_values=[""], quoted_strings_can_be_null=True),
+            )
+            for batch in reader:
+                yield _Chunk(path, row, _with_constants(batch, have, constant, coded))
+                row += batch.num_rows
+        except pa.ArrowInvalid as exc:
+            detail = str(exc).strip().splitlines()[0]
+            if "UTF8" in detail or "UTF-8" in detail:
+                raise _first_bad_text(path, header, have) from None
+            bad = _first_malformed_row(path, len(header))
+            raise TableError(path, bad, None, f"malformed CSV ({detail})") from None
+        except (OSError, pa.ArrowException) as exc:
+            raise _unreadable(path, exc, row - 1) from None
+
+
+def _columns_of(path: Path, header: list[str], columns: list[str], optional: set[str],
+                partition: Mapping[str, str | None]) -> tuple[list[str], dict[str, str | None]]:
+    """``(the columns read from the file, the partition values standing in for columns)``:
+    a column named twice, in the file and in a partition folder, or nowhere (unless
+    ``optional``) is a :class:`TableError`."""
+    _check_header(path, header, columns)
+    have = [c for c in columns if c in header]
+    both = [c for c in columns if c in header and c in partition]
+    if both:
+        raise TableError(path, None, both[0], "is both a column of the file and a partition folder's key")
+    constant = {c: partition[c] for c in columns if c in partition}
+    missing = [c for c in columns if c not in header and c not in constant and c not in optional]
+    if missing:
+        raise TableError(path, None, missing[0], f"missing column (the file has {header})")
+    return have, constant
+
+
+def fragment_chunks(fragment: Any, path: Path, first_row: int, columns: list[str], optional: set[str] | frozenset[str],
+                    coded: set[str] | frozenset[str], partition: Mapping[str, str | None]) -> Iterator[_Chunk]:
+    """The chunks of one Parquet fragment of :func:`parquet_dataset` (a whole file, or one row
+    group whose first row is data row ``first_row`` of ``path``), with only ``columns``, the
+    fragment's Hive ``partition`` values standing in for the columns it lacks."""
+    try:
+        header = fragment.physical_schema.names
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise TableError(path, None, None, f"not a readable Parquet file ({exc})") from None
+    have, constant = _columns_of(path, header, columns, set(optional), partition)
+    row = first_row
+    try:
+        # No batch decoded ahead: one raw batch at a time, as the memory model says (the
+        # streamed source's read-ahead thread overlaps reading with training instead).
+        for batch in fragment.to_batches(columns=have, batch_size=PARQUET_BATCH_ROWS, batch_readahead=0,
+                                         fragment_readahead=0):
+            yield _Chunk(path, row, _with_constants(batch, have, constant, coded))
+            row += batch.num_rows
+    except (OSError, pa.ArrowException) as exc:
+        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise TableError(path, None, None, f"not a readable Parquet file after data row {row - 1} "
+                                           f"({detail})") from None
 
 
 def _with_constants(batch: pa.RecordBatch, have: list[str], constant: Mapping[str, str | None],
@@ -1117,6 +1193,40 @@ def _vocabulary(spec: CategoricalColumn, uniques: pa.Array, codes: np.ndarray, n
         # An empty or missing bag stays all padding (a zero vector); a missing item is skipped.
         ids = np.ascontiguousarray(ids)
     return ids, art
+
+
+@dataclass(frozen=True)
+class SavedField:
+    """One field's saved vocabulary (its ``vocab.json`` record) as a lookup built once per
+    source and reused for every chunk: raw value -> id (``3 + rank``, :data:`OOV_ID` when
+    unknown), or the hash buckets of a hashed field. The streamed source encodes each row group
+    with it: a value set rebuilt (and hashed) per row group cost memory and, with a large
+    vocabulary, time in proportion to the vocabulary, not to the row group."""
+
+    missing_id: int
+    buckets: int
+    seed: int
+    index: Mapping[str, int]
+
+    @classmethod
+    def of(cls, prior: Mapping[str, Any]) -> SavedField:
+        hashed = prior.get("hash") or {}
+        values = [] if hashed else prior["values"]
+        # The values are distinct (a vocabulary); the dict shares their str objects with ``prior``.
+        return cls(int(prior["missing_id"]), int(hashed.get("buckets", 0)), int(hashed.get("seed", 0)),
+                   dict(zip(values, range(RESERVED, RESERVED + len(values)), strict=True)))
+
+    def ids(self, uniques: pa.Array, codes: np.ndarray) -> np.ndarray:
+        """int64 ids of ``codes`` (indices into ``uniques``; -1 missing, -2 padding), the ids
+        :func:`_vocabulary` gives under the same record."""
+        values = uniques.to_pylist()
+        if self.buckets:
+            lut = hash_ids(values, self.buckets, self.seed).astype(np.int64)
+        else:
+            get = self.index.get
+            lut = np.fromiter((get(v, OOV_ID) for v in values), dtype=np.int64, count=len(values))
+        lut_full = np.concatenate([lut, np.array([PADDING_ID, self.missing_id], dtype=np.int64)])
+        return lut_full[codes]
 
 
 def _numeric(nspec: Any, raw: np.ndarray, train_rows: np.ndarray, rows: _Rows,

@@ -5,7 +5,8 @@
     <run>/config.json          the resolved model, tower and training configuration
     <run>/metrics.json         the schema of DESIGN.md section 5 (keys may be added, not renamed)
     <run>/predictions.csv      the test split: domain, label, score (probability);
-                               predictions.parquet for a streamed log, written in chunks
+                               predictions.parquet for a streamed log, written batch by batch
+                               as the test split is scored
     <run>/checkpoints/NN_<stage>.pt   one per stage, best weights, atomic; after the first, only what
                                       the stage trained and its base (moefast.runs.checkpoint)
     <run>/settings.json        what a resume must share: data fingerprint, model, options
@@ -304,6 +305,9 @@ class RunResult(Protocol):
     def test_label(self) -> torch.Tensor: ...
 
     @property
+    def predictions_written(self) -> bool: ...
+
+    @property
     def test_domain(self) -> torch.Tensor: ...
 
 
@@ -329,7 +333,8 @@ def write_run(
     write_dataset_record(run_dir / DATASET_RECORD, dataset)
     write_json(run_dir / "metrics.json", result.metrics)
     if dataset.info.get("stream"):  # a streamed log's test split may not fit a frame: Parquet, in chunks
-        write_batches(run_dir / "predictions.parquet", _prediction_batches(result))
+        if not result.predictions_written:  # written while scoring (write_scored_predictions) otherwise
+            write_scored_predictions(run_dir, _prediction_chunks(result))
     else:
         _write_predictions(run_dir / "predictions.csv", result)
     _plot_val_history(run_dir / "val_auc.png", result)
@@ -352,21 +357,39 @@ def _write_predictions(path: Path, result: RunResult) -> None:
 
 
 PREDICTION_CHUNK_ROWS = 1 << 16
+STREAMED_PREDICTIONS = "predictions.parquet"
 
 
-def _prediction_batches(result: RunResult) -> Iterator[Any]:
-    """The test predictions (``domain``, ``label``, ``score``) as Arrow record batches of
-    :data:`PREDICTION_CHUNK_ROWS` rows: what is added to the 9 bytes a row already held."""
+def write_scored_predictions(run_dir: Path, scored: Iterable[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> None:
+    """A streamed run's test predictions, ``predictions.parquet`` (``domain``, ``label``,
+    ``score``), each batch written as ``scored`` yields its ``(logits, labels, domains)``: what
+    is added to the 9 bytes a row the exact AUC gathers is one batch. Nothing is left under the
+    name when ``scored`` raises (the writer's temporary file is removed)."""
     import pyarrow as pa
 
+    def batches() -> Iterator[Any]:
+        empty = True
+        for logits, label, domain in scored:
+            empty = False
+            yield pa.record_batch({
+                "domain": pa.array(domain.numpy().astype("int64")),
+                "label": pa.array(label.numpy().astype("int8")),
+                "score": pa.array(torch.sigmoid(logits.double()).numpy()),
+            })
+        if empty:  # a file with the columns and no row
+            yield pa.record_batch({"domain": pa.array([], pa.int64()), "label": pa.array([], pa.int8()),
+                                   "score": pa.array([], pa.float64())})
+
+    write_batches(run_dir / STREAMED_PREDICTIONS, batches())
+
+
+def _prediction_chunks(result: RunResult) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """The gathered test predictions in chunks of :data:`PREDICTION_CHUNK_ROWS` rows (a
+    data-parallel run's, whose other ranks' rows arrive with the gather)."""
     n = int(result.test_logits.numel())
-    for start in range(0, max(n, 1), PREDICTION_CHUNK_ROWS):
+    for start in range(0, n, PREDICTION_CHUNK_ROWS):
         stop = min(start + PREDICTION_CHUNK_ROWS, n)
-        yield pa.record_batch({
-            "domain": pa.array(result.test_domain[start:stop].numpy().astype("int64")),
-            "label": pa.array(result.test_label[start:stop].numpy().astype("int8")),
-            "score": pa.array(torch.sigmoid(result.test_logits[start:stop].double()).numpy()),
-        })
+        yield result.test_logits[start:stop], result.test_label[start:stop], result.test_domain[start:stop]
 
 
 def _plot_val_history(path: Path, result: RunResult) -> None:

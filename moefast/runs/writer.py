@@ -26,7 +26,7 @@ Unset (always, outside tests) every fault point is one dictionary lookup.
 The one writer (issue 25). Every file a ``moefast`` command or library call leaves goes through
 this module: :func:`atomic_write` for a writer that fills a file object, and the small helpers
 over it (:func:`write_bytes`, :func:`write_text`, :func:`write_frame` for a CSV or Parquet
-table, :func:`write_batches` for a Parquet file written batch by batch, :func:`save_npz`,
+table, :func:`write_batches` for a Parquet or CSV file written batch by batch, :func:`save_npz`,
 :func:`save_figure` after :func:`pyplot`, the one matplotlib set-up, :func:`copy_file`), plus
 :func:`write_at_path` for the writers that only take a path (``torch.export.save`` names the
 archive's folder after the file, ``torch.onnx.export``). ``tests/test_one_writer.py`` forbids every
@@ -269,23 +269,32 @@ def write_frame(path: str | os.PathLike[str], frame: Any) -> Path:
 
 
 def write_batches(path: str | os.PathLike[str], batches: Iterable[Any]) -> Path:
-    """Write Arrow record batches to the Parquet file ``path`` atomically, each as it arrives
-    (``batches`` may compute them): one batch is held at a time, never the whole table. An
-    empty iterable writes nothing and raises ``ValueError`` (a Parquet file needs a schema)."""
+    """Write Arrow record batches to ``path`` atomically, each as it arrives (``batches`` may
+    compute them): one batch is held at a time, never the whole table. Parquet when ``path``
+    ends in ``.parquet``, else CSV written as :func:`write_frame` writes a frame of the same
+    columns (pandas' text for every value; the header once). An empty iterable writes nothing
+    and raises ``ValueError`` (a file needs a schema)."""
     import pyarrow.parquet as pq
+
+    parquet = Path(path).suffix == ".parquet"
 
     def fill(handle: Any) -> None:
         writer = None
+        started = False
         try:
             for batch in batches:
-                if writer is None:
+                if not parquet:
+                    handle.write(batch.to_pandas().to_csv(index=False, header=not started).encode("utf-8"))
+                elif writer is None:
                     writer = pq.ParquetWriter(handle, batch.schema)
-                writer.write_batch(batch)
+                if writer is not None:
+                    writer.write_batch(batch)
+                started = True
         finally:
             if writer is not None:
                 writer.close()
-        if writer is None:
-            raise ValueError(f"{path}: no record batch to write (a Parquet file needs a schema)")
+        if not started:
+            raise ValueError(f"{path}: no record batch to write (a file needs a schema)")
 
     return atomic_write(path, fill)
 

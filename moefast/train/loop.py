@@ -15,7 +15,7 @@ import os
 import tempfile
 import time
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,7 +41,7 @@ from moefast.ops._backend import Backend, BackendLike, parse_backend
 from moefast.precision import check_device as check_precision
 from moefast.reference.embedding_optim import FusedOptimizer, LazyAdam, RowwiseAdagrad
 from moefast.runs.checkpoint import file_sha256, load_checkpoint, save_checkpoint
-from moefast.runs.rundir import RunDirectory, claim_run_dir, write_run
+from moefast.runs.rundir import RunDirectory, claim_run_dir, write_run, write_scored_predictions
 from moefast.runs.settings import backend_name, check_settings, settings_record
 from moefast.runs.snapshot import (
     SETTINGS,
@@ -186,6 +186,8 @@ class FitResult:
     # The test rows' labels and domains in the order of ``test_logits`` (the predictions file).
     test_label: torch.Tensor = field(default_factory=lambda: torch.zeros(0))
     test_domain: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.int64))
+    # A streamed run's predictions.parquet, written while the test split was scored.
+    predictions_written: bool = False
 
 
 def method_name(model: CTRModel) -> str:
@@ -537,8 +539,14 @@ def _fit(
                 last = records[-1]
                 assert last.checkpoint is not None
                 load_checkpoint(last.checkpoint, model, expected_stage=last.label, dataset=dataset.name)
+            # A streamed run's predictions file is written as the test split is scored (one
+            # process; a data-parallel writer has the other ranks' rows only after the gather).
+            write: Callable[[Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]], None] | None = None
+            if isinstance(dataset, StreamedDataset) and out_dir is not None and parallel.world_size == 1:
+                write = functools.partial(write_scored_predictions, out_dir)
+
             test_logits, test_label, test_domain = _score(model, dataset, "test", None, config.eval_batch_size,
-                                                          device, parallel)
+                                                          device, parallel, write)
             if parallel.agree_to_stop():
                 # SIGTERM after the last step boundary (in the test predictions): stop now rather
                 # than forget it (a multi-method command would train its next method).
@@ -574,7 +582,8 @@ def _fit(
     if isinstance(parallel, distributed.DataParallel):
         metrics["distributed"] = {"world_size": parallel.world_size,
                                   "bytes_per_step": parallel.traffic.per_step()}
-    result = FitResult(metrics, test, records, test_logits, gate, out_dir, test_label, test_domain)
+    result = FitResult(metrics, test, records, test_logits, gate, out_dir, test_label, test_domain,
+                       predictions_written=write is not None)
     if out_dir is not None and parallel.is_writer:
         write_run(out_dir, result, dataset, model, config)
     return result
@@ -1066,12 +1075,14 @@ def _score(
     batch_size: int,
     device: torch.device,
     parallel: Parallel,
+    write: Callable[[Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]], None] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(logits, labels, domains)`` of the split ``split_name``'s rows of ``domains`` (None:
     all), on every rank: a streamed split read in stored order (:func:`moefast.train.streamed.score`),
-    an in-memory one in row order (:func:`_predict_rows`)."""
+    an in-memory one in row order (:func:`_predict_rows`). ``write``: a streamed split's
+    scores as they are computed (:func:`moefast.train.streamed.score`)."""
     if isinstance(dataset, StreamedDataset):
-        return streamed.score(model, getattr(dataset, split_name), domains, batch_size, device, parallel)
+        return streamed.score(model, getattr(dataset, split_name), domains, batch_size, device, parallel, write)
     split: Split = getattr(dataset, split_name)
     if domains is None:
         return _predict_rows(model, split, None, batch_size, device, parallel), split.label, split.domain
