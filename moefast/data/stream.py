@@ -370,7 +370,9 @@ def open_stream(path: str | os.PathLike[str], schema: str | os.PathLike[str] | T
     for k, table in pretrained.items():
         check_pretrained_table(next(s for s in specs if s.name == k), k, table, f"dataset {name!r}")
     optional = frozenset(c for c in (sch.label, sch.split.column) if c is not None and scoring)
-    # The same source as the in-memory table: a model trained on one scores the other's data.
+    # The same source name as the in-memory table. Scoring across the two is refused, not
+    # silently wrong: the vocabulary digest differs (the first pass records more keys, and a
+    # bag's width is the schema's max_len here), so `moefast predict` asks for --vocab-from.
     info = {"source": "table", "stream": True, "files": [str(f) for f in files], "table": art}
     ds = StreamedDataset(
         name=name, features=tuple(specs), domain_names=tuple(art["domains"]["names"]), numeric=tuple(numeric),
