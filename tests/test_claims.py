@@ -493,3 +493,16 @@ def test_more_experts_verdicts(by_k: list[list[float]], expected: str) -> None:
     assert experts_verdict(steps).startswith(expected)
     assert experts_verdict([t_interval([b - a for a, b in zip(x[:3], y[:3], strict=True)])
                             for x, y in itertools.pairwise(by_k)]).startswith("preliminary")
+
+
+def test_every_variant_with_a_frozen_path_takes_the_rule_in_every_section_after_the_core() -> None:
+    """Each MoE-MLoRA run after the core gets the core's frozen-path dropout rule, whatever
+    variants share its group (base and MLoRA, which have no frozen path, get none); a planner
+    that let base's "none" leak into the next variant ran MoE-MLoRA with dropout on."""
+    from moefast.experiments import claims
+
+    runs = claims.plan_runs(claims.ClaimsConfig(sections=claims.SECTIONS[1:], seeds=(1,)))
+    assert {r.section for r in runs} == set(claims.SECTIONS[1:])
+    for run in runs:
+        want = claims.RULE if run.variant.has_frozen_path else None
+        assert run.protocol.frozen_path_dropout == want, (run.section, run.variant.name)

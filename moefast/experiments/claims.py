@@ -293,9 +293,13 @@ def _section_runs(name: str, seeds: Sequence[int], real: bool = False) -> list[R
                 for variant in variants:
                     if variant.seeds_compat and protocol.batch_mode is not BatchMode.SINGLE_DOMAIN:
                         continue  # the seeds' as-run mode is single-domain batches by definition
+                    # A variant without a frozen path has no frozen-path dropout to set. (A
+                    # new name: rebinding `protocol` here once gave the MoE-MLoRA variants after
+                    # base or MLoRA in the same group no rule at all, so dropout stayed on.)
+                    own = protocol
                     if not variant.has_frozen_path and protocol.frozen_path_dropout == RULE:
-                        protocol = replace(protocol, frozen_path_dropout=None)
-                    runs.append(Run(setting, variant, protocol, seed, name))
+                        own = replace(protocol, frozen_path_dropout=None)
+                    runs.append(Run(setting, variant, own, seed, name))
     return runs
 
 
