@@ -62,7 +62,7 @@ import torch
 
 from moefast import _version
 from moefast.data.dataset import MultiDomainDataset
-from moefast.runs.checkpoint import read_saved
+from moefast.runs.checkpoint import read_saved, state_mismatches
 from moefast.runs.settings import RUN_SETTINGS
 from moefast.runs.writer import atomic_write
 
@@ -309,13 +309,14 @@ def check_stage_state(
     check_numbers(state, refuse)
     expected = model.state_dict()
     saved = state["model"]
-    if set(saved) != set(expected):
-        names = sorted(set(saved) ^ set(expected))
+    missing, unexpected, wrong = state_mismatches(expected, saved)
+    if missing or unexpected:
+        names = sorted({*missing, *unexpected})
         raise refuse(f"its model tensors differ from this model's by name ({', '.join(names[:5])})")
-    for name, tensor in expected.items():
-        got = saved[name]
-        if not isinstance(got, torch.Tensor) or got.shape != tensor.shape or got.dtype != tensor.dtype:
-            raise refuse(f"model tensor {name!r} is not a {tensor.dtype} tensor of shape {tuple(tensor.shape)}")
+    if wrong:
+        name = wrong[0][0]
+        tensor = expected[name]
+        raise refuse(f"model tensor {name!r} is not a {tensor.dtype} tensor of shape {tuple(tensor.shape)}")
     best = state.get("best_state")
     if best is not None and (not isinstance(best, list) or len(best) != len(params) or any(
             not isinstance(t, torch.Tensor) or t.shape != p.shape for t, p in zip(best, params, strict=False))):
