@@ -33,7 +33,7 @@ from typing import Any
 
 from moefast.config import TrainConfig
 from moefast.ops._backend import BackendLike, requested_backend
-from moefast.runs.writer import write_text
+from moefast.runs.writer import read_json, write_text
 
 __all__ = [
     "CLAIMS_SETTINGS",
@@ -140,25 +140,3 @@ def check_settings(
         write_text(path, json.dumps(current, indent=1, sort_keys=True) + "\n")
 
 
-def read_json(path: Path, what: str, *, expect: type | None = None) -> Any:
-    """The one reader of the JSON files moefast writes (records, metrics, sidecars).
-
-    Raises:
-        ValueError: naming the file and ``what`` it is: missing or unreadable, not utf-8, damaged
-            (edited, or cut by a disk that filled before writes were atomic; with the line), or
-            not of the type ``expect`` (``dict``: a JSON object).
-    """
-    try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ValueError(f"{what} {str(path)!r} does not exist") from None
-    except UnicodeDecodeError as exc:
-        raise ValueError(f"{what} {str(path)!r} is not utf-8 text: {exc.reason}") from None
-    except OSError as exc:
-        raise ValueError(f"{what} {str(path)!r} cannot be read: {exc.strerror or exc}") from None
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{what} {str(path)!r} is damaged: {exc.msg} at line {exc.lineno}, column "
-                         f"{exc.colno}") from None
-    if expect is not None and not isinstance(value, expect):
-        raise ValueError(f"{what} {str(path)!r} is not a JSON {'object' if expect is dict else expect.__name__}")
-    return value
