@@ -35,13 +35,22 @@ may differ); another torch version is warned about.
 **Extending the snapshot.** What the training loop writes at the top of a snapshot is
 :data:`SNAPSHOT_KEYS`, and :func:`save_snapshot` refuses any other key. Another part of a run
 that must be restored for the resumed run to be bitwise the same (a streamed loader's position
-and shuffle buffer, a precision's state) adds its state through one function,
-:func:`extend_snapshot`, under a name of its own, and reads it back with
-:func:`snapshot_extension`, which gives ``None`` for a snapshot written without it (before the
-extension existed, or by a run that did not use it): the extension decides what that means. In
-the loop, a part registers a callable in ``_Saver.extensions`` (``moefast.train.loop``) and every
-snapshot written carries its state. An extension's state is what ``torch.save`` takes under
-``weights_only`` loading: tensors, numbers, strings, lists and dicts.
+and shuffle buffer, a precision's state) registers itself once, through one function,
+:func:`register_snapshot_part`, under a name of its own, with a ``get_state`` and a
+``set_state``:
+
+- every snapshot written (by ``fit`` or anything else through :func:`save_snapshot`) carries
+  each registered part's ``get_state()``;
+- a resumed ``fit`` hands each registered part its saved state, ``set_state(state)``, once,
+  after the loop's own state (the RNG states, the finished stages) is restored and before
+  training continues; ``set_state(None)`` when the snapshot holds none of it (written before
+  the part existed, or by a run that did not use it): the part decides what that means;
+- a snapshot holding the state of a part this process has not registered is refused
+  (:func:`restore_snapshot_parts`): the resumed run could not be the run it continues.
+
+A part's state is what ``torch.save`` takes under ``weights_only`` loading: tensors, numbers,
+strings, lists and dicts. Underneath, :func:`extend_snapshot` adds one state to a payload and
+:func:`snapshot_extension` reads one back.
 """
 
 from __future__ import annotations
@@ -54,6 +63,7 @@ import signal
 import threading
 import warnings
 from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -81,6 +91,8 @@ __all__ = [
     "extend_snapshot",
     "load_snapshot",
     "preemption",
+    "register_snapshot_part",
+    "restore_snapshot_parts",
     "save_snapshot",
     "snapshot_extension",
     "state_fingerprint",
@@ -187,8 +199,62 @@ def snapshot_extension(snapshot: Mapping[str, Any], name: str) -> Any | None:
     return (snapshot.get(EXTENSIONS) or {}).get(name)
 
 
+@dataclass(frozen=True)
+class _Part:
+    get_state: Callable[[], Any]
+    set_state: Callable[[Any], None]
+
+
+# The registered parts, by name, in registration order (register_snapshot_part).
+_PARTS: dict[str, _Part] = {}
+
+
+def register_snapshot_part(
+    name: str, get_state: Callable[[], Any], set_state: Callable[[Any], None]
+) -> Callable[[], None]:
+    """Register a part of a run whose state the resume snapshot carries (the module docstring):
+    every snapshot written holds ``get_state()`` under ``name``; a resumed ``fit`` calls
+    ``set_state(saved)`` (``None``: the snapshot holds none). Process-wide: every ``fit`` in this
+    process saves and restores it until the returned function unregisters it.
+
+    Raises:
+        ValueError: ``name`` is empty or already registered.
+    """
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"a snapshot part's name must be a non-empty string, not {name!r}")
+    if name in _PARTS:
+        raise ValueError(f"a snapshot part named {name!r} is already registered")
+    part = _Part(get_state, set_state)
+    _PARTS[name] = part
+
+    def unregister() -> None:
+        if _PARTS.get(name) is part:
+            del _PARTS[name]
+
+    return unregister
+
+
+def restore_snapshot_parts(path: Path, snapshot: Mapping[str, Any]) -> None:
+    """Hand each registered part its state saved in ``snapshot`` (read from ``path``), ``None``
+    where it holds none.
+
+    Raises:
+        ValueError: the snapshot holds the state of a part this process has not registered.
+    """
+    saved = snapshot.get(EXTENSIONS) or {}
+    unknown = sorted(set(saved) - set(_PARTS))
+    if unknown:
+        raise ValueError(
+            f"resume snapshot {str(path)!r} holds the state of snapshot part(s) {unknown}, which this process "
+            "has not registered (moefast.runs.snapshot.register_snapshot_part): resume it where they are registered"
+        )
+    for name, part in _PARTS.items():
+        part.set_state(saved.get(name))
+
+
 def save_snapshot(run_dir: Path, payload: Mapping[str, Any]) -> None:
-    """Write ``<run_dir>/resume.pt`` atomically over the previous one (``WriteError`` if it cannot).
+    """Write ``<run_dir>/resume.pt`` atomically over the previous one (``WriteError`` if it cannot),
+    with every registered part's state (:func:`register_snapshot_part`).
 
     Raises:
         ValueError: ``payload`` holds a key outside :data:`SNAPSHOT_KEYS` (extend it through
@@ -197,6 +263,10 @@ def save_snapshot(run_dir: Path, payload: Mapping[str, Any]) -> None:
     unknown = sorted(set(payload) - SNAPSHOT_KEYS)
     if unknown:
         raise ValueError(f"resume snapshot keys {unknown} are not the loop's: add them with extend_snapshot")
+    if _PARTS:
+        payload = {**payload, EXTENSIONS: dict(payload.get(EXTENSIONS) or {})}
+        for name, part in _PARTS.items():
+            extend_snapshot(payload, name, part.get_state())
     full = {"format": SNAPSHOT_FORMAT, "moefast": _version.__version__, "torch": str(torch.__version__),
             "threads": torch.get_num_threads(), **payload}
     atomic_write(run_dir / SNAPSHOT, lambda handle: torch.save(full, handle))

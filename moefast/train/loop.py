@@ -51,9 +51,9 @@ from moefast.runs.snapshot import (
     check_adam_state,
     check_stage_state,
     dataset_settings,
-    extend_snapshot,
     load_snapshot,
     preemption,
+    restore_snapshot_parts,
     save_snapshot,
     state_fingerprint,
 )
@@ -503,6 +503,7 @@ def _fit(
     if snapshot is not None:
         assert source is not None
         records, in_stage = _restore_snapshot(source / SNAPSHOT, snapshot, plan, source / "checkpoints", generator, device)
+        restore_snapshot_parts(source / SNAPSHOT, snapshot)
     restored = len(records) if snapshot is not None and in_stage is None else -1
     carried_adam = _carried_optimizer(model, plan, config, backend_name, snapshot if in_stage is None else None)
     try:
@@ -940,13 +941,9 @@ class _Saver:
         self.device = device
         self.stop = stop  # true once SIGTERM asked the run to stop
         self.records = list(records)  # the finished stages (restored ones included)
-        # What other parts of the run add to every snapshot, by extension name: each callable
-        # returns its current state (moefast.runs.snapshot.extend_snapshot).
-        self.extensions: dict[str, Callable[[], Any]] = {}
 
     def _save(self, payload: dict[str, Any]) -> None:
-        for name, state in self.extensions.items():
-            extend_snapshot(payload, name, state())
+        # save_snapshot adds the registered parts' states (moefast.runs.snapshot.register_snapshot_part).
         save_snapshot(self.run_dir, payload)
 
     def _rng(self) -> dict[str, Any]:
