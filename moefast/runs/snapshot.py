@@ -22,7 +22,7 @@ kept; each is written atomically over the previous one). It is written
 A streamed log (:class:`moefast.data.stream.StreamedDataset`) needs nothing more: the epoch's
 starting generator state and the batches done are what its replay takes (the epoch's row groups
 are read and shuffled again, the consumed batches skipped unbuilt), and how it is read (shuffle
-buffer, row-group order, shards: :func:`dataset_settings`) is in ``settings.json``, whose SHA-256
+buffer, row-group order, shards: :func:`moefast.runs.settings.dataset_settings`) is in ``settings.json``, whose SHA-256
 every snapshot records.
 
 Resuming restores all of it, so that the run ends bitwise equal to an uninterrupted one on CPU at
@@ -57,7 +57,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import math
 import signal
 import threading
@@ -71,9 +70,10 @@ from typing import Any
 import torch
 
 from moefast import _version
-from moefast.data.dataset import MultiDomainDataset
 from moefast.runs.checkpoint import read_saved, state_mismatches
-from moefast.runs.settings import RUN_SETTINGS
+
+# dataset_fingerprint and dataset_settings moved to moefast.runs.settings (issue 25); still importable here.
+from moefast.runs.settings import RUN_SETTINGS, _hash_tensors, dataset_fingerprint, dataset_settings
 from moefast.runs.writer import atomic_write
 
 __all__ = [
@@ -124,52 +124,6 @@ class Preempted(Exception):
                          f"continue it with {how}")
         self.run_dir = run_dir
         self.where = where
-
-
-def _hash_tensors(h: Any, tensors: Mapping[str, torch.Tensor]) -> None:
-    for name in sorted(tensors):
-        t = tensors[name].detach().cpu().contiguous()
-        h.update(json.dumps([name, str(t.dtype), list(t.shape)]).encode() + b"\0")
-        if t.numel():
-            h.update(t.reshape(-1).view(torch.uint8).numpy().data)
-
-
-def dataset_fingerprint(dataset: MultiDomainDataset) -> str:
-    """SHA-256 of a dataset's content: its name, features, domains and every split's tensors and
-    pretrained table (not where it was read from: the same data in another folder is the same
-    data, other data under the same path is not)."""
-    from moefast.runs.settings import to_jsonable
-
-    h = hashlib.sha256()
-    header = {"name": dataset.name, "features": dataset.features, "numeric": dataset.numeric,
-              "domains": dataset.domain_names}
-    h.update(json.dumps(to_jsonable(header), sort_keys=True).encode() + b"\0")
-    for split_name in ("train", "val", "test"):
-        split = getattr(dataset, split_name)
-        _hash_tensors(h, {f"{split_name}.{k}": v for k, v in split.features.items()}
-                      | {f"{split_name}.domain": split.domain, f"{split_name}.label": split.label})
-    _hash_tensors(h, {f"pretrained.{k}": v for k, v in dataset.pretrained.items()})
-    return h.hexdigest()
-
-
-def dataset_settings(dataset: Any, shards: int | None = None) -> dict[str, Any]:
-    """The data a run's continuation must share with it (``settings.json``'s ``dataset``): the
-    name and :func:`dataset_fingerprint` of a dataset in memory; for a streamed log
-    (:class:`moefast.data.stream.StreamedDataset`, read as ``shards`` shards), the SHA-256 of its
-    first pass (vocabularies, statistics, domains and the fingerprint of its file list: hashing
-    the content of a log larger than memory is no option) and how it is read where that changes
-    results: the shuffle buffer, the row groups' order and the shards."""
-    if not dataset.info.get("stream"):
-        return {"name": dataset.name, "fingerprint": dataset_fingerprint(dataset)}
-    from moefast.runs.rundir import to_jsonable
-
-    record = {"name": dataset.name, "features": dataset.features, "numeric": dataset.numeric,
-              "domains": dataset.domain_names, "first_pass": dataset.artifacts}
-    text = json.dumps(to_jsonable(record), sort_keys=True, ensure_ascii=False, default=str)
-    h = hashlib.sha256(text.encode())
-    _hash_tensors(h, {f"pretrained.{k}": v for k, v in dataset.pretrained.items()})
-    return {"name": dataset.name, "fingerprint": h.hexdigest(), "shuffle_rows": dataset.shuffle_rows,
-            "fragment_order": dataset.fragment_order, "shards": shards}
 
 
 def state_fingerprint(module: torch.nn.Module) -> str:

@@ -42,7 +42,7 @@ from moefast.precision import check_device as check_precision
 from moefast.reference.embedding_optim import FusedOptimizer, LazyAdam, RowwiseAdagrad
 from moefast.runs.checkpoint import file_sha256, load_checkpoint, save_checkpoint
 from moefast.runs.rundir import RunDirectory, claim_run_dir, write_run, write_scored_predictions
-from moefast.runs.settings import backend_name, check_settings, settings_record
+from moefast.runs.settings import backend_name, check_settings, dataset_settings, settings_record
 from moefast.runs.snapshot import (
     SETTINGS,
     SNAPSHOT,
@@ -50,7 +50,6 @@ from moefast.runs.snapshot import (
     Preempted,
     check_adam_state,
     check_stage_state,
-    dataset_settings,
     load_snapshot,
     preemption,
     restore_snapshot_parts,
