@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from moefast.runs.files import DATA_REFERENCE, VOCAB
 from moefast.runs.writer import read_json, write_text
 
 __all__ = [
@@ -50,7 +51,7 @@ OOV_ID = 1
 MISSING_ID = 2
 RESERVED = 3
 HASH_NAME = "blake2b-64-le, key = seed as 8 little-endian bytes, over the value's UTF-8 bytes"
-VOCAB_FILE = "vocab.json"
+VOCAB_FILE = VOCAB
 FORMAT = "moefast-table-vocab"
 VERSION = 1
 
@@ -102,7 +103,7 @@ def read_vocab(path: str | os.PathLike[str]) -> tuple[dict[str, Any], Path]:
     p = Path(path)
     candidates = [p] if p.suffix == ".json" else []
     if p.is_dir():
-        ref = p / "data.json"
+        ref = p / DATA_REFERENCE
         if ref.is_file():
             target = read_json(ref, "data reference (JSON with a 'vocab' key)", expect=dict).get("vocab")
             if isinstance(target, str):

@@ -23,7 +23,8 @@ before comparing (a grid recorded ``null`` for "the environment's, else auto", t
 :func:`dataset_fingerprint` a dataset's content fingerprint (the grid's ``data.json`` records one
 per data setting, compared through :func:`check_settings` too).
 
-Never imports: training, experiments, the command line (only configuration and the writer).
+Never imports: training, experiments, the command line (only configuration, the file names and the
+writer).
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ import torch
 
 from moefast.config import TrainConfig
 from moefast.ops._backend import BackendLike, requested_backend
+from moefast.runs.files import SETTINGS
 from moefast.runs.writer import read_json, write_text
 
 if TYPE_CHECKING:
@@ -59,7 +61,7 @@ __all__ = [
     "to_jsonable",
 ]
 
-RUN_SETTINGS = "settings.json"
+RUN_SETTINGS = SETTINGS
 GRID_SETTINGS = "grid.json"
 CLAIMS_SETTINGS = "claims-settings.json"
 

@@ -71,6 +71,7 @@ import torch
 
 from moefast import _version
 from moefast.runs.checkpoint import read_saved, state_mismatches
+from moefast.runs.files import SNAPSHOT
 
 # dataset_fingerprint and dataset_settings moved to moefast.runs.settings (issue 25); still importable here.
 from moefast.runs.settings import RUN_SETTINGS, _hash_tensors, dataset_fingerprint, dataset_settings
@@ -98,7 +99,6 @@ __all__ = [
     "state_fingerprint",
 ]
 
-SNAPSHOT = "resume.pt"
 SETTINGS = RUN_SETTINGS
 SNAPSHOT_FORMAT = 2  # 2: the settings' and checkpoints' SHA-256, the thread count and world size
 SNAPSHOT_SECONDS = 10.0  # an epoch's end writes a snapshot only this long after the last one

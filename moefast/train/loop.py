@@ -41,6 +41,7 @@ from moefast.ops._backend import Backend, BackendLike, parse_backend
 from moefast.precision import check_device as check_precision
 from moefast.reference.embedding_optim import FusedOptimizer, LazyAdam, RowwiseAdagrad
 from moefast.runs.checkpoint import file_sha256, load_checkpoint, save_checkpoint
+from moefast.runs.files import CHECKPOINTS, METRICS
 from moefast.runs.rundir import RunDirectory, claim_run_dir, write_run, write_scored_predictions
 from moefast.runs.settings import backend_name, check_settings, dataset_settings, settings_record
 from moefast.runs.snapshot import (
@@ -470,7 +471,7 @@ def _fit(
                 f"resume snapshot {str(out_dir / SNAPSHOT)!r} was not written by the run recorded in "
                 f"{str(out_dir / SETTINGS)!r} (another run's snapshot?); start it again with --overwrite"
             )
-        if resume and snapshot is None and ((out_dir / "checkpoints").exists() or (out_dir / "metrics.json").exists()):
+        if resume and snapshot is None and ((out_dir / CHECKPOINTS).exists() or (out_dir / METRICS).exists()):
             # Every checkpoint is written after a snapshot, and no snapshot is ever deleted: this
             # run finished under a moefast without resume, or lost its snapshot.
             raise ValueError(
@@ -496,12 +497,12 @@ def _fit(
         tmp = tempfile.TemporaryDirectory(prefix="moefast-")
         ckpt_dir = Path(tmp.name)
     else:
-        ckpt_dir = out_dir / "checkpoints"
+        ckpt_dir = out_dir / CHECKPOINTS
     records: list[StageRecord] = []
     in_stage: dict[str, Any] | None = None
     if snapshot is not None:
         assert source is not None
-        records, in_stage = _restore_snapshot(source / SNAPSHOT, snapshot, plan, source / "checkpoints", generator, device)
+        records, in_stage = _restore_snapshot(source / SNAPSHOT, snapshot, plan, source / CHECKPOINTS, generator, device)
         restore_snapshot_parts(source / SNAPSHOT, snapshot)
     restored = len(records) if snapshot is not None and in_stage is None else -1
     carried_adam = _carried_optimizer(model, plan, config, backend_name, snapshot if in_stage is None else None)
