@@ -190,7 +190,7 @@ def _stage_states(model: CTRModel, ds: Any, config: TrainConfig, monkeypatch: py
 
     def spy(*args: Any, **kwargs: Any) -> Any:
         record = real(*args, **kwargs)
-        states.append({k: v.clone() for k, v in args[0].state_dict().items()})
+        states.append({k: v.clone() for k, v in args[0].model.state_dict().items()})  # args[0]: the _StageContext
         return record
 
     monkeypatch.setattr(loop, "_run_stage", spy)

@@ -421,6 +421,23 @@ def test_a_reused_vocabulary_must_describe_the_same_fields(tmp_path: Path) -> No
         _load(path, fewer, vocab_from=run)
 
 
+def test_a_damaged_vocabulary_or_data_reference_is_refused_naming_file_and_line(tmp_path: Path) -> None:
+    """``read_vocab`` reads through the one JSON reader: a damaged file names itself and the line."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "vocab.json").write_text('{"format": "moefast-vocab",\n "version": 1,,}\n')
+    with pytest.raises(ValueError, match=r"vocabulary file '.*vocab\.json' is damaged: .* at line 2"):
+        read_vocab(run)
+    method = run / "base"
+    method.mkdir()
+    (method / "data.json").write_text('{"vocab": \n')
+    with pytest.raises(ValueError, match=r"data reference .*'.*base/data\.json' is damaged: .* at line 2"):
+        read_vocab(method)
+    (method / "data.json").write_text("[]")
+    with pytest.raises(ValueError, match=r"data reference .*data\.json' is not a JSON object"):
+        read_vocab(method)
+
+
 def test_the_command_line_saves_the_vocabularies_once_and_reuses_them(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

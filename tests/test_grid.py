@@ -170,6 +170,25 @@ def test_a_killed_cell_resumes_and_other_data_or_a_second_grid_is_refused(
         run_grid(other)
 
 
+def test_the_data_record_of_an_older_grid_is_read_grown_and_compared(tmp_path: Path) -> None:
+    """``data.json`` goes through the one settings comparison: a record written by an older grid
+    (``write_json``'s layout, two spaces, unsorted) is read as it is, a new data setting is added
+    to it, and a known one over other data is refused."""
+    from moefast.runs.settings import dataset_fingerprint
+
+    paper = DataConfig(dataset="synthetic", preset="paper", rows=200, num_domains=2)
+    other = dataclasses.replace(paper, rows=240)
+    loaded = {d: grid_module.load_data(d) for d in (paper, other)}
+    path = tmp_path / grid_module.DATA_FILE
+    path.write_text(json.dumps({"z-old": "0" * 64, data_label(paper): dataset_fingerprint(loaded[paper])},
+                               indent=2) + "\n")
+    grid_module._check_data(tmp_path, paper, loaded[paper])  # the same data: accepted, nothing added
+    grid_module._check_data(tmp_path, other, loaded[other])  # a new setting: added beside the old ones
+    assert set(json.loads(path.read_text())) == {"z-old", data_label(paper), data_label(other)}
+    with pytest.raises(ValueError, match=rf"data setting '{data_label(paper)}' trained on other data"):
+        grid_module._check_data(tmp_path, paper, loaded[other])
+
+
 def grid_module_fit() -> object:
     """The real ``fit`` (run_grid looks it up in ``moefast.train.loop`` at call time)."""
     from moefast.train.loop import fit

@@ -86,7 +86,7 @@ def test_numeric_statistics_cannot_overflow(tmp_path: Path) -> None:
     bad = json.loads((run / "vocab.json").read_text())
     bad["numeric"]["dwell"]["std"] = float("inf")
     (run / "vocab.json").write_text(json.dumps(bad))
-    _refused(tmp_path / "log.csv", r"vocab\.json: not valid JSON \(Infinity is not a JSON value", vocab_from=run)
+    _refused(tmp_path / "log.csv", r"vocab\.json' is damaged: Infinity is not a JSON value", vocab_from=run)
 
 
 def test_a_header_naming_a_read_column_twice_is_refused(tmp_path: Path) -> None:

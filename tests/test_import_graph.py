@@ -134,9 +134,10 @@ LAYERS = {
 }
 
 
-# The one writer every output goes through (tests/test_one_writer.py) imports nothing of moefast:
-# every layer may use it, the data's cache and vocab.json included.
-EVERY_LAYER = {"moefast.runs.writer"}
+# The one writer every output goes through (tests/test_one_writer.py) and the one list of a run
+# directory's file names (tests/test_run_files.py) import nothing of moefast: every layer may use
+# them, the data's cache and vocab.json included.
+EVERY_LAYER = {"moefast.runs.writer", "moefast.runs.files"}
 
 
 def _breaches(graph: dict[str, set[str]]) -> list[str]:
@@ -165,6 +166,7 @@ def test_the_layers_hold() -> None:
     assert "moefast.runs.writer" in graph["moefast.runs.checkpoint"], "the graph builder lost the runs' edges"
     assert _breaches(graph) == []
     assert graph["moefast.runs.writer"] == set(), "the writer every layer uses must import nothing of moefast"
+    assert graph["moefast.runs.files"] == set(), "the file names every layer uses must import nothing of moefast"
 
 
 def test_the_layer_check_sees_a_breach() -> None:

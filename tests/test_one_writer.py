@@ -6,7 +6,12 @@ The lint reads each module's syntax tree. A call's name is resolved through the 
 call into :mod:`moefast.runs.writer` is the writer itself. Forbidden:
 
 - ``open`` / ``Path.open`` / ``gzip.open`` / ``os.fdopen`` ... in a writing mode (``w``, ``a``,
-  ``x``, ``+``), ``os.open`` with any flag that writes or creates;
+  ``x``, ``+``) or a mode computed at run time (for a method ``.open(...)``, whose mode may be any
+  positional argument, any positional argument that is not a constant), ``os.open`` with any flag
+  that writes or creates;
+- ``io.FileIO`` and ``pyarrow.OSFile`` in a writing mode, ``numpy.memmap`` and
+  ``numpy.lib.format.open_memmap`` in any mode but a read-only one (their default, ``r+``,
+  writes), and ``pyarrow.output_stream``;
 - ``write_text`` / ``write_bytes`` / ``touch`` and the links (``symlink_to``, ``os.link``...);
 - ``os.replace`` / ``os.rename`` / ``Path.replace`` / ``Path.rename`` (one argument: ``str.replace``
   takes two), ``os.write`` / ``os.pwrite`` / ``os.ftruncate``, and ``shutil``'s copies and moves;
@@ -58,8 +63,13 @@ FUNCTIONS = {
     "tempfile.SpooledTemporaryFile", "urllib.request.urlretrieve",
     "numpy.save", "numpy.savez", "numpy.savez_compressed", "numpy.savetxt",
     "torch.save", "torch.export.save", "torch.onnx.export", "torch.jit.save",
-    "matplotlib.pyplot.savefig", "pandas.to_pickle",
+    "matplotlib.pyplot.savefig", "pandas.to_pickle", "pyarrow.output_stream",
 }
+# Functions that open a file in a mode: (the mode's position, its default).
+MODE_OPENERS = {"numpy.memmap": (2, "r+"), "numpy.lib.format.open_memmap": (1, "r+"),
+                "io.FileIO": (1, "r"), "pyarrow.OSFile": (1, "r")}
+# Their modes that neither create nor change the file (numpy's "c" is copy-on-write in memory).
+READ_ONLY_MODES = {"r", "rb", "c", "readonly", "copyonwrite"}
 # Writers known by their last name, whatever module they came from (pyarrow.parquet,
 # pyarrow.csv, pyarrow.feather, pyarrow.ipc, pyarrow.orc, pyarrow.dataset).
 WRITER_NAMES = {"write_table", "write_to_dataset", "write_dataset", "write_csv", "write_feather",
@@ -135,12 +145,26 @@ def _open_writes(call: ast.Call, mode_position: int | None) -> bool:
         if keyword.arg == "mode":
             value = _constant(keyword.value)
             return value is None or _writing_mode(value)  # a mode computed at run time is suspect
-    if mode_position is None:
-        return any(_writing_mode(_constant(arg)) for arg in call.args)
+    if mode_position is None:  # a computed positional argument may be the mode (Path.open(mode))
+        return any(not isinstance(arg, ast.Constant) or _writing_mode(arg.value) for arg in call.args)
     if len(call.args) > mode_position:
         value = _constant(call.args[mode_position])
         return value is None or _writing_mode(value)
     return False
+
+
+def _opener_writes(call: ast.Call, mode_position: int, default: str) -> bool:
+    """Whether a :data:`MODE_OPENERS` call may create or change its file: a mode (given, or the
+    default) that is not read-only, or one computed at run time."""
+    mode: object = default
+    for keyword in call.keywords:
+        if keyword.arg == "mode":
+            mode = _constant(keyword.value)
+            break
+    else:
+        if len(call.args) > mode_position:
+            mode = _constant(call.args[mode_position])
+    return mode not in READ_ONLY_MODES
 
 
 def _flags_write(node: ast.expr) -> bool:
@@ -161,6 +185,8 @@ def _forbidden(call: ast.Call, aliases: dict[str, str]) -> str | None:
         if name == WRITER_MODULE or name.startswith(WRITER_MODULE + "."):
             return None
         last = name.rsplit(".", 1)[-1]
+        if name in MODE_OPENERS:
+            return name if _opener_writes(call, *MODE_OPENERS[name]) else None
         if name in FUNCTIONS or last in WRITER_NAMES:
             return name
         if name == "os.open":
@@ -250,10 +276,12 @@ def test_every_file_is_written_by_the_one_writer() -> None:
 
 
 PLANTED = '''
-import os, shutil, tempfile, gzip
+import io, os, shutil, tempfile, gzip
 import numpy as np
 import torch
+import pyarrow as pa
 import pyarrow.parquet as pq
+from numpy.lib.format import open_memmap
 from pyarrow import csv as pacsv
 from pathlib import Path
 from moefast.runs import writer
@@ -286,8 +314,28 @@ def bad(path, frame, fig, array, fd):
     fig.savefig(path)
     array.tofile(path)
     atomic_write(path, lambda handle: torch.save({}, handle))
+    np.memmap(path, dtype="f4", mode="w+", shape=(3,))
+    np.memmap(path, "f4")
+    np.memmap(path, "f4", mode)
+    open_memmap(path, "w+", dtype="f4", shape=(3,))
+    np.lib.format.open_memmap(path)
+    pa.OSFile(path, "wb")
+    pa.OSFile(path, mode=mode)
+    pa.output_stream(path)
+    io.FileIO(path, "w")
+    io.FileIO(path, mode)
+    Path(path).open(mode)
+    path.open(mode, encoding="utf-8")
+    open(path, mode)
 
 def fine(path, frame, text):
+    np.memmap(path, dtype="f4", mode="r")
+    np.memmap(path, "f4", "c")
+    open_memmap(path, mode="r")
+    pa.OSFile(path)
+    pa.OSFile(path, "rb")
+    io.FileIO(path)
+    Path(path).open("rb", encoding=None)
     open(path)
     open(path, "rb")
     Path(path).open()
@@ -314,7 +362,9 @@ def test_the_lint_catches_planted_writers_and_passes_harmless_calls() -> None:
     assert {f.call for f in found} >= {"open", ".open", "gzip.open", "os.fdopen", "os.open", ".write_text",
                                        "os.replace", ".replace", ".rename", "shutil.copyfile", "numpy.savez",
                                        "torch.save", "torch.export.save", ".to_csv", "pyarrow.parquet.write_table",
-                                       "pyarrow.csv.write_csv", ".savefig", ".tofile"}
+                                       "pyarrow.csv.write_csv", ".savefig", ".tofile", "numpy.memmap",
+                                       "numpy.lib.format.open_memmap", "pyarrow.OSFile", "pyarrow.output_stream",
+                                       "io.FileIO"}
 
 
 # Files the commands leave without the writer, on purpose (ALLOWED above): the run marker and the

@@ -77,6 +77,18 @@ def test_train_surface_is_pinned_and_the_plumbing_moved() -> None:
         moefast.train.no_such_name  # noqa: B018
 
 
+def test_experiments_export_the_default_experiment() -> None:
+    """``moefast.experiments.run_methods`` (cited by ``moefast.config.load_options``) is the
+    function in :mod:`moefast.experiments.methods`, imported only when first asked for."""
+    import moefast.experiments
+    import moefast.experiments.methods
+
+    assert moefast.experiments.__all__ == ["run_methods"]
+    assert moefast.experiments.run_methods is moefast.experiments.methods.run_methods
+    with pytest.raises(AttributeError):
+        moefast.experiments.no_such_name  # noqa: B018
+
+
 def test_errors_are_the_classes_raised_where_they_are_raised() -> None:
     """``moefast.errors`` holds every public exception by identity: catching one from there
     catches what the module that raises it raises."""

@@ -376,22 +376,35 @@ def test_every_output_is_written_atomically_a_full_disk_is_one_line(
         assert len(lines) == 1 and lines[0].startswith("moefast: error: cannot write") and name in lines[0]
         assert not (out / name).exists() and not _temporaries(out)
     # The writers moved onto the one writer (issue 25): the data's vocab.json and cache, the
-    # dataset record, predict's scores, and a path-only writer (the exported program's).
+    # dataset record, predict's scores, a path-only writer (the exported program's), a copied
+    # file, a table written batch by batch (Parquet and CSV) and the claims table.
+    import pyarrow as pa
+
     from moefast.cli.predict import _write_scores
     from moefast.data import cache
     from moefast.data.vocab import write_vocab
+    from moefast.experiments.claims import KEY_COLUMNS, _append_row
     from moefast.export._records import write_dataset_record
-    from moefast.runs.writer import write_at_path
+    from moefast.runs.writer import copy_file, write_at_path, write_batches
 
     dataset = data.load("synthetic", preset="paper", rows=200, num_domains=2, num_users=20, num_items=10)
     logits = torch.zeros(len(dataset.test))
+    source = tmp_path / "source.bin"
+    source.write_bytes(b"y" * 2000)
+    batches = [pa.record_batch({"score": pa.array([float(i) for i in range(300)])})] * 2
     writes: dict[str, Callable[[Path], object]] = {
         "vocab.json": lambda path: write_vocab(path, {"categorical": {}}),
         "dataset.json": lambda path: write_dataset_record(path, dataset),
         "entry.npz": lambda path: cache.write(path, dataset),
         "scores.parquet": lambda path: _write_scores(path, dataset.test, dataset.test.domain, logits, ["a", "b"]),
         "model.pt2": lambda path: write_at_path(path, lambda tmp: tmp.write_bytes(b"x" * 1000)),
+        "copied.bin": lambda path: copy_file(source, path),
+        "batches.parquet": lambda path: write_batches(path, iter(batches)),
+        "batches.csv": lambda path: write_batches(path, iter(batches)),
+        "claims-runs.csv": lambda path: _append_row(path, {**dict.fromkeys(KEY_COLUMNS, "x"), "auc": 0.5}),
     }
+    # The claims table's lock file stays beside it (it is the lock, never an output).
+    locks = {"claims-runs.csv": [".claims-runs.csv.lock"]}
     for name, write in writes.items():
         monkeypatch.setattr(atomic, "_WRITES", {})
         monkeypatch.setenv(FAULT_ENV, f"enospc:write:{name}")
@@ -399,7 +412,8 @@ def test_every_output_is_written_atomically_a_full_disk_is_one_line(
         with pytest.raises(WriteError, match=rf"^cannot write '.*{name}': No space left on device") as failed:
             write(folder / name)
         assert "\n" not in str(failed.value) and failed.value.errno == 28
-        assert not (folder / name).exists() and not _temporaries(folder) and not list(folder.glob(".*"))
+        assert not (folder / name).exists() and not _temporaries(folder)
+        assert sorted(p.name for p in folder.glob(".*")) == locks.get(name, [])
 
 
 def test_a_replaced_checkpoint_or_a_lost_settings_record_is_refused_and_a_late_sigterm_stops(

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from moefast.cli._options import UserError
 from moefast.config import RunConfig
+from moefast.runs.files import CONFIG_TOML
 from moefast.runs.snapshot import PREEMPTED_STATUS
 from moefast.runs.writer import write_text
 
@@ -59,7 +60,7 @@ def launch(config: RunConfig, config_text: str, quiet: bool, nproc: int, *, resu
     check_run_dir(out, overwrite=config.overwrite, resume=resume)
     os.environ.setdefault("MOEFAST_THREADS_PER_RANK", str(max(1, (os.cpu_count() or 1) // nproc)))
     with tempfile.TemporaryDirectory(prefix="moefast-launch-") as tmp:
-        config_file = Path(tmp) / "config.toml"
+        config_file = Path(tmp) / CONFIG_TOML
         write_text(config_file, config_text)
         try:
             torchrun(torchrun_argv(nproc, config_file, out, overwrite=config.overwrite, quiet=quiet, resume=resume))
@@ -100,7 +101,7 @@ def check_run_dir(out: Path, *, overwrite: bool, resume: bool) -> None:
 
 def _continue(out: Path, nproc: int, saved: str) -> str:
     """How to continue the run ``out`` (``saved``: what was kept), or that it saved nothing."""
-    if (out / "config.toml").is_file():  # written before training starts; --resume takes it
+    if (out / CONFIG_TOML).is_file():  # written before training starts; --resume takes it
         return f"{saved}; continue it with `moefast train --resume {out} --nproc {nproc}`"
     return f"nothing was saved in {str(out)!r} yet (stopped before training began); start it again"
 

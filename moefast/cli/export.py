@@ -17,6 +17,7 @@ from typing import Any
 from moefast import log
 from moefast.cli._options import UserError
 from moefast.config import TablePrecision
+from moefast.runs.files import DATASET_RECORD, VOCAB
 
 __all__ = ["NAME", "add_parser", "run"]
 
@@ -24,7 +25,7 @@ NAME = "export"
 # Files of a run directory (or of the top folder of a several-method run) that carry the data's
 # preprocessing, copied beside the program: the tabular source's vocabularies, numeric
 # statistics and domain map (moefast.data.vocab) and the run's dataset record.
-PREPROCESSING_FILES = ("vocab.json", "dataset.json")
+PREPROCESSING_FILES = (VOCAB, DATASET_RECORD)
 
 
 def add_parser(commands: Any) -> argparse.ArgumentParser:
@@ -68,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
     folder = export.method_dir(args.run_dir, args.method)
     options = run_data_options(folder)
     dataset = None
-    if not (folder / "dataset.json").is_file():  # a run older than dataset.json: its data says
+    if not (folder / DATASET_RECORD).is_file():  # a run older than dataset.json: its data says
         if options is None:
             raise UserError(f"run directory {str(folder)!r} has neither dataset.json nor config.toml")
         dataset = load_dataset(_data_config(options))

@@ -28,6 +28,7 @@ from moefast.cli._options import (
 )
 from moefast.config import DataConfig
 from moefast.log import progress_bar
+from moefast.runs.files import CONFIG_TOML, DATASET_RECORD, VOCAB
 
 __all__ = ["NAME", "SPLITS", "add_parser", "check_compatible", "domain_ids", "run", "run_data_options"]
 
@@ -65,7 +66,7 @@ def run_data_options(folder: Path) -> dict[str, Any] | None:
     method of several), or None when it recorded none (a ``fit`` run)."""
     from moefast.cli.train import read_config
 
-    for candidate in (folder / "config.toml", folder.parent / "config.toml"):
+    for candidate in (folder / CONFIG_TOML, folder.parent / CONFIG_TOML):
         if candidate.is_file():
             try:
                 options = read_config(str(candidate))
@@ -221,7 +222,7 @@ def run(args: argparse.Namespace) -> int:
             return program(ids, domain)
 
         what = f"program {model_path}"
-        vocab_source: Path | None = model_path.parent / f"{model_path.stem}.preprocessing" / "vocab.json"
+        vocab_source: Path | None = model_path.parent / f"{model_path.stem}.preprocessing" / VOCAB
     else:
         if args.trust_unverified:
             raise UserError("--trust-unverified applies to a .pt2 program, not a run directory (checkpoints are "
@@ -231,7 +232,7 @@ def run(args: argparse.Namespace) -> int:
             raise UserError(f"--model {args.model!r} does not exist")
         options = given or run_data_options(folder)
         dataset = None
-        if not (folder / "dataset.json").is_file():  # a run older than dataset.json
+        if not (folder / DATASET_RECORD).is_file():  # a run older than dataset.json
             if options is None:
                 raise UserError(f"run directory {str(folder)!r} predates dataset.json and records no data "
                                 "flags: give them")

@@ -38,6 +38,15 @@ from moefast.cli._options import (
     read_toml,
 )
 from moefast.config import DataConfig, RunConfig, TowerKind, TrainConfig
+from moefast.runs.files import (
+    CHECKPOINTS,
+    CONFIG_TOML,
+    DATA_REFERENCE,
+    METRICS,
+    PER_DOMAIN_AUC_PLOT,
+    TABLE,
+    VOCAB,
+)
 
 __all__ = ["NAME", "add_parser", "check_before_data", "comparison_table", "config_toml", "read_config",
            "resolve_config", "resume_config", "resume_note", "run"]
@@ -123,7 +132,7 @@ def resume_config(run_dir: str, options: Mapping[str, Any]) -> tuple[RunConfig, 
     from moefast.runs.settings import differing_keys
 
     where = Path(run_dir)
-    recorded_file = where / "config.toml"
+    recorded_file = where / CONFIG_TOML
     if not where.is_dir():
         raise UserError(f"--resume {run_dir!r}: no such run directory")
     if not recorded_file.is_file():
@@ -158,7 +167,7 @@ def resume_note(config: RunConfig) -> str | None:
     fresh = []
     for kind in config.methods:
         folder = out / kind.value if several else out
-        has_results = (folder / "checkpoints").exists() or (folder / "metrics.json").exists()
+        has_results = (folder / CHECKPOINTS).exists() or (folder / METRICS).exists()
         if not (folder / SNAPSHOT).is_file() and not has_results:
             fresh.append(kind.value)
     if not fresh:
@@ -358,7 +367,7 @@ def _train_into(config: RunConfig, quiet: bool, out: Path, writer: bool = True, 
     log.say(f"dataset {dataset.name}: {len(dataset.train)} train / {len(dataset.val)} val / "
         f"{len(dataset.test)} test rows, {dataset.num_domains} domains")
     if writer:
-        write_text(out / "config.toml", config_toml(config))
+        write_text(out / CONFIG_TOML, config_toml(config))
     if writer and "table" in dataset.info:
         from moefast.data.table import save_vocab
 
@@ -368,10 +377,10 @@ def _train_into(config: RunConfig, quiet: bool, out: Path, writer: bool = True, 
     def record(kind: TowerKind, run_dir: Path | None, _result: FitResult) -> None:
         if several and writer:
             assert run_dir is not None
-            write_text(run_dir / "config.toml",
+            write_text(run_dir / CONFIG_TOML,
                         config_toml(dataclasses.replace(config, methods=(kind,), out=str(run_dir))))
             if "table" in dataset.info:
-                write_json(run_dir / "data.json", {"vocab": "../vocab.json"})
+                write_json(run_dir / DATA_REFERENCE, {"vocab": f"../{VOCAB}"})
 
     try:
         fitted = run_methods(dataclasses.replace(config, out=str(out)), dataset, resume=resume, after=record)
@@ -383,9 +392,9 @@ def _train_into(config: RunConfig, quiet: bool, out: Path, writer: bool = True, 
     table = comparison_table(results)
     print(f"{dataset.name}, {config.model}: test metrics (AUC per domain; null = one class)")
     print(table)
-    write_text(out / "table.txt", table + "\n")
+    write_text(out / TABLE, table + "\n")
     if several:
-        write_json(out / "metrics.json", {"methods": results})
-        plot_methods(out / "per_domain_auc.png", results)
+        write_json(out / METRICS, {"methods": results})
+        plot_methods(out / PER_DOMAIN_AUC_PLOT, results)
     print(f"run directory: {out}")
     return 0

@@ -30,7 +30,8 @@ from typing import Any
 
 import numpy as np
 
-from moefast.runs.writer import write_text
+from moefast.runs.files import DATA_REFERENCE, VOCAB
+from moefast.runs.writer import read_json, write_text
 
 __all__ = [
     "HASH_NAME",
@@ -50,7 +51,7 @@ OOV_ID = 1
 MISSING_ID = 2
 RESERVED = 3
 HASH_NAME = "blake2b-64-le, key = seed as 8 little-endian bytes, over the value's UTF-8 bytes"
-VOCAB_FILE = "vocab.json"
+VOCAB_FILE = VOCAB
 FORMAT = "moefast-table-vocab"
 VERSION = 1
 
@@ -92,11 +93,6 @@ def write_vocab(path: str | os.PathLike[str], artifacts: Mapping[str, Any]) -> P
     return write_text(p, text + "\n")
 
 
-def _not_json(name: str) -> Any:
-    """``json.loads``' hook for ``NaN`` / ``Infinity``, which Python accepts and JSON does not."""
-    raise json.JSONDecodeError(f"{name} is not a JSON value (a non-finite statistic)", name, 0)
-
-
 def read_vocab(path: str | os.PathLike[str]) -> tuple[dict[str, Any], Path]:
     """``(artifacts, file)`` from a run directory, a method's subdirectory or a ``vocab.json``.
 
@@ -107,21 +103,15 @@ def read_vocab(path: str | os.PathLike[str]) -> tuple[dict[str, Any], Path]:
     p = Path(path)
     candidates = [p] if p.suffix == ".json" else []
     if p.is_dir():
-        ref = p / "data.json"
+        ref = p / DATA_REFERENCE
         if ref.is_file():
-            try:
-                target = json.loads(ref.read_text(encoding="utf-8")).get("vocab")
-            except (json.JSONDecodeError, AttributeError):
-                raise ValueError(f"{ref}: not a moefast data reference (JSON with a 'vocab' key)") from None
+            target = read_json(ref, "data reference (JSON with a 'vocab' key)", expect=dict).get("vocab")
             if isinstance(target, str):
                 candidates.append(p / target)
         candidates += [p / VOCAB_FILE, p.parent / VOCAB_FILE]
     for c in candidates:
         if c.is_file():
-            try:
-                data = json.loads(c.read_text(encoding="utf-8"), parse_constant=_not_json)
-            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-                raise ValueError(f"{c}: not valid JSON ({exc})") from None
+            data = read_json(c, "vocabulary file", allow_nan=False)
             if not isinstance(data, dict) or data.get("format") != FORMAT:
                 raise ValueError(f"{c}: not a moefast vocabulary file (format {FORMAT!r})")
             if data.get("version") != VERSION:

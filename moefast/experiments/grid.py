@@ -40,7 +40,13 @@ from moefast.data.dataset import MultiDomainDataset
 from moefast.experiments.stats import mean_std
 from moefast.log import say
 from moefast.runs.rundir import hold_lock, write_json
-from moefast.runs.settings import GRID_SETTINGS, check_settings, read_json, settings_record
+from moefast.runs.settings import (
+    GRID_SETTINGS,
+    check_settings,
+    dataset_fingerprint,
+    read_json,
+    settings_record,
+)
 from moefast.runs.snapshot import SNAPSHOT, Preempted
 from moefast.runs.writer import pyplot, save_figure, write_frame, write_text
 
@@ -240,20 +246,12 @@ def _check_data(out: Path, data: DataConfig, dataset: MultiDomainDataset) -> Non
     ``data.json``; a later run whose data differ (another ``--data-dir`` holding other files, an
     edited raw file, another generator) is refused rather than averaged with the old cells. The
     same data moved to another folder is the same data."""
-    from moefast.runs.snapshot import dataset_fingerprint
-
     path = out / DATA_FILE
     label = data_label(data)
-    recorded = read_json(path, "grid data record") if path.exists() else {}
-    fingerprint = dataset_fingerprint(dataset)
-    if label not in recorded:
-        write_json(path, recorded | {label: fingerprint})
-    elif recorded[label] != fingerprint:
-        raise ValueError(
-            f"grid directory {str(out)!r} holds cells of data setting {label!r} trained on other data (its "
-            f"content fingerprint, recorded in {str(path)!r}, differs from the data loaded now); refusing to "
-            "mix them: use another --out, or the data the grid was started with"
-        )
+    check_settings(path, {label: dataset_fingerprint(dataset)}, lambda keys: (
+        f"grid directory {str(out)!r} holds cells of data setting {label!r} trained on other data (its "
+        f"content fingerprint, recorded in {str(path)!r}, differs from the data loaded now); refusing to "
+        "mix them: use another --out, or the data the grid was started with"), what="grid data record", grows=True)
 
 
 def _check_settings(config: GridConfig) -> None:

@@ -26,13 +26,13 @@ from pathlib import Path
 from typing import Any
 
 from moefast.config import FeatureSpec, Pooling
+from moefast.runs.files import DATASET_RECORD
 from moefast.runs.settings import read_json
 from moefast.runs.writer import write_text
 
 __all__ = ["DATASET_RECORD", "RECORD_FORMAT", "dataset_record", "features_from_record", "read_dataset_record",
            "vocabulary_digest", "write_dataset_record"]
 
-DATASET_RECORD = "dataset.json"
 RECORD_FORMAT = 1
 # Sources whose ids are the data's own (no numbering from files).
 _ID_SOURCES = ("synthetic",)

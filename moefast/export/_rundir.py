@@ -26,6 +26,7 @@ from moefast.models.base import MODELS, CTRModel
 from moefast.nn.embedding import EmbeddingCollection
 from moefast.ops._backend import BackendLike
 from moefast.reference.embedding_optim import FusedOptimizer, LazyAdam, RowwiseAdagrad
+from moefast.runs.files import CHECKPOINTS, CONFIG_JSON, METRICS, SETTINGS
 from moefast.runs.settings import read_json
 
 __all__ = ["LoadedRun", "load_run", "method_dir", "tower_config_from_json"]
@@ -52,13 +53,13 @@ def method_dir(run_dir: str | Path, method: str | None = None) -> Path:
     root = Path(run_dir)
     if not root.is_dir():
         raise ValueError(f"run directory {str(root)!r} does not exist")
-    if (root / "config.json").is_file():
+    if (root / CONFIG_JSON).is_file():
         if method is not None:
-            recorded = read_json(root / "config.json", "run configuration", expect=dict).get("tower", {}).get("kind")
+            recorded = read_json(root / CONFIG_JSON, "run configuration", expect=dict).get("tower", {}).get("kind")
             if recorded != method:
                 raise ValueError(f"run directory {str(root)!r} holds method {recorded!r}, not {method!r}")
         return root
-    methods = sorted(p.name for p in root.iterdir() if (p / "config.json").is_file())
+    methods = sorted(p.name for p in root.iterdir() if (p / CONFIG_JSON).is_file())
     if not methods:
         raise ValueError(f"{str(root)!r} is not a moefast run directory (no config.json in it or in a "
                          "method's subfolder)")
@@ -116,13 +117,13 @@ def load_run(
     from moefast.runs.checkpoint import load_checkpoint
 
     folder = method_dir(run_dir, method)
-    if not (folder / "metrics.json").is_file():
+    if not (folder / METRICS).is_file():
         raise ValueError(f"run directory {str(folder)!r} has no metrics.json: the run did not finish")
-    config = read_json(folder / "config.json", "run configuration", expect=dict)
+    config = read_json(folder / CONFIG_JSON, "run configuration", expect=dict)
     name = config.get("model")
     if name not in MODELS:
-        raise ValueError(f"{str(folder / 'config.json')!r}: unknown model {name!r}")
-    tower = tower_config_from_json(config.get("tower") or {}, str(folder / "config.json"))
+        raise ValueError(f"{str(folder / CONFIG_JSON)!r}: unknown model {name!r}")
+    tower = tower_config_from_json(config.get("tower") or {}, str(folder / CONFIG_JSON))
     if (folder / DATASET_RECORD).is_file():
         record = read_dataset_record(folder / DATASET_RECORD)
     elif dataset is not None:
@@ -136,7 +137,7 @@ def load_run(
         raise ValueError(f"{str(folder)!r}: config.json has {config.get('num_domains')} domains, "
                          f"{DATASET_RECORD} {num_domains}")
     # The stages' checkpoints are NN_<label>.pt, numbered in training order.
-    numbered = [(int(p.name.split("_", 1)[0]), p) for p in (folder / "checkpoints").glob("*_*.pt")
+    numbered = [(int(p.name.split("_", 1)[0]), p) for p in (folder / CHECKPOINTS).glob("*_*.pt")
                 if p.name.split("_", 1)[0].isdigit()]
     checkpoints = [p for _, p in sorted(numbered)]
     if not checkpoints:
@@ -144,14 +145,14 @@ def load_run(
     model = MODELS[name](features, num_domains, tower, backend=backend, numeric=_numeric_specs(record))
     # The checkpoint holds the tables in the run's precision (metrics.json; float32 before half
     # tables existed): the model is converted to it explicitly, then loads strictly.
-    precision = read_json(folder / "metrics.json", "run metrics", expect=dict).get("table_precision", TablePrecision.FP32.value)
+    precision = read_json(folder / METRICS, "run metrics", expect=dict).get("table_precision", TablePrecision.FP32.value)
     try:
         table_precision = TablePrecision(precision)
     except ValueError:
-        raise ValueError(f"{str(folder / 'metrics.json')!r}: unknown table_precision {precision!r}") from None
+        raise ValueError(f"{str(folder / METRICS)!r}: unknown table_precision {precision!r}") from None
     # A fused embedding optimizer's state is in the checkpoint too (buffers): give the tables an
     # optimizer of the run's kind so that the state loads (its hyperparameters play no part).
-    settings = folder / "settings.json"
+    settings = folder / SETTINGS
     kind = (read_json(settings, "settings record", expect=dict).get("train") or {}).get("embedding_optimizer") if settings.is_file() else None
     fused: FusedOptimizer | None = (LazyAdam() if kind == "lazy-adam" else
                                     RowwiseAdagrad() if kind == "rowwise-adagrad" else None)

@@ -38,7 +38,7 @@ from torch import nn
 from moefast.runs.writer import atomic_write
 
 __all__ = ["CHECKPOINT_FORMAT", "DELTA_FORMAT", "file_sha256", "load_checkpoint", "read_checkpoint", "read_saved",
-           "save_checkpoint"]
+           "save_checkpoint", "state_mismatches"]
 
 CHECKPOINT_FORMAT = 1  # a full checkpoint: every tensor of the model
 DELTA_FORMAT = 2  # the tensors a stage changed, and a reference to the checkpoint holding the rest
@@ -212,30 +212,40 @@ def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
     return {**top, "state_dict": state, "files": [file for file, _ in chain]}
 
 
-def _check_state(src: Path, model: nn.Module, state: Mapping[str, Any]) -> None:
-    """Every key, shape and dtype of ``state`` against ``model``'s, before anything is copied."""
-    own = model.state_dict()
+def state_mismatches(
+    own: Mapping[str, Any], state: Mapping[str, Any]
+) -> tuple[list[str], list[str], list[tuple[str, str]]]:
+    """How ``state`` differs from the state dict ``own`` (the one check a checkpoint and the
+    resume snapshot make before anything is copied): the keys it misses, the keys it has beyond
+    ``own``'s, and for each of ``own``'s tensors it holds as something else, or with another
+    shape or dtype, ``(key, what differs)``, in ``own``'s order."""
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
-    problems: list[str] = []
-    if missing:
-        problems.append(f"missing {len(missing)} key(s) (first {missing[0]!r})")
-    if unexpected:
-        problems.append(f"{len(unexpected)} unexpected key(s) (first {unexpected[0]!r})")
+    wrong: list[tuple[str, str]] = []
     for key, mine in own.items():
         theirs = state.get(key)
         if key not in state or not isinstance(mine, torch.Tensor):
             continue
         if not isinstance(theirs, torch.Tensor):
-            problems.append(f"{key!r} is a {type(theirs).__name__}, not a tensor")
+            wrong.append((key, f"is a {type(theirs).__name__}, not a tensor"))
         elif theirs.shape != mine.shape:
-            problems.append(f"{key!r} has shape {tuple(theirs.shape)}, the model's {tuple(mine.shape)}")
+            wrong.append((key, f"has shape {tuple(theirs.shape)}, the model's {tuple(mine.shape)}"))
         elif theirs.dtype != mine.dtype:
-            problems.append(f"{key!r} has dtype {theirs.dtype}, the model's {mine.dtype}")
-        if len(problems) >= 3:
-            break
+            wrong.append((key, f"has dtype {theirs.dtype}, the model's {mine.dtype}"))
+    return missing, unexpected, wrong
+
+
+def _check_state(src: Path, model: nn.Module, state: Mapping[str, Any]) -> None:
+    """Every key, shape and dtype of ``state`` against ``model``'s, before anything is copied."""
+    missing, unexpected, wrong = state_mismatches(model.state_dict(), state)
+    problems: list[str] = []
+    if missing:
+        problems.append(f"missing {len(missing)} key(s) (first {missing[0]!r})")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected key(s) (first {unexpected[0]!r})")
+    problems.extend(f"{key!r} {what}" for key, what in wrong)
     if problems:
-        raise ValueError(f"checkpoint {str(src)!r} does not match the model: {'; '.join(problems)}")
+        raise ValueError(f"checkpoint {str(src)!r} does not match the model: {'; '.join(problems[:3])}")
 
 
 def load_checkpoint(

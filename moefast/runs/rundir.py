@@ -54,6 +54,17 @@ from moefast.config import TrainConfig
 from moefast.data.dataset import MultiDomainDataset
 from moefast.data.stream import StreamedDataset
 from moefast.models.base import CTRModel
+from moefast.runs.files import (
+    CHECKPOINTS,
+    CONFIG_JSON,
+    GATE_WEIGHTS_PLOT,
+    MARKER,
+    METRICS,
+    PER_DOMAIN_AUC_PLOT,
+    PREDICTIONS,
+    STREAMED_PREDICTIONS,
+    VAL_AUC_PLOT,
+)
 from moefast.runs.settings import to_jsonable
 from moefast.runs.writer import pyplot, save_figure, write_batches, write_frame, write_text
 
@@ -69,7 +80,6 @@ __all__ = [
     "write_run",
 ]
 
-MARKER = ".moefast-run"
 MARKER_FORMAT = 1
 
 
@@ -228,7 +238,7 @@ def _live_run(folders: Iterable[Path]) -> Path | None:
 def _remove_stale_temporaries(run_dir: Path) -> None:
     """The temporary files (``.<name>.<random>.tmp``, :func:`moefast.runs.writer.atomic_write`) of
     writes a killed process never renamed; under the lock, no live writer owns them."""
-    for folder in (run_dir, run_dir / "checkpoints"):
+    for folder in (run_dir, run_dir / CHECKPOINTS):
         if folder.is_dir():
             for entry in folder.iterdir():
                 if entry.name.startswith(".") and entry.name.endswith(".tmp") and entry.is_file():
@@ -323,7 +333,7 @@ def write_run(
     """Write everything but the checkpoints (which the stages wrote already)."""
     run_dir.mkdir(parents=True, exist_ok=True)
     write_json(
-        run_dir / "config.json",
+        run_dir / CONFIG_JSON,
         {"dataset": dataset.name, "model": model.name, "tower": model.tower_config,
          "num_domains": dataset.num_domains, "train": config},
     )
@@ -331,16 +341,16 @@ def write_run(
     from moefast.export._records import DATASET_RECORD, write_dataset_record
 
     write_dataset_record(run_dir / DATASET_RECORD, dataset)
-    write_json(run_dir / "metrics.json", result.metrics)
+    write_json(run_dir / METRICS, result.metrics)
     if dataset.info.get("stream"):  # a streamed log's test split may not fit a frame: Parquet, in chunks
         if not result.predictions_written:  # written while scoring (write_scored_predictions) otherwise
             write_scored_predictions(run_dir, _prediction_chunks(result))
     else:
-        _write_predictions(run_dir / "predictions.csv", result)
-    _plot_val_history(run_dir / "val_auc.png", result)
-    plot_methods(run_dir / "per_domain_auc.png", {result.metrics["method"]: result.metrics})
+        _write_predictions(run_dir / PREDICTIONS, result)
+    _plot_val_history(run_dir / VAL_AUC_PLOT, result)
+    plot_methods(run_dir / PER_DOMAIN_AUC_PLOT, {result.metrics["method"]: result.metrics})
     if result.gate_weights is not None:
-        _plot_gate(run_dir / "gate_weights.png", result.gate_weights, dataset.domain_names)
+        _plot_gate(run_dir / GATE_WEIGHTS_PLOT, result.gate_weights, dataset.domain_names)
 
 
 def _write_predictions(path: Path, result: RunResult) -> None:
@@ -357,7 +367,6 @@ def _write_predictions(path: Path, result: RunResult) -> None:
 
 
 PREDICTION_CHUNK_ROWS = 1 << 16
-STREAMED_PREDICTIONS = "predictions.parquet"
 
 
 def write_scored_predictions(run_dir: Path, scored: Iterable[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> None:

@@ -19,21 +19,33 @@ and the one value older code normalised three ways, ``backend``, is normalised o
 before comparing (a grid recorded ``null`` for "the environment's, else auto", the claims
 ``"auto"``, a run the environment variable's raw text; :func:`backend_name`).
 
-Never imports: training, experiments, the command line (only configuration and the writer).
+:func:`dataset_settings` is the record's ``dataset`` group (a run's data, by content), and
+:func:`dataset_fingerprint` a dataset's content fingerprint (the grid's ``data.json`` records one
+per data setting, compared through :func:`check_settings` too).
+
+Never imports: training, experiments, the command line (only configuration, the file names and the
+writer).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+import torch
 
 from moefast.config import TrainConfig
 from moefast.ops._backend import BackendLike, requested_backend
-from moefast.runs.writer import write_text
+from moefast.runs.files import SETTINGS
+from moefast.runs.writer import read_json, write_text
+
+if TYPE_CHECKING:
+    from moefast.data.dataset import MultiDomainDataset
 
 __all__ = [
     "CLAIMS_SETTINGS",
@@ -41,13 +53,15 @@ __all__ = [
     "RUN_SETTINGS",
     "backend_name",
     "check_settings",
+    "dataset_fingerprint",
+    "dataset_settings",
     "differing_keys",
     "read_json",
     "settings_record",
     "to_jsonable",
 ]
 
-RUN_SETTINGS = "settings.json"
+RUN_SETTINGS = SETTINGS
 GRID_SETTINGS = "grid.json"
 CLAIMS_SETTINGS = "claims-settings.json"
 
@@ -70,6 +84,48 @@ def to_jsonable(value: Any) -> Any:
     if isinstance(value, Path):
         return str(value)
     return value
+
+
+def _hash_tensors(h: Any, tensors: Mapping[str, torch.Tensor]) -> None:
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        h.update(json.dumps([name, str(t.dtype), list(t.shape)]).encode() + b"\0")
+        if t.numel():
+            h.update(t.reshape(-1).view(torch.uint8).numpy().data)
+
+
+def dataset_fingerprint(dataset: MultiDomainDataset) -> str:
+    """SHA-256 of a dataset's content: its name, features, domains and every split's tensors and
+    pretrained table (not where it was read from: the same data in another folder is the same
+    data, other data under the same path is not)."""
+    h = hashlib.sha256()
+    header = {"name": dataset.name, "features": dataset.features, "numeric": dataset.numeric,
+              "domains": dataset.domain_names}
+    h.update(json.dumps(to_jsonable(header), sort_keys=True).encode() + b"\0")
+    for split_name in ("train", "val", "test"):
+        split = getattr(dataset, split_name)
+        _hash_tensors(h, {f"{split_name}.{k}": v for k, v in split.features.items()}
+                      | {f"{split_name}.domain": split.domain, f"{split_name}.label": split.label})
+    _hash_tensors(h, {f"pretrained.{k}": v for k, v in dataset.pretrained.items()})
+    return h.hexdigest()
+
+
+def dataset_settings(dataset: Any, shards: int | None = None) -> dict[str, Any]:
+    """The data a run's continuation must share with it (``settings.json``'s ``dataset``): the
+    name and :func:`dataset_fingerprint` of a dataset in memory; for a streamed log
+    (:class:`moefast.data.stream.StreamedDataset`, read as ``shards`` shards), the SHA-256 of its
+    first pass (vocabularies, statistics, domains and the fingerprint of its file list: hashing
+    the content of a log larger than memory is no option) and how it is read where that changes
+    results: the shuffle buffer, the row groups' order and the shards."""
+    if not dataset.info.get("stream"):
+        return {"name": dataset.name, "fingerprint": dataset_fingerprint(dataset)}
+    record = {"name": dataset.name, "features": dataset.features, "numeric": dataset.numeric,
+              "domains": dataset.domain_names, "first_pass": dataset.artifacts}
+    text = json.dumps(to_jsonable(record), sort_keys=True, ensure_ascii=False, default=str)
+    h = hashlib.sha256(text.encode())
+    _hash_tensors(h, {f"pretrained.{k}": v for k, v in dataset.pretrained.items()})
+    return {"name": dataset.name, "fingerprint": h.hexdigest(), "shuffle_rows": dataset.shuffle_rows,
+            "fragment_order": dataset.fragment_order, "shards": shards}
 
 
 def backend_name(backend: BackendLike) -> str:
@@ -121,44 +177,39 @@ def _comparable(record: Mapping[str, Any]) -> Mapping[str, Any]:
 
 
 def check_settings(
-    path: Path, settings: Mapping[str, Any], refusal: Callable[[list[str]], str], *, record: bool = True
+    path: Path,
+    settings: Mapping[str, Any],
+    refusal: Callable[[list[str]], str],
+    *,
+    record: bool = True,
+    what: str = "settings record",
+    grows: bool = False,
 ) -> None:
     """Record ``settings`` in ``path`` the first time (unless not ``record``: a reader only
     compares); afterwards refuse different ones.
 
+    ``grows``: the record holds one entry per key, and later runs add keys of their own (the
+    grid's ``data.json``: a content fingerprint per data setting): only the keys both hold are
+    compared, and the keys new to the record are added to it.
+
     Raises:
         ValueError: ``refusal(keys)``, with the keys that differ (:func:`differing_keys`), or a
-            damaged record naming the file.
+            damaged record naming the file and ``what`` it is.
     """
     current = to_jsonable(settings)
     if path.exists():
-        keys = differing_keys(read_json(path, "settings record", expect=dict), current)
+        recorded = read_json(path, what, expect=dict)
+        if grows:
+            keys = differing_keys({k: v for k, v in recorded.items() if k in current},
+                                  {k: v for k, v in current.items() if k in recorded})
+        else:
+            keys = differing_keys(recorded, current)
         if keys:
             raise ValueError(refusal(keys))
-        return
+        if not grows or set(current) <= set(recorded):
+            return
+        current = {**recorded, **current}
     if record:
         write_text(path, json.dumps(current, indent=1, sort_keys=True) + "\n")
 
 
-def read_json(path: Path, what: str, *, expect: type | None = None) -> Any:
-    """The one reader of the JSON files moefast writes (records, metrics, sidecars).
-
-    Raises:
-        ValueError: naming the file and ``what`` it is: missing or unreadable, not utf-8, damaged
-            (edited, or cut by a disk that filled before writes were atomic; with the line), or
-            not of the type ``expect`` (``dict``: a JSON object).
-    """
-    try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ValueError(f"{what} {str(path)!r} does not exist") from None
-    except UnicodeDecodeError as exc:
-        raise ValueError(f"{what} {str(path)!r} is not utf-8 text: {exc.reason}") from None
-    except OSError as exc:
-        raise ValueError(f"{what} {str(path)!r} cannot be read: {exc.strerror or exc}") from None
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{what} {str(path)!r} is damaged: {exc.msg} at line {exc.lineno}, column "
-                         f"{exc.colno}") from None
-    if expect is not None and not isinstance(value, expect):
-        raise ValueError(f"{what} {str(path)!r} is not a JSON {'object' if expect is dict else expect.__name__}")
-    return value

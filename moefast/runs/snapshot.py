@@ -22,7 +22,7 @@ kept; each is written atomically over the previous one). It is written
 A streamed log (:class:`moefast.data.stream.StreamedDataset`) needs nothing more: the epoch's
 starting generator state and the batches done are what its replay takes (the epoch's row groups
 are read and shuffled again, the consumed batches skipped unbuilt), and how it is read (shuffle
-buffer, row-group order, shards: :func:`dataset_settings`) is in ``settings.json``, whose SHA-256
+buffer, row-group order, shards: :func:`moefast.runs.settings.dataset_settings`) is in ``settings.json``, whose SHA-256
 every snapshot records.
 
 Resuming restores all of it, so that the run ends bitwise equal to an uninterrupted one on CPU at
@@ -35,25 +35,34 @@ may differ); another torch version is warned about.
 **Extending the snapshot.** What the training loop writes at the top of a snapshot is
 :data:`SNAPSHOT_KEYS`, and :func:`save_snapshot` refuses any other key. Another part of a run
 that must be restored for the resumed run to be bitwise the same (a streamed loader's position
-and shuffle buffer, a precision's state) adds its state through one function,
-:func:`extend_snapshot`, under a name of its own, and reads it back with
-:func:`snapshot_extension`, which gives ``None`` for a snapshot written without it (before the
-extension existed, or by a run that did not use it): the extension decides what that means. In
-the loop, a part registers a callable in ``_Saver.extensions`` (``moefast.train.loop``) and every
-snapshot written carries its state. An extension's state is what ``torch.save`` takes under
-``weights_only`` loading: tensors, numbers, strings, lists and dicts.
+and shuffle buffer, a precision's state) registers itself once, through one function,
+:func:`register_snapshot_part`, under a name of its own, with a ``get_state`` and a
+``set_state``:
+
+- every snapshot written (by ``fit`` or anything else through :func:`save_snapshot`) carries
+  each registered part's ``get_state()``;
+- a resumed ``fit`` hands each registered part its saved state, ``set_state(state)``, once,
+  after the loop's own state (the RNG states, the finished stages) is restored and before
+  training continues; ``set_state(None)`` when the snapshot holds none of it (written before
+  the part existed, or by a run that did not use it): the part decides what that means;
+- a snapshot holding the state of a part this process has not registered is refused
+  (:func:`restore_snapshot_parts`): the resumed run could not be the run it continues.
+
+A part's state is what ``torch.save`` takes under ``weights_only`` loading: tensors, numbers,
+strings, lists and dicts. Underneath, :func:`extend_snapshot` adds one state to a payload and
+:func:`snapshot_extension` reads one back.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import math
 import signal
 import threading
 import warnings
 from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -61,9 +70,11 @@ from typing import Any
 import torch
 
 from moefast import _version
-from moefast.data.dataset import MultiDomainDataset
-from moefast.runs.checkpoint import read_saved
-from moefast.runs.settings import RUN_SETTINGS
+from moefast.runs.checkpoint import read_saved, state_mismatches
+from moefast.runs.files import SNAPSHOT
+
+# dataset_fingerprint and dataset_settings moved to moefast.runs.settings (issue 25); still importable here.
+from moefast.runs.settings import RUN_SETTINGS, _hash_tensors, dataset_fingerprint, dataset_settings
 from moefast.runs.writer import atomic_write
 
 __all__ = [
@@ -81,12 +92,13 @@ __all__ = [
     "extend_snapshot",
     "load_snapshot",
     "preemption",
+    "register_snapshot_part",
+    "restore_snapshot_parts",
     "save_snapshot",
     "snapshot_extension",
     "state_fingerprint",
 ]
 
-SNAPSHOT = "resume.pt"
 SETTINGS = RUN_SETTINGS
 SNAPSHOT_FORMAT = 2  # 2: the settings' and checkpoints' SHA-256, the thread count and world size
 SNAPSHOT_SECONDS = 10.0  # an epoch's end writes a snapshot only this long after the last one
@@ -112,52 +124,6 @@ class Preempted(Exception):
                          f"continue it with {how}")
         self.run_dir = run_dir
         self.where = where
-
-
-def _hash_tensors(h: Any, tensors: Mapping[str, torch.Tensor]) -> None:
-    for name in sorted(tensors):
-        t = tensors[name].detach().cpu().contiguous()
-        h.update(json.dumps([name, str(t.dtype), list(t.shape)]).encode() + b"\0")
-        if t.numel():
-            h.update(t.reshape(-1).view(torch.uint8).numpy().data)
-
-
-def dataset_fingerprint(dataset: MultiDomainDataset) -> str:
-    """SHA-256 of a dataset's content: its name, features, domains and every split's tensors and
-    pretrained table (not where it was read from: the same data in another folder is the same
-    data, other data under the same path is not)."""
-    from moefast.runs.settings import to_jsonable
-
-    h = hashlib.sha256()
-    header = {"name": dataset.name, "features": dataset.features, "numeric": dataset.numeric,
-              "domains": dataset.domain_names}
-    h.update(json.dumps(to_jsonable(header), sort_keys=True).encode() + b"\0")
-    for split_name in ("train", "val", "test"):
-        split = getattr(dataset, split_name)
-        _hash_tensors(h, {f"{split_name}.{k}": v for k, v in split.features.items()}
-                      | {f"{split_name}.domain": split.domain, f"{split_name}.label": split.label})
-    _hash_tensors(h, {f"pretrained.{k}": v for k, v in dataset.pretrained.items()})
-    return h.hexdigest()
-
-
-def dataset_settings(dataset: Any, shards: int | None = None) -> dict[str, Any]:
-    """The data a run's continuation must share with it (``settings.json``'s ``dataset``): the
-    name and :func:`dataset_fingerprint` of a dataset in memory; for a streamed log
-    (:class:`moefast.data.stream.StreamedDataset`, read as ``shards`` shards), the SHA-256 of its
-    first pass (vocabularies, statistics, domains and the fingerprint of its file list: hashing
-    the content of a log larger than memory is no option) and how it is read where that changes
-    results: the shuffle buffer, the row groups' order and the shards."""
-    if not dataset.info.get("stream"):
-        return {"name": dataset.name, "fingerprint": dataset_fingerprint(dataset)}
-    from moefast.runs.rundir import to_jsonable
-
-    record = {"name": dataset.name, "features": dataset.features, "numeric": dataset.numeric,
-              "domains": dataset.domain_names, "first_pass": dataset.artifacts}
-    text = json.dumps(to_jsonable(record), sort_keys=True, ensure_ascii=False, default=str)
-    h = hashlib.sha256(text.encode())
-    _hash_tensors(h, {f"pretrained.{k}": v for k, v in dataset.pretrained.items()})
-    return {"name": dataset.name, "fingerprint": h.hexdigest(), "shuffle_rows": dataset.shuffle_rows,
-            "fragment_order": dataset.fragment_order, "shards": shards}
 
 
 def state_fingerprint(module: torch.nn.Module) -> str:
@@ -187,8 +153,62 @@ def snapshot_extension(snapshot: Mapping[str, Any], name: str) -> Any | None:
     return (snapshot.get(EXTENSIONS) or {}).get(name)
 
 
+@dataclass(frozen=True)
+class _Part:
+    get_state: Callable[[], Any]
+    set_state: Callable[[Any], None]
+
+
+# The registered parts, by name, in registration order (register_snapshot_part).
+_PARTS: dict[str, _Part] = {}
+
+
+def register_snapshot_part(
+    name: str, get_state: Callable[[], Any], set_state: Callable[[Any], None]
+) -> Callable[[], None]:
+    """Register a part of a run whose state the resume snapshot carries (the module docstring):
+    every snapshot written holds ``get_state()`` under ``name``; a resumed ``fit`` calls
+    ``set_state(saved)`` (``None``: the snapshot holds none). Process-wide: every ``fit`` in this
+    process saves and restores it until the returned function unregisters it.
+
+    Raises:
+        ValueError: ``name`` is empty or already registered.
+    """
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"a snapshot part's name must be a non-empty string, not {name!r}")
+    if name in _PARTS:
+        raise ValueError(f"a snapshot part named {name!r} is already registered")
+    part = _Part(get_state, set_state)
+    _PARTS[name] = part
+
+    def unregister() -> None:
+        if _PARTS.get(name) is part:
+            del _PARTS[name]
+
+    return unregister
+
+
+def restore_snapshot_parts(path: Path, snapshot: Mapping[str, Any]) -> None:
+    """Hand each registered part its state saved in ``snapshot`` (read from ``path``), ``None``
+    where it holds none.
+
+    Raises:
+        ValueError: the snapshot holds the state of a part this process has not registered.
+    """
+    saved = snapshot.get(EXTENSIONS) or {}
+    unknown = sorted(set(saved) - set(_PARTS))
+    if unknown:
+        raise ValueError(
+            f"resume snapshot {str(path)!r} holds the state of snapshot part(s) {unknown}, which this process "
+            "has not registered (moefast.runs.snapshot.register_snapshot_part): resume it where they are registered"
+        )
+    for name, part in _PARTS.items():
+        part.set_state(saved.get(name))
+
+
 def save_snapshot(run_dir: Path, payload: Mapping[str, Any]) -> None:
-    """Write ``<run_dir>/resume.pt`` atomically over the previous one (``WriteError`` if it cannot).
+    """Write ``<run_dir>/resume.pt`` atomically over the previous one (``WriteError`` if it cannot),
+    with every registered part's state (:func:`register_snapshot_part`).
 
     Raises:
         ValueError: ``payload`` holds a key outside :data:`SNAPSHOT_KEYS` (extend it through
@@ -197,6 +217,10 @@ def save_snapshot(run_dir: Path, payload: Mapping[str, Any]) -> None:
     unknown = sorted(set(payload) - SNAPSHOT_KEYS)
     if unknown:
         raise ValueError(f"resume snapshot keys {unknown} are not the loop's: add them with extend_snapshot")
+    if _PARTS:
+        payload = {**payload, EXTENSIONS: dict(payload.get(EXTENSIONS) or {})}
+        for name, part in _PARTS.items():
+            extend_snapshot(payload, name, part.get_state())
     full = {"format": SNAPSHOT_FORMAT, "moefast": _version.__version__, "torch": str(torch.__version__),
             "threads": torch.get_num_threads(), **payload}
     atomic_write(run_dir / SNAPSHOT, lambda handle: torch.save(full, handle))
@@ -309,13 +333,14 @@ def check_stage_state(
     check_numbers(state, refuse)
     expected = model.state_dict()
     saved = state["model"]
-    if set(saved) != set(expected):
-        names = sorted(set(saved) ^ set(expected))
+    missing, unexpected, wrong = state_mismatches(expected, saved)
+    if missing or unexpected:
+        names = sorted({*missing, *unexpected})
         raise refuse(f"its model tensors differ from this model's by name ({', '.join(names[:5])})")
-    for name, tensor in expected.items():
-        got = saved[name]
-        if not isinstance(got, torch.Tensor) or got.shape != tensor.shape or got.dtype != tensor.dtype:
-            raise refuse(f"model tensor {name!r} is not a {tensor.dtype} tensor of shape {tuple(tensor.shape)}")
+    if wrong:
+        name = wrong[0][0]
+        tensor = expected[name]
+        raise refuse(f"model tensor {name!r} is not a {tensor.dtype} tensor of shape {tuple(tensor.shape)}")
     best = state.get("best_state")
     if best is not None and (not isinstance(best, list) or len(best) != len(params) or any(
             not isinstance(t, torch.Tensor) or t.shape != p.shape for t, p in zip(best, params, strict=False))):

@@ -31,7 +31,8 @@ table, :func:`write_batches` for a Parquet or CSV file written batch by batch, :
 :func:`write_at_path` for the writers that only take a path (``torch.export.save`` names the
 archive's folder after the file, ``torch.onnx.export``). ``tests/test_one_writer.py`` forbids every
 other way to create or replace a file outside this module, the allowed exceptions listed there
-with their reasons.
+with their reasons. Beside it, :func:`read_json`, the one reader of the JSON files moefast writes
+(here so that every layer may use it, the data's ``vocab.json`` included).
 
 ``MOEFAST_TEST_WRITE_LOG`` (tests only) names a file to which every completed write appends its
 final path, one a line: the test that runs every command compares it with the files on disk.
@@ -40,6 +41,7 @@ final path, one a line: the test that runs every command compares it with the fi
 from __future__ import annotations
 
 import errno
+import json
 import os
 import shutil
 import signal
@@ -57,6 +59,7 @@ __all__ = [
     "fault_step",
     "fsync_dir",
     "pyplot",
+    "read_json",
     "save_figure",
     "save_npz",
     "write_at_path",
@@ -369,3 +372,44 @@ def write_at_path(path: str | os.PathLike[str], fill: Callable[[Path], object]) 
     fsync_dir(dest.parent)
     _log_write(dest)
     return dest
+
+
+class _NonFinite(ValueError):
+    """``NaN`` / ``Infinity`` in a file read with ``allow_nan=False``."""
+
+
+def _refuse_constant(name: str) -> Any:
+    """``json.loads``' hook for ``NaN`` / ``Infinity``, which Python accepts and JSON does not."""
+    raise _NonFinite(name)
+
+
+def read_json(path: Path, what: str, *, expect: type | None = None, allow_nan: bool = True) -> Any:
+    """The one reader of the JSON files moefast writes (records, metrics, sidecars, vocabularies).
+
+    ``allow_nan=False`` refuses ``NaN`` and ``Infinity``, which Python reads and JSON does not
+    have (a file written with ``json.dumps(..., allow_nan=False)`` never holds them).
+
+    Raises:
+        ValueError: naming the file and ``what`` it is: missing or unreadable, not utf-8, damaged
+            (edited, or cut by a disk that filled before writes were atomic; with the line), holding
+            a non-finite number under ``allow_nan=False``, or not of the type ``expect``
+            (``dict``: a JSON object).
+    """
+    try:
+        text = path.read_text(encoding="utf-8")
+        value = json.loads(text) if allow_nan else json.loads(text, parse_constant=_refuse_constant)
+    except FileNotFoundError:
+        raise ValueError(f"{what} {str(path)!r} does not exist") from None
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{what} {str(path)!r} is not utf-8 text: {exc.reason}") from None
+    except OSError as exc:
+        raise ValueError(f"{what} {str(path)!r} cannot be read: {exc.strerror or exc}") from None
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{what} {str(path)!r} is damaged: {exc.msg} at line {exc.lineno}, column "
+                         f"{exc.colno}") from None
+    except _NonFinite as exc:
+        raise ValueError(f"{what} {str(path)!r} is damaged: {exc} is not a JSON value (a non-finite "
+                         "number)") from None
+    if expect is not None and not isinstance(value, expect):
+        raise ValueError(f"{what} {str(path)!r} is not a JSON {'object' if expect is dict else expect.__name__}")
+    return value

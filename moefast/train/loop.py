@@ -41,8 +41,9 @@ from moefast.ops._backend import Backend, BackendLike, parse_backend
 from moefast.precision import check_device as check_precision
 from moefast.reference.embedding_optim import FusedOptimizer, LazyAdam, RowwiseAdagrad
 from moefast.runs.checkpoint import file_sha256, load_checkpoint, save_checkpoint
+from moefast.runs.files import CHECKPOINTS, METRICS
 from moefast.runs.rundir import RunDirectory, claim_run_dir, write_run, write_scored_predictions
-from moefast.runs.settings import backend_name, check_settings, settings_record
+from moefast.runs.settings import backend_name, check_settings, dataset_settings, settings_record
 from moefast.runs.snapshot import (
     SETTINGS,
     SNAPSHOT,
@@ -50,10 +51,9 @@ from moefast.runs.snapshot import (
     Preempted,
     check_adam_state,
     check_stage_state,
-    dataset_settings,
-    extend_snapshot,
     load_snapshot,
     preemption,
+    restore_snapshot_parts,
     save_snapshot,
     state_fingerprint,
 )
@@ -471,7 +471,7 @@ def _fit(
                 f"resume snapshot {str(out_dir / SNAPSHOT)!r} was not written by the run recorded in "
                 f"{str(out_dir / SETTINGS)!r} (another run's snapshot?); start it again with --overwrite"
             )
-        if resume and snapshot is None and ((out_dir / "checkpoints").exists() or (out_dir / "metrics.json").exists()):
+        if resume and snapshot is None and ((out_dir / CHECKPOINTS).exists() or (out_dir / METRICS).exists()):
             # Every checkpoint is written after a snapshot, and no snapshot is ever deleted: this
             # run finished under a moefast without resume, or lost its snapshot.
             raise ValueError(
@@ -497,12 +497,13 @@ def _fit(
         tmp = tempfile.TemporaryDirectory(prefix="moefast-")
         ckpt_dir = Path(tmp.name)
     else:
-        ckpt_dir = out_dir / "checkpoints"
+        ckpt_dir = out_dir / CHECKPOINTS
     records: list[StageRecord] = []
     in_stage: dict[str, Any] | None = None
     if snapshot is not None:
         assert source is not None
-        records, in_stage = _restore_snapshot(source / SNAPSHOT, snapshot, plan, source / "checkpoints", generator, device)
+        records, in_stage = _restore_snapshot(source / SNAPSHOT, snapshot, plan, source / CHECKPOINTS, generator, device)
+        restore_snapshot_parts(source / SNAPSHOT, snapshot)
     restored = len(records) if snapshot is not None and in_stage is None else -1
     carried_adam = _carried_optimizer(model, plan, config, backend_name, snapshot if in_stage is None else None)
     try:
@@ -513,6 +514,8 @@ def _fit(
             saver = None if out_dir is None else _Saver(out_dir, generator, device, stop, records, settings_digest, world,
                                                         carried_adam)
             parallel.preempt = stop
+            ctx = _StageContext(model, dataset, config, generator, device, ckpt_dir, backend_name, parallel, saver,
+                                len(plan), all_domains)
             for index in range(len(records), len(plan)):
                 step = plan[index]
                 if records and (parallel.is_writer or index == restored):
@@ -524,10 +527,8 @@ def _fit(
                 # seeds_compat: the best validation score so far is carried into the next stage.
                 carried = records[-1].best_val_mean_auc if config.seeds_compat and records else -math.inf
                 records.append(
-                    _run_stage(model, dataset, config, step, index, len(plan), all_domains,
-                               generator, device, ckpt_dir, backend_name, carried_best=-math.inf if math.isnan(carried) else carried,
-                               parallel=parallel, saver=saver, resume=in_stage, optimizer=carried_adam,
-                               base=records[-1] if records else None)
+                    _run_stage(ctx, step, index, carried_best=-math.inf if math.isnan(carried) else carried,
+                               resume=in_stage, optimizer=carried_adam, base=records[-1] if records else None)
                 )
                 in_stage = None
                 if saver is not None:
@@ -610,34 +611,45 @@ class StageBudget:
         return cls(None if config.seeds_compat else config.eval_every, config.max_steps, max_epochs)
 
 
+@dataclass(frozen=True)
+class _StageContext:
+    """What every stage of one ``fit`` shares: the model, the data, the options and the
+    run's machinery. ``total``: the plan's stage count (for the progress lines); ``saver``:
+    ``None`` without a run directory (or on a data-parallel rank other than 0)."""
+
+    model: CTRModel
+    dataset: Dataset
+    config: TrainConfig
+    generator: torch.Generator  # batch and domain order, drawn on across stages
+    device: torch.device
+    ckpt_dir: Path
+    backend: str
+    parallel: Parallel
+    saver: _Saver | None
+    total: int
+    all_domains: list[int]
+
+
 def _run_stage(
-    model: CTRModel,
-    dataset: Dataset,
-    config: TrainConfig,
+    ctx: _StageContext,
     step: StageStep,
     index: int,
-    total: int,
-    all_domains: list[int],
-    generator: torch.Generator,
-    device: torch.device,
-    ckpt_dir: Path,
-    backend: str,
     *,
     carried_best: float = -math.inf,
-    parallel: Parallel,
-    saver: _Saver | None = None,
     resume: dict[str, Any] | None = None,
     optimizer: torch.optim.Optimizer | None = None,
     base: StageRecord | None = None,
 ) -> StageRecord:
     """Train stage ``index`` of the plan (from its start, or from the snapshot state ``resume``)
-    and write its checkpoint; ``saver`` writes the resume snapshot after every validation, and
-    at the step where ``SIGTERM`` stops the run (then :class:`Preempted` is raised).
+    and write its checkpoint; ``ctx.saver`` writes the resume snapshot after every validation,
+    and at the step where ``SIGTERM`` stops the run (then :class:`Preempted` is raised).
     ``optimizer``: the Adam carried from stage to stage under ``seeds_compat`` (``None``: a
     fresh one over the stage's parameters). ``base``: the previous stage, whose checkpoint the
     model was loaded from; this stage's checkpoint then stores only what it changed and refers to
     that one (``None``: the first stage, a full checkpoint)."""
     start = time.perf_counter()
+    model, dataset, config, parallel, saver = ctx.model, ctx.dataset, ctx.config, ctx.parallel, ctx.saver
+    generator, device, total, all_domains = ctx.generator, ctx.device, ctx.total, ctx.all_domains
     compat = config.seeds_compat
     params = set_stage(model, step, train_backbone=config.train_backbone_in_later_stages or compat,
                        freeze_pretrained=config.pretrained is PretrainedMode.FROZEN,
@@ -645,7 +657,7 @@ def _run_stage(
     apply_frozen_path_dropout(model, config.frozen_path_dropout)
     fused = _table_ids(model)  # updated inside the embedding backward, not by Adam
     if optimizer is None:
-        optimizer = stage_optimizer([p for p in params if id(p) not in fused], config, backend)
+        optimizer = stage_optimizer([p for p in params if id(p) not in fused], config, ctx.backend)
     budget = StageBudget.of(config, step)
     train_domains = all_domains
     val_domains: list[int] = all_domains
@@ -781,11 +793,21 @@ def _run_stage(
     if st.stopped_by == "cap" and parallel.is_writer:
         warnings.warn(f"stage {step.label} ended at its cap ({_cap_text(budget)}) while still improving within "
                       f"its patience of {config.patience} validations: it did not converge", CapWarning, stacklevel=2)
+    return _finish_stage(ctx, step, index, st, params, base, start)
+
+
+def _finish_stage(
+    ctx: _StageContext, step: StageStep, index: int, st: StageState, params: list[torch.nn.Parameter],
+    base: StageRecord | None, start: float,
+) -> StageRecord:
+    """The end of a stage: its best weights back in the model, its checkpoint written (rank 0)
+    and its record; ``start``: the stage's ``time.perf_counter()`` at its start."""
+    model, parallel, dataset = ctx.model, ctx.parallel, ctx.dataset
     # With no AUC at all (every validation domain one-class) nothing improves: keep the last
     # weights rather than the untrained ones.
     if st.best_state is not None:
         st.load_best(params)
-    path = ckpt_dir / f"{index:02d}_{step.label}.pt"
+    path = ctx.ckpt_dir / f"{index:02d}_{step.label}.pt"
     digest = None
     best_auc = st.best.auc if st.stopper.best > -math.inf else math.nan
     if parallel.is_writer:
@@ -940,13 +962,9 @@ class _Saver:
         self.device = device
         self.stop = stop  # true once SIGTERM asked the run to stop
         self.records = list(records)  # the finished stages (restored ones included)
-        # What other parts of the run add to every snapshot, by extension name: each callable
-        # returns its current state (moefast.runs.snapshot.extend_snapshot).
-        self.extensions: dict[str, Callable[[], Any]] = {}
 
     def _save(self, payload: dict[str, Any]) -> None:
-        for name, state in self.extensions.items():
-            extend_snapshot(payload, name, state())
+        # save_snapshot adds the registered parts' states (moefast.runs.snapshot.register_snapshot_part).
         save_snapshot(self.run_dir, payload)
 
     def _rng(self) -> dict[str, Any]:
