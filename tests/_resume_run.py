@@ -7,7 +7,12 @@ The tests import :func:`run` to train the same run in their own process.
 
 from __future__ import annotations
 
+import os
+import signal
 import sys
+import time
+import traceback
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +21,7 @@ import torch
 from moefast import data, models
 from moefast.config import EmbeddingOptimizer, TrainConfig
 from moefast.data.dataset import MultiDomainDataset
+from moefast.runs.writer import FAULT_ENV
 from moefast.train import fit
 
 
@@ -35,6 +41,35 @@ def run(out: Path, optimizer: str, *, resume: bool = False, method: str = "moe-m
     ds = dataset()
     model = models.build("deepfm", ds, method, seed=7)
     return fit(model, ds, config(optimizer, **changes), backend="fast", out_dir=out, resume=resume)
+
+
+def in_child(work: Callable[[], None], fault: str | None, kill_after: float | None = None) -> int:
+    """Run ``work`` in a forked child with ``MOEFAST_TEST_FAULT=fault`` (or SIGKILL it after
+    ``kill_after`` seconds); return the child's wait status."""
+    pid = os.fork()
+    if pid == 0:  # the child: never returns into pytest
+        code = 0
+        try:
+            if fault is not None:
+                os.environ[FAULT_ENV] = fault
+            work()
+        except BaseException:
+            traceback.print_exc()
+            code = 1
+        finally:
+            os._exit(code)
+    if kill_after is not None:
+        time.sleep(kill_after)
+        os.kill(pid, signal.SIGKILL)  # a zombie until reaped below: never ProcessLookupError
+    deadline = time.monotonic() + 120  # a hung child fails the test instead of hanging it
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return status
+        time.sleep(0.02)
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    raise AssertionError(f"the training child {pid} did not finish within 120 s")
 
 
 if __name__ == "__main__":

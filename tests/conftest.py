@@ -36,6 +36,15 @@ def lookup_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     return calls
 
 
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """One torch thread for a test (bitwise results hold at a fixed thread count), restored after it."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def one_thread_module() -> Iterator[None]:
     """One torch thread for a whole test module, restored after it."""

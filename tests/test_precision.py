@@ -296,14 +296,6 @@ def test_a_cpu_without_bf16_units_warns_once_naming_the_flag(monkeypatch: pytest
     assert precision.check_cpu(frozenset({"amx_bf16"})) is None
 
 
-@pytest.fixture
-def one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_checkpoints_and_resume_under_bf16_mixed_are_bitwise_at_one_thread(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, one_thread: None
 ) -> None:

@@ -15,8 +15,6 @@ import random
 import signal
 import subprocess
 import sys
-import time
-import traceback
 import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -87,33 +85,7 @@ def assert_same_run(resumed: Path, uninterrupted: Path) -> None:
             assert torch.equal(mine["state_dict"][key], tensor), f"{name}: {key} differs"
 
 
-def _in_child(work: Callable[[], None], fault: str | None, kill_after: float | None = None) -> int:
-    """Run ``work`` in a forked child with ``MOEFAST_TEST_FAULT=fault`` (or SIGKILL it after
-    ``kill_after`` seconds); return the child's wait status."""
-    pid = os.fork()
-    if pid == 0:  # the child: never returns into pytest
-        code = 0
-        try:
-            if fault is not None:
-                os.environ[FAULT_ENV] = fault
-            work()
-        except BaseException:
-            traceback.print_exc()
-            code = 1
-        finally:
-            os._exit(code)
-    if kill_after is not None:
-        time.sleep(kill_after)
-        os.kill(pid, signal.SIGKILL)  # a zombie until reaped below: never ProcessLookupError
-    deadline = time.monotonic() + 120  # a hung child fails the test instead of hanging it
-    while time.monotonic() < deadline:
-        done, status = os.waitpid(pid, os.WNOHANG)
-        if done:
-            return status
-        time.sleep(0.02)
-    os.kill(pid, signal.SIGKILL)
-    os.waitpid(pid, 0)
-    raise AssertionError(f"the training child {pid} did not finish within 120 s")
+_in_child = tiny.in_child
 
 
 def _killed(status: int) -> bool:

@@ -9,12 +9,12 @@ from __future__ import annotations
 import json
 import os
 import signal
-import traceback
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import _resume_run as tiny
 import pandas as pd
 import pytest
 import torch
@@ -26,7 +26,6 @@ from moefast.config import EmbeddingOptimizer, TowerConfig, TrainConfig
 from moefast.data import firstpass, stream
 from moefast.runs import rundir
 from moefast.runs.checkpoint import read_checkpoint
-from moefast.runs.writer import FAULT_ENV
 from moefast.train import fit
 from moefast.train.errors import CapWarning
 
@@ -40,14 +39,6 @@ def log(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     vocab = root / "vocab.json"
     vocab.write_text(json.dumps(firstpass.first_pass(folder, stream_schema(), progress=False)))
     return folder, vocab
-
-
-@pytest.fixture
-def one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _config(**changes: Any) -> TrainConfig:
@@ -109,20 +100,7 @@ def test_a_buffer_holding_everything_trains_bitwise_as_the_in_memory_source(
     assert other.stages[0].losses[1:] != ours.stages[0].losses[1:len(other.stages[0].losses)]
 
 
-def _in_child(work: Callable[[], None], fault: str) -> int:
-    pid = os.fork()
-    if pid == 0:
-        code = 0
-        try:
-            os.environ[FAULT_ENV] = fault
-            work()
-        except BaseException:
-            traceback.print_exc()
-            code = 1
-        finally:
-            os._exit(code)
-    _, status = os.waitpid(pid, 0)
-    return status
+_in_child = tiny.in_child
 
 
 def test_a_killed_streamed_run_resumes_bitwise(log: tuple[Path, Path], tmp_path: Path, one_thread: None) -> None:

@@ -92,23 +92,22 @@ def parse_count_or_none(text: str) -> int | None:
     """A whole number >= 1, or ``none`` (no such cap / the per-epoch rule)."""
     if str(text).lower() == "none":
         return None
-    try:
-        value = int(str(text))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number or none") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} is not >= 1 (or none)")
-    return value
+    return _at_least_one(text, "a whole number or none", " (or none)")
 
 
 def parse_rows(text: str) -> int:
     """A whole number of rows >= 1."""
+    return _at_least_one(text, "a whole number of rows")
+
+
+def _at_least_one(text: str, what: str, alternative: str = "") -> int:
+    """``text`` as a whole number >= 1; otherwise an error saying it is not ``what``."""
     try:
         value = int(str(text))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of rows") from None
+        raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
     if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} is not >= 1")
+        raise argparse.ArgumentTypeError(f"{text!r} is not >= 1{alternative}")
     return value
 
 
