@@ -28,6 +28,9 @@ from moefast.train import loop
 from moefast.train.errors import CapWarning
 from moefast.train.stages import Stage, StageStep, apply_frozen_path_dropout, plan_stages, set_stage
 
+# Tiny runs: one torch thread is as fast as two, and a shared machine's busy core cannot stall it.
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 TOWER = TowerConfig(hidden_units=(8, 4), ranks=(2, 1), dropout=0.0)
 
 

@@ -31,6 +31,9 @@ from moefast.reference.embedding_optim import LazyAdam
 from moefast.runs.checkpoint import load_checkpoint, read_checkpoint
 from moefast.train.loop import set_embedding_optimizer
 
+# Tiny runs: one torch thread is as fast as two, and a shared machine's busy core cannot stall it.
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 FAST = moefast._ext.available()
 
 

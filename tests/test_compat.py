@@ -21,6 +21,9 @@ from moefast.runs.checkpoint import read_checkpoint
 from moefast.train import loop
 from moefast.train.metrics import EvalMetrics
 
+# Tiny runs: one torch thread is as fast as two, and a shared machine's busy core cannot stall it.
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 # No dropout: with a width-8 tower, some dropout draws silence every unit of a small domain's
 # batches, and then an expert stage legitimately learns nothing; these tests are about which
 # weights a stage may change, not about dropout.
