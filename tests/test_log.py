@@ -15,8 +15,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from _stream_data import stream_schema, write_log
 
+import moefast
 from moefast import cli, log
+from moefast.data import firstpass
 from moefast.experiments.claims import run_claims
 from moefast.experiments.grid import run_grid
 from moefast.experiments.methods import run_methods
@@ -66,3 +69,21 @@ def test_bars_draw_on_a_terminal_and_quiet_silences_both(
 def test_the_experiments_speak_only_through_the_channel() -> None:
     for function in (run_grid, run_claims, run_methods):
         assert "say" not in inspect.signature(function).parameters, function.__name__
+
+
+@pytest.mark.parametrize("terminal, quiet, drawn", [(True, False, True), (True, True, False), (False, False, False)],
+                         ids=["terminal", "quiet", "redirected"])
+def test_the_data_readers_bars_follow_the_channel(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, terminal: bool, quiet: bool, drawn: bool
+) -> None:
+    """The table reader's and the first pass's bars obey the same rule as training's (they used
+    tqdm directly, on whenever standard error was a terminal, quiet or not)."""
+    log_dir = write_log(tmp_path / "log", n=300)
+    stderr = _Terminal() if terminal else io.StringIO()
+    monkeypatch.setattr(sys, "stderr", stderr)
+    log.configure(quiet=quiet)
+    moefast.data.load("table", path=log_dir, schema=stream_schema(), use_cache=False)
+    firstpass.first_pass(log_dir, stream_schema())
+    frames = stderr.getvalue()
+    assert ("reading" in frames and "first pass" in frames and "\r" in frames) is drawn, frames
+    assert drawn or frames == "", frames

@@ -44,6 +44,7 @@ import pyarrow.compute as pc
 
 from moefast.data import table as _t
 from moefast.data.schema import SplitKind, TableSchema, Transform, load_schema
+from moefast.log import progress_bar
 
 __all__ = ["COMPACT_ROWS", "check_fingerprint", "check_layout", "fingerprint", "first_pass", "footers", "stream_files"]
 
@@ -227,8 +228,6 @@ def first_pass(path: str | os.PathLike[str], schema: str | os.PathLike[str] | Ta
                *, batch_rows: int = _t.PARQUET_BATCH_ROWS, progress: bool | None = None) -> dict[str, Any]:
     """The vocabularies, statistics, domains and file fingerprint of the log ``path``'s training
     split, in bounded memory (the module docstring); the dict ``vocab.json`` holds."""
-    from tqdm import tqdm
-
     sch = load_schema(schema)
     files, root = stream_files(path, sch)
     metas = footers(files, root)
@@ -238,8 +237,7 @@ def first_pass(path: str | os.PathLike[str], schema: str | os.PathLike[str] | Ta
     head = list(dict.fromkeys([sch.domain.column, *[c for c in split_cols if c is not None]]))
     old_rows = _t.PARQUET_BATCH_ROWS
     _t.PARQUET_BATCH_ROWS = batch_rows
-    bar = tqdm(desc="first pass", unit=" rows", unit_scale=True,
-               disable=(not progress) if progress is not None else None)
+    bar = progress_bar(enabled=progress is not False, desc="first pass", unit=" rows", unit_scale=True)
     try:
         # 1. Domains: every row's domain and split.
         domain_all, domain_train = _Counts(), _Counts()

@@ -68,6 +68,7 @@ from moefast.data.vocab import (
     read_vocab,
     write_vocab,
 )
+from moefast.log import progress_bar
 
 __all__ = ["TableError", "input_files", "load_table", "save_vocab"]
 
@@ -651,7 +652,8 @@ def load_table(
             a schema without ``label``. Needs ``vocab_from``.
         cache_dir / use_cache: the processed dataset is cached (``moefast.data.cache``) keyed by
             the content of every input file, the schema and these options.
-        progress: show a tqdm bar (``None``: when stderr is a terminal).
+        progress: ``False`` hides the reading bar; otherwise it draws under the run channel's
+            rule (:func:`moefast.log.progress_bar`: on a terminal, channel not quiet).
 
     ``info["table"]`` holds the vocabularies, statistics and domain map (the content of
     ``vocab.json``, :func:`save_vocab`); a cache hit carries the same.
@@ -709,8 +711,6 @@ def _pretrained_path(sch: TableSchema, spec: CategoricalColumn) -> Path:
 
 def _build(sch: TableSchema, files: list[Path], kind: str, saved: dict[str, Any] | None, scoring: bool,
            progress: bool | None, root: Path | None = None) -> MultiDomainDataset:
-    from tqdm import tqdm
-
     label_col = None if scoring else sch.label
     columns = sch.columns()
     optional = {c for c in (sch.label, sch.split.column) if c is not None and scoring}
@@ -725,7 +725,7 @@ def _build(sch: TableSchema, files: list[Path], kind: str, saved: dict[str, Any]
     keys: list[pa.Array] = []
     split_codes = _Codes()
     split_parts: list[np.ndarray] = []
-    bar = tqdm(desc="reading", unit=" rows", unit_scale=True, disable=(not progress) if progress is not None else None)
+    bar = progress_bar(enabled=progress is not False, desc="reading", unit=" rows", unit_scale=True)
     try:
         coded = {sch.domain.column, *(c.column for c in sch.categorical if not c.multi)}
         if sch.split.kind is SplitKind.COLUMN and sch.split.column is not None:
