@@ -8,6 +8,10 @@ flat memory is measurable; the tables' bytes are reported apart as ``table_bytes
 of the generator's knobs. Rows/s come from pytest-benchmark; peak RSS per phase is measured in a
 subprocess with ``resource`` (``ru_maxrss``) and recorded in ``extra_info``.
 
+``MOEFAST_BENCH_STREAM_LAYOUT``: ``wide`` (default; 26 fields: 22 categorical with vocabularies
+log-spaced from 10 to 100,000 and 4 numeric, dim 16) or ``paper`` (3 fields like the ``paper``
+preset: the domain, a 300-id and a 150-id column, dim 8; issue 26's throughput goal).
+
 Training: the staged MoE-MLoRA round of ``bench/test_bench_train.py`` (DeepFM, batch 1024, lazy
 Adam, one epoch a stage) streamed and in memory, rows/s and each one's peak RSS (a subprocess),
 and the streamed run under 2 gloo ranks (``--nproc 2``), peak RSS per rank.
@@ -33,14 +37,23 @@ import pytest
 SIZES = [int(x) for x in os.environ.get("MOEFAST_BENCH_STREAM_ROWS", "1000000,10000000").split(",")]
 if os.environ.get("MOEFAST_BENCH_STREAM_50M") == "1":
     SIZES.append(50_000_000)
-CATEGORICAL, NUMERIC, DOMAINS, DAYS = 22, 4, 10, 5
-VOCABS = np.geomspace(10, 100_000, CATEGORICAL).round().astype(np.int64)
+LAYOUT = os.environ.get("MOEFAST_BENCH_STREAM_LAYOUT", "wide")
+if LAYOUT not in ("wide", "paper"):
+    raise ValueError(f"MOEFAST_BENCH_STREAM_LAYOUT={LAYOUT!r}: choose wide or paper")
+DOMAINS, DAYS = 10, 5
+if LAYOUT == "paper":
+    NUMERIC, DIM = 0, 8
+    VOCABS = np.array([300, 150], dtype=np.int64)
+else:
+    NUMERIC, DIM = 4, 16
+    VOCABS = np.geomspace(10, 100_000, 22).round().astype(np.int64)
+CATEGORICAL = len(VOCABS)
 BATCH = 1024
 
 
 def _schema() -> dict[str, Any]:
     return {
-        "label": "click", "key": "rid", "dim": 16,
+        "label": "click", "key": "rid", "dim": DIM,
         "domain": {"column": "domain"},
         "categorical": {f"c{j:02d}": {} for j in range(CATEGORICAL)},
         "numeric": {f"n{j}": {"transform": "log1p"} for j in range(NUMERIC)},
@@ -58,19 +71,25 @@ def log(rows: int) -> Path:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    knobs = {"rows": rows, "vocabs": VOCABS.tolist(), "numeric": NUMERIC, "domains": DOMAINS, "days": DAYS, "v": 1}
+    knobs = {"rows": rows, "vocabs": VOCABS.tolist(), "numeric": NUMERIC, "domains": DOMAINS, "days": DAYS, "v": 2}
     key = hashlib.sha256(json.dumps(knobs).encode()).hexdigest()[:16]
     root = Path(os.environ.get("MOEFAST_BENCH_CACHE", Path.home() / ".cache" / "moefast" / "bench")) / f"stream-{key}"
     if (root / "_DONE").is_file():
         return root
     rng = np.random.default_rng(0)
+    # Per-id effects of each column (spread shrinking with the column count), one per domain last.
+    effects = [rng.normal(0, 1.5 / np.sqrt(CATEGORICAL), v) for v in VOCABS] + [rng.normal(0, 0.3, DOMAINS)]
     per = -(-rows // (DOMAINS * DAYS))
     for d in range(DOMAINS):
         for t in range(DAYS):
-            cols: dict[str, Any] = {"rid": pa.array([f"r{d}-{t}-{i}" for i in range(per)]),
-                                    "click": pa.array((rng.random(per) < 0.2).astype(np.int8))}
+            cols: dict[str, Any] = {"rid": pa.array([f"r{d}-{t}-{i}" for i in range(per)])}
+            logit = np.full(per, -1.5 + effects[-1][d])
             for j, vocab in enumerate(VOCABS):
-                cols[f"c{j:02d}"] = pa.array(np.minimum(rng.zipf(1.2, per), vocab) - 1).cast(pa.string())
+                ids = np.minimum(rng.zipf(1.2, per), vocab) - 1
+                logit += effects[j][ids]
+                cols[f"c{j:02d}"] = pa.array(ids).cast(pa.string())
+            # Clicks that the ids and the domain predict (a WAUC comparison needs a signal).
+            cols["click"] = pa.array((rng.random(per) < 1 / (1 + np.exp(-logit))).astype(np.int8))
             for j in range(NUMERIC):
                 cols[f"n{j}"] = pa.array(np.round(rng.lognormal(1.0, 1.0, per), 3))
             sub = root / f"domain=d{d}" / f"dt=2026-12-0{t + 1}"
