@@ -300,3 +300,42 @@ def test_from_torch_with_precision_computes_on_the_rounded_weights() -> None:
     ids = torch.randint(0, 20, (6, 3))
     expected = nn.functional.embedding_bag(ids, module.weight.detach().half().float(), mode="sum", padding_idx=0)
     torch.testing.assert_close(collection({"x": ids}), expected, rtol=1e-5, atol=1e-5)
+
+
+@needs_ext
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_a_run_with_half_tables_records_them_and_resumes_bitwise(
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch, one_thread: None, precision: str
+) -> None:
+    """``table_precision`` is recorded in settings.json and metrics.json, the checkpoints hold
+    the tables in it, a resume with another value is refused by name, and a run stopped mid-epoch
+    and resumed ends bitwise where the uninterrupted one does (the rounding bits come from a
+    counter-based hash: nothing about them enters the snapshot)."""
+    import json
+
+    import _resume_run as tiny
+    from test_resume import assert_same_run
+
+    from moefast.config import TablePrecision
+    from moefast.runs.checkpoint import read_checkpoint
+    from moefast.runs.snapshot import Preempted
+    from moefast.runs.writer import FAULT_ENV
+
+    changes = {"table_precision": TablePrecision(precision), "max_epochs": 2}
+    whole = tmp_path / "whole"
+    tiny.run(whole, "lazy-adam", method="mlora", **changes)
+    assert json.loads((whole / "metrics.json").read_text())["table_precision"] == precision
+    assert json.loads((whole / "settings.json").read_text())["train"]["table_precision"] == precision
+    state = read_checkpoint(next((whole / "checkpoints").glob("*.pt")))["state_dict"]
+    tables = [t for name, t in state.items() if ".tables." in name]
+    assert tables and all(t.dtype == TablePrecision(precision).dtype for t in tables)
+    # Stopped by SIGTERM after the first step of the joint stage's second epoch, then resumed.
+    cut = tmp_path / "cut"
+    monkeypatch.setenv(FAULT_ENV, "term:step:0:2:1")
+    with pytest.raises(Preempted):
+        tiny.run(cut, "lazy-adam", method="mlora", **changes)
+    monkeypatch.delenv(FAULT_ENV)
+    with pytest.raises(ValueError, match=r"train\.table_precision"):
+        tiny.run(cut, "lazy-adam", method="mlora", resume=True, max_epochs=2)
+    tiny.run(cut, "lazy-adam", method="mlora", resume=True, **changes)
+    assert_same_run(cut, whole)
