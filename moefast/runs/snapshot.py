@@ -30,7 +30,12 @@ a fixed thread count: ``metrics.json`` but for its timing keys, the predictions 
 the checkpoints tensor for tensor. What the resumed run must share with the first is recorded in
 ``<run>/settings.json`` when the run starts (:func:`moefast.runs.settings.settings_record`); a resume with other settings
 is refused, naming the keys. A snapshot from another moefast version is refused (the arithmetic
-may differ); another torch version is warned about.
+may differ); another torch version is warned about. A snapshot another run wrote is refused,
+and so is a resume without one where the run left results (:func:`check_resumable`).
+:func:`restore_snapshot` restores what lies outside the current stage (the finished stages,
+checked against the plan and their checkpoints' SHA-256; the RNG states, as :func:`rng_state`
+recorded them; the registered parts), and :func:`check_stage_state` checks the state inside it
+before anything is loaded.
 
 **Extending the snapshot.** What the training loop writes at the top of a snapshot is
 :data:`SNAPSHOT_KEYS`, and :func:`save_snapshot` refuses any other key. Another part of a run
@@ -317,17 +322,17 @@ class FinishedStage(Protocol):
     checkpoint_sha256: str | None
 
 
-Finished = TypeVar("Finished", bound=FinishedStage)
+_Finished = TypeVar("_Finished", bound=FinishedStage)
 
 
 def restore_snapshot(
     path: Path,
     snapshot: Mapping[str, Any],
     labels: list[str],
-    record: Callable[[Any], Finished],
+    record: Callable[[Any], _Finished],
     generator: torch.Generator,
     device: torch.device,
-) -> tuple[list[Finished], dict[str, Any] | None]:
+) -> tuple[list[_Finished], dict[str, Any] | None]:
     """The finished stages of ``snapshot`` (read from ``path``; each entry of its ``records``
     made a record by ``record``) and the state inside the current stage (``None`` at a stage
     boundary). The snapshot's RNG states (:func:`rng_state`) and the registered parts' states

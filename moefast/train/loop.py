@@ -740,7 +740,7 @@ class _StageRun:
         # A snapshot taken after the stage's end resumes straight into it (snapshots written before
         # stopped_by was recorded: the epoch rule, the only one there was).
         st, budget = self.st, self.budget
-        self.ended_before = st.stopped_by is not None or (
+        self.resumed_after_end = st.stopped_by is not None or (
             st.skip == 0 and resume is not None and "stopped_by" not in resume and (
                 st.stopper.should_stop or (budget.max_epochs is not None and st.epochs >= budget.max_epochs)))
         self.epoch = 0  # the epoch being trained, from 1
@@ -763,7 +763,7 @@ class _StageRun:
         (:func:`_finish_stage`; ``base`` as :func:`_run_stage` takes it)."""
         ctx, st = self.ctx, self.st
         runner = ctx.parallel.wrap(ctx.model)  # under data parallelism, a fresh DDP wrapper for each stage
-        while not self.ended_before and st.stopped_by is None:
+        while not self.resumed_after_end and st.stopped_by is None:
             self.run_epoch(runner)
         ctx.parallel.unwrap(ctx.model)
         if st.stopped_by == "cap" and ctx.parallel.is_writer:
@@ -1086,18 +1086,16 @@ class _Saver:
         # save_snapshot adds the registered parts' states (moefast.runs.snapshot.register_snapshot_part).
         save_snapshot(self.run_dir, payload)
 
-    def _rng(self) -> dict[str, Any]:
-        return rng_state(self.generator, self.device)
+    def _payload(self, stage: dict[str, Any] | None) -> dict[str, Any]:
+        return {"records": [_record_state(r) for r in self.records], "rng": rng_state(self.generator, self.device),
+                "stage": stage, "settings_sha256": self.settings_digest, "world_size": self.world_size}
 
     def in_stage(self, stage: dict[str, Any]) -> None:
-        self._save({"records": [_record_state(r) for r in self.records],
-                                     "rng": self._rng(), "stage": stage, "settings_sha256": self.settings_digest,
-                                     "world_size": self.world_size})
+        self._save(self._payload(stage))
 
     def stage_done(self, records: list[StageRecord]) -> None:
         self.records = list(records)
-        snapshot = {"records": [_record_state(r) for r in records], "rng": self._rng(),
-                    "stage": None, "settings_sha256": self.settings_digest, "world_size": self.world_size}
+        snapshot = self._payload(None)
         if self.carried is not None:
             snapshot["carried_optimizer"] = self.carried.state_dict()
         self._save(snapshot)
