@@ -30,7 +30,12 @@ a fixed thread count: ``metrics.json`` but for its timing keys, the predictions 
 the checkpoints tensor for tensor. What the resumed run must share with the first is recorded in
 ``<run>/settings.json`` when the run starts (:func:`moefast.runs.settings.settings_record`); a resume with other settings
 is refused, naming the keys. A snapshot from another moefast version is refused (the arithmetic
-may differ); another torch version is warned about.
+may differ); another torch version is warned about. A snapshot another run wrote is refused,
+and so is a resume without one where the run left results (:func:`check_resumable`).
+:func:`restore_snapshot` restores what lies outside the current stage (the finished stages,
+checked against the plan and their checkpoints' SHA-256; the RNG states, as :func:`rng_state`
+recorded them; the registered parts), and :func:`check_stage_state` checks the state inside it
+before anything is loaded.
 
 **Extending the snapshot.** What the training loop writes at the top of a snapshot is
 :data:`SNAPSHOT_KEYS`, and :func:`save_snapshot` refuses any other key. Another part of a run
@@ -65,13 +70,13 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 import torch
 
 from moefast import _version
-from moefast.runs.checkpoint import read_saved, state_mismatches
-from moefast.runs.files import SNAPSHOT
+from moefast.runs.checkpoint import file_sha256, read_saved, state_mismatches
+from moefast.runs.files import CHECKPOINTS, METRICS, SNAPSHOT
 
 # dataset_fingerprint and dataset_settings moved to moefast.runs.settings (issue 25); still importable here.
 from moefast.runs.settings import RUN_SETTINGS, _hash_tensors, dataset_fingerprint, dataset_settings
@@ -84,8 +89,10 @@ __all__ = [
     "SNAPSHOT_FORMAT",
     "SNAPSHOT_SECONDS",
     "STAGE_STATE",
+    "FinishedStage",
     "Preempted",
     "check_adam_state",
+    "check_resumable",
     "check_stage_state",
     "dataset_fingerprint",
     "dataset_settings",
@@ -93,7 +100,9 @@ __all__ = [
     "load_snapshot",
     "preemption",
     "register_snapshot_part",
+    "restore_snapshot",
     "restore_snapshot_parts",
+    "rng_state",
     "save_snapshot",
     "snapshot_extension",
     "state_fingerprint",
@@ -269,6 +278,97 @@ def load_snapshot(run_dir: Path) -> dict[str, Any] | None:
             stacklevel=2,
         )
     return payload
+
+
+def check_resumable(run_dir: Path, snapshot: Mapping[str, Any] | None, settings_digest: str) -> None:
+    """Refuse to resume ``run_dir`` from ``snapshot`` (its :func:`load_snapshot`) when the run
+    recorded in its settings (SHA-256 ``settings_digest``) did not write it, or, with no snapshot,
+    when the run left results.
+
+    Raises:
+        ValueError: naming the file and what to do.
+    """
+    if snapshot is not None and snapshot.get("settings_sha256") != settings_digest:
+        # A snapshot copied in from another run (of the same plan) would load without error
+        # and continue that run, not this one.
+        raise ValueError(
+            f"resume snapshot {str(run_dir / SNAPSHOT)!r} was not written by the run recorded in "
+            f"{str(run_dir / SETTINGS)!r} (another run's snapshot?); start it again with --overwrite"
+        )
+    if snapshot is None and ((run_dir / CHECKPOINTS).exists() or (run_dir / METRICS).exists()):
+        # Every checkpoint is written after a snapshot, and no snapshot is ever deleted: this
+        # run finished under a moefast without resume, or lost its snapshot.
+        raise ValueError(
+            f"run directory {str(run_dir)!r} holds a run's results but no resume snapshot ({SNAPSHOT}): "
+            "nothing to resume from; start it again with --overwrite (fit(..., overwrite=True))"
+        )
+
+
+def rng_state(generator: torch.Generator, device: torch.device) -> dict[str, Any]:
+    """A snapshot's ``rng``: torch's global generator (dropout), ``generator`` (the batch and
+    domain order) and, on CUDA, the device's generator; :func:`restore_snapshot` sets them back."""
+    rng: dict[str, Any] = {"torch": torch.get_rng_state(), "generator": generator.get_state()}
+    if device.type == "cuda":
+        rng["cuda"] = torch.cuda.get_rng_state(device)
+    return rng
+
+
+class FinishedStage(Protocol):
+    """A finished stage as the training loop records it (``moefast.train.loop.StageRecord``):
+    what a resume checks of it."""
+
+    label: str
+    checkpoint: Path | None
+    checkpoint_sha256: str | None
+
+
+_Finished = TypeVar("_Finished", bound=FinishedStage)
+
+
+def restore_snapshot(
+    path: Path,
+    snapshot: Mapping[str, Any],
+    labels: list[str],
+    record: Callable[[Any], _Finished],
+    generator: torch.Generator,
+    device: torch.device,
+) -> tuple[list[_Finished], dict[str, Any] | None]:
+    """The finished stages of ``snapshot`` (read from ``path``; each entry of its ``records``
+    made a record by ``record``) and the state inside the current stage (``None`` at a stage
+    boundary). The snapshot's RNG states (:func:`rng_state`) and the registered parts' states
+    (:func:`restore_snapshot_parts`) are restored here.
+
+    Raises:
+        ValueError: the snapshot's stages are not a start of the plan ``labels``, it is malformed,
+            or a finished stage's checkpoint is missing or not the one the run wrote.
+    """
+    try:
+        records = [record(r) for r in snapshot["records"]]
+        in_stage = snapshot["stage"]
+        rng = snapshot["rng"]
+        done = [r.label for r in records]
+        position = len(records)
+        if done != labels[:position] or (in_stage is not None and (
+                position == len(labels) or in_stage["index"] != position or in_stage["label"] != labels[position])):
+            raise ValueError(f"its stages ({', '.join(done)}) are not this run's plan ({', '.join(labels)})")
+        torch.set_rng_state(rng["torch"])
+        generator.set_state(rng["generator"])
+        if device.type == "cuda" and "cuda" in rng:
+            torch.cuda.set_rng_state(rng["cuda"], device)
+    except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+        raise ValueError(f"resume snapshot {str(path)!r} does not fit this run: {exc}") from None
+    for finished in records:
+        assert finished.checkpoint is not None
+        if not finished.checkpoint.is_file():
+            raise ValueError(f"resume snapshot {str(path)!r} names the checkpoint {str(finished.checkpoint)!r}, which is missing")
+        # Every finished stage's checkpoint is an output of the run, not only the last one (which
+        # the next stage loads): one edited, damaged or replaced since it was written is refused.
+        if finished.checkpoint_sha256 is not None and file_sha256(finished.checkpoint) != finished.checkpoint_sha256:
+            raise ValueError(f"checkpoint {str(finished.checkpoint)!r} is not the one this run wrote (its SHA-256 "
+                             f"differs from the one recorded in {str(path)!r}): it was damaged or replaced; "
+                             "start the run again with --overwrite")
+    restore_snapshot_parts(path, snapshot)
+    return records, in_stage
 
 
 def float_or_nan(value: float | None) -> float:

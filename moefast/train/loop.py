@@ -9,6 +9,7 @@ and writes its checkpoint, which the next stage loads strictly.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import os
@@ -41,7 +42,7 @@ from moefast.ops._backend import Backend, BackendLike, parse_backend
 from moefast.precision import check_device as check_precision
 from moefast.reference.embedding_optim import FusedOptimizer, LazyAdam, RowwiseAdagrad
 from moefast.runs.checkpoint import file_sha256, load_checkpoint, save_checkpoint
-from moefast.runs.files import CHECKPOINTS, METRICS
+from moefast.runs.files import CHECKPOINTS
 from moefast.runs.rundir import RunDirectory, claim_run_dir, write_run, write_scored_predictions
 from moefast.runs.settings import backend_name, check_settings, dataset_settings, settings_record
 from moefast.runs.snapshot import (
@@ -50,10 +51,12 @@ from moefast.runs.snapshot import (
     SNAPSHOT_SECONDS,
     Preempted,
     check_adam_state,
+    check_resumable,
     check_stage_state,
     load_snapshot,
     preemption,
-    restore_snapshot_parts,
+    restore_snapshot,
+    rng_state,
     save_snapshot,
     state_fingerprint,
 )
@@ -256,6 +259,15 @@ def _table_ids(model: CTRModel) -> set[int]:
     return {id(p) for c in embedding_collections(model) if c.optimizer is not None for p in c.tables.parameters()}
 
 
+def _dense_optimizer(
+    model: CTRModel, params: list[torch.nn.Parameter], config: TrainConfig, backend: str
+) -> torch.optim.Adam:
+    """:func:`stage_optimizer` over ``params`` less the tables a fused embedding optimizer
+    updates (inside the embedding backward, not by Adam)."""
+    fused = _table_ids(model)
+    return stage_optimizer([p for p in params if id(p) not in fused], config, backend)
+
+
 _ORDER = {BatchMode.SINGLE_DOMAIN: BatchOrder.BY_DOMAIN, BatchMode.MIXED: BatchOrder.MIXED}
 
 
@@ -450,129 +462,184 @@ def _fit(
     resume_from: Path | None = None,
     job_dir: Path | None = None,
 ) -> FitResult:
+    """:func:`fit` in the run directory ``claim`` (``None``: none, or a data-parallel rank other
+    than 0, which reads the job's snapshot from ``resume_from`` and names ``job_dir`` when
+    preempted): open the run, train the plan's stages, score the test split and write the outputs."""
     out_dir = None if claim is None else claim.path
-    backend_name = _set_backend(model, backend, torch.device(config.device))
-    check_precision(config.precision, config.device)  # ValueError naming the option, or a warning
-    set_embedding_optimizer(model, _fused_embedding_optimizer(config))
-    for collection in embedding_collections(model):  # half tables: TrainConfig checked the optimizer
-        collection.set_precision(config.table_precision)
-    snapshot: dict[str, Any] | None = None
-    settings_digest: str | None = None
+    backend_name = _prepare_model(model, backend, config)
     parallel: Parallel = distributed.current(config.device) or SingleProcess(torch.device(config.device))
-    world = parallel.world_size
-    if out_dir is not None:
-        _check_run_settings(out_dir, model, dataset, config, backend_name, resume, world)
-        settings_digest = file_sha256(out_dir / SETTINGS)
-        snapshot = load_snapshot(out_dir) if resume else None
-        if snapshot is not None and snapshot.get("settings_sha256") != settings_digest:
-            # A snapshot copied in from another run (of the same plan) would load without error
-            # and continue that run, not this one.
-            raise ValueError(
-                f"resume snapshot {str(out_dir / SNAPSHOT)!r} was not written by the run recorded in "
-                f"{str(out_dir / SETTINGS)!r} (another run's snapshot?); start it again with --overwrite"
-            )
-        if resume and snapshot is None and ((out_dir / CHECKPOINTS).exists() or (out_dir / METRICS).exists()):
-            # Every checkpoint is written after a snapshot, and no snapshot is ever deleted: this
-            # run finished under a moefast without resume, or lost its snapshot.
-            raise ValueError(
-                f"run directory {str(out_dir)!r} holds a run's results but no resume snapshot ({SNAPSHOT}): "
-                "nothing to resume from; start it again with --overwrite (fit(..., overwrite=True))"
-            )
-    elif resume_from is not None:  # a data-parallel rank other than 0 (see fit)
-        snapshot = load_snapshot(resume_from)
-    source = out_dir if out_dir is not None else resume_from
-    if snapshot is not None and snapshot.get("world_size", world) != world and parallel.is_writer:
-        # A valid continuation (the global batch is the same), but its sums are split otherwise.
-        warnings.warn(f"the resume snapshot was written by {snapshot['world_size']} process(es), this run has {world}: "
-                      "the resumed run may not be bitwise equal to an uninterrupted one", stacklevel=3)
+    snapshot, settings_digest = _open_run(out_dir, model, dataset, config, backend_name, parallel, resume, resume_from)
     device = parallel.device
     model.to(device)
     torch.manual_seed(config.seed)  # dropout masks
     generator = torch.Generator().manual_seed(config.seed)  # batch and domain order
     plan = plan_stages(model, config.mlora_mode)
-    all_domains = list(range(dataset.num_domains))
-
-    tmp: tempfile.TemporaryDirectory[str] | None = None
-    if out_dir is None:
-        tmp = tempfile.TemporaryDirectory(prefix="moefast-")
-        ckpt_dir = Path(tmp.name)
-    else:
-        ckpt_dir = out_dir / CHECKPOINTS
     records: list[StageRecord] = []
     in_stage: dict[str, Any] | None = None
     if snapshot is not None:
+        source = out_dir if out_dir is not None else resume_from
         assert source is not None
-        records, in_stage = _restore_snapshot(source / SNAPSHOT, snapshot, plan, source / CHECKPOINTS, generator, device)
-        restore_snapshot_parts(source / SNAPSHOT, snapshot)
+        records, in_stage = restore_snapshot(source / SNAPSHOT, snapshot, [step.label for step in plan],
+                                             functools.partial(_record_from_state, source / CHECKPOINTS), generator, device)
     restored = len(records) if snapshot is not None and in_stage is None else -1
     carried_adam = _carried_optimizer(model, plan, config, backend_name, snapshot if in_stage is None else None)
+    parallel.run_dir = out_dir if out_dir is not None else job_dir
+    # Under data parallelism every rank of a job with a run directory listens: SIGTERM may reach
+    # any of them first.
+    with _checkpoint_dir(out_dir, records) as ckpt_dir, preemption(parallel.run_dir is not None) as stop:
+        saver = None if out_dir is None else _Saver(out_dir, generator, device, stop, records, settings_digest,
+                                                    parallel.world_size, carried_adam)
+        parallel.preempt = stop
+        ctx = _StageContext(model, dataset, config, generator, device, ckpt_dir, backend_name, parallel, saver,
+                            len(plan), list(range(dataset.num_domains)))
+        _train_stages(ctx, plan, records, in_stage, restored, carried_adam)
+        scores = _score_test(ctx, out_dir)
+    return _fit_result(ctx, records, scores, out_dir)
+
+
+def _prepare_model(model: CTRModel, backend: BackendLike, config: TrainConfig) -> str:
+    """Set the backend, the fused embedding optimizer and the tables' precision on ``model``
+    (the precision checked against the device first); return the backend's name for metrics.json."""
+    backend_name = _set_backend(model, backend, torch.device(config.device))
+    check_precision(config.precision, config.device)  # ValueError naming the option, or a warning
+    set_embedding_optimizer(model, _fused_embedding_optimizer(config))
+    for collection in embedding_collections(model):  # half tables: TrainConfig checked the optimizer
+        collection.set_precision(config.table_precision)
+    return backend_name
+
+
+def _open_run(
+    out_dir: Path | None, model: CTRModel, dataset: Dataset, config: TrainConfig, backend: str, parallel: Parallel,
+    resume: bool, resume_from: Path | None,
+) -> tuple[dict[str, Any] | None, str | None]:
+    """The resume snapshot the run continues from (``None``: it starts from the beginning) and
+    the SHA-256 of its ``settings.json`` (``None`` without a run directory). The settings are
+    recorded, or, resuming, checked with the snapshot (:func:`moefast.runs.snapshot.check_resumable`)."""
+    snapshot: dict[str, Any] | None = None
+    settings_digest: str | None = None
+    world = parallel.world_size
+    if out_dir is not None:
+        _check_run_settings(out_dir, model, dataset, config, backend, resume, world)
+        settings_digest = file_sha256(out_dir / SETTINGS)
+        snapshot = load_snapshot(out_dir) if resume else None
+        if resume:
+            check_resumable(out_dir, snapshot, settings_digest)
+    elif resume_from is not None:  # a data-parallel rank other than 0 (see fit)
+        snapshot = load_snapshot(resume_from)
+    if snapshot is not None and snapshot.get("world_size", world) != world and parallel.is_writer:
+        # A valid continuation (the global batch is the same), but its sums are split otherwise.
+        # stacklevel: the warning names fit's caller (_open_run, _fit, fit, the caller).
+        warnings.warn(f"the resume snapshot was written by {snapshot['world_size']} process(es), this run has {world}: "
+                      "the resumed run may not be bitwise equal to an uninterrupted one", stacklevel=4)
+    return snapshot, settings_digest
+
+
+@contextlib.contextmanager
+def _checkpoint_dir(out_dir: Path | None, records: list[StageRecord]) -> Iterator[Path]:
+    """Where the stages write their checkpoints: the run directory's, or (no run directory) a
+    temporary folder, removed at the end; the records of ``records`` then name no checkpoint."""
+    if out_dir is not None:
+        yield out_dir / CHECKPOINTS
+        return
+    tmp = tempfile.TemporaryDirectory(prefix="moefast-")
     try:
-        parallel.run_dir = out_dir if out_dir is not None else job_dir
-        # Under data parallelism every rank of a job with a run directory listens: SIGTERM may
-        # reach any of them first.
-        with preemption(parallel.run_dir is not None) as stop:
-            saver = None if out_dir is None else _Saver(out_dir, generator, device, stop, records, settings_digest, world,
-                                                        carried_adam)
-            parallel.preempt = stop
-            ctx = _StageContext(model, dataset, config, generator, device, ckpt_dir, backend_name, parallel, saver,
-                                len(plan), all_domains)
-            for index in range(len(records), len(plan)):
-                step = plan[index]
-                if records and (parallel.is_writer or index == restored):
-                    # Other ranks hold the same state in memory (only rank 0 writes checkpoints),
-                    # except right after a resume.
-                    previous = records[-1]
-                    assert previous.checkpoint is not None
-                    load_checkpoint(previous.checkpoint, model, expected_stage=previous.label, dataset=dataset.name)
-                # seeds_compat: the best validation score so far is carried into the next stage.
-                carried = records[-1].best_val_mean_auc if config.seeds_compat and records else -math.inf
-                records.append(
-                    _run_stage(ctx, step, index, carried_best=-math.inf if math.isnan(carried) else carried,
-                               resume=in_stage, optimizer=carried_adam, base=records[-1] if records else None)
-                )
-                in_stage = None
-                if saver is not None:
-                    saver.stage_done(records)
-                if index + 1 < len(plan) and parallel.agree_to_stop():
-                    raise Preempted(_preempted_dir(saver, parallel), f"after stage {step.label}")
-            if snapshot is not None and snapshot["stage"] is None and len(records) == len(plan):
-                # Resuming a run whose training had finished: its model is the last checkpoint.
-                last = records[-1]
-                assert last.checkpoint is not None
-                load_checkpoint(last.checkpoint, model, expected_stage=last.label, dataset=dataset.name)
-            # A streamed run's predictions file is written as the test split is scored (one
-            # process; a data-parallel writer has the other ranks' rows only after the gather).
-            write: Callable[[Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]], None] | None = None
-            if isinstance(dataset, StreamedDataset) and out_dir is not None and parallel.world_size == 1:
-                write = functools.partial(write_scored_predictions, out_dir)
-
-            test_logits, test_label, test_domain = _score(model, dataset, "test", None, config.eval_batch_size,
-                                                          device, parallel, write)
-            if parallel.agree_to_stop():
-                # SIGTERM after the last step boundary (in the test predictions): stop now rather
-                # than forget it (a multi-method command would train its next method).
-                raise Preempted(_preempted_dir(saver, parallel), "after training, before the outputs were written")
+        yield Path(tmp.name)
     finally:
-        if tmp is not None:
-            tmp.cleanup()
-            for record in records:
-                record.checkpoint = None
+        tmp.cleanup()
+        for record in records:
+            record.checkpoint = None
 
+
+def _train_stages(
+    ctx: _StageContext, plan: list[StageStep], records: list[StageRecord], in_stage: dict[str, Any] | None,
+    restored: int, optimizer: torch.optim.Optimizer | None,
+) -> None:
+    """Train the stages of ``plan`` from ``len(records)`` on, appending each one's record to
+    ``records`` (the resume snapshot's state ``in_stage`` continues the first of them;
+    ``restored``: the finished stages a resume at a stage boundary found, -1 otherwise), the
+    model ending as the last stage's checkpoint. ``optimizer``: the Adam carried across stages
+    under ``seeds_compat``."""
+    for index in range(len(records), len(plan)):
+        step = plan[index]
+        if records and (ctx.parallel.is_writer or index == restored):
+            # Other ranks hold the same state in memory (only rank 0 writes checkpoints), except
+            # right after a resume.
+            _load_stage(ctx, records[-1])
+        # seeds_compat: the best validation score so far is carried into the next stage.
+        carried = records[-1].best_val_mean_auc if ctx.config.seeds_compat and records else -math.inf
+        records.append(
+            _run_stage(ctx, step, index, carried_best=-math.inf if math.isnan(carried) else carried,
+                       resume=in_stage, optimizer=optimizer, base=records[-1] if records else None)
+        )
+        in_stage = None
+        if ctx.saver is not None:
+            ctx.saver.stage_done(records)
+        if index + 1 < len(plan) and ctx.parallel.agree_to_stop():
+            raise Preempted(_preempted_dir(ctx.saver, ctx.parallel), f"after stage {step.label}")
+    if restored >= 0 and len(records) == len(plan):
+        # Resuming a run whose training had finished: its model is the last checkpoint.
+        _load_stage(ctx, records[-1])
+
+
+def _load_stage(ctx: _StageContext, record: StageRecord) -> None:
+    """Load the finished stage ``record``'s checkpoint into the model (strictly: its stage and dataset)."""
+    assert record.checkpoint is not None
+    load_checkpoint(record.checkpoint, ctx.model, expected_stage=record.label, dataset=ctx.dataset.name)
+
+
+# The test split's logits, labels and domains, in the order of the predictions file, and whether
+# that file is already written (a streamed run's, as the split is scored).
+_TestScores = tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]
+
+
+def _score_test(ctx: _StageContext, out_dir: Path | None) -> _TestScores:
+    """Score the test split with the trained model (on every rank)."""
+    # A streamed run's predictions file is written as the test split is scored (one process; a
+    # data-parallel writer has the other ranks' rows only after the gather).
+    write: Callable[[Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]], None] | None = None
+    if isinstance(ctx.dataset, StreamedDataset) and out_dir is not None and ctx.parallel.world_size == 1:
+        write = functools.partial(write_scored_predictions, out_dir)
+    logits, label, domain = _score(ctx.model, ctx.dataset, "test", None, ctx.config.eval_batch_size, ctx.device,
+                                   ctx.parallel, write)
+    if ctx.parallel.agree_to_stop():
+        # SIGTERM after the last step boundary (in the test predictions): stop now rather than
+        # forget it (a multi-method command would train its next method).
+        raise Preempted(_preempted_dir(ctx.saver, ctx.parallel), "after training, before the outputs were written")
+    return logits, label, domain, write is not None
+
+
+def _fit_result(
+    ctx: _StageContext, records: list[StageRecord], scores: _TestScores, out_dir: Path | None
+) -> FitResult:
+    """The fit's result from the test scores: the test metrics, the gate's weights and
+    ``metrics.json``; the run's outputs written (rank 0)."""
+    model, dataset, parallel = ctx.model, ctx.dataset, ctx.parallel
+    test_logits, test_label, test_domain, written = scores
     _refuse_non_finite_scores(test_logits, "test")
     test = parallel.once(lambda: evaluate_scores(
         test_logits, test_label, test_domain, dataset.domain_names))
     gate = None
     if model.tower.gate is not None:
         with torch.no_grad():
-            gate = model.tower.gate_weights(torch.arange(dataset.num_domains, device=device)).cpu()
+            gate = model.tower.gate_weights(torch.arange(dataset.num_domains, device=ctx.device)).cpu()
+    result = FitResult(_metrics(ctx, records, test), test, records, test_logits, gate, out_dir, test_label,
+                       test_domain, predictions_written=written)
+    if out_dir is not None and parallel.is_writer:
+        write_run(out_dir, result, dataset, model, ctx.config)
+    return result
+
+
+def _metrics(ctx: _StageContext, records: list[StageRecord], test: EvalMetrics) -> dict[str, Any]:
+    """``metrics.json`` (DESIGN.md section 5)."""
+    config, parallel = ctx.config, ctx.parallel
     train_samples = sum(r.train_samples for r in records)
     train_seconds = sum(r.train_seconds for r in records)
     metrics: dict[str, Any] = {
-        "dataset": dataset.name,
-        "model": model.name,
-        "method": method_name(model),
-        "backend": backend_name,
-        "device": str(device),
+        "dataset": ctx.dataset.name,
+        "model": ctx.model.name,
+        "method": method_name(ctx.model),
+        "backend": ctx.backend,
+        "device": str(ctx.device),
         "seed": config.seed,
         "table_precision": config.table_precision.value,
         "precision": config.precision.value,
@@ -583,11 +650,7 @@ def _fit(
     if isinstance(parallel, distributed.DataParallel):
         metrics["distributed"] = {"world_size": parallel.world_size,
                                   "bytes_per_step": parallel.traffic.per_step()}
-    result = FitResult(metrics, test, records, test_logits, gate, out_dir, test_label, test_domain,
-                       predictions_written=write is not None)
-    if out_dir is not None and parallel.is_writer:
-        write_run(out_dir, result, dataset, model, config)
-    return result
+    return metrics
 
 
 @dataclass(frozen=True)
@@ -647,153 +710,209 @@ def _run_stage(
     fresh one over the stage's parameters). ``base``: the previous stage, whose checkpoint the
     model was loaded from; this stage's checkpoint then stores only what it changed and refers to
     that one (``None``: the first stage, a full checkpoint)."""
-    start = time.perf_counter()
-    model, dataset, config, parallel, saver = ctx.model, ctx.dataset, ctx.config, ctx.parallel, ctx.saver
-    generator, device, total, all_domains = ctx.generator, ctx.device, ctx.total, ctx.all_domains
-    compat = config.seeds_compat
-    params = set_stage(model, step, train_backbone=config.train_backbone_in_later_stages or compat,
-                       freeze_pretrained=config.pretrained is PretrainedMode.FROZEN,
-                       seeds_as_run=compat, seeds_gate=config.seeds_gate)
-    apply_frozen_path_dropout(model, config.frozen_path_dropout)
-    fused = _table_ids(model)  # updated inside the embedding backward, not by Adam
-    if optimizer is None:
-        optimizer = stage_optimizer([p for p in params if id(p) not in fused], config, ctx.backend)
-    budget = StageBudget.of(config, step)
-    train_domains = all_domains
-    val_domains: list[int] = all_domains
-    by_loss = False
-    if step.stage is Stage.EXPERT:
-        assert step.expert is not None
-        own = model.tower.expert_domain(step.expert)
-        train_domains = [own]
-        if config.expert_stop is not ExpertStopRule.ALL_DOMAINS and not compat:
-            val_domains = [own]
-            by_loss = config.expert_stop is ExpertStopRule.OWN_DOMAIN_LOSS
+    return _StageRun(ctx, step, index, carried_best=carried_best, resume=resume, optimizer=optimizer).run(base)
 
-    # Only the rows that decide early stopping are evaluated (one domain for an expert).
-    val_only = None if val_domains == all_domains else val_domains
-    if resume is not None:
-        check_stage_state(resume, model, optimizer, params)  # before anything is written
-        st = StageState.restore(resume, model, optimizer, params, config.patience, device)
-        start -= st.elapsed
+
+class _StageRun:
+    """One stage as it trains (:func:`_run_stage`): its parameters and optimizer, budget, loader
+    and :class:`StageState`, and where the current epoch stands. Built, it has set the stage
+    and restored the resume state; :meth:`run` trains it to its end."""
+
+    def __init__(
+        self, ctx: _StageContext, step: StageStep, index: int, *, carried_best: float,
+        resume: dict[str, Any] | None, optimizer: torch.optim.Optimizer | None,
+    ) -> None:
+        self.start = time.perf_counter()  # less the seconds before a resume (below)
+        self.ctx, self.step, self.index = ctx, step, index
+        config, model = ctx.config, ctx.model
+        compat = config.seeds_compat
+        self.params = set_stage(model, step, train_backbone=config.train_backbone_in_later_stages or compat,
+                                freeze_pretrained=config.pretrained is PretrainedMode.FROZEN,
+                                seeds_as_run=compat, seeds_gate=config.seeds_gate)
+        apply_frozen_path_dropout(model, config.frozen_path_dropout)
+        self.optimizer = optimizer if optimizer is not None else _dense_optimizer(model, self.params, config, ctx.backend)
+        self.budget = StageBudget.of(config, step)
+        train_domains, self.val_domains, self.by_loss = _stage_domains(ctx, step)
+        self.st = self._state(resume, carried_best)
+        self.start -= self.st.elapsed
+        self.loader = _train_loader(ctx, train_domains)
+        self.saved_at = -math.inf  # time.monotonic() of this stage's last snapshot
+        # A snapshot taken after the stage's end resumes straight into it (snapshots written before
+        # stopped_by was recorded: the epoch rule, the only one there was).
+        st, budget = self.st, self.budget
+        self.resumed_after_end = st.stopped_by is not None or (
+            st.skip == 0 and resume is not None and "stopped_by" not in resume and (
+                st.stopper.should_stop or (budget.max_epochs is not None and st.epochs >= budget.max_epochs)))
+        self.epoch = 0  # the epoch being trained, from 1
+        self.epoch_generator: torch.Tensor | None = None  # the batch-order generator before the epoch drew its order
+        self.validated_at = -1  # the step of this epoch's last validation
+
+    def _state(self, resume: dict[str, Any] | None, carried_best: float) -> StageState:
+        """The stage's state at its start, or restored from the snapshot state ``resume``."""
+        config, model = self.ctx.config, self.ctx.model
+        if resume is None:
+            return StageState.fresh(config.patience, self.params, carried_best)
+        check_stage_state(resume, model, self.optimizer, self.params)  # before anything is written
+        st = StageState.restore(resume, model, self.optimizer, self.params, config.patience, self.ctx.device)
         if st.skip:
-            generator.set_state(resume["epoch_generator"])  # the epoch draws its order again
-    else:
-        st = StageState.fresh(config.patience, params, carried_best)
-    loader: BatchLoader | StreamLoader
-    if isinstance(dataset, StreamedDataset):
-        loader = streamed.train_loader(dataset, config.batch_size, _ORDER[config.batches],
-                                       None if train_domains == all_domains else train_domains, generator,
-                                       parallel.rank, parallel.world_size)
-    else:
-        loader = BatchLoader(dataset.train, config.batch_size, _ORDER[config.batches], domains=train_domains,
-                             generator=generator)
+            self.ctx.generator.set_state(resume["epoch_generator"])  # the epoch draws its order again
+        return st
 
-    saved_at = -math.inf  # time.monotonic() of this stage's last snapshot
+    def run(self, base: StageRecord | None) -> StageRecord:
+        """Train epochs until the stage ends; then its best weights, checkpoint and record
+        (:func:`_finish_stage`; ``base`` as :func:`_run_stage` takes it)."""
+        ctx, st = self.ctx, self.st
+        runner = ctx.parallel.wrap(ctx.model)  # under data parallelism, a fresh DDP wrapper for each stage
+        while not self.resumed_after_end and st.stopped_by is None:
+            self.run_epoch(runner)
+        ctx.parallel.unwrap(ctx.model)
+        if st.stopped_by == "cap" and ctx.parallel.is_writer:
+            # stacklevel: the warning names _run_stage's caller (run, _run_stage, the caller).
+            warnings.warn(f"stage {self.step.label} ended at its cap ({_cap_text(self.budget)}) while still improving "
+                          f"within its patience of {ctx.config.patience} validations: it did not converge",
+                          CapWarning, stacklevel=3)
+        return _finish_stage(ctx, self.step, self.index, st, self.params, base, self.start)
 
-    def save(batches: int, epoch_generator: torch.Tensor | None, epoch_samples: int = 0) -> None:
-        nonlocal saved_at
-        saved_at = time.monotonic()
-        if saver is not None:
-            saver.in_stage(st.snapshot(index, step.label, batches, epoch_generator, model, optimizer, params,
-                                       time.perf_counter() - start, epoch_samples))
-
-    def validate(epoch: int) -> bool:
-        """Score the validation rows, update early stopping; ``True`` once patience runs out."""
-        where = f"[{index + 1}/{total}] {step.label} epoch {epoch}, step {len(st.losses)}"
-        val_logits, val_label, val_domain = _score(model, dataset, "val", val_only, config.eval_batch_size, device,
-                                                   parallel)
-        _refuse_non_finite_scores(val_logits, f"{where}: validation")
-        val = parallel.once(functools.partial(
-            evaluate_scores, val_logits, val_label, val_domain, dataset.domain_names, domains=val_domains,
-        ))
-        st.history.append(val.mean_auc)
-        st.loss_history.append(val.logloss)
-        if config.progress:
-            own = dataset.domain_names[val_domains[0]]
-            what = (f"val logloss of {own} {val.logloss:.5f} (AUC {val.mean_auc:.5f})" if by_loss
-                    else "val mean AUC" if len(val_domains) > 1 else f"val AUC of {own}")
-            say(f"{where}: {what}" + ("" if by_loss else f" {val.mean_auc:.5f}"))
-        if st.stopper.update(-val.logloss if by_loss else val.mean_auc):
-            st.best_state = {id(p): p.detach().clone() for p in params}
-            st.best.auc, st.best.step, st.best.epoch = val.mean_auc, len(st.losses), epoch
-        elif compat and st.best_state is not None:
-            # seeds_compat: training goes on from the best checkpoint (the seeds reload it).
-            st.load_best(params)
-        return st.stopper.should_stop
-
-    runner = parallel.wrap(model)  # under data parallelism, a fresh DDP wrapper for each stage
-    # A snapshot taken after the stage's end resumes straight into it (snapshots written before
-    # stopped_by was recorded: the epoch rule, the only one there was).
-    done = st.stopped_by is not None or (st.skip == 0 and resume is not None and "stopped_by" not in resume and (
-        st.stopper.should_stop or (budget.max_epochs is not None and st.epochs >= budget.max_epochs)))
-    while not done:
-        epoch = st.epochs + 1
-        epoch_generator = generator.get_state()  # before the epoch draws its order
-        desc = f"[{index + 1}/{total}] {step.label} epoch {epoch}"
-        validated_at = -1  # the step of this epoch's last validation
-
-        def after_step(batches: int, epoch_samples: int, epoch: int = epoch,
-                       epoch_generator: torch.Tensor = epoch_generator) -> str | None:
-            nonlocal validated_at
-            fault_step(index, epoch, batches)
-            steps = len(st.losses)
-            if budget.eval_every is not None and steps % budget.eval_every == 0:
-                validated_at = steps
-                if validate(epoch):
-                    st.stopped_by = "patience"
-            if st.stopped_by is None and budget.max_steps is not None and steps >= budget.max_steps:
-                if validated_at != steps:
-                    validated_at = steps
-                    validate(epoch)
-                st.stopped_by = "patience" if st.stopper.should_stop else "cap"
-            if st.stopped_by is not None:
-                return "end"
-            if validated_at == steps:
-                save(batches, epoch_generator, epoch_samples)
-            # Under data parallelism decided in the step's all-reduce, the same on every rank.
-            return "preempt" if parallel.stop_agreed else None
-
+    def run_epoch(self, runner: torch.nn.Module) -> None:
+        """Train one epoch (after a resume, the rest of it), validate and snapshot as the budget
+        says; :class:`Preempted` when ``SIGTERM`` asked the run to stop."""
+        ctx, st = self.ctx, self.st
+        self.epoch = st.epochs + 1
+        self.epoch_generator = ctx.generator.get_state()  # before the epoch draws its order
+        self.validated_at = -1
+        desc = f"[{self.index + 1}/{ctx.total}] {self.step.label} epoch {self.epoch}"
         t0 = time.perf_counter()
         try:
             trained, drawn = _train_epoch(
-                model, loader, step, optimizer, config, device, desc=desc, losses=st.losses,
-                parallel=parallel, runner=runner, skip=st.skip, after_step=after_step,
+                ctx.model, self.loader, self.step, self.optimizer, ctx.config, ctx.device, desc=desc,
+                losses=st.losses, parallel=ctx.parallel, runner=runner, skip=st.skip, after_step=self.after_step,
             )
             st.samples += trained
         except _Stopped as stopped:
             st.samples += stopped.samples
             st.train_seconds += time.perf_counter() - t0
-            save(stopped.batches, epoch_generator)
-            raise Preempted(_preempted_dir(saver, parallel), f"at {desc}, batch {stopped.batches}") from None
+            self.snapshot(stopped.batches, self.epoch_generator)
+            raise Preempted(_preempted_dir(ctx.saver, ctx.parallel), f"at {desc}, batch {stopped.batches}") from None
         st.skip = 0
         st.train_seconds += time.perf_counter() - t0
-        st.epochs = epoch
-        if st.stopped_by is None:
-            steps = len(st.losses)
-            # Per-epoch validation, or (step budget) an epoch that trained no step at all.
-            if budget.eval_every is None or (validated_at < 0 and not drawn):
-                validated_at = steps
-                if validate(epoch):
-                    st.stopped_by = "patience"
-            if st.stopped_by is None and budget.max_epochs is not None and st.epochs >= budget.max_epochs:
-                if validated_at != steps:
-                    validate(epoch)
-                st.stopped_by = "patience" if st.stopper.should_stop else "cap"
-        done = st.stopped_by is not None
-        stop = parallel.agree_to_stop()
+        st.epochs = self.epoch
+        self.end_epoch(drawn)
+        stop = ctx.parallel.agree_to_stop()
         # A snapshot follows each validation and the stage's end; at an epoch's end otherwise only
         # every SNAPSHOT_SECONDS (an expert's epoch may be one step: a snapshot each would cost
         # more than the step). A resume replays the steps since the last one, bitwise.
-        if done or stop or validated_at == len(st.losses) or time.monotonic() - saved_at >= SNAPSHOT_SECONDS:
-            save(0, None)
+        if (st.stopped_by is not None or stop or self.validated_at == len(st.losses)
+                or time.monotonic() - self.saved_at >= SNAPSHOT_SECONDS):
+            self.snapshot(0, None)
         if stop:
-            raise Preempted(_preempted_dir(saver, parallel), f"after {desc}")
-    parallel.unwrap(model)
-    if st.stopped_by == "cap" and parallel.is_writer:
-        warnings.warn(f"stage {step.label} ended at its cap ({_cap_text(budget)}) while still improving within "
-                      f"its patience of {config.patience} validations: it did not converge", CapWarning, stacklevel=2)
-    return _finish_stage(ctx, step, index, st, params, base, start)
+            raise Preempted(_preempted_dir(ctx.saver, ctx.parallel), f"after {desc}")
+
+    def after_step(self, batches: int, epoch_samples: int) -> str | None:
+        """:func:`_train_epoch`'s ``after_step``: validate every ``eval_every`` steps, end the
+        stage at the step cap, snapshot after a validation; ``"end"`` once the stage is over,
+        ``"preempt"`` once ``SIGTERM`` asked the job to stop."""
+        fault_step(self.index, self.epoch, batches)
+        st, budget = self.st, self.budget
+        steps = len(st.losses)
+        if budget.eval_every is not None and steps % budget.eval_every == 0:
+            self.validate()
+        if st.stopped_by is None and budget.max_steps is not None and steps >= budget.max_steps:
+            self.end_at_cap()
+        if st.stopped_by is not None:
+            return "end"
+        if self.validated_at == steps:
+            assert self.epoch_generator is not None
+            self.snapshot(batches, self.epoch_generator, epoch_samples)
+        # Under data parallelism decided in the step's all-reduce, the same on every rank.
+        return "preempt" if self.ctx.parallel.stop_agreed else None
+
+    def end_epoch(self, drawn: int) -> None:
+        """After the epoch's last step (``drawn`` batches drawn): the per-epoch validation, or
+        (step budget) one after an epoch that trained no step at all; the epoch cap."""
+        st, budget = self.st, self.budget
+        if st.stopped_by is not None:
+            return
+        if budget.eval_every is None or (self.validated_at < 0 and not drawn):
+            self.validate()
+        if st.stopped_by is None and budget.max_epochs is not None and st.epochs >= budget.max_epochs:
+            self.end_at_cap()
+
+    def end_at_cap(self) -> None:
+        """A cap ends the stage: validated at this step (unless just done), it ended by patience
+        if that ran out, else by the cap."""
+        st = self.st
+        if self.validated_at != len(st.losses):
+            self.validate()
+        st.stopped_by = "patience" if st.stopper.should_stop else "cap"
+
+    def validate(self) -> None:
+        """Score the validation rows and update early stopping (the best weights; under
+        seeds_compat, back to them when no better); the stage ends once patience runs out."""
+        ctx, st = self.ctx, self.st
+        self.validated_at = len(st.losses)
+        where = f"[{self.index + 1}/{ctx.total}] {self.step.label} epoch {self.epoch}, step {len(st.losses)}"
+        # Only the rows that decide early stopping are evaluated (one domain for an expert).
+        val_only = None if self.val_domains == ctx.all_domains else self.val_domains
+        val_logits, val_label, val_domain = _score(ctx.model, ctx.dataset, "val", val_only, ctx.config.eval_batch_size,
+                                                   ctx.device, ctx.parallel)
+        _refuse_non_finite_scores(val_logits, f"{where}: validation")
+        val = ctx.parallel.once(functools.partial(
+            evaluate_scores, val_logits, val_label, val_domain, ctx.dataset.domain_names, domains=self.val_domains,
+        ))
+        st.history.append(val.mean_auc)
+        st.loss_history.append(val.logloss)
+        if ctx.config.progress:
+            say(f"{where}: {self._val_text(val)}")
+        if st.stopper.update(-val.logloss if self.by_loss else val.mean_auc):
+            st.best_state = {id(p): p.detach().clone() for p in self.params}
+            st.best.auc, st.best.step, st.best.epoch = val.mean_auc, len(st.losses), self.epoch
+        elif ctx.config.seeds_compat and st.best_state is not None:
+            # seeds_compat: training goes on from the best checkpoint (the seeds reload it).
+            st.load_best(self.params)
+        if st.stopper.should_stop:
+            st.stopped_by = "patience"
+
+    def _val_text(self, val: EvalMetrics) -> str:
+        """What the progress line says of a validation: the score that decides early stopping."""
+        own = self.ctx.dataset.domain_names[self.val_domains[0]]
+        if self.by_loss:
+            return f"val logloss of {own} {val.logloss:.5f} (AUC {val.mean_auc:.5f})"
+        what = "val mean AUC" if len(self.val_domains) > 1 else f"val AUC of {own}"
+        return f"{what} {val.mean_auc:.5f}"
+
+    def snapshot(self, batches: int, epoch_generator: torch.Tensor | None, epoch_samples: int = 0) -> None:
+        """Write the resume snapshot (rank 0) at ``batches`` batches into the epoch (0: at its
+        end); ``epoch_samples``: the epoch's rows trained so far."""
+        self.saved_at = time.monotonic()
+        if self.ctx.saver is not None:
+            self.ctx.saver.in_stage(self.st.snapshot(
+                self.index, self.step.label, batches, epoch_generator, self.ctx.model, self.optimizer, self.params,
+                time.perf_counter() - self.start, epoch_samples))
+
+
+def _stage_domains(ctx: _StageContext, step: StageStep) -> tuple[list[int], list[int], bool]:
+    """The domains stage ``step`` trains on, those whose validation decides its early stopping,
+    and whether that is the own domain's logloss (else the mean AUC)."""
+    config, all_domains = ctx.config, ctx.all_domains
+    if step.stage is not Stage.EXPERT:
+        return all_domains, all_domains, False
+    assert step.expert is not None
+    own = ctx.model.tower.expert_domain(step.expert)
+    if config.expert_stop is ExpertStopRule.ALL_DOMAINS or config.seeds_compat:
+        return [own], all_domains, False
+    return [own], [own], config.expert_stop is ExpertStopRule.OWN_DOMAIN_LOSS
+
+
+def _train_loader(ctx: _StageContext, domains: list[int]) -> BatchLoader | StreamLoader:
+    """The stage's training batches: of ``domains`` (``ctx.all_domains``: every domain), in the
+    order ``ctx.generator`` draws."""
+    config, dataset, parallel = ctx.config, ctx.dataset, ctx.parallel
+    if isinstance(dataset, StreamedDataset):
+        return streamed.train_loader(dataset, config.batch_size, _ORDER[config.batches],
+                                     None if domains == ctx.all_domains else domains, ctx.generator,
+                                     parallel.rank, parallel.world_size)
+    return BatchLoader(dataset.train, config.batch_size, _ORDER[config.batches], domains=domains,
+                       generator=ctx.generator)
 
 
 def _finish_stage(
@@ -967,21 +1086,16 @@ class _Saver:
         # save_snapshot adds the registered parts' states (moefast.runs.snapshot.register_snapshot_part).
         save_snapshot(self.run_dir, payload)
 
-    def _rng(self) -> dict[str, Any]:
-        rng: dict[str, Any] = {"torch": torch.get_rng_state(), "generator": self.generator.get_state()}
-        if self.device.type == "cuda":
-            rng["cuda"] = torch.cuda.get_rng_state(self.device)
-        return rng
+    def _payload(self, stage: dict[str, Any] | None) -> dict[str, Any]:
+        return {"records": [_record_state(r) for r in self.records], "rng": rng_state(self.generator, self.device),
+                "stage": stage, "settings_sha256": self.settings_digest, "world_size": self.world_size}
 
     def in_stage(self, stage: dict[str, Any]) -> None:
-        self._save({"records": [_record_state(r) for r in self.records],
-                                     "rng": self._rng(), "stage": stage, "settings_sha256": self.settings_digest,
-                                     "world_size": self.world_size})
+        self._save(self._payload(stage))
 
     def stage_done(self, records: list[StageRecord]) -> None:
         self.records = list(records)
-        snapshot = {"records": [_record_state(r) for r in records], "rng": self._rng(),
-                    "stage": None, "settings_sha256": self.settings_digest, "world_size": self.world_size}
+        snapshot = self._payload(None)
         if self.carried is not None:
             snapshot["carried_optimizer"] = self.carried.state_dict()
         self._save(snapshot)
@@ -999,8 +1113,7 @@ def _carried_optimizer(
     # Adam leaves a parameter without a gradient untouched in the stages that freeze it).
     params = set_stage(model, plan[-1], train_backbone=True, freeze_pretrained=config.pretrained is PretrainedMode.FROZEN,
                        seeds_as_run=True, seeds_gate=config.seeds_gate)
-    fused = _table_ids(model)
-    optimizer = stage_optimizer([p for p in params if id(p) not in fused], config, backend)
+    optimizer = _dense_optimizer(model, params, config, backend)
     saved = None if snapshot is None else snapshot.get("carried_optimizer")
     if snapshot is not None and snapshot.get("records") and saved is None:
         raise ValueError("the resume snapshot of a seeds_compat run lacks the optimizer state carried across stages")
@@ -1020,43 +1133,9 @@ def _record_state(record: StageRecord) -> dict[str, Any]:
     return state
 
 
-def _restore_snapshot(
-    path: Path,
-    snapshot: dict[str, Any],
-    plan: list[StageStep],
-    ckpt_dir: Path,
-    generator: torch.Generator,
-    device: torch.device,
-) -> tuple[list[StageRecord], dict[str, Any] | None]:
-    """The finished stages' records and the state inside the current stage (``None`` at a stage
-    boundary) of a snapshot; the RNG states are restored here."""
-    labels = [step.label for step in plan]
-    try:
-        records = [StageRecord(**{**r, "checkpoint": ckpt_dir / r["checkpoint"]}) for r in snapshot["records"]]
-        in_stage = snapshot["stage"]
-        rng = snapshot["rng"]
-        done = [r.label for r in records]
-        position = len(records)
-        if done != labels[:position] or (in_stage is not None and (
-                position == len(plan) or in_stage["index"] != position or in_stage["label"] != labels[position])):
-            raise ValueError(f"its stages ({', '.join(done)}) are not this run's plan ({', '.join(labels)})")
-        torch.set_rng_state(rng["torch"])
-        generator.set_state(rng["generator"])
-        if device.type == "cuda" and "cuda" in rng:
-            torch.cuda.set_rng_state(rng["cuda"], device)
-    except (KeyError, TypeError, ValueError, RuntimeError) as exc:
-        raise ValueError(f"resume snapshot {str(path)!r} does not fit this run: {exc}") from None
-    for record in records:
-        assert record.checkpoint is not None
-        if not record.checkpoint.is_file():
-            raise ValueError(f"resume snapshot {str(path)!r} names the checkpoint {str(record.checkpoint)!r}, which is missing")
-        # Every finished stage's checkpoint is an output of the run, not only the last one (which
-        # the next stage loads): one edited, damaged or replaced since it was written is refused.
-        if record.checkpoint_sha256 is not None and file_sha256(record.checkpoint) != record.checkpoint_sha256:
-            raise ValueError(f"checkpoint {str(record.checkpoint)!r} is not the one this run wrote (its SHA-256 "
-                             f"differs from the one recorded in {str(path)!r}): it was damaged or replaced; "
-                             "start the run again with --overwrite")
-    return records, in_stage
+def _record_from_state(ckpt_dir: Path, state: dict[str, Any]) -> StageRecord:
+    """A finished stage's record from its snapshot entry (:func:`_record_state`), its checkpoint in ``ckpt_dir``."""
+    return StageRecord(**{**state, "checkpoint": ckpt_dir / state["checkpoint"]})
 
 
 def _check_run_settings(
