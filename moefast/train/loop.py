@@ -576,8 +576,10 @@ def _train_stages(
             ctx.saver.stage_done(records)
         if index + 1 < len(plan) and ctx.parallel.agree_to_stop():
             raise Preempted(_preempted_dir(ctx.saver, ctx.parallel), f"after stage {step.label}")
-    if restored >= 0 and len(records) == len(plan):
-        # Resuming a run whose training had finished: its model is the last checkpoint.
+    if restored == len(plan):
+        # Resuming a run whose training had finished: its model is the last checkpoint. (Not
+        # after stages trained here: the model holds their end, and a data-parallel rank other
+        # than 0 has no checkpoint of its own to reload.)
         _load_stage(ctx, records[-1])
 
 
