@@ -37,7 +37,7 @@ import pytest
 import torch
 
 from moefast import _ext, data, models
-from moefast.config import MLoRAMode, Precision, TowerKind, TrainConfig
+from moefast.config import MLoRAMode, Precision, TablePrecision, TowerKind, TrainConfig
 from moefast.data.dataset import Batch, MultiDomainDataset
 from moefast.models.base import CTRModel
 from moefast.nn.tower import Tower
@@ -46,6 +46,7 @@ from moefast.reference.embedding_optim import LazyAdam
 from moefast.train.loop import (
     _set_backend,
     _table_ids,
+    embedding_collections,
     l2_parameters,
     predict,
     set_embedding_optimizer,
@@ -162,6 +163,26 @@ def test_train(benchmark: Any, provider: str, preset: str, lazy: bool, mix: str,
     _record(benchmark, samples, provider=provider, preset=preset, device=DEVICE, batch=BATCH,
             embedding_optimizer="lazy-adam" if lazy else "adam", mode="staged-train", mix=mix,
             precision=precision, cpu_flags=_cpu_flags())
+
+
+@pytest.mark.parametrize("table_precision", [p.value for p in TablePrecision])
+def test_train_half_tables(benchmark: Any, table_precision: str) -> None:
+    """Staged training on ``wide`` (fast path, lazy Adam in every arm) with fp32, fp16 and bf16
+    tables (issue 28), side by side in one run. In the staged round the tables train in the
+    backbone stage only (1 of 12 stages); the other stages read them."""
+    if not _ext.available():
+        pytest.skip("half tables need the C++ engine (moefast._C)")
+    ds = _dataset("wide")
+    model = _model(ds, "fast", lazy=True)
+    for collection in embedding_collections(model):
+        collection.set_precision(TablePrecision(table_precision))
+    run = _staged_round(model, _domain_batches(ds, STEPS, BATCH), "fast")
+    benchmark.group = "train-wide-table-precision"
+    samples = run()
+    benchmark.pedantic(run, rounds=ROUNDS, iterations=1)
+    _record(benchmark, samples, provider="fast", preset="wide", device=DEVICE, batch=BATCH,
+            embedding_optimizer="lazy-adam", mode="staged-train", table_precision=table_precision,
+            cpu_flags=_cpu_flags())
 
 
 def _cpu_flags() -> str:
