@@ -11,7 +11,8 @@ DeepFM) under ``torch.profiler`` in fp32 and in bf16-mixed, and prints for each:
   stage computes (``2 m k n`` each, forward and backward), over their measured time, against
   ``torch.matmul`` of two 2048 x 2048 bf16 matrices timed in the same process (the peak);
 - the Amdahl bound of the step from the measured shares: ``1 / (1 - s + s / r)`` with ``s`` the
-  wide products' share of the fp32 step and ``r`` their bf16 speed-up.
+  wide products' share of the fp32 step and ``r`` their bf16 speed-up, the fp32 time of the same
+  products found as the ``aten::mm`` calls with the same operand shapes (matched one for one).
 
 Do not run it while other jobs load the machine (the figures would be wrong):
 
@@ -23,7 +24,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
 
@@ -67,11 +68,16 @@ def _profile(preset: str, precision: Precision, lazy: bool) -> dict[str, Any]:
         wall = time.perf_counter() - start
     by_op: dict[str, float] = defaultdict(float)
     wide_time = wide_flops = tower_time = 0.0
+    mm: list[tuple[tuple[tuple[int, ...], ...], float]] = []  # fp32 products: (operand shapes, time)
+    wide_shapes: list[tuple[tuple[int, ...], ...]] = []
     for event in prof.events():
         by_op[event.name] += event.self_cpu_time_total
         if event.name in WIDE:
             wide_time += event.cpu_time_total
             wide_flops += _flops(event.input_shapes)
+            wide_shapes.append(_key(event.input_shapes))
+        elif event.name == "aten::mm":
+            mm.append((_key(event.input_shapes), event.cpu_time_total))
         # The node's forward op and its backward node (the autograd node of the C++ op, or the
         # Python node's backward), not the events nested inside them.
         if event.name == "moefast::tower" or ("TowerFunction" in event.name and "Backward" in event.name) \
@@ -79,7 +85,25 @@ def _profile(preset: str, precision: Precision, lazy: bool) -> dict[str, Any]:
             tower_time += event.cpu_time_total
     total = sum(by_op.values())
     return {"wall": wall, "samples": samples, "by_op": by_op, "total_us": total, "wide_us": wide_time,
-            "wide_flops": wide_flops, "tower_us": tower_time}
+            "wide_flops": wide_flops, "tower_us": tower_time, "mm": mm, "wide_shapes": wide_shapes}
+
+
+def _key(shapes: list[list[int]]) -> tuple[tuple[int, ...], ...]:
+    return tuple(tuple(s) for s in shapes[:2])
+
+
+def _same_products(fp32_mm: list[tuple[tuple[tuple[int, ...], ...], float]],
+                   wide_shapes: list[tuple[tuple[int, ...], ...]]) -> tuple[float, int]:
+    """The fp32 step's time in the products that bf16-mixed computes as wide (``aten::mm``
+    calls with the same operand shapes, matched one for one), and how many matched."""
+    left = Counter(wide_shapes)
+    time_us, matched = 0.0, 0
+    for key, us in fp32_mm:
+        if left[key] > 0:
+            left[key] -= 1
+            time_us += us
+            matched += 1
+    return time_us, matched
 
 
 def main(argv: list[str]) -> int:
@@ -108,8 +132,16 @@ def main(argv: list[str]) -> int:
     fp32, bf16 = results[Precision.FP32], results[Precision.BF16_MIXED]
     speedup = (fp32["samples"] / fp32["wall"]) and (bf16["samples"] / bf16["wall"]) / (fp32["samples"] / fp32["wall"])
     print(f"\nbf16-mixed / fp32 samples/s under the profiler: {speedup:.2f}x")
-    print("The fp32 share of the same products: read the aten::mm / aten::addmm rows above; the Amdahl bound is "
-          "1 / (1 - s + s / r) with s that share and r = fp32 time / bf16 time of the wide products.")
+    fp32_wide, matched = _same_products(fp32["mm"], bf16["wide_shapes"])
+    if matched and bf16["wide_us"]:
+        share = fp32_wide / fp32["total_us"]
+        ratio = fp32_wide / bf16["wide_us"]
+        bound = 1 / (1 - share + share / ratio)
+        print(f"wide products: {matched} of {len(bf16['wide_shapes'])} matched by shape in the fp32 step; "
+              f"{share:.1%} of the fp32 step; fp32 {fp32_wide / 1e3:.2f} ms -> bf16 {bf16['wide_us'] / 1e3:.2f} ms "
+              f"= {ratio:.2f}x faster")
+        print(f"Amdahl bound of the step from these shares: 1 / (1 - {share:.3f} + {share:.3f} / {ratio:.2f}) "
+              f"= {bound:.2f}x; measured {speedup:.2f}x ({speedup / bound:.0%} of the bound)")
     return 0
 
 
