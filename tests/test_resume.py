@@ -356,7 +356,7 @@ def test_every_output_is_written_atomically_a_full_disk_is_one_line(
     from moefast.data import cache
     from moefast.data.vocab import write_vocab
     from moefast.experiments.claims import KEY_COLUMNS, _append_row
-    from moefast.export._records import write_dataset_record
+    from moefast.runs.records import write_dataset_record
     from moefast.runs.writer import copy_file, write_at_path, write_batches
 
     dataset = data.load("synthetic", preset="paper", rows=200, num_domains=2, num_users=20, num_items=10)

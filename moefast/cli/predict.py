@@ -104,7 +104,7 @@ def check_compatible(record: Mapping[str, Any], dataset: Any) -> None:
     if name != source.get("name"):
         raise UserError(f"the model was trained on source {source.get('name')!r}, the data is {name!r}")
     if source.get("id_map") == "vocabulary":
-        from moefast.export._records import vocabulary_digest
+        from moefast.runs.records import vocabulary_digest
 
         if vocabulary_digest(dataset) != source.get("vocabulary"):
             raise UserError(

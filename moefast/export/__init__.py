@@ -5,21 +5,20 @@
 - :func:`export_program` writes it as a ``torch.export`` program (``.pt2``) that loads with
   plain PyTorch, with its inputs, output and preprocessing (feature specs, domain map,
   vocabularies) written beside it;
-- :func:`load_run` rebuilds the trained model of a run directory.
+- :func:`load_run` (from :mod:`moefast.runs.read`) rebuilds the trained model of a run directory.
 
 See docs/serving.md.
 
-Owns: the merge, the exported program and its sidecar, reading a run directory back for
-serving. Never imports: training, experiments or the command line (a run directory is read
-through :mod:`moefast.runs`).
+Owns: the merge, the exported program and its sidecar. Never imports: training, experiments
+or the command line (a run directory is read back by :mod:`moefast.runs.read`).
 """
 
 from __future__ import annotations
 
 from moefast.export._merge import MergedModel, MergedTower, domain_mixture, merge, merge_tower
 from moefast.export._program import ServingModule, export_onnx, export_program, serving_module
-from moefast.export._records import dataset_record
-from moefast.export._rundir import LoadedRun, load_run, method_dir
+from moefast.runs.read import LoadedRun, load_run, method_dir
+from moefast.runs.records import dataset_record
 
 __all__ = [
     "LoadedRun",

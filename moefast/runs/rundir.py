@@ -338,7 +338,7 @@ def write_run(
          "num_domains": dataset.num_domains, "train": config},
     )
     # The features, domain map and id provenance that moefast export / predict read back.
-    from moefast.export._records import DATASET_RECORD, write_dataset_record
+    from moefast.runs.records import DATASET_RECORD, write_dataset_record
 
     write_dataset_record(run_dir / DATASET_RECORD, dataset)
     write_json(run_dir / METRICS, result.metrics)
