@@ -75,3 +75,25 @@ def in_child(work: Callable[[], None], fault: str | None, kill_after: float | No
 if __name__ == "__main__":
     torch.set_num_threads(1)
     run(Path(sys.argv[1]), sys.argv[2], resume=len(sys.argv) > 3)
+
+
+def cut_and_resume(tmp: Path, monkeypatch: Any, option: str, **changes: Any) -> tuple[Path, Path]:
+    """MLoRA with lazy Adam and ``changes``, trained whole into ``tmp/whole`` and, into
+    ``tmp/cut``, stopped by SIGTERM after the first step of the joint stage's second epoch; a
+    resume without ``changes`` must be refused naming ``train.<option>``, a resume with them then
+    finishes the run. Returns (whole, cut) for the caller's comparison."""
+    import pytest
+
+    from moefast.runs.snapshot import Preempted
+
+    whole, cut = tmp / "whole", tmp / "cut"
+    run(whole, "lazy-adam", method="mlora", **changes)
+    monkeypatch.setenv(FAULT_ENV, "term:step:0:2:1")
+    with pytest.raises(Preempted):
+        run(cut, "lazy-adam", method="mlora", **changes)
+    monkeypatch.delenv(FAULT_ENV)
+    without = {k: v for k, v in changes.items() if k != option}
+    with pytest.raises(ValueError, match=rf"train\.{option}"):
+        run(cut, "lazy-adam", method="mlora", resume=True, **without)
+    run(cut, "lazy-adam", method="mlora", resume=True, **changes)
+    return whole, cut

@@ -318,24 +318,12 @@ def test_a_run_with_half_tables_records_them_and_resumes_bitwise(
 
     from moefast.config import TablePrecision
     from moefast.runs.checkpoint import read_checkpoint
-    from moefast.runs.snapshot import Preempted
-    from moefast.runs.writer import FAULT_ENV
 
-    changes = {"table_precision": TablePrecision(precision), "max_epochs": 2}
-    whole = tmp_path / "whole"
-    tiny.run(whole, "lazy-adam", method="mlora", **changes)
+    whole, cut = tiny.cut_and_resume(tmp_path, monkeypatch, "table_precision",
+                                     table_precision=TablePrecision(precision), max_epochs=2)
     assert json.loads((whole / "metrics.json").read_text())["table_precision"] == precision
     assert json.loads((whole / "settings.json").read_text())["train"]["table_precision"] == precision
     state = read_checkpoint(next((whole / "checkpoints").glob("*.pt")))["state_dict"]
     tables = [t for name, t in state.items() if ".tables." in name]
     assert tables and all(t.dtype == TablePrecision(precision).dtype for t in tables)
-    # Stopped by SIGTERM after the first step of the joint stage's second epoch, then resumed.
-    cut = tmp_path / "cut"
-    monkeypatch.setenv(FAULT_ENV, "term:step:0:2:1")
-    with pytest.raises(Preempted):
-        tiny.run(cut, "lazy-adam", method="mlora", **changes)
-    monkeypatch.delenv(FAULT_ENV)
-    with pytest.raises(ValueError, match=r"train\.table_precision"):
-        tiny.run(cut, "lazy-adam", method="mlora", resume=True, max_epochs=2)
-    tiny.run(cut, "lazy-adam", method="mlora", resume=True, **changes)
     assert_same_run(cut, whole)

@@ -302,24 +302,9 @@ def test_checkpoints_and_resume_under_bf16_mixed_are_bitwise_at_one_thread(
     import _resume_run as tiny
     from test_resume import assert_same_run
 
-    from moefast.runs.snapshot import Preempted
-    from moefast.runs.writer import FAULT_ENV
-
-    changes = {"precision": BF16, "max_epochs": 2}
-    whole = tmp_path / "whole"
-    tiny.run(whole, "lazy-adam", method="mlora", **changes)
-    metrics = json.loads((whole / "metrics.json").read_text())
-    assert metrics["precision"] == "bf16-mixed"
+    whole, cut = tiny.cut_and_resume(tmp_path, monkeypatch, "precision", precision=BF16, max_epochs=2)
+    assert json.loads((whole / "metrics.json").read_text())["precision"] == "bf16-mixed"
     assert json.loads((whole / "settings.json").read_text())["train"]["precision"] == "bf16-mixed"
-    # Stopped by SIGTERM after the first step of the joint stage's second epoch, then resumed.
-    cut = tmp_path / "cut"
-    monkeypatch.setenv(FAULT_ENV, "term:step:0:2:1")
-    with pytest.raises(Preempted):
-        tiny.run(cut, "lazy-adam", method="mlora", **changes)
-    monkeypatch.delenv(FAULT_ENV)
-    with pytest.raises(ValueError, match=r"train\.precision"):
-        tiny.run(cut, "lazy-adam", method="mlora", resume=True, max_epochs=2)
-    tiny.run(cut, "lazy-adam", method="mlora", resume=True, **changes)
     assert_same_run(cut, whole)
 
 
