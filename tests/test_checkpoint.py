@@ -270,3 +270,26 @@ def test_an_old_run_of_full_checkpoints_still_loads_and_exports(
     for key, tensor in model.state_dict().items():
         assert torch.equal(loaded.model.state_dict()[key], tensor), key
     assert merge(loaded.model) is not None
+
+
+def test_an_old_run_recorded_in_config_json_still_loads(staged_run: tuple[Path, CTRModel], tmp_path: Path) -> None:
+    """settings.json is the one record of how a run started (issue 25); a run directory written
+    before it held the model (its config.json did) loads as before."""
+    import json
+    import shutil
+
+    from moefast.export import load_run
+
+    run, model = staged_run
+    assert not (run / "config.json").exists()
+    old = tmp_path / "old"
+    shutil.copytree(run, old)
+    settings = json.loads((old / "settings.json").read_text())
+    recorded = settings.pop("model")
+    (old / "settings.json").write_text(json.dumps(settings))
+    (old / "config.json").write_text(json.dumps({"dataset": settings["dataset"]["name"], "model": recorded["name"],
+                                                 "tower": recorded["tower"], "num_domains": model.num_domains,
+                                                 "train": settings["train"]}))
+    loaded = load_run(old, backend="reference")
+    for key, tensor in model.state_dict().items():
+        assert torch.equal(loaded.model.state_dict()[key], tensor), key

@@ -43,11 +43,12 @@ def test_train_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
         metrics = json.loads((run / "metrics.json").read_text())
         assert metrics["method"] == method and metrics["model"] == "deepfm"
         assert metrics == combined[method]
-        assert json.loads((run / "config.json").read_text())["dataset"] == "synthetic-taobao"  # the default preset
+        assert json.loads((run / "settings.json").read_text())["dataset"]["name"] == "synthetic-taobao"  # the default preset
         wauc = f"{metrics['test']['wauc']:.4f}"
         assert wauc in next(line for line in table.splitlines() if line.startswith("WAUC"))
-        for name in ("config.toml", "config.json", "predictions.csv", "val_auc.png", "per_domain_auc.png"):
+        for name in ("config.toml", "settings.json", "predictions.csv", "val_auc.png", "per_domain_auc.png"):
             assert (run / name).is_file(), (method, name)
+        assert not (run / "config.json").exists()  # settings.json is the one record of how it started
         assert list((run / "checkpoints").glob("*.pt"))
     assert (out / "moe-mlora" / "gate_weights.png").is_file()
     assert (out / "per_domain_auc.png").is_file() and (out / "table.txt").is_file()

@@ -120,10 +120,13 @@ def test_ids_numbered_from_other_files_are_refused() -> None:
         check_compatible(record, dataset)
 
 
-def test_a_run_of_several_methods_needs_one_named(tmp_path: Path) -> None:
+@pytest.mark.parametrize("record", ["settings.json", "config.json"], ids=["settings", "older-config-json"])
+def test_a_run_of_several_methods_needs_one_named(tmp_path: Path, record: str) -> None:
     for method in ("base", "mlora"):
         (tmp_path / method).mkdir()
-        (tmp_path / method / "config.json").write_text(json.dumps({"tower": {"kind": method}}))
+        payload = {"model": {"name": "deepfm", "tower": {"kind": method}}} if record == "settings.json" else \
+            {"model": "deepfm", "tower": {"kind": method}}
+        (tmp_path / method / record).write_text(json.dumps(payload))
     with pytest.raises(ValueError, match=r"several methods \(base, mlora\); choose one with --method"):
         method_dir(tmp_path)
     assert method_dir(tmp_path, "mlora") == tmp_path / "mlora"

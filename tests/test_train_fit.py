@@ -134,7 +134,7 @@ def test_default_batch_protocol() -> None:
 def test_run_directory(ds: MultiDomainDataset, tmp_path: Path) -> None:
     model = models.build("deepfm", ds, "moe-mlora", tower_config=SMALL)
     result = fit(model, ds, QUICK, out_dir=tmp_path, backend="reference")
-    for name in ("config.json", "metrics.json", "predictions.csv", "val_auc.png",
+    for name in ("settings.json", "metrics.json", "predictions.csv", "val_auc.png",
                  "per_domain_auc.png", "gate_weights.png"):
         assert (tmp_path / name).stat().st_size > 0, name
     metrics = json.loads((tmp_path / "metrics.json").read_text())

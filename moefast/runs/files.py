@@ -4,8 +4,8 @@
 
     <run>/.moefast-run             MARKER: the claim and lock of the directory (rundir.py)
     <run>/config.toml              CONFIG_TOML: the command line's options, for --resume (cli)
-    <run>/config.json              CONFIG_JSON: the run's configuration (rundir.write_run)
-    <run>/settings.json            SETTINGS: what a continuation must share (settings.py)
+    <run>/config.json              CONFIG_JSON: older runs only (their configuration; read back, not written)
+    <run>/settings.json            SETTINGS: the one record of how the run started (settings.py)
     <run>/resume.pt                SNAPSHOT: the resume snapshot (snapshot.py)
     <run>/checkpoints/             CHECKPOINTS: one checkpoint per stage (checkpoint.py)
     <run>/metrics.json             METRICS: the run's metrics

@@ -53,16 +53,16 @@ def method_dir(run_dir: str | Path, method: str | None = None) -> Path:
     root = Path(run_dir)
     if not root.is_dir():
         raise ValueError(f"run directory {str(root)!r} does not exist")
-    if (root / CONFIG_JSON).is_file():
+    if _is_run(root):
         if method is not None:
-            recorded = read_json(root / CONFIG_JSON, "run configuration", expect=dict).get("tower", {}).get("kind")
+            recorded = _run_record(root)[1].get("kind")
             if recorded != method:
                 raise ValueError(f"run directory {str(root)!r} holds method {recorded!r}, not {method!r}")
         return root
-    methods = sorted(p.name for p in root.iterdir() if (p / CONFIG_JSON).is_file())
+    methods = sorted(p.name for p in root.iterdir() if _is_run(p))
     if not methods:
-        raise ValueError(f"{str(root)!r} is not a moefast run directory (no config.json in it or in a "
-                         "method's subfolder)")
+        raise ValueError(f"{str(root)!r} is not a moefast run directory (no settings.json with its model, or "
+                         "config.json, in it or in a method's subfolder)")
     if method is None:
         if len(methods) > 1:
             raise ValueError(f"run directory {str(root)!r} holds several methods ({', '.join(methods)}); "
@@ -71,6 +71,33 @@ def method_dir(run_dir: str | Path, method: str | None = None) -> Path:
     if method not in methods:
         raise ValueError(f"run directory {str(root)!r} has no method {method!r}; it holds {', '.join(methods)}")
     return root / method
+
+
+def _is_run(folder: Path) -> bool:
+    """A one-method run directory: its settings.json records a model (a grid's or the claims'
+    record does not), or an older run's config.json."""
+    if (folder / CONFIG_JSON).is_file():
+        return True
+    if (folder / SETTINGS).is_file():
+        try:
+            return "model" in read_json(folder / SETTINGS, "settings record", expect=dict)
+        except ValueError:
+            return True  # a damaged record: load_run names it
+    return False
+
+
+def _run_record(folder: Path) -> tuple[Any, dict[str, Any], str]:
+    """The model's name and tower options the run was started with, and the file they came
+    from: settings.json's ``model`` (the one record), or an older run's config.json."""
+    if (folder / SETTINGS).is_file():
+        settings = read_json(folder / SETTINGS, "settings record", expect=dict)
+        model = settings.get("model")
+        if isinstance(model, dict):
+            return model.get("name"), dict(model.get("tower") or {}), str(folder / SETTINGS)
+    if not (folder / CONFIG_JSON).is_file():
+        raise ValueError(f"run directory {str(folder)!r} records no model (settings.json without one, no config.json)")
+    config = read_json(folder / CONFIG_JSON, "run configuration", expect=dict)
+    return config.get("model"), dict(config.get("tower") or {}), str(folder / CONFIG_JSON)
 
 
 def tower_config_from_json(value: Mapping[str, Any], where: str) -> TowerConfig:
@@ -119,11 +146,10 @@ def load_run(
     folder = method_dir(run_dir, method)
     if not (folder / METRICS).is_file():
         raise ValueError(f"run directory {str(folder)!r} has no metrics.json: the run did not finish")
-    config = read_json(folder / CONFIG_JSON, "run configuration", expect=dict)
-    name = config.get("model")
+    name, tower_json, source = _run_record(folder)
     if name not in MODELS:
-        raise ValueError(f"{str(folder / CONFIG_JSON)!r}: unknown model {name!r}")
-    tower = tower_config_from_json(config.get("tower") or {}, str(folder / CONFIG_JSON))
+        raise ValueError(f"{source!r}: unknown model {name!r}")
+    tower = tower_config_from_json(tower_json, source)
     if (folder / DATASET_RECORD).is_file():
         record = read_dataset_record(folder / DATASET_RECORD)
     elif dataset is not None:
@@ -133,9 +159,6 @@ def load_run(
                          "moefast runs): pass the run's data flags so its features can be read")
     features = features_from_record(record, str(folder / DATASET_RECORD))
     num_domains = len(record["domains"])
-    if config.get("num_domains") != num_domains:
-        raise ValueError(f"{str(folder)!r}: config.json has {config.get('num_domains')} domains, "
-                         f"{DATASET_RECORD} {num_domains}")
     # The stages' checkpoints are NN_<label>.pt, numbered in training order.
     numbered = [(int(p.name.split("_", 1)[0]), p) for p in (folder / CHECKPOINTS).glob("*_*.pt")
                 if p.name.split("_", 1)[0].isdigit()]

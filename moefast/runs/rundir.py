@@ -50,13 +50,10 @@ from typing import Any, Protocol
 import torch
 
 from moefast._version import __version__
-from moefast.config import TrainConfig
 from moefast.data.dataset import MultiDomainDataset
 from moefast.data.stream import StreamedDataset
-from moefast.models.base import CTRModel
 from moefast.runs.files import (
     CHECKPOINTS,
-    CONFIG_JSON,
     GATE_WEIGHTS_PLOT,
     MARKER,
     METRICS,
@@ -326,17 +323,11 @@ def write_json(path: Path, payload: Any, *, indent: int = 2, sort_keys: bool = F
     write_text(path, json.dumps(to_jsonable(payload), indent=indent, sort_keys=sort_keys) + "\n")
 
 
-def write_run(
-    run_dir: Path, result: RunResult, dataset: MultiDomainDataset | StreamedDataset, model: CTRModel,
-    config: TrainConfig
-) -> None:
-    """Write everything but the checkpoints (which the stages wrote already)."""
+def write_run(run_dir: Path, result: RunResult, dataset: MultiDomainDataset | StreamedDataset) -> None:
+    """Write everything but the checkpoints (which the stages wrote already) and settings.json
+    (written when the run started: the one record of how it started; the config.json of older
+    runs, a second record, is still read back by :mod:`moefast.runs.read` but no longer written)."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    write_json(
-        run_dir / CONFIG_JSON,
-        {"dataset": dataset.name, "model": model.name, "tower": model.tower_config,
-         "num_domains": dataset.num_domains, "train": config},
-    )
     # The features, domain map and id provenance that moefast export / predict read back.
     from moefast.runs.records import DATASET_RECORD, write_dataset_record
 

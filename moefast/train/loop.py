@@ -627,7 +627,7 @@ def _fit_result(
     result = FitResult(_metrics(ctx, records, test), test, records, test_logits, gate, out_dir, test_label,
                        test_domain, predictions_written=written)
     if out_dir is not None and parallel.is_writer:
-        write_run(out_dir, result, dataset, model, ctx.config)
+        write_run(out_dir, result, dataset)
     return result
 
 
