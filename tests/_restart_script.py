@@ -1,6 +1,6 @@
 """Run by torchrun in tests/test_distributed.py: the parity setting (dense Adam) trained into a run
 directory by ``moefast train``'s own code path; on the first attempt rank 1 kills itself in the
-middle of stage 1 (``MOEFAST_TEST_FAULT``), torchrun restarts the job (``--max-restarts 1``) and
+middle of stage 1 (``MOEFAST_TEST_FAULT``; ``RESTART_FAULT`` picks another point), torchrun restarts the job (``--max-restarts 1``) and
 the ranks resume from rank 0's last snapshot."""
 
 from __future__ import annotations
@@ -20,7 +20,9 @@ if __name__ == "__main__":
     parallel = distributed.init_from_env("cpu")
     assert parallel is not None
     if not distributed.restarted() and parallel.rank == 1:
-        os.environ["MOEFAST_TEST_FAULT"] = "kill:step:1:2:1"  # stage 1, epoch 2, after its first step
+        # Default: stage 1, epoch 2, after its first step; the test also kills at a stage's first
+        # step, where the last snapshot was written between stages.
+        os.environ["MOEFAST_TEST_FAULT"] = os.environ.get("RESTART_FAULT", "kill:step:1:2:1")
     steps = [0]  # the steps this attempt trains (fewer than the run's after a resume)
     real_step = distributed.DataParallel.train_step
 

@@ -125,9 +125,12 @@ def test_two_gloo_ranks_match_one_process(tmp_path: Path, single: dict[str, Any]
         assert rank["failures"]["once"] == "ZeroDivisionError: division by zero"
 
 
-def test_torchrun_restart_resumes_from_rank0_snapshot(tmp_path: Path, single: dict[str, Any]) -> None:
-    """Rank 1 dies in stage 1; torchrun restarts both ranks, which resume from rank 0's snapshot
-    and end as the uninterrupted run does."""
+@pytest.mark.parametrize("fault", ["kill:step:1:2:1", "kill:step:2:1:1"], ids=["mid-stage", "stage-boundary"])
+def test_torchrun_restart_resumes_from_rank0_snapshot(tmp_path: Path, single: dict[str, Any], fault: str) -> None:
+    """Rank 1 dies in stage 1's second epoch (the snapshot is mid-stage), or at stage 2's first
+    step (the last snapshot was written between stages 1 and 2); torchrun restarts both ranks,
+    which resume from rank 0's snapshot and end as the uninterrupted run does. (At a stage
+    boundary, rank 1 once reloaded at the end a checkpoint that only rank 0 writes.)"""
     script = Path(__file__).parent / "_restart_script.py"
     out = tmp_path / "run"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(script.parent), os.environ.get("PYTHONPATH", "")]),
@@ -136,14 +139,16 @@ def test_torchrun_restart_resumes_from_rank0_snapshot(tmp_path: Path, single: di
         # The c10d rendezvous, as `moefast train --nproc` uses (docs/distributed.md, "Restarts").
         [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--max-restarts", "1",
          "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{_free_port()}", str(script), str(out)],
-        env={**env, "MOEFAST_COLLECTIVE_TIMEOUT": "60"}, capture_output=True, text=True, timeout=180,
+        env={**env, "MOEFAST_COLLECTIVE_TIMEOUT": "60", "RESTART_FAULT": fault}, capture_output=True, text=True,
+        timeout=180,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     result = torch.load(out / "result-rank0.pt", weights_only=False)
     assert result["restarts"] == 1
     # The restarted attempt trained only what the snapshot had not: stage 0 and the first epoch
-    # of stage 1 came from rank 0's snapshot.
-    trained_before = len(result["losses"][0]) + len(result["losses"][1]) // 2
+    # of stage 1 (mid-stage), or stages 0 and 1 (stage boundary), came from rank 0's snapshot.
+    losses = result["losses"]
+    trained_before = len(losses[0]) + (len(losses[1]) // 2 if fault == "kill:step:1:2:1" else len(losses[1]))
     assert result["steps"] == sum(len(losses) for losses in result["losses"]) - trained_before
     ref = single["adam"]
     for mine, want in zip(result["losses"], ref["losses"], strict=True):
