@@ -24,7 +24,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from collections import Counter, defaultdict
+from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
@@ -69,13 +69,13 @@ def _profile(preset: str, precision: Precision, lazy: bool) -> dict[str, Any]:
     by_op: dict[str, float] = defaultdict(float)
     wide_time = wide_flops = tower_time = 0.0
     mm: list[tuple[tuple[tuple[int, ...], ...], float]] = []  # fp32 products: (operand shapes, time)
-    wide_shapes: list[tuple[tuple[int, ...], ...]] = []
+    wide_shapes: list[tuple[tuple[tuple[int, ...], ...], float]] = []  # bf16 wide products: (shapes, time)
     for event in prof.events():
         by_op[event.name] += event.self_cpu_time_total
         if event.name in WIDE:
             wide_time += event.cpu_time_total
             wide_flops += _flops(event.input_shapes)
-            wide_shapes.append(_key(event.input_shapes))
+            wide_shapes.append((_key(event.input_shapes), event.cpu_time_total))
         elif event.name == "aten::mm":
             mm.append((_key(event.input_shapes), event.cpu_time_total))
         # The node's forward op and its backward node (the autograd node of the C++ op, or the
@@ -93,17 +93,22 @@ def _key(shapes: list[list[int]]) -> tuple[tuple[int, ...], ...]:
 
 
 def _same_products(fp32_mm: list[tuple[tuple[tuple[int, ...], ...], float]],
-                   wide_shapes: list[tuple[tuple[int, ...], ...]]) -> tuple[float, int]:
-    """The fp32 step's time in the products that bf16-mixed computes as wide (``aten::mm``
-    calls with the same operand shapes, matched one for one), and how many matched."""
-    left = Counter(wide_shapes)
-    time_us, matched = 0.0, 0
+                   wide: list[tuple[tuple[tuple[int, ...], ...], float]]) -> tuple[float, float, int]:
+    """The products bf16-mixed computes as wide, found in the fp32 step as the ``aten::mm``
+    calls with the same operand shapes, matched one for one: their fp32 time, the bf16 time of
+    the same matched products, and how many matched (a product unmatched on either side counts
+    on neither)."""
+    fp32_by_shape: dict[tuple[tuple[int, ...], ...], list[float]] = defaultdict(list)
     for key, us in fp32_mm:
-        if left[key] > 0:
-            left[key] -= 1
-            time_us += us
+        fp32_by_shape[key].append(us)
+    fp32_us = bf16_us = 0.0
+    matched = 0
+    for key, us in wide:
+        if fp32_by_shape[key]:
+            fp32_us += fp32_by_shape[key].pop(0)
+            bf16_us += us
             matched += 1
-    return time_us, matched
+    return fp32_us, bf16_us, matched
 
 
 def main(argv: list[str]) -> int:
@@ -132,13 +137,13 @@ def main(argv: list[str]) -> int:
     fp32, bf16 = results[Precision.FP32], results[Precision.BF16_MIXED]
     speedup = (fp32["samples"] / fp32["wall"]) and (bf16["samples"] / bf16["wall"]) / (fp32["samples"] / fp32["wall"])
     print(f"\nbf16-mixed / fp32 samples/s under the profiler: {speedup:.2f}x")
-    fp32_wide, matched = _same_products(fp32["mm"], bf16["wide_shapes"])
-    if matched and bf16["wide_us"]:
+    fp32_wide, bf16_wide, matched = _same_products(fp32["mm"], bf16["wide_shapes"])
+    if matched and bf16_wide:
         share = fp32_wide / fp32["total_us"]
-        ratio = fp32_wide / bf16["wide_us"]
+        ratio = fp32_wide / bf16_wide
         bound = 1 / (1 - share + share / ratio)
         print(f"wide products: {matched} of {len(bf16['wide_shapes'])} matched by shape in the fp32 step; "
-              f"{share:.1%} of the fp32 step; fp32 {fp32_wide / 1e3:.2f} ms -> bf16 {bf16['wide_us'] / 1e3:.2f} ms "
+              f"{share:.1%} of the fp32 step; fp32 {fp32_wide / 1e3:.2f} ms -> bf16 {bf16_wide / 1e3:.2f} ms "
               f"= {ratio:.2f}x faster")
         print(f"Amdahl bound of the step from these shares: 1 / (1 - {share:.3f} + {share:.3f} / {ratio:.2f}) "
               f"= {bound:.2f}x; measured {speedup:.2f}x ({speedup / bound:.0%} of the bound)")
