@@ -48,8 +48,10 @@ def say(message: str) -> None:
     LOGGER.info(message)
 
 
-def progress_bar(*, enabled: bool = True, **kwargs: Any) -> tqdm:
+def progress_bar(*, enabled: bool = True, force: bool = False, **kwargs: Any) -> tqdm:
     """A tqdm bar on standard error, drawn only when ``enabled``, the channel is not quiet and
-    standard error is a terminal."""
-    shown = enabled and LOGGER.isEnabledFor(logging.INFO) and sys.stderr.isatty()
+    standard error is a terminal (an unconfigured channel, as in library use without
+    :func:`configure`, counts as quiet); ``force`` draws it whatever these say (a caller's
+    explicit ``progress=True``)."""
+    shown = force or (enabled and LOGGER.isEnabledFor(logging.INFO) and sys.stderr.isatty())
     return tqdm(file=sys.stderr, disable=not shown, **kwargs)

@@ -71,19 +71,23 @@ def test_the_experiments_speak_only_through_the_channel() -> None:
         assert "say" not in inspect.signature(function).parameters, function.__name__
 
 
-@pytest.mark.parametrize("terminal, quiet, drawn", [(True, False, True), (True, True, False), (False, False, False)],
-                         ids=["terminal", "quiet", "redirected"])
+@pytest.mark.parametrize("terminal, quiet, progress, drawn",
+                         [(True, False, None, True), (True, True, None, False), (False, False, None, False),
+                          (False, True, True, True), (True, False, False, False)],
+                         ids=["terminal", "quiet", "redirected", "asked-for", "refused"])
 def test_the_data_readers_bars_follow_the_channel(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, terminal: bool, quiet: bool, drawn: bool
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, terminal: bool, quiet: bool, progress: bool | None,
+    drawn: bool
 ) -> None:
     """The table reader's and the first pass's bars obey the same rule as training's (they used
-    tqdm directly, on whenever standard error was a terminal, quiet or not)."""
+    tqdm directly, on whenever standard error was a terminal, quiet or not); an explicit
+    ``progress`` decides alone."""
     log_dir = write_log(tmp_path / "log", n=300)
     stderr = _Terminal() if terminal else io.StringIO()
     monkeypatch.setattr(sys, "stderr", stderr)
     log.configure(quiet=quiet)
-    moefast.data.load("table", path=log_dir, schema=stream_schema(), use_cache=False)
-    firstpass.first_pass(log_dir, stream_schema())
+    moefast.data.load("table", path=log_dir, schema=stream_schema(), use_cache=False, progress=progress)
+    firstpass.first_pass(log_dir, stream_schema(), progress=progress)
     frames = stderr.getvalue()
     assert ("reading" in frames and "first pass" in frames and "\r" in frames) is drawn, frames
     assert drawn or frames == "", frames

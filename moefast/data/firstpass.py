@@ -237,7 +237,8 @@ def first_pass(path: str | os.PathLike[str], schema: str | os.PathLike[str] | Ta
     head = list(dict.fromkeys([sch.domain.column, *[c for c in split_cols if c is not None]]))
     old_rows = _t.PARQUET_BATCH_ROWS
     _t.PARQUET_BATCH_ROWS = batch_rows
-    bar = progress_bar(enabled=progress is not False, desc="first pass", unit=" rows", unit_scale=True)
+    bar = progress_bar(enabled=progress is not False, force=progress is True, desc="first pass", unit=" rows",
+                       unit_scale=True)
     try:
         # 1. Domains: every row's domain and split.
         domain_all, domain_train = _Counts(), _Counts()

@@ -652,8 +652,9 @@ def load_table(
             a schema without ``label``. Needs ``vocab_from``.
         cache_dir / use_cache: the processed dataset is cached (``moefast.data.cache``) keyed by
             the content of every input file, the schema and these options.
-        progress: ``False`` hides the reading bar; otherwise it draws under the run channel's
-            rule (:func:`moefast.log.progress_bar`: on a terminal, channel not quiet).
+        progress: ``True`` draws the reading bar, ``False`` hides it; ``None`` (default) draws
+            it under the run channel's rule (:func:`moefast.log.progress_bar`: on a terminal,
+            with the channel configured and not quiet, as the command line does).
 
     ``info["table"]`` holds the vocabularies, statistics and domain map (the content of
     ``vocab.json``, :func:`save_vocab`); a cache hit carries the same.
@@ -725,7 +726,8 @@ def _build(sch: TableSchema, files: list[Path], kind: str, saved: dict[str, Any]
     keys: list[pa.Array] = []
     split_codes = _Codes()
     split_parts: list[np.ndarray] = []
-    bar = progress_bar(enabled=progress is not False, desc="reading", unit=" rows", unit_scale=True)
+    bar = progress_bar(enabled=progress is not False, force=progress is True, desc="reading", unit=" rows",
+                       unit_scale=True)
     try:
         coded = {sch.domain.column, *(c.column for c in sch.categorical if not c.multi)}
         if sch.split.kind is SplitKind.COLUMN and sch.split.column is not None:

@@ -1,7 +1,8 @@
 """Rebuilding a run directory's trained model (``moefast export`` / ``moefast predict``).
 
 A finished run directory (``moefast train --out DIR`` or ``fit(..., out_dir=DIR)``) holds
-``config.json`` (backbone, tower, domains), ``dataset.json`` (features, domain map, id
+``settings.json`` (backbone and tower among how the run started; ``config.json`` in runs of
+older versions, still read), ``dataset.json`` (features, domain map, id
 provenance: :mod:`moefast.runs.records`), ``metrics.json`` (written last: the run finished)
 and ``checkpoints/NN_<stage>.pt``; the last stage's checkpoint holds the weights the test
 predictions were made with. ``moefast train`` with several methods writes one such directory per
@@ -55,7 +56,7 @@ def method_dir(run_dir: str | Path, method: str | None = None) -> Path:
         raise ValueError(f"run directory {str(root)!r} does not exist")
     if _is_run(root):
         if method is not None:
-            recorded = _run_record(root)[1].get("kind")
+            recorded = _run_record(root)[1].get("kind")  # the tower's kind
             if recorded != method:
                 raise ValueError(f"run directory {str(root)!r} holds method {recorded!r}, not {method!r}")
         return root
@@ -86,22 +87,24 @@ def _is_run(folder: Path) -> bool:
     return False
 
 
-def _run_record(folder: Path) -> tuple[Any, dict[str, Any], str]:
-    """The model's name and tower options the run was started with, and the file they came
-    from: settings.json's ``model`` (the one record), or an older run's config.json."""
+def _run_record(folder: Path) -> tuple[Any, dict[str, Any], str, Any]:
+    """The model's name and tower options the run was started with, the file they came from and
+    the domain count that file recorded: settings.json's ``model`` (the one record; the domains
+    are dataset.json's alone), or an older run's config.json (which also recorded the count)."""
     if (folder / SETTINGS).is_file():
         settings = read_json(folder / SETTINGS, "settings record", expect=dict)
         model = settings.get("model")
         if isinstance(model, dict):
-            return model.get("name"), dict(model.get("tower") or {}), str(folder / SETTINGS)
+            return model.get("name"), dict(model.get("tower") or {}), str(folder / SETTINGS), None
     if not (folder / CONFIG_JSON).is_file():
         raise ValueError(f"run directory {str(folder)!r} records no model (settings.json without one, no config.json)")
     config = read_json(folder / CONFIG_JSON, "run configuration", expect=dict)
-    return config.get("model"), dict(config.get("tower") or {}), str(folder / CONFIG_JSON)
+    return config.get("model"), dict(config.get("tower") or {}), str(folder / CONFIG_JSON), config.get("num_domains")
 
 
 def tower_config_from_json(value: Mapping[str, Any], where: str) -> TowerConfig:
-    """The :class:`TowerConfig` ``config.json`` recorded (enums by value, tuples as lists)."""
+    """The :class:`TowerConfig` a run recorded (settings.json's ``model.tower``, or an older
+    run's config.json ``tower``: enums by value, tuples as lists)."""
     fields = {f.name for f in dataclasses.fields(TowerConfig)}
     unknown = sorted(set(value) - fields)
     if unknown:
@@ -146,7 +149,7 @@ def load_run(
     folder = method_dir(run_dir, method)
     if not (folder / METRICS).is_file():
         raise ValueError(f"run directory {str(folder)!r} has no metrics.json: the run did not finish")
-    name, tower_json, source = _run_record(folder)
+    name, tower_json, source, recorded_domains = _run_record(folder)
     if name not in MODELS:
         raise ValueError(f"{source!r}: unknown model {name!r}")
     tower = tower_config_from_json(tower_json, source)
@@ -159,6 +162,8 @@ def load_run(
                          "moefast runs): pass the run's data flags so its features can be read")
     features = features_from_record(record, str(folder / DATASET_RECORD))
     num_domains = len(record["domains"])
+    if recorded_domains is not None and recorded_domains != num_domains:
+        raise ValueError(f"{source!r} has {recorded_domains} domains, {DATASET_RECORD} {num_domains}")
     # The stages' checkpoints are NN_<label>.pt, numbered in training order.
     numbered = [(int(p.name.split("_", 1)[0]), p) for p in (folder / CHECKPOINTS).glob("*_*.pt")
                 if p.name.split("_", 1)[0].isdigit()]

@@ -1,6 +1,6 @@
 """``dataset.json``: what a run directory records about the data its model reads.
 
-Written beside ``config.json`` by every run (:func:`moefast.runs.rundir.write_run`) and copied
+Written beside ``settings.json`` by every run (:func:`moefast.runs.rundir.write_run`) and copied
 beside an exported program, it is plain JSON so that a service in any language can map its raw
 values itself:
 

@@ -2,7 +2,9 @@
 
 ::
 
-    <run>/config.json          the resolved model, tower and training configuration
+    <run>/settings.json        how the run started (data fingerprint, model, tower, training
+                               options): the one record, compared on resume (config.json in
+                               runs of older versions)
     <run>/metrics.json         the schema of DESIGN.md section 5 (keys may be added, not renamed)
     <run>/predictions.csv      the test split: domain, label, score (probability);
                                predictions.parquet for a streamed log, written batch by batch

@@ -12,7 +12,7 @@ share with it, and refuses a continuation that differs, naming the keys:
 :func:`settings_record` builds every one of them, :func:`check_settings` records or compares
 them (``--resume``'s check of the command line's ``config.toml`` uses the same comparison,
 :func:`differing_keys`), and :func:`to_jsonable` is the one way a configuration becomes JSON
-(``config.json``, ``metrics.json`` and the records above).
+(``metrics.json`` and the records above).
 
 Records written before this module are read and accepted as they are: their shape is unchanged,
 and the one value older code normalised three ways, ``backend``, is normalised on both sides

@@ -1,7 +1,7 @@
 """Atomic file writes, and the test-only fault points that exercise them.
 
 Every file a run writes under its final name (checkpoints, the resume snapshot, ``metrics.json``,
-predictions, ``config.json``) goes through :func:`atomic_write`: the bytes go to a temporary file
+predictions, ``settings.json``) goes through :func:`atomic_write`: the bytes go to a temporary file
 in the destination folder, are flushed and ``fsync``-ed, and only then renamed over the final
 name (and the folder ``fsync``-ed, so the rename itself survives a power cut). A write that fails
 (a full disk, a quota, an I/O error) removes its temporary file and raises :class:`WriteError`

@@ -407,8 +407,8 @@ def fit(
         config: optimisation, batching, staging and early stopping.
         backend: ``reference`` | ``fast`` | ``auto``, set on every moefast layer (``None``
             leaves the layers as built). Parameters are the same under every backend.
-        out_dir: the run directory (checkpoints, ``metrics.json``, ``predictions.csv``,
-            ``config.json``, plots); ``None`` keeps the checkpoints in a temporary folder. The
+        out_dir: the run directory (``settings.json``, checkpoints, ``metrics.json``,
+            ``predictions.csv``, plots); ``None`` keeps the checkpoints in a temporary folder. The
             directory belongs to this run (:func:`moefast.runs.rundir.claim_run_dir`): it gets
             moefast's marker and a lock, and one that holds anything else is refused.
         overwrite: clear ``out_dir`` first when it holds a previous moefast run (only a
