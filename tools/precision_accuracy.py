@@ -42,7 +42,7 @@ PROTOCOL = Protocol(BatchMode.MIXED, CONVERGED, TrainConfig().frozen_path_dropou
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", type=int, default=5, help="paired seeds 1..N (default 5)")
-    parser.add_argument("--rows", type=int, default=None, help="synthetic rows (default: the preset's)")
+    parser.add_argument("--rows", type=int, default=None, help="synthetic rows (default: the claims' 200,000)")
     parser.add_argument("--max-steps", type=int, default=None, help="step cap of a stage (default: the claims')")
     parser.add_argument("--backend", default="fast")
     parser.add_argument("--json", default=None, help="also write the per-seed WAUCs here")
