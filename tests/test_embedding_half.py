@@ -327,3 +327,39 @@ def test_a_run_with_half_tables_records_them_and_resumes_bitwise(
     tables = [t for name, t in state.items() if ".tables." in name]
     assert tables and all(t.dtype == TablePrecision(precision).dtype for t in tables)
     assert_same_run(cut, whole)
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", HALF)
+@pytest.mark.parametrize("config", CONFIGS, ids=CONFIG_IDS)
+def test_a_half_update_is_the_float32_update_rounded_once(dtype: torch.dtype, config: FusedOptimizer) -> None:
+    """From the same (half-representable) weights and gradients, the engine's half-table update
+    keeps the float32 optimizer state bit for bit and lands on one of the two half values that
+    bracket its float32 table's update: nothing but the final rounding differs (a half path
+    with another formula, a learning rate or a bias correction of its own, fails here). The
+    engine only: the reference's float32 row-wise Adagrad is the specification, summing the
+    squares in torch's order, not the engine's (the half reference equals the engine bitwise,
+    tested above)."""
+    backend = "fast"
+    g = torch.Generator().manual_seed(3)
+    start = (torch.randn(200, 16, generator=g) * 0.05).to(dtype)
+    rows = torch.arange(0, 200, 2)
+    grads = torch.randn(rows.numel(), 16, generator=g) * 0.01
+    results = []
+    for table in (start.float(), start.clone()):
+        weight = table.clone().requires_grad_()
+        state = config.init_state(weight)
+        _single_id_update(weight, state, rows, grads, config, backend)
+        results.append((weight.detach(), state))
+    (full, full_state), (half, half_state) = results
+    for slot, value in full_state.items():
+        assert torch.equal(half_state[slot], value), slot
+    assert not torch.equal(half.float(), start.float())
+    exact = full[rows]
+    got = half[rows].float()
+    down = exact.to(dtype).float()  # round to nearest, then the neighbour on the other side
+    up = torch.nextafter(exact.to(dtype), torch.where(exact > down, torch.inf, -torch.inf).to(dtype)).float()
+    assert bool(((got == down) | (got == up) | (got == exact)).all())
+    untouched = torch.ones(200, dtype=torch.bool)
+    untouched[rows] = False
+    assert torch.equal(_bits(half[untouched]), _bits(start[untouched]))
