@@ -51,7 +51,7 @@ check-install: setup
 # suppressed: tools/sanitize/run.sh.
 SANITIZE_DIR   := build/sanitize
 SANITIZE_TESTS := tests/test_embedding.py tests/test_embedding_inputs.py tests/test_embedding_safety.py \
-                  tests/test_embedding_fuzz.py tests/test_tower_cpu.py tests/test_dropout.py
+                  tests/test_embedding_fuzz.py tests/test_embedding_half.py tests/test_tower_cpu.py tests/test_dropout.py
 sanitize: setup
 	cmake -S . -B $(SANITIZE_DIR) -DMOEFAST_SANITIZE=ON -DMOEFAST_TOWER_OPS=ON -DPython_EXECUTABLE=$(abspath $(BIN)/python)
 	cmake --build $(SANITIZE_DIR) -j2
