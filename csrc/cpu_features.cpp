@@ -29,7 +29,7 @@ bool use_avx512_clones() {
   static const bool chosen = [] {
     return use_avx2_clones() && !disabled("MOEFAST_DISABLE_AVX512") &&
            __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-           __builtin_cpu_supports("avx512vl");
+           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
   }();
   return chosen;
 #else

@@ -13,7 +13,9 @@
 // F16C comes with AVX2 on every x86-64 CPU that has both (the clone converts fp16 tables with
 // it); no FMA in either target, so a * b + c rounds twice in every clone, as in the baseline.
 #define MOEFAST_TARGET_AVX2 "avx2,f16c"
-#define MOEFAST_TARGET_AVX512 "avx2,f16c,avx512f,avx512bw,avx512vl"
+// AVX-512 DQ for the half tables' rounding hash: its 64-bit lane multiplies (vpmullq) are
+// emulated by three 32-bit ones without it. Every AVX-512 CPU with BW and VL has DQ.
+#define MOEFAST_TARGET_AVX512 "avx2,f16c,avx512f,avx512bw,avx512vl,avx512dq"
 
 // Forced inlining into the clones: a function is compiled for the target of the function it is
 // inlined into, so the clone's loops compile with AVX2 only if they are inlined.
@@ -26,8 +28,8 @@ namespace moefast {
 // Decided once per process; always false where there are no clones.
 bool use_avx2_clones();
 
-// True when the AVX-512 clones should run: use_avx2_clones() and a CPU with AVX-512 F, BW and
-// VL, unless MOEFAST_DISABLE_AVX512 is set to anything but 0. Decided once per process.
+// True when the AVX-512 clones should run: use_avx2_clones() and a CPU with AVX-512 F, BW, VL
+// and DQ, unless MOEFAST_DISABLE_AVX512 is set to anything but 0. Decided once per process.
 bool use_avx512_clones();
 
 }  // namespace moefast

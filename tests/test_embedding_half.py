@@ -213,7 +213,7 @@ def _cpu_has_avx512() -> bool:
         flags = pathlib.Path("/proc/cpuinfo").read_text()
     except OSError:
         return False
-    return all(f" {flag}" in flags for flag in ("avx512f", "avx512bw", "avx512vl", "avx2", "f16c"))
+    return all(f" {flag}" in flags for flag in ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx2", "f16c"))
 
 
 @needs_ext
