@@ -7,12 +7,13 @@ The tests import :func:`run` to train the same run in their own process.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sys
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -97,3 +98,30 @@ def cut_and_resume(tmp: Path, monkeypatch: Any, option: str, **changes: Any) -> 
         run(cut, "lazy-adam", method="mlora", resume=True, **without)
     run(cut, "lazy-adam", method="mlora", resume=True, **changes)
     return whole, cut
+
+
+
+class StoppedAfterSnapshot(Exception):
+    """Raised by :func:`stopping_after_snapshot`: the run was cut right after a snapshot."""
+
+
+@contextlib.contextmanager
+def stopping_after_snapshot(count: int) -> Iterator[None]:
+    """Within it, ``fit`` raises :class:`StoppedAfterSnapshot` right after writing its
+    ``count``-th in-stage resume snapshot (as a kill at that moment would leave the directory)."""
+    import pytest
+
+    from moefast.train import loop
+
+    real = loop._Saver.in_stage
+    written = [0]
+
+    def stop_after(self: Any, stage: dict[str, Any]) -> None:
+        real(self, stage)
+        written[0] += 1
+        if written[0] == count:
+            raise StoppedAfterSnapshot
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(loop._Saver, "in_stage", stop_after)
+        yield

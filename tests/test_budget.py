@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import _resume_run as tiny
 import pytest
 import torch
 from test_compat import script_validation
@@ -88,21 +89,9 @@ def test_a_step_budget_resumes_bitwise_from_a_mid_epoch_validation(tmp_path: Pat
     config = _config(eval_every=3, max_steps=11, max_epochs=None, patience=5)
     whole = loop.fit(models.build("deepfm", ds, "base", tower_config=TOWER), ds, config, out_dir=tmp_path / "whole")
 
-    class Stop(Exception):
-        pass
-
-    real = loop._Saver.in_stage
-    calls = iter(range(100))
-
-    def stop_after_second(self: Any, stage: dict[str, Any]) -> None:
-        real(self, stage)
-        if next(calls) == 1:  # the snapshot after step 6's validation (mid-epoch 2)
-            raise Stop
-
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(loop._Saver, "in_stage", stop_after_second)
-        with pytest.raises(Stop):
-            loop.fit(models.build("deepfm", ds, "base", tower_config=TOWER), ds, config, out_dir=tmp_path / "cut")
+    # Cut right after the second snapshot, the one after step 6's validation (mid-epoch 2).
+    with tiny.stopping_after_snapshot(2), pytest.raises(tiny.StoppedAfterSnapshot):
+        loop.fit(models.build("deepfm", ds, "base", tower_config=TOWER), ds, config, out_dir=tmp_path / "cut")
     resumed = loop.fit(models.build("deepfm", ds, "base", tower_config=TOWER), ds, config, out_dir=tmp_path / "cut",
                        resume=True)
     assert resumed.stages[0].losses == whole.stages[0].losses

@@ -12,6 +12,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+import _resume_run as tiny
 import pytest
 import torch
 from test_models import tiny_dataset
@@ -90,26 +91,14 @@ def test_a_registered_part_is_saved_and_restored_through_a_killed_and_resumed_fi
     ds = tiny_dataset()
     whole = loop.fit(models.build("deepfm", ds, "base", tower_config=TOWER), ds, CONFIG, out_dir=tmp_path / "whole")
 
-    class Stop(Exception):
-        pass
-
-    real = loop._Saver.in_stage
-    calls = iter(range(100))
-
-    def stop_after_second(self: Any, stage: dict[str, Any]) -> None:
-        real(self, stage)
-        if next(calls) == 1:  # killed right after the snapshot of step 6's validation
-            raise Stop
-
     counter = _Counter()
     unregister = register_snapshot_part("counter", counter.get_state, counter.set_state)
     try:
         with pytest.raises(ValueError, match="a snapshot part named 'counter' is already registered"):
             register_snapshot_part("counter", counter.get_state, counter.set_state)
-        with pytest.MonkeyPatch.context() as patch:
-            patch.setattr(loop._Saver, "in_stage", stop_after_second)
-            with pytest.raises(Stop):
-                loop.fit(models.build("deepfm", ds, "base", tower_config=TOWER), ds, CONFIG, out_dir=tmp_path / "cut")
+        # Killed right after the second snapshot, that of step 6's validation.
+        with tiny.stopping_after_snapshot(2), pytest.raises(tiny.StoppedAfterSnapshot):
+            loop.fit(models.build("deepfm", ds, "base", tower_config=TOWER), ds, CONFIG, out_dir=tmp_path / "cut")
         # Saving included the part's state: the second snapshot's.
         saved = snapshot_extension(load_snapshot(tmp_path / "cut") or {}, "counter")
         assert saved is not None and saved["count"] == 2 and torch.equal(saved["tensor"], torch.full((2,), 2.0))
