@@ -675,10 +675,10 @@ MOEFAST_INLINE uint32_t gradient_fold(const float* g, int64_t dim) {
   return fold;
 }
 
-// A half row's update in chunks: the updated float32 values (``updated(k, d)`` for element d,
-// stored at k), then each element's rounding bits, then the rounding back, each a loop of its
-// own that the SIMD clones' targets vectorise (one loop doing all three, with the hash's two
-// 64-bit multiplies and the rounding's branches, stayed scalar). The same operations element
+// A half row's update in chunks: the updated float32 values (``updated(d)`` for element d),
+// then each element's rounding bits, then the rounding back, each a loop of its own that the
+// SIMD clones' targets vectorise (one loop doing all three, with the hash's two 64-bit
+// multiplies and the rounding's branches, stayed scalar). The same operations element
 // by element as one loop: the bits are unchanged.
 constexpr int64_t kHalfChunk = 64;
 
@@ -688,7 +688,7 @@ MOEFAST_INLINE void update_half_row(typename S::Raw* __restrict__ w, int64_t dim
   uint64_t r[kHalfChunk];
   for (int64_t d0 = 0; d0 < dim; d0 += kHalfChunk) {
     const int64_t n = std::min(kHalfChunk, dim - d0);
-    for (int64_t k = 0; k < n; ++k) u[k] = updated(k, d0 + k);
+    for (int64_t k = 0; k < n; ++k) u[k] = updated(d0 + k);
     for (int64_t k = 0; k < n; ++k) r[k] = bits(d0 + k);
     for (int64_t k = 0; k < n; ++k) w[d0 + k] = S::round(u[k], r[k]);
   }
@@ -720,7 +720,7 @@ struct RowwiseAdagradUpdate {
       std::memcpy(&acc_bits, &acc, sizeof acc_bits);
       const uint64_t step = (static_cast<uint64_t>(acc_bits) << 32) | gradient_fold(g, dim);
       const RowBits bits{half::row_key(table_key, static_cast<uint64_t>(id), step)};
-      update_half_row<S>(w, dim, bits, [&](int64_t, int64_t d) { return S::to_float(w[d]) - multiplier * g[d]; });
+      update_half_row<S>(w, dim, bits, [&](int64_t d) { return S::to_float(w[d]) - multiplier * g[d]; });
     }
   }
 };
@@ -766,7 +766,7 @@ struct LazyAdamUpdate {
       }
     } else {
       const RowBits bits{half::row_key(table_key, static_cast<uint64_t>(id), static_cast<uint64_t>(t))};
-      update_half_row<S>(w, dim, bits, [&](int64_t, int64_t d) {
+      update_half_row<S>(w, dim, bits, [&](int64_t d) {
         const float md = m[d] * b1 + one_minus_b1 * g[d];
         const float vd = v[d] * b2 + one_minus_b2 * g[d] * g[d];
         m[d] = md;
