@@ -37,3 +37,4 @@ if __name__ == "__main__":
     if parallel.is_writer:
         torch.save({"losses": [s.losses for s in result.stages], "wauc": result.metrics["test"]["wauc"],
                     "restarts": int(os.environ["TORCHELASTIC_RESTART_COUNT"]), "steps": steps[0]}, f"{out}/result-rank0.pt")
+    distributed.leave(finished=True)  # as `moefast train` ends a rank's part of the job

@@ -282,3 +282,22 @@ def test_torchrun_without_out_is_refused(monkeypatch: pytest.MonkeyPatch, capsys
     monkeypatch.setenv("RANK", "1")
     assert cli.main(["train", "--rows", "500", "--quiet"]) == 2
     assert "under torchrun, give --out DIR" in capsys.readouterr().err
+
+
+def test_a_script_that_forgets_to_leave_has_its_group_destroyed_at_exit(tmp_path: Path) -> None:
+    """A gloo group left to the interpreter's teardown can abort a finished rank ("terminate
+    called without an active exception": CI once lost a torchrun test to it), so init_from_env
+    registers an exit handler that destroys the group. The probe's exit handler is registered
+    before the library's, so it runs after it (atexit runs last-in first-out) and sees the result."""
+    script = tmp_path / "forgets.py"
+    script.write_text(
+        "import atexit, torch.distributed as dist\n"
+        "from moefast.train import distributed\n"
+        "atexit.register(lambda: print('initialized at exit:', dist.is_initialized(), flush=True))\n"
+        "assert distributed.init_from_env('cpu') is not None and dist.is_initialized()\n"
+    )
+    env = {**os.environ, "WORLD_SIZE": "1", "RANK": "0", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(_free_port()), "GLOO_SOCKET_IFNAME": "lo"}
+    done = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "initialized at exit: False" in done.stdout

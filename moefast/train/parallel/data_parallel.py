@@ -31,6 +31,7 @@ same global batch, up to float reduction order (docs/distributed.md):
 
 from __future__ import annotations
 
+import atexit
 import datetime
 import inspect
 import math
@@ -516,9 +517,21 @@ def init_from_env(device: str = "cpu") -> DataParallel | None:
             )
         else:
             dist.init_process_group(backend, timeout=collective_timeout())
+        # A script that trains through the Python API and simply returns would leave the group
+        # to the interpreter's teardown, which can abort the process (see leave()).
+        atexit.register(_leave_at_exit)
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ["WORLD_SIZE"]))
         torch.set_num_threads(threads_per_rank(local_world))
     return current(device)
+
+
+def _leave_at_exit() -> None:
+    """The exit-time fallback of :func:`leave`: destroy the group this process joined, if it
+    still exists, before the interpreter tears down the threads behind it. No barrier: every
+    rank may be exiting for its own reason (an error on one rank, say), and a barrier would then
+    wait out the collective timeout."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def launched() -> bool:
