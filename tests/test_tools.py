@@ -27,7 +27,7 @@ def _run(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], sc
 
 
 @pytest.mark.parametrize("script", ["precision_accuracy.py", "compare_table_precision.py", "profile_bf16_step.py",
-                                    "claims_pilot.py"])
+                                    "claims_pilot.py", "profile_half_update.py"])
 def test_a_tool_starts(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], script: str) -> None:
     assert "usage" in _run(monkeypatch, capsys, script, "--help")
 
@@ -42,3 +42,10 @@ def test_the_half_table_accuracy_comparison_runs(monkeypatch: pytest.MonkeyPatch
     out = _run(monkeypatch, capsys, "compare_table_precision.py", "--seeds", "2", "--rows", "2000",
                "--max-epochs", "1")
     assert "bf16 - fp32 WAUC =" in out and "over 2 paired seeds" in out, out
+
+
+def test_the_half_table_step_profile_runs(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    pytest.importorskip("moefast._C")
+    out = _run(monkeypatch, capsys, "profile_half_update.py", "--precision", "fp16", "--workload", "d16",
+               "--max-rows", "20000", "--steps", "2", "--threads", "1")
+    assert "d16 fp16 rowwise-adagrad:" in out and "ms per step" in out, out
