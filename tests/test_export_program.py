@@ -117,3 +117,34 @@ def test_export_refuses_a_wrong_suffix(tmp_path: Path) -> None:
     merged = merge(models.build("wdl", dataset, "mlora", tower_config=TowerConfig(hidden_units=(8,))))
     with pytest.raises(ValueError, match=r"\.pt2"):
         export_program(merged, tmp_path / "model.onnx")
+
+
+@pytest.mark.parametrize("name", sorted(models.MODELS))
+def test_a_program_keeps_half_tables_and_computes_in_float32(tmp_path: Path, name: str) -> None:
+    """``moefast export --table-precision fp16|bf16``: the program stores the run's half tables,
+    converts each looked-up row to float32 and scores as the model does (every backbone, so that
+    no interaction part receives half-precision inputs; the two half types alternate). Once the
+    lookups passed half rows on: the export, or the program, failed on a dtype mismatch."""
+    from moefast.config import TablePrecision
+    from moefast.nn.embedding import EmbeddingCollection
+
+    odd = sorted(models.MODELS).index(name) % 2 == 1
+    precision = TablePrecision.BF16 if odd else TablePrecision.FP16
+    # Pooled bags with numeric fields, or single-valued fields alone (where nothing numeric is
+    # concatenated to the lookups that could promote them to float32).
+    dataset = _pooled_dataset() if odd else load("synthetic", preset="paper", rows=300, num_domains=3,
+                                                  num_users=80, num_items=40)
+    model = randomise(models.build(name, dataset, "mlora", tower_config=TowerConfig(hidden_units=(16,))))
+    for module in model.modules():
+        if isinstance(module, EmbeddingCollection):
+            module.set_precision(precision)
+    path = tmp_path / f"{name}.pt2"
+    payload = export_program(merge(model, backend="reference"), path)
+    assert payload["table_precision"] == precision.value
+    program = torch.export.load(str(path)).module()
+    tables = [t for k, t in program.state_dict().items() if ".tables." in k]
+    assert tables and all(t.dtype == precision.dtype for t in tables)
+    features, args, domain = _random_inputs(dataset, 64, bag=4, seed=1)
+    with torch.no_grad():
+        got, want = program(*args), model(features, domain)
+    assert got.dtype == torch.float32 and rel_diff(got, want) <= REL

@@ -100,6 +100,11 @@ def _run(command: Command, args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print("moefast: interrupted", file=sys.stderr)
         return 130
+    except MemoryError as exc:
+        # numpy's names the size it could not allocate; a bare MemoryError names nothing.
+        print(f"moefast: error: out of memory{': ' + str(exc) if str(exc) else ''} (smaller data, or a "
+              "streamed table with --stream)", file=sys.stderr)
+        return 1
     except OSError as exc:
         from moefast.runs.writer import WriteError
 

@@ -275,9 +275,20 @@ def read_toml(path: str, options: Mapping[str, type | Conv]) -> dict[str, Any]:
         raise UserError(f"config file {path!r} does not exist") from None
     except tomllib.TOMLDecodeError as exc:
         raise UserError(f"config file {path!r} is not valid TOML: {exc}") from None
+    except UnicodeDecodeError as exc:
+        raise UserError(f"config file {path!r} is not UTF-8 text: byte 0x{exc.object[exc.start]:02x} at byte "
+                        f"{exc.start + 1} (TOML files are UTF-8)") from None
+    except OSError as exc:  # a folder, no permission, an I/O error
+        raise UserError(f"config file {path!r} cannot be read: {exc.strerror or exc}") from None
     out: dict[str, Any] = {}
+    spelled: dict[str, str] = {}
     for key, value in raw.items():
         dest = key.replace("-", "_")
+        if dest in spelled:
+            # TOML sees two keys; taking either would drop the other without a word.
+            raise UserError(f"config file {path!r}: keys {spelled[dest]!r} and {key!r} set the same option: "
+                            "keep one")
+        spelled[dest] = key
         if dest == "quiet":
             conv: type | Conv = parse_bool
         elif dest not in options:

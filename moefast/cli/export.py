@@ -43,7 +43,8 @@ def add_parser(commands: Any) -> argparse.ArgumentParser:
                         "onnx and onnxscript packages, which moefast does not install)")
     parser.add_argument("--table-precision", choices=[p.value for p in TablePrecision], default="fp32",
                         help="the exported embedding tables: fp32 (default, whatever the run trained) "
-                        "or the run's own half precision (fp16 / bf16)")
+                        "or the run's own half precision (fp16 / bf16; another is refused, as it would round "
+                        "the weights)")
     parser.add_argument("--quiet", "-q", action="store_true", help="no progress lines")
     return parser
 
@@ -74,10 +75,16 @@ def run(args: argparse.Namespace) -> int:
             raise UserError(f"run directory {str(folder)!r} has neither dataset.json nor config.toml")
         dataset = load_dataset(_data_config(options))
     loaded = export.load_run(folder, dataset=dataset, backend="reference")
+    collections = [m for m in loaded.model.modules() if isinstance(m, EmbeddingCollection)]
+    own = collections[0].precision
+    wanted = TablePrecision(args.table_precision)
+    if wanted is not TablePrecision.FP32 and wanted is not own:
+        # fp32 holds any half table exactly; one half precision rounds another (or fp32's) weights.
+        raise UserError(f"--table-precision {wanted.value}: the run's tables are {own.value}; a program's "
+                        f"tables are fp32 or the run's own precision ({own.value})")
     # The program holds float32 tables unless asked otherwise (half tables convert exactly).
-    for module in loaded.model.modules():
-        if isinstance(module, EmbeddingCollection):
-            module.set_precision(TablePrecision(args.table_precision))
+    for collection in collections:
+        collection.set_precision(wanted)
     merged = export.merge(loaded.model, backend="reference")
     log.configure(quiet=args.quiet)
     say = log.say

@@ -22,6 +22,7 @@ from moefast.cli._options import (
     DATA_OPTIONS,
     UserError,
     add_option_groups,
+    check_data_options,
     converters,
     given_options,
     load_dataset,
@@ -30,7 +31,8 @@ from moefast.config import DataConfig
 from moefast.log import progress_bar
 from moefast.runs.files import CONFIG_TOML, DATASET_RECORD, VOCAB
 
-__all__ = ["NAME", "SPLITS", "add_parser", "check_compatible", "domain_ids", "run", "run_data_options"]
+__all__ = ["NAME", "SPLITS", "add_parser", "check_compatible", "domain_ids", "merge_data_options", "run",
+           "run_data_options"]
 
 NAME = "predict"
 SPLITS = ("test", "val", "train")
@@ -74,6 +76,19 @@ def run_data_options(folder: Path) -> dict[str, Any] | None:
                 raise UserError(f"the run's data flags cannot be read: {exc}") from None
             return {k: v for k, v in options.items() if k in DataConfig.__dataclass_fields__}
     return None
+
+
+def merge_data_options(given: Mapping[str, Any], own: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """The data flags ``predict`` reads with: the run's own (``own``; None when it recorded none),
+    changed by those ``given`` on the command line, so that ``--stream`` or ``--data new/`` alone
+    keeps the run's schema, vocabularies and source. A ``--dataset`` other than the run's starts
+    from that source's defaults instead (the run's flags would not apply to it)."""
+    if not given:
+        return None if own is None else dict(own)
+    default = DataConfig.__dataclass_fields__["dataset"].default
+    if own is None or given.get("dataset", own.get("dataset", default)) != own.get("dataset", default):
+        return dict(given)
+    return {**own, **given}
 
 
 def _data_config(options: Mapping[str, Any]) -> DataConfig:
@@ -211,7 +226,7 @@ def run(args: argparse.Namespace) -> int:
             raise UserError(f"--model {args.model!r} does not exist")
         program, meta = _load_program(model_path, trust_unverified=args.trust_unverified)
         record = meta["dataset"]
-        options = given or meta.get("data_options")
+        options = merge_data_options(given, meta.get("data_options"))
         numeric_names = [str(s["name"]) for s in record["numeric"]]
         field_names = [str(f["name"]) for f in record["features"]]
 
@@ -230,7 +245,7 @@ def run(args: argparse.Namespace) -> int:
         folder = export.method_dir(model_path, args.method) if model_path.exists() else None
         if folder is None:
             raise UserError(f"--model {args.model!r} does not exist")
-        options = given or run_data_options(folder)
+        options = merge_data_options(given, run_data_options(folder))
         dataset = None
         if not (folder / DATASET_RECORD).is_file():  # a run older than dataset.json
             if options is None:
@@ -259,9 +274,11 @@ def run(args: argparse.Namespace) -> int:
         say(f"vocabularies: {vocab}")
     if not given:
         say(f"data: the run's own ({', '.join(f'{k}={v}' for k, v in options.items()) or 'defaults'})")
+    config = _data_config(options)
+    check_data_options(config)  # a flag that does not apply to the dataset: one line, before any read
     if options.get("stream"):
         return _predict_stream(args, out, options, record, score, what, say)
-    dataset = load_dataset(_data_config(options))
+    dataset = load_dataset(config)
     check_compatible(record, dataset)
     split = getattr(dataset, args.split)
     domain = domain_ids(record, dataset, split.domain)

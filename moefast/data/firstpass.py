@@ -145,6 +145,7 @@ def check_layout(files: list[Path], root: Path | None, columns: list[str], metas
     rows_in: dict[Path, int] = {}
     for f, meta in zip(files, footers(files, root) if metas is None else metas, strict=True):
         schema = meta.schema.to_arrow_schema()
+        _t.check_header(f, schema.names, columns)  # a column named twice: which one is meant is a guess
         for c in columns:
             if c not in schema.names:
                 continue  # a partition key, or missing: said where the file is read

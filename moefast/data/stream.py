@@ -182,10 +182,8 @@ class StreamedSplit:
     def units(self, domains: Sequence[int] | None = None) -> list[Unit]:
         """The row groups that may hold this split's rows (of ``domains``), in stored order."""
         src = self.source
-        if domains is not None and not src.domain_partitioned:
-            raise ValueError(f"{src.root or src.files[0]}: reading one domain's rows (single-domain batches, an expert "
-                             f"stage) needs the log partitioned by its domain column ({src.schema.domain.column}=VALUE "
-                             "folders); a filter on an unsorted log would read every row group once per expert epoch")
+        if domains is not None:
+            src.check_domain_reads("single-domain batches, an expert stage")
         units = src.all_units
         if domains is not None:
             # Partition pruning: pyarrow.dataset evaluates a filter on the domain column's
@@ -255,6 +253,15 @@ class StreamedDataset:
     read_ahead: int = 0
     scoring: bool = False
     _splits: dict[str, StreamedSplit] = field(default_factory=dict, compare=False, repr=False)
+
+    def check_domain_reads(self, why: str) -> None:
+        """Refuse (``ValueError`` naming the log) reading one domain's rows, which ``why`` needs,
+        from a log not partitioned by its domain column: the filter would read every row group
+        once per expert epoch."""
+        if not self.domain_partitioned:
+            raise ValueError(f"{self.root or self.files[0]}: reading one domain's rows ({why}) needs the log "
+                             f"partitioned by its domain column ({self.schema.domain.column}=VALUE folders); a "
+                             "filter on an unsorted log would read every row group once per expert epoch")
 
     @property
     def num_domains(self) -> int:

@@ -110,8 +110,11 @@ from moefast.config import FeatureSpec, NumericSpec, Pooling
 from moefast.data.dataset import MultiDomainDataset
 from moefast.data.splits import SPLIT_SEED, make_splits
 
-__all__ = ["PRESETS", "EffectCorrelations", "SyntheticConfig", "SyntheticTruth", "domain_clusters",
+__all__ = ["MAX_COUNT", "PRESETS", "EffectCorrelations", "SyntheticConfig", "SyntheticTruth", "domain_clusters",
            "domain_effect_correlations", "generate", "ground_truth", "preset", "pretrained_tables"]
+
+# The largest row, domain, user or item count the generator takes (2^31 - 1).
+MAX_COUNT = 2**31 - 1
 
 
 @dataclass(frozen=True)
@@ -170,8 +173,10 @@ class SyntheticConfig:
                     "domain_rank")
         for knob in positive:
             value = getattr(self, knob)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"synthetic knob {knob} must be a positive int, got {value!r}")
+            # The cap: the generator draws with int32-sized counts, and a row count past it is
+            # terabytes in memory (a number past int64 once ended in an OverflowError traceback).
+            if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= MAX_COUNT:
+                raise ValueError(f"synthetic knob {knob} must be a positive int at most {MAX_COUNT:,}, got {value!r}")
         for knob in ("context_fields", "multi_fields", "numeric_fields"):
             value = getattr(self, knob)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:

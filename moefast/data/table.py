@@ -289,7 +289,7 @@ def _csv_header(path: Path) -> list[str]:
     return next(csv.reader([line], delimiter=_csv_delimiter(path)), [])
 
 
-def _check_header(path: Path, header: list[str], columns: list[str]) -> None:
+def check_header(path: Path, header: list[str], columns: list[str]) -> None:
     """A column the schema reads must be named once: with two, which one is meant is a guess."""
     twice = [c for c in columns if header.count(c) > 1]
     if twice:
@@ -353,7 +353,7 @@ def _columns_of(path: Path, header: list[str], columns: list[str], optional: set
     """``(the columns read from the file, the partition values standing in for columns)``:
     a column named twice, in the file and in a partition folder, or nowhere (unless
     ``optional``) is a :class:`TableError`."""
-    _check_header(path, header, columns)
+    check_header(path, header, columns)
     have = [c for c in columns if c in header]
     both = [c for c in columns if c in header and c in partition]
     if both:

@@ -22,10 +22,18 @@ def method_dir(out: Path, config: RunConfig, kind: TowerKind) -> Path:
 
 
 def check_methods(config: RunConfig, dataset: MultiDomainDataset | StreamedDataset) -> None:
-    """What :func:`run_methods` checks before any method trains: the MoE-MLoRA gate's own-expert
-    start must suit the data's domains (``ValueError`` otherwise)."""
+    """What :func:`run_methods` checks before any method trains (``ValueError`` otherwise): the
+    MoE-MLoRA gate's own-expert start must suit the data's domains, and a streamed log must be
+    partitioned by domain where a method reads one domain's rows (MoE-MLoRA's expert stages,
+    single-domain batches), not found out after a backbone stage."""
+    from moefast.config import BatchMode
     from moefast.nn.tower import check_specialist_start
 
+    if isinstance(dataset, StreamedDataset):
+        if config.train.batches is BatchMode.SINGLE_DOMAIN:
+            dataset.check_domain_reads("single-domain batches")
+        if TowerKind.MOE_MLORA in config.methods:
+            dataset.check_domain_reads("MoE-MLoRA's expert stages")
     tower = config.tower_config()
     if TowerKind.MOE_MLORA in config.methods and tower.gate_init is GateInit.SPECIALIST:
         check_specialist_start(dataset.num_domains, tower.gate_dim, tower.gate_own_weight)

@@ -45,17 +45,20 @@ EXAMPLE_ROWS = 2
 
 
 def _lookup(collection: EmbeddingCollection, ids: Mapping[str, torch.Tensor]) -> torch.Tensor:
-    """``collection(ids)`` with torch's ops: float32 ``[B, sum of dims]``."""
+    """``collection(ids)`` with torch's ops: float32 ``[B, sum of dims]``. Half tables stay
+    half in the program; each looked-up row converts to float32 (exactly) before pooling, which
+    accumulates in float32, as the engine's lookup does."""
     outs = []
     tables = collection.tables
     for spec in collection.features:
         table = tables[spec.name]
         field = ids[spec.name]
+        rows = F.embedding(field, table).float()  # [B, dim] or [B, L, dim]
         if spec.pooling is Pooling.NONE:
-            outs.append(F.embedding(field, table))  # [B, dim]
+            outs.append(rows)
             continue
-        kept = (field != 0).to(table.dtype)  # [B, L]: id 0 pads and is never pooled
-        pooled = (F.embedding(field, table) * kept.unsqueeze(-1)).sum(dim=1)  # [B, dim]
+        kept = (field != 0).to(rows.dtype)  # [B, L]: id 0 pads and is never pooled
+        pooled = (rows * kept.unsqueeze(-1)).sum(dim=1)  # [B, dim]
         if spec.pooling is Pooling.MEAN:
             pooled = pooled / kept.sum(dim=1, keepdim=True).clamp(min=1.0)  # an empty bag stays 0
         outs.append(pooled)
@@ -190,6 +193,10 @@ def export_program(
         "output": {"name": "logit", "dtype": "float32", "shape": ["B"],
                    "meaning": "the click logit; probability = sigmoid(logit)"},
         "model": merged.name,
+        # How the program stores its tables (fp32, or the run's own half precision); lookups
+        # and everything after them compute in float32 either way.
+        "table_precision": "/".join(sorted({m.precision.value for m in merged.modules()
+                                            if isinstance(m, EmbeddingCollection)})),
         "domains": [{"id": d, "name": n} for d, n in enumerate(_domain_names(record, merged.num_domains))],
         "dataset": dict(record) if record is not None else None,
         "data_options": dict(data_options) if data_options is not None else None,

@@ -120,10 +120,25 @@ class EmbeddingCollection(nn.Module):
         optimizer's float32 state is kept. A no-op when the tables already have it."""
         if not isinstance(precision, TablePrecision):
             raise TypeError(f"precision must be a TablePrecision, got {precision!r}")
-        for name, table in list(self.tables.items()):
+        converted = {}
+        for name, table in self.tables.items():
             if table.dtype != precision.dtype:
                 with torch.no_grad():
-                    self.tables[name] = nn.Parameter(table.to(precision.dtype), requires_grad=table.requires_grad)
+                    half = table.to(precision.dtype)
+                    overflow = torch.isfinite(table) & ~torch.isfinite(half)
+                if bool(overflow.any()):
+                    # fp16 ends at 65504: a finite weight past it would become inf, and training
+                    # would stop at a NaN loss that names neither the table nor the value.
+                    row, col = (int(i) for i in overflow.nonzero()[0])
+                    raise ValueError(
+                        f"table {name!r} row {row} column {col} holds {float(table.detach()[row, col])!r}, past "
+                        f"{precision.value}'s largest finite value {torch.finfo(precision.dtype).max:g}: "
+                        f"{int(overflow.sum())} weight(s) of it would become infinite; keep the tables in "
+                        "a wider precision (fp32 or bf16) or scale the pretrained vectors"
+                    )
+                converted[name] = nn.Parameter(half, requires_grad=table.requires_grad)
+        for name, table in converted.items():  # all or nothing: a refusal leaves every table as it was
+            self.tables[name] = table
 
     def _load_from_state_dict(
         self, state_dict: Mapping[str, object], prefix: str, local_metadata: dict[str, object], strict: bool,

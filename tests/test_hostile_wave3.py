@@ -1,0 +1,161 @@
+"""Hostile input to the wave-3 paths, found by a review: each case once printed a traceback, gave a
+program that could not run, or took a value without a word. Through the command line where a
+user meets it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from _stream_data import frame, stream_schema, write_log, write_schema
+
+from moefast import cli
+from moefast.cli import _run
+from moefast.cli.predict import merge_data_options
+from moefast.config import FeatureSpec, TablePrecision
+from moefast.nn.embedding import EmbeddingCollection
+
+TINY = ["--preset", "paper", "--rows", "600", "--num-domains", "2", "--num-users", "40", "--num-items", "20"]
+
+pytestmark = pytest.mark.usefixtures("one_thread_module")
+
+
+def _one_line(capsys: pytest.CaptureFixture[str], text: str) -> str:
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("moefast: error:") and text in lines[0], err
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def half_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny run trained with bf16 tables."""
+    run = tmp_path_factory.mktemp("half-run") / "run"
+    assert cli.main(["train", *TINY, "--method", "mlora", "--max-steps", "6", "--batch-size", "128",
+                     "--table-precision", "bf16", "--embedding-optimizer", "lazy-adam", "--quiet",
+                     "--out", str(run)]) == 0
+    return run
+
+
+def test_a_half_table_program_scores_as_the_run(half_run: Path, tmp_path: Path,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    """``export --table-precision bf16`` of a bf16 run: the program keeps the tables in bf16
+    (recorded in its .json) and scores the test split as the merged run does. Once its lookups
+    passed bf16 rows to float32 layers: every call of the program failed."""
+    program = tmp_path / "half.pt2"
+    assert cli.main(["export", str(half_run), "--out", str(program), "--table-precision", "bf16", "--quiet"]) == 0
+    assert json.loads((tmp_path / "half.pt2.json").read_text())["table_precision"] == "bf16"
+    assert cli.main(["predict", "--model", str(program), "--out", str(tmp_path / "p.csv"), "--quiet"]) == 0
+    assert cli.main(["predict", "--model", str(half_run), "--out", str(tmp_path / "r.csv"), "--quiet"]) == 0
+    got, want = pd.read_csv(tmp_path / "p.csv"), pd.read_csv(tmp_path / "r.csv")
+    assert len(got) == len(want) > 0
+    assert (got["logit"] - want["logit"]).abs().max() <= 1e-5 * max(1.0, want["logit"].abs().max())
+
+
+def test_export_refuses_another_half_precision_than_the_runs(half_run: Path, tmp_path: Path,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    """bf16 to fp16 rounds the weights again: refused, where it was once taken without a word."""
+    assert cli.main(["export", str(half_run), "--out", str(tmp_path / "x.pt2"), "--table-precision", "fp16",
+                     "--quiet"]) == 2
+    _one_line(capsys, "--table-precision fp16: the run's tables are bf16")
+    assert not (tmp_path / "x.pt2").exists()
+
+
+def test_converting_tables_past_fp16s_range_is_refused_whole() -> None:
+    """A weight of 1e5 (a pretrained vector, say) became inf in fp16 and training stopped later at
+    a NaN loss naming neither; now the conversion is refused, naming the table, the row and the
+    value, and no table is converted."""
+    collection = EmbeddingCollection([FeatureSpec("user", 5, 4), FeatureSpec("item", 8, 4)])
+    with torch.no_grad():
+        collection.tables["item"][6, 2] = 1e5
+    with pytest.raises(ValueError, match=r"table 'item' row 6 column 2 holds 100000\.0, past fp16's largest"):
+        collection.set_precision(TablePrecision.FP16)
+    assert all(t.dtype == torch.float32 for t in collection.tables.values())
+    collection.set_precision(TablePrecision.BF16)  # bf16 has fp32's range
+    assert collection.tables["item"][6, 2].item() == pytest.approx(1e5, rel=2**-8)
+
+
+def test_a_streamed_column_named_twice_is_refused_in_one_line(tmp_path: Path,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    """The in-memory reader refused it; the streamed first pass once raised a KeyError."""
+    log = tmp_path / "log"
+    log.mkdir()
+    table = frame(200)
+    doubled = pa.table([*table.columns, table.column("user")], names=[*table.column_names, "user"])
+    pq.write_table(doubled, log / "part-0.parquet")
+    schema = write_schema(tmp_path / "schema.toml", stream_schema())
+    assert cli.main(["vocab", "--data", str(log), "--schema", str(schema), "--out", str(tmp_path / "v.json")]) == 2
+    _one_line(capsys, "column 'user': named 2 times in the header")
+    assert cli.main(["train", "--dataset", "table", "--data", str(log), "--schema", str(schema), "--stream",
+                     "--quiet", "--out", str(tmp_path / "run")]) == 2
+    _one_line(capsys, "column 'user': named 2 times in the header")
+
+
+def test_a_log_not_partitioned_by_domain_is_refused_before_training(tmp_path: Path,
+                                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    """MoE-MLoRA's experts read one domain at a time: once refused only after the backbone stage
+    had trained."""
+    log = write_log(tmp_path / "log", n=300, by=("dt",))
+    schema = write_schema(tmp_path / "schema.toml", stream_schema())
+    base = ["train", "--dataset", "table", "--data", str(log), "--schema", str(schema), "--stream", "--quiet",
+            "--max-steps", "2"]
+    assert cli.main([*base, "--method", "moe-mlora", "--out", str(tmp_path / "a")]) == 2
+    line = _one_line(capsys, "reading one domain's rows (MoE-MLoRA's expert stages) needs the log partitioned")
+    assert "training" not in line and not (tmp_path / "a" / "checkpoints").exists()
+    assert cli.main([*base, "--method", "mlora", "--batch-mode", "single-domain", "--out", str(tmp_path / "b")]) == 2
+    _one_line(capsys, "(single-domain batches) needs the log partitioned")
+
+
+def test_predict_changes_the_runs_data_flags_by_those_given(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``--stream`` (or ``--data``) alone once replaced all the run's data flags: a KeyError."""
+    own = {"dataset": "table", "data": "log/", "schema": "s.toml"}
+    assert merge_data_options({}, own) == own
+    assert merge_data_options({"stream": True}, own) == {**own, "stream": True}
+    assert merge_data_options({"data": "new/"}, own) == {**own, "data": "new/"}
+    assert merge_data_options({"dataset": "synthetic", "rows": 9}, own) == {"dataset": "synthetic", "rows": 9}
+    assert merge_data_options({"rows": 9}, {"preset": "paper"}) == {"preset": "paper", "rows": 9}
+    assert merge_data_options({"rows": 9}, None) == {"rows": 9}
+    run = tmp_path / "run"
+    assert cli.main(["train", *TINY, "--method", "base", "--max-steps", "2", "--quiet", "--out", str(run)]) == 0
+    capsys.readouterr()
+    assert cli.main(["predict", "--model", str(run), "--stream", "--out", str(tmp_path / "s.csv"), "--quiet"]) == 2
+    _one_line(capsys, "--stream applies to --dataset table only")
+    # A flag given alone keeps the rest of the run's own: the same fields, so it scores.
+    assert cli.main(["predict", "--model", str(run), "--rows", "700", "--out", str(tmp_path / "s.csv"),
+                     "--quiet"]) == 0
+
+
+def test_config_files_that_cannot_be_read_or_say_a_key_twice(tmp_path: Path,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    folder = tmp_path / "cfg"
+    folder.mkdir()
+    assert cli.main(["train", "--config", str(folder), "--quiet"]) == 2
+    _one_line(capsys, "cannot be read: Is a directory")
+    binary = tmp_path / "bin.toml"
+    binary.write_bytes(b'rows = 5\n\xff\n')
+    assert cli.main(["train", "--config", str(binary), "--quiet"]) == 2
+    _one_line(capsys, f"config file {str(binary)!r} is not UTF-8 text: byte 0xff at byte 10")
+    # Two spellings of one option: TOML sees two keys, and the last once won without a word.
+    twice = tmp_path / "twice.toml"
+    twice.write_text('table_precision = "fp16"\ntable-precision = "bf16"\n')
+    assert cli.main(["train", "--config", str(twice), "--quiet"]) == 2
+    _one_line(capsys, "keys 'table_precision' and 'table-precision' set the same option: keep one")
+
+
+def test_sizes_past_what_a_machine_holds(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A row count past int64 was an OverflowError traceback; a failed allocation a MemoryError one."""
+    assert cli.main(["train", "--preset", "paper", "--rows", "9" * 22, "--quiet", "--out", str(tmp_path / "r")]) == 2
+    _one_line(capsys, f"synthetic knob rows must be a positive int at most 2,147,483,647, got {'9' * 22}")
+
+    class Allocates:
+        @staticmethod
+        def run(args: object) -> int:
+            raise MemoryError("Unable to allocate 745. GiB for an array with shape (100000000000,)")
+
+    assert _run(Allocates, None) == 1  # type: ignore[arg-type]
+    _one_line(capsys, "out of memory: Unable to allocate 745. GiB")
