@@ -120,6 +120,9 @@ def test_predict_changes_the_runs_data_flags_by_those_given(tmp_path: Path, caps
     assert merge_data_options({"dataset": "synthetic", "rows": 9}, own) == {"dataset": "synthetic", "rows": 9}
     assert merge_data_options({"rows": 9}, {"preset": "paper"}) == {"preset": "paper", "rows": 9}
     assert merge_data_options({"rows": 9}, None) == {"rows": 9}
+    # The vocabularies beside the model serve, not the path the run once read them from.
+    assert merge_data_options({"data": "new/"}, {**own, "vocab_from": "/train-host/v.json"}) == {**own, "data": "new/"}
+    assert merge_data_options({}, {**own, "vocab_from": "/train-host/v.json"}) == own
     run = tmp_path / "run"
     assert cli.main(["train", *TINY, "--method", "base", "--max-steps", "2", "--quiet", "--out", str(run)]) == 0
     capsys.readouterr()

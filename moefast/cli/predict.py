@@ -82,7 +82,12 @@ def merge_data_options(given: Mapping[str, Any], own: Mapping[str, Any] | None) 
     """The data flags ``predict`` reads with: the run's own (``own``; None when it recorded none),
     changed by those ``given`` on the command line, so that ``--stream`` or ``--data new/`` alone
     keeps the run's schema, vocabularies and source. A ``--dataset`` other than the run's starts
-    from that source's defaults instead (the run's flags would not apply to it)."""
+    from that source's defaults instead (the run's flags would not apply to it). The run's
+    recorded ``--vocab-from`` is not reused: a path on the machine that trained it, while the
+    vocabularies the model was trained with are saved beside it (``vocab.json``; a program's
+    ``.preprocessing/``), which ``predict`` reads unless ``--vocab-from`` is given."""
+    if own is not None:
+        own = {k: v for k, v in own.items() if k != "vocab_from"}
     if not given:
         return None if own is None else dict(own)
     default = DataConfig.__dataclass_fields__["dataset"].default
