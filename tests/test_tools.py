@@ -37,11 +37,18 @@ def test_the_bf16_accuracy_comparison_runs(monkeypatch: pytest.MonkeyPatch, caps
     assert "mlora: WAUC bf16-mixed - fp32 =" in out and "moe-specialist: WAUC bf16-mixed - fp32 =" in out, out
 
 
-def test_the_half_table_accuracy_comparison_runs(monkeypatch: pytest.MonkeyPatch,
-                                                 capsys: pytest.CaptureFixture[str]) -> None:
+def test_the_half_table_accuracy_comparison_runs(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+                                                 tmp_path: Path) -> None:
     out = _run(monkeypatch, capsys, "compare_table_precision.py", "--seeds", "2", "--rows", "2000",
                "--max-epochs", "1")
     assert "bf16 - fp32 WAUC =" in out and "over 2 paired seeds" in out, out
+    # Both half types against one fp32 run per seed, on a third seed, joined to the first two.
+    known = tmp_path / "known.txt"
+    known.write_text(out)
+    more = _run(monkeypatch, capsys, "compare_table_precision.py", "--precision", "bf16,fp16", "--seeds", "1",
+                "--first-seed", "3", "--known", str(known), "--rows", "2000", "--max-epochs", "1")
+    assert "seed 3: fp32" in more and "fp16 - fp32 WAUC" not in more, more  # fp16: one seed, no interval
+    assert "bf16 - fp32 WAUC =" in more and "over 3 paired seeds" in more, more
 
 
 def test_the_half_table_step_profile_runs(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
