@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 import math
+import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
@@ -448,6 +449,9 @@ class TrainConfig:
                 f"--device {str(self.device)!r}: training runs on {' or '.join(TRAIN_DEVICE_TYPES)} "
                 "devices only (TrainConfig.device)"
             )
+        if not re.fullmatch(r"[a-z]+(:[0-9]+)?", str(self.device)):
+            raise ValueError(f"--device {str(self.device)!r}: not a device (TrainConfig.device): write "
+                             f"{device_type} or {device_type}:INDEX")
         if self.embedding_lr is not None:
             _in_range("TrainConfig", "embedding_lr", self.embedding_lr, *LR_RANGE, low_open=True)
             if self.embedding_optimizer is EmbeddingOptimizer.ADAM:

@@ -162,3 +162,121 @@ def test_sizes_past_what_a_machine_holds(tmp_path: Path, capsys: pytest.CaptureF
 
     assert _run(Allocates, None) == 1  # type: ignore[arg-type]
     _one_line(capsys, "out of memory: Unable to allocate 745. GiB")
+
+
+# --- The Python API (a second review: each case once passed silently or failed deep inside) ---
+
+
+def _fused(precision: TablePrecision = TablePrecision.BF16) -> EmbeddingCollection:
+    from moefast.ops.embedding import LazyAdam
+
+    return EmbeddingCollection([FeatureSpec("a", 10, 4), FeatureSpec("b", 6, 4)], optimizer=LazyAdam(lr=0.1),
+                               precision=precision, backend="reference")
+
+
+def test_row_updates_are_checked_per_table() -> None:
+    """Gradient blocks of the wrong widths summing to the right total once trained table b on
+    two of a's gradient columns; a NaN gradient was written into the table."""
+    c = _fused()
+    before = {k: t.detach().clone() for k, t in c.tables.items()}
+    with pytest.raises(ValueError, match=r"table 'a': grads must be float32 of shape \(2, 4\) .* got torch.float32 \(2, 6\)"):
+        c.apply_row_updates({"a": (torch.tensor([1, 2]), torch.ones(2, 6)), "b": (torch.tensor([1, 2]), torch.ones(2, 2))})
+    with pytest.raises(ValueError, match=r"table 'a': the gradient of row 7 is not finite; nothing was updated"):
+        c.apply_row_updates({"a": (torch.tensor([1, 7]), torch.tensor([[0.0] * 4, [float("nan")] * 4]))})
+    with pytest.raises(ValueError, match=r"no table 'zz'; the tables are \['a', 'b'\]"):
+        c.apply_row_updates({"zz": (torch.tensor([1]), torch.ones(1, 4))})
+    with pytest.raises(TypeError, match=r"table 'a': rows must be a 1-D int64 tensor, got torch.int32 \(1,\)"):
+        c.apply_row_updates({"a": (torch.tensor([1], dtype=torch.int32), torch.ones(1, 4))})
+    with pytest.raises(ValueError, match=r"table 'b': grads must be .* shape \(0, 4\)"):
+        c.apply_row_updates({"b": (torch.tensor([], dtype=torch.int64), torch.ones(5, 7))})
+    assert all(torch.equal(t, before[k]) for k, t in c.tables.items())
+    c.apply_row_updates({"a": (torch.tensor([1, 2]), torch.ones(2, 4))})  # a valid one still updates
+    assert not torch.equal(c.tables["a"], before["a"])
+
+
+def test_a_collection_is_built_within_its_precision_and_its_init() -> None:
+    specs = [FeatureSpec("a", 10, 4)]
+    with pytest.raises(ValueError, match=r"table 'a' row \d+ column \d+ holds .*past fp16's largest"):
+        EmbeddingCollection(specs, precision=TablePrecision.FP16, init_std=1e5)
+    for bad in (float("inf"), float("nan"), "0.1", True, 0):
+        with pytest.raises(ValueError, match="init_std must be a finite number > 0 or None"):
+            EmbeddingCollection(specs, init_std=bad)  # type: ignore[arg-type]
+    c = EmbeddingCollection(specs)
+    c.tables["a"] = torch.nn.Parameter(torch.zeros(10, 4, dtype=torch.float64))
+    with pytest.raises(ValueError, match="the tables are torch.float64, not one of the table precisions"):
+        c.precision  # noqa: B018
+
+
+def test_the_reference_backend_checks_optimizer_state_as_the_fast_one_does() -> None:
+    from moefast.config import Pooling
+    from moefast.ops.embedding import LazyAdam, embedding_collection
+
+    w = [torch.randn(10, 4).bfloat16().requires_grad_()]
+    good = LazyAdam().init_state(w[0])
+    for slot, bad in (("exp_avg", torch.zeros(20, 4)), ("step", torch.zeros(10)), ("exp_avg", torch.zeros(10, 4).half()),
+                      ("step", None)):
+        state = {**good, slot: bad} if bad is not None else {k: v for k, v in good.items() if k != slot}
+        with pytest.raises(TypeError, match=f"optimizer state '{slot}' must be a"):
+            embedding_collection(w, [torch.tensor([5])], [None], [Pooling.NONE], optimizer=LazyAdam(),
+                                 optimizer_states=[state], backend="reference")
+
+
+def test_optimizer_state_loads_only_in_its_own_dtype() -> None:
+    c = _fused(TablePrecision.FP32)
+    state = c.state_dict()
+    state["optimizer_state.a.step"] = state["optimizer_state.a.step"].float() + 0.7
+    with pytest.raises(ValueError, match=r"optimizer_state.a.step is torch.float32 in the state dict but torch.int64"):
+        _fused(TablePrecision.FP32).load_state_dict(state)
+
+
+def test_fused_optimizers_take_numbers_only() -> None:
+    from moefast.ops.embedding import LazyAdam, RowwiseAdagrad
+
+    for kwargs in ({"lr": True}, {"beta1": False}, {"lr": "0.1"}, {"beta1": None}, {"eps": 1j}):
+        with pytest.raises(TypeError, match=f"LazyAdam: {next(iter(kwargs))} must be a number"):
+            LazyAdam(**kwargs)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="RowwiseAdagrad: lr must be a number, got 1j"):
+        RowwiseAdagrad(lr=1j)  # type: ignore[arg-type]
+
+
+def test_train_devices_that_cannot_train(tmp_path: Path) -> None:
+    from moefast.config import TrainConfig
+    from moefast.train.loop import check_device
+
+    for bad in ("cpu:abc", "cuda:x", "cuda:"):
+        with pytest.raises(ValueError, match=f"--device '{bad}': not a device"):
+            TrainConfig(max_steps=2, device=bad)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match=r"--device 'cuda' \(TrainConfig.device\): no CUDA device is available"):
+            check_device("cuda")
+    assert check_device("cpu") == torch.device("cpu")
+
+
+def test_stream_must_be_a_bool(tmp_path: Path) -> None:
+    import moefast.data
+
+    log = write_log(tmp_path / "log", n=100)
+    schema = write_schema(tmp_path / "schema.toml", stream_schema())
+    with pytest.raises(TypeError, match="stream must be True or False, got 'false'"):
+        moefast.data.load("table", path=str(log), schema=str(schema), stream="false", progress=False)
+
+
+def test_export_checks_its_preprocessing_files_before_writing(tmp_path: Path) -> None:
+    from moefast import models
+    from moefast.config import TowerConfig
+    from moefast.data import load
+    from moefast.export import export_program, merge
+
+    data = load("synthetic", preset="paper", rows=300, num_domains=2, num_users=20, num_items=10)
+    merged = merge(models.build("wdl", data, "base", tower_config=TowerConfig(hidden_units=(8,))))
+    src = tmp_path / "src.txt"
+    src.write_text("x")
+    out = tmp_path / "sub" / "p.pt2"
+    for extra, message in (({"stats": tmp_path / "missing"}, "the source .* does not exist"),
+                           ({"../../escaped.txt": src}, "must be a relative path inside"),
+                           ({str(tmp_path / "abs.txt"): src}, "must be a relative path inside")):
+        with pytest.raises(ValueError, match=message):
+            export_program(merged, out, extra_files=extra)
+        assert not out.exists() and not (tmp_path / "escaped.txt").exists() and not (tmp_path / "abs.txt").exists()
+    with pytest.raises(TypeError, match="record must be a dataset.json mapping, got list"):
+        export_program(merged, out, record=[1, 2])  # type: ignore[arg-type]

@@ -283,10 +283,9 @@ def check_before_data(config: RunConfig) -> None:
     """Every check of ``config`` that needs no data: the backend, the device, the model's name,
     the data options (a table's schema and file list).
     ``moefast train --nproc`` runs it (and the run directory's check) before any rank starts."""
-    import torch
-
     from moefast import models
     from moefast.ops._backend import parse_backend
+    from moefast.train.loop import check_device
 
     if config.backend is not None:
         try:
@@ -294,11 +293,9 @@ def check_before_data(config: RunConfig) -> None:
         except ValueError as exc:
             raise UserError(str(exc)) from None
     try:
-        device = torch.device(config.train.device)
-    except RuntimeError as exc:
-        raise UserError(f"--device {config.train.device!r}: {exc}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {config.train.device!r}: no CUDA device is available here")
+        check_device(config.train.device)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
     if config.model.lower() not in models.MODELS:
         raise UserError(f"unknown model {config.model!r}; choose one of {', '.join(sorted(models.MODELS))}")
     check_data_options(config.data)

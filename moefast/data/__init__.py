@@ -49,6 +49,8 @@ def _load_table(*, path: Any, schema: Any, vocab_from: Any = None, scoring: bool
     """The tabular source: in memory (:func:`moefast.data.table.load_table`), or with ``stream``
     read from Parquet as training goes (:func:`moefast.data.stream.load_stream`, a
     :class:`~moefast.data.stream.StreamedDataset`; no dataset cache)."""
+    if not isinstance(stream, bool):  # "false" is truthy: it would stream, and streaming changes results
+        raise TypeError(f"stream must be True or False, got {stream!r}")
     if not stream:
         if shuffle_rows is not None or read_ahead is not None:
             raise ValueError("shuffle_rows and read_ahead apply to a streamed table (stream=True) only")

@@ -153,6 +153,18 @@ def program_inputs(features: tuple[FeatureSpec, ...], numeric: tuple[str, ...]) 
     return inputs
 
 
+def _check_extra_files(extra_files: Mapping[str, Path]) -> None:
+    """Each preprocessing entry's name stays inside ``<out stem>.preprocessing/`` (relative, no
+    ``..``) and its source exists: ``ValueError`` naming the entry."""
+    for name, src in extra_files.items():
+        parts = Path(name).parts
+        if not parts or Path(name).is_absolute() or ".." in parts:
+            raise ValueError(f"export_program: extra_files name {name!r} must be a relative path inside the "
+                             "preprocessing folder (no '..', not absolute)")
+        if not Path(src).exists():
+            raise ValueError(f"export_program: extra_files {name!r}: the source {str(src)!r} does not exist")
+
+
 def export_program(
     merged: MergedModel,
     out: str | os.PathLike[str],
@@ -174,9 +186,14 @@ def export_program(
     Raises:
         ValueError: ``out`` does not end in ``.pt2``.
     """
+    if not isinstance(out, str | os.PathLike):
+        raise TypeError(f"export_program: out must be a path, got {type(out).__name__}")
     dest = Path(out)
     if dest.suffix != ".pt2":
         raise ValueError(f"--out {str(dest)!r}: an exported program is a .pt2 file")
+    if record is not None and not isinstance(record, Mapping):
+        raise TypeError(f"export_program: record must be a dataset.json mapping, got {type(record).__name__}")
+    _check_extra_files(extra_files or {})  # before anything is written: no half-made export
     serving = serving_module(merged)
     features = merged.features
     numeric = serving.numeric_names

@@ -8,6 +8,7 @@ or, with ``precision``, in float16 / bfloat16 (:class:`moefast.config.TablePreci
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -67,8 +68,9 @@ class EmbeddingCollection(nn.Module):
         names = [f.name for f in features]
         if len(set(names)) != len(names):
             raise ValueError(f"duplicate feature names: {names}")
-        if init_std is not None and not init_std > 0:
-            raise ValueError(f"init_std must be > 0 or None, got {init_std}")
+        if init_std is not None and (isinstance(init_std, bool) or not isinstance(init_std, int | float)
+                                     or not 0 < init_std < math.inf):
+            raise ValueError(f"init_std must be a finite number > 0 or None, got {init_std!r}")
         if optimizer is not None and sparse:
             raise ValueError("sparse=True asks for a gradient, but a fused optimizer consumes it")
         self._features = features
@@ -83,7 +85,8 @@ class EmbeddingCollection(nn.Module):
         for spec in features:
             weight = torch.empty(spec.vocab_size, spec.dim)
             nn.init.normal_(weight, 0.0, 1.0 if init_std is None else init_std)
-            self.tables[spec.name] = nn.Parameter(weight.to(precision.dtype))
+            self.tables[spec.name] = nn.Parameter(weight)
+        self.set_precision(precision)  # a weight past fp16's range: refused, not inf
         self.optimizer_state = nn.ModuleDict()
         if optimizer is not None:
             for spec in features:
@@ -112,7 +115,11 @@ class EmbeddingCollection(nn.Module):
     def precision(self) -> TablePrecision:
         """How the tables are stored (all of a collection's tables share it)."""
         dtype = next(iter(self.tables.values())).dtype
-        return next(p for p in TablePrecision if p.dtype == dtype)
+        for precision in TablePrecision:
+            if precision.dtype == dtype:
+                return precision
+        raise ValueError(f"the tables are {dtype}, not one of the table precisions "
+                         f"({', '.join(p.value for p in TablePrecision)})")
 
     def set_precision(self, precision: TablePrecision) -> None:
         """Convert every table to ``precision`` explicitly (round to nearest; new parameters with
@@ -153,6 +160,13 @@ class EmbeddingCollection(nn.Module):
                     "model: tables load only into their own precision; convert one explicitly first "
                     "(EmbeddingCollection.set_precision, or TrainConfig.table_precision)"
                 )
+        # ... and an optimizer state (a float step count would be truncated, a float64 moment rounded).
+        for name, holder in self.optimizer_state.items():
+            for slot, buffer in holder._buffers.items():
+                theirs = state_dict.get(f"{prefix}optimizer_state.{name}.{slot}")
+                if isinstance(theirs, torch.Tensor) and buffer is not None and theirs.dtype != buffer.dtype:
+                    raise ValueError(f"optimizer state {prefix}optimizer_state.{name}.{slot} is {theirs.dtype} in the "
+                                     f"state dict but {buffer.dtype} in the model (optimizer.init_state makes it)")
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
@@ -171,6 +185,7 @@ class EmbeddingCollection(nn.Module):
         states = self._states()
         assert states is not None
         position = {f.name: k for k, f in enumerate(self._features)}
+        self._check_row_updates(updates, position)
         chosen = [(name, rows, grads) for name, (rows, grads) in updates.items() if rows.numel() > 0]
         if not chosen:
             return
@@ -191,6 +206,36 @@ class EmbeddingCollection(nn.Module):
                 optimizer=self.optimizer, optimizer_states=picked_states, backend=self.backend,
             )
             out.backward(torch.cat(blocks, dim=1))
+
+    def _check_row_updates(self, updates: object, position: Mapping[str, int]) -> None:
+        """Each entry of :meth:`apply_row_updates`' ``updates`` names a table and holds int64 rows
+        ``[U]`` with finite float32 gradients ``[U, dim]`` (the blocks are concatenated for one
+        call of the op, which checks only their total width: a block of another width would hand
+        one field's gradient columns to another). ``TypeError`` / ``ValueError`` naming the field."""
+        if not isinstance(updates, Mapping):
+            raise TypeError(f"apply_row_updates takes a mapping name -> (rows, grads), got {type(updates).__name__}")
+        for name, pair in updates.items():
+            if name not in position:
+                raise ValueError(f"apply_row_updates: no table {name!r}; the tables are {sorted(position)}")
+            if not (isinstance(pair, tuple | list) and len(pair) == 2):
+                raise TypeError(f"apply_row_updates: table {name!r} takes (rows, grads), got {type(pair).__name__}")
+            rows, grads = pair
+            if not isinstance(rows, torch.Tensor) or rows.dim() != 1 or rows.dtype != torch.int64:
+                got = f"{rows.dtype} {tuple(rows.shape)}" if isinstance(rows, torch.Tensor) else type(rows).__name__
+                raise TypeError(f"apply_row_updates: table {name!r}: rows must be a 1-D int64 tensor, got {got}")
+            dim = self.tables[name].shape[1]
+            if not isinstance(grads, torch.Tensor) or grads.dtype != torch.float32 \
+                    or tuple(grads.shape) != (rows.numel(), dim):
+                got = f"{grads.dtype} {tuple(grads.shape)}" if isinstance(grads, torch.Tensor) else type(grads).__name__
+                raise ValueError(f"apply_row_updates: table {name!r}: grads must be float32 of shape "
+                                 f"({rows.numel()}, {dim}) for its {rows.numel()} rows, got {got}")
+            if not self.tables[name].requires_grad:
+                raise ValueError(f"apply_row_updates: table {name!r} is frozen (requires_grad is False)")
+            finite = torch.isfinite(grads).all(dim=1)
+            if not bool(finite.all()):
+                k = int((~finite).nonzero()[0])
+                raise ValueError(f"apply_row_updates: table {name!r}: the gradient of row {int(rows[k])} is not "
+                                 "finite; nothing was updated")
 
     @property
     def features(self) -> tuple[FeatureSpec, ...]:

@@ -17,7 +17,13 @@ from moefast import _ext
 from moefast.config import Pooling
 from moefast.ops._backend import Backend, BackendLike, resolve_backend
 from moefast.reference import embedding as _ref
-from moefast.reference.embedding_optim import FusedOptimizer, LazyAdam, RowwiseAdagrad, table_key
+from moefast.reference.embedding_optim import (
+    FusedOptimizer,
+    LazyAdam,
+    RowwiseAdagrad,
+    state_slots,
+    table_key,
+)
 
 __all__ = [
     "EmbeddingCollectionFunction",
@@ -138,11 +144,7 @@ def _state_pointers(
     optimizer: FusedOptimizer, states: Sequence[dict[str, torch.Tensor]], call: _NativeCall, need: list[bool]
 ) -> list[int]:
     """Per field (sum, exp_avg, exp_avg_sq, step) pointers, after checking each state tensor."""
-    slots: tuple[tuple[str, torch.dtype, bool], ...] = (
-        (("sum", torch.float32, False),)
-        if isinstance(optimizer, RowwiseAdagrad)
-        else (("exp_avg", torch.float32, True), ("exp_avg_sq", torch.float32, True), ("step", torch.int64, False))
-    )
+    slots = state_slots(optimizer)
     pointers: list[int] = []
     for t, name in enumerate(call.names):
         found = {"sum": 0, "exp_avg": 0, "exp_avg_sq": 0, "step": 0}

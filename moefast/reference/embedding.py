@@ -30,6 +30,7 @@ from moefast.config import Pooling
 from moefast.reference.embedding_optim import (
     TABLE_DTYPES,
     FusedOptimizer,
+    check_state,
     sparse_update_,
     table_key,
 )
@@ -470,5 +471,8 @@ def embedding_collection(
         raise ValueError("sparse=True asks for a gradient, but a fused optimizer consumes it")
     if optimizer_states is None or len(optimizer_states) != len(weights):
         raise ValueError("a fused optimizer needs optimizer_states: one state dict per table")
+    for weight, state, name in zip(weights, optimizer_states, layout.names, strict=True):
+        if weight.requires_grad:  # as the fast path: only the tables it updates
+            check_state(optimizer, state, name, weight)
     out: torch.Tensor = _FusedUpdateFunction.apply(layout, optimizer, list(optimizer_states), *weights)
     return out

@@ -46,6 +46,34 @@ TABLE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 HALF_TABLE_DTYPES = (torch.float16, torch.bfloat16)
 
 
+def state_slots(optimizer: FusedOptimizer) -> tuple[tuple[str, torch.dtype, bool], ...]:
+    """``optimizer``'s state tensors per table: (slot, dtype, per element of the table rather
+    than per row), as ``init_state`` makes them."""
+    if isinstance(optimizer, RowwiseAdagrad):
+        return (("sum", torch.float32, False),)
+    return (("exp_avg", torch.float32, True), ("exp_avg_sq", torch.float32, True), ("step", torch.int64, False))
+
+
+def check_state(optimizer: FusedOptimizer, state: object, name: str, weight: torch.Tensor) -> None:
+    """``TypeError`` naming the field and slot unless ``state`` holds every slot of
+    :func:`state_slots` with its dtype, on ``weight``'s device, shaped ``[V, D]`` or ``[V]``."""
+    for slot, dtype, per_element in state_slots(optimizer):
+        value = state.get(slot) if isinstance(state, dict) else None
+        shape = tuple(weight.shape) if per_element else (weight.shape[0],)
+        if (not isinstance(value, torch.Tensor) or value.dtype != dtype or tuple(value.shape) != shape
+                or value.device != weight.device):
+            raise TypeError(f"field {name!r}: optimizer state {slot!r} must be a {dtype} tensor of shape {shape} "
+                            f"on {weight.device} (use optimizer.init_state(weight))")
+
+
+def _check_numbers(owner: str, **values: object) -> None:
+    """``TypeError`` naming the first hyperparameter that is not a real number (a bool, a string,
+    None, a complex number), before the range checks compare it."""
+    for name, value in values.items():
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise TypeError(f"{owner}: {name} must be a number, got {value!r}")
+
+
 def _check_seed(owner: str, seed: int) -> None:
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64:
         raise ValueError(f"{owner}: seed must be a whole number in [0, 2^64), got {seed!r}")
@@ -66,6 +94,7 @@ class RowwiseAdagrad:
 
     def __post_init__(self) -> None:
         _check_seed("RowwiseAdagrad", self.seed)
+        _check_numbers("RowwiseAdagrad", lr=self.lr, eps=self.eps)
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise ValueError(f"RowwiseAdagrad: lr must be a positive finite float, got {self.lr}")
         if not (self.eps > 0 and math.isfinite(self.eps)):
@@ -97,6 +126,7 @@ class LazyAdam:
 
     def __post_init__(self) -> None:
         _check_seed("LazyAdam", self.seed)
+        _check_numbers("LazyAdam", lr=self.lr, beta1=self.beta1, beta2=self.beta2, eps=self.eps)
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise ValueError(f"LazyAdam: lr must be a positive finite float, got {self.lr}")
         for name, beta in (("beta1", self.beta1), ("beta2", self.beta2)):

@@ -87,6 +87,7 @@ __all__ = [
     "FitResult",
     "NonFiniteError",
     "StageRecord",
+    "check_device",
     "embedding_collections",
     "fit",
     "l2_parameters",
@@ -497,10 +498,23 @@ def _fit(
     return _fit_result(ctx, records, scores, out_dir)
 
 
+def check_device(device: str) -> torch.device:
+    """``TrainConfig.device`` as a :class:`torch.device`, or ``ValueError`` naming it when this
+    process cannot train there (no CUDA, or an index past the devices it has)."""
+    dev = torch.device(device)  # TrainConfig checked the form
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {device!r} (TrainConfig.device): no CUDA device is available here")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {device!r} (TrainConfig.device): this machine has "
+                             f"{torch.cuda.device_count()} CUDA device(s)")
+    return dev
+
+
 def _prepare_model(model: CTRModel, backend: BackendLike, config: TrainConfig) -> str:
     """Set the backend, the fused embedding optimizer and the tables' precision on ``model``
     (the precision checked against the device first); return the backend's name for metrics.json."""
-    backend_name = _set_backend(model, backend, torch.device(config.device))
+    backend_name = _set_backend(model, backend, check_device(config.device))
     check_precision(config.precision, config.device)  # ValueError naming the option, or a warning
     set_embedding_optimizer(model, _fused_embedding_optimizer(config))
     for collection in embedding_collections(model):  # half tables: TrainConfig checked the optimizer
