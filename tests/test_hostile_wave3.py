@@ -280,3 +280,20 @@ def test_export_checks_its_preprocessing_files_before_writing(tmp_path: Path) ->
         assert not out.exists() and not (tmp_path / "escaped.txt").exists() and not (tmp_path / "abs.txt").exists()
     with pytest.raises(TypeError, match="record must be a dataset.json mapping, got list"):
         export_program(merged, out, record=[1, 2])  # type: ignore[arg-type]
+
+
+def test_how_a_stream_is_read_is_checked_before_its_first_pass(tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """A bad shuffle buffer was refused only after the first pass had read the whole log."""
+    import moefast.data
+    import moefast.data.firstpass as firstpass
+
+    log = write_log(tmp_path / "log", n=100)
+    schema = write_schema(tmp_path / "schema.toml", stream_schema())
+
+    def no_pass(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the first pass ran before the options were checked")
+
+    monkeypatch.setattr(firstpass, "first_pass", no_pass)
+    with pytest.raises(ValueError, match="the shuffle buffer must be a positive number of rows, got 0"):
+        moefast.data.load("table", path=str(log), schema=str(schema), stream=True, shuffle_rows=0, progress=False)

@@ -299,6 +299,19 @@ class StreamedDataset:
         return got == part
 
 
+def _check_reading(shuffle_rows: object, read_ahead: object, fragment_order: object, shards: object) -> None:
+    """How a stream is read, checked before any file is (``ValueError`` naming the value)."""
+    if shuffle_rows is not None and (isinstance(shuffle_rows, bool) or not isinstance(shuffle_rows, int)
+                                     or shuffle_rows < 1):
+        raise ValueError(f"the shuffle buffer must be a positive number of rows, got {shuffle_rows!r}")
+    if read_ahead is not None and (isinstance(read_ahead, bool) or not isinstance(read_ahead, int) or read_ahead < 0):
+        raise ValueError(f"the read-ahead window must be a number of bytes >= 0, got {read_ahead!r}")
+    if fragment_order not in FRAGMENT_ORDERS:
+        raise ValueError(f"fragment_order must be 'seeded' or 'stored', got {fragment_order!r}")
+    if shards is not None and (isinstance(shards, bool) or not isinstance(shards, int) or shards < 1):
+        raise ValueError(f"shards must be a positive int or None, got {shards!r}")
+
+
 def open_stream(path: str | os.PathLike[str], schema: str | os.PathLike[str] | TableSchema | Mapping[str, Any],
                 vocab: str | os.PathLike[str] | Mapping[str, Any], *, shuffle_rows: int | None = None,
                 fragment_order: str = "seeded", shards: int | None = None, read_ahead: int | None = None,
@@ -324,15 +337,7 @@ def open_stream(path: str | os.PathLike[str], schema: str | os.PathLike[str] | T
     if not scoring and "stream" not in art and check_files:
         raise ValueError(f"{where}: no file fingerprint (written by the in-memory source); run `moefast vocab` "
                          "on this log")
-    if shuffle_rows is not None and (isinstance(shuffle_rows, bool) or not isinstance(shuffle_rows, int)
-                                     or shuffle_rows < 1):
-        raise ValueError(f"the shuffle buffer must be a positive number of rows, got {shuffle_rows!r}")
-    if read_ahead is not None and (isinstance(read_ahead, bool) or not isinstance(read_ahead, int) or read_ahead < 0):
-        raise ValueError(f"the read-ahead window must be a number of bytes >= 0, got {read_ahead!r}")
-    if fragment_order not in FRAGMENT_ORDERS:
-        raise ValueError(f"fragment_order must be 'seeded' or 'stored', got {fragment_order!r}")
-    if shards is not None and (isinstance(shards, bool) or not isinstance(shards, int) or shards < 1):
-        raise ValueError(f"shards must be a positive int or None, got {shards!r}")
+    _check_reading(shuffle_rows, read_ahead, fragment_order, shards)
     coded = frozenset({sch.domain.column, *(c.column for c in sch.categorical if not c.multi)})
     # One pyarrow.dataset over the files: their footers are read once here (the fingerprint, the
     # layout, the row groups) and kept by the fragments, which the epochs read.
@@ -660,6 +665,7 @@ def load_stream(*, path: str | os.PathLike[str], schema: str | os.PathLike[str] 
     content of a log larger than memory is no option; the file fingerprint stands in for it."""
     from moefast.data.firstpass import first_pass
 
+    _check_reading(shuffle_rows, read_ahead, fragment_order, shards)  # not after a pass over the whole log
     if vocab_from is None:
         if scoring or load_schema(schema).label is None:
             raise ValueError("scoring data (no label) needs vocab_from=<the run directory whose model scores it>")
