@@ -181,7 +181,7 @@ def test_row_updates_are_checked_per_table() -> None:
     before = {k: t.detach().clone() for k, t in c.tables.items()}
     with pytest.raises(ValueError, match=r"table 'a': grads must be float32 of shape \(2, 4\) .* got torch.float32 \(2, 6\)"):
         c.apply_row_updates({"a": (torch.tensor([1, 2]), torch.ones(2, 6)), "b": (torch.tensor([1, 2]), torch.ones(2, 2))})
-    with pytest.raises(ValueError, match=r"table 'a': the gradient of row 7 is not finite; nothing was updated"):
+    with pytest.raises(ValueError, match=r"table 'a': the gradient of row 7 is not finite; no table was updated"):
         c.apply_row_updates({"a": (torch.tensor([1, 7]), torch.tensor([[0.0] * 4, [float("nan")] * 4]))})
     with pytest.raises(ValueError, match=r"no table 'zz'; the tables are \['a', 'b'\]"):
         c.apply_row_updates({"zz": (torch.tensor([1]), torch.ones(1, 4))})
@@ -203,7 +203,7 @@ def test_a_collection_is_built_within_its_precision_and_its_init() -> None:
             EmbeddingCollection(specs, init_std=bad)  # type: ignore[arg-type]
     c = EmbeddingCollection(specs)
     c.tables["a"] = torch.nn.Parameter(torch.zeros(10, 4, dtype=torch.float64))
-    with pytest.raises(ValueError, match="the tables are torch.float64, not one of the table precisions"):
+    with pytest.raises(ValueError, match=r"the tables are torch\.float64, not one of the table precisions"):
         c.precision  # noqa: B018
 
 
@@ -278,7 +278,7 @@ def test_export_checks_its_preprocessing_files_before_writing(tmp_path: Path) ->
         with pytest.raises(ValueError, match=message):
             export_program(merged, out, extra_files=extra)
         assert not out.exists() and not (tmp_path / "escaped.txt").exists() and not (tmp_path / "abs.txt").exists()
-    with pytest.raises(TypeError, match="record must be a dataset.json mapping, got list"):
+    with pytest.raises(TypeError, match=r"record must be a dataset\.json mapping, got list"):
         export_program(merged, out, record=[1, 2])  # type: ignore[arg-type]
 
 
@@ -297,3 +297,25 @@ def test_how_a_stream_is_read_is_checked_before_its_first_pass(tmp_path: Path,
     monkeypatch.setattr(firstpass, "first_pass", no_pass)
     with pytest.raises(ValueError, match="the shuffle buffer must be a positive number of rows, got 0"):
         moefast.data.load("table", path=str(log), schema=str(schema), stream=True, shuffle_rows=0, progress=False)
+
+
+def test_predict_streams_unlabelled_data_and_reads_new_data_as_told(tmp_path: Path,
+                                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    """Two regressions a review found in the merged data flags: a schema without a label (data
+    to score) was refused by the training checks, and a streamed run's --stream was inherited by
+    new data given with --data (a CSV then could not be read, and --stream cannot be unset)."""
+    own = {"dataset": "table", "data": "log/", "schema": "s.toml", "stream": True, "shuffle_buffer": 10}
+    assert merge_data_options({"data": "new.csv"}, own) == {"dataset": "table", "data": "new.csv", "schema": "s.toml"}
+    assert merge_data_options({"read_ahead": 5}, own) == {**own, "read_ahead": 5}
+    log = write_log(tmp_path / "log", n=400)
+    schema = write_schema(tmp_path / "schema.toml", stream_schema())
+    run = tmp_path / "run"
+    assert cli.main(["train", "--dataset", "table", "--data", str(log), "--schema", str(schema), "--stream",
+                     "--method", "base", "--max-steps", "2", "--quiet", "--out", str(run)]) == 0
+    unlabelled = stream_schema()
+    del unlabelled["label"], unlabelled["split"]
+    plain = write_schema(tmp_path / "score.toml", unlabelled)
+    out = tmp_path / "scores.csv"
+    assert cli.main(["predict", "--model", str(run), "--dataset", "table", "--data", str(log), "--schema", str(plain),
+                     "--stream", "--out", str(out), "--quiet"]) == 0, capsys.readouterr().err
+    assert len(pd.read_csv(out)) == 400

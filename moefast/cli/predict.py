@@ -22,12 +22,11 @@ from moefast.cli._options import (
     DATA_OPTIONS,
     UserError,
     add_option_groups,
-    check_data_options,
     converters,
     given_options,
     load_dataset,
 )
-from moefast.config import DataConfig
+from moefast.config import STREAM_OPTIONS, DataConfig, load_options
 from moefast.log import progress_bar
 from moefast.runs.files import CONFIG_TOML, DATASET_RECORD, VOCAB
 
@@ -93,6 +92,10 @@ def merge_data_options(given: Mapping[str, Any], own: Mapping[str, Any] | None) 
     default = DataConfig.__dataclass_fields__["dataset"].default
     if own is None or given.get("dataset", own.get("dataset", default)) != own.get("dataset", default):
         return dict(given)
+    if "data" in given:
+        # New data is read as the command line says: streamed only with --stream (a CSV file
+        # cannot be, and --stream cannot be turned off once inherited).
+        own = {k: v for k, v in own.items() if k not in STREAM_OPTIONS}
     return {**own, **given}
 
 
@@ -256,6 +259,8 @@ def run(args: argparse.Namespace) -> int:
             if options is None:
                 raise UserError(f"run directory {str(folder)!r} predates dataset.json and records no data "
                                 "flags: give them")
+            if options.get("dataset") == "table" and options.get("vocab_from") is None:
+                options = {**options, "vocab_from": str(folder)}  # the model's vocabularies, not new ones
             dataset = load_dataset(_data_config(options))
         loaded = export.load_run(folder, dataset=dataset)
         record = loaded.record
@@ -280,7 +285,10 @@ def run(args: argparse.Namespace) -> int:
     if not given:
         say(f"data: the run's own ({', '.join(f'{k}={v}' for k, v in options.items()) or 'defaults'})")
     config = _data_config(options)
-    check_data_options(config)  # a flag that does not apply to the dataset: one line, before any read
+    try:  # a flag that does not apply to the dataset: one line, before any read
+        load_options(config, lambda key: "--" + key.replace("_", "-"))
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
     if options.get("stream"):
         return _predict_stream(args, out, options, record, score, what, say)
     dataset = load_dataset(config)

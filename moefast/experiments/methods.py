@@ -32,7 +32,7 @@ def check_methods(config: RunConfig, dataset: MultiDomainDataset | StreamedDatas
     if isinstance(dataset, StreamedDataset):
         if config.train.batches is BatchMode.SINGLE_DOMAIN:
             dataset.check_domain_reads("single-domain batches")
-        if TowerKind.MOE_MLORA in config.methods:
+        if TowerKind.MOE_MLORA in config.methods and dataset.num_domains > 1:  # one domain: no filter
             dataset.check_domain_reads("MoE-MLoRA's expert stages")
     tower = config.tower_config()
     if TowerKind.MOE_MLORA in config.methods and tower.gate_init is GateInit.SPECIALIST:

@@ -141,7 +141,7 @@ class EmbeddingCollection(nn.Module):
                         f"table {name!r} row {row} column {col} holds {float(table.detach()[row, col])!r}, past "
                         f"{precision.value}'s largest finite value {torch.finfo(precision.dtype).max:g}: "
                         f"{int(overflow.sum())} weight(s) of it would become infinite; keep the tables in "
-                        "a wider precision (fp32 or bf16) or scale the pretrained vectors"
+                        f"{'fp32 or bf16' if precision is TablePrecision.FP16 else 'fp32'} or scale the weights"
                     )
                 converted[name] = nn.Parameter(half, requires_grad=table.requires_grad)
         for name, table in converted.items():  # all or nothing: a refusal leaves every table as it was
@@ -235,7 +235,7 @@ class EmbeddingCollection(nn.Module):
             if not bool(finite.all()):
                 k = int((~finite).nonzero()[0])
                 raise ValueError(f"apply_row_updates: table {name!r}: the gradient of row {int(rows[k])} is not "
-                                 "finite; nothing was updated")
+                                 "finite; no table was updated")
 
     @property
     def features(self) -> tuple[FeatureSpec, ...]:
