@@ -131,8 +131,8 @@ class EmbeddingCollection(nn.Module):
         for name, table in self.tables.items():
             if table.dtype != precision.dtype:
                 with torch.no_grad():
-                    half = table.to(precision.dtype)
-                    overflow = torch.isfinite(table) & ~torch.isfinite(half)
+                    stored = table.to(precision.dtype)
+                    overflow = torch.isfinite(table) & ~torch.isfinite(stored)
                 if bool(overflow.any()):
                     # fp16 ends at 65504: a finite weight past it would become inf, and training
                     # would stop at a NaN loss that names neither the table nor the value.
@@ -143,7 +143,7 @@ class EmbeddingCollection(nn.Module):
                         f"{int(overflow.sum())} weight(s) of it would become infinite; keep the tables in "
                         f"{'fp32 or bf16' if precision is TablePrecision.FP16 else 'fp32'} or scale the weights"
                     )
-                converted[name] = nn.Parameter(half, requires_grad=table.requires_grad)
+                converted[name] = nn.Parameter(stored, requires_grad=table.requires_grad)
         for name, table in converted.items():  # all or nothing: a refusal leaves every table as it was
             self.tables[name] = table
 

@@ -21,6 +21,7 @@ from moefast.reference.embedding_optim import (
     FusedOptimizer,
     LazyAdam,
     RowwiseAdagrad,
+    check_state,
     state_slots,
     table_key,
 )
@@ -143,26 +144,20 @@ class _NativeCall:
 def _state_pointers(
     optimizer: FusedOptimizer, states: Sequence[dict[str, torch.Tensor]], call: _NativeCall, need: list[bool]
 ) -> list[int]:
-    """Per field (sum, exp_avg, exp_avg_sq, step) pointers, after checking each state tensor."""
-    slots = state_slots(optimizer)
+    """Per field (sum, exp_avg, exp_avg_sq, step) pointers, after checking each state tensor:
+    the reference's check (slots, dtypes, shapes, the table's device), and contiguity, which the
+    engine's raw pointers need."""
+    weights = call.keep[0]
     pointers: list[int] = []
     for t, name in enumerate(call.names):
         found = {"sum": 0, "exp_avg": 0, "exp_avg_sq": 0, "step": 0}
         if need[t]:
-            for slot, dtype, per_element in slots:
-                value = states[t].get(slot)
-                shape = (call.vocab_sizes[t], call.dims[t]) if per_element else (call.vocab_sizes[t],)
-                if (
-                    not isinstance(value, torch.Tensor)
-                    or value.dtype != dtype
-                    or tuple(value.shape) != shape
-                    or not value.is_contiguous()
-                    or value.device.type != "cpu"
-                ):
-                    raise TypeError(
-                        f"field {name!r}: optimizer state {slot!r} must be a contiguous CPU {dtype} "
-                        f"tensor of shape {shape} (use optimizer.init_state(weight))"
-                    )
+            check_state(optimizer, states[t], name, weights[t])
+            for slot, _, _ in state_slots(optimizer):
+                value = states[t][slot]
+                if not value.is_contiguous():
+                    raise TypeError(f"field {name!r}: optimizer state {slot!r} must be contiguous "
+                                    "(use optimizer.init_state(weight))")
                 found[slot] = value.data_ptr()
         pointers += [found["sum"], found["exp_avg"], found["exp_avg_sq"], found["step"]]
     return pointers
